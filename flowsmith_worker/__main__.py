@@ -1,0 +1,5 @@
+"""`python -m flowsmith_worker` is `flowsmith`."""
+
+from flowsmith_worker.cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""Configuration: which database, which pool, validated when built.
+
+The URL is looked up in this order: the ``database_url`` argument (or ``--url``),
+``FLOWSMITH_DATABASE_URL``, ``DATABASE_URL``, then ``sqlite:///flowsmith.db`` in
+the working directory. Passwords never leave this module unredacted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+from flowsmith_worker.errors import FlowSmithNotConfigured, InvalidDatabaseURL
+
+if TYPE_CHECKING:
+    from flowsmith_worker.storage.base import Storage
+
+DEFAULT_DATABASE_URL = "sqlite:///flowsmith.db"
+URL_ENV_VARS = ("FLOWSMITH_DATABASE_URL", "DATABASE_URL")
+DEFAULT_POOL_MIN = 1
+DEFAULT_POOL_MAX = 10
+DEFAULT_POOL_TIMEOUT = 30.0
+
+# Users write the scheme of their platform's URL; we pick the driver we ship with.
+_DRIVERS = {
+    "postgres": "postgresql+psycopg2",
+    "postgresql": "postgresql+psycopg2",
+    "mysql": "mysql+mysqlconnector",
+    "mariadb": "mysql+mysqlconnector",
+}
+_SUPPORTED = "sqlite:///path.db, postgresql://user:pass@host/db, mysql://user:pass@host/db"
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    pool_min: int = DEFAULT_POOL_MIN
+    pool_max: int = DEFAULT_POOL_MAX
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.pool_min < 0 or self.pool_max < 1 or self.pool_min > self.pool_max:
+            raise ValueError(
+                f"pool_min={self.pool_min}, pool_max={self.pool_max}: "
+                "need 0 <= pool_min <= pool_max and pool_max >= 1"
+            )
+        if self.pool_timeout <= 0:
+            raise ValueError(f"pool_timeout={self.pool_timeout}: must be positive seconds")
+
+
+def resolve_database_url(explicit: str | None = None) -> str:
+    """The URL to use: the argument, then the environment, then the SQLite default."""
+    if explicit:
+        return explicit
+    for name in URL_ENV_VARS:
+        if os.environ.get(name):
+            return os.environ[name]
+    return DEFAULT_DATABASE_URL
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, even when the URL does not parse."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL we cannot parse still must not leak
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def parse_database_url(url: str) -> sa.URL:
+    """A SQLAlchemy URL with our driver chosen; InvalidDatabaseURL says what is wrong."""
+    if url.startswith("memory:"):
+        return sa.URL.create("memory")
+    try:
+        parsed = sa.make_url(url)
+    except Exception:
+        # "from None": the parser's own message may quote the password.
+        raise InvalidDatabaseURL(
+            f"cannot parse database URL {redact_url(url)!r}; expected one of: {_SUPPORTED}"
+        ) from None
+    backend = parsed.drivername
+    if backend in _DRIVERS:
+        parsed = parsed.set(drivername=_DRIVERS[backend])
+    if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql", "mariadb"):
+        raise InvalidDatabaseURL(
+            f"unsupported database {parsed.get_backend_name()!r} in "
+            f"{redact_url(url)!r}; expected one of: {_SUPPORTED}"
+        )
+    return parsed
+
+
+_lock = threading.Lock()
+_default_storage: Storage | None = None
+
+
+def configure(
+    database_url: str | None = None,
+    *,
+    pool_min: int = DEFAULT_POOL_MIN,
+    pool_max: int = DEFAULT_POOL_MAX,
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+) -> Storage:
+    """Set the process-wide storage that flows and workers use by default."""
+    from flowsmith_worker.storage import create_storage
+
+    storage = create_storage(
+        resolve_database_url(database_url),
+        PoolSettings(pool_min=pool_min, pool_max=pool_max, pool_timeout=pool_timeout),
+    )
+    global _default_storage
+    with _lock:
+        old, _default_storage = _default_storage, storage
+    if old is not None:
+        old.close()
+    return storage
+
+
+def default_storage() -> Storage:
+    """The configured storage; configured from the environment if a URL is set there."""
+    with _lock:
+        storage = _default_storage
+    if storage is not None:
+        return storage
+    if any(os.environ.get(name) for name in URL_ENV_VARS):
+        return configure()
+    raise FlowSmithNotConfigured(
+        "FlowSmith is not configured: call flowsmith.configure(database_url=...) "
+        "or set FLOWSMITH_DATABASE_URL (configure() with no URL uses "
+        f"{DEFAULT_DATABASE_URL})"
+    )
+
+
+def reset() -> None:
+    """Forget the configured storage (tests)."""
+    global _default_storage
+    with _lock:
+        old, _default_storage = _default_storage, None
+    if old is not None:
+        old.close()

@@ -1,0 +1,106 @@
+"""`flowsmith demo`: order flows on SQLite, flaky APIs, and a worker killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from flowsmith_worker.examples.orders import order_flow
+from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage.base import FlowStatus, Stats, Storage
+
+DEMO_LEASE_SECONDS = 3
+DEMO_CONCURRENCY = 8
+KILL_AT_FRACTION = 0.35
+DEMO_DEADLINE_SECONDS = 120
+
+
+def run_demo(db_path: str, flow_count: int, worker_count: int) -> None:
+    url = _fresh_database(db_path)
+    storage = create_storage(url)
+    storage.migrate()
+    click.echo(f"Enqueuing {flow_count} order flows into {db_path} ...")
+    for i in range(flow_count):
+        order_flow.storage = storage
+        order_flow.run({"product_id": f"p{i % 17}", "user_id": f"user{i}"}, tracking_id=f"order_{i:05d}")
+    click.echo(f"Starting {worker_count} `flowsmith worker` processes (logs: {db_path}.worker-N.log)")
+    workers = [_start_worker(url, db_path, n) for n in range(1, worker_count + 1)]
+    started = time.monotonic()
+    try:
+        _watch(storage, flow_count, workers)
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in workers:
+            proc.wait(timeout=30)
+    elapsed = time.monotonic() - started
+    _summary(storage.stats(), elapsed)
+    storage.close()
+
+
+def _fresh_database(db_path: str) -> str:
+    for suffix in ("", "-wal", "-shm"):
+        Path(db_path + suffix).unlink(missing_ok=True)
+    return f"sqlite:///{db_path}"
+
+
+def _start_worker(url: str, db_path: str, number: int) -> subprocess.Popen[bytes]:
+    log = open(f"{db_path}.worker-{number}.log", "wb")  # noqa: SIM115 - lives as long as the worker
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "flowsmith_worker", "worker", "flowsmith_worker.examples.orders",
+            "--url", url, "--concurrency", str(DEMO_CONCURRENCY), "--poll-interval", "0.1",
+            "--lease", str(DEMO_LEASE_SECONDS), "--log-format", "json",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _finished(storage: Storage) -> int:
+    counts = storage.stats().flows_by_status
+    return counts.get(FlowStatus.COMPLETED, 0) + counts.get(FlowStatus.FAILED, 0)
+
+
+def _watch(storage: Storage, flow_count: int, workers: list[subprocess.Popen[bytes]]) -> None:
+    killed = False
+    deadline = time.monotonic() + DEMO_DEADLINE_SECONDS
+    with click.progressbar(length=flow_count, label="flows finished", show_pos=True) as bar:
+        done = 0
+        while done < flow_count:
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"the demo did not finish in {DEMO_DEADLINE_SECONDS} s")
+            time.sleep(0.2)
+            now_done = _finished(storage)
+            bar.update(now_done - done)
+            done = now_done
+            if not killed and done >= flow_count * KILL_AT_FRACTION:
+                victim = workers[0]
+                victim.send_signal(signal.SIGKILL)
+                killed = True
+                click.echo(
+                    f"\n  SIGKILL -> worker 1 (pid {victim.pid}) in the middle of its steps; "
+                    f"the others rescue them once the {DEMO_LEASE_SECONDS} s lease expires.\n"
+                )
+
+
+def _summary(stats: Stats, elapsed: float) -> None:
+    nodes = sum(stats.nodes_by_status.values())
+    completed_steps = stats.nodes_by_status.get("COMPLETED", 0)
+    retries = stats.attempts - nodes - stats.rescues
+    click.echo("")
+    click.echo("Summary")
+    click.echo(f"  flows completed   {stats.flows_by_status.get('COMPLETED', 0)}")
+    click.echo(f"  flows failed      {stats.flows_by_status.get('FAILED', 0)}")
+    click.echo(f"  steps completed   {completed_steps}")
+    click.echo(f"  retries           {max(retries, 0)}  (after fake API errors)")
+    click.echo(f"  rescued steps     {stats.rescues}  (in flight on the killed worker)")
+    click.echo(f"  steps per second  {completed_steps / elapsed:.0f}  ({elapsed:.1f} s wall clock)")
+    click.echo("")
+    click.echo("Ask what happened to one order:  flowsmith status order_00042 --url sqlite:///<db>")

@@ -1,0 +1,1 @@
+"""Example flows that ship with the package (the demo uses them)."""

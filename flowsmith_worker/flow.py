@@ -1,0 +1,230 @@
+"""Flow definitions: steps, parallel groups, subflows, and running them."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowsmith_worker import registry
+from flowsmith_worker.config import default_storage
+from flowsmith_worker.context import Context
+from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.log import get_logger
+from flowsmith_worker.plan import Plan, PlannedStep
+from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
+from flowsmith_worker.run import FlowRun
+from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
+
+StepFunction = Callable[[Context], Any]
+Condition = Callable[[Context], bool]
+TrackingIdSource = str | Callable[[Context], str] | None
+
+log = get_logger("flowsmith.flow")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    fn: StepFunction
+    retries: int = 0
+    timeout: float | None = None
+    backoff: WaitStrategy = field(default_factory=lambda: as_wait_strategy(None))
+    condition: Condition | None = None
+    # A subflow step's fn returns {"flow": Flow, "tracking_id": str[, "data": dict]}.
+    subflow: bool = False
+
+    @property
+    def max_attempts(self) -> int:
+        return self.retries + 1
+
+
+class Flow:
+    """A named sequence of steps and parallel groups, registered by its name.
+
+    ``flow.run(ctx)`` enqueues a run and returns at once; ``flowsmith worker``
+    processes that import the module defining the flow run it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        storage: Storage | None = None,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+    ) -> None:
+        if not name or not isinstance(name, str):
+            raise ValueError("a flow needs a non-empty name")
+        self.name = name
+        self.storage = storage
+        self.queue = queue
+        self.priority = priority
+        self.stages: list[list[StepSpec]] = []
+        self._group: list[StepSpec] | None = None
+        self.module, self.defined_at = _definition_site()
+        registry.register(self)
+
+    def __repr__(self) -> str:
+        return f"Flow({self.name!r})"
+
+    # -- building -------------------------------------------------------------
+
+    def step(
+        self,
+        name: str,
+        fn: StepFunction,
+        retries: int = 0,
+        timeout: float | None = None,
+        backoff: Backoff | None = None,
+        condition: Condition | None = None,
+    ) -> Flow:
+        """Add a step; ``retries=N`` allows N + 1 attempts in all."""
+        return self._add(
+            StepSpec(name, fn, retries, timeout, as_wait_strategy(backoff), condition)
+        )
+
+    def subflow(
+        self,
+        name: str,
+        child: Flow,
+        tracking_id: TrackingIdSource = None,
+        retries: int = 0,
+        condition: Condition | None = None,
+    ) -> Flow:
+        """Add a step that runs ``child`` to completion; its final data is this step's output.
+
+        ``tracking_id`` is a callable of ctx, a format string over ctx.data (and
+        ``{tracking_id}``, the parent's), or None for "<parent tracking_id>:<name>".
+        """
+
+        def start_child(ctx: Context) -> dict[str, Any]:
+            return {"flow": child, "tracking_id": _child_tracking_id(tracking_id, ctx, name)}
+
+        return self._add(
+            StepSpec(name, start_child, retries, None, as_wait_strategy(None), condition, True)
+        )
+
+    @contextlib.contextmanager
+    def parallel(self) -> Iterator[Flow]:
+        """Steps added inside run at the same time; the next step waits for all of them."""
+        if self._group is not None:
+            raise FlowSmithError(f"flow {self.name!r}: parallel groups cannot nest")
+        self._group = []
+        try:
+            yield self
+        finally:
+            group, self._group = self._group, None
+        if group:
+            self.stages.append(group)
+
+    def _add(self, spec: StepSpec) -> Flow:
+        if not spec.name or not isinstance(spec.name, str):
+            raise ValueError(f"flow {self.name!r}: a step needs a non-empty name")
+        if self.get_step(spec.name) is not None or any(
+            s.name == spec.name for s in self._group or []
+        ):
+            raise FlowSmithError(f"flow {self.name!r} already has a step named {spec.name!r}")
+        if spec.retries < 0:
+            raise ValueError(f"step {spec.name!r}: retries={spec.retries} cannot be negative")
+        if spec.timeout is not None and spec.timeout <= 0:
+            raise ValueError(f"step {spec.name!r}: timeout={spec.timeout} must be positive seconds")
+        if not callable(spec.fn):
+            raise TypeError(f"step {spec.name!r}: {spec.fn!r} is not callable")
+        if self._group is not None:
+            self._group.append(spec)
+        else:
+            self.stages.append([spec])
+        return self
+
+    # -- reading --------------------------------------------------------------
+
+    def get_step(self, name: str) -> StepSpec | None:
+        for stage in self.stages:
+            for spec in stage:
+                if spec.name == name:
+                    return spec
+        return None
+
+    def plan(self) -> Plan:
+        return Plan(
+            stages=tuple(
+                tuple(PlannedStep(s.name, s.max_attempts, s.subflow) for s in stage)
+                for stage in self.stages
+            ),
+            module=self.module,
+        )
+
+    # -- running --------------------------------------------------------------
+
+    def run(
+        self,
+        ctx: Context | dict[str, Any] | None = None,
+        tracking_id: str | None = None,
+        delay: float | None = None,
+        connection: Any = None,
+    ) -> FlowRun:
+        """Enqueue a run durably and return its handle at once.
+
+        With ``connection`` (the application's SQLAlchemy Connection) the run
+        commits or rolls back with the application's own writes.
+        """
+        request = self.new_run(ctx, tracking_id, delay)
+        storage = self.storage or default_storage()
+        result = storage.enqueue_flow(flow=request, connection=connection)
+        log.info(
+            "flow.enqueued" if result.created else ("flow.resumed" if result.resumed else "flow.exists"),
+            flow=self.name, tracking_id=request.tracking_id, status=str(result.status),
+        )
+        return FlowRun(storage, self.name, request.tracking_id)
+
+    def new_run(
+        self, ctx: Context | dict[str, Any] | None, tracking_id: str | None, delay: float | None = None
+    ) -> NewFlow:
+        """The enqueue request for a run of this flow, validated."""
+        if not self.stages:
+            raise FlowSmithError(f"flow {self.name!r} has no steps")
+        if self._group is not None:
+            raise FlowSmithError(f"flow {self.name!r}: run() inside its own parallel() block")
+        data = ctx.data if isinstance(ctx, Context) else dict(ctx or {})
+        try:
+            json.dumps(data)
+        except (TypeError, ValueError) as exc:
+            raise FlowSmithError(
+                f"the input of flow {self.name!r} must be JSON-serializable: {exc}"
+            ) from None
+        if delay is not None and delay < 0:
+            raise ValueError(f"delay={delay}: cannot be negative")
+        return NewFlow(
+            flow_name=self.name,
+            tracking_id=tracking_id or uuid.uuid4().hex,
+            input=data,
+            plan=self.plan(),
+            queue=self.queue,
+            priority=self.priority,
+            delay_seconds=float(delay or 0.0),
+        )
+
+
+def _child_tracking_id(source: TrackingIdSource, ctx: Context, step: str) -> str:
+    if source is None:
+        return f"{ctx.tracking_id}:{step}"
+    if callable(source):
+        return str(source(ctx))
+    return source.format_map({**ctx.data, "tracking_id": ctx.tracking_id})
+
+
+def _definition_site() -> tuple[str, str]:
+    """The module and file:line that called Flow(), skipping our own frames."""
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("flowsmith_worker."):
+        if frame.f_globals.get("__name__", "").startswith("flowsmith_worker.examples"):
+            break
+        frame = frame.f_back
+    if frame is None:
+        return "", "<unknown>"
+    return str(frame.f_globals.get("__name__", "")), f"{frame.f_code.co_filename}:{frame.f_lineno}"

@@ -1,0 +1,71 @@
+"""How a flow moves on: pure decisions shared by every storage.
+
+Storages lock the flow, load the nodes of one stage, ask ``after_stage`` what to
+do, and carry it out. Keeping the decision here means the SQL and in-memory
+storages cannot drift apart on what "the group is done" means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flowsmith_worker.plan import Plan, PlannedStep
+from flowsmith_worker.storage.base import NodeStatus
+
+DONE = frozenset({NodeStatus.COMPLETED, NodeStatus.SKIPPED})
+
+
+@dataclass(frozen=True)
+class StageNode:
+    step_name: str
+    status: NodeStatus
+    input: dict[str, Any]
+    output: Any
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Some node of the stage is not done yet: only its last sibling advances."""
+
+
+@dataclass(frozen=True)
+class StartStage:
+    position: int
+    steps: tuple[PlannedStep, ...]
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FinishFlow:
+    data: dict[str, Any]
+
+
+Decision = Wait | StartStage | FinishFlow
+
+
+def stage_data(nodes: Sequence[StageNode]) -> dict[str, Any]:
+    """The ctx.data after a stage: its input plus the outputs of its completed steps.
+
+    A skipped step leaves no output behind.
+    """
+    data = dict(nodes[0].input) if nodes else {}
+    for node in nodes:
+        if node.status == NodeStatus.COMPLETED:
+            data[node.step_name] = node.output
+    return data
+
+
+def after_stage(plan: Plan, position: int, nodes: Sequence[StageNode]) -> Decision:
+    """What to do now that a node of stage ``position`` finished."""
+    if len(nodes) < len(plan.stage(position)) or any(n.status not in DONE for n in nodes):
+        return Wait()
+    data = stage_data(nodes)
+    if plan.is_last(position):
+        return FinishFlow(data)
+    return StartStage(position + 1, plan.stage(position + 1), data)
+
+
+def attempts_left(attempt: int, max_attempts: int) -> bool:
+    return attempt < max_attempts

@@ -1,0 +1,75 @@
+"""The rescue of expired leases: inside every worker's loop, or in a watchdog thread.
+
+A node whose worker died (or lost the database for longer than its lease)
+stays RUNNING until its lease expires; then any rescuer puts it back to
+PENDING with the attempt counted, or fails it when no attempt is left.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+from flowsmith_worker.config import default_storage
+from flowsmith_worker.errors import DatabaseUnavailable
+from flowsmith_worker.log import get_logger
+from flowsmith_worker.storage.base import RescuedNode, Storage
+
+log = get_logger("flowsmith.rescue")
+
+
+class Rescuer:
+    def __init__(self, storage: Storage, interval: float) -> None:
+        self.storage = storage
+        self.interval = interval
+        # A random first delay, so workers started together do not rescue in step.
+        self._next_run = time.monotonic() + random.uniform(0, interval)
+
+    def seconds_until_due(self) -> float:
+        return max(0.0, self._next_run - time.monotonic())
+
+    def run_if_due(self) -> list[RescuedNode]:
+        if time.monotonic() < self._next_run:
+            return []
+        return self.run_once()
+
+    def run_once(self) -> list[RescuedNode]:
+        self._next_run = time.monotonic() + self.interval * random.uniform(0.75, 1.25)
+        rescued = self.storage.rescue_expired()
+        for node in rescued:
+            log.warning(
+                "lease.rescued", tracking_id=node.tracking_id, step=node.step_name,
+                attempt=node.attempt, lost_worker_id=node.worker_id, failed=node.failed,
+            )
+        return rescued
+
+
+def start_watchdog(
+    timeout_seconds: float = 300,
+    interval_seconds: float = 60,
+    storage: Storage | None = None,
+) -> threading.Thread:
+    """Rescue expired leases from a daemon thread of this process.
+
+    For applications that run no `flowsmith worker` of their own. Leases are
+    set by the workers that claim; ``timeout_seconds`` is kept for the seed
+    API and only checked: it must cover the workers' ``--lease``.
+    """
+    if timeout_seconds <= 0 or interval_seconds <= 0:
+        raise ValueError("start_watchdog: timeout_seconds and interval_seconds must be positive")
+    rescuer = Rescuer(storage or default_storage(), interval_seconds)
+
+    def loop() -> None:
+        while True:
+            try:
+                rescuer.run_once()
+            except DatabaseUnavailable as exc:
+                log.warning("database.unavailable", error=str(exc))
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any one failure
+                log.exception("watchdog.failed")
+            time.sleep(interval_seconds)
+
+    thread = threading.Thread(target=loop, name="flowsmith-watchdog", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,30 @@
+"""Storage: the seam between the engine and a database."""
+
+from __future__ import annotations
+
+from flowsmith_worker.config import PoolSettings, parse_database_url, redact_url
+from flowsmith_worker.errors import InvalidDatabaseURL
+from flowsmith_worker.storage.base import Storage
+from flowsmith_worker.storage.memory import InMemoryStorage
+
+_EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+
+
+def create_storage(url: str, pool: PoolSettings | None = None) -> Storage:
+    """The storage for a URL: ``memory://`` or a SQLAlchemy URL of a supported database."""
+    parsed = parse_database_url(url)
+    if parsed.drivername == "memory":
+        return InMemoryStorage()
+    from flowsmith_worker.storage.sql import SqlStorage
+
+    try:
+        return SqlStorage(parsed, pool or PoolSettings())
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get(parsed.get_backend_name(), "postgres")
+        raise InvalidDatabaseURL(
+            f"the driver for {redact_url(url)!r} is not installed ({exc.name}): "
+            f"pip install 'flowsmith-worker[{extra}]'"
+        ) from None
+
+
+__all__ = ["InMemoryStorage", "Storage", "create_storage"]

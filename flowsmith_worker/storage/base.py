@@ -1,0 +1,221 @@
+"""The storage seam: named operations, small frozen records, no driver rows.
+
+Every implementation (SQL for sqlite/postgresql/mysql, in-memory for unit
+tests) passes the same contract suite (tests/test_contract.py). The words used
+here name the log events and the tests too.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from flowsmith_worker.plan import Plan
+
+
+class FlowStatus(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class NodeStatus(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+    WAITING = "WAITING"  # a subflow node waiting for its child flow
+    CANCELLED = "CANCELLED"
+
+
+DEFAULT_QUEUE = "default"
+RESCUE_ERROR = "lease expired: worker lost"
+
+
+@dataclass(frozen=True)
+class NewFlow:
+    """A flow run to enqueue."""
+
+    flow_name: str
+    tracking_id: str
+    input: dict[str, Any]
+    plan: Plan
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    delay_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    flow_id: int
+    tracking_id: str
+    status: FlowStatus
+    created: bool  # a new run was inserted
+    resumed: bool  # a FAILED run was re-queued at its failed step(s)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The fencing token of one attempt: every write about it must match all of it."""
+
+    node_id: int
+    flow_id: int
+    worker_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ClaimedNode:
+    lease: Lease
+    flow_name: str
+    tracking_id: str
+    step_name: str
+    max_attempts: int
+    input: dict[str, Any]
+
+    @property
+    def attempt(self) -> int:
+        return self.lease.attempt
+
+    @property
+    def node_id(self) -> int:
+        return self.lease.node_id
+
+
+@dataclass(frozen=True)
+class RescuedNode:
+    node_id: int
+    tracking_id: str
+    step_name: str
+    attempt: int
+    worker_id: str
+    failed: bool  # no attempt was left: the node and its flow are FAILED
+
+
+@dataclass(frozen=True)
+class FlowRecord:
+    id: int
+    flow_name: str
+    tracking_id: str
+    status: FlowStatus
+    input: dict[str, Any]
+    output: dict[str, Any] | None
+    error: str | None
+    plan: Plan
+    queue: str
+    priority: int
+    parent_node_id: int | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    id: int
+    flow_id: int
+    step_name: str
+    position: int
+    group_index: int
+    status: NodeStatus
+    attempt: int
+    max_attempts: int
+    rescues: int
+    run_after: float
+    lease_owner: str | None
+    lease_expires_at: float | None
+    input: dict[str, Any]
+    output: Any
+    error: str | None
+    started_at: float | None
+    finished_at: float | None
+
+
+class Storage(abc.ABC):
+    """What the engine needs from a database. Methods take keyword arguments."""
+
+    # Capabilities, so no caller asks "which database am I on?".
+    supports_notify: bool = False
+    url_for_display: str = ""
+
+    @abc.abstractmethod
+    def migrate(self) -> int:
+        """Create or upgrade the schema; return the schema version now in place."""
+
+    @abc.abstractmethod
+    def check_schema(self) -> None:
+        """Raise SchemaNotMigrated unless the schema is at the version the code expects."""
+
+    @abc.abstractmethod
+    def enqueue_flow(self, *, flow: NewFlow, connection: Any = None) -> EnqueueResult:
+        """Insert a run, or apply the idempotent-trigger rules to an existing one."""
+
+    @abc.abstractmethod
+    def claim_nodes(
+        self, *, worker_id: str, limit: int, lease_seconds: float, queues: Sequence[str]
+    ) -> list[ClaimedNode]:
+        """Take up to ``limit`` runnable nodes, leased to ``worker_id``."""
+
+    @abc.abstractmethod
+    def complete_node(self, *, lease: Lease, output: Any) -> bool:
+        """Record the output and advance the flow; False if the lease was lost."""
+
+    @abc.abstractmethod
+    def skip_node(self, *, lease: Lease) -> bool:
+        """Mark the node SKIPPED (its condition was false) and advance the flow."""
+
+    @abc.abstractmethod
+    def fail_node(self, *, lease: Lease, error: str, retry_delay: float | None) -> bool:
+        """Re-queue after ``retry_delay`` seconds, or fail node and flow when it is None."""
+
+    @abc.abstractmethod
+    def start_subflow(self, *, lease: Lease, child: NewFlow) -> bool:
+        """Enqueue (or resume) the child flow and park the node WAITING for it."""
+
+    @abc.abstractmethod
+    def extend_leases(self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float) -> int:
+        """Push back the lease expiry of the worker's in-flight nodes."""
+
+    @abc.abstractmethod
+    def release_nodes(self, *, worker_id: str, node_ids: Sequence[int]) -> int:
+        """Hand unfinished nodes back at once (shutdown); the attempt is not counted."""
+
+    @abc.abstractmethod
+    def rescue_expired(self, *, limit: int = 100) -> list[RescuedNode]:
+        """Expired leases: back to PENDING with the attempt counted, or FAILED when none left."""
+
+    @abc.abstractmethod
+    def get_flow(self, *, tracking_id: str) -> FlowRecord | None:
+        """The run with that tracking_id, or None."""
+
+    @abc.abstractmethod
+    def list_nodes(self, *, flow_id: int) -> list[NodeRecord]:
+        """Every node of a run, in plan order."""
+
+    @abc.abstractmethod
+    def count_open_nodes(self, *, queues: Sequence[str]) -> int:
+        """Nodes PENDING or RUNNING on these queues (for run_until_idle)."""
+
+    @abc.abstractmethod
+    def stats(self) -> Stats:
+        """Counts of flows and nodes by status, attempts, rescues, backlog age."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counts for `flowsmith stats` and the demo's summary."""
+
+    flows_by_status: dict[str, int]
+    nodes_by_status: dict[str, int]
+    attempts: int  # every attempt ever started, retries and rescues included
+    rescues: int
+    oldest_runnable_age: float | None  # seconds the oldest runnable node has waited

@@ -1,0 +1,173 @@
+"""Everything that differs between SQLite, PostgreSQL and MySQL/MariaDB.
+
+The SQL storage asks this module how to do a thing (what "now" is, how to insert
+only if absent, how to lock rows for a claim, how to serialise migrations,
+whether NOTIFY exists) and never which database it is on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from flowsmith_worker.config import PoolSettings
+
+MIGRATION_LOCK_NAME = "flowsmith_migrate"
+# pg_advisory_xact_lock takes a bigint; any constant of ours will do.
+MIGRATION_LOCK_KEY = 0x666C6F77736D  # "flowsm"
+NOTIFY_CHANNEL = "flowsmith"
+SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str  # "sqlite", "postgresql" or "mysql" (MariaDB included)
+
+    @property
+    def supports_notify(self) -> bool:
+        return self.name == "postgresql"
+
+    @property
+    def has_row_locks(self) -> bool:
+        # SQLite has none: every transaction is BEGIN IMMEDIATE (see _sqlite_setup),
+        # which takes the database's one write lock up front instead.
+        return self.name != "sqlite"
+
+    def now(self) -> sa.ColumnElement[float]:
+        """The database clock, in seconds since the epoch."""
+        if self.name == "postgresql":
+            # clock_timestamp(), not now(): now() is frozen at transaction start.
+            return sa.cast(
+                sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Double
+            )
+        if self.name == "mysql":
+            return sa.cast(sa.func.unix_timestamp(sa.text("NOW(6)")), sa.Double)
+        return (sa.func.julianday("now") - 2440587.5) * 86400.0
+
+    def insert_if_absent(self, table: sa.Table) -> Any:
+        """An INSERT that does nothing when a unique key already exists."""
+        if self.name == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing()
+        if self.name == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing()
+        return mysql.insert(table).prefix_with("IGNORE")
+
+    def for_claim(self, select: sa.Select[Any]) -> sa.Select[Any]:
+        """Lock the selected rows, skipping rows another worker holds.
+
+        SQLAlchemy compiles FOR UPDATE SKIP LOCKED to nothing on SQLite; that is
+        right there, because BEGIN IMMEDIATE already made this transaction the
+        only writer.
+        """
+        return select.with_for_update(skip_locked=True)
+
+    def for_update(self, select: sa.Select[Any]) -> sa.Select[Any]:
+        """Lock the selected rows until commit (nothing to add on SQLite)."""
+        return select.with_for_update()
+
+    @contextlib.contextmanager
+    def migration_lock(self, conn: Connection) -> Iterator[None]:
+        """Serialise concurrent `flowsmith migrate` runs across processes."""
+        if self.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+            yield
+        elif self.name == "mysql":
+            # MySQL commits DDL implicitly, so a transaction cannot hold the lock: a
+            # named session lock can.
+            got = conn.execute(sa.select(sa.func.get_lock(MIGRATION_LOCK_NAME, 120))).scalar()
+            if got != 1:
+                raise TimeoutError("another `flowsmith migrate` held the lock for 120 s")
+            try:
+                yield
+            finally:
+                conn.execute(sa.select(sa.func.release_lock(MIGRATION_LOCK_NAME)))
+        else:
+            yield  # BEGIN IMMEDIATE already serialises writers.
+
+    def notify(self, conn: Connection, payload: str) -> None:
+        """Wake listening workers when this transaction commits (PostgreSQL only)."""
+        if self.supports_notify:
+            conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, payload)))
+
+
+def dialect_of(engine_or_conn: Engine | Connection) -> Dialect:
+    name = engine_or_conn.dialect.name
+    return Dialect("mysql" if name in ("mysql", "mariadb") else name)
+
+
+def create_engine(url: sa.URL, pool: PoolSettings) -> Engine:
+    """An engine with the settings each database needs to run a worker pool."""
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    kwargs: dict[str, Any] = {
+        "pool_size": pool.pool_min,
+        "max_overflow": max(0, pool.pool_max - pool.pool_min),
+        "pool_timeout": pool.pool_timeout,
+        # A restarted server leaves dead connections in the pool: test before use.
+        "pool_pre_ping": True,
+        "pool_recycle": 3600,
+    }
+    if url.get_backend_name() in ("mysql", "mariadb"):
+        # REPEATABLE READ (MySQL's default) takes gap locks that make concurrent
+        # claims and inserts deadlock; READ COMMITTED sees each statement afresh.
+        kwargs["isolation_level"] = "READ COMMITTED"
+    return sa.create_engine(url, **kwargs)
+
+
+def _sqlite_engine(url: sa.URL) -> Engine:
+    engine = sa.create_engine(
+        url,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+    )
+    _sqlite_setup(engine)
+    return engine
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    """WAL, a busy timeout, and BEGIN IMMEDIATE for every transaction.
+
+    pysqlite's own BEGIN is deferred, so two processes could both read then
+    both try to write and one would fail; taking the write lock at BEGIN makes
+    the claim's select-then-update atomic across local worker processes.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_MISSING_TABLE_MARKERS = ("no such table", "does not exist", "doesn't exist")
+
+
+def is_missing_table(error: BaseException) -> bool:
+    text = str(getattr(error, "orig", error)).lower()
+    return any(marker in text for marker in _MISSING_TABLE_MARKERS) and "fs_" in text
+
+
+def is_transient(error: BaseException) -> bool:
+    """Errors worth retrying: the connection went away, a deadlock, a lock timeout."""
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        return not is_missing_table(error)
+    if isinstance(error, sa.exc.DBAPIError):
+        text = str(error.orig).lower()
+        return "deadlock" in text or "lock wait timeout" in text or "serializ" in text
+    return False

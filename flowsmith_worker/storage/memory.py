@@ -1,0 +1,384 @@
+"""InMemoryStorage: the storage contract in plain Python, for unit tests.
+
+One lock guards everything, which makes every operation atomic the way a
+database transaction is; the flow decisions come from progress.py, as in the
+SQL storage, so both behave alike (tests/test_contract.py runs both).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import threading
+from collections import Counter
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from flowsmith_worker import progress
+from flowsmith_worker.errors import FlowAlreadyCompleted, FlowSmithError
+from flowsmith_worker.plan import PlannedStep
+from flowsmith_worker.storage.base import (
+    RESCUE_ERROR,
+    ClaimedNode,
+    EnqueueResult,
+    FlowRecord,
+    FlowStatus,
+    Lease,
+    NewFlow,
+    NodeRecord,
+    NodeStatus,
+    RescuedNode,
+    Stats,
+    Storage,
+)
+from flowsmith_worker.storage.schema import SCHEMA_VERSION
+
+
+@dataclass
+class _Node:
+    record: NodeRecord
+    queue: str
+    priority: int
+
+
+def _copy_json(value: Any) -> Any:
+    # Round-trip through JSON, as a database would: callers never share our objects.
+    return json.loads(json.dumps(value))
+
+
+class InMemoryStorage(Storage):
+    url_for_display = "memory://"
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._flows: dict[int, FlowRecord] = {}
+        self._by_tracking_id: dict[str, int] = {}
+        self._nodes: dict[int, _Node] = {}
+
+    def migrate(self) -> int:
+        return SCHEMA_VERSION
+
+    def check_schema(self) -> None:
+        return None
+
+    # -- enqueue --------------------------------------------------------------
+
+    def enqueue_flow(self, *, flow: NewFlow, connection: Any = None) -> EnqueueResult:
+        if connection is not None:
+            raise FlowSmithError("InMemoryStorage cannot join a caller's database transaction")
+        with self._lock:
+            return self._enqueue(flow, None)
+
+    def _enqueue(self, flow: NewFlow, parent_node_id: int | None) -> EnqueueResult:
+        now = self._clock()
+        existing_id = self._by_tracking_id.get(flow.tracking_id)
+        if existing_id is None:
+            record = FlowRecord(
+                id=next(self._ids), flow_name=flow.flow_name, tracking_id=flow.tracking_id,
+                status=FlowStatus.PENDING, input=_copy_json(flow.input), output=None, error=None,
+                plan=flow.plan, queue=flow.queue, priority=flow.priority,
+                parent_node_id=parent_node_id, created_at=now, updated_at=now, finished_at=None,
+            )
+            self._flows[record.id] = record
+            self._by_tracking_id[flow.tracking_id] = record.id
+            self._start_stage(record, 0, flow.plan.stage(0), flow.input, flow.delay_seconds)
+            return EnqueueResult(record.id, flow.tracking_id, FlowStatus.PENDING, True, False)
+        record = self._flows[existing_id]
+        if record.flow_name != flow.flow_name:
+            raise FlowSmithError(
+                f"tracking_id {flow.tracking_id!r} already belongs to a run of flow "
+                f"{record.flow_name!r}, not {flow.flow_name!r}: tracking ids are unique across flows"
+            )
+        if parent_node_id is not None:
+            record = self._update_flow(record.id, parent_node_id=parent_node_id)
+        if record.status == FlowStatus.COMPLETED:
+            raise FlowAlreadyCompleted(
+                f"flow {record.flow_name!r} with tracking_id {flow.tracking_id!r} has already "
+                "completed; it will not run again (use a new tracking_id for a new run)"
+            )
+        if record.status == FlowStatus.FAILED:
+            self._resume(record)
+            return EnqueueResult(record.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
+        return EnqueueResult(record.id, flow.tracking_id, record.status, False, False)
+
+    def _resume(self, record: FlowRecord) -> None:
+        for node in self._nodes_of(record.id):
+            if node.record.status == NodeStatus.FAILED:
+                planned = record.plan.step(node.record.step_name)
+                allowance = planned.max_attempts if planned else 1
+                self._update_node(
+                    node, status=NodeStatus.PENDING, max_attempts=node.record.attempt + allowance,
+                    run_after=self._clock(), lease_expires_at=None, finished_at=None,
+                )
+        self._update_flow(record.id, status=FlowStatus.RUNNING, error=None, finished_at=None)
+
+    def _start_stage(
+        self, flow: FlowRecord, position: int, steps: Sequence[PlannedStep],
+        data: dict[str, Any], delay: float = 0.0,
+    ) -> None:
+        now = self._clock()
+        taken = {n.record.step_name for n in self._nodes_of(flow.id)}
+        for index, step in enumerate(steps):
+            if step.name in taken:
+                continue  # unique (flow_id, step_name), as in SQL
+            record = NodeRecord(
+                id=next(self._ids), flow_id=flow.id, step_name=step.name, position=position,
+                group_index=index, status=NodeStatus.PENDING, attempt=0,
+                max_attempts=step.max_attempts, rescues=0, run_after=now + delay,
+                lease_owner=None, lease_expires_at=None, input=_copy_json(data), output=None,
+                error=None, started_at=None, finished_at=None,
+            )
+            self._nodes[record.id] = _Node(record, flow.queue, flow.priority)
+
+    # -- claim ----------------------------------------------------------------
+
+    def claim_nodes(
+        self, *, worker_id: str, limit: int, lease_seconds: float, queues: Sequence[str]
+    ) -> list[ClaimedNode]:
+        with self._lock:
+            now = self._clock()
+            runnable = sorted(
+                (
+                    n for n in self._nodes.values()
+                    if n.record.status == NodeStatus.PENDING
+                    and n.record.run_after <= now and n.queue in queues
+                ),
+                key=lambda n: (n.priority, n.record.run_after, n.record.id),
+            )[: max(0, limit)]
+            claimed = []
+            for node in runnable:
+                self._update_node(
+                    node, status=NodeStatus.RUNNING, lease_owner=worker_id,
+                    attempt=node.record.attempt + 1, lease_expires_at=now + lease_seconds,
+                    started_at=now, finished_at=None,
+                )
+                flow = self._flows[node.record.flow_id]
+                if flow.status == FlowStatus.PENDING:
+                    self._update_flow(flow.id, status=FlowStatus.RUNNING)
+                claimed.append(
+                    ClaimedNode(
+                        lease=Lease(node.record.id, flow.id, worker_id, node.record.attempt),
+                        flow_name=flow.flow_name, tracking_id=flow.tracking_id,
+                        step_name=node.record.step_name, max_attempts=node.record.max_attempts,
+                        input=_copy_json(node.record.input),
+                    )
+                )
+            return claimed
+
+    # -- outcomes -------------------------------------------------------------
+
+    def _fenced(self, lease: Lease) -> _Node | None:
+        node = self._nodes.get(lease.node_id)
+        if (
+            node is None
+            or node.record.status != NodeStatus.RUNNING
+            or node.record.lease_owner != lease.worker_id
+            or node.record.attempt != lease.attempt
+        ):
+            return None
+        return node
+
+    def complete_node(self, *, lease: Lease, output: Any) -> bool:
+        return self._finish(lease, NodeStatus.COMPLETED, _copy_json(output))
+
+    def skip_node(self, *, lease: Lease) -> bool:
+        return self._finish(lease, NodeStatus.SKIPPED, None)
+
+    def _finish(self, lease: Lease, status: NodeStatus, output: Any) -> bool:
+        with self._lock:
+            node = self._fenced(lease)
+            if node is None:
+                return False
+            self._update_node(
+                node, status=status, output=output, finished_at=self._clock(), lease_expires_at=None
+            )
+            self._advance(node.record.flow_id, node.record.position)
+            return True
+
+    def fail_node(self, *, lease: Lease, error: str, retry_delay: float | None) -> bool:
+        with self._lock:
+            node = self._fenced(lease)
+            if node is None:
+                return False
+            if retry_delay is not None and progress.attempts_left(
+                node.record.attempt, node.record.max_attempts
+            ):
+                self._update_node(
+                    node, status=NodeStatus.PENDING, error=error,
+                    run_after=self._clock() + retry_delay, lease_expires_at=None,
+                )
+                return True
+            self._update_node(
+                node, status=NodeStatus.FAILED, error=error, finished_at=self._clock(),
+                lease_expires_at=None,
+            )
+            self._fail_flow(node.record.flow_id, error)
+            return True
+
+    def start_subflow(self, *, lease: Lease, child: NewFlow) -> bool:
+        with self._lock:
+            node = self._fenced(lease)
+            if node is None:
+                return False
+            self._update_node(node, status=NodeStatus.WAITING, lease_expires_at=None)
+            try:
+                self._enqueue(child, parent_node_id=lease.node_id)
+            except FlowAlreadyCompleted:
+                finished = self._flows[self._by_tracking_id[child.tracking_id]]
+                self._child_completed(lease.node_id, finished.output)
+            return True
+
+    # -- advancing and failing ------------------------------------------------
+
+    def _advance(self, flow_id: int, position: int) -> None:
+        flow = self._flows[flow_id]
+        if flow.status == FlowStatus.CANCELLED:
+            return
+        stage = sorted(
+            (n.record for n in self._nodes_of(flow_id) if n.record.position == position),
+            key=lambda r: r.group_index,
+        )
+        decision = progress.after_stage(
+            flow.plan, position,
+            [progress.StageNode(r.step_name, r.status, r.input, r.output) for r in stage],
+        )
+        if isinstance(decision, progress.StartStage):
+            self._start_stage(flow, decision.position, decision.steps, decision.data)
+        elif isinstance(decision, progress.FinishFlow):
+            self._update_flow(
+                flow_id, status=FlowStatus.COMPLETED, output=_copy_json(decision.data),
+                error=None, finished_at=self._clock(),
+            )
+            if flow.parent_node_id is not None:
+                self._child_completed(flow.parent_node_id, decision.data)
+
+    def _child_completed(self, parent_node_id: int, data: Any) -> None:
+        parent = self._nodes[parent_node_id]
+        if parent.record.status != NodeStatus.WAITING:
+            return
+        self._update_node(
+            parent, status=NodeStatus.COMPLETED, output=_copy_json(data), finished_at=self._clock()
+        )
+        self._advance(parent.record.flow_id, parent.record.position)
+
+    def _fail_flow(self, flow_id: int, error: str) -> None:
+        flow = self._update_flow(
+            flow_id, status=FlowStatus.FAILED, error=error, finished_at=self._clock()
+        )
+        if flow.parent_node_id is None:
+            return
+        parent = self._nodes[flow.parent_node_id]
+        if parent.record.status != NodeStatus.WAITING:
+            return
+        parent_error = f"subflow {flow.tracking_id!r} ({flow.flow_name}) failed:\n{error}"
+        self._update_node(
+            parent, status=NodeStatus.FAILED, error=parent_error, finished_at=self._clock()
+        )
+        self._fail_flow(parent.record.flow_id, parent_error)
+
+    # -- leases ---------------------------------------------------------------
+
+    def _owned(self, worker_id: str, node_ids: Sequence[int]) -> list[_Node]:
+        return [
+            n for i in node_ids
+            if (n := self._nodes.get(i)) is not None
+            and n.record.status == NodeStatus.RUNNING and n.record.lease_owner == worker_id
+        ]
+
+    def extend_leases(self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float) -> int:
+        with self._lock:
+            owned = self._owned(worker_id, node_ids)
+            for node in owned:
+                self._update_node(node, lease_expires_at=self._clock() + lease_seconds)
+            return len(owned)
+
+    def release_nodes(self, *, worker_id: str, node_ids: Sequence[int]) -> int:
+        with self._lock:
+            owned = self._owned(worker_id, node_ids)
+            for node in owned:
+                self._update_node(
+                    node, status=NodeStatus.PENDING, attempt=node.record.attempt - 1,
+                    lease_owner=None, lease_expires_at=None, run_after=self._clock(),
+                )
+            return len(owned)
+
+    def rescue_expired(self, *, limit: int = 100) -> list[RescuedNode]:
+        with self._lock:
+            now = self._clock()
+            expired = sorted(
+                (
+                    n for n in self._nodes.values()
+                    if n.record.status == NodeStatus.RUNNING
+                    and n.record.lease_expires_at is not None
+                    and n.record.lease_expires_at < now
+                ),
+                key=lambda n: n.record.lease_expires_at or 0.0,
+            )[:limit]
+            rescued = []
+            for node in expired:
+                r = node.record
+                final = not progress.attempts_left(r.attempt, r.max_attempts)
+                self._update_node(
+                    node, status=NodeStatus.FAILED if final else NodeStatus.PENDING,
+                    error=RESCUE_ERROR, rescues=r.rescues + 1, lease_expires_at=None,
+                    run_after=now, finished_at=now if final else None,
+                )
+                if final:
+                    self._fail_flow(r.flow_id, RESCUE_ERROR)
+                tracking_id = self._flows[r.flow_id].tracking_id
+                rescued.append(
+                    RescuedNode(r.id, tracking_id, r.step_name, r.attempt, r.lease_owner or "", final)
+                )
+            return rescued
+
+    # -- reading --------------------------------------------------------------
+
+    def get_flow(self, *, tracking_id: str) -> FlowRecord | None:
+        with self._lock:
+            flow_id = self._by_tracking_id.get(tracking_id)
+            return None if flow_id is None else copy.deepcopy(self._flows[flow_id])
+
+    def list_nodes(self, *, flow_id: int) -> list[NodeRecord]:
+        with self._lock:
+            return sorted(
+                (copy.deepcopy(n.record) for n in self._nodes_of(flow_id)),
+                key=lambda r: (r.position, r.group_index),
+            )
+
+    def count_open_nodes(self, *, queues: Sequence[str]) -> int:
+        with self._lock:
+            return sum(
+                1 for n in self._nodes.values()
+                if n.queue in queues and n.record.status in (NodeStatus.PENDING, NodeStatus.RUNNING)
+            )
+
+    def stats(self) -> Stats:
+        with self._lock:
+            now = self._clock()
+            records = [n.record for n in self._nodes.values()]
+            runnable = [r.run_after for r in records if r.status == NodeStatus.PENDING and r.run_after <= now]
+            return Stats(
+                flows_by_status=dict(Counter(str(f.status) for f in self._flows.values())),
+                nodes_by_status=dict(Counter(str(r.status) for r in records)),
+                attempts=sum(r.attempt for r in records),
+                rescues=sum(r.rescues for r in records),
+                oldest_runnable_age=now - min(runnable) if runnable else None,
+            )
+
+    # -- helpers --------------------------------------------------------------
+
+    def _nodes_of(self, flow_id: int) -> list[_Node]:
+        return [n for n in self._nodes.values() if n.record.flow_id == flow_id]
+
+    def _update_node(self, node: _Node, **changes: Any) -> None:
+        node.record = replace(node.record, **changes)
+
+    def _update_flow(self, flow_id: int, **changes: Any) -> FlowRecord:
+        record = replace(self._flows[flow_id], updated_at=self._clock(), **changes)
+        self._flows[flow_id] = record
+        return record

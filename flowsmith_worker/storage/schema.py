@@ -1,0 +1,105 @@
+"""The tables, in one place.
+
+Times are stored as seconds since the epoch (DOUBLE), taken from the database
+clock (see dialects.py): one representation on three databases, compared and
+added to without dialect date functions, and no host clock ever decides a lease.
+JSON values are stored as text we encode ourselves, so a row can never run code
+and every backend stores exactly the same bytes.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+# Large text: MySQL's TEXT stops at 64 KiB, which a ctx.data snapshot can pass.
+LongText = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+# SQLite only auto-increments INTEGER PRIMARY KEY columns.
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Seconds = sa.Double()
+
+schema_version = sa.Table(
+    "fs_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_at", Seconds, nullable=False),
+)
+
+flows = sa.Table(
+    "fs_flows",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("flow_name", sa.String(200), nullable=False),
+    sa.Column("tracking_id", sa.String(255), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("input", LongText, nullable=False),
+    sa.Column("output", LongText),
+    sa.Column("error", LongText),
+    sa.Column("plan", LongText, nullable=False),
+    sa.Column("queue", sa.String(100), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("parent_node_id", Id),
+    sa.Column("created_at", Seconds, nullable=False),
+    sa.Column("updated_at", Seconds, nullable=False),
+    sa.Column("finished_at", Seconds),
+    sa.UniqueConstraint("tracking_id", name="fs_flows_tracking_id_key"),
+    sa.Index("fs_flows_parent_node_id", "parent_node_id"),
+    # flowsmith flows --status ... and prune --older-than.
+    sa.Index("fs_flows_status_updated", "status", "updated_at"),
+)
+
+nodes = sa.Table(
+    "fs_nodes",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column(
+        "flow_id", Id, sa.ForeignKey("fs_flows.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("step_name", sa.String(200), nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("group_index", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    # Copied from the flow so the claim reads one table through one index.
+    sa.Column("queue", sa.String(100), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("rescues", sa.Integer, nullable=False),
+    sa.Column("run_after", Seconds, nullable=False),
+    sa.Column("lease_owner", sa.String(64)),
+    sa.Column("lease_expires_at", Seconds),
+    sa.Column("input", LongText, nullable=False),
+    sa.Column("output", LongText),
+    sa.Column("error", LongText),
+    sa.Column("created_at", Seconds, nullable=False),
+    sa.Column("started_at", Seconds),
+    sa.Column("finished_at", Seconds),
+    sa.UniqueConstraint("flow_id", "step_name", name="fs_nodes_flow_step_key"),
+)
+
+# The claim: runnable nodes by queue, priority and run_after. PostgreSQL and
+# SQLite keep only PENDING rows in it (a partial index stays small however many
+# finished rows pile up); MySQL has no partial indexes, so status leads instead.
+_pending = nodes.c.status == "PENDING"
+sa.Index(
+    "fs_nodes_runnable",
+    nodes.c.queue,
+    nodes.c.priority,
+    nodes.c.run_after,
+    nodes.c.id,
+    postgresql_where=_pending,
+    sqlite_where=_pending,
+).ddl_if(dialect=("postgresql", "sqlite"))
+sa.Index(
+    "fs_nodes_runnable_by_status",
+    nodes.c.status,
+    nodes.c.queue,
+    nodes.c.priority,
+    nodes.c.run_after,
+).ddl_if(dialect=("mysql", "mariadb"))
+# The rescue: RUNNING nodes by lease expiry.
+sa.Index("fs_nodes_status_lease", nodes.c.status, nodes.c.lease_expires_at)

@@ -1,0 +1,632 @@
+"""One SQLAlchemy Core storage for SQLite, PostgreSQL and MySQL/MariaDB.
+
+Every operation is one short transaction. Writes about an attempt are fenced
+by its Lease (node id, worker id, attempt): a worker that lost its lease
+cannot overwrite the newer attempt. Transactions that change a flow lock the
+flow row first, then its nodes, always in that order, so a parallel group's
+siblings advance the flow exactly once and the lock order cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import tenacity
+from sqlalchemy.engine import Connection, Row
+
+from flowsmith_worker import progress
+from flowsmith_worker.config import PoolSettings
+from flowsmith_worker.errors import (
+    DatabaseUnavailable,
+    FlowAlreadyCompleted,
+    FlowSmithError,
+    SchemaNotMigrated,
+)
+from flowsmith_worker.plan import Plan, PlannedStep
+from flowsmith_worker.storage import migrations, schema
+from flowsmith_worker.storage.base import (
+    ClaimedNode,
+    EnqueueResult,
+    FlowRecord,
+    FlowStatus,
+    Lease,
+    NewFlow,
+    NodeRecord,
+    NodeStatus,
+    RescuedNode,
+    RESCUE_ERROR,
+    Stats,
+    Storage,
+)
+from flowsmith_worker.storage.dialects import create_engine, dialect_of, is_missing_table, is_transient
+
+T = TypeVar("T")
+F, N = schema.flows, schema.nodes
+
+# Deadlocks between short transactions are resolved by the database aborting
+# one of them; running it again is the documented remedy.
+_DEADLOCK_RETRY = dict(
+    stop=tenacity.stop_after_attempt(5),
+    wait=tenacity.wait_random(0.005, 0.05),
+    reraise=True,
+)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class SqlStorage(Storage):
+    def __init__(self, url: sa.URL, pool: PoolSettings) -> None:
+        self.engine = create_engine(url, pool)
+        self.dialect = dialect_of(self.engine)
+        self.supports_notify = self.dialect.supports_notify
+        self.url_for_display = url.render_as_string(hide_password=True)
+
+    # -- plumbing -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Driver errors become ours; the URL shown has no password."""
+        try:
+            yield
+        except sa.exc.DBAPIError as exc:
+            if is_missing_table(exc):
+                raise SchemaNotMigrated(
+                    f"the FlowSmith tables are missing in {self.url_for_display}: "
+                    "run `flowsmith migrate` (or `flowsmith migrate --url URL`)"
+                ) from exc
+            if is_transient(exc):
+                raise DatabaseUnavailable(
+                    f"database {self.url_for_display} is unavailable: "
+                    f"{type(exc.orig).__name__}: {str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ''}"
+                ) from exc
+            raise
+
+    def _transact(self, work: Callable[[Connection], T], connection: Connection | None = None) -> T:
+        """Run ``work`` in a transaction of ours, or inside the caller's own."""
+        with self._errors():
+            if connection is not None:
+                return work(connection)
+            for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception(_is_deadlock), **_DEADLOCK_RETRY  # type: ignore[arg-type]
+            ):
+                with attempt, self.engine.begin() as conn:
+                    return work(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _now(self) -> sa.ColumnElement[float]:
+        return self.dialect.now()
+
+    # -- schema ---------------------------------------------------------------
+
+    def migrate(self) -> int:
+        with self._errors(), self.engine.connect() as conn:
+            with conn.begin():
+                return migrations.migrate(conn, self.dialect)
+
+    def check_schema(self) -> None:
+        with self._errors(), self.engine.connect() as conn:
+            version = migrations.current_version(conn)
+        if version < schema.SCHEMA_VERSION:
+            raise SchemaNotMigrated(
+                f"the FlowSmith schema in {self.url_for_display} is at version {version}, "
+                f"this code needs {schema.SCHEMA_VERSION}: run `flowsmith migrate`"
+            )
+        if version > schema.SCHEMA_VERSION:
+            raise SchemaNotMigrated(
+                f"the FlowSmith schema in {self.url_for_display} is at version {version}, "
+                f"newer than this code knows ({schema.SCHEMA_VERSION}): upgrade flowsmith-worker"
+            )
+
+    # -- enqueue --------------------------------------------------------------
+
+    def enqueue_flow(self, *, flow: NewFlow, connection: Any = None) -> EnqueueResult:
+        return self._transact(lambda conn: self._enqueue(conn, flow, None), connection)
+
+    def _enqueue(self, conn: Connection, flow: NewFlow, parent_node_id: int | None) -> EnqueueResult:
+        now = self._now()
+        inserted = conn.execute(
+            self.dialect.insert_if_absent(F).values(
+                flow_name=flow.flow_name,
+                tracking_id=flow.tracking_id,
+                status=FlowStatus.PENDING,
+                input=_dumps(flow.input),
+                plan=flow.plan.to_json(),
+                queue=flow.queue,
+                priority=flow.priority,
+                parent_node_id=parent_node_id,
+                created_at=now,
+                updated_at=now,
+            )
+        ).rowcount
+        row = self._lock_flow(conn, F.c.tracking_id == flow.tracking_id)
+        if row.flow_name != flow.flow_name:
+            raise FlowSmithError(
+                f"tracking_id {flow.tracking_id!r} already belongs to a run of flow "
+                f"{row.flow_name!r}, not {flow.flow_name!r}: tracking ids are unique across flows"
+            )
+        if inserted:
+            self._start_stage(conn, row, 0, flow.plan.stage(0), flow.input, flow.delay_seconds)
+            self.dialect.notify(conn, flow.queue)
+            return EnqueueResult(row.id, flow.tracking_id, FlowStatus.PENDING, True, False)
+        if parent_node_id is not None and row.parent_node_id != parent_node_id:
+            conn.execute(sa.update(F).where(F.c.id == row.id).values(parent_node_id=parent_node_id))
+        status = FlowStatus(row.status)
+        if status == FlowStatus.COMPLETED:
+            raise FlowAlreadyCompleted(
+                f"flow {row.flow_name!r} with tracking_id {flow.tracking_id!r} has already "
+                "completed; it will not run again (use a new tracking_id for a new run)"
+            )
+        if status == FlowStatus.FAILED:
+            self._resume(conn, row)
+            self.dialect.notify(conn, row.queue)
+            return EnqueueResult(row.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
+        return EnqueueResult(row.id, flow.tracking_id, status, False, False)
+
+    def _resume(self, conn: Connection, flow_row: Row[Any]) -> None:
+        """Re-queue only the failed node(s), with a fresh allowance of attempts.
+
+        ``attempt`` keeps counting up (it is the fencing token), so the new
+        allowance is added on top of the attempts already made.
+        """
+        plan = Plan.from_json(flow_row.plan)
+        failed = conn.execute(
+            sa.select(N.c.id, N.c.step_name, N.c.attempt).where(
+                N.c.flow_id == flow_row.id, N.c.status == NodeStatus.FAILED
+            )
+        ).all()
+        for node in failed:
+            planned = plan.step(node.step_name)
+            allowance = planned.max_attempts if planned else 1
+            conn.execute(
+                sa.update(N)
+                .where(N.c.id == node.id)
+                .values(
+                    status=NodeStatus.PENDING,
+                    max_attempts=node.attempt + allowance,
+                    run_after=self._now(),
+                    lease_expires_at=None,
+                    finished_at=None,
+                )
+            )
+        self._set_flow(conn, flow_row.id, FlowStatus.RUNNING, error=None, finished=False)
+
+    def _start_stage(
+        self,
+        conn: Connection,
+        flow_row: Row[Any],
+        position: int,
+        steps: Sequence[PlannedStep],
+        data: dict[str, Any],
+        delay: float = 0.0,
+    ) -> None:
+        now = self._now()
+        conn.execute(
+            self.dialect.insert_if_absent(N).values(
+                run_after=now + delay, created_at=now
+            ),
+            [
+                dict(
+                    flow_id=flow_row.id,
+                    step_name=step.name,
+                    position=position,
+                    group_index=index,
+                    status=NodeStatus.PENDING,
+                    queue=flow_row.queue,
+                    priority=flow_row.priority,
+                    attempt=0,
+                    max_attempts=step.max_attempts,
+                    rescues=0,
+                    input=_dumps(data),
+                )
+                for index, step in enumerate(steps)
+            ],
+        )
+        if len(steps) > 1:
+            # A fan-out: wake idle workers so the siblings really run in parallel.
+            self.dialect.notify(conn, flow_row.queue)
+
+    # -- claim ----------------------------------------------------------------
+
+    def claim_nodes(
+        self, *, worker_id: str, limit: int, lease_seconds: float, queues: Sequence[str]
+    ) -> list[ClaimedNode]:
+        if limit <= 0:
+            return []
+        return self._transact(lambda conn: self._claim(conn, worker_id, limit, lease_seconds, queues))
+
+    def _claim(
+        self, conn: Connection, worker_id: str, limit: int, lease_seconds: float, queues: Sequence[str]
+    ) -> list[ClaimedNode]:
+        now = self._now()
+        runnable = (
+            sa.select(N.c.id)
+            .where(N.c.status == NodeStatus.PENDING, N.c.run_after <= now, N.c.queue.in_(queues))
+            .order_by(N.c.priority, N.c.run_after, N.c.id)
+            .limit(limit)
+        )
+        ids = list(conn.execute(self.dialect.for_claim(runnable)).scalars())
+        if not ids:
+            return []
+        # MySQL has no UPDATE ... RETURNING and cannot update a table it selects
+        # from in a subquery: select the ids (locked above), then update them.
+        conn.execute(
+            sa.update(N)
+            .where(N.c.id.in_(ids))
+            .values(
+                status=NodeStatus.RUNNING,
+                lease_owner=worker_id,
+                attempt=N.c.attempt + 1,
+                lease_expires_at=now + lease_seconds,
+                started_at=now,
+                finished_at=None,
+            )
+        )
+        rows = conn.execute(
+            sa.select(
+                N.c.id, N.c.flow_id, N.c.step_name, N.c.attempt, N.c.max_attempts, N.c.input,
+                F.c.flow_name, F.c.tracking_id,
+            )
+            .join(F, F.c.id == N.c.flow_id)
+            .where(N.c.id.in_(ids))
+            .order_by(N.c.priority, N.c.run_after, N.c.id)
+        ).all()
+        flow_ids = sorted({r.flow_id for r in rows})
+        conn.execute(
+            sa.update(F)
+            .where(F.c.id.in_(flow_ids), F.c.status == FlowStatus.PENDING)
+            .values(status=FlowStatus.RUNNING, updated_at=now)
+        )
+        return [
+            ClaimedNode(
+                lease=Lease(r.id, r.flow_id, worker_id, r.attempt),
+                flow_name=r.flow_name,
+                tracking_id=r.tracking_id,
+                step_name=r.step_name,
+                max_attempts=r.max_attempts,
+                input=_loads(r.input),
+            )
+            for r in rows
+        ]
+
+    # -- outcomes of an attempt -----------------------------------------------
+
+    def _fenced(self, lease: Lease) -> sa.Update:
+        return sa.update(N).where(
+            N.c.id == lease.node_id,
+            N.c.status == NodeStatus.RUNNING,
+            N.c.lease_owner == lease.worker_id,
+            N.c.attempt == lease.attempt,
+        )
+
+    def complete_node(self, *, lease: Lease, output: Any) -> bool:
+        return self._finish(lease, NodeStatus.COMPLETED, _dumps(output))
+
+    def skip_node(self, *, lease: Lease) -> bool:
+        return self._finish(lease, NodeStatus.SKIPPED, None)
+
+    def _finish(self, lease: Lease, status: NodeStatus, output: str | None) -> bool:
+        def work(conn: Connection) -> bool:
+            flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+            done = conn.execute(
+                self._fenced(lease).values(
+                    status=status, output=output, finished_at=self._now(), lease_expires_at=None
+                )
+            ).rowcount
+            if done:
+                self._advance(conn, flow_row, self._position_of(conn, lease.node_id))
+            return bool(done)
+
+        return self._transact(work)
+
+    def fail_node(self, *, lease: Lease, error: str, retry_delay: float | None) -> bool:
+        def work(conn: Connection) -> bool:
+            flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+            if retry_delay is not None:
+                retried = conn.execute(
+                    self._fenced(lease)
+                    .where(N.c.attempt < N.c.max_attempts)
+                    .values(
+                        status=NodeStatus.PENDING,
+                        error=error,
+                        run_after=self._now() + retry_delay,
+                        lease_expires_at=None,
+                    )
+                ).rowcount
+                if retried:
+                    return True
+            failed = conn.execute(
+                self._fenced(lease).values(
+                    status=NodeStatus.FAILED,
+                    error=error,
+                    finished_at=self._now(),
+                    lease_expires_at=None,
+                )
+            ).rowcount
+            if failed:
+                self._fail_flow(conn, flow_row, error)
+            return bool(failed)
+
+        return self._transact(work)
+
+    def start_subflow(self, *, lease: Lease, child: NewFlow) -> bool:
+        def work(conn: Connection) -> bool:
+            parked = conn.execute(
+                self._fenced(lease).values(status=NodeStatus.WAITING, lease_expires_at=None)
+            ).rowcount
+            if not parked:
+                return False
+            try:
+                self._enqueue(conn, child, parent_node_id=lease.node_id)
+            except FlowAlreadyCompleted:
+                child_row = conn.execute(sa.select(F.c.output).where(F.c.tracking_id == child.tracking_id)).one()
+                self._child_completed(conn, lease.node_id, _loads(child_row.output))
+            return True
+
+        return self._transact(work)
+
+    # -- advancing and failing flows (inside the caller's transaction) --------
+
+    def _lock_flow(self, conn: Connection, where: sa.ColumnElement[bool]) -> Row[Any]:
+        return conn.execute(self.dialect.for_update(sa.select(F).where(where))).one()
+
+    def _position_of(self, conn: Connection, node_id: int) -> int:
+        return int(conn.execute(sa.select(N.c.position).where(N.c.id == node_id)).scalar_one())
+
+    def _advance(self, conn: Connection, flow_row: Row[Any], position: int) -> None:
+        if flow_row.status == FlowStatus.CANCELLED:
+            return  # the running step finished; a cancelled flow goes no further
+        plan = Plan.from_json(flow_row.plan)
+        stage = [
+            progress.StageNode(r.step_name, NodeStatus(r.status), _loads(r.input), _loads(r.output))
+            for r in conn.execute(
+                sa.select(N.c.step_name, N.c.status, N.c.input, N.c.output)
+                .where(N.c.flow_id == flow_row.id, N.c.position == position)
+                .order_by(N.c.group_index)
+            )
+        ]
+        decision = progress.after_stage(plan, position, stage)
+        if isinstance(decision, progress.StartStage):
+            self._start_stage(conn, flow_row, decision.position, decision.steps, decision.data)
+        elif isinstance(decision, progress.FinishFlow):
+            conn.execute(
+                sa.update(F)
+                .where(F.c.id == flow_row.id)
+                .values(
+                    status=FlowStatus.COMPLETED,
+                    output=_dumps(decision.data),
+                    error=None,
+                    updated_at=self._now(),
+                    finished_at=self._now(),
+                )
+            )
+            if flow_row.parent_node_id is not None:
+                self._child_completed(conn, flow_row.parent_node_id, decision.data)
+
+    def _child_completed(self, conn: Connection, parent_node_id: int, data: Any) -> None:
+        parent_flow = self._lock_flow(
+            conn, F.c.id == sa.select(N.c.flow_id).where(N.c.id == parent_node_id).scalar_subquery()
+        )
+        done = conn.execute(
+            sa.update(N)
+            .where(N.c.id == parent_node_id, N.c.status == NodeStatus.WAITING)
+            .values(status=NodeStatus.COMPLETED, output=_dumps(data), finished_at=self._now())
+        ).rowcount
+        if done:
+            self._advance(conn, parent_flow, self._position_of(conn, parent_node_id))
+
+    def _fail_flow(self, conn: Connection, flow_row: Row[Any], error: str) -> None:
+        self._set_flow(conn, flow_row.id, FlowStatus.FAILED, error=error, finished=True)
+        if flow_row.parent_node_id is None:
+            return
+        parent_flow = self._lock_flow(
+            conn,
+            F.c.id == sa.select(N.c.flow_id).where(N.c.id == flow_row.parent_node_id).scalar_subquery(),
+        )
+        parent_error = f"subflow {flow_row.tracking_id!r} ({flow_row.flow_name}) failed:\n{error}"
+        failed = conn.execute(
+            sa.update(N)
+            .where(N.c.id == flow_row.parent_node_id, N.c.status == NodeStatus.WAITING)
+            .values(status=NodeStatus.FAILED, error=parent_error, finished_at=self._now())
+        ).rowcount
+        if failed:
+            self._fail_flow(conn, parent_flow, parent_error)
+
+    def _set_flow(
+        self, conn: Connection, flow_id: int, status: FlowStatus, *, error: str | None, finished: bool
+    ) -> None:
+        conn.execute(
+            sa.update(F)
+            .where(F.c.id == flow_id)
+            .values(
+                status=status,
+                error=error,
+                updated_at=self._now(),
+                finished_at=self._now() if finished else None,
+            )
+        )
+
+    # -- leases ---------------------------------------------------------------
+
+    def extend_leases(self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float) -> int:
+        if not node_ids:
+            return 0
+        return self._transact(
+            lambda conn: conn.execute(
+                sa.update(N)
+                .where(
+                    N.c.id.in_(list(node_ids)),
+                    N.c.lease_owner == worker_id,
+                    N.c.status == NodeStatus.RUNNING,
+                )
+                .values(lease_expires_at=self._now() + lease_seconds)
+            ).rowcount
+        )
+
+    def release_nodes(self, *, worker_id: str, node_ids: Sequence[int]) -> int:
+        if not node_ids:
+            return 0
+        return self._transact(
+            lambda conn: conn.execute(
+                sa.update(N)
+                .where(
+                    N.c.id.in_(list(node_ids)),
+                    N.c.lease_owner == worker_id,
+                    N.c.status == NodeStatus.RUNNING,
+                )
+                .values(
+                    status=NodeStatus.PENDING,
+                    attempt=N.c.attempt - 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    run_after=self._now(),
+                )
+            ).rowcount
+        )
+
+    def rescue_expired(self, *, limit: int = 100) -> list[RescuedNode]:
+        """Rescue each expired node in its own short transaction.
+
+        The candidates are read without locks; each is then rescued with the
+        flow row locked first (the same order as completion, so no deadlock)
+        and fenced by its exact lease, so two rescuers cannot both rescue it.
+        """
+        candidates = self._transact(
+            lambda conn: conn.execute(
+                sa.select(
+                    N.c.id, N.c.flow_id, N.c.lease_owner, N.c.attempt, N.c.max_attempts,
+                    N.c.step_name, F.c.tracking_id,
+                )
+                .join(F, F.c.id == N.c.flow_id)
+                .where(N.c.status == NodeStatus.RUNNING, N.c.lease_expires_at < self._now())
+                .order_by(N.c.lease_expires_at)
+                .limit(limit)
+            ).all()
+        )
+        rescued = []
+        for c in candidates:
+            lease = Lease(c.id, c.flow_id, c.lease_owner, c.attempt)
+            final = not progress.attempts_left(c.attempt, c.max_attempts)
+            if self._transact(lambda conn, lease=lease, final=final: self._rescue_one(conn, lease, final)):
+                rescued.append(
+                    RescuedNode(c.id, c.tracking_id, c.step_name, c.attempt, c.lease_owner, final)
+                )
+        return rescued
+
+    def _rescue_one(self, conn: Connection, lease: Lease, final: bool) -> bool:
+        flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+        fenced = self._fenced(lease).where(N.c.lease_expires_at < self._now())
+        values: dict[str, Any] = dict(error=RESCUE_ERROR, rescues=N.c.rescues + 1, lease_expires_at=None)
+        if final:
+            values.update(status=NodeStatus.FAILED, finished_at=self._now())
+        else:
+            values.update(status=NodeStatus.PENDING, run_after=self._now())
+        if not conn.execute(fenced.values(**values)).rowcount:
+            return False
+        if final:
+            self._fail_flow(conn, flow_row, RESCUE_ERROR)
+        return True
+
+    # -- reading --------------------------------------------------------------
+
+    def get_flow(self, *, tracking_id: str) -> FlowRecord | None:
+        row = self._transact(
+            lambda conn: conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
+        )
+        return None if row is None else _flow_record(row)
+
+    def list_nodes(self, *, flow_id: int) -> list[NodeRecord]:
+        rows = self._transact(
+            lambda conn: conn.execute(
+                sa.select(N).where(N.c.flow_id == flow_id).order_by(N.c.position, N.c.group_index)
+            ).all()
+        )
+        return [_node_record(r) for r in rows]
+
+    def count_open_nodes(self, *, queues: Sequence[str]) -> int:
+        return int(
+            self._transact(
+                lambda conn: conn.execute(
+                    sa.select(sa.func.count()).where(
+                        N.c.status.in_([NodeStatus.PENDING, NodeStatus.RUNNING]),
+                        N.c.queue.in_(list(queues)),
+                    )
+                ).scalar_one()
+            )
+        )
+
+    def stats(self) -> Stats:
+        def work(conn: Connection) -> Stats:
+            flows = dict(conn.execute(sa.select(F.c.status, sa.func.count()).group_by(F.c.status)).all())
+            nodes = dict(conn.execute(sa.select(N.c.status, sa.func.count()).group_by(N.c.status)).all())
+            attempts, rescues = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(N.c.attempt), 0), sa.func.coalesce(sa.func.sum(N.c.rescues), 0))
+            ).one()
+            oldest = conn.execute(
+                sa.select(self._now() - sa.func.min(N.c.run_after)).where(
+                    N.c.status == NodeStatus.PENDING, N.c.run_after <= self._now()
+                )
+            ).scalar()
+            return Stats(flows, nodes, int(attempts), int(rescues), None if oldest is None else float(oldest))
+
+        return self._transact(work)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _is_deadlock(error: BaseException) -> bool:
+    if not isinstance(error, sa.exc.DBAPIError) or error.connection_invalidated:
+        return False
+    text = str(error.orig).lower()
+    return "deadlock" in text or "lock wait timeout" in text
+
+
+def _flow_record(row: Row[Any]) -> FlowRecord:
+    return FlowRecord(
+        id=row.id,
+        flow_name=row.flow_name,
+        tracking_id=row.tracking_id,
+        status=FlowStatus(row.status),
+        input=_loads(row.input),
+        output=_loads(row.output),
+        error=row.error,
+        plan=Plan.from_json(row.plan),
+        queue=row.queue,
+        priority=row.priority,
+        parent_node_id=row.parent_node_id,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _node_record(row: Row[Any]) -> NodeRecord:
+    return NodeRecord(
+        id=row.id,
+        flow_id=row.flow_id,
+        step_name=row.step_name,
+        position=row.position,
+        group_index=row.group_index,
+        status=NodeStatus(row.status),
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        rescues=row.rescues,
+        run_after=row.run_after,
+        lease_owner=row.lease_owner,
+        lease_expires_at=row.lease_expires_at,
+        input=_loads(row.input),
+        output=_loads(row.output),
+        error=row.error,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )

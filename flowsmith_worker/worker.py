@@ -1,0 +1,245 @@
+"""The worker: claim runnable nodes up to its free slots, run them, keep leases, rescue.
+
+It is assembled from small parts, each with a ``*_once()`` method that tests
+call directly: ``claim_once`` (the poller), ``heartbeat_once`` (extends the
+leases of in-flight nodes, all in one statement) and ``rescue_once`` (the
+watchdog, folded into every worker). The loop around them is trivial: it
+sleeps on an event, so a freed slot, a NOTIFY or a stop signal wakes it at once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import tenacity
+
+from flowsmith_worker.config import default_storage
+from flowsmith_worker.errors import DatabaseUnavailable
+from flowsmith_worker.executor import Executor, Outcome
+from flowsmith_worker.log import get_logger
+from flowsmith_worker.rescue import Rescuer
+from flowsmith_worker.retry import retry_delay
+from flowsmith_worker.storage.base import DEFAULT_QUEUE, ClaimedNode, Storage
+
+DEFAULT_CONCURRENCY = 4
+DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_LEASE_SECONDS = 30.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# How long the loop waits between tries while the database is away.
+_DB_BACKOFF = tenacity.wait_exponential_jitter(initial=0.2, max=10.0)
+_IDLE_CHECK_SECONDS = 0.05
+
+log = get_logger("flowsmith.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    concurrency: int = DEFAULT_CONCURRENCY
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    queues: tuple[str, ...] = (DEFAULT_QUEUE,)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    listen: bool = True
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency={self.concurrency}: a worker needs at least 1 slot")
+        if self.poll_interval <= 0:
+            raise ValueError(f"poll_interval={self.poll_interval}: must be positive seconds")
+        if self.lease_seconds < 1:
+            raise ValueError(f"lease_seconds={self.lease_seconds}: use at least 1 second")
+        if not self.queues:
+            raise ValueError("a worker needs at least one queue")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout={self.shutdown_timeout}: cannot be negative")
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.lease_seconds / 3
+
+
+class Worker:
+    """Runs steps of the flows registered in this process."""
+
+    def __init__(
+        self,
+        storage: Storage | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        queues: Sequence[str] = (DEFAULT_QUEUE,),
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        listen: bool = True,
+    ) -> None:
+        self.settings = WorkerSettings(
+            concurrency, poll_interval, lease_seconds, tuple(queues), shutdown_timeout, listen
+        )
+        self.storage = storage or default_storage()
+        # New at every start, never a host or pod name: a restarted pod must not
+        # take the dead process's leases for its own.
+        self.id = uuid.uuid4().hex
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.stopping = threading.Event()  # stop claiming; let in-flight steps finish
+        self.hard_stop = threading.Event()  # stop now; release what is in flight
+        self.wakeup = threading.Event()
+        self.executor = Executor(self.storage, self.id, stop_retrying=self.hard_stop)
+        self.rescuer = Rescuer(self.storage, interval=_rescue_interval(self.settings))
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="flowsmith-step")
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, ClaimedNode] = {}
+        self._next_heartbeat = 0.0
+        self.log = log.bind(worker_id=self.id)
+
+    # -- the parts --------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        with self._lock:
+            return self.settings.concurrency - len(self._in_flight)
+
+    def in_flight(self) -> list[ClaimedNode]:
+        with self._lock:
+            return list(self._in_flight.values())
+
+    def claim_once(self) -> int:
+        """Claim up to the free slots and start them; return how many were claimed."""
+        free = self.free_slots
+        if free <= 0 or self.stopping.is_set():
+            return 0
+        claimed = self.storage.claim_nodes(
+            worker_id=self.id, limit=free,
+            lease_seconds=self.settings.lease_seconds, queues=self.settings.queues,
+        )
+        for node in claimed:
+            self.log.debug("step.claimed", flow=node.flow_name, tracking_id=node.tracking_id,
+                           step=node.step_name, attempt=node.attempt)
+            with self._lock:
+                self._in_flight[node.node_id] = node
+            future = self._pool.submit(self.executor.execute, node)
+            future.add_done_callback(lambda f, node_id=node.node_id: self._slot_freed(node_id, f))
+        return len(claimed)
+
+    def heartbeat_once(self) -> int:
+        """Extend the leases of every in-flight node in one statement."""
+        self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
+        ids = [n.node_id for n in self.in_flight()]
+        if not ids:
+            return 0
+        return self.storage.extend_leases(
+            worker_id=self.id, node_ids=ids, lease_seconds=self.settings.lease_seconds
+        )
+
+    def rescue_once(self) -> int:
+        return len(self.rescuer.run_once())
+
+    def run_once(self) -> int:
+        """One turn of the loop: rescue and heartbeat when due, then claim."""
+        self.rescuer.run_if_due()
+        if time.monotonic() >= self._next_heartbeat:
+            self.heartbeat_once()
+        return self.claim_once()
+
+    def _slot_freed(self, node_id: int, future: Future[Outcome]) -> None:
+        with self._lock:
+            self._in_flight.pop(node_id, None)
+        if future.exception() is not None:  # the executor itself failed: say so loudly
+            self.log.error("executor.crashed", node_id=node_id, error=repr(future.exception()))
+        self.wakeup.set()
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stop() (or SIGTERM/SIGINT through flowsmith.signals); then shut down."""
+        self.storage.check_schema()
+        self.log.info("worker.started", host=self.host, pid=self.pid,
+                      concurrency=self.settings.concurrency, queues=list(self.settings.queues),
+                      database=self.storage.url_for_display)
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                claimed = self.run_once()
+                if failures:
+                    self.log.info("database.reconnected", after_failures=failures)
+                failures = 0
+            except DatabaseUnavailable as exc:
+                failures += 1
+                self.log.warning("database.unavailable", error=str(exc), failures=failures)
+                self.wakeup.wait(retry_delay(_DB_BACKOFF, failures))
+                self.wakeup.clear()
+                continue
+            if claimed and self.free_slots > 0:
+                continue  # there may be more: claim again before sleeping
+            self._sleep()
+        self.shutdown()
+
+    def run_until_idle(self, timeout: float | None = None) -> None:
+        """Run in this thread until no step is pending or running on its queues.
+
+        Pending includes retries waiting for their backoff and delayed runs.
+        Raises TimeoutError if that takes longer than ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            claimed = self.run_once()
+            if not claimed and not self.in_flight() and not self.storage.count_open_nodes(
+                queues=self.settings.queues
+            ):
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"worker still busy after {timeout} s")
+            if not claimed:
+                self.wakeup.wait(min(self.settings.poll_interval, _IDLE_CHECK_SECONDS))
+                self.wakeup.clear()
+
+    def _sleep(self) -> None:
+        jittered = self.settings.poll_interval * random.uniform(0.9, 1.1)
+        until_heartbeat = max(0.0, self._next_heartbeat - time.monotonic())
+        self.wakeup.wait(min(jittered, until_heartbeat, self.rescuer.seconds_until_due()))
+        self.wakeup.clear()
+
+    # -- stopping ---------------------------------------------------------------
+
+    def stop(self, graceful: bool = True) -> None:
+        """First call: stop claiming, let steps finish. With graceful=False: stop now."""
+        self.stopping.set()
+        if not graceful:
+            self.hard_stop.set()
+        self.wakeup.set()
+
+    def shutdown(self) -> None:
+        """Wait for in-flight steps up to the grace period, then release the rest."""
+        self.stopping.set()
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        self.log.info("worker.stopping", in_flight=len(self.in_flight()),
+                      grace_seconds=self.settings.shutdown_timeout)
+        while self.in_flight() and not self.hard_stop.is_set() and time.monotonic() < deadline:
+            if time.monotonic() >= self._next_heartbeat:
+                self._try(self.heartbeat_once)
+            self.wakeup.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            self.wakeup.clear()
+        self.hard_stop.set()
+        left = [n.node_id for n in self.in_flight()]
+        released = self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=left)) if left else 0
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.log.info("worker.stopped", released=released or 0, unfinished=len(left))
+
+    def _try(self, call: Callable[[], int]) -> int | None:
+        try:
+            return call()
+        except DatabaseUnavailable as exc:
+            self.log.warning("database.unavailable", error=str(exc))
+            return None
+
+
+def _rescue_interval(settings: WorkerSettings) -> float:
+    """Often enough that a lost step waits little more than its lease; never a busy loop."""
+    return min(max(settings.lease_seconds / 4, 0.5), 15.0)
+
