@@ -127,7 +127,7 @@ class Executor:
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(DatabaseUnavailable),
-            wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0),
             stop=tenacity.stop_when_event_set(self.stop_retrying),
             before_sleep=before_sleep,
             reraise=True,

@@ -31,7 +31,7 @@ def exponential(
     jitter: float = 1.0,
 ) -> WaitStrategy:
     """initial * 2**(n-1) seconds plus up to ``jitter`` random seconds, capped at ``maximum``."""
-    return tenacity.wait_exponential_jitter(initial=initial, max=maximum, jitter=jitter)
+    return tenacity.wait_exponential_jitter(multiplier=initial, max=maximum, jitter=jitter)
 
 
 DEFAULT_BACKOFF: WaitStrategy = exponential()
@@ -44,7 +44,7 @@ def as_wait_strategy(backoff: Backoff | None) -> WaitStrategy:
     if isinstance(backoff, bool) or not (isinstance(backoff, (int, float)) or callable(backoff)):
         raise TypeError(
             f"backoff={backoff!r}: give seconds (a number) or a tenacity wait strategy "
-            "such as tenacity.wait_exponential_jitter(initial=1, max=60)"
+            "such as tenacity.wait_exponential_jitter(multiplier=1, max=60)"
         )
     if isinstance(backoff, (int, float)):
         if backoff < 0:

@@ -34,7 +34,7 @@ DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_LEASE_SECONDS = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 # How long the loop waits between tries while the database is away.
-_DB_BACKOFF = tenacity.wait_exponential_jitter(initial=0.2, max=10.0)
+_DB_BACKOFF = tenacity.wait_exponential_jitter(multiplier=0.2, max=10.0)
 _IDLE_CHECK_SECONDS = 0.05
 
 log = get_logger("flowsmith.worker")

@@ -1,0 +1,113 @@
+"""Fixtures shared by the suite.
+
+``storage`` runs a test on every backend: memory, sqlite, and the real
+PostgreSQL and MariaDB servers that tests/servers.py starts once per session.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from flowsmith_worker import config, registry
+from flowsmith_worker.storage import InMemoryStorage, create_storage
+from flowsmith_worker.storage.base import Storage
+from tests.servers import DatabaseServer, mysql_server, postgres_server  # noqa: F401 - fixtures
+
+BACKENDS = ["memory", "sqlite", "postgresql", "mysql"]
+SQL_BACKENDS = ["sqlite", "postgresql", "mysql"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by the server they need, so `make test-unit` can leave them out."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend") if callspec else None
+        for kind in ("postgresql", "mysql"):
+            if backend == kind or kind in getattr(item, "fixturenames", ()):
+                item.add_marker("postgres" if kind == "postgresql" else "mysql")
+        if "postgres_server" in getattr(item, "fixturenames", ()):
+            item.add_marker("postgres")
+        if "mysql_server" in getattr(item, "fixturenames", ()):
+            item.add_marker("mysql")
+
+
+def database_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str:
+    """A fresh, empty database of that backend for this test."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'flowsmith.db'}"
+    server: DatabaseServer = request.getfixturevalue(
+        "postgres_server" if backend == "postgresql" else "mysql_server"
+    )
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    url = server.create_database(name)
+    request.addfinalizer(lambda: server.drop_database(name))
+    return url
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def storage(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterator[Storage]:
+    """A migrated storage on each backend, closed after the test."""
+    made: Storage = (
+        InMemoryStorage() if backend == "memory" else create_storage(database_url(request, backend, tmp_path))
+    )
+    made.migrate()
+    yield made
+    made.close()
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, unmigrated database URL on each SQL backend."""
+    return database_url(request, str(request.param), tmp_path)
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """Names unique to this test, so flows registered by name never collide."""
+    suffix = uuid.uuid4().hex[:8]
+    made: list[str] = []
+
+    def name(base: str) -> str:
+        made.append(f"{base}_{suffix}")
+        return made[-1]
+
+    yield name  # type: ignore[misc]
+    for flow_name in made:
+        registry.unregister(flow_name)
+
+
+@pytest.fixture(autouse=True)
+def _no_default_storage() -> Iterator[None]:
+    """No test leaks its configure() into the next one."""
+    yield
+    config.reset()
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {check}")
+        time.sleep(interval)
