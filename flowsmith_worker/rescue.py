@@ -45,31 +45,42 @@ class Rescuer:
         return rescued
 
 
-def start_watchdog(
-    timeout_seconds: float = 300,
-    interval_seconds: float = 60,
-    storage: Storage | None = None,
-) -> threading.Thread:
-    """Rescue expired leases from a daemon thread of this process.
+class Watchdog(threading.Thread):
+    """A daemon thread running the rescue every ``interval_seconds``; stop() ends it."""
 
-    For applications that run no `flowsmith worker` of their own. Leases are
-    set by the workers that claim; ``timeout_seconds`` is kept for the seed
-    API and only checked: it must cover the workers' ``--lease``.
-    """
-    if timeout_seconds <= 0 or interval_seconds <= 0:
-        raise ValueError("start_watchdog: timeout_seconds and interval_seconds must be positive")
-    rescuer = Rescuer(storage or default_storage(), interval_seconds)
+    def __init__(self, rescuer: Rescuer) -> None:
+        super().__init__(name="flowsmith-watchdog", daemon=True)
+        self.rescuer = rescuer
+        self._stopped = threading.Event()
 
-    def loop() -> None:
-        while True:
+    def run(self) -> None:
+        while not self._stopped.is_set():
             try:
-                rescuer.run_once()
+                self.rescuer.run_once()
             except DatabaseUnavailable as exc:
                 log.warning("database.unavailable", error=str(exc))
             except Exception:  # noqa: BLE001 - the watchdog must outlive any one failure
                 log.exception("watchdog.failed")
-            time.sleep(interval_seconds)
+            self._stopped.wait(self.rescuer.interval)
 
-    thread = threading.Thread(target=loop, name="flowsmith-watchdog", daemon=True)
-    thread.start()
-    return thread
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def start_watchdog(
+    timeout_seconds: float = 300,
+    interval_seconds: float = 60,
+    storage: Storage | None = None,
+) -> Watchdog:
+    """Rescue expired leases from a daemon thread of this process.
+
+    For applications that run no `flowsmith worker` of their own (the seed's
+    API). In this design a step is lost when its lease expires, and the lease
+    is set by the worker that claimed it (``--lease``); ``timeout_seconds`` is
+    kept for compatibility and must be positive.
+    """
+    if timeout_seconds <= 0 or interval_seconds <= 0:
+        raise ValueError("start_watchdog: timeout_seconds and interval_seconds must be positive")
+    watchdog = Watchdog(Rescuer(storage or default_storage(), interval_seconds))
+    watchdog.start()
+    return watchdog

@@ -80,7 +80,7 @@ def unique() -> Callable[[str], str]:
     made: list[str] = []
 
     def name(base: str) -> str:
-        made.append(f"{base}_{suffix}")
+        made.append(f"{base}_{suffix}{len(made)}")
         return made[-1]
 
     yield name  # type: ignore[misc]

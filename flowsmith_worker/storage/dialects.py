@@ -59,6 +59,16 @@ class Dialect:
             return sqlite.insert(table).on_conflict_do_nothing()
         return mysql.insert(table).prefix_with("IGNORE")
 
+    def inserted_a_row(self, result: sa.CursorResult[Any]) -> bool:
+        """Whether a single-row insert_if_absent() inserted (into a table with an auto-id).
+
+        mysql-connector reports rowcount -1 for INSERT; its lastrowid is 0 when
+        IGNORE skipped the row, so that is what tells there.
+        """
+        if self.name == "mysql":
+            return bool(result.lastrowid)
+        return result.rowcount == 1
+
     def for_claim(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """Lock the selected rows, skipping rows another worker holds.
 

@@ -50,8 +50,8 @@ F, N = schema.flows, schema.nodes
 # Deadlocks between short transactions are resolved by the database aborting
 # one of them; running it again is the documented remedy.
 _DEADLOCK_RETRY = dict(
-    stop=tenacity.stop_after_attempt(5),
-    wait=tenacity.wait_random(0.005, 0.05),
+    stop=tenacity.stop_after_attempt(8),
+    wait=tenacity.wait_random(0.005, 0.1),
     reraise=True,
 )
 
@@ -134,7 +134,7 @@ class SqlStorage(Storage):
 
     def _enqueue(self, conn: Connection, flow: NewFlow, parent_node_id: int | None) -> EnqueueResult:
         now = self._now()
-        inserted = conn.execute(
+        result = conn.execute(
             self.dialect.insert_if_absent(F).values(
                 flow_name=flow.flow_name,
                 tracking_id=flow.tracking_id,
@@ -147,8 +147,13 @@ class SqlStorage(Storage):
                 created_at=now,
                 updated_at=now,
             )
-        ).rowcount
-        row = self._lock_flow(conn, F.c.tracking_id == flow.tracking_id)
+        )
+        inserted = self.dialect.inserted_a_row(result)
+        # A plain read, not FOR UPDATE: on MySQL the duplicate check of INSERT
+        # IGNORE leaves a shared lock, and upgrading it in 20 racing triggers
+        # deadlocks. Only the FAILED -> RUNNING transition needs a lock, and its
+        # conditional UPDATE takes one (see _resume).
+        row = conn.execute(sa.select(F).where(F.c.tracking_id == flow.tracking_id)).one()
         if row.flow_name != flow.flow_name:
             raise FlowSmithError(
                 f"tracking_id {flow.tracking_id!r} already belongs to a run of flow "
@@ -166,18 +171,25 @@ class SqlStorage(Storage):
                 f"flow {row.flow_name!r} with tracking_id {flow.tracking_id!r} has already "
                 "completed; it will not run again (use a new tracking_id for a new run)"
             )
-        if status == FlowStatus.FAILED:
-            self._resume(conn, row)
+        if status == FlowStatus.FAILED and self._resume(conn, row):
             self.dialect.notify(conn, row.queue)
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
         return EnqueueResult(row.id, flow.tracking_id, status, False, False)
 
-    def _resume(self, conn: Connection, flow_row: Row[Any]) -> None:
+    def _resume(self, conn: Connection, flow_row: Row[Any]) -> bool:
         """Re-queue only the failed node(s), with a fresh allowance of attempts.
 
-        ``attempt`` keeps counting up (it is the fencing token), so the new
-        allowance is added on top of the attempts already made.
+        The conditional UPDATE locks the flow row and lets one of several racing
+        triggers win. ``attempt`` keeps counting up (it is the fencing token), so
+        the new allowance is added on top of the attempts already made.
         """
+        won = conn.execute(
+            sa.update(F)
+            .where(F.c.id == flow_row.id, F.c.status == FlowStatus.FAILED)
+            .values(status=FlowStatus.RUNNING, error=None, finished_at=None, updated_at=self._now())
+        ).rowcount
+        if not won:
+            return False
         plan = Plan.from_json(flow_row.plan)
         failed = conn.execute(
             sa.select(N.c.id, N.c.step_name, N.c.attempt).where(
@@ -198,7 +210,7 @@ class SqlStorage(Storage):
                     finished_at=None,
                 )
             )
-        self._set_flow(conn, flow_row.id, FlowStatus.RUNNING, error=None, finished=False)
+        return True
 
     def _start_stage(
         self,

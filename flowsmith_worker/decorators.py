@@ -1,0 +1,328 @@
+"""The decorator API: a flow written as nested functions, in the order they run.
+
+::
+
+    from flowsmith_worker.decorators import workflow, step, parallel, subflow
+
+    @workflow("checkout_process")
+    def process_order():
+        @step(retries=3)
+        def fetch_inventory(ctx):
+            return {"in_stock": True, "price": 100}
+
+        @step(condition=lambda ctx: ctx.data["fetch_inventory"]["in_stock"])
+        def reserve_items(ctx): ...
+
+        @parallel
+        def notify_phase():
+            @step
+            def email(ctx): ...
+
+            @step
+            def sms(ctx): ...
+
+        @subflow
+        def invoice(ctx):
+            return {"flow": send_invoice, "tracking_id": f"inv_{ctx.data['order_id']}"}
+
+    run = process_order(Context({"order_id": 7}), tracking_id="order_7")   # a FlowRun
+
+How it works: ``@workflow`` creates a :class:`~flowsmith_worker.flow.Flow` and calls
+the decorated body once, right away, while that Flow is "being built" (a
+context variable, so threads importing modules at the same time cannot mix
+their flows). Each nested ``@step``, ``@parallel`` and ``@subflow`` adds to that
+Flow as it is applied, which is the order written. The Flow is registered by
+its name as it is created, so importing the module is all a
+``flowsmith worker module`` needs. Nothing here changes how a flow runs: it is
+the builder API (``Flow.step``, ``Flow.parallel``, subflow steps) in another
+spelling, with the same engine underneath.
+
+Decisions, written down:
+
+* ``@step``, ``@parallel`` and ``@subflow`` return the function unchanged, so
+  a step can still be unit-tested by calling it with a Context.
+* A step is named after its function unless ``name=`` says otherwise; a
+  ``@workflow`` with no name is named after its function.
+* ``@parallel`` and ``@subflow`` work bare or called (``@parallel()``,
+  ``@subflow(retries=2, condition=...)``). A ``@subflow`` may sit inside a
+  ``@parallel`` block; ``@parallel`` blocks cannot nest (as with
+  ``Flow.parallel()``).
+* A ``@subflow`` function returns ``{"flow": child, "tracking_id": str}``, plus
+  ``"data": dict`` to give the child an input other than the parent's ctx.data.
+  ``child`` is a Flow, a ``@workflow`` object or a registered flow's name. With
+  no ``tracking_id`` (or None) the child's is ``"<parent tracking_id>:<step>"``,
+  the builder's default. Keep it a function of ctx.data: a resumed parent then
+  resumes the same child run instead of starting a new one.
+* A mistake in the definition (a decorator outside a ``@workflow`` body, a
+  workflow or ``@parallel`` block without steps, an exception in the body)
+  raises at import time, and an aborted definition is not left registered.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, TypeVar, overload
+
+from flowsmith_worker import registry
+from flowsmith_worker.context import Context
+from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.flow import Condition, Flow, StepSpec
+from flowsmith_worker.retry import Backoff, as_wait_strategy
+from flowsmith_worker.run import FlowRun
+from flowsmith_worker.storage.base import DEFAULT_QUEUE, Storage
+
+__all__ = ["Workflow", "parallel", "step", "subflow", "workflow"]
+
+StepFn = TypeVar("StepFn", bound=Callable[[Context], Any])
+BlockFn = TypeVar("BlockFn", bound=Callable[[], Any])
+WorkflowBody = Callable[[], Any]
+
+# The Flow whose @workflow body is running in this thread (or task), if any.
+_building: ContextVar[Flow | None] = ContextVar("flowsmith_building", default=None)
+
+
+class Workflow:
+    """What ``@workflow`` returns: call it to enqueue a run; ``.flow`` is the Flow."""
+
+    def __init__(self, flow: Flow, body: WorkflowBody) -> None:
+        self.flow = flow
+        self.name = flow.name
+        functools.update_wrapper(self, body, updated=())
+
+    def __repr__(self) -> str:
+        return f"<workflow {self.name!r} ({len(self.flow.stages)} stages)>"
+
+    def __call__(
+        self,
+        ctx: Context | dict[str, Any] | None = None,
+        tracking_id: str | None = None,
+        delay: float | None = None,
+        connection: Any = None,
+    ) -> FlowRun:
+        """Enqueue a run durably and return its handle at once (see ``Flow.run``)."""
+        return self.flow.run(ctx, tracking_id=tracking_id, delay=delay, connection=connection)
+
+    run = __call__
+
+
+@overload
+def workflow(name: WorkflowBody, /) -> Workflow: ...
+
+
+@overload
+def workflow(
+    name: str | None = None,
+    /,
+    *,
+    storage: Storage | None = None,
+    queue: str = DEFAULT_QUEUE,
+    priority: int = 0,
+) -> Callable[[WorkflowBody], Workflow]: ...
+
+
+def workflow(
+    name: str | WorkflowBody | None = None,
+    /,
+    *,
+    storage: Storage | None = None,
+    queue: str = DEFAULT_QUEUE,
+    priority: int = 0,
+) -> Workflow | Callable[[WorkflowBody], Workflow]:
+    """Define a flow from a function whose body declares its steps.
+
+    ``@workflow("name")``, ``@workflow(name, storage=..., queue=..., priority=...)``
+    or bare ``@workflow`` (named after the function). The body runs once, now.
+    """
+    if callable(name):
+        return _build(name, name.__name__, None, DEFAULT_QUEUE, 0)
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"@workflow(name): the name must be a string, not {name!r}")
+
+    def decorate(body: WorkflowBody) -> Workflow:
+        return _build(body, name or body.__name__, storage, queue, priority)
+
+    return decorate
+
+
+def _build(
+    body: WorkflowBody, name: str, storage: Storage | None, queue: str, priority: int
+) -> Workflow:
+    if not callable(body):
+        raise TypeError(f"@workflow({name!r}) decorates a function, not {body!r}")
+    flow = Flow(name, storage, queue=queue, priority=priority)
+    token = _building.set(flow)
+    try:
+        body()
+        if not flow.stages:
+            raise FlowSmithError(
+                f"workflow {name!r} defines no steps: declare them inside its body "
+                "with @step, @parallel or @subflow"
+            )
+    except BaseException:
+        # A half-built flow must not stay registered under a name users will reuse.
+        if registry.lookup(name) is flow:
+            registry.unregister(name)
+        raise
+    finally:
+        _building.reset(token)
+    return Workflow(flow, body)
+
+
+def _current(decorator: str, target: Callable[..., Any]) -> Flow:
+    flow = _building.get()
+    if flow is None:
+        where = getattr(target, "__qualname__", repr(target))
+        raise FlowSmithError(
+            f"{decorator} on {where} is outside a @workflow body: define steps inside the "
+            "function decorated with @workflow(...), or use Flow.step() to build a flow by hand"
+        )
+    return flow
+
+
+def _check_callable(decorator: str, target: object) -> None:
+    if not callable(target):
+        raise TypeError(f"{decorator} decorates a function, not {target!r}")
+
+
+@overload
+def step(fn: StepFn, /) -> StepFn: ...
+
+
+@overload
+def step(
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    backoff: Backoff | None = None,
+    condition: Condition | None = None,
+) -> Callable[[StepFn], StepFn]: ...
+
+
+def step(
+    fn: StepFn | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    backoff: Backoff | None = None,
+    condition: Condition | None = None,
+) -> StepFn | Callable[[StepFn], StepFn]:
+    """Declare a step of the workflow being defined, bare or with options.
+
+    ``retries=N`` allows N + 1 attempts; ``timeout`` is in seconds; ``backoff`` is
+    seconds or a tenacity wait strategy; ``condition(ctx)`` False skips the step
+    (it leaves no output and the flow goes on), and raising fails it.
+    """
+
+    def decorate(target: StepFn) -> StepFn:
+        _check_callable("@step", target)
+        flow = _current("@step", target)
+        flow.step(
+            name or target.__name__, target, retries=retries, timeout=timeout,
+            backoff=backoff, condition=condition,
+        )
+        return target
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+@overload
+def parallel(fn: BlockFn, /) -> BlockFn: ...
+
+
+@overload
+def parallel() -> Callable[[BlockFn], BlockFn]: ...
+
+
+def parallel(fn: BlockFn | None = None, /) -> BlockFn | Callable[[BlockFn], BlockFn]:
+    """Run the steps declared in the decorated function at the same time.
+
+    The function is called once, now; the step after the block starts when all
+    of the block's steps are done (completed or skipped).
+    """
+
+    def decorate(target: BlockFn) -> BlockFn:
+        _check_callable("@parallel", target)
+        flow = _current("@parallel", target)
+        before = len(flow.stages)
+        with flow.parallel():
+            target()
+        if len(flow.stages) == before:
+            raise FlowSmithError(
+                f"workflow {flow.name!r}: @parallel block {target.__name__!r} declares no steps"
+            )
+        return target
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+@overload
+def subflow(fn: StepFn, /) -> StepFn: ...
+
+
+@overload
+def subflow(
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    condition: Condition | None = None,
+) -> Callable[[StepFn], StepFn]: ...
+
+
+def subflow(
+    fn: StepFn | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    condition: Condition | None = None,
+) -> StepFn | Callable[[StepFn], StepFn]:
+    """Declare a step that runs a child flow; the child's final data is its output.
+
+    The function returns ``{"flow": child, "tracking_id": str[, "data": dict]}``.
+    The parent's node waits for the child without holding a worker slot; a
+    failed child fails this step, and resuming the parent resumes that child.
+    """
+
+    def decorate(target: StepFn) -> StepFn:
+        _check_callable("@subflow", target)
+        flow = _current("@subflow", target)
+        step_name = name or target.__name__
+        flow._add(
+            StepSpec(
+                step_name, _child_starter(target, step_name), retries, None,
+                as_wait_strategy(None), condition, subflow=True,
+            )
+        )
+        return target
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def _child_starter(target: Callable[[Context], Any], step_name: str) -> Callable[[Context], Any]:
+    """The user's subflow function, with its answer put in the executor's terms."""
+
+    @functools.wraps(target)
+    def start_child(ctx: Context) -> Any:
+        result = target(ctx)
+        if not isinstance(result, dict):
+            return result  # the executor rejects it with the expected shape
+        answer = dict(result)
+        if isinstance(answer.get("flow"), Workflow):
+            answer["flow"] = answer["flow"].flow
+        if answer.get("tracking_id") is None:
+            answer["tracking_id"] = f"{ctx.tracking_id}:{step_name}"
+        return answer
+
+    return start_child
+

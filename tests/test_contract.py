@@ -1,0 +1,338 @@
+"""The contract of engine and storage, on every backend: memory, sqlite, postgresql, mysql.
+
+Each test drives real storage operations (and in-process workers with real
+threads); none of them mocks the database.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from flowsmith_worker import (
+    Context,
+    Flow,
+    FlowAlreadyCompleted,
+    FlowStatus,
+    NodeStatus,
+    StepFailed,
+    Worker,
+    fixed,
+    start_watchdog,
+)
+from flowsmith_worker.plan import Plan, PlannedStep
+from flowsmith_worker.storage.base import RESCUE_ERROR, NewFlow, Storage
+from tests.conftest import eventually
+
+Names = Callable[[str], str]
+
+
+def one_step_flow(storage: Storage, name: str, fn: Callable[[Context], Any], **kw: Any) -> Flow:
+    return Flow(name, storage=storage).step("only", fn, **kw)
+
+
+def new_flow(tracking_id: str, flow_name: str = "raw", max_attempts: int = 1) -> NewFlow:
+    plan = Plan(stages=((PlannedStep("only", max_attempts),),), module="tests.nowhere")
+    return NewFlow(flow_name=flow_name, tracking_id=tracking_id, input={"n": 1}, plan=plan)
+
+
+def drain(storage: Storage, timeout: float = 20.0, **kw: Any) -> Worker:
+    worker = Worker(storage=storage, poll_interval=0.05, **kw)
+    worker.run_until_idle(timeout=timeout)
+    return worker
+
+
+# -- running and the idempotent trigger ---------------------------------------------
+
+
+def test_steps_run_in_order_and_ctx_data_collects_outputs(storage: Storage, unique: Names) -> None:
+    """Each step sees the input plus the outputs of the steps before it; wait() returns them."""
+    seen: list[dict[str, Any]] = []
+
+    def record(value: Any) -> Callable[[Context], Any]:
+        def fn(ctx: Context) -> Any:
+            seen.append(dict(ctx.data))
+            return value
+        return fn
+
+    flow = Flow(unique("order"), storage=storage)
+    flow.step("a", record({"x": 1})).step("b", record([1, "two"])).step("c", record(None))
+    run = flow.run(Context({"order_id": 7}), tracking_id=unique("t"))
+    drain(storage)
+    assert run.wait(timeout=5) == {"order_id": 7, "a": {"x": 1}, "b": [1, "two"], "c": None}
+    assert seen == [{"order_id": 7}, {"order_id": 7, "a": {"x": 1}},
+                    {"order_id": 7, "a": {"x": 1}, "b": [1, "two"]}]
+    assert run.status() == FlowStatus.COMPLETED
+    assert [(n.step_name, n.status, n.attempt) for n in run.trace()] == [
+        ("a", NodeStatus.COMPLETED, 1), ("b", NodeStatus.COMPLETED, 1), ("c", NodeStatus.COMPLETED, 1)
+    ]
+
+
+def test_same_tracking_id_while_pending_returns_the_existing_run(storage: Storage, unique: Names) -> None:
+    """A second trigger with the same tracking_id enqueues nothing new."""
+    flow = one_step_flow(storage, unique("f"), lambda ctx: 1)
+    tid = unique("t")
+    first = flow.run({"a": 1}, tracking_id=tid)
+    second = flow.run({"a": 2}, tracking_id=tid)
+    assert first.tracking_id == second.tracking_id
+    assert len(first.trace()) == 1
+    drain(storage)
+    assert second.wait(5) == {"a": 1, "only": 1}
+
+
+def test_twenty_threads_triggering_one_tracking_id_create_one_run(storage: Storage, unique: Names) -> None:
+    """Concurrent triggers race on the unique key; exactly one inserts, all get the run."""
+    request = new_flow(unique("t"))
+    barrier = threading.Barrier(20)
+    results: list[Any] = []
+
+    def trigger() -> None:
+        barrier.wait()
+        results.append(storage.enqueue_flow(flow=request))
+
+    threads = [threading.Thread(target=trigger) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 20
+    assert sum(r.created for r in results) == 1
+    assert len({r.flow_id for r in results}) == 1
+    record = storage.get_flow(tracking_id=request.tracking_id)
+    assert record is not None and len(storage.list_nodes(flow_id=record.id)) == 1
+
+
+def test_failed_flow_resumes_at_the_failed_step_only(storage: Storage, unique: Names) -> None:
+    """Re-triggering a FAILED run re-runs the failed step, never the completed ones."""
+    calls = {"a": 0, "b": 0}
+    broken = {"b": True}
+
+    def a(ctx: Context) -> str:
+        calls["a"] += 1
+        return "a-done"
+
+    def b(ctx: Context) -> str:
+        calls["b"] += 1
+        if broken["b"]:
+            raise RuntimeError("payment API down")
+        return "b-done"
+
+    flow = Flow(unique("resume"), storage=storage).step("a", a).step("b", b)
+    tid = unique("t")
+    run = flow.run({}, tracking_id=tid)
+    drain(storage)
+    with pytest.raises(StepFailed) as failed:
+        run.wait(5)
+    assert (failed.value.step, failed.value.attempts) == ("b", 1)
+    assert "payment API down" in failed.value.error
+    broken["b"] = False
+    flow.run({}, tracking_id=tid)
+    drain(storage)
+    assert run.wait(5) == {"a": "a-done", "b": "b-done"}
+    assert calls == {"a": 1, "b": 2}
+
+
+def test_completed_tracking_id_raises_flow_already_completed(storage: Storage, unique: Names) -> None:
+    flow = one_step_flow(storage, unique("f"), lambda ctx: 1)
+    tid = unique("t")
+    flow.run({}, tracking_id=tid)
+    drain(storage)
+    with pytest.raises(FlowAlreadyCompleted, match=tid):
+        flow.run({}, tracking_id=tid)
+
+
+# -- retries, backoff, timeouts ------------------------------------------------------
+
+
+def test_retries_n_allow_n_plus_one_attempts(storage: Storage, unique: Names) -> None:
+    calls: list[int] = []
+
+    def always_fails(ctx: Context) -> None:
+        calls.append(ctx.attempt)
+        raise ValueError(f"attempt {ctx.attempt} failed")
+
+    run = one_step_flow(storage, unique("f"), always_fails, retries=2, backoff=0).run({}, tracking_id=unique("t"))
+    drain(storage)
+    with pytest.raises(StepFailed) as failed:
+        run.wait(5)
+    assert calls == [1, 2, 3]
+    assert failed.value.attempts == 3
+    assert "attempt 3 failed" in failed.value.error
+
+
+def test_a_retry_waits_for_its_backoff_in_the_database(storage: Storage, unique: Names) -> None:
+    """The retry is a stored run_after: nothing can claim the node before it."""
+    storage.enqueue_flow(flow=new_flow(unique("t"), max_attempts=2))
+    [node] = storage.claim_nodes(worker_id="w1", limit=5, lease_seconds=30, queues=["default"])
+    assert storage.fail_node(lease=node.lease, error="boom", retry_delay=0.6)
+    assert storage.claim_nodes(worker_id="w1", limit=5, lease_seconds=30, queues=["default"]) == []
+    retried = eventually(
+        lambda: storage.claim_nodes(worker_id="w2", limit=5, lease_seconds=30, queues=["default"]), timeout=5
+    )
+    assert [n.attempt for n in retried] == [2]
+
+
+def test_a_step_past_its_timeout_fails_the_attempt_and_is_retried(storage: Storage, unique: Names) -> None:
+    def slow_first_time(ctx: Context) -> str:
+        if ctx.attempt == 1:
+            time.sleep(1.5)
+        return f"attempt {ctx.attempt}"
+
+    flow = one_step_flow(storage, unique("f"), slow_first_time, retries=1, timeout=0.3, backoff=0)
+    run = flow.run({}, tracking_id=unique("t"))
+    drain(storage)
+    assert run.wait(5)["only"] == "attempt 2"
+    [node] = run.trace()
+    assert node.attempt == 2 and node.error is not None and "StepTimeout" in node.error
+    time.sleep(1.3)  # the abandoned first attempt returns now: the fence must refuse it
+    assert run.wait(1)["only"] == "attempt 2"
+
+
+def test_backoff_strategies_are_validated_when_the_step_is_defined(unique: Names) -> None:
+    flow = Flow(unique("f"))
+    with pytest.raises(TypeError, match="tenacity wait strategy"):
+        flow.step("a", lambda ctx: 1, backoff="soon")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="negative"):
+        flow.step("b", lambda ctx: 1, retries=-1)
+    flow.step("c", lambda ctx: 1, backoff=fixed(1))
+
+
+# -- leases, fencing and rescue ------------------------------------------------------
+
+
+def test_a_worker_that_lost_its_lease_cannot_overwrite_the_newer_attempt(storage: Storage, unique: Names) -> None:
+    """The fencing token: node id, worker id and attempt must all match."""
+    storage.enqueue_flow(flow=new_flow(tid := unique("t"), max_attempts=3))
+    [old] = storage.claim_nodes(worker_id="old", limit=1, lease_seconds=0.2, queues=["default"])
+    time.sleep(0.4)
+    [rescued] = storage.rescue_expired()
+    assert (rescued.step_name, rescued.attempt, rescued.failed) == ("only", 1, False)
+    [new] = storage.claim_nodes(worker_id="new", limit=1, lease_seconds=30, queues=["default"])
+    assert new.attempt == 2
+    assert storage.complete_node(lease=old.lease, output="stale") is False
+    assert storage.fail_node(lease=old.lease, error="stale", retry_delay=None) is False
+    assert storage.extend_leases(worker_id="old", node_ids=[new.node_id], lease_seconds=30) == 0
+    assert storage.complete_node(lease=new.lease, output="fresh") is True
+    record = storage.get_flow(tracking_id=tid)
+    assert record is not None and record.status == FlowStatus.COMPLETED
+    assert record.output == {"n": 1, "only": "fresh"}
+    [node] = storage.list_nodes(flow_id=record.id)
+    assert (node.attempt, node.rescues, node.lease_owner) == (2, 1, "new")
+
+
+def test_rescue_counts_the_attempt_and_fails_the_flow_when_none_is_left(storage: Storage, unique: Names) -> None:
+    storage.enqueue_flow(flow=new_flow(tid := unique("t"), max_attempts=1))
+    storage.claim_nodes(worker_id="dead", limit=1, lease_seconds=0.2, queues=["default"])
+    time.sleep(0.4)
+    [rescued] = storage.rescue_expired()
+    assert rescued.failed
+    record = storage.get_flow(tracking_id=tid)
+    assert record is not None and record.status == FlowStatus.FAILED
+    assert record.error == RESCUE_ERROR
+    assert storage.rescue_expired() == []  # nothing rescued twice
+
+
+def test_heartbeat_keeps_a_long_step_from_being_rescued(storage: Storage, unique: Names) -> None:
+    storage.enqueue_flow(flow=new_flow(unique("t")))
+    [node] = storage.claim_nodes(worker_id="alive", limit=1, lease_seconds=0.5, queues=["default"])
+    for _ in range(4):
+        time.sleep(0.25)
+        assert storage.extend_leases(worker_id="alive", node_ids=[node.node_id], lease_seconds=0.5) == 1
+    assert storage.rescue_expired() == []
+    assert storage.complete_node(lease=node.lease, output=1)
+
+
+def test_released_nodes_are_claimable_at_once_without_an_attempt_counted(storage: Storage, unique: Names) -> None:
+    storage.enqueue_flow(flow=new_flow(unique("t")))
+    [node] = storage.claim_nodes(worker_id="leaving", limit=1, lease_seconds=300, queues=["default"])
+    assert storage.release_nodes(worker_id="leaving", node_ids=[node.node_id]) == 1
+    [again] = storage.claim_nodes(worker_id="other", limit=1, lease_seconds=300, queues=["default"])
+    assert again.node_id == node.node_id and again.attempt == 1
+    assert storage.complete_node(lease=node.lease, output="late") is False
+
+
+def test_racing_claimers_get_disjoint_nodes(storage: Storage, unique: Names) -> None:
+    """SKIP LOCKED (BEGIN IMMEDIATE on SQLite): no node is handed to two workers."""
+    for i in range(60):
+        storage.enqueue_flow(flow=new_flow(unique(f"t{i}")))
+    claimed: list[list[int]] = [[] for _ in range(6)]
+    barrier = threading.Barrier(6)
+
+    def claimer(slot: int) -> None:
+        barrier.wait()
+        while batch := storage.claim_nodes(worker_id=f"w{slot}", limit=3, lease_seconds=60, queues=["default"]):
+            claimed[slot].extend(n.node_id for n in batch)
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = [node_id for ids in claimed for node_id in ids]
+    assert len(every) == 60 and len(set(every)) == 60
+
+
+def test_watchdog_thread_rescues_expired_leases(storage: Storage, unique: Names) -> None:
+    storage.enqueue_flow(flow=new_flow(unique("t"), max_attempts=2))
+    storage.claim_nodes(worker_id="dead", limit=1, lease_seconds=0.2, queues=["default"])
+    watchdog = start_watchdog(timeout_seconds=1, interval_seconds=0.1, storage=storage)
+    try:
+        [again] = eventually(
+            lambda: storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=["default"]),
+            timeout=5,
+        )
+    finally:
+        watchdog.stop()
+    assert again.attempt == 2
+
+
+# -- bad input loses nothing and stops nothing ---------------------------------------
+
+
+def test_output_that_is_not_json_fails_the_attempt_naming_step_and_type(storage: Storage, unique: Names) -> None:
+    run = one_step_flow(storage, unique("f"), lambda ctx: {1, 2}).run({}, tracking_id=unique("t"))
+    drain(storage)
+    with pytest.raises(StepFailed) as failed:
+        run.wait(5)
+    assert "step 'only' returned a set" in failed.value.error
+
+
+def test_a_node_of_an_unknown_flow_fails_naming_the_flow_and_module(storage: Storage, unique: Names) -> None:
+    tid = unique("t")
+    storage.enqueue_flow(flow=new_flow(tid, flow_name=unique("not_here")))
+    drain(storage)
+    record = storage.get_flow(tracking_id=tid)
+    assert record is not None and record.status == FlowStatus.FAILED
+    assert record.error is not None
+    assert f"flow {record.flow_name!r} is not registered" in record.error
+    assert "flowsmith worker tests.nowhere" in record.error
+
+
+def test_a_raising_step_never_stops_the_worker(storage: Storage, unique: Names) -> None:
+    def exits(ctx: Context) -> None:
+        raise SystemExit("a step called sys.exit")
+
+    bad = one_step_flow(storage, unique("bad"), exits).run({}, tracking_id=unique("t"))
+    good = one_step_flow(storage, unique("good"), lambda ctx: "ok").run({}, tracking_id=unique("t"))
+    drain(storage)
+    with pytest.raises(StepFailed, match="sys.exit"):
+        bad.wait(5)
+    assert good.wait(5)["only"] == "ok"
+
+
+def test_step_logs_carry_flow_tracking_id_step_attempt_and_worker(
+    storage: Storage, unique: Names, logs: list[dict[str, Any]]
+) -> None:
+    flow = one_step_flow(storage, unique("f"), lambda ctx: 1)
+    flow.run({}, tracking_id=(tid := unique("t")))
+    worker = drain(storage)
+    step_lines = [line for line in logs if str(line["event"]).startswith("step.")]
+    assert {line["event"] for line in step_lines} >= {"step.started", "step.completed"}
+    for line in step_lines:
+        assert (line["flow"], line["tracking_id"], line["step"], line["attempt"], line["worker_id"]) == (
+            flow.name, tid, "only", 1, worker.id
+        )
