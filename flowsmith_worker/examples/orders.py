@@ -55,7 +55,7 @@ def send_notification(ctx: Context) -> str:
     return f"receipt sent to {ctx.data['user_id']}"
 
 
-order_flow = Flow("create_order")
+order_flow = Flow("demo_order")
 order_flow.step("get_product", get_product, retries=4, backoff=fixed(0.2))
 order_flow.step("get_payment_methods", get_payment_methods, retries=4, backoff=fixed(0.2))
 order_flow.step("create_payment", create_payment, retries=4, backoff=fixed(0.2), timeout=10)
