@@ -79,22 +79,56 @@ def migrate(url: str | None) -> None:
 @main.command()
 @click.argument("modules", nargs=-1, required=True)
 @url_option
-@click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY,
-              show_default=True, help="Steps run at the same time by this process.")
-@click.option("--poll-interval", type=click.FloatRange(min=0.01), default=DEFAULT_POLL_INTERVAL,
-              show_default=True, help="Seconds between polls when idle.")
-@click.option("--lease", "lease_seconds", type=click.FloatRange(min=1), default=DEFAULT_LEASE_SECONDS,
-              show_default=True, help="Seconds a claim lasts without a heartbeat; a dead "
-              "worker's steps are rescued after this.")
-@click.option("--queue", "queues", multiple=True, default=("default",), show_default=True,
-              help="Queue to take steps from (repeatable).")
-@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=DEFAULT_SHUTDOWN_TIMEOUT,
-              show_default=True, help="On SIGTERM, seconds to let in-flight steps finish "
-              "before releasing them to other workers.")
-@click.option("--no-listen", is_flag=True, help="Do not LISTEN for NOTIFY (PgBouncer in "
-              "transaction mode); poll only.")
-@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto",
-              show_default=True, help="console on a TTY, JSON lines otherwise.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="Steps run at the same time by this process.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.01),
+    default=DEFAULT_POLL_INTERVAL,
+    show_default=True,
+    help="Seconds between polls when idle.",
+)
+@click.option(
+    "--lease",
+    "lease_seconds",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_LEASE_SECONDS,
+    show_default=True,
+    help="Seconds a claim lasts without a heartbeat; a dead worker's steps are rescued after this.",
+)
+@click.option(
+    "--queue",
+    "queues",
+    multiple=True,
+    default=("default",),
+    show_default=True,
+    help="Queue to take steps from (repeatable).",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_SHUTDOWN_TIMEOUT,
+    show_default=True,
+    help="On SIGTERM, seconds to let in-flight steps finish "
+    "before releasing them to other workers.",
+)
+@click.option(
+    "--no-listen",
+    is_flag=True,
+    help="Do not LISTEN for NOTIFY (PgBouncer in transaction mode); poll only.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "console", "json"]),
+    default="auto",
+    show_default=True,
+    help="console on a TTY, JSON lines otherwise.",
+)
 def worker(
     modules: Sequence[str],
     url: str | None,
@@ -121,8 +155,12 @@ def worker(
     _import_modules(modules)
     storage = configure(url)
     worker = Worker(
-        storage, concurrency=concurrency, poll_interval=poll_interval,
-        lease_seconds=lease_seconds, queues=queues, shutdown_timeout=shutdown_timeout,
+        storage,
+        concurrency=concurrency,
+        poll_interval=poll_interval,
+        lease_seconds=lease_seconds,
+        queues=queues,
+        shutdown_timeout=shutdown_timeout,
         listen=not no_listen,
     )
     with stop_on_signals(worker):
@@ -133,8 +171,13 @@ def worker(
 @main.command()
 @click.option("--flows", "flow_count", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--workers", "worker_count", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--db", "db_path", default="flowsmith-demo.db", show_default=True,
-              help="SQLite file, created afresh.")
+@click.option(
+    "--db",
+    "db_path",
+    default="flowsmith-demo.db",
+    show_default=True,
+    help="SQLite file, created afresh.",
+)
 def demo(flow_count: int, worker_count: int, db_path: str) -> None:
     """Watch orders survive flaky APIs and a SIGKILLed worker, on SQLite.
 

@@ -28,8 +28,12 @@ def run_demo(db_path: str, flow_count: int, worker_count: int) -> None:
     click.echo(f"Enqueuing {flow_count} order flows into {db_path} ...")
     for i in range(flow_count):
         order_flow.storage = storage
-        order_flow.run({"product_id": f"p{i % 17}", "user_id": f"user{i}"}, tracking_id=f"order_{i:05d}")
-    click.echo(f"Starting {worker_count} `flowsmith worker` processes (logs: {db_path}.worker-N.log)")
+        order_flow.run(
+            {"product_id": f"p{i % 17}", "user_id": f"user{i}"}, tracking_id=f"order_{i:05d}"
+        )
+    click.echo(
+        f"Starting {worker_count} `flowsmith worker` processes (logs: {db_path}.worker-N.log)"
+    )
     workers = [_start_worker(url, db_path, n) for n in range(1, worker_count + 1)]
     started = time.monotonic()
     try:
@@ -55,11 +59,25 @@ def _start_worker(url: str, db_path: str, number: int) -> subprocess.Popen[bytes
     log = open(f"{db_path}.worker-{number}.log", "wb")  # noqa: SIM115 - lives as long as the worker
     return subprocess.Popen(
         [
-            sys.executable, "-m", "flowsmith_worker", "worker", "flowsmith_worker.examples.orders",
-            "--url", url, "--concurrency", str(DEMO_CONCURRENCY), "--poll-interval", "0.1",
-            "--lease", str(DEMO_LEASE_SECONDS), "--log-format", "json",
+            sys.executable,
+            "-m",
+            "flowsmith_worker",
+            "worker",
+            "flowsmith_worker.examples.orders",
+            "--url",
+            url,
+            "--concurrency",
+            str(DEMO_CONCURRENCY),
+            "--poll-interval",
+            "0.1",
+            "--lease",
+            str(DEMO_LEASE_SECONDS),
+            "--log-format",
+            "json",
         ],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 

@@ -49,6 +49,24 @@ class FlowNotFound(FlowSmithError):
 class FlowAlreadyCompleted(FlowSmithError):
     """A flow with this tracking_id has already completed; it will not run again."""
 
+    @classmethod
+    def for_run(cls, flow_name: str, tracking_id: str) -> FlowAlreadyCompleted:
+        return cls(
+            f"flow {flow_name!r} with tracking_id {tracking_id!r} has already completed; "
+            "it will not run again (use a new tracking_id for a new run)"
+        )
+
+
+class TrackingIdTaken(FlowSmithError):
+    """The tracking_id belongs to a run of another flow."""
+
+    @classmethod
+    def for_run(cls, tracking_id: str, owner: str, wanted: str) -> TrackingIdTaken:
+        return cls(
+            f"tracking_id {tracking_id!r} already belongs to a run of flow {owner!r}, "
+            f"not {wanted!r}: tracking ids are unique across flows"
+        )
+
 
 class StepTimeout(FlowSmithError):
     """The step ran longer than its timeout."""

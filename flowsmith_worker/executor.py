@@ -62,8 +62,11 @@ class Executor:
 
     def execute(self, node: ClaimedNode) -> Outcome:
         bound = log.bind(
-            flow=node.flow_name, tracking_id=node.tracking_id, step=node.step_name,
-            attempt=node.attempt, worker_id=self.worker_id,
+            flow=node.flow_name,
+            tracking_id=node.tracking_id,
+            step=node.step_name,
+            attempt=node.attempt,
+            worker_id=self.worker_id,
         )
         flow = self.lookup(node.flow_name)
         spec = flow.get_step(node.step_name) if flow else None
@@ -83,35 +86,62 @@ class Executor:
         )
         try:
             if spec.condition is not None and not spec.condition(ctx):
-                return self._write(node, bound, Outcome.SKIPPED, lambda: self.storage.skip_node(lease=node.lease))
+                return self._write(
+                    node, bound, Outcome.SKIPPED, lambda: self.storage.skip_node(lease=node.lease)
+                )
             result = _call_with_timeout(spec, ctx)
             if spec.subflow:
                 child = _child_request(spec, ctx, result)
-                bound.info("subflow.starting", child_flow=child.flow_name, child_tracking_id=child.tracking_id)
-                return self._write(node, bound, Outcome.WAITING, lambda: self.storage.start_subflow(lease=node.lease, child=child))
+                bound.info(
+                    "subflow.starting",
+                    child_flow=child.flow_name,
+                    child_tracking_id=child.tracking_id,
+                )
+                return self._write(
+                    node,
+                    bound,
+                    Outcome.WAITING,
+                    lambda: self.storage.start_subflow(lease=node.lease, child=child),
+                )
             _check_json(spec, result)
-        except BaseException as exc:  # noqa: BLE001 - no step may stop the worker
+        except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             return self._record_failure(node, spec, _Failure(_describe(exc)), bound)
-        return self._write(node, bound, Outcome.COMPLETED, lambda: self.storage.complete_node(lease=node.lease, output=result))
+        return self._write(
+            node,
+            bound,
+            Outcome.COMPLETED,
+            lambda: self.storage.complete_node(lease=node.lease, output=result),
+        )
 
     def _record_failure(
         self, node: ClaimedNode, spec: StepSpec | None, failure: _Failure, bound: Any
     ) -> Outcome:
         retry = failure.retryable and attempts_left(node.attempt, node.max_attempts)
-        delay = retry_delay(spec.backoff if spec else DEFAULT_BACKOFF, node.attempt) if retry else None
+        delay = (
+            retry_delay(spec.backoff if spec else DEFAULT_BACKOFF, node.attempt) if retry else None
+        )
         outcome = Outcome.RETRY if retry else Outcome.FAILED
         written = self._write(
-            node, bound, outcome,
-            lambda: self.storage.fail_node(lease=node.lease, error=failure.error, retry_delay=delay),
+            node,
+            bound,
+            outcome,
+            lambda: self.storage.fail_node(
+                lease=node.lease, error=failure.error, retry_delay=delay
+            ),
             error=failure.error.strip().splitlines()[-1] if failure.error.strip() else "",
             retry_in=None if delay is None else round(delay, 3),
         )
         return written
 
     def _write(
-        self, node: ClaimedNode, bound: Any, outcome: Outcome, write: Callable[[], bool], **fields: Any
+        self,
+        node: ClaimedNode,
+        bound: Any,
+        outcome: Outcome,
+        write: Callable[[], bool],
+        **fields: Any,
     ) -> Outcome:
         """Write the outcome; while the database is away, try again until it answers."""
         if not self._with_db_retry(write, bound):
@@ -123,7 +153,10 @@ class Executor:
 
     def _with_db_retry(self, write: Callable[[], T], bound: Any) -> T:
         def before_sleep(state: tenacity.RetryCallState) -> None:
-            bound.warning("database.unavailable", error=str(state.outcome.exception()) if state.outcome else "")
+            bound.warning(
+                "database.unavailable",
+                error=str(state.outcome.exception()) if state.outcome else "",
+            )
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(DatabaseUnavailable),
@@ -138,7 +171,11 @@ class Executor:
         record = self.storage.get_flow(tracking_id=node.tracking_id)
         module = record.plan.module if record else ""
         known = ", ".join(registry.names()) or "none"
-        where = f"`flowsmith worker {module}`" if module else "the worker with the module that defines it"
+        where = (
+            f"`flowsmith worker {module}`"
+            if module
+            else "the worker with the module that defines it"
+        )
         return (
             f"flow {node.flow_name!r} is not registered in this worker (it knows: {known}); "
             f"start {where} so the flow's module is imported"
@@ -158,7 +195,7 @@ def _call_with_timeout(spec: StepSpec, ctx: Context) -> Any:
     def target() -> None:
         try:
             box["result"] = spec.fn(ctx)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+        except BaseException as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=target, name=f"step-{spec.name}", daemon=True)

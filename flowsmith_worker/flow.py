@@ -84,9 +84,7 @@ class Flow:
         condition: Condition | None = None,
     ) -> Flow:
         """Add a step; ``retries=N`` allows N + 1 attempts in all."""
-        return self._add(
-            StepSpec(name, fn, retries, timeout, as_wait_strategy(backoff), condition)
-        )
+        return self._add(StepSpec(name, fn, retries, timeout, as_wait_strategy(backoff), condition))
 
     def subflow(
         self,
@@ -177,13 +175,20 @@ class Flow:
         storage = self.storage or default_storage()
         result = storage.enqueue_flow(flow=request, connection=connection)
         log.info(
-            "flow.enqueued" if result.created else ("flow.resumed" if result.resumed else "flow.exists"),
-            flow=self.name, tracking_id=request.tracking_id, status=str(result.status),
+            "flow.enqueued"
+            if result.created
+            else ("flow.resumed" if result.resumed else "flow.exists"),
+            flow=self.name,
+            tracking_id=request.tracking_id,
+            status=str(result.status),
         )
         return FlowRun(storage, self.name, request.tracking_id)
 
     def new_run(
-        self, ctx: Context | dict[str, Any] | None, tracking_id: str | None, delay: float | None = None
+        self,
+        ctx: Context | dict[str, Any] | None,
+        tracking_id: str | None,
+        delay: float | None = None,
     ) -> NewFlow:
         """The enqueue request for a run of this flow, validated."""
         if not self.stages:

@@ -39,8 +39,12 @@ class Rescuer:
         rescued = self.storage.rescue_expired()
         for node in rescued:
             log.warning(
-                "lease.rescued", tracking_id=node.tracking_id, step=node.step_name,
-                attempt=node.attempt, lost_worker_id=node.worker_id, failed=node.failed,
+                "lease.rescued",
+                tracking_id=node.tracking_id,
+                step=node.step_name,
+                attempt=node.attempt,
+                lost_worker_id=node.worker_id,
+                failed=node.failed,
             )
         return rescued
 
@@ -59,7 +63,7 @@ class Watchdog(threading.Thread):
                 self.rescuer.run_once()
             except DatabaseUnavailable as exc:
                 log.warning("database.unavailable", error=str(exc))
-            except Exception:  # noqa: BLE001 - the watchdog must outlive any one failure
+            except Exception:
                 log.exception("watchdog.failed")
             self._stopped.wait(self.rescuer.interval)
 

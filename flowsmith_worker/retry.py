@@ -9,12 +9,11 @@ database, not in a sleeping thread, so it survives any worker's death.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 import tenacity
 
 WaitStrategy = Callable[[tenacity.RetryCallState], float]
-Backoff = Union[WaitStrategy, float, int]
+Backoff = WaitStrategy | float | int
 
 DEFAULT_INITIAL_SECONDS = 1.0
 DEFAULT_MAX_SECONDS = 60.0

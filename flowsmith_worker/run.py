@@ -64,7 +64,9 @@ class FlowRun:
             pause = min(pause * 2, _MAX_POLL_SECONDS)
 
     def _failure(self, record: FlowRecord) -> StepFailed:
-        failed = [n for n in self.storage.list_nodes(flow_id=record.id) if n.status == NodeStatus.FAILED]
+        failed = [
+            n for n in self.storage.list_nodes(flow_id=record.id) if n.status == NodeStatus.FAILED
+        ]
         if not failed:
             return StepFailed("?", 0, record.error or "unknown error", self.tracking_id)
         node = failed[0]

@@ -29,8 +29,11 @@ def stop_on_signals(target: Stoppable) -> Iterator[None]:
         nonlocal received
         received += 1
         graceful = received == 1
-        log.warning("worker.signal", signal=signal.Signals(signum).name,
-                    action="finishing in-flight steps" if graceful else "stopping now")
+        log.warning(
+            "worker.signal",
+            signal=signal.Signals(signum).name,
+            action="finishing in-flight steps" if graceful else "stopping now",
+        )
         target.stop(graceful=graceful)
 
     previous: dict[int, Any] = {s: signal.signal(s, handle) for s in STOP_SIGNALS}

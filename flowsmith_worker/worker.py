@@ -9,6 +9,7 @@ sleeps on an event, so a freed slot, a NOTIFY or a stop signal wakes it at once.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import socket
@@ -115,16 +116,23 @@ class Worker:
         if free <= 0 or self.stopping.is_set():
             return 0
         claimed = self.storage.claim_nodes(
-            worker_id=self.id, limit=free,
-            lease_seconds=self.settings.lease_seconds, queues=self.settings.queues,
+            worker_id=self.id,
+            limit=free,
+            lease_seconds=self.settings.lease_seconds,
+            queues=self.settings.queues,
         )
         for node in claimed:
-            self.log.debug("step.claimed", flow=node.flow_name, tracking_id=node.tracking_id,
-                           step=node.step_name, attempt=node.attempt)
+            self.log.debug(
+                "step.claimed",
+                flow=node.flow_name,
+                tracking_id=node.tracking_id,
+                step=node.step_name,
+                attempt=node.attempt,
+            )
             with self._lock:
                 self._in_flight[node.node_id] = node
             future = self._pool.submit(self.executor.execute, node)
-            future.add_done_callback(lambda f, node_id=node.node_id: self._slot_freed(node_id, f))
+            future.add_done_callback(functools.partial(self._slot_freed, node.node_id))
         return len(claimed)
 
     def heartbeat_once(self) -> int:
@@ -159,9 +167,15 @@ class Worker:
     def run(self) -> None:
         """Run until stop() (or SIGTERM/SIGINT through flowsmith.signals); then shut down."""
         self.storage.check_schema()
-        self.log.info("worker.started", host=self.host, pid=self.pid,
-                      concurrency=self.settings.concurrency, queues=list(self.settings.queues),
-                      database=self.storage.url_for_display)
+        self._start_listener()
+        self.log.info(
+            "worker.started",
+            host=self.host,
+            pid=self.pid,
+            concurrency=self.settings.concurrency,
+            queues=list(self.settings.queues),
+            database=self.storage.url_for_display,
+        )
         failures = 0
         while not self.stopping.is_set():
             try:
@@ -180,6 +194,22 @@ class Worker:
             self._sleep()
         self.shutdown()
 
+    def _start_listener(self) -> None:
+        """On PostgreSQL, LISTEN in a thread of its own; a NOTIFY ends the loop's sleep."""
+        if not (self.settings.listen and self.storage.supports_notify):
+            return
+
+        def on_notify(queue: str) -> None:
+            if not queue or queue in self.settings.queues:
+                self.wakeup.set()
+
+        threading.Thread(
+            target=self.storage.listen_for_work,
+            kwargs={"on_notify": on_notify, "stop": self.stopping},
+            name="flowsmith-listen",
+            daemon=True,
+        ).start()
+
     def run_until_idle(self, timeout: float | None = None) -> None:
         """Run in this thread until no step is pending or running on its queues.
 
@@ -189,8 +219,10 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             claimed = self.run_once()
-            if not claimed and not self.in_flight() and not self.storage.count_open_nodes(
-                queues=self.settings.queues
+            if (
+                not claimed
+                and not self.in_flight()
+                and not self.storage.count_open_nodes(queues=self.settings.queues)
             ):
                 return
             if deadline is not None and time.monotonic() > deadline:
@@ -218,8 +250,11 @@ class Worker:
         """Wait for in-flight steps up to the grace period, then release the rest."""
         self.stopping.set()
         deadline = time.monotonic() + self.settings.shutdown_timeout
-        self.log.info("worker.stopping", in_flight=len(self.in_flight()),
-                      grace_seconds=self.settings.shutdown_timeout)
+        self.log.info(
+            "worker.stopping",
+            in_flight=len(self.in_flight()),
+            grace_seconds=self.settings.shutdown_timeout,
+        )
         while self.in_flight() and not self.hard_stop.is_set() and time.monotonic() < deadline:
             if time.monotonic() >= self._next_heartbeat:
                 self._try(self.heartbeat_once)
@@ -227,7 +262,11 @@ class Worker:
             self.wakeup.clear()
         self.hard_stop.set()
         left = [n.node_id for n in self.in_flight()]
-        released = self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=left)) if left else 0
+        released = (
+            self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=left))
+            if left
+            else 0
+        )
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.log.info("worker.stopped", released=released or 0, unfinished=len(left))
 
@@ -242,4 +281,3 @@ class Worker:
 def _rescue_interval(settings: WorkerSettings) -> float:
     """Often enough that a lost step waits little more than its lease; never a busy loop."""
     return min(max(settings.lease_seconds / 4, 0.5), 15.0)
-

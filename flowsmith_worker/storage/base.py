@@ -8,7 +8,8 @@ here name the log events and the tests too.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -179,7 +180,9 @@ class Storage(abc.ABC):
         """Enqueue (or resume) the child flow and park the node WAITING for it."""
 
     @abc.abstractmethod
-    def extend_leases(self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float) -> int:
+    def extend_leases(
+        self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float
+    ) -> int:
         """Push back the lease expiry of the worker's in-flight nodes."""
 
     @abc.abstractmethod
@@ -202,11 +205,15 @@ class Storage(abc.ABC):
     def count_open_nodes(self, *, queues: Sequence[str]) -> int:
         """Nodes PENDING or RUNNING on these queues (for run_until_idle)."""
 
+    def listen_for_work(self, *, on_notify: Callable[[str], None], stop: threading.Event) -> None:
+        """Call ``on_notify(queue)`` when work is enqueued, until ``stop`` (NOTIFY storages)."""
+        raise NotImplementedError(f"{type(self).__name__} has no NOTIFY; poll instead")
+
     @abc.abstractmethod
     def stats(self) -> Stats:
         """Counts of flows and nodes by status, attempts, rescues, backlog age."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: storages without connections keep it
         """Release connections."""
 
 

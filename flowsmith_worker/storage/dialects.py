@@ -44,9 +44,7 @@ class Dialect:
         """The database clock, in seconds since the epoch."""
         if self.name == "postgresql":
             # clock_timestamp(), not now(): now() is frozen at transaction start.
-            return sa.cast(
-                sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Double
-            )
+            return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Double)
         if self.name == "mysql":
             return sa.cast(sa.func.unix_timestamp(sa.text("NOW(6)")), sa.Double)
         return (sa.func.julianday("now") - 2440587.5) * 86400.0

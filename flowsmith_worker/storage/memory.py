@@ -11,14 +11,14 @@ import copy
 import itertools
 import json
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from flowsmith_worker import progress
-from flowsmith_worker.errors import FlowAlreadyCompleted, FlowSmithError
+from flowsmith_worker.errors import FlowAlreadyCompleted, FlowSmithError, TrackingIdTaken
 from flowsmith_worker.plan import PlannedStep
 from flowsmith_worker.storage.base import (
     RESCUE_ERROR,
@@ -79,10 +79,20 @@ class InMemoryStorage(Storage):
         existing_id = self._by_tracking_id.get(flow.tracking_id)
         if existing_id is None:
             record = FlowRecord(
-                id=next(self._ids), flow_name=flow.flow_name, tracking_id=flow.tracking_id,
-                status=FlowStatus.PENDING, input=_copy_json(flow.input), output=None, error=None,
-                plan=flow.plan, queue=flow.queue, priority=flow.priority,
-                parent_node_id=parent_node_id, created_at=now, updated_at=now, finished_at=None,
+                id=next(self._ids),
+                flow_name=flow.flow_name,
+                tracking_id=flow.tracking_id,
+                status=FlowStatus.PENDING,
+                input=_copy_json(flow.input),
+                output=None,
+                error=None,
+                plan=flow.plan,
+                queue=flow.queue,
+                priority=flow.priority,
+                parent_node_id=parent_node_id,
+                created_at=now,
+                updated_at=now,
+                finished_at=None,
             )
             self._flows[record.id] = record
             self._by_tracking_id[flow.tracking_id] = record.id
@@ -90,17 +100,11 @@ class InMemoryStorage(Storage):
             return EnqueueResult(record.id, flow.tracking_id, FlowStatus.PENDING, True, False)
         record = self._flows[existing_id]
         if record.flow_name != flow.flow_name:
-            raise FlowSmithError(
-                f"tracking_id {flow.tracking_id!r} already belongs to a run of flow "
-                f"{record.flow_name!r}, not {flow.flow_name!r}: tracking ids are unique across flows"
-            )
+            raise TrackingIdTaken.for_run(flow.tracking_id, record.flow_name, flow.flow_name)
         if parent_node_id is not None:
             record = self._update_flow(record.id, parent_node_id=parent_node_id)
         if record.status == FlowStatus.COMPLETED:
-            raise FlowAlreadyCompleted(
-                f"flow {record.flow_name!r} with tracking_id {flow.tracking_id!r} has already "
-                "completed; it will not run again (use a new tracking_id for a new run)"
-            )
+            raise FlowAlreadyCompleted.for_run(record.flow_name, flow.tracking_id)
         if record.status == FlowStatus.FAILED:
             self._resume(record)
             return EnqueueResult(record.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
@@ -112,14 +116,22 @@ class InMemoryStorage(Storage):
                 planned = record.plan.step(node.record.step_name)
                 allowance = planned.max_attempts if planned else 1
                 self._update_node(
-                    node, status=NodeStatus.PENDING, max_attempts=node.record.attempt + allowance,
-                    run_after=self._clock(), lease_expires_at=None, finished_at=None,
+                    node,
+                    status=NodeStatus.PENDING,
+                    max_attempts=node.record.attempt + allowance,
+                    run_after=self._clock(),
+                    lease_expires_at=None,
+                    finished_at=None,
                 )
         self._update_flow(record.id, status=FlowStatus.RUNNING, error=None, finished_at=None)
 
     def _start_stage(
-        self, flow: FlowRecord, position: int, steps: Sequence[PlannedStep],
-        data: dict[str, Any], delay: float = 0.0,
+        self,
+        flow: FlowRecord,
+        position: int,
+        steps: Sequence[PlannedStep],
+        data: dict[str, Any],
+        delay: float = 0.0,
     ) -> None:
         now = self._clock()
         taken = {n.record.step_name for n in self._nodes_of(flow.id)}
@@ -127,11 +139,23 @@ class InMemoryStorage(Storage):
             if step.name in taken:
                 continue  # unique (flow_id, step_name), as in SQL
             record = NodeRecord(
-                id=next(self._ids), flow_id=flow.id, step_name=step.name, position=position,
-                group_index=index, status=NodeStatus.PENDING, attempt=0,
-                max_attempts=step.max_attempts, rescues=0, run_after=now + delay,
-                lease_owner=None, lease_expires_at=None, input=_copy_json(data), output=None,
-                error=None, started_at=None, finished_at=None,
+                id=next(self._ids),
+                flow_id=flow.id,
+                step_name=step.name,
+                position=position,
+                group_index=index,
+                status=NodeStatus.PENDING,
+                attempt=0,
+                max_attempts=step.max_attempts,
+                rescues=0,
+                run_after=now + delay,
+                lease_owner=None,
+                lease_expires_at=None,
+                input=_copy_json(data),
+                output=None,
+                error=None,
+                started_at=None,
+                finished_at=None,
             )
             self._nodes[record.id] = _Node(record, flow.queue, flow.priority)
 
@@ -144,18 +168,24 @@ class InMemoryStorage(Storage):
             now = self._clock()
             runnable = sorted(
                 (
-                    n for n in self._nodes.values()
+                    n
+                    for n in self._nodes.values()
                     if n.record.status == NodeStatus.PENDING
-                    and n.record.run_after <= now and n.queue in queues
+                    and n.record.run_after <= now
+                    and n.queue in queues
                 ),
                 key=lambda n: (n.priority, n.record.run_after, n.record.id),
             )[: max(0, limit)]
             claimed = []
             for node in runnable:
                 self._update_node(
-                    node, status=NodeStatus.RUNNING, lease_owner=worker_id,
-                    attempt=node.record.attempt + 1, lease_expires_at=now + lease_seconds,
-                    started_at=now, finished_at=None,
+                    node,
+                    status=NodeStatus.RUNNING,
+                    lease_owner=worker_id,
+                    attempt=node.record.attempt + 1,
+                    lease_expires_at=now + lease_seconds,
+                    started_at=now,
+                    finished_at=None,
                 )
                 flow = self._flows[node.record.flow_id]
                 if flow.status == FlowStatus.PENDING:
@@ -163,8 +193,10 @@ class InMemoryStorage(Storage):
                 claimed.append(
                     ClaimedNode(
                         lease=Lease(node.record.id, flow.id, worker_id, node.record.attempt),
-                        flow_name=flow.flow_name, tracking_id=flow.tracking_id,
-                        step_name=node.record.step_name, max_attempts=node.record.max_attempts,
+                        flow_name=flow.flow_name,
+                        tracking_id=flow.tracking_id,
+                        step_name=node.record.step_name,
+                        max_attempts=node.record.max_attempts,
                         input=_copy_json(node.record.input),
                     )
                 )
@@ -209,12 +241,18 @@ class InMemoryStorage(Storage):
                 node.record.attempt, node.record.max_attempts
             ):
                 self._update_node(
-                    node, status=NodeStatus.PENDING, error=error,
-                    run_after=self._clock() + retry_delay, lease_expires_at=None,
+                    node,
+                    status=NodeStatus.PENDING,
+                    error=error,
+                    run_after=self._clock() + retry_delay,
+                    lease_expires_at=None,
                 )
                 return True
             self._update_node(
-                node, status=NodeStatus.FAILED, error=error, finished_at=self._clock(),
+                node,
+                status=NodeStatus.FAILED,
+                error=error,
+                finished_at=self._clock(),
                 lease_expires_at=None,
             )
             self._fail_flow(node.record.flow_id, error)
@@ -244,15 +282,19 @@ class InMemoryStorage(Storage):
             key=lambda r: r.group_index,
         )
         decision = progress.after_stage(
-            flow.plan, position,
+            flow.plan,
+            position,
             [progress.StageNode(r.step_name, r.status, r.input, r.output) for r in stage],
         )
         if isinstance(decision, progress.StartStage):
             self._start_stage(flow, decision.position, decision.steps, decision.data)
         elif isinstance(decision, progress.FinishFlow):
             self._update_flow(
-                flow_id, status=FlowStatus.COMPLETED, output=_copy_json(decision.data),
-                error=None, finished_at=self._clock(),
+                flow_id,
+                status=FlowStatus.COMPLETED,
+                output=_copy_json(decision.data),
+                error=None,
+                finished_at=self._clock(),
             )
             if flow.parent_node_id is not None:
                 self._child_completed(flow.parent_node_id, decision.data)
@@ -285,12 +327,16 @@ class InMemoryStorage(Storage):
 
     def _owned(self, worker_id: str, node_ids: Sequence[int]) -> list[_Node]:
         return [
-            n for i in node_ids
+            n
+            for i in node_ids
             if (n := self._nodes.get(i)) is not None
-            and n.record.status == NodeStatus.RUNNING and n.record.lease_owner == worker_id
+            and n.record.status == NodeStatus.RUNNING
+            and n.record.lease_owner == worker_id
         ]
 
-    def extend_leases(self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float) -> int:
+    def extend_leases(
+        self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float
+    ) -> int:
         with self._lock:
             owned = self._owned(worker_id, node_ids)
             for node in owned:
@@ -302,8 +348,12 @@ class InMemoryStorage(Storage):
             owned = self._owned(worker_id, node_ids)
             for node in owned:
                 self._update_node(
-                    node, status=NodeStatus.PENDING, attempt=node.record.attempt - 1,
-                    lease_owner=None, lease_expires_at=None, run_after=self._clock(),
+                    node,
+                    status=NodeStatus.PENDING,
+                    attempt=node.record.attempt - 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    run_after=self._clock(),
                 )
             return len(owned)
 
@@ -312,7 +362,8 @@ class InMemoryStorage(Storage):
             now = self._clock()
             expired = sorted(
                 (
-                    n for n in self._nodes.values()
+                    n
+                    for n in self._nodes.values()
                     if n.record.status == NodeStatus.RUNNING
                     and n.record.lease_expires_at is not None
                     and n.record.lease_expires_at < now
@@ -324,15 +375,21 @@ class InMemoryStorage(Storage):
                 r = node.record
                 final = not progress.attempts_left(r.attempt, r.max_attempts)
                 self._update_node(
-                    node, status=NodeStatus.FAILED if final else NodeStatus.PENDING,
-                    error=RESCUE_ERROR, rescues=r.rescues + 1, lease_expires_at=None,
-                    run_after=now, finished_at=now if final else None,
+                    node,
+                    status=NodeStatus.FAILED if final else NodeStatus.PENDING,
+                    error=RESCUE_ERROR,
+                    rescues=r.rescues + 1,
+                    lease_expires_at=None,
+                    run_after=now,
+                    finished_at=now if final else None,
                 )
                 if final:
                     self._fail_flow(r.flow_id, RESCUE_ERROR)
                 tracking_id = self._flows[r.flow_id].tracking_id
                 rescued.append(
-                    RescuedNode(r.id, tracking_id, r.step_name, r.attempt, r.lease_owner or "", final)
+                    RescuedNode(
+                        r.id, tracking_id, r.step_name, r.attempt, r.lease_owner or "", final
+                    )
                 )
             return rescued
 
@@ -353,7 +410,8 @@ class InMemoryStorage(Storage):
     def count_open_nodes(self, *, queues: Sequence[str]) -> int:
         with self._lock:
             return sum(
-                1 for n in self._nodes.values()
+                1
+                for n in self._nodes.values()
                 if n.queue in queues and n.record.status in (NodeStatus.PENDING, NodeStatus.RUNNING)
             )
 
@@ -361,7 +419,11 @@ class InMemoryStorage(Storage):
         with self._lock:
             now = self._clock()
             records = [n.record for n in self._nodes.values()]
-            runnable = [r.run_after for r in records if r.status == NodeStatus.PENDING and r.run_after <= now]
+            runnable = [
+                r.run_after
+                for r in records
+                if r.status == NodeStatus.PENDING and r.run_after <= now
+            ]
             return Stats(
                 flows_by_status=dict(Counter(str(f.status) for f in self._flows.values())),
                 nodes_by_status=dict(Counter(str(r.status) for r in records)),

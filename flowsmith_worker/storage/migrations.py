@@ -27,9 +27,7 @@ class Migration:
 
 
 def _create_flows_and_nodes(conn: Connection) -> None:
-    schema.metadata.create_all(
-        conn, tables=[schema.flows, schema.nodes], checkfirst=True
-    )
+    schema.metadata.create_all(conn, tables=[schema.flows, schema.nodes], checkfirst=True)
 
 
 MIGRATIONS: tuple[Migration, ...] = (

@@ -20,7 +20,7 @@ metadata = sa.MetaData()
 LongText = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 # SQLite only auto-increments INTEGER PRIMARY KEY columns.
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-Seconds = sa.Double()
+Seconds: sa.Double[float] = sa.Double()
 
 schema_version = sa.Table(
     "fs_schema_version",
@@ -56,9 +56,7 @@ nodes = sa.Table(
     "fs_nodes",
     metadata,
     sa.Column("id", Id, primary_key=True, autoincrement=True),
-    sa.Column(
-        "flow_id", Id, sa.ForeignKey("fs_flows.id", ondelete="CASCADE"), nullable=False
-    ),
+    sa.Column("flow_id", Id, sa.ForeignKey("fs_flows.id", ondelete="CASCADE"), nullable=False),
     sa.Column("step_name", sa.String(200), nullable=False),
     sa.Column("position", sa.Integer, nullable=False),
     sa.Column("group_index", sa.Integer, nullable=False),
@@ -93,13 +91,13 @@ sa.Index(
     nodes.c.id,
     postgresql_where=_pending,
     sqlite_where=_pending,
-).ddl_if(dialect=("postgresql", "sqlite"))
+).ddl_if(dialect=("postgresql", "sqlite"))  # type: ignore[arg-type]  # tuples are documented
 sa.Index(
     "fs_nodes_runnable_by_status",
     nodes.c.status,
     nodes.c.queue,
     nodes.c.priority,
     nodes.c.run_after,
-).ddl_if(dialect=("mysql", "mariadb"))
+).ddl_if(dialect=("mysql", "mariadb"))  # type: ignore[arg-type]  # tuples are documented
 # The rescue: RUNNING nodes by lease expiry.
 sa.Index("fs_nodes_status_lease", nodes.c.status, nodes.c.lease_expires_at)

@@ -10,7 +10,9 @@ siblings advance the flow exactly once and the lock order cannot deadlock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -23,12 +25,13 @@ from flowsmith_worker.config import PoolSettings
 from flowsmith_worker.errors import (
     DatabaseUnavailable,
     FlowAlreadyCompleted,
-    FlowSmithError,
     SchemaNotMigrated,
+    TrackingIdTaken,
 )
 from flowsmith_worker.plan import Plan, PlannedStep
-from flowsmith_worker.storage import migrations, schema
+from flowsmith_worker.storage import migrations, notify, schema
 from flowsmith_worker.storage.base import (
+    RESCUE_ERROR,
     ClaimedNode,
     EnqueueResult,
     FlowRecord,
@@ -38,11 +41,15 @@ from flowsmith_worker.storage.base import (
     NodeRecord,
     NodeStatus,
     RescuedNode,
-    RESCUE_ERROR,
     Stats,
     Storage,
 )
-from flowsmith_worker.storage.dialects import create_engine, dialect_of, is_missing_table, is_transient
+from flowsmith_worker.storage.dialects import (
+    create_engine,
+    dialect_of,
+    is_missing_table,
+    is_transient,
+)
 
 T = TypeVar("T")
 F, N = schema.flows, schema.nodes
@@ -85,9 +92,10 @@ class SqlStorage(Storage):
                     "run `flowsmith migrate` (or `flowsmith migrate --url URL`)"
                 ) from exc
             if is_transient(exc):
+                first_line = (str(exc.orig).strip().splitlines() or [""])[0]
                 raise DatabaseUnavailable(
                     f"database {self.url_for_display} is unavailable: "
-                    f"{type(exc.orig).__name__}: {str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ''}"
+                    f"{type(exc.orig).__name__}: {first_line}"
                 ) from exc
             raise
 
@@ -97,7 +105,8 @@ class SqlStorage(Storage):
             if connection is not None:
                 return work(connection)
             for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception(_is_deadlock), **_DEADLOCK_RETRY  # type: ignore[arg-type]
+                retry=tenacity.retry_if_exception(_is_deadlock),
+                **_DEADLOCK_RETRY,  # type: ignore[arg-type]
             ):
                 with attempt, self.engine.begin() as conn:
                     return work(conn)
@@ -109,9 +118,8 @@ class SqlStorage(Storage):
     # -- schema ---------------------------------------------------------------
 
     def migrate(self) -> int:
-        with self._errors(), self.engine.connect() as conn:
-            with conn.begin():
-                return migrations.migrate(conn, self.dialect)
+        with self._errors(), self.engine.connect() as conn, conn.begin():
+            return migrations.migrate(conn, self.dialect)
 
     def check_schema(self) -> None:
         with self._errors(), self.engine.connect() as conn:
@@ -132,7 +140,9 @@ class SqlStorage(Storage):
     def enqueue_flow(self, *, flow: NewFlow, connection: Any = None) -> EnqueueResult:
         return self._transact(lambda conn: self._enqueue(conn, flow, None), connection)
 
-    def _enqueue(self, conn: Connection, flow: NewFlow, parent_node_id: int | None) -> EnqueueResult:
+    def _enqueue(
+        self, conn: Connection, flow: NewFlow, parent_node_id: int | None
+    ) -> EnqueueResult:
         now = self._now()
         result = conn.execute(
             self.dialect.insert_if_absent(F).values(
@@ -155,10 +165,7 @@ class SqlStorage(Storage):
         # conditional UPDATE takes one (see _resume).
         row = conn.execute(sa.select(F).where(F.c.tracking_id == flow.tracking_id)).one()
         if row.flow_name != flow.flow_name:
-            raise FlowSmithError(
-                f"tracking_id {flow.tracking_id!r} already belongs to a run of flow "
-                f"{row.flow_name!r}, not {flow.flow_name!r}: tracking ids are unique across flows"
-            )
+            raise TrackingIdTaken.for_run(flow.tracking_id, row.flow_name, flow.flow_name)
         if inserted:
             self._start_stage(conn, row, 0, flow.plan.stage(0), flow.input, flow.delay_seconds)
             self.dialect.notify(conn, flow.queue)
@@ -167,10 +174,7 @@ class SqlStorage(Storage):
             conn.execute(sa.update(F).where(F.c.id == row.id).values(parent_node_id=parent_node_id))
         status = FlowStatus(row.status)
         if status == FlowStatus.COMPLETED:
-            raise FlowAlreadyCompleted(
-                f"flow {row.flow_name!r} with tracking_id {flow.tracking_id!r} has already "
-                "completed; it will not run again (use a new tracking_id for a new run)"
-            )
+            raise FlowAlreadyCompleted.for_run(row.flow_name, flow.tracking_id)
         if status == FlowStatus.FAILED and self._resume(conn, row):
             self.dialect.notify(conn, row.queue)
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
@@ -223,9 +227,7 @@ class SqlStorage(Storage):
     ) -> None:
         now = self._now()
         conn.execute(
-            self.dialect.insert_if_absent(N).values(
-                run_after=now + delay, created_at=now
-            ),
+            self.dialect.insert_if_absent(N).values(run_after=now + delay, created_at=now),
             [
                 dict(
                     flow_id=flow_row.id,
@@ -254,10 +256,17 @@ class SqlStorage(Storage):
     ) -> list[ClaimedNode]:
         if limit <= 0:
             return []
-        return self._transact(lambda conn: self._claim(conn, worker_id, limit, lease_seconds, queues))
+        return self._transact(
+            lambda conn: self._claim(conn, worker_id, limit, lease_seconds, queues)
+        )
 
     def _claim(
-        self, conn: Connection, worker_id: str, limit: int, lease_seconds: float, queues: Sequence[str]
+        self,
+        conn: Connection,
+        worker_id: str,
+        limit: int,
+        lease_seconds: float,
+        queues: Sequence[str],
     ) -> list[ClaimedNode]:
         now = self._now()
         runnable = (
@@ -285,8 +294,14 @@ class SqlStorage(Storage):
         )
         rows = conn.execute(
             sa.select(
-                N.c.id, N.c.flow_id, N.c.step_name, N.c.attempt, N.c.max_attempts, N.c.input,
-                F.c.flow_name, F.c.tracking_id,
+                N.c.id,
+                N.c.flow_id,
+                N.c.step_name,
+                N.c.attempt,
+                N.c.max_attempts,
+                N.c.input,
+                F.c.flow_name,
+                F.c.tracking_id,
             )
             .join(F, F.c.id == N.c.flow_id)
             .where(N.c.id.in_(ids))
@@ -380,7 +395,9 @@ class SqlStorage(Storage):
             try:
                 self._enqueue(conn, child, parent_node_id=lease.node_id)
             except FlowAlreadyCompleted:
-                child_row = conn.execute(sa.select(F.c.output).where(F.c.tracking_id == child.tracking_id)).one()
+                child_row = conn.execute(
+                    sa.select(F.c.output).where(F.c.tracking_id == child.tracking_id)
+                ).one()
                 self._child_completed(conn, lease.node_id, _loads(child_row.output))
             return True
 
@@ -442,7 +459,8 @@ class SqlStorage(Storage):
             return
         parent_flow = self._lock_flow(
             conn,
-            F.c.id == sa.select(N.c.flow_id).where(N.c.id == flow_row.parent_node_id).scalar_subquery(),
+            F.c.id
+            == sa.select(N.c.flow_id).where(N.c.id == flow_row.parent_node_id).scalar_subquery(),
         )
         parent_error = f"subflow {flow_row.tracking_id!r} ({flow_row.flow_name}) failed:\n{error}"
         failed = conn.execute(
@@ -454,7 +472,13 @@ class SqlStorage(Storage):
             self._fail_flow(conn, parent_flow, parent_error)
 
     def _set_flow(
-        self, conn: Connection, flow_id: int, status: FlowStatus, *, error: str | None, finished: bool
+        self,
+        conn: Connection,
+        flow_id: int,
+        status: FlowStatus,
+        *,
+        error: str | None,
+        finished: bool,
     ) -> None:
         conn.execute(
             sa.update(F)
@@ -469,40 +493,46 @@ class SqlStorage(Storage):
 
     # -- leases ---------------------------------------------------------------
 
-    def extend_leases(self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float) -> int:
+    def extend_leases(
+        self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float
+    ) -> int:
         if not node_ids:
             return 0
         return self._transact(
-            lambda conn: conn.execute(
-                sa.update(N)
-                .where(
-                    N.c.id.in_(list(node_ids)),
-                    N.c.lease_owner == worker_id,
-                    N.c.status == NodeStatus.RUNNING,
-                )
-                .values(lease_expires_at=self._now() + lease_seconds)
-            ).rowcount
+            lambda conn: (
+                conn.execute(
+                    sa.update(N)
+                    .where(
+                        N.c.id.in_(list(node_ids)),
+                        N.c.lease_owner == worker_id,
+                        N.c.status == NodeStatus.RUNNING,
+                    )
+                    .values(lease_expires_at=self._now() + lease_seconds)
+                ).rowcount
+            )
         )
 
     def release_nodes(self, *, worker_id: str, node_ids: Sequence[int]) -> int:
         if not node_ids:
             return 0
         return self._transact(
-            lambda conn: conn.execute(
-                sa.update(N)
-                .where(
-                    N.c.id.in_(list(node_ids)),
-                    N.c.lease_owner == worker_id,
-                    N.c.status == NodeStatus.RUNNING,
-                )
-                .values(
-                    status=NodeStatus.PENDING,
-                    attempt=N.c.attempt - 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    run_after=self._now(),
-                )
-            ).rowcount
+            lambda conn: (
+                conn.execute(
+                    sa.update(N)
+                    .where(
+                        N.c.id.in_(list(node_ids)),
+                        N.c.lease_owner == worker_id,
+                        N.c.status == NodeStatus.RUNNING,
+                    )
+                    .values(
+                        status=NodeStatus.PENDING,
+                        attempt=N.c.attempt - 1,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        run_after=self._now(),
+                    )
+                ).rowcount
+            )
         )
 
     def rescue_expired(self, *, limit: int = 100) -> list[RescuedNode]:
@@ -515,8 +545,13 @@ class SqlStorage(Storage):
         candidates = self._transact(
             lambda conn: conn.execute(
                 sa.select(
-                    N.c.id, N.c.flow_id, N.c.lease_owner, N.c.attempt, N.c.max_attempts,
-                    N.c.step_name, F.c.tracking_id,
+                    N.c.id,
+                    N.c.flow_id,
+                    N.c.lease_owner,
+                    N.c.attempt,
+                    N.c.max_attempts,
+                    N.c.step_name,
+                    F.c.tracking_id,
                 )
                 .join(F, F.c.id == N.c.flow_id)
                 .where(N.c.status == NodeStatus.RUNNING, N.c.lease_expires_at < self._now())
@@ -528,16 +563,18 @@ class SqlStorage(Storage):
         for c in candidates:
             lease = Lease(c.id, c.flow_id, c.lease_owner, c.attempt)
             final = not progress.attempts_left(c.attempt, c.max_attempts)
-            if self._transact(lambda conn, lease=lease, final=final: self._rescue_one(conn, lease, final)):
+            if self._transact(functools.partial(self._rescue_one, lease=lease, final=final)):
                 rescued.append(
                     RescuedNode(c.id, c.tracking_id, c.step_name, c.attempt, c.lease_owner, final)
                 )
         return rescued
 
-    def _rescue_one(self, conn: Connection, lease: Lease, final: bool) -> bool:
+    def _rescue_one(self, conn: Connection, *, lease: Lease, final: bool) -> bool:
         flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
         fenced = self._fenced(lease).where(N.c.lease_expires_at < self._now())
-        values: dict[str, Any] = dict(error=RESCUE_ERROR, rescues=N.c.rescues + 1, lease_expires_at=None)
+        values: dict[str, Any] = dict(
+            error=RESCUE_ERROR, rescues=N.c.rescues + 1, lease_expires_at=None
+        )
         if final:
             values.update(status=NodeStatus.FAILED, finished_at=self._now())
         else:
@@ -578,19 +615,33 @@ class SqlStorage(Storage):
 
     def stats(self) -> Stats:
         def work(conn: Connection) -> Stats:
-            flows = dict(conn.execute(sa.select(F.c.status, sa.func.count()).group_by(F.c.status)).all())
-            nodes = dict(conn.execute(sa.select(N.c.status, sa.func.count()).group_by(N.c.status)).all())
+            flows: dict[str, int] = dict(
+                conn.execute(sa.select(F.c.status, sa.func.count()).group_by(F.c.status)).tuples()
+            )
+            nodes: dict[str, int] = dict(
+                conn.execute(sa.select(N.c.status, sa.func.count()).group_by(N.c.status)).tuples()
+            )
             attempts, rescues = conn.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(N.c.attempt), 0), sa.func.coalesce(sa.func.sum(N.c.rescues), 0))
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(N.c.attempt), 0),
+                    sa.func.coalesce(sa.func.sum(N.c.rescues), 0),
+                )
             ).one()
             oldest = conn.execute(
                 sa.select(self._now() - sa.func.min(N.c.run_after)).where(
                     N.c.status == NodeStatus.PENDING, N.c.run_after <= self._now()
                 )
             ).scalar()
-            return Stats(flows, nodes, int(attempts), int(rescues), None if oldest is None else float(oldest))
+            return Stats(
+                flows, nodes, int(attempts), int(rescues), None if oldest is None else float(oldest)
+            )
 
         return self._transact(work)
+
+    def listen_for_work(self, *, on_notify: Callable[[str], None], stop: threading.Event) -> None:
+        if not self.supports_notify:
+            super().listen_for_work(on_notify=on_notify, stop=stop)
+        notify.listen_for_work(self.engine, on_notify, stop)
 
     def close(self) -> None:
         self.engine.dispose()
