@@ -24,9 +24,8 @@ from flowsmith_worker.retry import exponential, fixed
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage import InMemoryStorage, create_storage
 from flowsmith_worker.storage.base import FlowStatus, NodeStatus
+from flowsmith_worker.version import __version__
 from flowsmith_worker.worker import Worker
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Context",
@@ -48,6 +47,7 @@ __all__ = [
     "StepOutputNotJSON",
     "StepTimeout",
     "Worker",
+    "__version__",
     "configure",
     "create_storage",
     "exponential",

@@ -11,12 +11,13 @@ from typing import Any
 
 import click
 
-from flowsmith_worker import __version__
 from flowsmith_worker.config import configure, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.log import setup_logging
+from flowsmith_worker.metrics import serve
 from flowsmith_worker.signals import stop_on_signals
 from flowsmith_worker.storage import create_storage
+from flowsmith_worker.version import __version__
 from flowsmith_worker.worker import (
     DEFAULT_CONCURRENCY,
     DEFAULT_LEASE_SECONDS,
@@ -123,6 +124,13 @@ def migrate(url: str | None) -> None:
     help="Do not LISTEN for NOTIFY (PgBouncer in transaction mode); poll only.",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics on /metrics and a health check on /healthz.",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["auto", "console", "json"]),
     default="auto",
@@ -138,6 +146,7 @@ def worker(
     queues: Sequence[str],
     shutdown_timeout: float,
     no_listen: bool,
+    metrics_port: int | None,
     log_format: str,
 ) -> None:
     """Run the steps of the flows defined in MODULES.
@@ -163,8 +172,15 @@ def worker(
         shutdown_timeout=shutdown_timeout,
         listen=not no_listen,
     )
-    with stop_on_signals(worker):
-        worker.run()
+    server = serve(metrics_port, worker.metrics, worker.health) if metrics_port else None
+    if server:
+        worker.log.info("metrics.serving", port=server.port)
+    try:
+        with stop_on_signals(worker):
+            worker.run()
+    finally:
+        if server:
+            server.shutdown()
     _exit_abandoning_steps()
 
 

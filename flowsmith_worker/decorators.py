@@ -63,6 +63,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from contextvars import ContextVar
+from datetime import datetime
 from typing import Any, TypeVar, overload
 
 from flowsmith_worker import registry
@@ -100,9 +101,12 @@ class Workflow:
         tracking_id: str | None = None,
         delay: float | None = None,
         connection: Any = None,
+        run_at: datetime | None = None,
     ) -> FlowRun:
         """Enqueue a run durably and return its handle at once (see ``Flow.run``)."""
-        return self.flow.run(ctx, tracking_id=tracking_id, delay=delay, connection=connection)
+        return self.flow.run(
+            ctx, tracking_id=tracking_id, delay=delay, connection=connection, run_at=run_at
+        )
 
     run = __call__
 
@@ -119,6 +123,7 @@ def workflow(
     storage: Storage | None = None,
     queue: str = DEFAULT_QUEUE,
     priority: int = 0,
+    schedule: str | None = None,
 ) -> Callable[[WorkflowBody], Workflow]: ...
 
 
@@ -129,11 +134,13 @@ def workflow(
     storage: Storage | None = None,
     queue: str = DEFAULT_QUEUE,
     priority: int = 0,
+    schedule: str | None = None,
 ) -> Workflow | Callable[[WorkflowBody], Workflow]:
     """Define a flow from a function whose body declares its steps.
 
     ``@workflow("name")``, ``@workflow(name, storage=..., queue=..., priority=...)``
     or bare ``@workflow`` (named after the function). The body runs once, now.
+    ``schedule="*/5 * * * *"`` runs it at every cron tick (``Flow.schedule``).
     """
     if callable(name):
         return _build(name, name.__name__, None, DEFAULT_QUEUE, 0)
@@ -141,13 +148,18 @@ def workflow(
         raise TypeError(f"@workflow(name): the name must be a string, not {name!r}")
 
     def decorate(body: WorkflowBody) -> Workflow:
-        return _build(body, name or body.__name__, storage, queue, priority)
+        return _build(body, name or body.__name__, storage, queue, priority, schedule)
 
     return decorate
 
 
 def _build(
-    body: WorkflowBody, name: str, storage: Storage | None, queue: str, priority: int
+    body: WorkflowBody,
+    name: str,
+    storage: Storage | None,
+    queue: str,
+    priority: int,
+    schedule: str | None = None,
 ) -> Workflow:
     if not callable(body):
         raise TypeError(f"@workflow({name!r}) decorates a function, not {body!r}")
@@ -160,6 +172,8 @@ def _build(
                 f"workflow {name!r} defines no steps: declare them inside its body "
                 "with @step, @parallel or @subflow"
             )
+        if schedule is not None:
+            flow.schedule(schedule)
     except BaseException:
         # A half-built flow must not stay registered under a name users will reuse.
         if registry.lookup(name) is flow:

@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from flowsmith_worker import registry
@@ -18,6 +19,7 @@ from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
 from flowsmith_worker.run import FlowRun
+from flowsmith_worker.schedule import delay_until, validate_cron
 from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
 
 StepFunction = Callable[[Context], Any]
@@ -165,12 +167,19 @@ class Flow:
         tracking_id: str | None = None,
         delay: float | None = None,
         connection: Any = None,
+        run_at: datetime | None = None,
     ) -> FlowRun:
         """Enqueue a run durably and return its handle at once.
 
         With ``connection`` (the application's SQLAlchemy Connection) the run
-        commits or rolls back with the application's own writes.
+        commits or rolls back with the application's own writes. ``delay``
+        (seconds) or ``run_at`` (a timezone-aware datetime) holds its first
+        step back until then.
         """
+        if run_at is not None:
+            if delay is not None:
+                raise ValueError("give delay= or run_at=, not both")
+            delay = delay_until(run_at)
         request = self.new_run(ctx, tracking_id, delay)
         storage = self.storage or default_storage()
         result = storage.enqueue_flow(flow=request, connection=connection)
@@ -213,6 +222,26 @@ class Flow:
             priority=self.priority,
             delay_seconds=float(delay or 0.0),
         )
+
+    # -- schedule -------------------------------------------------------------
+
+    cron: str | None = None
+    cron_input: dict[str, Any] | None = None
+
+    def schedule(self, cron: str, input: dict[str, Any] | None = None) -> Flow:
+        """Run this flow at every tick of ``cron`` (5 fields, UTC), once per tick.
+
+        The workers that import this flow enqueue each tick's run with the
+        tracking_id "<name>@<YYYY-MM-DDTHH:MMZ>" (see flowsmith_worker.schedule).
+        Calling it again replaces the schedule.
+        """
+        expression = validate_cron(cron, hash_id=self.name)
+        try:
+            json.dumps(input or {})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"schedule input of flow {self.name!r} is not JSON: {exc}") from None
+        self.cron, self.cron_input = expression, dict(input or {})
+        return self
 
 
 def _child_tracking_id(source: TrackingIdSource, ctx: Context, step: str) -> str:

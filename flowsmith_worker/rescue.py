@@ -29,11 +29,6 @@ class Rescuer:
     def seconds_until_due(self) -> float:
         return max(0.0, self._next_run - time.monotonic())
 
-    def run_if_due(self) -> list[RescuedNode]:
-        if time.monotonic() < self._next_run:
-            return []
-        return self.run_once()
-
     def run_once(self) -> list[RescuedNode]:
         self._next_run = time.monotonic() + self.interval * random.uniform(0.75, 1.25)
         rescued = self.storage.rescue_expired()

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import tenacity
 
@@ -26,9 +27,11 @@ from flowsmith_worker.config import default_storage
 from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.executor import Executor, Outcome
 from flowsmith_worker.log import get_logger
+from flowsmith_worker.metrics import Health, WorkerMetrics
 from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.retry import retry_delay
-from flowsmith_worker.storage.base import DEFAULT_QUEUE, ClaimedNode, Storage
+from flowsmith_worker.storage.base import DEFAULT_QUEUE, ClaimedNode, Storage, WorkerRecord
+from flowsmith_worker.version import __version__
 
 DEFAULT_CONCURRENCY = 4
 DEFAULT_POLL_INTERVAL = 1.0
@@ -38,6 +41,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 _DB_BACKOFF = tenacity.wait_exponential_jitter(multiplier=0.2, max=10.0)
 _IDLE_CHECK_SECONDS = 0.05
 
+T = TypeVar("T")
 log = get_logger("flowsmith.worker")
 
 
@@ -98,6 +102,9 @@ class Worker:
         self._in_flight: dict[int, ClaimedNode] = {}
         self._next_heartbeat = 0.0
         self.log = log.bind(worker_id=self.id)
+        self.metrics = WorkerMetrics(self.id, self.host, __version__)
+        # Stale after a few of the loop's longest waits: a poll, or the database backoff.
+        self.health = Health(stale_after=max(60.0, 3 * poll_interval))
 
     # -- the parts --------------------------------------------------------------
 
@@ -131,14 +138,16 @@ class Worker:
             )
             with self._lock:
                 self._in_flight[node.node_id] = node
-            future = self._pool.submit(self.executor.execute, node)
+                self.metrics.set_in_flight(len(self._in_flight))
+            future = self._pool.submit(self._execute, node)
             future.add_done_callback(functools.partial(self._slot_freed, node.node_id))
         return len(claimed)
 
     def heartbeat_once(self) -> int:
-        """Extend the leases of every in-flight node in one statement."""
+        """Extend the leases of every in-flight node in one statement; refresh fs_workers."""
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
         ids = [n.node_id for n in self.in_flight()]
+        self.storage.worker_heartbeat(worker_id=self.id, in_flight=len(ids))
         if not ids:
             return 0
         return self.storage.extend_leases(
@@ -146,18 +155,35 @@ class Worker:
         )
 
     def rescue_once(self) -> int:
-        return len(self.rescuer.run_once())
+        """Rescue expired leases, drop dead workers' rows, refresh the backlog gauge."""
+        rescued = self.rescuer.run_once()
+        for node in rescued:
+            self.metrics.step_rescued(node.flow_name, node.step_name)
+        self.storage.remove_dead_workers()
+        self.metrics.set_backlog(self.storage.count_runnable_nodes(queues=self.settings.queues))
+        return len(rescued)
 
     def run_once(self) -> int:
         """One turn of the loop: rescue and heartbeat when due, then claim."""
-        self.rescuer.run_if_due()
+        if self.rescuer.seconds_until_due() == 0:
+            self.rescue_once()
         if time.monotonic() >= self._next_heartbeat:
             self.heartbeat_once()
         return self.claim_once()
 
+    def _execute(self, node: ClaimedNode) -> Outcome:
+        self.metrics.step_started(node.flow_name, node.step_name)
+        started = time.monotonic()
+        outcome = self.executor.execute(node)
+        self.metrics.step_finished(
+            node.flow_name, node.step_name, outcome, time.monotonic() - started
+        )
+        return outcome
+
     def _slot_freed(self, node_id: int, future: Future[Outcome]) -> None:
         with self._lock:
             self._in_flight.pop(node_id, None)
+            self.metrics.set_in_flight(len(self._in_flight))
         if future.exception() is not None:  # the executor itself failed: say so loudly
             self.log.error("executor.crashed", node_id=node_id, error=repr(future.exception()))
         self.wakeup.set()
@@ -167,6 +193,7 @@ class Worker:
     def run(self) -> None:
         """Run until stop() (or SIGTERM/SIGINT through flowsmith.signals); then shut down."""
         self.storage.check_schema()
+        self.storage.register_worker(worker=self.record())
         self._start_listener()
         self.log.info(
             "worker.started",
@@ -178,13 +205,16 @@ class Worker:
         )
         failures = 0
         while not self.stopping.is_set():
+            self.health.loop_ticked()
             try:
                 claimed = self.run_once()
+                self.health.database_ok()
                 if failures:
                     self.log.info("database.reconnected", after_failures=failures)
                 failures = 0
             except DatabaseUnavailable as exc:
                 failures += 1
+                self.health.database_failed(str(exc))
                 self.log.warning("database.unavailable", error=str(exc), failures=failures)
                 self.wakeup.wait(retry_delay(_DB_BACKOFF, failures))
                 self.wakeup.clear()
@@ -193,6 +223,21 @@ class Worker:
                 continue  # there may be more: claim again before sleeping
             self._sleep()
         self.shutdown()
+
+    def record(self) -> WorkerRecord:
+        """This worker as a row of fs_workers (the timestamps come from the database)."""
+        return WorkerRecord(
+            id=self.id,
+            host=self.host,
+            pid=self.pid,
+            version=__version__,
+            queues=self.settings.queues,
+            concurrency=self.settings.concurrency,
+            lease_seconds=self.settings.lease_seconds,
+            in_flight=0,
+            started_at=0.0,
+            heartbeat_at=0.0,
+        )
 
     def _start_listener(self) -> None:
         """On PostgreSQL, LISTEN in a thread of its own; a NOTIFY ends the loop's sleep."""
@@ -268,9 +313,10 @@ class Worker:
             else 0
         )
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._try(lambda: self.storage.unregister_worker(worker_id=self.id))
         self.log.info("worker.stopped", released=released or 0, unfinished=len(left))
 
-    def _try(self, call: Callable[[], int]) -> int | None:
+    def _try(self, call: Callable[[], T]) -> T | None:
         try:
             return call()
         except DatabaseUnavailable as exc:

@@ -18,6 +18,7 @@ from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.errors import InvalidDatabaseURL
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Storage
+from flowsmith_worker.storage.schema import SCHEMA_VERSION
 from flowsmith_worker.storage.sql import SqlStorage
 from tests.conftest import database_url, eventually
 from tests.servers import DatabaseServer
@@ -58,7 +59,7 @@ def test_plain_scheme_urls_reach_the_real_server_with_the_pool_settings(
     url = plain_scheme(database_url(request, backend, tmp_path))
     storage = configure(url, pool_min=2, pool_max=5, pool_timeout=3)
     assert isinstance(storage, SqlStorage)
-    assert storage.migrate() == 1
+    assert storage.migrate() == SCHEMA_VERSION
     pool: Any = storage.engine.pool
     assert (pool.size(), pool._max_overflow, pool._timeout) == (2, 3, 3)
 

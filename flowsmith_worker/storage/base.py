@@ -92,6 +92,7 @@ class ClaimedNode:
 @dataclass(frozen=True)
 class RescuedNode:
     node_id: int
+    flow_name: str
     tracking_id: str
     step_name: str
     attempt: int
@@ -136,6 +137,35 @@ class NodeRecord:
     error: str | None
     started_at: float | None
     finished_at: float | None
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A live (or recently dead) worker process, for `flowsmith workers`."""
+
+    id: str
+    host: str
+    pid: int
+    version: str
+    queues: tuple[str, ...]
+    concurrency: int
+    lease_seconds: float
+    in_flight: int
+    started_at: float
+    heartbeat_at: float
+
+
+@dataclass(frozen=True)
+class FlowFilter:
+    """Which runs `flowsmith flows` lists, newest first."""
+
+    status: FlowStatus | None = None
+    flow_name: str | None = None
+    since: float | None = None  # created at or after, seconds since the epoch
+    limit: int = 50
+
+
+FINISHED_FLOW_STATUSES = (FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED)
 
 
 class Storage(abc.ABC):
@@ -202,8 +232,58 @@ class Storage(abc.ABC):
         """Every node of a run, in plan order."""
 
     @abc.abstractmethod
+    def count_runnable_nodes(self, *, queues: Sequence[str]) -> int:
+        """Nodes PENDING and due now on these queues: the backlog."""
+
+    @abc.abstractmethod
     def count_open_nodes(self, *, queues: Sequence[str]) -> int:
         """Nodes PENDING or RUNNING on these queues (for run_until_idle)."""
+
+    # -- operators (flowsmith status/flows/retry/cancel/prune/stats/workers) --------
+
+    @abc.abstractmethod
+    def list_flows(self, *, where: FlowFilter) -> list[FlowRecord]:
+        """Runs matching the filter, newest first."""
+
+    @abc.abstractmethod
+    def resume_flow(self, *, tracking_id: str) -> EnqueueResult:
+        """Re-queue the failed node(s) of a FAILED run (what `flowsmith retry` does)."""
+
+    @abc.abstractmethod
+    def cancel_flow(self, *, tracking_id: str) -> FlowRecord:
+        """Pending steps never start; a running step finishes but the flow goes no further."""
+
+    @abc.abstractmethod
+    def prune_flows(self, *, older_than_seconds: float, batch_size: int = 500) -> int:
+        """Delete finished runs (and their nodes) older than that, in small batches."""
+
+    @abc.abstractmethod
+    def register_worker(self, *, worker: WorkerRecord) -> None:
+        """Insert the worker's row (its timestamps are taken from the database clock)."""
+
+    @abc.abstractmethod
+    def worker_heartbeat(self, *, worker_id: str, in_flight: int) -> None:
+        """Refresh the worker's row."""
+
+    @abc.abstractmethod
+    def unregister_worker(self, *, worker_id: str) -> None:
+        """Remove the worker's row at a clean stop."""
+
+    @abc.abstractmethod
+    def list_workers(self) -> list[WorkerRecord]:
+        """Registered workers, oldest first."""
+
+    @abc.abstractmethod
+    def remove_dead_workers(self) -> int:
+        """Drop rows whose heartbeat is older than three of their leases."""
+
+    @abc.abstractmethod
+    def set_queue_limit(self, *, queue: str, max_running: int | None) -> None:
+        """Cap the steps of a queue RUNNING at once across all workers (None: no cap)."""
+
+    @abc.abstractmethod
+    def queue_limits(self) -> dict[str, int]:
+        """The capped queues and their caps."""
 
     def listen_for_work(self, *, on_notify: Callable[[str], None], stop: threading.Event) -> None:
         """Call ``on_notify(queue)`` when work is enqueued, until ``stop`` (NOTIFY storages)."""
@@ -223,6 +303,8 @@ class Stats:
 
     flows_by_status: dict[str, int]
     nodes_by_status: dict[str, int]
+    nodes_by_queue: dict[str, dict[str, int]]  # queue -> status -> count
+    in_flight_by_worker: dict[str, int]
     attempts: int  # every attempt ever started, retries and rescues included
     rescues: int
     oldest_runnable_age: float | None  # seconds the oldest runnable node has waited

@@ -7,18 +7,21 @@ SQL storage, so both behave alike (tests/test_contract.py runs both).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from flowsmith_worker import progress
-from flowsmith_worker.errors import FlowAlreadyCompleted, FlowSmithError, TrackingIdTaken
+from flowsmith_worker.errors import (
+    FlowAlreadyCompleted,
+    FlowNotFound,
+    FlowSmithError,
+    TrackingIdTaken,
+)
 from flowsmith_worker.plan import PlannedStep
 from flowsmith_worker.storage.base import (
     RESCUE_ERROR,
@@ -31,17 +34,10 @@ from flowsmith_worker.storage.base import (
     NodeRecord,
     NodeStatus,
     RescuedNode,
-    Stats,
     Storage,
 )
+from flowsmith_worker.storage.memory_operators import MemoryOperators, Node
 from flowsmith_worker.storage.schema import SCHEMA_VERSION
-
-
-@dataclass
-class _Node:
-    record: NodeRecord
-    queue: str
-    priority: int
 
 
 def _copy_json(value: Any) -> Any:
@@ -49,7 +45,7 @@ def _copy_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-class InMemoryStorage(Storage):
+class InMemoryStorage(MemoryOperators, Storage):
     url_for_display = "memory://"
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -58,7 +54,8 @@ class InMemoryStorage(Storage):
         self._ids = itertools.count(1)
         self._flows: dict[int, FlowRecord] = {}
         self._by_tracking_id: dict[str, int] = {}
-        self._nodes: dict[int, _Node] = {}
+        self._nodes: dict[int, Node] = {}
+        self._init_operators()
 
     def migrate(self) -> int:
         return SCHEMA_VERSION
@@ -110,6 +107,19 @@ class InMemoryStorage(Storage):
             return EnqueueResult(record.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
         return EnqueueResult(record.id, flow.tracking_id, record.status, False, False)
 
+    def resume_flow(self, *, tracking_id: str) -> EnqueueResult:
+        with self._lock:
+            flow_id = self._by_tracking_id.get(tracking_id)
+            if flow_id is None:
+                raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
+            record = self._flows[flow_id]
+            if record.status != FlowStatus.FAILED:
+                raise FlowSmithError(
+                    f"flow run {tracking_id!r} is {record.status}; only a FAILED run can be retried"
+                )
+            self._resume(record)
+            return EnqueueResult(flow_id, tracking_id, FlowStatus.RUNNING, False, True)
+
     def _resume(self, record: FlowRecord) -> None:
         for node in self._nodes_of(record.id):
             if node.record.status == NodeStatus.FAILED:
@@ -157,7 +167,7 @@ class InMemoryStorage(Storage):
                 started_at=None,
                 finished_at=None,
             )
-            self._nodes[record.id] = _Node(record, flow.queue, flow.priority)
+            self._nodes[record.id] = Node(record, flow.queue, flow.priority)
 
     # -- claim ----------------------------------------------------------------
 
@@ -175,9 +185,16 @@ class InMemoryStorage(Storage):
                     and n.queue in queues
                 ),
                 key=lambda n: (n.priority, n.record.run_after, n.record.id),
-            )[: max(0, limit)]
-            claimed = []
+            )
+            room = {q: self._room_in(q) for q in queues}
+            claimed: list[ClaimedNode] = []
             for node in runnable:
+                if len(claimed) >= limit:
+                    break
+                if room[node.queue] is not None:
+                    if room[node.queue] == 0:
+                        continue  # the queue's cap across all workers is reached
+                    room[node.queue] = (room[node.queue] or 0) - 1
                 self._update_node(
                     node,
                     status=NodeStatus.RUNNING,
@@ -204,7 +221,7 @@ class InMemoryStorage(Storage):
 
     # -- outcomes -------------------------------------------------------------
 
-    def _fenced(self, lease: Lease) -> _Node | None:
+    def _fenced(self, lease: Lease) -> Node | None:
         node = self._nodes.get(lease.node_id)
         if (
             node is None
@@ -237,8 +254,11 @@ class InMemoryStorage(Storage):
             node = self._fenced(lease)
             if node is None:
                 return False
-            if retry_delay is not None and progress.attempts_left(
-                node.record.attempt, node.record.max_attempts
+            cancelled = self._flows[node.record.flow_id].status == FlowStatus.CANCELLED
+            if (
+                retry_delay is not None
+                and not cancelled
+                and progress.attempts_left(node.record.attempt, node.record.max_attempts)
             ):
                 self._update_node(
                     node,
@@ -250,12 +270,13 @@ class InMemoryStorage(Storage):
                 return True
             self._update_node(
                 node,
-                status=NodeStatus.FAILED,
+                status=NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED,
                 error=error,
                 finished_at=self._clock(),
                 lease_expires_at=None,
             )
-            self._fail_flow(node.record.flow_id, error)
+            if not cancelled:
+                self._fail_flow(node.record.flow_id, error)
             return True
 
     def start_subflow(self, *, lease: Lease, child: NewFlow) -> bool:
@@ -263,6 +284,9 @@ class InMemoryStorage(Storage):
             node = self._fenced(lease)
             if node is None:
                 return False
+            if self._flows[node.record.flow_id].status == FlowStatus.CANCELLED:
+                self._update_node(node, status=NodeStatus.CANCELLED, finished_at=self._clock())
+                return True
             self._update_node(node, status=NodeStatus.WAITING, lease_expires_at=None)
             try:
                 self._enqueue(child, parent_node_id=lease.node_id)
@@ -325,7 +349,7 @@ class InMemoryStorage(Storage):
 
     # -- leases ---------------------------------------------------------------
 
-    def _owned(self, worker_id: str, node_ids: Sequence[int]) -> list[_Node]:
+    def _owned(self, worker_id: str, node_ids: Sequence[int]) -> list[Node]:
         return [
             n
             for i in node_ids
@@ -374,70 +398,39 @@ class InMemoryStorage(Storage):
             for node in expired:
                 r = node.record
                 final = not progress.attempts_left(r.attempt, r.max_attempts)
+                flow = self._flows[r.flow_id]
+                cancelled = flow.status == FlowStatus.CANCELLED
+                ended = NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED
                 self._update_node(
                     node,
-                    status=NodeStatus.FAILED if final else NodeStatus.PENDING,
+                    status=ended if final or cancelled else NodeStatus.PENDING,
                     error=RESCUE_ERROR,
                     rescues=r.rescues + 1,
                     lease_expires_at=None,
                     run_after=now,
-                    finished_at=now if final else None,
+                    finished_at=now if final or cancelled else None,
                 )
-                if final:
+                if final and not cancelled:
                     self._fail_flow(r.flow_id, RESCUE_ERROR)
-                tracking_id = self._flows[r.flow_id].tracking_id
                 rescued.append(
                     RescuedNode(
-                        r.id, tracking_id, r.step_name, r.attempt, r.lease_owner or "", final
+                        r.id,
+                        flow.flow_name,
+                        flow.tracking_id,
+                        r.step_name,
+                        r.attempt,
+                        r.lease_owner or "",
+                        final,
                     )
                 )
             return rescued
 
-    # -- reading --------------------------------------------------------------
-
-    def get_flow(self, *, tracking_id: str) -> FlowRecord | None:
-        with self._lock:
-            flow_id = self._by_tracking_id.get(tracking_id)
-            return None if flow_id is None else copy.deepcopy(self._flows[flow_id])
-
-    def list_nodes(self, *, flow_id: int) -> list[NodeRecord]:
-        with self._lock:
-            return sorted(
-                (copy.deepcopy(n.record) for n in self._nodes_of(flow_id)),
-                key=lambda r: (r.position, r.group_index),
-            )
-
-    def count_open_nodes(self, *, queues: Sequence[str]) -> int:
-        with self._lock:
-            return sum(
-                1
-                for n in self._nodes.values()
-                if n.queue in queues and n.record.status in (NodeStatus.PENDING, NodeStatus.RUNNING)
-            )
-
-    def stats(self) -> Stats:
-        with self._lock:
-            now = self._clock()
-            records = [n.record for n in self._nodes.values()]
-            runnable = [
-                r.run_after
-                for r in records
-                if r.status == NodeStatus.PENDING and r.run_after <= now
-            ]
-            return Stats(
-                flows_by_status=dict(Counter(str(f.status) for f in self._flows.values())),
-                nodes_by_status=dict(Counter(str(r.status) for r in records)),
-                attempts=sum(r.attempt for r in records),
-                rescues=sum(r.rescues for r in records),
-                oldest_runnable_age=now - min(runnable) if runnable else None,
-            )
-
     # -- helpers --------------------------------------------------------------
 
-    def _nodes_of(self, flow_id: int) -> list[_Node]:
+    def _nodes_of(self, flow_id: int) -> list[Node]:
         return [n for n in self._nodes.values() if n.record.flow_id == flow_id]
 
-    def _update_node(self, node: _Node, **changes: Any) -> None:
+    def _update_node(self, node: Node, **changes: Any) -> None:
         node.record = replace(node.record, **changes)
 
     def _update_flow(self, flow_id: int, **changes: Any) -> FlowRecord:

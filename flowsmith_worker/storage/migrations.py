@@ -30,8 +30,13 @@ def _create_flows_and_nodes(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.flows, schema.nodes], checkfirst=True)
 
 
+def _create_workers_and_queues(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.workers, schema.queues], checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create fs_flows and fs_nodes", _create_flows_and_nodes),
+    Migration(2, "create fs_workers and fs_queues", _create_workers_and_queues),
 )
 assert MIGRATIONS[-1].version == schema.SCHEMA_VERSION
 

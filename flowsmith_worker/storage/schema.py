@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -101,3 +101,31 @@ sa.Index(
 ).ddl_if(dialect=("mysql", "mariadb"))  # type: ignore[arg-type]  # tuples are documented
 # The rescue: RUNNING nodes by lease expiry.
 sa.Index("fs_nodes_status_lease", nodes.c.status, nodes.c.lease_expires_at)
+
+# Version 2 ------------------------------------------------------------------
+
+# Live workers, for `flowsmith workers`; a row whose heartbeat is older than
+# three of its leases belongs to a dead process and is removed by any rescuer.
+workers = sa.Table(
+    "fs_workers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("queues", sa.String(1000), nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("lease_seconds", Seconds, nullable=False),
+    sa.Column("in_flight", sa.Integer, nullable=False),
+    sa.Column("started_at", Seconds, nullable=False),
+    sa.Column("heartbeat_at", Seconds, nullable=False),
+)
+
+# Per-queue limits on steps RUNNING at once, across all workers. A claim on a
+# limited queue locks its row, so two workers cannot both take the last slot.
+queues = sa.Table(
+    "fs_queues",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("max_running", sa.Integer),
+)

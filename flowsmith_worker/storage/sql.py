@@ -9,131 +9,41 @@ siblings advance the flow exactly once and the lock order cannot deadlock.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
-import tenacity
 from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker import progress
-from flowsmith_worker.config import PoolSettings
 from flowsmith_worker.errors import (
-    DatabaseUnavailable,
     FlowAlreadyCompleted,
-    SchemaNotMigrated,
+    FlowNotFound,
+    FlowSmithError,
     TrackingIdTaken,
 )
 from flowsmith_worker.plan import Plan, PlannedStep
-from flowsmith_worker.storage import migrations, notify, schema
+from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     RESCUE_ERROR,
     ClaimedNode,
     EnqueueResult,
-    FlowRecord,
     FlowStatus,
     Lease,
     NewFlow,
-    NodeRecord,
     NodeStatus,
     RescuedNode,
-    Stats,
     Storage,
 )
-from flowsmith_worker.storage.dialects import (
-    create_engine,
-    dialect_of,
-    is_missing_table,
-    is_transient,
-)
+from flowsmith_worker.storage.sql_base import F, N, dumps, loads
+from flowsmith_worker.storage.sql_operators import SqlOperators
 
-T = TypeVar("T")
-F, N = schema.flows, schema.nodes
-
-# Deadlocks between short transactions are resolved by the database aborting
-# one of them; running it again is the documented remedy.
-_DEADLOCK_RETRY = dict(
-    stop=tenacity.stop_after_attempt(8),
-    wait=tenacity.wait_random(0.005, 0.1),
-    reraise=True,
-)
+Q = schema.queues
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value)
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-class SqlStorage(Storage):
-    def __init__(self, url: sa.URL, pool: PoolSettings) -> None:
-        self.engine = create_engine(url, pool)
-        self.dialect = dialect_of(self.engine)
-        self.supports_notify = self.dialect.supports_notify
-        self.url_for_display = url.render_as_string(hide_password=True)
-
-    # -- plumbing -------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Driver errors become ours; the URL shown has no password."""
-        try:
-            yield
-        except sa.exc.DBAPIError as exc:
-            if is_missing_table(exc):
-                raise SchemaNotMigrated(
-                    f"the FlowSmith tables are missing in {self.url_for_display}: "
-                    "run `flowsmith migrate` (or `flowsmith migrate --url URL`)"
-                ) from exc
-            if is_transient(exc):
-                first_line = (str(exc.orig).strip().splitlines() or [""])[0]
-                raise DatabaseUnavailable(
-                    f"database {self.url_for_display} is unavailable: "
-                    f"{type(exc.orig).__name__}: {first_line}"
-                ) from exc
-            raise
-
-    def _transact(self, work: Callable[[Connection], T], connection: Connection | None = None) -> T:
-        """Run ``work`` in a transaction of ours, or inside the caller's own."""
-        with self._errors():
-            if connection is not None:
-                return work(connection)
-            for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception(_is_deadlock),
-                **_DEADLOCK_RETRY,  # type: ignore[arg-type]
-            ):
-                with attempt, self.engine.begin() as conn:
-                    return work(conn)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _now(self) -> sa.ColumnElement[float]:
-        return self.dialect.now()
-
-    # -- schema ---------------------------------------------------------------
-
-    def migrate(self) -> int:
-        with self._errors(), self.engine.connect() as conn, conn.begin():
-            return migrations.migrate(conn, self.dialect)
-
-    def check_schema(self) -> None:
-        with self._errors(), self.engine.connect() as conn:
-            version = migrations.current_version(conn)
-        if version < schema.SCHEMA_VERSION:
-            raise SchemaNotMigrated(
-                f"the FlowSmith schema in {self.url_for_display} is at version {version}, "
-                f"this code needs {schema.SCHEMA_VERSION}: run `flowsmith migrate`"
-            )
-        if version > schema.SCHEMA_VERSION:
-            raise SchemaNotMigrated(
-                f"the FlowSmith schema in {self.url_for_display} is at version {version}, "
-                f"newer than this code knows ({schema.SCHEMA_VERSION}): upgrade flowsmith-worker"
-            )
+class SqlStorage(SqlOperators, Storage):
+    """The storage on SQLite, PostgreSQL and MySQL/MariaDB."""
 
     # -- enqueue --------------------------------------------------------------
 
@@ -149,7 +59,7 @@ class SqlStorage(Storage):
                 flow_name=flow.flow_name,
                 tracking_id=flow.tracking_id,
                 status=FlowStatus.PENDING,
-                input=_dumps(flow.input),
+                input=dumps(flow.input),
                 plan=flow.plan.to_json(),
                 queue=flow.queue,
                 priority=flow.priority,
@@ -179,6 +89,20 @@ class SqlStorage(Storage):
             self.dialect.notify(conn, row.queue)
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
         return EnqueueResult(row.id, flow.tracking_id, status, False, False)
+
+    def resume_flow(self, *, tracking_id: str) -> EnqueueResult:
+        def work(conn: Connection) -> EnqueueResult:
+            row = conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
+            if row is None:
+                raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
+            if row.status != FlowStatus.FAILED or not self._resume(conn, row):
+                raise FlowSmithError(
+                    f"flow run {tracking_id!r} is {row.status}; only a FAILED run can be retried"
+                )
+            self.dialect.notify(conn, row.queue)
+            return EnqueueResult(row.id, tracking_id, FlowStatus.RUNNING, False, True)
+
+        return self._transact(work)
 
     def _resume(self, conn: Connection, flow_row: Row[Any]) -> bool:
         """Re-queue only the failed node(s), with a fresh allowance of attempts.
@@ -240,7 +164,7 @@ class SqlStorage(Storage):
                     attempt=0,
                     max_attempts=step.max_attempts,
                     rescues=0,
-                    input=_dumps(data),
+                    input=dumps(data),
                 )
                 for index, step in enumerate(steps)
             ],
@@ -269,13 +193,7 @@ class SqlStorage(Storage):
         queues: Sequence[str],
     ) -> list[ClaimedNode]:
         now = self._now()
-        runnable = (
-            sa.select(N.c.id)
-            .where(N.c.status == NodeStatus.PENDING, N.c.run_after <= now, N.c.queue.in_(queues))
-            .order_by(N.c.priority, N.c.run_after, N.c.id)
-            .limit(limit)
-        )
-        ids = list(conn.execute(self.dialect.for_claim(runnable)).scalars())
+        ids = self._runnable_ids(conn, limit, queues)
         if not ids:
             return []
         # MySQL has no UPDATE ... RETURNING and cannot update a table it selects
@@ -320,10 +238,49 @@ class SqlStorage(Storage):
                 tracking_id=r.tracking_id,
                 step_name=r.step_name,
                 max_attempts=r.max_attempts,
-                input=_loads(r.input),
+                input=loads(r.input),
             )
             for r in rows
         ]
+
+    def _runnable_ids(self, conn: Connection, limit: int, queues: Sequence[str]) -> list[int]:
+        """Lock up to ``limit`` runnable nodes, within the queues' concurrency caps.
+
+        A capped queue's fs_queues row is locked (FOR UPDATE, not SKIP LOCKED)
+        while its RUNNING nodes are counted, so claimers of that queue take
+        turns and cannot together exceed the cap. Uncapped queues come first.
+        """
+        capped = self.dialect.for_update(
+            sa.select(Q.c.name, Q.c.max_running).where(
+                Q.c.name.in_(list(queues)), Q.c.max_running.is_not(None)
+            )
+        )
+        caps: dict[str, int] = {name: cap for name, cap in conn.execute(capped)}
+        uncapped = [q for q in queues if q not in caps]
+        ids = self._lock_runnable(conn, limit, uncapped) if uncapped else []
+        for queue, cap in caps.items():
+            running = conn.execute(
+                sa.select(sa.func.count()).where(
+                    N.c.queue == queue, N.c.status == NodeStatus.RUNNING
+                )
+            ).scalar_one()
+            room = min(limit - len(ids), cap - running)
+            if room > 0:
+                ids += self._lock_runnable(conn, room, [queue])
+        return ids
+
+    def _lock_runnable(self, conn: Connection, limit: int, queues: Sequence[str]) -> list[int]:
+        runnable = (
+            sa.select(N.c.id)
+            .where(
+                N.c.status == NodeStatus.PENDING,
+                N.c.run_after <= self._now(),
+                N.c.queue.in_(list(queues)),
+            )
+            .order_by(N.c.priority, N.c.run_after, N.c.id)
+            .limit(limit)
+        )
+        return list(conn.execute(self.dialect.for_claim(runnable)).scalars())
 
     # -- outcomes of an attempt -----------------------------------------------
 
@@ -336,7 +293,7 @@ class SqlStorage(Storage):
         )
 
     def complete_node(self, *, lease: Lease, output: Any) -> bool:
-        return self._finish(lease, NodeStatus.COMPLETED, _dumps(output))
+        return self._finish(lease, NodeStatus.COMPLETED, dumps(output))
 
     def skip_node(self, *, lease: Lease) -> bool:
         return self._finish(lease, NodeStatus.SKIPPED, None)
@@ -358,7 +315,9 @@ class SqlStorage(Storage):
     def fail_node(self, *, lease: Lease, error: str, retry_delay: float | None) -> bool:
         def work(conn: Connection) -> bool:
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
-            if retry_delay is not None:
+            # A cancelled run goes no further: no retry, and its status stays CANCELLED.
+            cancelled = flow_row.status == FlowStatus.CANCELLED
+            if retry_delay is not None and not cancelled:
                 retried = conn.execute(
                     self._fenced(lease)
                     .where(N.c.attempt < N.c.max_attempts)
@@ -373,13 +332,13 @@ class SqlStorage(Storage):
                     return True
             failed = conn.execute(
                 self._fenced(lease).values(
-                    status=NodeStatus.FAILED,
+                    status=NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED,
                     error=error,
                     finished_at=self._now(),
                     lease_expires_at=None,
                 )
             ).rowcount
-            if failed:
+            if failed and not cancelled:
                 self._fail_flow(conn, flow_row, error)
             return bool(failed)
 
@@ -387,6 +346,15 @@ class SqlStorage(Storage):
 
     def start_subflow(self, *, lease: Lease, child: NewFlow) -> bool:
         def work(conn: Connection) -> bool:
+            flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+            if flow_row.status == FlowStatus.CANCELLED:
+                return bool(
+                    conn.execute(
+                        self._fenced(lease).values(
+                            status=NodeStatus.CANCELLED, finished_at=self._now()
+                        )
+                    ).rowcount
+                )
             parked = conn.execute(
                 self._fenced(lease).values(status=NodeStatus.WAITING, lease_expires_at=None)
             ).rowcount
@@ -398,15 +366,12 @@ class SqlStorage(Storage):
                 child_row = conn.execute(
                     sa.select(F.c.output).where(F.c.tracking_id == child.tracking_id)
                 ).one()
-                self._child_completed(conn, lease.node_id, _loads(child_row.output))
+                self._child_completed(conn, lease.node_id, loads(child_row.output))
             return True
 
         return self._transact(work)
 
     # -- advancing and failing flows (inside the caller's transaction) --------
-
-    def _lock_flow(self, conn: Connection, where: sa.ColumnElement[bool]) -> Row[Any]:
-        return conn.execute(self.dialect.for_update(sa.select(F).where(where))).one()
 
     def _position_of(self, conn: Connection, node_id: int) -> int:
         return int(conn.execute(sa.select(N.c.position).where(N.c.id == node_id)).scalar_one())
@@ -416,7 +381,7 @@ class SqlStorage(Storage):
             return  # the running step finished; a cancelled flow goes no further
         plan = Plan.from_json(flow_row.plan)
         stage = [
-            progress.StageNode(r.step_name, NodeStatus(r.status), _loads(r.input), _loads(r.output))
+            progress.StageNode(r.step_name, NodeStatus(r.status), loads(r.input), loads(r.output))
             for r in conn.execute(
                 sa.select(N.c.step_name, N.c.status, N.c.input, N.c.output)
                 .where(N.c.flow_id == flow_row.id, N.c.position == position)
@@ -432,7 +397,7 @@ class SqlStorage(Storage):
                 .where(F.c.id == flow_row.id)
                 .values(
                     status=FlowStatus.COMPLETED,
-                    output=_dumps(decision.data),
+                    output=dumps(decision.data),
                     error=None,
                     updated_at=self._now(),
                     finished_at=self._now(),
@@ -448,7 +413,7 @@ class SqlStorage(Storage):
         done = conn.execute(
             sa.update(N)
             .where(N.c.id == parent_node_id, N.c.status == NodeStatus.WAITING)
-            .values(status=NodeStatus.COMPLETED, output=_dumps(data), finished_at=self._now())
+            .values(status=NodeStatus.COMPLETED, output=dumps(data), finished_at=self._now())
         ).rowcount
         if done:
             self._advance(conn, parent_flow, self._position_of(conn, parent_node_id))
@@ -552,6 +517,7 @@ class SqlStorage(Storage):
                     N.c.max_attempts,
                     N.c.step_name,
                     F.c.tracking_id,
+                    F.c.flow_name,
                 )
                 .join(F, F.c.id == N.c.flow_id)
                 .where(N.c.status == NodeStatus.RUNNING, N.c.lease_expires_at < self._now())
@@ -565,7 +531,15 @@ class SqlStorage(Storage):
             final = not progress.attempts_left(c.attempt, c.max_attempts)
             if self._transact(functools.partial(self._rescue_one, lease=lease, final=final)):
                 rescued.append(
-                    RescuedNode(c.id, c.tracking_id, c.step_name, c.attempt, c.lease_owner, final)
+                    RescuedNode(
+                        c.id,
+                        c.flow_name,
+                        c.tracking_id,
+                        c.step_name,
+                        c.attempt,
+                        c.lease_owner,
+                        final,
+                    )
                 )
         return rescued
 
@@ -575,121 +549,14 @@ class SqlStorage(Storage):
         values: dict[str, Any] = dict(
             error=RESCUE_ERROR, rescues=N.c.rescues + 1, lease_expires_at=None
         )
-        if final:
-            values.update(status=NodeStatus.FAILED, finished_at=self._now())
+        cancelled = flow_row.status == FlowStatus.CANCELLED
+        if final or cancelled:
+            ended = NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED
+            values.update(status=ended, finished_at=self._now())
         else:
             values.update(status=NodeStatus.PENDING, run_after=self._now())
         if not conn.execute(fenced.values(**values)).rowcount:
             return False
-        if final:
+        if final and not cancelled:
             self._fail_flow(conn, flow_row, RESCUE_ERROR)
         return True
-
-    # -- reading --------------------------------------------------------------
-
-    def get_flow(self, *, tracking_id: str) -> FlowRecord | None:
-        row = self._transact(
-            lambda conn: conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
-        )
-        return None if row is None else _flow_record(row)
-
-    def list_nodes(self, *, flow_id: int) -> list[NodeRecord]:
-        rows = self._transact(
-            lambda conn: conn.execute(
-                sa.select(N).where(N.c.flow_id == flow_id).order_by(N.c.position, N.c.group_index)
-            ).all()
-        )
-        return [_node_record(r) for r in rows]
-
-    def count_open_nodes(self, *, queues: Sequence[str]) -> int:
-        return int(
-            self._transact(
-                lambda conn: conn.execute(
-                    sa.select(sa.func.count()).where(
-                        N.c.status.in_([NodeStatus.PENDING, NodeStatus.RUNNING]),
-                        N.c.queue.in_(list(queues)),
-                    )
-                ).scalar_one()
-            )
-        )
-
-    def stats(self) -> Stats:
-        def work(conn: Connection) -> Stats:
-            flows: dict[str, int] = dict(
-                conn.execute(sa.select(F.c.status, sa.func.count()).group_by(F.c.status)).tuples()
-            )
-            nodes: dict[str, int] = dict(
-                conn.execute(sa.select(N.c.status, sa.func.count()).group_by(N.c.status)).tuples()
-            )
-            attempts, rescues = conn.execute(
-                sa.select(
-                    sa.func.coalesce(sa.func.sum(N.c.attempt), 0),
-                    sa.func.coalesce(sa.func.sum(N.c.rescues), 0),
-                )
-            ).one()
-            oldest = conn.execute(
-                sa.select(self._now() - sa.func.min(N.c.run_after)).where(
-                    N.c.status == NodeStatus.PENDING, N.c.run_after <= self._now()
-                )
-            ).scalar()
-            return Stats(
-                flows, nodes, int(attempts), int(rescues), None if oldest is None else float(oldest)
-            )
-
-        return self._transact(work)
-
-    def listen_for_work(self, *, on_notify: Callable[[str], None], stop: threading.Event) -> None:
-        if not self.supports_notify:
-            super().listen_for_work(on_notify=on_notify, stop=stop)
-        notify.listen_for_work(self.engine, on_notify, stop)
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-
-def _is_deadlock(error: BaseException) -> bool:
-    if not isinstance(error, sa.exc.DBAPIError) or error.connection_invalidated:
-        return False
-    text = str(error.orig).lower()
-    return "deadlock" in text or "lock wait timeout" in text
-
-
-def _flow_record(row: Row[Any]) -> FlowRecord:
-    return FlowRecord(
-        id=row.id,
-        flow_name=row.flow_name,
-        tracking_id=row.tracking_id,
-        status=FlowStatus(row.status),
-        input=_loads(row.input),
-        output=_loads(row.output),
-        error=row.error,
-        plan=Plan.from_json(row.plan),
-        queue=row.queue,
-        priority=row.priority,
-        parent_node_id=row.parent_node_id,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        finished_at=row.finished_at,
-    )
-
-
-def _node_record(row: Row[Any]) -> NodeRecord:
-    return NodeRecord(
-        id=row.id,
-        flow_id=row.flow_id,
-        step_name=row.step_name,
-        position=row.position,
-        group_index=row.group_index,
-        status=NodeStatus(row.status),
-        attempt=row.attempt,
-        max_attempts=row.max_attempts,
-        rescues=row.rescues,
-        run_after=row.run_after,
-        lease_owner=row.lease_owner,
-        lease_expires_at=row.lease_expires_at,
-        input=_loads(row.input),
-        output=_loads(row.output),
-        error=row.error,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-    )

@@ -1,0 +1,175 @@
+"""The plumbing every SQL operation shares: engine, transactions, errors, records.
+
+SqlStorage (sql.py) builds on it with the engine's operations, and
+SqlOperators (sql_operators.py) with what operators ask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import tenacity
+from sqlalchemy.engine import Connection, Row
+
+from flowsmith_worker.config import PoolSettings
+from flowsmith_worker.errors import DatabaseUnavailable, SchemaNotMigrated
+from flowsmith_worker.plan import Plan
+from flowsmith_worker.storage import migrations, notify, schema
+from flowsmith_worker.storage.base import FlowRecord, FlowStatus, NodeRecord, NodeStatus
+from flowsmith_worker.storage.dialects import (
+    create_engine,
+    dialect_of,
+    is_missing_table,
+    is_transient,
+)
+
+T = TypeVar("T")
+F, N = schema.flows, schema.nodes
+
+# Deadlocks between short transactions are resolved by the database aborting
+# one of them; running it again is the documented remedy.
+_DEADLOCK_RETRY = dict(
+    stop=tenacity.stop_after_attempt(8),
+    wait=tenacity.wait_random(0.005, 0.1),
+    reraise=True,
+)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value)
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class SqlBase:
+    supports_notify: bool
+    url_for_display: str
+
+    def __init__(self, url: sa.URL, pool: PoolSettings) -> None:
+        self.engine = create_engine(url, pool)
+        self.dialect = dialect_of(self.engine)
+        self.supports_notify = self.dialect.supports_notify
+        self.url_for_display = url.render_as_string(hide_password=True)
+
+    # -- plumbing -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Driver errors become ours; the URL shown has no password."""
+        try:
+            yield
+        except sa.exc.DBAPIError as exc:
+            if is_missing_table(exc):
+                raise SchemaNotMigrated(
+                    f"the FlowSmith tables are missing in {self.url_for_display}: "
+                    "run `flowsmith migrate` (or `flowsmith migrate --url URL`)"
+                ) from exc
+            if is_transient(exc):
+                first_line = (str(exc.orig).strip().splitlines() or [""])[0]
+                raise DatabaseUnavailable(
+                    f"database {self.url_for_display} is unavailable: "
+                    f"{type(exc.orig).__name__}: {first_line}"
+                ) from exc
+            raise
+
+    def _transact(self, work: Callable[[Connection], T], connection: Connection | None = None) -> T:
+        """Run ``work`` in a transaction of ours, or inside the caller's own."""
+        with self._errors():
+            if connection is not None:
+                return work(connection)
+            for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception(_is_deadlock),
+                **_DEADLOCK_RETRY,  # type: ignore[arg-type]
+            ):
+                with attempt, self.engine.begin() as conn:
+                    return work(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _now(self) -> sa.ColumnElement[float]:
+        return self.dialect.now()
+
+    # -- schema ---------------------------------------------------------------
+
+    def migrate(self) -> int:
+        with self._errors(), self.engine.connect() as conn, conn.begin():
+            return migrations.migrate(conn, self.dialect)
+
+    def check_schema(self) -> None:
+        with self._errors(), self.engine.connect() as conn:
+            version = migrations.current_version(conn)
+        if version < schema.SCHEMA_VERSION:
+            raise SchemaNotMigrated(
+                f"the FlowSmith schema in {self.url_for_display} is at version {version}, "
+                f"this code needs {schema.SCHEMA_VERSION}: run `flowsmith migrate`"
+            )
+        if version > schema.SCHEMA_VERSION:
+            raise SchemaNotMigrated(
+                f"the FlowSmith schema in {self.url_for_display} is at version {version}, "
+                f"newer than this code knows ({schema.SCHEMA_VERSION}): upgrade flowsmith-worker"
+            )
+
+    def _lock_flow(self, conn: Connection, where: sa.ColumnElement[bool]) -> Row[Any]:
+        return conn.execute(self.dialect.for_update(sa.select(F).where(where))).one()
+
+    def listen_for_work(self, *, on_notify: Callable[[str], None], stop: threading.Event) -> None:
+        if not self.supports_notify:
+            raise NotImplementedError(f"{self.url_for_display} has no NOTIFY; poll instead")
+        notify.listen_for_work(self.engine, on_notify, stop)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _is_deadlock(error: BaseException) -> bool:
+    if not isinstance(error, sa.exc.DBAPIError) or error.connection_invalidated:
+        return False
+    text = str(error.orig).lower()
+    return "deadlock" in text or "lock wait timeout" in text
+
+
+def flow_record(row: Row[Any]) -> FlowRecord:
+    return FlowRecord(
+        id=row.id,
+        flow_name=row.flow_name,
+        tracking_id=row.tracking_id,
+        status=FlowStatus(row.status),
+        input=loads(row.input),
+        output=loads(row.output),
+        error=row.error,
+        plan=Plan.from_json(row.plan),
+        queue=row.queue,
+        priority=row.priority,
+        parent_node_id=row.parent_node_id,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+    )
+
+
+def node_record(row: Row[Any]) -> NodeRecord:
+    return NodeRecord(
+        id=row.id,
+        flow_id=row.flow_id,
+        step_name=row.step_name,
+        position=row.position,
+        group_index=row.group_index,
+        status=NodeStatus(row.status),
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        rescues=row.rescues,
+        run_after=row.run_after,
+        lease_owner=row.lease_owner,
+        lease_expires_at=row.lease_expires_at,
+        input=loads(row.input),
+        output=loads(row.output),
+        error=row.error,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )

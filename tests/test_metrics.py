@@ -1,0 +1,172 @@
+"""The worker's Prometheus metrics and /healthz, read over real HTTP (no database)."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.executor import Outcome
+from flowsmith_worker.metrics import Health, MetricsServer, WorkerMetrics, serve
+
+LABELS = {"flow": "orders", "step": "charge"}
+
+
+@pytest.fixture
+def metrics() -> WorkerMetrics:
+    return WorkerMetrics(worker_id="w1", host="test-host", version="9.9.9")
+
+
+@pytest.fixture
+def health() -> Health:
+    return Health()
+
+
+@pytest.fixture
+def server(metrics: WorkerMetrics, health: Health) -> Iterator[MetricsServer]:
+    srv = serve(0, metrics, health, host="127.0.0.1")
+    yield srv
+    srv.shutdown()
+
+
+def get(srv: MetricsServer, path: str) -> tuple[int, str, str]:
+    """GET a path: (status, body, content type), error statuses included."""
+    url = f"http://127.0.0.1:{srv.port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode(), resp.headers["Content-Type"]
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(), err.headers["Content-Type"]
+
+
+def sample(srv: MetricsServer, name: str, **labels: str) -> float | None:
+    """The value of one sample scraped from /metrics, or None if it is not exposed."""
+    status, text, _ = get(srv, "/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
+def test_counters_follow_outcomes(server: MetricsServer, metrics: WorkerMetrics) -> None:
+    """Each outcome moves its counter: completed+skipped+waiting → completed,
+    retry_scheduled → retried, failed → failed, lease_lost → none; rescues and starts count."""
+    for _ in range(6):
+        metrics.step_started("orders", "charge")
+    for outcome in ("completed", "skipped", "waiting", "retry_scheduled", "failed", "lease_lost"):
+        metrics.step_finished("orders", "charge", outcome, 0.1)
+    metrics.step_rescued("orders", "charge")
+
+    assert sample(server, "flowsmith_steps_started_total", **LABELS) == 6
+    assert sample(server, "flowsmith_steps_completed_total", **LABELS) == 3
+    assert sample(server, "flowsmith_steps_retried_total", **LABELS) == 1
+    assert sample(server, "flowsmith_steps_failed_total", **LABELS) == 1
+    assert sample(server, "flowsmith_steps_rescued_total", **LABELS) == 1
+    assert sample(server, "flowsmith_step_duration_seconds_count", **LABELS) == 6
+
+
+def test_duration_histogram_buckets(server: MetricsServer, metrics: WorkerMetrics) -> None:
+    """Durations land in buckets from 5 ms to 10 min, longer ones only in +Inf."""
+    for seconds in (0.003, 0.2, 700.0):
+        metrics.step_finished("orders", "charge", "completed", seconds)
+
+    def bucket(le: str) -> float | None:
+        return sample(server, "flowsmith_step_duration_seconds_bucket", le=le, **LABELS)
+
+    assert bucket("0.005") == 1
+    assert bucket("0.25") == 2
+    assert bucket("600.0") == 2
+    assert bucket("+Inf") == 3
+    assert sample(server, "flowsmith_step_duration_seconds_sum", **LABELS) == pytest.approx(700.203)
+
+
+def test_gauges_and_worker_info(server: MetricsServer, metrics: WorkerMetrics) -> None:
+    """Backlog and in-flight gauges show the last value set; the info metric names the worker."""
+    metrics.set_backlog(42)
+    metrics.set_in_flight(3)
+    metrics.set_in_flight(2)
+    assert sample(server, "flowsmith_runnable_backlog") == 42
+    assert sample(server, "flowsmith_steps_in_flight") == 2
+    info = {"worker_id": "w1", "host": "test-host", "version": "9.9.9"}
+    assert sample(server, "flowsmith_worker_info", **info) == 1
+
+
+def test_every_executor_outcome_is_accepted(metrics: WorkerMetrics) -> None:
+    """Every executor.Outcome (passed as the enum) is known; anything else is a ValueError."""
+    for outcome in Outcome:
+        metrics.step_finished("orders", "charge", outcome, 0.01)
+    with pytest.raises(ValueError, match="unknown step outcome"):
+        metrics.step_finished("orders", "charge", "exploded", 0.01)
+
+
+def test_paths(server: MetricsServer) -> None:
+    """/ also serves the metrics; an unknown path is a 404 that points to the right ones."""
+    status, text, _ = get(server, "/")
+    assert status == 200 and "flowsmith_steps_in_flight" in text
+    status, text, _ = get(server, "/nope")
+    assert status == 404 and "/healthz" in text
+
+
+def test_healthz_follows_loop_and_database() -> None:
+    """503 until the loop ticks, 200 while it ticks, 503 once it is stale, 503 after a
+    database failure (with the error), 200 again after the database answers."""
+    health = Health(stale_after=0.2)
+    srv = serve(0, WorkerMetrics("w2", "h"), health, host="127.0.0.1")
+    try:
+        assert get(srv, "/healthz")[:2] == (503, "worker loop has not started\n")
+        health.loop_ticked()
+        assert get(srv, "/healthz") == (200, "ok\n", "text/plain; charset=utf-8")
+        time.sleep(0.3)
+        status, text, _ = get(srv, "/healthz")
+        assert status == 503 and "loop stalled" in text
+        health.loop_ticked()
+        health.database_failed("connection refused")
+        status, text, _ = get(srv, "/healthz")
+        assert status == 503 and "database unavailable: connection refused" in text
+        health.database_ok()
+        assert get(srv, "/healthz")[:2] == (200, "ok\n")
+    finally:
+        srv.shutdown()
+
+
+def test_two_workers_do_not_collide() -> None:
+    """Two WorkerMetrics in one process register the same names without error and count
+    separately, each served on its own port."""
+    a, b = WorkerMetrics("a", "h"), WorkerMetrics("b", "h")
+    servers = [serve(0, m, Health(), host="127.0.0.1") for m in (a, b)]
+    try:
+        a.step_started("orders", "charge")
+        a.step_started("orders", "charge")
+        b.step_started("orders", "charge")
+        assert sample(servers[0], "flowsmith_steps_started_total", **LABELS) == 2
+        assert sample(servers[1], "flowsmith_steps_started_total", **LABELS) == 1
+    finally:
+        for srv in servers:
+            srv.shutdown()
+
+
+def test_busy_port_is_a_clear_error() -> None:
+    """A port already in use raises FlowSmithError naming the port and --metrics-port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(FlowSmithError, match=rf"{port}.*already in use.*--metrics-port"):
+            serve(port, WorkerMetrics("w", "h"), Health(), host="127.0.0.1")
+
+
+def test_shutdown_frees_the_port(metrics: WorkerMetrics, health: Health) -> None:
+    """After shutdown() the port is closed and can be served again at once."""
+    srv = serve(0, metrics, health, host="127.0.0.1")
+    port = srv.port
+    srv.shutdown()
+    again = serve(port, WorkerMetrics("w3", "h"), health, host="127.0.0.1")
+    again.shutdown()
