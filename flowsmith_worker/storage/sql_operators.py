@@ -66,11 +66,12 @@ class SqlOperators(SqlBase):
 
     def stats(self) -> Stats:
         def work(conn: Connection) -> Stats:
-            flows: dict[str, int] = dict(
-                conn.execute(sa.select(F.c.status, sa.func.count()).group_by(F.c.status))
-                .tuples()
-                .all()
-            )
+            flows: dict[str, int] = {
+                status: count
+                for status, count in conn.execute(
+                    sa.select(F.c.status, sa.func.count()).group_by(F.c.status)
+                )
+            }
             by_queue: dict[str, dict[str, int]] = {}
             for queue, status, count in conn.execute(
                 sa.select(N.c.queue, N.c.status, sa.func.count()).group_by(N.c.queue, N.c.status)
@@ -80,15 +81,14 @@ class SqlOperators(SqlBase):
             for counts in by_queue.values():
                 for status, count in counts.items():
                     nodes[status] = nodes.get(status, 0) + count
-            in_flight: dict[str, int] = dict(
-                conn.execute(
+            in_flight: dict[str, int] = {
+                owner: count
+                for owner, count in conn.execute(
                     sa.select(N.c.lease_owner, sa.func.count())
                     .where(N.c.status == NodeStatus.RUNNING)
                     .group_by(N.c.lease_owner)
                 )
-                .tuples()
-                .all()
-            )
+            }
             attempts, rescues = conn.execute(
                 sa.select(
                     sa.func.coalesce(sa.func.sum(N.c.attempt), 0),
