@@ -30,6 +30,7 @@ from flowsmith_worker.log import get_logger
 from flowsmith_worker.metrics import Health, WorkerMetrics
 from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.retry import retry_delay
+from flowsmith_worker.schedule import Scheduler
 from flowsmith_worker.storage.base import DEFAULT_QUEUE, ClaimedNode, Storage, WorkerRecord
 from flowsmith_worker.version import __version__
 
@@ -97,6 +98,9 @@ class Worker:
         self.wakeup = threading.Event()
         self.executor = Executor(self.storage, self.id, stop_retrying=self.hard_stop)
         self.rescuer = Rescuer(self.storage, interval=_rescue_interval(self.settings))
+        # Cron ticks of the flows registered here; the tick's tracking_id makes
+        # each enqueue happen once however many workers try.
+        self.scheduler = Scheduler(self.storage)
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="flowsmith-step")
         self._lock = threading.Lock()
         self._in_flight: dict[int, ClaimedNode] = {}
@@ -207,6 +211,7 @@ class Worker:
         while not self.stopping.is_set():
             self.health.loop_ticked()
             try:
+                self.scheduler.run_once()
                 claimed = self.run_once()
                 self.health.database_ok()
                 if failures:
@@ -279,7 +284,14 @@ class Worker:
     def _sleep(self) -> None:
         jittered = self.settings.poll_interval * random.uniform(0.9, 1.1)
         until_heartbeat = max(0.0, self._next_heartbeat - time.monotonic())
-        self.wakeup.wait(min(jittered, until_heartbeat, self.rescuer.seconds_until_due()))
+        self.wakeup.wait(
+            min(
+                jittered,
+                until_heartbeat,
+                self.rescuer.seconds_until_due(),
+                self.scheduler.seconds_until_due(),
+            )
+        )
         self.wakeup.clear()
 
     # -- stopping ---------------------------------------------------------------
