@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,36 +27,37 @@ def server(request: pytest.FixtureRequest) -> DatabaseServer:
     return result
 
 
+FreshEngine = Callable[..., Engine]
+
+
 @pytest.fixture
-def make_db(server: DatabaseServer) -> Iterator[tuple[DatabaseServer, list[Engine]]]:
-    """Yields the server and a list; engines appended to it are disposed afterwards."""
-    engines: list[Engine] = []
-    yield server, engines
-    for engine in engines:
+def fresh(server: DatabaseServer) -> Iterator[FreshEngine]:
+    """Makes engines on new, empty databases; disposes and drops them afterwards
+    (on an external server they would otherwise pile up)."""
+    made: list[tuple[str, Engine]] = []
+
+    def make(**engine_options: Any) -> Engine:
+        name = "t_" + uuid.uuid4().hex[:12]
+        engine = sa.create_engine(server.create_database(name), **engine_options)
+        made.append((name, engine))
+        return engine
+
+    yield make
+    for name, engine in made:
         engine.dispose()
-
-
-def fresh_engine(server: DatabaseServer, engines: list[Engine], **kwargs: Any) -> Engine:
-    """A new, empty database on ``server``; dropped with the server at session end."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    engine = sa.create_engine(server.create_database(name), **kwargs)
-    engines.append(engine)
-    return engine
+        server.drop_database(name)
 
 
 def table_names(engine: Engine) -> list[str]:
     return sorted(sa.inspect(engine).get_table_names())
 
 
-def test_fresh_database_is_empty_and_isolated(
-    make_db: tuple[DatabaseServer, list[Engine]],
-) -> None:
-    server, engines = make_db
-    first = fresh_engine(server, engines)
+def test_fresh_database_is_empty_and_isolated(fresh: FreshEngine) -> None:
+    first = fresh()
     with first.begin() as conn:
         conn.execute(sa.text("CREATE TABLE jobs (id INTEGER PRIMARY KEY)"))
         conn.execute(sa.text("INSERT INTO jobs (id) VALUES (1)"))
-    second = fresh_engine(server, engines)
+    second = fresh()
 
     assert table_names(first) == ["jobs"]
     assert table_names(second) == []
@@ -90,9 +91,8 @@ def _create_jobs(engine: Engine, count: int) -> None:
 CLAIM = "SELECT id FROM jobs WHERE owner IS NULL ORDER BY id LIMIT 3 FOR UPDATE SKIP LOCKED"
 
 
-def test_skip_locked_hands_out_disjoint_rows(make_db: tuple[DatabaseServer, list[Engine]]) -> None:
-    server, engines = make_db
-    engine = fresh_engine(server, engines)
+def test_skip_locked_hands_out_disjoint_rows(fresh: FreshEngine) -> None:
+    engine = fresh()
     _create_jobs(engine, 10)
 
     with engine.connect() as a, engine.connect() as b:
@@ -107,16 +107,22 @@ def test_skip_locked_hands_out_disjoint_rows(make_db: tuple[DatabaseServer, list
     assert rows_b == {3, 4, 5}
 
 
-def test_skip_locked_under_concurrent_claimers(
-    make_db: tuple[DatabaseServer, list[Engine]],
-) -> None:
-    server, engines = make_db
-    engine = fresh_engine(server, engines, pool_size=4)
+def test_skip_locked_under_concurrent_claimers(fresh: FreshEngine) -> None:
+    engine = fresh(pool_size=4)
     _create_jobs(engine, 60)
     claimed: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
 
     def claimer(owner: str) -> None:
+        try:
+            claim_until_empty(owner)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def claim_until_empty(owner: str) -> None:
         mine: list[int] = []
+        start.wait()
         while True:
             with engine.begin() as conn:
                 ids = [row[0] for row in conn.execute(sa.text(CLAIM))]
@@ -135,6 +141,7 @@ def test_skip_locked_under_concurrent_claimers(
     for thread in threads:
         thread.join(60)
 
+    assert errors == []
     everything = [i for ids in claimed.values() for i in ids]
     assert sorted(everything) == list(range(60))  # every row once, none twice
     with engine.connect() as conn:
@@ -143,11 +150,10 @@ def test_skip_locked_under_concurrent_claimers(
 
 
 def test_stop_makes_clients_fail_and_start_brings_data_back(
-    make_db: tuple[DatabaseServer, list[Engine]],
+    server: DatabaseServer, fresh: FreshEngine
 ) -> None:
-    server, engines = make_db
     require_restart(server)
-    engine = fresh_engine(server, engines, pool_pre_ping=False)
+    engine = fresh(pool_pre_ping=False)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE kept (v VARCHAR(20))"))
         conn.execute(sa.text("INSERT INTO kept (v) VALUES ('survives')"))
