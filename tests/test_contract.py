@@ -336,3 +336,55 @@ def test_step_logs_carry_flow_tracking_id_step_attempt_and_worker(
         assert (line["flow"], line["tracking_id"], line["step"], line["attempt"], line["worker_id"]) == (
             flow.name, tid, "only", 1, worker.id
         )
+
+
+# -- queues, priorities and caps -------------------------------------------------------
+
+
+def queued_flow(queue: str, tracking_id: str, priority: int = 0) -> NewFlow:
+    plan = Plan(stages=((PlannedStep("only", 1),),), module="tests.nowhere")
+    return NewFlow("raw", tracking_id, {}, plan, queue=queue, priority=priority)
+
+
+def test_workers_take_only_their_queues_in_priority_order(storage: Storage, unique: Names) -> None:
+    """A lower priority number runs first; a worker never claims another queue's nodes."""
+    for name, queue, priority in [("late", "default", 5), ("mail", "emails", 0), ("soon", "default", 1)]:
+        storage.enqueue_flow(flow=queued_flow(queue, unique(name), priority))
+    taken = storage.claim_nodes(worker_id="w", limit=10, lease_seconds=30, queues=["default"])
+    assert [n.tracking_id.split("_")[0] for n in taken] == ["soon", "late"]
+    [mail] = storage.claim_nodes(worker_id="w", limit=10, lease_seconds=30, queues=["emails"])
+    assert mail.tracking_id.startswith("mail")
+
+
+def test_a_queue_cap_holds_across_racing_workers(storage: Storage, unique: Names) -> None:
+    """Six claimers racing over a queue capped at 3 never hold more than 3 of its nodes."""
+    storage.set_queue_limit(queue="emails", max_running=3)
+    assert storage.queue_limits() == {"emails": 3}
+    for i in range(12):
+        storage.enqueue_flow(flow=queued_flow("emails", unique(f"m{i}")))
+        storage.enqueue_flow(flow=queued_flow("default", unique(f"d{i}")))
+    barrier = threading.Barrier(6)
+    claimed: list[Any] = []
+    lock = threading.Lock()
+
+    def claimer(slot: int) -> None:
+        barrier.wait()
+        got = storage.claim_nodes(
+            worker_id=f"w{slot}", limit=4, lease_seconds=30, queues=["emails", "default"]
+        )
+        with lock:
+            claimed.extend(got)
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    emails = [n for n in claimed if n.tracking_id.startswith("m")]
+    assert len(emails) == 3
+    assert len(claimed) == 3 + 12  # the uncapped queue is drained alongside
+    storage.complete_node(lease=emails[0].lease, output=None)
+    [next_email] = storage.claim_nodes(worker_id="w", limit=4, lease_seconds=30, queues=["emails"])
+    assert next_email.tracking_id.startswith("m")
+    storage.set_queue_limit(queue="emails", max_running=None)
+    assert storage.queue_limits() == {}
