@@ -162,7 +162,9 @@ def worker(
     """
     setup_logging(log_format)  # type: ignore[arg-type]
     _import_modules(modules)
-    storage = configure(url)
+    # Every slot and the loop itself may hold a connection at once; opening
+    # one per step instead costs more than the step.
+    storage = configure(url, pool_min=concurrency + 2, pool_max=concurrency + 4)
     worker = Worker(
         storage,
         concurrency=concurrency,
@@ -227,3 +229,4 @@ def _exit_abandoning_steps() -> None:
 
 
 __all__ = ["main"]
+from flowsmith_worker import cli_ops  # noqa: E402,F401 - registers the operator commands

@@ -22,8 +22,11 @@ if TYPE_CHECKING:
 
 DEFAULT_DATABASE_URL = "sqlite:///flowsmith.db"
 URL_ENV_VARS = ("FLOWSMITH_DATABASE_URL", "DATABASE_URL")
-DEFAULT_POOL_MIN = 1
-DEFAULT_POOL_MAX = 10
+# SQLAlchemy's own defaults (pool_size=5, max_overflow=10). Connections above
+# pool_min are closed when returned, so a busy process wants pool_min near its
+# concurrency: `flowsmith worker` sizes its pool from --concurrency.
+DEFAULT_POOL_MIN = 5
+DEFAULT_POOL_MAX = 15
 DEFAULT_POOL_TIMEOUT = 30.0
 
 # Users write the scheme of their platform's URL; we pick the driver we ship with.

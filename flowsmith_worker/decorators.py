@@ -61,6 +61,7 @@ Decisions, written down:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime
@@ -195,9 +196,27 @@ def _current(decorator: str, target: Callable[..., Any]) -> Flow:
     return flow
 
 
-def _check_callable(decorator: str, target: object) -> None:
+def _check_callable(decorator: str, target: object, *args: object) -> None:
+    """A plain function callable as the engine will call it: (ctx) for steps, () for blocks."""
     if not callable(target):
         raise TypeError(f"{decorator} decorates a function, not {target!r}")
+    where = getattr(target, "__qualname__", repr(target))
+    if inspect.iscoroutinefunction(target):
+        raise TypeError(
+            f"{decorator} on async function {where!r}: steps run in worker threads and "
+            "must be plain functions (call asyncio.run() inside)"
+        )
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # no signature to check (some builtins): the call will tell
+    try:
+        signature.bind(*args)
+    except TypeError:
+        takes = "one argument, ctx" if args else "no arguments"
+        raise TypeError(
+            f"{decorator} on {where}{signature}: it must take {takes}"
+        ) from None
 
 
 @overload
@@ -233,8 +252,8 @@ def step(
     """
 
     def decorate(target: StepFn) -> StepFn:
-        _check_callable("@step", target)
         flow = _current("@step", target)
+        _check_callable("@step", target, None)
         flow.step(
             name or target.__name__, target, retries=retries, timeout=timeout,
             backoff=backoff, condition=condition,
@@ -262,8 +281,8 @@ def parallel(fn: BlockFn | None = None, /) -> BlockFn | Callable[[BlockFn], Bloc
     """
 
     def decorate(target: BlockFn) -> BlockFn:
-        _check_callable("@parallel", target)
         flow = _current("@parallel", target)
+        _check_callable("@parallel", target)
         before = len(flow.stages)
         with flow.parallel():
             target()
@@ -287,6 +306,7 @@ def subflow(
     *,
     name: str | None = None,
     retries: int = 0,
+    backoff: Backoff | None = None,
     condition: Condition | None = None,
 ) -> Callable[[StepFn], StepFn]: ...
 
@@ -297,6 +317,7 @@ def subflow(
     *,
     name: str | None = None,
     retries: int = 0,
+    backoff: Backoff | None = None,
     condition: Condition | None = None,
 ) -> StepFn | Callable[[StepFn], StepFn]:
     """Declare a step that runs a child flow; the child's final data is its output.
@@ -304,16 +325,18 @@ def subflow(
     The function returns ``{"flow": child, "tracking_id": str[, "data": dict]}``.
     The parent's node waits for the child without holding a worker slot; a
     failed child fails this step, and resuming the parent resumes that child.
+    ``retries``/``backoff`` apply to the function raising (as for ``Flow.subflow``;
+    today the engine does not also retry the step when the child fails).
     """
 
     def decorate(target: StepFn) -> StepFn:
-        _check_callable("@subflow", target)
         flow = _current("@subflow", target)
+        _check_callable("@subflow", target, None)
         step_name = name or target.__name__
         flow._add(
             StepSpec(
                 step_name, _child_starter(target, step_name), retries, None,
-                as_wait_strategy(None), condition, subflow=True,
+                as_wait_strategy(backoff), condition, subflow=True,
             )
         )
         return target

@@ -732,9 +732,7 @@ class PostgresServer(LocalServer):
             "max_connections": str(MAX_CONNECTIONS),
         }
         if self.fast:
-            settings.update(
-                fsync="off", synchronous_commit="off", full_page_writes="off", autovacuum="off"
-            )
+            settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
         cmd = [str(find_postgres() / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
         for key, value in settings.items():
             cmd += ["-c", f"{key}={value}"]
@@ -850,8 +848,8 @@ def start_postgres(
 ) -> LocalServer:
     """Start PostgreSQL with data under ``base_dir`` (reusing it if initialized).
 
-    ``fast`` turns off fsync, synchronous_commit, full_page_writes and
-    autovacuum: fine for throwaway test data, wrong for benchmarks.
+    ``fast`` turns off fsync, synchronous_commit and full_page_writes: fine
+    for throwaway test data, wrong for benchmarks.
     ``detached`` servers (``up``) survive this process; others are stopped at
     exit. ``data_root`` puts a new data directory there (e.g. tmpfs) instead.
     Raises ServerUnavailable when the binaries are missing.

@@ -57,6 +57,13 @@ class SqlBase:
         self.dialect = dialect_of(self.engine)
         self.supports_notify = self.dialect.supports_notify
         self.url_for_display = url.render_as_string(hide_password=True)
+        # SQLite has one write lock per file, and a thread that misses it sleeps
+        # in SQLite's busy handler (1, 2, 5 ... 100 ms). Threads of one process
+        # queue on a Python lock instead and take turns at once; other processes
+        # still meet the busy handler. Row-locking databases need no such turn.
+        self._writer_turn: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if not self.dialect.has_row_locks else contextlib.nullcontext()
+        )
 
     # -- plumbing -------------------------------------------------------------
 
@@ -88,7 +95,7 @@ class SqlBase:
                 retry=tenacity.retry_if_exception(_is_deadlock),
                 **_DEADLOCK_RETRY,  # type: ignore[arg-type]
             ):
-                with attempt, self.engine.begin() as conn:
+                with attempt, self._writer_turn, self.engine.begin() as conn:
                     return work(conn)
         raise AssertionError("unreachable")  # pragma: no cover
 

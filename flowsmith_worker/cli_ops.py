@@ -1,0 +1,799 @@
+"""The operators' commands: status, flows, retry, cancel, prune, stats, workers, queue-limit.
+
+They are defined on the `flowsmith` group of cli.py, which imports this module
+at its end. Each command opens its own storage, asks it one or two questions,
+closes it, and prints a plain-text table (or JSON with ``--json``). All times
+come from the database clock; they are printed in UTC, to the second.
+
+Exit codes (also in every command's help and the group's):
+
+    0  success (status: the run is COMPLETED, RUNNING or PENDING)
+    1  status: the run FAILED or was CANCELLED; any command: an error or a refusal
+    2  usage error (click)
+    3  no flow run has that tracking_id
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from flowsmith_worker.cli import main, url_option
+from flowsmith_worker.config import resolve_database_url
+from flowsmith_worker.errors import FlowNotFound
+from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage.base import (
+    FlowFilter,
+    FlowRecord,
+    FlowStatus,
+    NodeRecord,
+    NodeStatus,
+    Storage,
+)
+
+EXIT_OK = 0
+EXIT_FLOW_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+
+WORKER_ID_WIDTH = 8
+ERROR_WIDTH = 72
+DEFAULT_FLOWS_LIMIT = 50
+DEFAULT_PRUNE_BATCH = 500
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success (status: the run is COMPLETED, RUNNING or PENDING)
+  1  status: the run FAILED or was CANCELLED; any command: error or refusal
+  2  usage error
+  3  no flow run has that tracking_id"""
+
+# The group's help gains the exit codes of the operator commands (cli.py owns its docstring).
+main.epilog = EXIT_CODES_HELP.replace("Exit codes:", "Exit codes of the operator commands:")
+
+
+class FlowRunNotFound(click.ClickException):
+    """No flow run has the tracking_id given: exit code 3."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+# -- parameters ---------------------------------------------------------------
+
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
+_DURATION_HINT = "use a number and a unit: 45s, 30m, 2h, 7d, 2w (or 1h30m)"
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in '45s', '30m', '2h', '7d', '2w' or '1h30m'; None if it is not a duration."""
+    cleaned = text.strip().lower()
+    if not _DURATION.fullmatch(cleaned):
+        return None
+    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(cleaned))
+
+
+def parse_when(text: str, now: float | None = None) -> float | None:
+    """Seconds since the epoch for a duration ago ('2h') or an ISO date/datetime (UTC if naive)."""
+    ago = parse_duration(text)
+    if ago is not None:
+        return (time.time() if now is None else now) - ago
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+# click.ParamType is generic from click 8.4 on; pyproject allows click 8.1.
+if TYPE_CHECKING:
+    _FloatParam = click.ParamType[float]
+else:
+    _FloatParam = click.ParamType
+
+
+class Duration(_FloatParam):
+    """A positive duration: 45s, 30m, 2h, 7d, 2w; converted to seconds."""
+
+    name = "DURATION"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            seconds: float | None = float(value)
+        else:
+            seconds = parse_duration(str(value))
+        if seconds is None:
+            self.fail(f"{value!r} is not a duration: {_DURATION_HINT}", param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r}: the duration must be more than 0", param, ctx)
+        return seconds
+
+
+class Since(_FloatParam):
+    """A moment: a duration ago (30m, 2h, 7d) or an ISO date/datetime; epoch seconds."""
+
+    name = "WHEN"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        moment = parse_when(str(value))
+        if moment is None:
+            self.fail(
+                f"{value!r} is neither a duration ({_DURATION_HINT}) nor an ISO date or "
+                "datetime (2024-05-01, 2024-05-01T12:00:00Z)",
+                param,
+                ctx,
+            )
+        return moment
+
+
+def json_option(fn: Any) -> Any:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON (stable keys) for scripts."
+    )(fn)
+
+
+# -- formatting ---------------------------------------------------------------
+
+
+def format_time(seconds: float | None) -> str:
+    """UTC ISO-8601 to the second: 2024-05-01T12:00:03Z; '-' for None."""
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(float(seconds), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_duration(seconds: float | None) -> str:
+    """Human: 350ms, 1.2s, 3m05s, 2h07m, 3d04h; '-' for None."""
+    if seconds is None:
+        return "-"
+    value = max(0.0, float(seconds))
+    if round(value * 1000) < 1000:
+        return f"{round(value * 1000)}ms"
+    if round(value, 1) < 60:
+        return f"{value:.1f}s"
+    total = round(value)
+    if total < 3600:
+        minutes, secs = divmod(total, 60)
+        return f"{minutes}m{secs:02d}s"
+    if total < 86400:
+        hours, rest = divmod(total, 3600)
+        return f"{hours}h{rest // 60:02d}m"
+    days, rest = divmod(total, 86400)
+    return f"{days}d{rest // 3600:02d}h"
+
+
+def short_worker(worker_id: str | None) -> str:
+    return worker_id[:WORKER_ID_WIDTH] if worker_id else "-"
+
+
+def last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+def _clip(text: str, width: int = ERROR_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _cell(value: object) -> str:
+    text = "-" if value is None or value == "" else str(value)
+    return " ".join(text.split()) if any(c in text for c in "\t\r\n") else text
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Aligned plain-text columns, two spaces apart; numbers right-aligned."""
+    cells = [list(headers), *([_cell(v) for v in row] for row in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
+    numeric = [
+        bool(rows) and all(isinstance(row[i], int | float) for row in rows)
+        for i in range(len(headers))
+    ]
+    lines = []
+    for line in cells:
+        padded = [
+            text.rjust(width) if right else text.ljust(width)
+            for text, width, right in zip(line, widths, numeric, strict=True)
+        ]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def to_jsonable(value: Any) -> Any:
+    """dataclasses as dicts, enums as their string values, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {str(to_jsonable(k)): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(to_jsonable(value), indent=2, sort_keys=True))
+
+
+# -- storage --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_storage(url: str | None) -> Iterator[Storage]:
+    """The storage for --url (or the environment), closed after the command."""
+    storage = create_storage(resolve_database_url(url))
+    try:
+        yield storage
+    except FlowNotFound as exc:  # pruned between our read and our write
+        raise FlowRunNotFound(str(exc)) from None
+    finally:
+        storage.close()
+
+
+def get_flow_or_exit(storage: Storage, tracking_id: str) -> FlowRecord:
+    flow = storage.get_flow(tracking_id=tracking_id)
+    if flow is None:
+        raise FlowRunNotFound(
+            f"no flow run has tracking_id {tracking_id!r} "
+            "(it was never enqueued, or it was pruned); `flowsmith flows` lists the runs"
+        )
+    return flow
+
+
+def _flow_duration(flow: FlowRecord) -> float | None:
+    return None if flow.finished_at is None else flow.finished_at - flow.created_at
+
+
+def _step_duration(node: NodeRecord) -> float | None:
+    if node.started_at is None or node.finished_at is None:
+        return None
+    return node.finished_at - node.started_at
+
+
+FLOW_HEADERS = (
+    "TRACKING_ID",
+    "FLOW",
+    "STATUS",
+    "QUEUE",
+    "CREATED",
+    "FINISHED",
+    "DURATION",
+    "ERROR",
+)
+
+
+def _flow_row(flow: FlowRecord) -> list[object]:
+    return [
+        flow.tracking_id,
+        flow.flow_name,
+        flow.status.value,
+        flow.queue,
+        format_time(flow.created_at),
+        format_time(flow.finished_at),
+        format_duration(_flow_duration(flow)),
+        _clip(last_line(flow.error)),
+    ]
+
+
+def _not_reached(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> list[tuple[int, str]]:
+    """Steps of the run's plan that have no node yet: (position, name)."""
+    known = {n.step_name for n in nodes}
+    return [
+        (position, planned.name)
+        for position, stage in enumerate(flow.plan.stages)
+        for planned in stage
+        if planned.name not in known
+    ]
+
+
+def _attempts(node: NodeRecord) -> str:
+    text = f"{node.attempt}/{node.max_attempts}"
+    return f"{text} ({node.rescues} rescued)" if node.rescues else text
+
+
+# -- commands -------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("tracking_id")
+@url_option
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="Also print the full error text (the traceback) of every failed or retried step.",
+)
+@json_option
+def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: bool) -> None:
+    """Show a flow run and every step: status, attempts, times, worker, last error.
+
+    Steps of the plan the run has not reached yet are listed as "(not reached)".
+    Worker ids are cut to 8 characters in the table (full with --json).
+
+    \b
+    Exit codes:
+      0  the run is COMPLETED, RUNNING or PENDING
+      1  the run FAILED or was CANCELLED (or an error, e.g. the database is down)
+      2  usage error
+      3  no flow run has TRACKING_ID
+
+    \b
+    Examples:
+      flowsmith status order_123
+      flowsmith status order_123 --traceback
+      flowsmith status order_123 --json | jq -r .flow.status
+      flowsmith status order_123 >/dev/null || echo "order_123 did not go through"
+    """
+    with open_storage(url) as storage:
+        flow = get_flow_or_exit(storage, tracking_id)
+        nodes = storage.list_nodes(flow_id=flow.id)
+    not_reached = _not_reached(flow, nodes)
+    if as_json:
+        echo_json({"flow": flow, "steps": nodes, "not_reached": [n for _, n in not_reached]})
+    else:
+        click.echo(format_table(FLOW_HEADERS, [_flow_row(flow)]))
+        click.echo()
+        rows: list[list[object]] = [
+            [
+                node.position + 1,
+                node.step_name,
+                node.status.value,
+                _attempts(node),
+                format_time(node.started_at),
+                format_time(node.finished_at),
+                format_duration(_step_duration(node)),
+                short_worker(node.lease_owner),
+                _clip(last_line(node.error)),
+            ]
+            for node in nodes
+        ]
+        rows += [
+            [position + 1, name, "(not reached)", "-", "-", "-", "-", "-", "-"]
+            for position, name in not_reached
+        ]
+        headers = (
+            "#",
+            "STEP",
+            "STATUS",
+            "ATTEMPTS",
+            "STARTED",
+            "FINISHED",
+            "DURATION",
+            "WORKER",
+            "LAST_ERROR",
+        )
+        click.echo(format_table(headers, rows))
+        if show_traceback:
+            _echo_tracebacks(flow, nodes)
+    if flow.status in (FlowStatus.FAILED, FlowStatus.CANCELLED):
+        raise click.exceptions.Exit(EXIT_FLOW_FAILED)
+
+
+def _echo_tracebacks(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> None:
+    with_errors = [n for n in nodes if n.error]
+    if not with_errors:
+        click.echo("\nNo step of this run has an error.")
+        return
+    for node in with_errors:
+        click.echo(
+            f"\n--- step {node.step_name!r}: {node.status.value}, attempt "
+            f"{node.attempt}/{node.max_attempts}, worker {node.lease_owner or '-'} ---"
+        )
+        click.echo(node.error)
+
+
+@main.command()
+@click.option(
+    "--status",
+    "status_",
+    type=click.Choice([s.value for s in FlowStatus], case_sensitive=False),
+    help="Only runs in this status.",
+)
+@click.option("--flow", "flow_name", metavar="NAME", help="Only runs of this flow.")
+@click.option(
+    "--since",
+    type=Since(),
+    help="Only runs created since then: a duration ago (45s, 30m, 2h, 7d) "
+    "or an ISO date/datetime (UTC unless it says otherwise).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=DEFAULT_FLOWS_LIMIT,
+    show_default=True,
+    help="At most this many runs, newest first.",
+)
+@url_option
+@json_option
+def flows(
+    status_: str | None,
+    flow_name: str | None,
+    since: float | None,
+    limit: int,
+    url: str | None,
+    as_json: bool,
+) -> None:
+    """List flow runs, newest first.
+
+    \b
+    Exit codes:
+      0  success (also when no run matches)
+      1  error (e.g. the database is down)
+      2  usage error
+
+    \b
+    Examples:
+      flowsmith flows
+      flowsmith flows --status FAILED --since 2h
+      flowsmith flows --flow order --since 2024-05-01 --limit 200
+      flowsmith flows --status FAILED --json | jq -r '.flows[].tracking_id'
+    """
+    where = FlowFilter(
+        status=FlowStatus(status_.upper()) if status_ else None,
+        flow_name=flow_name,
+        since=since,
+        limit=limit,
+    )
+    with open_storage(url) as storage:
+        found = storage.list_flows(where=where)
+    if as_json:
+        echo_json({"flows": found})
+        return
+    if not found:
+        click.echo("No flow run matches.")
+        return
+    click.echo(format_table(FLOW_HEADERS, [_flow_row(f) for f in found]))
+    if len(found) == limit:
+        click.echo(f"(the newest {limit}; --limit shows more)")
+
+
+@main.command()
+@click.argument("tracking_id")
+@url_option
+@json_option
+def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
+    """Resume a FAILED flow run: only its failed step(s) run again.
+
+    The steps that completed keep their outputs and do not run again; each
+    failed step gets a fresh allowance of attempts. A worker picks them up.
+
+    \b
+    Exit codes:
+      0  the failed step(s) are queued again
+      1  the run is not FAILED (nothing done), or an error
+      2  usage error
+      3  no flow run has TRACKING_ID
+
+    \b
+    Examples:
+      flowsmith retry order_123
+      flowsmith flows --status FAILED --json | jq -r '.flows[].tracking_id' \\
+        | xargs -n1 flowsmith retry
+    """
+    with open_storage(url) as storage:
+        flow = get_flow_or_exit(storage, tracking_id)
+        if flow.status != FlowStatus.FAILED:
+            raise click.ClickException(_cannot_retry(flow))
+        failed = [
+            n.step_name
+            for n in storage.list_nodes(flow_id=flow.id)
+            if n.status == NodeStatus.FAILED
+        ]
+        result = storage.resume_flow(tracking_id=tracking_id)
+    if as_json:
+        echo_json({**dataclasses.asdict(result), "requeued_steps": failed})
+        return
+    steps = ", ".join(repr(s) for s in failed) or "(none)"
+    click.echo(
+        f"Retrying flow run {tracking_id!r} ({flow.flow_name}): step(s) {steps} queued "
+        "again; the completed steps keep their outputs."
+    )
+
+
+def _cannot_retry(flow: FlowRecord) -> str:
+    run = f"flow run {flow.tracking_id!r} ({flow.flow_name})"
+    if flow.status == FlowStatus.COMPLETED:
+        return (
+            f"{run} is COMPLETED: only a FAILED run can be retried "
+            "(a completed run never runs again; use a new tracking_id for a new run)"
+        )
+    if flow.status == FlowStatus.CANCELLED:
+        return f"{run} was CANCELLED: only a FAILED run can be retried"
+    return f"{run} is {flow.status.value}, not finished: only a FAILED run can be retried"
+
+
+@main.command()
+@click.argument("tracking_id")
+@url_option
+@json_option
+def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:
+    """Cancel a flow run: its pending steps never start.
+
+    A step already running is not interrupted: it finishes, but the run goes no
+    further (no next step, no retry). Its subflows are cancelled too. Cancelling
+    a cancelled run again does nothing and succeeds.
+
+    \b
+    Exit codes:
+      0  the run is cancelled (now or before)
+      1  the run had already COMPLETED or FAILED (nothing done), or an error
+      2  usage error
+      3  no flow run has TRACKING_ID
+
+    \b
+    Examples:
+      flowsmith cancel order_123
+      flowsmith cancel order_123 --json | jq .running_steps
+    """
+    with open_storage(url) as storage:
+        flow = get_flow_or_exit(storage, tracking_id)
+        already = flow.status == FlowStatus.CANCELLED
+        if flow.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
+            raise click.ClickException(_cannot_cancel(flow))
+        record = flow if already else storage.cancel_flow(tracking_id=tracking_id)
+        if record.status != FlowStatus.CANCELLED:  # it finished in the meantime
+            raise click.ClickException(_cannot_cancel(record))
+        nodes = storage.list_nodes(flow_id=record.id)
+    running = [n for n in nodes if n.status == NodeStatus.RUNNING]
+    cancelled = [n.step_name for n in nodes if n.status == NodeStatus.CANCELLED]
+    if as_json:
+        echo_json(
+            {
+                "flow": record,
+                "already_cancelled": already,
+                "cancelled_steps": cancelled,
+                "running_steps": [n.step_name for n in running],
+            }
+        )
+        return
+    run = f"flow run {tracking_id!r} ({record.flow_name})"
+    if already:
+        click.echo(f"The {run} was already cancelled.")
+    else:
+        click.echo(f"Cancelled {run}.")
+    if cancelled:
+        click.echo(f"Never to start: {', '.join(cancelled)}.")
+    if running:
+        names = ", ".join(f"{n.step_name} (worker {short_worker(n.lease_owner)})" for n in running)
+        click.echo(f"Still running, will finish, and the run goes no further: {names}.")
+
+
+def _cannot_cancel(flow: FlowRecord) -> str:
+    run = f"flow run {flow.tracking_id!r} ({flow.flow_name})"
+    if flow.status == FlowStatus.COMPLETED:
+        return f"{run} has already COMPLETED; there is nothing to cancel"
+    return f"{run} has already FAILED; there is nothing to cancel (it runs again only if retried)"
+
+
+@main.command()
+@click.option(
+    "--older-than",
+    "older_than",
+    type=Duration(),
+    required=True,
+    help="Delete runs finished more than this long ago: 45s, 30m, 2h, 7d, 2w.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_PRUNE_BATCH,
+    hidden=True,
+    help="Runs deleted per transaction.",
+)
+@url_option
+@json_option
+def prune(older_than: float, batch_size: int, url: str | None, as_json: bool) -> None:
+    """Delete finished runs (COMPLETED, FAILED, CANCELLED) and their steps.
+
+    Only runs that finished more than --older-than ago go; pending and running
+    runs are never touched. Deletion goes in small batches, each its own short
+    transaction, so no lock is held for long while workers keep running.
+
+    \b
+    Exit codes:
+      0  success (also when nothing was old enough)
+      1  error (e.g. the database is down)
+      2  usage error (--older-than is required, and must be more than 0)
+
+    \b
+    Examples:
+      flowsmith prune --older-than 7d
+      flowsmith prune --older-than 12h --url postgresql://app@db/app
+    """
+    with open_storage(url) as storage:
+        pruned = storage.prune_flows(older_than_seconds=older_than, batch_size=batch_size)
+    if as_json:
+        echo_json({"pruned": pruned, "older_than_seconds": older_than})
+        return
+    click.echo(
+        f"Pruned {pruned} finished flow run(s), with their steps, "
+        f"finished more than {format_duration(older_than)} ago."
+    )
+
+
+_STATUS_ORDER = [s.value for s in NodeStatus]
+
+
+@main.command()
+@url_option
+@json_option
+def stats(url: str | None, as_json: bool) -> None:
+    """Counts of runs by status, steps by queue and status, the backlog, in-flight by worker.
+
+    "Oldest runnable" is how long the longest-waiting step that could run now
+    has waited (a sign that workers are missing or queues are capped too low).
+    Queue limits set with `flowsmith queue-limit` are shown in the LIMIT column.
+
+    \b
+    Exit codes:
+      0  success
+      1  error (e.g. the database is down)
+      2  usage error
+
+    \b
+    Examples:
+      flowsmith stats
+      flowsmith stats --json | jq .oldest_runnable_age
+    """
+    with open_storage(url) as storage:
+        counts = storage.stats()
+        limits = storage.queue_limits()
+    if as_json:
+        echo_json({**dataclasses.asdict(counts), "queue_limits": limits})
+        return
+    click.echo("Flow runs by status")
+    flow_rows: list[list[object]] = [
+        [s.value, counts.flows_by_status.get(s.value, 0)] for s in FlowStatus
+    ]
+    click.echo(format_table(("STATUS", "RUNS"), flow_rows))
+
+    click.echo("\nSteps by queue")
+    seen = {str(s) for by_status in counts.nodes_by_queue.values() for s in by_status}
+    columns = [s for s in _STATUS_ORDER if s in seen or s in ("PENDING", "RUNNING")]
+    queue_rows: list[list[object]] = [
+        [
+            queue,
+            *(counts.nodes_by_queue.get(queue, {}).get(s, 0) for s in columns),
+            limits.get(queue, "-"),
+        ]
+        for queue in sorted(set(counts.nodes_by_queue) | set(limits))
+    ]
+    if queue_rows:
+        click.echo(format_table(("QUEUE", *columns, "LIMIT"), queue_rows))
+    else:
+        click.echo("(no steps)")
+
+    oldest = counts.oldest_runnable_age
+    click.echo(
+        "\nOldest runnable step: "
+        + ("none waiting" if oldest is None else f"waiting for {format_duration(oldest)}")
+    )
+    click.echo(f"Attempts: {counts.attempts}   Rescued after a lost worker: {counts.rescues}")
+
+    click.echo("\nIn flight by worker")
+    if counts.in_flight_by_worker:
+        click.echo(
+            format_table(
+                ("WORKER", "RUNNING"),
+                [[short_worker(w), n] for w, n in sorted(counts.in_flight_by_worker.items())],
+            )
+        )
+    else:
+        click.echo("(no step running)")
+
+
+@main.command()
+@url_option
+@json_option
+def workers(url: str | None, as_json: bool) -> None:
+    """List the live workers: host, pid, queues, in-flight steps, start and last heartbeat.
+
+    A worker whose heartbeat is older than three of its leases is dead; the
+    next rescue by any worker removes its row. Worker ids are cut to 8
+    characters in the table (full with --json).
+
+    \b
+    Exit codes:
+      0  success (also when no worker is registered)
+      1  error (e.g. the database is down)
+      2  usage error
+
+    \b
+    Examples:
+      flowsmith workers
+      flowsmith workers --json | jq '.workers[] | {host, pid, in_flight}'
+    """
+    with open_storage(url) as storage:
+        found = storage.list_workers()
+    if as_json:
+        echo_json({"workers": found})
+        return
+    if not found:
+        click.echo("No worker is registered.")
+        return
+    rows: list[list[object]] = [
+        [
+            short_worker(w.id),
+            w.host,
+            w.pid,
+            w.version,
+            ",".join(w.queues),
+            f"{w.in_flight}/{w.concurrency}",
+            format_time(w.started_at),
+            format_time(w.heartbeat_at),
+        ]
+        for w in found
+    ]
+    headers = ("WORKER", "HOST", "PID", "VERSION", "QUEUES", "IN_FLIGHT", "STARTED", "HEARTBEAT")
+    click.echo(format_table(headers, rows))
+
+
+@main.command("queue-limit")
+@click.argument("queue")
+@click.argument("limit", metavar="N")
+@url_option
+@json_option
+def queue_limit(queue: str, limit: str, url: str | None, as_json: bool) -> None:
+    """Cap the steps of QUEUE running at once across all workers; N=none removes the cap.
+
+    N is a whole number (0 pauses the queue: nothing new starts) or `none`.
+    Steps already running are not stopped. `flowsmith stats` shows the caps.
+
+    \b
+    Exit codes:
+      0  success
+      1  error (e.g. the database is down)
+      2  usage error (N is not a number >= 0 or `none`)
+
+    \b
+    Examples:
+      flowsmith queue-limit emails 5
+      flowsmith queue-limit emails none
+    """
+    max_running = _parse_limit(limit)
+    if not queue.strip() or len(queue) > 100:
+        raise click.BadParameter("a queue name has 1 to 100 characters", param_hint="QUEUE")
+    with open_storage(url) as storage:
+        storage.set_queue_limit(queue=queue, max_running=max_running)
+    if as_json:
+        echo_json({"queue": queue, "max_running": max_running})
+    elif max_running is None:
+        click.echo(f"Queue {queue!r}: no limit.")
+    else:
+        click.echo(f"Queue {queue!r}: at most {max_running} step(s) running at once.")
+
+
+def _parse_limit(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise click.BadParameter(
+            f"{text!r}: give a whole number >= 0, or `none` to remove the limit",
+            param_hint="N",
+        )
+    return value
