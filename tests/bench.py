@@ -50,9 +50,24 @@ def drain(url: str, storage: Storage, flows: int, workers: int, concurrency: int
     """Start the workers, wait until every run completed; return seconds."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "flowsmith_worker", "worker", "tests.bench", "--url", url,
-             "--concurrency", str(concurrency), "--poll-interval", "0.05", "--log-format", "json"],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "flowsmith_worker",
+                "worker",
+                "tests.bench",
+                "--url",
+                url,
+                "--concurrency",
+                str(concurrency),
+                "--poll-interval",
+                "0.05",
+                "--log-format",
+                "json",
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         for _ in range(workers)
@@ -99,7 +114,9 @@ def urls(backends: list[str], base: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--flows", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -108,8 +125,10 @@ def main() -> None:
     setup_logging(level="WARNING")
     with tempfile.TemporaryDirectory(prefix="flowsmith-bench-") as tmp:
         targets = urls(args.backends.split(","), Path(tmp))
-        print(f"{args.flows} flows x {STEPS_PER_FLOW} no-op steps, {args.workers} workers "
-              f"x concurrency {args.concurrency}, durable database settings")
+        print(
+            f"{args.flows} flows x {STEPS_PER_FLOW} no-op steps, {args.workers} workers "
+            f"x concurrency {args.concurrency}, durable database settings"
+        )
         print(f"{'backend':<12}{'enqueue flows/s':>18}{'steps/s':>12}")
         for backend, url in targets.items():
             enqueue_rate, step_rate = bench(url, args.flows, args.workers, args.concurrency)

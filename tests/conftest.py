@@ -60,7 +60,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 def storage(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterator[Storage]:
     """A migrated storage on each backend, closed after the test."""
     made: Storage = (
-        InMemoryStorage() if backend == "memory" else create_storage(database_url(request, backend, tmp_path))
+        InMemoryStorage()
+        if backend == "memory"
+        else create_storage(database_url(request, backend, tmp_path))
     )
     made.migrate()
     yield made

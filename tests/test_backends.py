@@ -170,7 +170,10 @@ def test_enqueue_commits_or_rolls_back_with_the_callers_transaction(
 
 @pytest.mark.parametrize("backend", ["postgresql", "mysql"])
 def test_workers_ride_out_a_database_restart(
-    request: pytest.FixtureRequest, backend: str, tmp_path: Path, unique: Names,
+    request: pytest.FixtureRequest,
+    backend: str,
+    tmp_path: Path,
+    unique: Names,
     logs: list[dict[str, Any]],
 ) -> None:
     """Stop the server mid-run for several seconds: nothing lost, nothing completed re-run."""
@@ -192,7 +195,9 @@ def test_workers_ride_out_a_database_restart(
     for name in ("a", "b", "c"):
         flow.step(name, step, retries=5, backoff=0.2)
     runs = [flow.run({}, tracking_id=unique("t")) for _ in range(40)]
-    workers = [start_worker(storage, concurrency=4, poll_interval=0.1, lease_seconds=30) for _ in range(2)]
+    workers = [
+        start_worker(storage, concurrency=4, poll_interval=0.1, lease_seconds=30) for _ in range(2)
+    ]
     try:
         eventually(lambda: len(executions) >= 20, timeout=30)
         server.stop()
@@ -208,7 +213,9 @@ def test_workers_ride_out_a_database_restart(
     for run in runs:
         for node in run.trace():
             assert node.status == NodeStatus.COMPLETED and node.finished_at is not None
-            started = [t for tid, s, t in executions if (tid, s) == (run.tracking_id, node.step_name)]
+            started = [
+                t for tid, s, t in executions if (tid, s) == (run.tracking_id, node.step_name)
+            ]
             assert started and all(t <= node.finished_at + 0.01 for t in started), (
                 f"{run.tracking_id}/{node.step_name} ran again after it had completed"
             )

@@ -57,6 +57,7 @@ def test_steps_run_in_order_and_ctx_data_collects_outputs(storage: Storage, uniq
         def fn(ctx: Context) -> Any:
             seen.append(dict(ctx.data))
             return value
+
         return fn
 
     flow = Flow(unique("order"), storage=storage)
@@ -64,15 +65,22 @@ def test_steps_run_in_order_and_ctx_data_collects_outputs(storage: Storage, uniq
     run = flow.run(Context({"order_id": 7}), tracking_id=unique("t"))
     drain(storage)
     assert run.wait(timeout=5) == {"order_id": 7, "a": {"x": 1}, "b": [1, "two"], "c": None}
-    assert seen == [{"order_id": 7}, {"order_id": 7, "a": {"x": 1}},
-                    {"order_id": 7, "a": {"x": 1}, "b": [1, "two"]}]
+    assert seen == [
+        {"order_id": 7},
+        {"order_id": 7, "a": {"x": 1}},
+        {"order_id": 7, "a": {"x": 1}, "b": [1, "two"]},
+    ]
     assert run.status() == FlowStatus.COMPLETED
     assert [(n.step_name, n.status, n.attempt) for n in run.trace()] == [
-        ("a", NodeStatus.COMPLETED, 1), ("b", NodeStatus.COMPLETED, 1), ("c", NodeStatus.COMPLETED, 1)
+        ("a", NodeStatus.COMPLETED, 1),
+        ("b", NodeStatus.COMPLETED, 1),
+        ("c", NodeStatus.COMPLETED, 1),
     ]
 
 
-def test_same_tracking_id_while_pending_returns_the_existing_run(storage: Storage, unique: Names) -> None:
+def test_same_tracking_id_while_pending_returns_the_existing_run(
+    storage: Storage, unique: Names
+) -> None:
     """A second trigger with the same tracking_id enqueues nothing new."""
     flow = one_step_flow(storage, unique("f"), lambda ctx: 1)
     tid = unique("t")
@@ -84,7 +92,9 @@ def test_same_tracking_id_while_pending_returns_the_existing_run(storage: Storag
     assert second.wait(5) == {"a": 1, "only": 1}
 
 
-def test_twenty_threads_triggering_one_tracking_id_create_one_run(storage: Storage, unique: Names) -> None:
+def test_twenty_threads_triggering_one_tracking_id_create_one_run(
+    storage: Storage, unique: Names
+) -> None:
     """Concurrent triggers race on the unique key; exactly one inserts, all get the run."""
     request = new_flow(unique("t"))
     barrier = threading.Barrier(20)
@@ -136,7 +146,9 @@ def test_failed_flow_resumes_at_the_failed_step_only(storage: Storage, unique: N
     assert calls == {"a": 1, "b": 2}
 
 
-def test_completed_tracking_id_raises_flow_already_completed(storage: Storage, unique: Names) -> None:
+def test_completed_tracking_id_raises_flow_already_completed(
+    storage: Storage, unique: Names
+) -> None:
     flow = one_step_flow(storage, unique("f"), lambda ctx: 1)
     tid = unique("t")
     flow.run({}, tracking_id=tid)
@@ -155,7 +167,9 @@ def test_retries_n_allow_n_plus_one_attempts(storage: Storage, unique: Names) ->
         calls.append(ctx.attempt)
         raise ValueError(f"attempt {ctx.attempt} failed")
 
-    run = one_step_flow(storage, unique("f"), always_fails, retries=2, backoff=0).run({}, tracking_id=unique("t"))
+    run = one_step_flow(storage, unique("f"), always_fails, retries=2, backoff=0).run(
+        {}, tracking_id=unique("t")
+    )
     drain(storage)
     with pytest.raises(StepFailed) as failed:
         run.wait(5)
@@ -171,12 +185,15 @@ def test_a_retry_waits_for_its_backoff_in_the_database(storage: Storage, unique:
     assert storage.fail_node(lease=node.lease, error="boom", retry_delay=0.6)
     assert storage.claim_nodes(worker_id="w1", limit=5, lease_seconds=30, queues=["default"]) == []
     retried = eventually(
-        lambda: storage.claim_nodes(worker_id="w2", limit=5, lease_seconds=30, queues=["default"]), timeout=5
+        lambda: storage.claim_nodes(worker_id="w2", limit=5, lease_seconds=30, queues=["default"]),
+        timeout=5,
     )
     assert [n.attempt for n in retried] == [2]
 
 
-def test_a_step_past_its_timeout_fails_the_attempt_and_is_retried(storage: Storage, unique: Names) -> None:
+def test_a_step_past_its_timeout_fails_the_attempt_and_is_retried(
+    storage: Storage, unique: Names
+) -> None:
     def slow_first_time(ctx: Context) -> str:
         if ctx.attempt == 1:
             time.sleep(1.5)
@@ -204,7 +221,9 @@ def test_backoff_strategies_are_validated_when_the_step_is_defined(unique: Names
 # -- leases, fencing and rescue ------------------------------------------------------
 
 
-def test_a_worker_that_lost_its_lease_cannot_overwrite_the_newer_attempt(storage: Storage, unique: Names) -> None:
+def test_a_worker_that_lost_its_lease_cannot_overwrite_the_newer_attempt(
+    storage: Storage, unique: Names
+) -> None:
     """The fencing token: node id, worker id and attempt must all match."""
     storage.enqueue_flow(flow=new_flow(tid := unique("t"), max_attempts=3))
     [old] = storage.claim_nodes(worker_id="old", limit=1, lease_seconds=0.2, queues=["default"])
@@ -224,7 +243,9 @@ def test_a_worker_that_lost_its_lease_cannot_overwrite_the_newer_attempt(storage
     assert (node.attempt, node.rescues, node.lease_owner) == (2, 1, "new")
 
 
-def test_rescue_counts_the_attempt_and_fails_the_flow_when_none_is_left(storage: Storage, unique: Names) -> None:
+def test_rescue_counts_the_attempt_and_fails_the_flow_when_none_is_left(
+    storage: Storage, unique: Names
+) -> None:
     storage.enqueue_flow(flow=new_flow(tid := unique("t"), max_attempts=1))
     storage.claim_nodes(worker_id="dead", limit=1, lease_seconds=0.2, queues=["default"])
     time.sleep(0.4)
@@ -241,14 +262,21 @@ def test_heartbeat_keeps_a_long_step_from_being_rescued(storage: Storage, unique
     [node] = storage.claim_nodes(worker_id="alive", limit=1, lease_seconds=0.5, queues=["default"])
     for _ in range(4):
         time.sleep(0.25)
-        assert storage.extend_leases(worker_id="alive", node_ids=[node.node_id], lease_seconds=0.5) == 1
+        assert (
+            storage.extend_leases(worker_id="alive", node_ids=[node.node_id], lease_seconds=0.5)
+            == 1
+        )
     assert storage.rescue_expired() == []
     assert storage.complete_node(lease=node.lease, output=1)
 
 
-def test_released_nodes_are_claimable_at_once_without_an_attempt_counted(storage: Storage, unique: Names) -> None:
+def test_released_nodes_are_claimable_at_once_without_an_attempt_counted(
+    storage: Storage, unique: Names
+) -> None:
     storage.enqueue_flow(flow=new_flow(unique("t")))
-    [node] = storage.claim_nodes(worker_id="leaving", limit=1, lease_seconds=300, queues=["default"])
+    [node] = storage.claim_nodes(
+        worker_id="leaving", limit=1, lease_seconds=300, queues=["default"]
+    )
     assert storage.release_nodes(worker_id="leaving", node_ids=[node.node_id]) == 1
     [again] = storage.claim_nodes(worker_id="other", limit=1, lease_seconds=300, queues=["default"])
     assert again.node_id == node.node_id and again.attempt == 1
@@ -264,7 +292,9 @@ def test_racing_claimers_get_disjoint_nodes(storage: Storage, unique: Names) -> 
 
     def claimer(slot: int) -> None:
         barrier.wait()
-        while batch := storage.claim_nodes(worker_id=f"w{slot}", limit=3, lease_seconds=60, queues=["default"]):
+        while batch := storage.claim_nodes(
+            worker_id=f"w{slot}", limit=3, lease_seconds=60, queues=["default"]
+        ):
             claimed[slot].extend(n.node_id for n in batch)
 
     threads = [threading.Thread(target=claimer, args=(i,)) for i in range(6)]
@@ -282,7 +312,9 @@ def test_watchdog_thread_rescues_expired_leases(storage: Storage, unique: Names)
     watchdog = start_watchdog(timeout_seconds=1, interval_seconds=0.1, storage=storage)
     try:
         [again] = eventually(
-            lambda: storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=["default"]),
+            lambda: storage.claim_nodes(
+                worker_id="w", limit=1, lease_seconds=30, queues=["default"]
+            ),
             timeout=5,
         )
     finally:
@@ -293,7 +325,9 @@ def test_watchdog_thread_rescues_expired_leases(storage: Storage, unique: Names)
 # -- bad input loses nothing and stops nothing ---------------------------------------
 
 
-def test_output_that_is_not_json_fails_the_attempt_naming_step_and_type(storage: Storage, unique: Names) -> None:
+def test_output_that_is_not_json_fails_the_attempt_naming_step_and_type(
+    storage: Storage, unique: Names
+) -> None:
     run = one_step_flow(storage, unique("f"), lambda ctx: {1, 2}).run({}, tracking_id=unique("t"))
     drain(storage)
     with pytest.raises(StepFailed) as failed:
@@ -301,7 +335,9 @@ def test_output_that_is_not_json_fails_the_attempt_naming_step_and_type(storage:
     assert "step 'only' returned a set" in failed.value.error
 
 
-def test_a_node_of_an_unknown_flow_fails_naming_the_flow_and_module(storage: Storage, unique: Names) -> None:
+def test_a_node_of_an_unknown_flow_fails_naming_the_flow_and_module(
+    storage: Storage, unique: Names
+) -> None:
     tid = unique("t")
     storage.enqueue_flow(flow=new_flow(tid, flow_name=unique("not_here")))
     drain(storage)
@@ -333,9 +369,13 @@ def test_step_logs_carry_flow_tracking_id_step_attempt_and_worker(
     step_lines = [line for line in logs if str(line["event"]).startswith("step.")]
     assert {line["event"] for line in step_lines} >= {"step.started", "step.completed"}
     for line in step_lines:
-        assert (line["flow"], line["tracking_id"], line["step"], line["attempt"], line["worker_id"]) == (
-            flow.name, tid, "only", 1, worker.id
-        )
+        assert (
+            line["flow"],
+            line["tracking_id"],
+            line["step"],
+            line["attempt"],
+            line["worker_id"],
+        ) == (flow.name, tid, "only", 1, worker.id)
 
 
 # -- queues, priorities and caps -------------------------------------------------------
@@ -348,7 +388,11 @@ def queued_flow(queue: str, tracking_id: str, priority: int = 0) -> NewFlow:
 
 def test_workers_take_only_their_queues_in_priority_order(storage: Storage, unique: Names) -> None:
     """A lower priority number runs first; a worker never claims another queue's nodes."""
-    for name, queue, priority in [("late", "default", 5), ("mail", "emails", 0), ("soon", "default", 1)]:
+    for name, queue, priority in [
+        ("late", "default", 5),
+        ("mail", "emails", 0),
+        ("soon", "default", 1),
+    ]:
         storage.enqueue_flow(flow=queued_flow(queue, unique(name), priority))
     taken = storage.claim_nodes(worker_id="w", limit=10, lease_seconds=30, queues=["default"])
     assert [n.tracking_id.split("_")[0] for n in taken] == ["soon", "late"]

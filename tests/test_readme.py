@@ -41,10 +41,16 @@ def test_readme_example_runs(index: int, tmp_path: Path) -> None:
             (target.parent / "__init__.py").touch()
     if FILE_HEADER.match(blocks[index]):
         return  # a module: it runs as part of the examples that import it
-    env = {k: v for k, v in os.environ.items() if k not in ("FLOWSMITH_DATABASE_URL", "DATABASE_URL")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("FLOWSMITH_DATABASE_URL", "DATABASE_URL")
+    }
     env["PYTHONPATH"] = str(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-c", blocks[index]], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", blocks[index]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, f"README example {index} failed:\n{blocks[index]}\n{done.stderr}"
