@@ -355,7 +355,7 @@ def test_a_raising_step_never_stops_the_worker(storage: Storage, unique: Names) 
     bad = one_step_flow(storage, unique("bad"), exits).run({}, tracking_id=unique("t"))
     good = one_step_flow(storage, unique("good"), lambda ctx: "ok").run({}, tracking_id=unique("t"))
     drain(storage)
-    with pytest.raises(StepFailed, match="sys.exit"):
+    with pytest.raises(StepFailed, match=r"sys\.exit"):
         bad.wait(5)
     assert good.wait(5)["only"] == "ok"
 
