@@ -65,12 +65,22 @@ def resolve_database_url(explicit: str | None = None) -> str:
     return DEFAULT_DATABASE_URL
 
 
+# Query parameters that carry a secret (libpq's ?password=, drivers' ?passwd=...).
+_SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "pass", "secret", "sslpassword")
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, even when the URL does not parse."""
+    """The URL with every password replaced by ***, even when the URL does not parse."""
     try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+        parsed = sa.make_url(url)
+    except Exception:  # a URL we cannot parse still must not leak
+        hidden = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+        keys = "|".join(_SECRET_QUERY_KEYS)
+        return re.sub(rf"([?&](?:{keys})=)[^&]*", r"\1***", hidden, flags=re.IGNORECASE)
+    secret_keys = [k for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS]
+    if secret_keys:
+        parsed = parsed.update_query_dict(dict.fromkeys(secret_keys, "***"))
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 def parse_database_url(url: str) -> sa.URL:

@@ -214,9 +214,7 @@ def _check_callable(decorator: str, target: object, *args: object) -> None:
         signature.bind(*args)
     except TypeError:
         takes = "one argument, ctx" if args else "no arguments"
-        raise TypeError(
-            f"{decorator} on {where}{signature}: it must take {takes}"
-        ) from None
+        raise TypeError(f"{decorator} on {where}{signature}: it must take {takes}") from None
 
 
 @overload
@@ -255,8 +253,12 @@ def step(
         flow = _current("@step", target)
         _check_callable("@step", target, None)
         flow.step(
-            name or target.__name__, target, retries=retries, timeout=timeout,
-            backoff=backoff, condition=condition,
+            name or target.__name__,
+            target,
+            retries=retries,
+            timeout=timeout,
+            backoff=backoff,
+            condition=condition,
         )
         return target
 
@@ -335,8 +337,13 @@ def subflow(
         step_name = name or target.__name__
         flow._add(
             StepSpec(
-                step_name, _child_starter(target, step_name), retries, None,
-                as_wait_strategy(backoff), condition, subflow=True,
+                step_name,
+                _child_starter(target, step_name),
+                retries,
+                None,
+                as_wait_strategy(backoff),
+                condition,
+                subflow=True,
             )
         )
         return target
@@ -362,4 +369,3 @@ def _child_starter(target: Callable[[Context], Any], step_name: str) -> Callable
         return answer
 
     return start_child
-

@@ -27,6 +27,9 @@ Condition = Callable[[Context], bool]
 TrackingIdSource = str | Callable[[Context], str] | None
 
 log = get_logger("flowsmith.flow")
+# The widths of fs_flows.tracking_id, fs_flows.flow_name and fs_nodes.step_name.
+MAX_TRACKING_ID_LENGTH = 255
+MAX_NAME_LENGTH = 200
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class Flow:
         queue: str = DEFAULT_QUEUE,
         priority: int = 0,
     ) -> None:
-        if not name or not isinstance(name, str):
-            raise ValueError("a flow needs a non-empty name")
+        if not name or not isinstance(name, str) or len(name) > MAX_NAME_LENGTH:
+            raise ValueError(f"a flow needs a name of 1 to {MAX_NAME_LENGTH} characters")
         self.name = name
         self.storage = storage
         self.queue = queue
@@ -102,6 +105,8 @@ class Flow:
         ``{tracking_id}``, the parent's), or None for "<parent tracking_id>:<name>".
         """
 
+        child = getattr(child, "flow", child)  # a @workflow object stands for its Flow
+
         def start_child(ctx: Context) -> dict[str, Any]:
             return {"flow": child, "tracking_id": _child_tracking_id(tracking_id, ctx, name)}
 
@@ -123,8 +128,10 @@ class Flow:
             self.stages.append(group)
 
     def _add(self, spec: StepSpec) -> Flow:
-        if not spec.name or not isinstance(spec.name, str):
-            raise ValueError(f"flow {self.name!r}: a step needs a non-empty name")
+        if not spec.name or not isinstance(spec.name, str) or len(spec.name) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"flow {self.name!r}: a step needs a name of 1 to {MAX_NAME_LENGTH} characters"
+            )
         if self.get_step(spec.name) is not None or any(
             s.name == spec.name for s in self._group or []
         ):
@@ -213,9 +220,15 @@ class Flow:
             ) from None
         if delay is not None and delay < 0:
             raise ValueError(f"delay={delay}: cannot be negative")
+        tracking_id = tracking_id or uuid.uuid4().hex
+        if len(tracking_id) > MAX_TRACKING_ID_LENGTH:
+            raise ValueError(
+                f"tracking_id {tracking_id[:40]!r}... is {len(tracking_id)} characters; "
+                f"the limit is {MAX_TRACKING_ID_LENGTH} (hash a long key, e.g. with hashlib)"
+            )
         return NewFlow(
             flow_name=self.name,
-            tracking_id=tracking_id or uuid.uuid4().hex,
+            tracking_id=tracking_id,
             input=data,
             plan=self.plan(),
             queue=self.queue,

@@ -20,9 +20,10 @@ log = get_logger("flowsmith.rescue")
 
 
 class Rescuer:
-    def __init__(self, storage: Storage, interval: float) -> None:
+    def __init__(self, storage: Storage, interval: float, rescuer_id: str = "watchdog") -> None:
         self.storage = storage
         self.interval = interval
+        self.log = log.bind(worker_id=rescuer_id)
         # A random first delay, so workers started together do not rescue in step.
         self._next_run = time.monotonic() + random.uniform(0, interval)
 
@@ -33,8 +34,9 @@ class Rescuer:
         self._next_run = time.monotonic() + self.interval * random.uniform(0.75, 1.25)
         rescued = self.storage.rescue_expired()
         for node in rescued:
-            log.warning(
+            self.log.warning(
                 "lease.rescued",
+                flow=node.flow_name,
                 tracking_id=node.tracking_id,
                 step=node.step_name,
                 attempt=node.attempt,

@@ -97,7 +97,9 @@ class Worker:
         self.hard_stop = threading.Event()  # stop now; release what is in flight
         self.wakeup = threading.Event()
         self.executor = Executor(self.storage, self.id, stop_retrying=self.hard_stop)
-        self.rescuer = Rescuer(self.storage, interval=_rescue_interval(self.settings))
+        self.rescuer = Rescuer(
+            self.storage, interval=_rescue_interval(self.settings), rescuer_id=self.id
+        )
         # Cron ticks of the flows registered here; the tick's tracking_id makes
         # each enqueue happen once however many workers try.
         self.scheduler = Scheduler(self.storage)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+
 from flowsmith_worker.config import PoolSettings, parse_database_url, redact_url
 from flowsmith_worker.errors import InvalidDatabaseURL
 from flowsmith_worker.storage.base import Storage
@@ -19,6 +21,9 @@ def create_storage(url: str, pool: PoolSettings | None = None) -> Storage:
 
     try:
         return SqlStorage(parsed, pool or PoolSettings())
+    except sa.exc.ArgumentError as exc:
+        message = str(exc).splitlines()[0]
+        raise InvalidDatabaseURL(f"invalid database URL {redact_url(url)!r}: {message}") from None
     except ModuleNotFoundError as exc:
         extra = _EXTRAS.get(parsed.get_backend_name(), "postgres")
         raise InvalidDatabaseURL(

@@ -17,7 +17,8 @@ from sqlalchemy import event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from flowsmith_worker.config import PoolSettings
+from flowsmith_worker.config import PoolSettings, redact_url
+from flowsmith_worker.errors import InvalidDatabaseURL
 
 MIGRATION_LOCK_NAME = "flowsmith_migrate"
 # pg_advisory_xact_lock takes a bigint; any constant of ours will do.
@@ -126,7 +127,27 @@ def create_engine(url: sa.URL, pool: PoolSettings) -> Engine:
         # REPEATABLE READ (MySQL's default) takes gap locks that make concurrent
         # claims and inserts deadlock; READ COMMITTED sees each statement afresh.
         kwargs["isolation_level"] = "READ COMMITTED"
-    return sa.create_engine(url, **kwargs)
+    engine = sa.create_engine(url, **kwargs)
+    _refuse_bad_arguments_cleanly(engine)
+    return engine
+
+
+def _refuse_bad_arguments_cleanly(engine: Engine) -> None:
+    """A driver that rejects an argument of the URL says so in our words.
+
+    mysql-connector raises AttributeError for an unknown ?option=, which
+    SQLAlchemy passes through untranslated.
+    """
+    shown = redact_url(engine.url.render_as_string(hide_password=False))
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.loaded_dbapi.connect(*cargs, **cparams)
+        except dialect.loaded_dbapi.Error:
+            raise  # SQLAlchemy and SqlStorage translate these
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise InvalidDatabaseURL(f"the driver refused the URL {shown}: {exc}") from None
 
 
 def _sqlite_engine(url: sa.URL) -> Engine:

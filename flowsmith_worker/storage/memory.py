@@ -287,12 +287,16 @@ class InMemoryStorage(MemoryOperators, Storage):
             if self._flows[node.record.flow_id].status == FlowStatus.CANCELLED:
                 self._update_node(node, status=NodeStatus.CANCELLED, finished_at=self._clock())
                 return True
-            self._update_node(node, status=NodeStatus.WAITING, lease_expires_at=None)
+            # Enqueue first: if it raises, the node must still be RUNNING so the
+            # executor's fail_node (fenced) can record the error.
             try:
                 self._enqueue(child, parent_node_id=lease.node_id)
             except FlowAlreadyCompleted:
                 finished = self._flows[self._by_tracking_id[child.tracking_id]]
+                self._update_node(node, status=NodeStatus.WAITING, lease_expires_at=None)
                 self._child_completed(lease.node_id, finished.output)
+                return True
+            self._update_node(node, status=NodeStatus.WAITING, lease_expires_at=None)
             return True
 
     # -- advancing and failing ------------------------------------------------
@@ -342,6 +346,11 @@ class InMemoryStorage(MemoryOperators, Storage):
         if parent.record.status != NodeStatus.WAITING:
             return
         parent_error = f"subflow {flow.tracking_id!r} ({flow.flow_name}) failed:\n{error}"
+        if progress.attempts_left(parent.record.attempt, parent.record.max_attempts):
+            self._update_node(
+                parent, status=NodeStatus.PENDING, error=parent_error, run_after=self._clock()
+            )
+            return
         self._update_node(
             parent, status=NodeStatus.FAILED, error=parent_error, finished_at=self._clock()
         )

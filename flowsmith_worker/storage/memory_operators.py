@@ -124,9 +124,11 @@ class MemoryOperators:
             flow_id = self._by_tracking_id.get(tracking_id)
             if flow_id is None:
                 raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
-            if self._flows[flow_id].status == FlowStatus.COMPLETED:
+            status = self._flows[flow_id].status
+            if status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
                 raise FlowSmithError(
-                    f"flow run {tracking_id!r} has already completed; there is nothing to cancel"
+                    f"flow run {tracking_id!r} is {status}; only a pending or running "
+                    "run can be cancelled"
                 )
             self._cancel(flow_id)
             return copy.deepcopy(self._flows[flow_id])

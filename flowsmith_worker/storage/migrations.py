@@ -32,11 +32,12 @@ def _create_flows_and_nodes(conn: Connection) -> None:
 
 def _create_workers_and_queues(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.workers, schema.queues], checkfirst=True)
+    schema.flows_by_created.create(conn, checkfirst=True)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create fs_flows and fs_nodes", _create_flows_and_nodes),
-    Migration(2, "create fs_workers and fs_queues", _create_workers_and_queues),
+    Migration(2, "create fs_workers and fs_queues; index runs by age", _create_workers_and_queues),
 )
 assert MIGRATIONS[-1].version == schema.SCHEMA_VERSION
 

@@ -51,6 +51,8 @@ flows = sa.Table(
     # flowsmith flows --status ... and prune --older-than.
     sa.Index("fs_flows_status_updated", "status", "updated_at"),
 )
+# flowsmith flows (newest first); created by migration 2.
+flows_by_created = sa.Index("fs_flows_created", flows.c.created_at)
 
 nodes = sa.Table(
     "fs_nodes",

@@ -428,6 +428,19 @@ class SqlStorage(SqlOperators, Storage):
             == sa.select(N.c.flow_id).where(N.c.id == flow_row.parent_node_id).scalar_subquery(),
         )
         parent_error = f"subflow {flow_row.tracking_id!r} ({flow_row.flow_name}) failed:\n{error}"
+        # A subflow step with attempts left runs again, and its function's
+        # tracking_id resumes this same child (the child had its own backoff).
+        retried = conn.execute(
+            sa.update(N)
+            .where(
+                N.c.id == flow_row.parent_node_id,
+                N.c.status == NodeStatus.WAITING,
+                N.c.attempt < N.c.max_attempts,
+            )
+            .values(status=NodeStatus.PENDING, error=parent_error, run_after=self._now())
+        ).rowcount
+        if retried:
+            return
         failed = conn.execute(
             sa.update(N)
             .where(N.c.id == flow_row.parent_node_id, N.c.status == NodeStatus.WAITING)

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 import tenacity
 from sqlalchemy.engine import Connection, Row
 
-from flowsmith_worker.config import PoolSettings
-from flowsmith_worker.errors import DatabaseUnavailable, SchemaNotMigrated
+from flowsmith_worker.config import PoolSettings, redact_url
+from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, SchemaNotMigrated
 from flowsmith_worker.plan import Plan
 from flowsmith_worker.storage import migrations, notify, schema
 from flowsmith_worker.storage.base import FlowRecord, FlowStatus, NodeRecord, NodeStatus
@@ -56,7 +56,7 @@ class SqlBase:
         self.engine = create_engine(url, pool)
         self.dialect = dialect_of(self.engine)
         self.supports_notify = self.dialect.supports_notify
-        self.url_for_display = url.render_as_string(hide_password=True)
+        self.url_for_display = redact_url(url.render_as_string(hide_password=False))
         # SQLite has one write lock per file, and a thread that misses it sleeps
         # in SQLite's busy handler (1, 2, 5 ... 100 ms). Threads of one process
         # queue on a Python lock instead and take turns at once; other processes
@@ -78,11 +78,15 @@ class SqlBase:
                     f"the FlowSmith tables are missing in {self.url_for_display}: "
                     "run `flowsmith migrate` (or `flowsmith migrate --url URL`)"
                 ) from exc
+            if exc.statement is None and not is_transient(exc):
+                # Raised while connecting, not by a statement: the URL itself is wrong.
+                raise InvalidDatabaseURL(
+                    f"cannot connect to {self.url_for_display}: {_first_line(exc.orig or exc)}"
+                ) from exc
             if is_transient(exc):
-                first_line = (str(exc.orig).strip().splitlines() or [""])[0]
                 raise DatabaseUnavailable(
                     f"database {self.url_for_display} is unavailable: "
-                    f"{type(exc.orig).__name__}: {first_line}"
+                    f"{type(exc.orig).__name__}: {_first_line(exc.orig or exc)}"
                 ) from exc
             raise
 
@@ -132,6 +136,10 @@ class SqlBase:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 def _is_deadlock(error: BaseException) -> bool:

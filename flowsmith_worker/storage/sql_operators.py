@@ -132,9 +132,10 @@ class SqlOperators(SqlBase):
             ).first()
             if row is None:
                 raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
-            if row.status == FlowStatus.COMPLETED:
+            if row.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
                 raise FlowSmithError(
-                    f"flow run {tracking_id!r} has already completed; there is nothing to cancel"
+                    f"flow run {tracking_id!r} is {row.status}; only a pending or running "
+                    "run can be cancelled"
                 )
             self._cancel(conn, row.id)
             return flow_record(conn.execute(sa.select(F).where(F.c.id == row.id)).one())
@@ -183,10 +184,12 @@ class SqlOperators(SqlBase):
             conn.execute(
                 sa.select(F.c.id)
                 .where(
+                    # updated_at equals finished_at once a run is finished, and
+                    # (status, updated_at) is indexed.
                     F.c.status.in_(FINISHED_FLOW_STATUSES),
-                    F.c.finished_at < self._now() - older_than_seconds,
+                    F.c.updated_at < self._now() - older_than_seconds,
                 )
-                .order_by(F.c.finished_at)
+                .order_by(F.c.updated_at)
                 .limit(batch_size)
             ).scalars()
         )
