@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from flowsmith_worker.examples.orders import order_flow
+from flowsmith_worker.log import setup_logging
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, Stats, Storage
 
@@ -22,6 +23,7 @@ DEMO_DEADLINE_SECONDS = 120
 
 
 def run_demo(db_path: str, flow_count: int, worker_count: int) -> None:
+    setup_logging(level="WARNING")  # the workers' logs go to files; keep this screen for the story
     url = _fresh_database(db_path)
     storage = create_storage(url)
     storage.migrate()
