@@ -24,7 +24,7 @@ from click.testing import CliRunner, Result
 
 from flowsmith_worker import Context, Flow, Worker
 from flowsmith_worker.cli import main
-from flowsmith_worker.cli_ops import (
+from flowsmith_worker.cli_format import (
     format_duration,
     format_table,
     format_time,
