@@ -217,7 +217,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def release_nodes(self, *, worker_id: str, node_ids: Sequence[int]) -> int:
-        """Hand unfinished nodes back at once (shutdown); the attempt is not counted."""
+        """Hand unfinished nodes back at once (shutdown).
+
+        The interrupted attempt keeps its number (attempt numbers only grow: with
+        the worker id they are the fencing token) but is given back to the step's
+        allowance: max_attempts grows by one, so a release never uses up a retry.
+        """
 
     @abc.abstractmethod
     def rescue_expired(self, *, limit: int = 100) -> list[RescuedNode]:

@@ -383,7 +383,7 @@ class InMemoryStorage(MemoryOperators, Storage):
                 self._update_node(
                     node,
                     status=NodeStatus.PENDING,
-                    attempt=node.record.attempt - 1,
+                    max_attempts=node.record.max_attempts + 1,
                     lease_owner=None,
                     lease_expires_at=None,
                     run_after=self._clock(),

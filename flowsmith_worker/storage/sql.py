@@ -504,7 +504,7 @@ class SqlStorage(SqlOperators, Storage):
                     )
                     .values(
                         status=NodeStatus.PENDING,
-                        attempt=N.c.attempt - 1,
+                        max_attempts=N.c.max_attempts + 1,
                         lease_owner=None,
                         lease_expires_at=None,
                         run_after=self._now(),

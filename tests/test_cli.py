@@ -1,0 +1,569 @@
+"""The `flowsmith` command line: migrate, worker start-up errors, signals, logs.
+
+click's CliRunner where no process is needed; real `flowsmith worker`
+subprocesses (with the flows module in their working directory) where signals,
+exit codes or the process's own output matter. `flowsmith worker` configures
+logging for its whole process, so it always runs in a subprocess here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner, Result
+from sqlalchemy.pool import NullPool
+
+from flowsmith_worker import Flow, SchemaNotMigrated
+from flowsmith_worker.cli import main
+from flowsmith_worker.config import parse_database_url
+from flowsmith_worker.storage import create_storage, schema
+from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Storage
+from tests.conftest import database_url, eventually
+
+pytestmark = pytest.mark.slow
+
+# The brief named fs_flows, fs_nodes and fs_schema_version; later migrations may add
+# more tables, all of them fs_*, all of them declared in storage/schema.py.
+FS_CORE_TABLES = {"fs_flows", "fs_nodes", "fs_schema_version"}
+FS_TABLES = set(schema.metadata.tables)
+ALL_VERSIONS = list(range(1, schema.SCHEMA_VERSION + 1))
+
+FLOWS_MODULE = textwrap.dedent(
+    '''
+    """Flows for tests/test_cli.py."""
+    import json
+    import os
+    import time
+
+    from flowsmith_worker import Flow
+
+    _fd = os.open(os.environ["FS_EXEC_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+    def _record(ctx, event):
+        line = json.dumps({"tracking_id": ctx.tracking_id, "step": ctx.step,
+                           "attempt": ctx.attempt, "pid": os.getpid(), "event": event,
+                           "t": time.time()})
+        os.write(_fd, (line + "\\n").encode())
+
+
+    def slow(ctx):
+        _record(ctx, "start")
+        time.sleep(float(os.environ.get("FS_STEP_SECONDS", "0.05")))
+        _record(ctx, "end")
+        return {"pid": os.getpid()}
+
+
+    def flaky(ctx):
+        if ctx.attempt == 1:
+            raise RuntimeError("flaky: first attempt fails")
+        return "ok"
+
+
+    def doomed(ctx):
+        raise RuntimeError("doomed: every attempt fails")
+
+
+    NAME = os.environ["FS_FLOW_NAME"]
+    slow_flow = Flow(NAME).step("slow", slow)
+    logged_flow = Flow(NAME + "_logged").step("first", slow).step(
+        "flaky", flaky, retries=1, backoff=0.05)
+    doomed_flow = Flow(NAME + "_doomed").step("doomed", doomed)
+    '''
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_clean_failure(result: Result) -> None:
+    """Non-zero exit through click's error path: a message, not a traceback."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), result.exc_info
+    assert "Traceback" not in result.output, result.output
+
+
+def engine_for(url: str) -> sa.Engine:
+    return sa.create_engine(parse_database_url(url), poolclass=NullPool)
+
+
+def table_names(url: str) -> set[str]:
+    engine = engine_for(url)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def schema_versions(url: str) -> list[int]:
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            query = sa.text("SELECT version FROM fs_schema_version ORDER BY version")
+            return list(conn.execute(query).scalars())
+    finally:
+        engine.dispose()
+
+
+def flowsmith(*args: str, cwd: Path, env: dict[str, str] | None = None,
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flowsmith_worker", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+class WorkerProcess:
+    """A `flowsmith worker` subprocess whose output (stdout and stderr) goes to a file."""
+
+    def __init__(self, workdir: Path, url: str, env: dict[str, str], *args: str,
+                 module: str = "cliflows") -> None:
+        self.log_path = workdir / f"worker-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flowsmith_worker", "worker", module, "--url", url,
+             "--log-format", "json", *args],
+            cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        self.pid = self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.output().splitlines() if line.strip()]
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        eventually(lambda: self._exited_check() or '"worker.started"' in self.output(), timeout)
+
+    def _exited_check(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output()}")
+        return False
+
+    def terminate(self, sig: signal.Signals = signal.SIGTERM) -> float:
+        """Send SIGTERM (or ``sig``); return the monotonic time it was sent."""
+        os.kill(self.pid, sig)
+        return time.monotonic()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker {self.pid} still running {timeout} s later:\n{self.output()[-3000:]}"
+            ) from None
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+class App:
+    """A working directory with the flows module, a database and the workers' env."""
+
+    def __init__(self, tmp_path: Path, url: str, flow_name: str) -> None:
+        self.dir = tmp_path / "app"
+        self.dir.mkdir()
+        (self.dir / "cliflows.py").write_text(FLOWS_MODULE)
+        self.events_path = tmp_path / "events.jsonl"
+        self.events_path.touch()
+        self.url = url
+        self.name = flow_name
+        self.env = dict(os.environ, FS_FLOW_NAME=flow_name, FS_EXEC_LOG=str(self.events_path))
+        self.storage: Storage = create_storage(url)
+        self.storage.migrate()
+        self.workers: list[WorkerProcess] = []
+
+    def worker(self, *args: str, step_seconds: float = 0.05, module: str = "cliflows"
+               ) -> WorkerProcess:
+        env = dict(self.env, FS_STEP_SECONDS=str(step_seconds))
+        self.workers.append(WorkerProcess(self.dir, self.url, env, *args, module=module))
+        return self.workers[-1]
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
+
+    def started(self, pid: int) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e["pid"] == pid and e["event"] == "start"]
+
+    def node(self, tracking_id: str, step: str) -> Any:
+        record = self.storage.get_flow(tracking_id=tracking_id)
+        assert record is not None
+        return next(n for n in self.storage.list_nodes(flow_id=record.id) if n.step_name == step)
+
+    def flow_status(self, tracking_id: str) -> FlowStatus:
+        record = self.storage.get_flow(tracking_id=tracking_id)
+        assert record is not None
+        return record.status
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.cleanup()
+        self.storage.close()
+
+
+@pytest.fixture
+def sqlite_app(tmp_path: Path, unique: Callable[[str], str]) -> Iterator[App]:
+    app = App(tmp_path, f"sqlite:///{tmp_path / 'app.db'}", unique("cli"))
+    yield app
+    app.close()
+
+
+def mirror(name: str, storage: Storage, *steps: tuple[str, int]) -> Flow:
+    """The flow of the workers' module, as far as enqueueing needs: names and retries."""
+    flow = Flow(name, storage=storage)
+    for step, retries in steps:
+        flow.step(step, _never_here, retries=retries)
+    return flow
+
+
+def _never_here(_ctx: Any) -> None:
+    raise AssertionError("steps run in the worker processes, not in the test")
+
+
+# --------------------------------------------------------------------------- migrate
+
+
+def test_migrate_creates_only_fs_tables_and_is_repeatable(sql_url: str) -> None:
+    """`flowsmith migrate --url` adds fs_flows, fs_nodes, fs_schema_version and no table
+    that is not an fs_* table of the schema.
+
+    A user table that was there before keeps its columns and rows; a second
+    run succeeds and records nothing new.
+    """
+    assert FS_CORE_TABLES <= FS_TABLES and all(t.startswith("fs_") for t in FS_TABLES)
+    engine = engine_for(sql_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE orders (id INTEGER PRIMARY KEY, note VARCHAR(50))"))
+        conn.execute(sa.text("INSERT INTO orders (id, note) VALUES (1, 'keep me')"))
+    before = table_names(sql_url)
+    columns_before = [c["name"] for c in sa.inspect(engine).get_columns("orders")]
+
+    first = invoke("migrate", "--url", sql_url)
+    assert first.exit_code == 0, first.output
+    assert f"version {schema.SCHEMA_VERSION}" in first.output
+    assert table_names(sql_url) - before == FS_TABLES
+    assert before <= table_names(sql_url)
+
+    second = invoke("migrate", "--url", sql_url)
+    assert second.exit_code == 0, second.output
+    password = sa.make_url(sql_url).password
+    if password:
+        assert password not in first.output + second.output
+    assert table_names(sql_url) - before == FS_TABLES
+    assert schema_versions(sql_url) == ALL_VERSIONS
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT id, note FROM orders")).all() == [(1, "keep me")]
+    assert [c["name"] for c in sa.inspect(engine).get_columns("orders")] == columns_before
+    engine.dispose()
+
+
+def test_concurrent_migrate_processes_all_succeed(sql_url: str, tmp_path: Path) -> None:
+    """Three `flowsmith migrate` processes started at once all exit 0; each schema version
+    (1 and any later one) is recorded once."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flowsmith_worker", "migrate", "--url", sql_url],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert schema_versions(sql_url) == ALL_VERSIONS
+    assert table_names(sql_url) == FS_TABLES
+
+
+# --------------------------------------------------------------------------- before migrating
+
+
+def test_flow_run_before_migrate_says_run_migrate(sql_url: str, unique: Callable[[str], str]
+                                                  ) -> None:
+    """flow.run on an unmigrated database raises SchemaNotMigrated naming `flowsmith migrate`."""
+    storage = create_storage(sql_url)
+    flow = mirror(unique("early"), storage, ("only", 0))
+    with pytest.raises(SchemaNotMigrated, match="flowsmith migrate") as caught:
+        flow.run({"x": 1})
+    password = sa.make_url(sql_url).password
+    if password:
+        assert password not in str(caught.value)
+    storage.close()
+
+
+def test_worker_before_migrate_exits_with_a_message(sql_url: str, tmp_path: Path) -> None:
+    """`flowsmith worker` on an unmigrated database exits non-zero saying `flowsmith migrate`."""
+    (tmp_path / "emptyflows.py").write_text("")
+    done = flowsmith("worker", "emptyflows", "--url", sql_url, cwd=tmp_path, timeout=30)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "flowsmith migrate" in output
+    assert "Traceback" not in output
+    password = sa.make_url(sql_url).password
+    if password:
+        assert password not in output
+    assert not FS_TABLES & table_names(sql_url), "the worker must not create the tables itself"
+
+
+# --------------------------------------------------------------------------- bad URLs and modules
+
+BAD_URLS = {
+    "refused-postgresql": ("postgresql://bob:hunter2@127.0.0.1:1/x", "127.0.0.1"),
+    "refused-mysql": ("mysql://bob:hunter2@127.0.0.1:1/x", "127.0.0.1"),
+    "garbage": ("this is not a url", "cannot parse database URL"),
+    "garbage-with-password": ("postgresql://bob:hunter2@db:port/x", "cannot parse database URL"),
+    "unsupported-scheme": ("oracle://bob:hunter2@db.example.com/x", "unsupported database"),
+    # The driver refuses the option when connecting (psycopg2: ProgrammingError
+    # "invalid dsn"; mysql-connector: AttributeError).
+    "unknown-option-postgresql": ("postgresql://bob:hunter2@127.0.0.1:1/x?bogus=1", "bogus"),
+    "unknown-option-mysql": ("mysql://bob:hunter2@127.0.0.1:1/x?bogus=1", "bogus"),
+    # SQLAlchemy's sqlite dialect refuses it when the engine is created.
+    "malformed-sqlite": ("sqlite://bob:hunter2@/x.db", "sqlite"),
+    # libpq takes the password from the query too; hide_password only hides user:pass@.
+    "password-in-query": ("postgresql://bob@127.0.0.1:1/x?password=hunter2", "127.0.0.1"),
+}
+
+
+@pytest.mark.parametrize("url, expected", BAD_URLS.values(), ids=BAD_URLS.keys())
+def test_migrate_bad_url_fails_fast_without_password(url: str, expected: str) -> None:
+    """`flowsmith migrate` with a bad URL: a clear one-line error, no password, no traceback."""
+    started = time.monotonic()
+    result = invoke("migrate", "--url", url)
+    assert time.monotonic() - started < 10
+    assert_clean_failure(result)
+    assert expected in result.output
+    assert "hunter2" not in result.output
+
+
+WORKER_BAD_URLS = ["refused-postgresql", "garbage-with-password", "unsupported-scheme",
+                   "unknown-option-mysql", "password-in-query"]
+
+
+@pytest.mark.parametrize("url, expected", [BAD_URLS[k] for k in WORKER_BAD_URLS],
+                         ids=WORKER_BAD_URLS)
+def test_worker_bad_url_fails_fast_without_password(url: str, expected: str, tmp_path: Path
+                                                    ) -> None:
+    """`flowsmith worker` with a bad URL exits non-zero at once: no password, no traceback."""
+    (tmp_path / "emptyflows.py").write_text("")
+    started = time.monotonic()
+    done = flowsmith("worker", "emptyflows", "--url", url, cwd=tmp_path, timeout=30)
+    output = done.stdout + done.stderr
+    assert time.monotonic() - started < 15, output
+    assert done.returncode != 0, output
+    assert expected in output
+    assert "hunter2" not in output
+    assert "Traceback" not in output
+
+
+def test_worker_nonexistent_module_cannot_import(tmp_path: Path) -> None:
+    """`flowsmith worker nonexistent_module` says it cannot import the module."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    done = flowsmith("worker", "nonexistent_module_xyz", "--url", url, cwd=tmp_path, timeout=30)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "cannot import module 'nonexistent_module_xyz'" in output
+    assert "Traceback" not in output
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_idle_worker_exits_zero_promptly(sqlite_app: App, sig: signal.Signals
+                                                     ) -> None:
+    """SIGTERM (or SIGINT) wakes an idle worker at once (even with a 5 s poll); it exits 0."""
+    worker = sqlite_app.worker("--poll-interval", "5")
+    worker.wait_started()
+    time.sleep(0.3)  # in its idle sleep by now
+    sent = worker.terminate(sig)
+    assert worker.wait(10) == 0, worker.output()
+    assert time.monotonic() - sent < 2.0, worker.output()
+
+
+def test_sigterm_lets_the_running_step_finish(sqlite_app: App) -> None:
+    """SIGTERM during a 3 s step, grace 10 s: the step finishes, commits, and the worker exits 0.
+
+    With a 1 s lease and a second worker watching, the step's lease is kept
+    alive while the worker waits to stop: it is not rescued, and runs once.
+    """
+    app = sqlite_app
+    run = mirror(app.name, app.storage, ("slow", 3)).run({})
+    worker = app.worker("--poll-interval", "0.1", "--shutdown-timeout", "10", "--lease", "1",
+                        step_seconds=3)
+    worker.wait_started()
+    eventually(lambda: app.started(worker.pid), timeout=15)
+    watcher = app.worker("--poll-interval", "0.1", "--lease", "1")
+    watcher.wait_started()
+    assert [e["event"] for e in app.events()] == ["start"], "the step must still be running"
+    sent = worker.terminate()
+    assert worker.wait(15) == 0, worker.output()
+    assert time.monotonic() - sent < 5, worker.output()
+    assert app.flow_status(run.tracking_id) == FlowStatus.COMPLETED
+    node = app.node(run.tracking_id, "slow")
+    assert (node.status, node.attempt, node.rescues) == (NodeStatus.COMPLETED, 1, 0), node
+    assert [(e["event"], e["pid"]) for e in app.events()] == [
+        ("start", worker.pid), ("end", worker.pid)
+    ]
+    watcher.terminate()
+    assert watcher.wait(15) == 0, watcher.output()
+
+
+def test_sigterm_past_the_grace_period_releases_the_step(sqlite_app: App) -> None:
+    """Grace 0.5 s and a 30 s step: the worker exits within seconds and hands the step back.
+
+    The node is PENDING as soon as the worker is gone (released, not left to a
+    60 s lease), and a second worker runs it right away.
+    """
+    app = sqlite_app
+    run = mirror(app.name, app.storage, ("slow", 0)).run({})
+    first = app.worker("--poll-interval", "0.1", "--shutdown-timeout", "0.5", "--lease", "60",
+                       step_seconds=30)
+    first.wait_started()
+    eventually(lambda: app.started(first.pid), timeout=15)
+    sent = first.terminate()
+    assert first.wait(10) == 0, first.output()
+    assert time.monotonic() - sent < 4, first.output()
+    node = app.node(run.tracking_id, "slow")
+    assert node.status == NodeStatus.PENDING, node
+    assert node.lease_owner is None and node.lease_expires_at is None, node
+    assert node.rescues == 0, node
+
+    second = app.worker("--poll-interval", "0.1", "--lease", "60", step_seconds=0.05)
+    second.wait_started()
+    eventually(lambda: app.flow_status(run.tracking_id) == FlowStatus.COMPLETED, timeout=15)
+    assert app.started(second.pid), "the second worker did not run the released step"
+    assert [e["event"] for e in app.events() if e["pid"] == first.pid] == ["start"]
+    second.terminate()
+    assert second.wait(15) == 0, second.output()
+
+
+def test_second_sigterm_stops_at_once(sqlite_app: App) -> None:
+    """A first SIGTERM waits for the 30 s step (grace 30 s); a second one stops at once.
+
+    The worker exits 0 and the unfinished node is PENDING again.
+    """
+    app = sqlite_app
+    run = mirror(app.name, app.storage, ("slow", 0)).run({})
+    worker = app.worker("--poll-interval", "0.1", "--shutdown-timeout", "30", "--lease", "60",
+                        step_seconds=30)
+    worker.wait_started()
+    eventually(lambda: app.started(worker.pid), timeout=15)
+    worker.terminate()
+    time.sleep(1.0)
+    assert worker.proc.poll() is None, "the first SIGTERM must let the step run on"
+    sent = worker.terminate()
+    assert worker.wait(10) == 0, worker.output()
+    assert time.monotonic() - sent < 2.0, worker.output()
+    node = app.node(run.tracking_id, "slow")
+    assert node.status == NodeStatus.PENDING and node.lease_owner is None, node
+
+
+# --------------------------------------------------------------------------- unknown flows
+
+
+def test_unknown_flow_fails_naming_the_module_to_import(sqlite_app: App,
+                                                        unique: Callable[[str], str]) -> None:
+    """A run of a flow the worker never imported fails; the error names it and its module."""
+    app = sqlite_app
+    orphan = mirror(unique("orphan"), app.storage, ("lonely", 0))
+    run = orphan.run({})
+    worker = app.worker("--poll-interval", "0.1")
+    worker.wait_started()
+    eventually(lambda: app.flow_status(run.tracking_id) == FlowStatus.FAILED, timeout=15)
+    node = app.node(run.tracking_id, "lonely")
+    assert node.status == NodeStatus.FAILED
+    assert repr(orphan.name) in node.error
+    assert f"flowsmith worker {__name__}" in node.error, node.error
+    assert app.events() == [], "no step of the worker's own flows may run instead"
+    worker.terminate()
+    assert worker.wait(15) == 0, worker.output()
+
+
+# --------------------------------------------------------------------------- logs
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_json_logs_carry_step_fields_and_never_the_password(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    """With --log-format json every line is JSON; each line about a step carries flow,
+    tracking_id, step, attempt and worker_id; the URL's password never appears."""
+    url = database_url(request, backend, tmp_path)
+    password = sa.make_url(url).password
+    assert password
+    app = App(tmp_path, url, unique("logs"))
+    try:
+        logged = mirror(app.name + "_logged", app.storage, ("first", 0), ("flaky", 1)).run({})
+        doomed = mirror(app.name + "_doomed", app.storage, ("doomed", 0)).run({})
+        worker = app.worker("--poll-interval", "0.1")
+        worker.wait_started()
+        eventually(lambda: app.flow_status(logged.tracking_id) == FlowStatus.COMPLETED
+                   and app.flow_status(doomed.tracking_id) == FlowStatus.FAILED, timeout=20)
+        worker.terminate()
+        assert worker.wait(15) == 0, worker.output()
+
+        output = worker.output()
+        assert password not in output
+        lines = worker.log_lines()  # fails on any line that is not JSON
+        worker_ids = {line["worker_id"] for line in lines if line["event"] == "worker.started"}
+        assert len(worker_ids) == 1
+        assert "***" in next(line["database"] for line in lines
+                             if line["event"] == "worker.started")
+        runs = {logged.tracking_id: logged.flow_name, doomed.tracking_id: doomed.flow_name}
+        step_lines = [line for line in lines if line["event"].startswith("step.")]
+        assert {line["event"] for line in step_lines} >= {
+            "step.started", "step.completed", "step.retry_scheduled", "step.failed"
+        }
+        for line in step_lines:
+            assert runs[line["tracking_id"]] == line["flow"], line
+            assert line["step"] in ("first", "flaky", "doomed"), line
+            assert isinstance(line["attempt"], int) and line["attempt"] >= 1, line
+            assert line["worker_id"] in worker_ids, line
+        assert {(line["step"], line["attempt"]) for line in step_lines
+                if line["event"] == "step.retry_scheduled"} == {("flaky", 1)}
+    finally:
+        app.close()
+
+
+def test_rescue_log_lines_carry_step_fields(sqlite_app: App) -> None:
+    """The worker that rescues a dead worker's step logs it with flow, tracking_id, step,
+    attempt and worker_id (its own), like every other line about a step."""
+    app = sqlite_app
+    run = mirror(app.name, app.storage, ("slow", 2)).run({})
+    doomed = app.worker("--poll-interval", "0.1", "--lease", "1", step_seconds=30)
+    doomed.wait_started()
+    eventually(lambda: app.started(doomed.pid), timeout=15)
+    os.kill(doomed.pid, signal.SIGKILL)
+    assert doomed.wait(10) == -signal.SIGKILL
+    rescuer = app.worker("--poll-interval", "0.1", "--lease", "1")
+    rescuer.wait_started()
+    eventually(lambda: app.flow_status(run.tracking_id) == FlowStatus.COMPLETED, timeout=20)
+    rescuer.terminate()
+    assert rescuer.wait(15) == 0, rescuer.output()
+
+    lines = rescuer.log_lines()
+    worker_id = next(line["worker_id"] for line in lines if line["event"] == "worker.started")
+    about_steps = [line for line in lines if "step" in line]
+    assert "lease.rescued" in {line["event"] for line in about_steps}, lines
+    for line in about_steps:
+        missing = {"flow", "tracking_id", "step", "attempt", "worker_id"} - line.keys()
+        assert not missing, f"{line['event']} lacks {missing}: {line}"
+        assert (line["flow"], line["tracking_id"], line["worker_id"]) == (
+            app.name, run.tracking_id, worker_id), line
