@@ -275,7 +275,9 @@ def test_released_nodes_are_claimable_at_once_without_using_up_a_retry(
 ) -> None:
     """A release (shutdown) hands the node back now; its attempt is added back to the allowance."""
     storage.enqueue_flow(flow=new_flow(unique("t"), max_attempts=1))
-    [node] = storage.claim_nodes(worker_id="leaving", limit=1, lease_seconds=300, queues=["default"])
+    [node] = storage.claim_nodes(
+        worker_id="leaving", limit=1, lease_seconds=300, queues=["default"]
+    )
     assert storage.release_nodes(worker_id="leaving", node_ids=[node.node_id]) == 1
     [again] = storage.claim_nodes(worker_id="other", limit=1, lease_seconds=300, queues=["default"])
     assert again.node_id == node.node_id
