@@ -120,25 +120,44 @@ def schema_versions(url: str) -> list[int]:
         engine.dispose()
 
 
-def flowsmith(*args: str, cwd: Path, env: dict[str, str] | None = None,
-              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def flowsmith(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "flowsmith_worker", *args], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "flowsmith_worker", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 class WorkerProcess:
     """A `flowsmith worker` subprocess whose output (stdout and stderr) goes to a file."""
 
-    def __init__(self, workdir: Path, url: str, env: dict[str, str], *args: str,
-                 module: str = "cliflows") -> None:
+    def __init__(
+        self, workdir: Path, url: str, env: dict[str, str], *args: str, module: str = "cliflows"
+    ) -> None:
         self.log_path = workdir / f"worker-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flowsmith_worker", "worker", module, "--url", url,
-             "--log-format", "json", *args],
-            cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "flowsmith_worker",
+                "worker",
+                module,
+                "--url",
+                url,
+                "--log-format",
+                "json",
+                *args,
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         self.pid = self.proc.pid
 
@@ -192,8 +211,9 @@ class App:
         self.storage.migrate()
         self.workers: list[WorkerProcess] = []
 
-    def worker(self, *args: str, step_seconds: float = 0.05, module: str = "cliflows"
-               ) -> WorkerProcess:
+    def worker(
+        self, *args: str, step_seconds: float = 0.05, module: str = "cliflows"
+    ) -> WorkerProcess:
         env = dict(self.env, FS_STEP_SECONDS=str(step_seconds))
         self.workers.append(WorkerProcess(self.dir, self.url, env, *args, module=module))
         return self.workers[-1]
@@ -282,7 +302,10 @@ def test_concurrent_migrate_processes_all_succeed(sql_url: str, tmp_path: Path) 
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "flowsmith_worker", "migrate", "--url", sql_url],
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for _ in range(3)
     ]
@@ -295,8 +318,9 @@ def test_concurrent_migrate_processes_all_succeed(sql_url: str, tmp_path: Path) 
 # --------------------------------------------------------------------------- before migrating
 
 
-def test_flow_run_before_migrate_says_run_migrate(sql_url: str, unique: Callable[[str], str]
-                                                  ) -> None:
+def test_flow_run_before_migrate_says_run_migrate(
+    sql_url: str, unique: Callable[[str], str]
+) -> None:
     """flow.run on an unmigrated database raises SchemaNotMigrated naming `flowsmith migrate`."""
     storage = create_storage(sql_url)
     flow = mirror(unique("early"), storage, ("only", 0))
@@ -352,14 +376,21 @@ def test_migrate_bad_url_fails_fast_without_password(url: str, expected: str) ->
     assert "hunter2" not in result.output
 
 
-WORKER_BAD_URLS = ["refused-postgresql", "garbage-with-password", "unsupported-scheme",
-                   "unknown-option-mysql", "password-in-query"]
+WORKER_BAD_URLS = [
+    "refused-postgresql",
+    "garbage-with-password",
+    "unsupported-scheme",
+    "unknown-option-mysql",
+    "password-in-query",
+]
 
 
-@pytest.mark.parametrize("url, expected", [BAD_URLS[k] for k in WORKER_BAD_URLS],
-                         ids=WORKER_BAD_URLS)
-def test_worker_bad_url_fails_fast_without_password(url: str, expected: str, tmp_path: Path
-                                                    ) -> None:
+@pytest.mark.parametrize(
+    "url, expected", [BAD_URLS[k] for k in WORKER_BAD_URLS], ids=WORKER_BAD_URLS
+)
+def test_worker_bad_url_fails_fast_without_password(
+    url: str, expected: str, tmp_path: Path
+) -> None:
     """`flowsmith worker` with a bad URL exits non-zero at once: no password, no traceback."""
     (tmp_path / "emptyflows.py").write_text("")
     started = time.monotonic()
@@ -386,8 +417,7 @@ def test_worker_nonexistent_module_cannot_import(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_signal_idle_worker_exits_zero_promptly(sqlite_app: App, sig: signal.Signals
-                                                     ) -> None:
+def test_stop_signal_idle_worker_exits_zero_promptly(sqlite_app: App, sig: signal.Signals) -> None:
     """SIGTERM (or SIGINT) wakes an idle worker at once (even with a 5 s poll); it exits 0."""
     worker = sqlite_app.worker("--poll-interval", "5")
     worker.wait_started()
@@ -405,8 +435,9 @@ def test_sigterm_lets_the_running_step_finish(sqlite_app: App) -> None:
     """
     app = sqlite_app
     run = mirror(app.name, app.storage, ("slow", 3)).run({})
-    worker = app.worker("--poll-interval", "0.1", "--shutdown-timeout", "10", "--lease", "1",
-                        step_seconds=3)
+    worker = app.worker(
+        "--poll-interval", "0.1", "--shutdown-timeout", "10", "--lease", "1", step_seconds=3
+    )
     worker.wait_started()
     eventually(lambda: app.started(worker.pid), timeout=15)
     watcher = app.worker("--poll-interval", "0.1", "--lease", "1")
@@ -419,7 +450,8 @@ def test_sigterm_lets_the_running_step_finish(sqlite_app: App) -> None:
     node = app.node(run.tracking_id, "slow")
     assert (node.status, node.attempt, node.rescues) == (NodeStatus.COMPLETED, 1, 0), node
     assert [(e["event"], e["pid"]) for e in app.events()] == [
-        ("start", worker.pid), ("end", worker.pid)
+        ("start", worker.pid),
+        ("end", worker.pid),
     ]
     watcher.terminate()
     assert watcher.wait(15) == 0, watcher.output()
@@ -433,8 +465,9 @@ def test_sigterm_past_the_grace_period_releases_the_step(sqlite_app: App) -> Non
     """
     app = sqlite_app
     run = mirror(app.name, app.storage, ("slow", 0)).run({})
-    first = app.worker("--poll-interval", "0.1", "--shutdown-timeout", "0.5", "--lease", "60",
-                       step_seconds=30)
+    first = app.worker(
+        "--poll-interval", "0.1", "--shutdown-timeout", "0.5", "--lease", "60", step_seconds=30
+    )
     first.wait_started()
     eventually(lambda: app.started(first.pid), timeout=15)
     sent = first.terminate()
@@ -461,8 +494,9 @@ def test_second_sigterm_stops_at_once(sqlite_app: App) -> None:
     """
     app = sqlite_app
     run = mirror(app.name, app.storage, ("slow", 0)).run({})
-    worker = app.worker("--poll-interval", "0.1", "--shutdown-timeout", "30", "--lease", "60",
-                        step_seconds=30)
+    worker = app.worker(
+        "--poll-interval", "0.1", "--shutdown-timeout", "30", "--lease", "60", step_seconds=30
+    )
     worker.wait_started()
     eventually(lambda: app.started(worker.pid), timeout=15)
     worker.terminate()
@@ -478,8 +512,9 @@ def test_second_sigterm_stops_at_once(sqlite_app: App) -> None:
 # --------------------------------------------------------------------------- unknown flows
 
 
-def test_unknown_flow_fails_naming_the_module_to_import(sqlite_app: App,
-                                                        unique: Callable[[str], str]) -> None:
+def test_unknown_flow_fails_naming_the_module_to_import(
+    sqlite_app: App, unique: Callable[[str], str]
+) -> None:
     """A run of a flow the worker never imported fails; the error names it and its module."""
     app = sqlite_app
     orphan = mirror(unique("orphan"), app.storage, ("lonely", 0))
@@ -514,8 +549,13 @@ def test_json_logs_carry_step_fields_and_never_the_password(
         doomed = mirror(app.name + "_doomed", app.storage, ("doomed", 0)).run({})
         worker = app.worker("--poll-interval", "0.1")
         worker.wait_started()
-        eventually(lambda: app.flow_status(logged.tracking_id) == FlowStatus.COMPLETED
-                   and app.flow_status(doomed.tracking_id) == FlowStatus.FAILED, timeout=20)
+        eventually(
+            lambda: (
+                app.flow_status(logged.tracking_id) == FlowStatus.COMPLETED
+                and app.flow_status(doomed.tracking_id) == FlowStatus.FAILED
+            ),
+            timeout=20,
+        )
         worker.terminate()
         assert worker.wait(15) == 0, worker.output()
 
@@ -524,20 +564,27 @@ def test_json_logs_carry_step_fields_and_never_the_password(
         lines = worker.log_lines()  # fails on any line that is not JSON
         worker_ids = {line["worker_id"] for line in lines if line["event"] == "worker.started"}
         assert len(worker_ids) == 1
-        assert "***" in next(line["database"] for line in lines
-                             if line["event"] == "worker.started")
+        assert "***" in next(
+            line["database"] for line in lines if line["event"] == "worker.started"
+        )
         runs = {logged.tracking_id: logged.flow_name, doomed.tracking_id: doomed.flow_name}
         step_lines = [line for line in lines if line["event"].startswith("step.")]
         assert {line["event"] for line in step_lines} >= {
-            "step.started", "step.completed", "step.retry_scheduled", "step.failed"
+            "step.started",
+            "step.completed",
+            "step.retry_scheduled",
+            "step.failed",
         }
         for line in step_lines:
             assert runs[line["tracking_id"]] == line["flow"], line
             assert line["step"] in ("first", "flaky", "doomed"), line
             assert isinstance(line["attempt"], int) and line["attempt"] >= 1, line
             assert line["worker_id"] in worker_ids, line
-        assert {(line["step"], line["attempt"]) for line in step_lines
-                if line["event"] == "step.retry_scheduled"} == {("flaky", 1)}
+        assert {
+            (line["step"], line["attempt"])
+            for line in step_lines
+            if line["event"] == "step.retry_scheduled"
+        } == {("flaky", 1)}
     finally:
         app.close()
 
@@ -566,4 +613,7 @@ def test_rescue_log_lines_carry_step_fields(sqlite_app: App) -> None:
         missing = {"flow", "tracking_id", "step", "attempt", "worker_id"} - line.keys()
         assert not missing, f"{line['event']} lacks {missing}: {line}"
         assert (line["flow"], line["tracking_id"], line["worker_id"]) == (
-            app.name, run.tracking_id, worker_id), line
+            app.name,
+            run.tracking_id,
+            worker_id,
+        ), line

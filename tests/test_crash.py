@@ -43,8 +43,16 @@ STEPS = ("reserve", "charge", "notify")
 # the same host clock; this covers SQLite's millisecond 'now' and float rounding.
 CLOCK_SLACK = 0.005
 CONCURRENCY = 4
-WORKER_ARGS = ("--lease", "2", "--poll-interval", "0.1", "--concurrency", str(CONCURRENCY),
-               "--shutdown-timeout", "10")
+WORKER_ARGS = (
+    "--lease",
+    "2",
+    "--poll-interval",
+    "0.1",
+    "--concurrency",
+    str(CONCURRENCY),
+    "--shutdown-timeout",
+    "10",
+)
 
 FLOWS_MODULE = textwrap.dedent(
     '''
@@ -132,9 +140,22 @@ class WorkerProcess:
         self.log_path = workdir / f"worker-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flowsmith_worker", "worker", "crashflows", "--url", url,
-             "--log-format", "json", *args],
-            cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "flowsmith_worker",
+                "worker",
+                "crashflows",
+                "--url",
+                url,
+                "--log-format",
+                "json",
+                *args,
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         self.pid = self.proc.pid
 
@@ -182,8 +203,9 @@ def spawn() -> Iterable[Callable[..., WorkerProcess]]:
         worker.cleanup()
 
 
-def prepare(tmp_path: Path, flow_name: str, step_min: float, step_max: float,
-            exec_db: str | None = None) -> tuple[Path, Path, dict[str, str]]:
+def prepare(
+    tmp_path: Path, flow_name: str, step_min: float, step_max: float, exec_db: str | None = None
+) -> tuple[Path, Path, dict[str, str]]:
     """The worker directory with the flows module, the events file and the workers' env."""
     workdir = tmp_path / "app"
     workdir.mkdir()
@@ -191,8 +213,11 @@ def prepare(tmp_path: Path, flow_name: str, step_min: float, step_max: float,
     events = tmp_path / "events.jsonl"
     events.touch()
     env = dict(
-        os.environ, FS_FLOW_NAME=flow_name, FS_EXEC_LOG=str(events),
-        FS_STEP_MIN=str(step_min), FS_STEP_MAX=str(step_max),
+        os.environ,
+        FS_FLOW_NAME=flow_name,
+        FS_EXEC_LOG=str(events),
+        FS_STEP_MIN=str(step_min),
+        FS_STEP_MAX=str(step_max),
     )
     env.pop("FS_EXEC_DB", None)
     if exec_db:
@@ -220,14 +245,23 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 def open_steps(events: list[dict[str, Any]], pid: int) -> list[dict[str, Any]]:
     """Executions by ``pid`` that started and have not ended."""
-    ended = {(e["tracking_id"], e["step"], e["attempt"]) for e in events
-             if e["pid"] == pid and e["event"] == "end"}
-    return [e for e in events if e["pid"] == pid and e["event"] == "start"
-            and (e["tracking_id"], e["step"], e["attempt"]) not in ended]
+    ended = {
+        (e["tracking_id"], e["step"], e["attempt"])
+        for e in events
+        if e["pid"] == pid and e["event"] == "end"
+    }
+    return [
+        e
+        for e in events
+        if e["pid"] == pid
+        and e["event"] == "start"
+        and (e["tracking_id"], e["step"], e["attempt"]) not in ended
+    ]
 
 
-def freeze_mid_step(worker: WorkerProcess, events_path: Path, after_starts: int,
-                    timeout: float = 60.0) -> list[dict[str, Any]]:
+def freeze_mid_step(
+    worker: WorkerProcess, events_path: Path, after_starts: int, timeout: float = 60.0
+) -> list[dict[str, Any]]:
     """SIGSTOP the worker at a moment it is inside a step; return the open steps.
 
     Waits until ``after_starts`` executions (by any worker) have started, so the
@@ -274,8 +308,9 @@ def wait_all_finished(storage: Storage, tracking_ids: list[str], timeout: float)
         time.sleep(0.25)
 
 
-def check_outcome(storage: Storage, tracking_ids: list[str], events: list[dict[str, Any]]
-                  ) -> dict[tuple[str, str], Any]:
+def check_outcome(
+    storage: Storage, tracking_ids: list[str], events: list[dict[str, Any]]
+) -> dict[tuple[str, str], Any]:
     """The guarantees every crash test checks; returns the nodes by (tracking_id, step)."""
     starts: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     ends: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -315,8 +350,11 @@ def check_outcome(storage: Storage, tracking_ids: list[str], events: list[dict[s
     return nodes
 
 
-def check_rescued(nodes: dict[tuple[str, str], Any], killed_mid_step: list[dict[str, Any]],
-                  survivors: list[WorkerProcess]) -> None:
+def check_rescued(
+    nodes: dict[tuple[str, str], Any],
+    killed_mid_step: list[dict[str, Any]],
+    survivors: list[WorkerProcess],
+) -> None:
     """Each step the killed worker was inside was rescued, and its record says so.
 
     And only those: the killed worker held at most CONCURRENCY leases, and a
@@ -347,12 +385,22 @@ class Execution:
 
 
 def executions_from_events(events: list[dict[str, Any]]) -> list[Execution]:
-    ends = {(e["tracking_id"], e["step"], e["attempt"], e["pid"]): e["t"]
-            for e in events if e["event"] == "end"}
+    ends = {
+        (e["tracking_id"], e["step"], e["attempt"], e["pid"]): e["t"]
+        for e in events
+        if e["event"] == "end"
+    }
     return [
-        Execution(e["tracking_id"], e["step"], e["attempt"], e["pid"], e["t"],
-                  ends.get((e["tracking_id"], e["step"], e["attempt"], e["pid"])))
-        for e in events if e["event"] == "start"
+        Execution(
+            e["tracking_id"],
+            e["step"],
+            e["attempt"],
+            e["pid"],
+            e["t"],
+            ends.get((e["tracking_id"], e["step"], e["attempt"], e["pid"])),
+        )
+        for e in events
+        if e["event"] == "start"
     ]
 
 
@@ -448,8 +496,11 @@ EXECUTIONS = sa.Table(
 
 @pytest.mark.parametrize("backend", ["postgresql", "mysql"])
 def test_four_workers_one_sigkilled_one_sigtermed(
-    request: pytest.FixtureRequest, backend: str, tmp_path: Path,
-    unique: Callable[[str], str], spawn: Callable[..., WorkerProcess],
+    request: pytest.FixtureRequest,
+    backend: str,
+    tmp_path: Path,
+    unique: Callable[[str], str],
+    spawn: Callable[..., WorkerProcess],
 ) -> None:
     """Four worker processes on PostgreSQL/MySQL; one SIGKILLed mid-step, one SIGTERMed mid-run.
 
@@ -506,8 +557,11 @@ def test_four_workers_one_sigkilled_one_sigtermed(
     assert len(rows) >= len(tracking_ids) * len(STEPS)
     nodes = check_outcome(storage, tracking_ids, events)
     check_rescued(nodes, killed_mid_step, [termed, *others])
-    ended = {(e["tracking_id"], e["step"], e["attempt"]) for e in events
-             if e["event"] == "end" and e["pid"] == termed.pid}
+    ended = {
+        (e["tracking_id"], e["step"], e["attempt"])
+        for e in events
+        if e["event"] == "end" and e["pid"] == termed.pid
+    }
     for e in termed_mid_step:
         node = nodes[(e["tracking_id"], e["step"])]
         assert (e["tracking_id"], e["step"], e["attempt"]) in ended, e

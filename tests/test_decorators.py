@@ -92,7 +92,10 @@ def test_nested_definitions_make_the_flow_in_the_order_written(
     flow = process_order.flow
     assert isinstance(flow, Flow) and registry.lookup(flow.name) is flow
     assert [[s.name for s in stage] for stage in flow.stages] == [
-        ["fetch_inventory"], ["reserve_items"], ["email", "sms"], ["invoice"],
+        ["fetch_inventory"],
+        ["reserve_items"],
+        ["email", "sms"],
+        ["invoice"],
     ]
     specs = {s.name: s for stage in flow.stages for s in stage}
     assert specs["fetch_inventory"].retries == 3 and specs["fetch_inventory"].condition is None
@@ -101,8 +104,10 @@ def test_nested_definitions_make_the_flow_in_the_order_written(
     assert specs["reserve_items"].condition(out_of_stock) is False
     assert specs["invoice"].subflow and not specs["email"].subflow
     assert [[(p.name, p.max_attempts, p.subflow) for p in st] for st in flow.plan().stages] == [
-        [("fetch_inventory", 4, False)], [("reserve_items", 1, False)],
-        [("email", 1, False), ("sms", 1, False)], [("invoice", 1, True)],
+        [("fetch_inventory", 4, False)],
+        [("reserve_items", 1, False)],
+        [("email", 1, False), ("sms", 1, False)],
+        [("invoice", 1, True)],
     ]
     assert process_order.name == flow.name and process_order.__name__ == "process_order"
     assert process_order.run == process_order.__call__
@@ -180,7 +185,10 @@ def test_parallel_subflow_and_workflow_bare_and_called(unique: Callable[[str], s
         a, side = stage
         assert (a.name, a.subflow) == ("a", False)
         assert (side.name, side.subflow, side.retries, side.condition) == (
-            "side", True, 2, condition,
+            "side",
+            True,
+            2,
+            condition,
         )
         assert retry_delay(side.backoff, 1) == 0.5
         asked = side.fn(Context({"x": 1}, tracking_id="parent-1", step="side"))
@@ -222,7 +230,10 @@ def test_decorators_outside_a_workflow_body_raise(decorator: str) -> None:
     naming the decorator and the function, instead of silently doing nothing.
     """
     decorators: dict[str, Callable[[Any], Any]] = {
-        "step": step, "parallel": parallel, "subflow": subflow, "step(retries=1)": step(retries=1),
+        "step": step,
+        "parallel": parallel,
+        "subflow": subflow,
+        "step(retries=1)": step(retries=1),
     }
 
     def stray(ctx: Context) -> None:

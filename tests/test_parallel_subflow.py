@@ -150,12 +150,19 @@ def worker_threads(
 ) -> Iterator[list[Worker]]:
     """``count`` in-process workers, each in its own thread with its own slots."""
     workers = [
-        Worker(storage, concurrency=concurrency, poll_interval=POLL, lease_seconds=lease,
-               shutdown_timeout=5)
+        Worker(
+            storage,
+            concurrency=concurrency,
+            poll_interval=POLL,
+            lease_seconds=lease,
+            shutdown_timeout=5,
+        )
         for _ in range(count)
     ]
-    threads = [threading.Thread(target=w.run, name=f"test-worker-{i}", daemon=True)
-               for i, w in enumerate(workers)]
+    threads = [
+        threading.Thread(target=w.run, name=f"test-worker-{i}", daemon=True)
+        for i, w in enumerate(workers)
+    ]
     for thread in threads:
         thread.start()
     try:
@@ -177,16 +184,37 @@ class WorkerProcesses:
             log_path = app / f"worker-{n}.log"
             self.logs.append(log_path)
             with open(log_path, "wb") as log:
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "flowsmith_worker", "worker", module, "--url", url,
-                     "--concurrency", str(concurrency), "--lease", "2", "--poll-interval", "0.05",
-                     "--shutdown-timeout", "1", "--log-format", "json"],
-                    cwd=app, stdout=log, stderr=subprocess.STDOUT,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                ))
+                self.procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "flowsmith_worker",
+                            "worker",
+                            module,
+                            "--url",
+                            url,
+                            "--concurrency",
+                            str(concurrency),
+                            "--lease",
+                            "2",
+                            "--poll-interval",
+                            "0.05",
+                            "--shutdown-timeout",
+                            "1",
+                            "--log-format",
+                            "json",
+                        ],
+                        cwd=app,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    )
+                )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Until every worker logged worker.started (its module imported, schema checked)."""
+
         def ready() -> bool:
             for proc, log in zip(self.procs, self.logs, strict=True):
                 if proc.poll() is not None:
@@ -238,8 +266,11 @@ def intervals(
     whose name starts with ``prefix``. (An attempt rescued under heavy load may also have
     left events; it is not the one that counted.)
     """
-    mine = [e for e in events
-            if e["step"].startswith(prefix) and e["attempt"] == attempts.get(e["step"])]
+    mine = [
+        e
+        for e in events
+        if e["step"].startswith(prefix) and e["attempt"] == attempts.get(e["step"])
+    ]
     starts = {e["step"]: e for e in mine if e["kind"] == "start"}
     ends = {e["step"]: e for e in mine if e["kind"] == "end"}
     return {name: (starts[name]["t"], ends[name]["t"], starts[name]["pid"]) for name in ends}
@@ -297,9 +328,13 @@ def test_fan_out_of_20_parallel_steps_over_4_workers_overlaps(
     owner = {name: nodes[name].lease_owner for name in spans}
     assert len(set(owner.values())) >= 2, f"one worker ran everything: {owner}"
     cross_worker = [
-        (a, b) for a in spans for b in spans
-        if a < b and owner[a] != owner[b]
-        and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+        (a, b)
+        for a in spans
+        for b in spans
+        if a < b
+        and owner[a] != owner[b]
+        and spans[a][0] < spans[b][1]
+        and spans[b][0] < spans[a][1]
     ]
     assert cross_worker, "no two siblings ran on different workers at the same time"
     peak = peak_overlap([(s, e) for s, e, _ in spans.values()])
@@ -310,8 +345,10 @@ def test_fan_out_of_20_parallel_steps_over_4_workers_overlaps(
 
     assert gathered[0]["t"] >= max(end for _, end, _ in spans.values())
     assert result["gather"] == sorted(spans)
-    print(f"\n[{backend}] fan-out: peak {peak} overlapping, "
-          f"{len(set(owner.values()))} workers, {elapsed:.1f} s")
+    print(
+        f"\n[{backend}] fan-out: peak {peak} overlapping, "
+        f"{len(set(owner.values()))} workers, {elapsed:.1f} s"
+    )
 
 
 # ----------------------------------------------------- a sibling killed with its worker
@@ -487,7 +524,10 @@ def test_failed_sibling_fails_the_flow_and_resume_reruns_only_it(
     result = again.wait(timeout=5)
     assert calls == Counter(start=1, ok_1=1, ok_2=1, flaky=3, after=1)
     assert {k: result[k] for k in ("ok_1", "flaky", "ok_2", "after")} == {
-        "ok_1": "ok_1", "flaky": "flaky", "ok_2": "ok_2", "after": "after",
+        "ok_1": "ok_1",
+        "flaky": "flaky",
+        "ok_2": "ok_2",
+        "after": "after",
     }
     nodes = {n.step_name: n for n in again.trace()}
     assert nodes["flaky"].attempt == 3 and nodes["ok_1"].attempt == 1
@@ -581,8 +621,11 @@ def test_subflow_returning_a_workflow_object_and_data(
 
         @subflow(name="compute")
         def start_compute(ctx: Context) -> dict[str, Any]:
-            return {"flow": child, "tracking_id": f"calc-{ctx.tracking_id}",
-                    "data": {"n": ctx.data["n"]}}
+            return {
+                "flow": child,
+                "tracking_id": f"calc-{ctx.tracking_id}",
+                "data": {"n": ctx.data["n"]},
+            }
 
         @subflow
         def defaulted(ctx: Context) -> dict[str, Any]:
