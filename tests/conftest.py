@@ -25,16 +25,19 @@ SQL_BACKENDS = ["sqlite", "postgresql", "mysql"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests by the server they need, so `make test-unit` can leave them out."""
+    """Mark tests by the server they need, so `make test-unit` can leave them out.
+
+    A test needs a server when one of its parameters is the backend's name
+    ("postgresql", "mysql": the ``backend`` and ``sql_url`` fixtures) or when it
+    asks for the server fixture itself.
+    """
     for item in items:
         callspec = getattr(item, "callspec", None)
-        backend = callspec.params.get("backend") if callspec else None
-        for kind in ("postgresql", "mysql"):
-            if backend == kind or kind in getattr(item, "fixturenames", ()):
-                item.add_marker("postgres" if kind == "postgresql" else "mysql")
-        if "postgres_server" in getattr(item, "fixturenames", ()):
+        params = [str(value) for value in callspec.params.values()] if callspec else []
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if {"postgresql", "postgres_server"} & {*params, *fixtures}:
             item.add_marker("postgres")
-        if "mysql_server" in getattr(item, "fixturenames", ()):
+        if {"mysql", "mysql_server"} & {*params, *fixtures}:
             item.add_marker("mysql")
 
 

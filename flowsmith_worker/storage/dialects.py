@@ -44,8 +44,9 @@ class Dialect:
     def now(self) -> sa.ColumnElement[float]:
         """The database clock, in seconds since the epoch."""
         if self.name == "postgresql":
-            # clock_timestamp(), not now(): now() is frozen at transaction start.
-            return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Double)
+            # now() is the transaction's start: our transactions are short, and a
+            # stable value (unlike clock_timestamp()) can bound an index scan.
+            return sa.cast(sa.func.extract("epoch", sa.func.now()), sa.Double)
         if self.name == "mysql":
             return sa.cast(sa.func.unix_timestamp(sa.text("NOW(6)")), sa.Double)
         return (sa.func.julianday("now") - 2440587.5) * 86400.0
