@@ -47,7 +47,7 @@ def run_demo(db_path: str, flow_count: int, worker_count: int) -> None:
         for proc in workers:
             proc.wait(timeout=30)
     elapsed = time.monotonic() - started
-    _summary(storage.stats(), elapsed)
+    _summary(storage.stats(), elapsed, url)
     storage.close()
 
 
@@ -110,7 +110,7 @@ def _watch(storage: Storage, flow_count: int, workers: list[subprocess.Popen[byt
                 )
 
 
-def _summary(stats: Stats, elapsed: float) -> None:
+def _summary(stats: Stats, elapsed: float, url: str) -> None:
     nodes = sum(stats.nodes_by_status.values())
     completed_steps = stats.nodes_by_status.get("COMPLETED", 0)
     retries = stats.attempts - nodes - stats.rescues
@@ -123,4 +123,5 @@ def _summary(stats: Stats, elapsed: float) -> None:
     click.echo(f"  rescued steps     {stats.rescues}  (in flight on the killed worker)")
     click.echo(f"  steps per second  {completed_steps / elapsed:.0f}  ({elapsed:.1f} s wall clock)")
     click.echo("")
-    click.echo("Ask what happened to one order:  flowsmith status order_00042 --url sqlite:///<db>")
+    click.echo(f"What happened to one order?   flowsmith status order_00042 --url {url}")
+    click.echo(f"And to all of them?           flowsmith stats --url {url}")

@@ -220,17 +220,20 @@ class SqlStorage(SqlOperators, Storage):
                 N.c.input,
                 F.c.flow_name,
                 F.c.tracking_id,
+                F.c.status.label("flow_status"),
             )
             .join(F, F.c.id == N.c.flow_id)
             .where(N.c.id.in_(ids))
             .order_by(N.c.priority, N.c.run_after, N.c.id)
         ).all()
-        flow_ids = sorted({r.flow_id for r in rows})
-        conn.execute(
-            sa.update(F)
-            .where(F.c.id.in_(flow_ids), F.c.status == FlowStatus.PENDING)
-            .values(status=FlowStatus.RUNNING, updated_at=now)
-        )
+        # Only a run's first claim moves it from PENDING to RUNNING.
+        starting = sorted({r.flow_id for r in rows if r.flow_status == FlowStatus.PENDING})
+        if starting:
+            conn.execute(
+                sa.update(F)
+                .where(F.c.id.in_(starting), F.c.status == FlowStatus.PENDING)
+                .values(status=FlowStatus.RUNNING, updated_at=now)
+            )
         return [
             ClaimedNode(
                 lease=Lease(r.id, r.flow_id, worker_id, r.attempt),
@@ -307,7 +310,7 @@ class SqlStorage(SqlOperators, Storage):
                 )
             ).rowcount
             if done:
-                self._advance(conn, flow_row, self._position_of(conn, lease.node_id))
+                self._advance(conn, flow_row, lease.node_id)
             return bool(done)
 
         return self._transact(work)
@@ -373,20 +376,21 @@ class SqlStorage(SqlOperators, Storage):
 
     # -- advancing and failing flows (inside the caller's transaction) --------
 
-    def _position_of(self, conn: Connection, node_id: int) -> int:
-        return int(conn.execute(sa.select(N.c.position).where(N.c.id == node_id)).scalar_one())
-
-    def _advance(self, conn: Connection, flow_row: Row[Any], position: int) -> None:
+    def _advance(self, conn: Connection, flow_row: Row[Any], finished_node_id: int) -> None:
+        """Move the flow on now that a node of it finished (its row is locked)."""
         if flow_row.status == FlowStatus.CANCELLED:
             return  # the running step finished; a cancelled flow goes no further
         plan = Plan.from_json(flow_row.plan)
+        same_stage = sa.select(N.c.position).where(N.c.id == finished_node_id).scalar_subquery()
+        rows = conn.execute(
+            sa.select(N.c.step_name, N.c.status, N.c.input, N.c.output, N.c.position)
+            .where(N.c.flow_id == flow_row.id, N.c.position == same_stage)
+            .order_by(N.c.group_index)
+        ).all()
+        position = rows[0].position
         stage = [
             progress.StageNode(r.step_name, NodeStatus(r.status), loads(r.input), loads(r.output))
-            for r in conn.execute(
-                sa.select(N.c.step_name, N.c.status, N.c.input, N.c.output)
-                .where(N.c.flow_id == flow_row.id, N.c.position == position)
-                .order_by(N.c.group_index)
-            )
+            for r in rows
         ]
         decision = progress.after_stage(plan, position, stage)
         if isinstance(decision, progress.StartStage):
@@ -416,7 +420,7 @@ class SqlStorage(SqlOperators, Storage):
             .values(status=NodeStatus.COMPLETED, output=dumps(data), finished_at=self._now())
         ).rowcount
         if done:
-            self._advance(conn, parent_flow, self._position_of(conn, parent_node_id))
+            self._advance(conn, parent_flow, parent_node_id)
 
     def _fail_flow(self, conn: Connection, flow_row: Row[Any], error: str) -> None:
         self._set_flow(conn, flow_row.id, FlowStatus.FAILED, error=error, finished=True)
