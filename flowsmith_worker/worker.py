@@ -31,7 +31,13 @@ from flowsmith_worker.metrics import Health, WorkerMetrics
 from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.schedule import Scheduler
-from flowsmith_worker.storage.base import DEFAULT_QUEUE, ClaimedNode, Storage, WorkerRecord
+from flowsmith_worker.storage.base import (
+    DEFAULT_QUEUE,
+    ClaimedNode,
+    Lease,
+    Storage,
+    WorkerRecord,
+)
 from flowsmith_worker.version import __version__
 
 DEFAULT_CONCURRENCY = 4
@@ -105,7 +111,9 @@ class Worker:
         self.scheduler = Scheduler(self.storage)
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="flowsmith-step")
         self._lock = threading.Lock()
-        self._in_flight: dict[int, ClaimedNode] = {}
+        # Keyed by the lease, not the node: a node rescued from us and claimed by
+        # us again is a new attempt, and the old one's end must not free its slot.
+        self._in_flight: dict[Lease, ClaimedNode] = {}
         self._next_heartbeat = 0.0
         self.log = log.bind(worker_id=self.id)
         self.metrics = WorkerMetrics(self.id, self.host, __version__)
@@ -143,10 +151,10 @@ class Worker:
                 attempt=node.attempt,
             )
             with self._lock:
-                self._in_flight[node.node_id] = node
+                self._in_flight[node.lease] = node
                 self.metrics.set_in_flight(len(self._in_flight))
             future = self._pool.submit(self._execute, node)
-            future.add_done_callback(functools.partial(self._slot_freed, node.node_id))
+            future.add_done_callback(functools.partial(self._slot_freed, node.lease))
         return len(claimed)
 
     def heartbeat_once(self) -> int:
@@ -186,12 +194,14 @@ class Worker:
         )
         return outcome
 
-    def _slot_freed(self, node_id: int, future: Future[Outcome]) -> None:
+    def _slot_freed(self, lease: Lease, future: Future[Outcome]) -> None:
         with self._lock:
-            self._in_flight.pop(node_id, None)
+            self._in_flight.pop(lease, None)
             self.metrics.set_in_flight(len(self._in_flight))
         if future.exception() is not None:  # the executor itself failed: say so loudly
-            self.log.error("executor.crashed", node_id=node_id, error=repr(future.exception()))
+            self.log.error(
+                "executor.crashed", node_id=lease.node_id, error=repr(future.exception())
+            )
         self.wakeup.set()
 
     # -- the loop ---------------------------------------------------------------
@@ -209,6 +219,12 @@ class Worker:
             queues=list(self.settings.queues),
             database=self.storage.url_for_display,
         )
+        try:
+            self._loop()
+        finally:
+            self.shutdown()
+
+    def _loop(self) -> None:
         failures = 0
         while not self.stopping.is_set():
             self.health.loop_ticked()
@@ -219,17 +235,22 @@ class Worker:
                 if failures:
                     self.log.info("database.reconnected", after_failures=failures)
                 failures = 0
-            except DatabaseUnavailable as exc:
+            except Exception as exc:
+                # The database away, or anything unforeseen: a worker that dies here
+                # strands its in-flight steps until their leases expire, so it backs
+                # off and tries again instead.
                 failures += 1
-                self.health.database_failed(str(exc))
-                self.log.warning("database.unavailable", error=str(exc), failures=failures)
+                if isinstance(exc, DatabaseUnavailable):
+                    self.health.database_failed(str(exc))
+                    self.log.warning("database.unavailable", error=str(exc), failures=failures)
+                else:
+                    self.log.exception("worker.loop_failed", failures=failures)
                 self.wakeup.wait(retry_delay(_DB_BACKOFF, failures))
                 self.wakeup.clear()
                 continue
             if claimed and self.free_slots > 0:
                 continue  # there may be more: claim again before sleeping
             self._sleep()
-        self.shutdown()
 
     def record(self) -> WorkerRecord:
         """This worker as a row of fs_workers (the timestamps come from the database)."""

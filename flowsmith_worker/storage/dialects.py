@@ -78,6 +78,10 @@ class Dialect:
         """
         return select.with_for_update(skip_locked=True)
 
+    def for_share(self, select: sa.Select[Any]) -> sa.Select[Any]:
+        """A locking read in share mode: it sees the latest committed row (not on SQLite)."""
+        return select.with_for_update(read=True)
+
     def for_update(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """Lock the selected rows until commit (nothing to add on SQLite)."""
         return select.with_for_update()

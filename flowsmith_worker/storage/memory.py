@@ -7,6 +7,7 @@ SQL storage, so both behave alike (tests/test_contract.py runs both).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import threading
@@ -18,12 +19,14 @@ from typing import Any
 from flowsmith_worker import progress
 from flowsmith_worker.errors import (
     FlowAlreadyCompleted,
+    FlowCancelled,
     FlowNotFound,
     FlowSmithError,
     TrackingIdTaken,
 )
 from flowsmith_worker.plan import PlannedStep
 from flowsmith_worker.storage.base import (
+    FINISHED_FLOW_STATUSES,
     RESCUE_ERROR,
     ClaimedNode,
     EnqueueResult,
@@ -99,6 +102,7 @@ class InMemoryStorage(MemoryOperators, Storage):
         if record.flow_name != flow.flow_name:
             raise TrackingIdTaken.for_run(flow.tracking_id, record.flow_name, flow.flow_name)
         if parent_node_id is not None:
+            _check_child(record, parent_node_id)
             record = self._update_flow(record.id, parent_node_id=parent_node_id)
         if record.status == FlowStatus.COMPLETED:
             raise FlowAlreadyCompleted.for_run(record.flow_name, flow.tracking_id)
@@ -328,8 +332,8 @@ class InMemoryStorage(MemoryOperators, Storage):
                 self._child_completed(flow.parent_node_id, decision.data)
 
     def _child_completed(self, parent_node_id: int, data: Any) -> None:
-        parent = self._nodes[parent_node_id]
-        if parent.record.status != NodeStatus.WAITING:
+        parent = self._nodes.get(parent_node_id)  # None: pruned meanwhile
+        if parent is None or parent.record.status != NodeStatus.WAITING:
             return
         self._update_node(
             parent, status=NodeStatus.COMPLETED, output=_copy_json(data), finished_at=self._clock()
@@ -340,12 +344,15 @@ class InMemoryStorage(MemoryOperators, Storage):
         flow = self._update_flow(
             flow_id, status=FlowStatus.FAILED, error=error, finished_at=self._clock()
         )
-        if flow.parent_node_id is None:
+        if flow.parent_node_id is not None:
+            failure = f"subflow {flow.tracking_id!r} ({flow.flow_name}) failed:\n{error}"
+            self._fail_parent(flow.parent_node_id, failure)
+
+    def _fail_parent(self, parent_node_id: int, parent_error: str) -> None:
+        """The child of a WAITING subflow node failed or was cancelled: retry it, or fail it."""
+        parent = self._nodes.get(parent_node_id)  # None: pruned meanwhile
+        if parent is None or parent.record.status != NodeStatus.WAITING:
             return
-        parent = self._nodes[flow.parent_node_id]
-        if parent.record.status != NodeStatus.WAITING:
-            return
-        parent_error = f"subflow {flow.tracking_id!r} ({flow.flow_name}) failed:\n{error}"
         if progress.attempts_left(parent.record.attempt, parent.record.max_attempts):
             self._update_node(
                 parent, status=NodeStatus.PENDING, error=parent_error, run_after=self._clock()
@@ -355,6 +362,48 @@ class InMemoryStorage(MemoryOperators, Storage):
             parent, status=NodeStatus.FAILED, error=parent_error, finished_at=self._clock()
         )
         self._fail_flow(parent.record.flow_id, parent_error)
+
+    # -- cancelling ------------------------------------------------------------
+
+    def cancel_flow(self, *, tracking_id: str) -> FlowRecord:
+        with self._lock:
+            flow_id = self._by_tracking_id.get(tracking_id)
+            if flow_id is None:
+                raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
+            status = self._flows[flow_id].status
+            if status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
+                raise FlowSmithError(
+                    f"flow run {tracking_id!r} is {status}; only a pending or running "
+                    "run can be cancelled"
+                )
+            self._cancel(flow_id)
+            cancelled = self._flows[flow_id]
+            if cancelled.parent_node_id is not None:
+                self._fail_parent(
+                    cancelled.parent_node_id,
+                    f"subflow {tracking_id!r} ({cancelled.flow_name}) was cancelled",
+                )
+            return copy.deepcopy(self._flows[flow_id])
+
+    def _cancel(self, flow_id: int) -> None:
+        now = self._clock()
+        waiting = []
+        for node in self._nodes.values():
+            if node.record.flow_id == flow_id and node.record.status in (
+                NodeStatus.PENDING,
+                NodeStatus.WAITING,
+            ):
+                if node.record.status == NodeStatus.WAITING:
+                    waiting.append(node.record.id)
+                node.record = replace(node.record, status=NodeStatus.CANCELLED, finished_at=now)
+        flow = self._flows[flow_id]
+        if flow.status not in FINISHED_FLOW_STATUSES:
+            self._flows[flow_id] = replace(
+                flow, status=FlowStatus.CANCELLED, updated_at=now, finished_at=now
+            )
+        for child in list(self._flows.values()):
+            if child.parent_node_id in waiting:
+                self._cancel(child.id)
 
     # -- leases ---------------------------------------------------------------
 
@@ -380,6 +429,15 @@ class InMemoryStorage(MemoryOperators, Storage):
         with self._lock:
             owned = self._owned(worker_id, node_ids)
             for node in owned:
+                if self._flows[node.record.flow_id].status == FlowStatus.CANCELLED:
+                    # A node of a cancelled run is not handed to anyone.
+                    self._update_node(
+                        node,
+                        status=NodeStatus.CANCELLED,
+                        lease_expires_at=None,
+                        finished_at=self._clock(),
+                    )
+                    continue
                 self._update_node(
                     node,
                     status=NodeStatus.PENDING,
@@ -446,3 +504,14 @@ class InMemoryStorage(MemoryOperators, Storage):
         record = replace(self._flows[flow_id], updated_at=self._clock(), **changes)
         self._flows[flow_id] = record
         return record
+
+
+def _check_child(record: FlowRecord, parent_node_id: int) -> None:
+    """An existing run may become a subflow only of the node that started it."""
+    if record.parent_node_id not in (None, parent_node_id):
+        raise FlowSmithError(
+            f"tracking_id {record.tracking_id!r} is already the subflow of another step; "
+            "give each parent its own child tracking_id"
+        )
+    if record.status == FlowStatus.CANCELLED:
+        raise FlowCancelled(f"the subflow run {record.tracking_id!r} was cancelled")

@@ -10,12 +10,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from flowsmith_worker.errors import FlowNotFound, FlowSmithError
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     FlowFilter,
     FlowRecord,
-    FlowStatus,
     NodeRecord,
     NodeStatus,
     Stats,
@@ -118,40 +116,6 @@ class MemoryOperators:
             )
 
     # -- cancelling and pruning -------------------------------------------------
-
-    def cancel_flow(self, *, tracking_id: str) -> FlowRecord:
-        with self._lock:
-            flow_id = self._by_tracking_id.get(tracking_id)
-            if flow_id is None:
-                raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
-            status = self._flows[flow_id].status
-            if status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
-                raise FlowSmithError(
-                    f"flow run {tracking_id!r} is {status}; only a pending or running "
-                    "run can be cancelled"
-                )
-            self._cancel(flow_id)
-            return copy.deepcopy(self._flows[flow_id])
-
-    def _cancel(self, flow_id: int) -> None:
-        now = self._clock()
-        waiting = []
-        for node in self._nodes.values():
-            if node.record.flow_id == flow_id and node.record.status in (
-                NodeStatus.PENDING,
-                NodeStatus.WAITING,
-            ):
-                if node.record.status == NodeStatus.WAITING:
-                    waiting.append(node.record.id)
-                node.record = replace(node.record, status=NodeStatus.CANCELLED, finished_at=now)
-        flow = self._flows[flow_id]
-        if flow.status not in FINISHED_FLOW_STATUSES:
-            self._flows[flow_id] = replace(
-                flow, status=FlowStatus.CANCELLED, updated_at=now, finished_at=now
-            )
-        for child in list(self._flows.values()):
-            if child.parent_node_id in waiting:
-                self._cancel(child.id)
 
     def prune_flows(self, *, older_than_seconds: float, batch_size: int = 500) -> int:
         with self._lock:

@@ -3,8 +3,10 @@
 Every operation is one short transaction. Writes about an attempt are fenced
 by its Lease (node id, worker id, attempt): a worker that lost its lease
 cannot overwrite the newer attempt. Transactions that change a flow lock the
-flow row first, then its nodes, always in that order, so a parallel group's
-siblings advance the flow exactly once and the lock order cannot deadlock.
+flow row first, then its nodes, so a parallel group's siblings advance the flow
+exactly once. Two paths take locks in another order — a cancel walking down to
+a subflow while the child's completion walks up to its parent — and may
+deadlock; the database then aborts one and _transact runs it again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy.engine import Connection, Row
 from flowsmith_worker import progress
 from flowsmith_worker.errors import (
     FlowAlreadyCompleted,
+    FlowCancelled,
     FlowNotFound,
     FlowSmithError,
     TrackingIdTaken,
@@ -26,9 +29,11 @@ from flowsmith_worker.errors import (
 from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
+    FINISHED_FLOW_STATUSES,
     RESCUE_ERROR,
     ClaimedNode,
     EnqueueResult,
+    FlowRecord,
     FlowStatus,
     Lease,
     NewFlow,
@@ -36,7 +41,7 @@ from flowsmith_worker.storage.base import (
     RescuedNode,
     Storage,
 )
-from flowsmith_worker.storage.sql_base import F, N, dumps, loads
+from flowsmith_worker.storage.sql_base import F, N, dumps, flow_record, loads
 from flowsmith_worker.storage.sql_operators import SqlOperators
 
 Q = schema.queues
@@ -69,19 +74,23 @@ class SqlStorage(SqlOperators, Storage):
             )
         )
         inserted = self.dialect.inserted_a_row(result)
-        # A plain read, not FOR UPDATE: on MySQL the duplicate check of INSERT
-        # IGNORE leaves a shared lock, and upgrading it in 20 racing triggers
-        # deadlocks. Only the FAILED -> RUNNING transition needs a lock, and its
-        # conditional UPDATE takes one (see _resume).
-        row = conn.execute(sa.select(F).where(F.c.tracking_id == flow.tracking_id)).one()
+        # A shared lock, not FOR UPDATE: on MySQL the duplicate check of INSERT
+        # IGNORE already holds one, and upgrading it in 20 racing triggers
+        # deadlocks. It must lock at all because a locking read is what sees the
+        # row another transaction just committed, even inside a caller's
+        # REPEATABLE READ transaction. The FAILED -> RUNNING transition takes its
+        # own exclusive lock with a conditional UPDATE (see _resume).
+        row = conn.execute(
+            self.dialect.for_share(sa.select(F).where(F.c.tracking_id == flow.tracking_id))
+        ).one()
         if row.flow_name != flow.flow_name:
             raise TrackingIdTaken.for_run(flow.tracking_id, row.flow_name, flow.flow_name)
         if inserted:
             self._start_stage(conn, row, 0, flow.plan.stage(0), flow.input, flow.delay_seconds)
             self.dialect.notify(conn, flow.queue)
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.PENDING, True, False)
-        if parent_node_id is not None and row.parent_node_id != parent_node_id:
-            conn.execute(sa.update(F).where(F.c.id == row.id).values(parent_node_id=parent_node_id))
+        if parent_node_id is not None:
+            self._check_child(row, parent_node_id)
         status = FlowStatus(row.status)
         if status == FlowStatus.COMPLETED:
             raise FlowAlreadyCompleted.for_run(row.flow_name, flow.tracking_id)
@@ -89,6 +98,17 @@ class SqlStorage(SqlOperators, Storage):
             self.dialect.notify(conn, row.queue)
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
         return EnqueueResult(row.id, flow.tracking_id, status, False, False)
+
+    @staticmethod
+    def _check_child(row: Row[Any], parent_node_id: int) -> None:
+        """An existing run may become a subflow only of the node that started it."""
+        if row.parent_node_id not in (None, parent_node_id):
+            raise FlowSmithError(
+                f"tracking_id {row.tracking_id!r} is already the subflow of another step; "
+                "give each parent its own child tracking_id"
+            )
+        if row.status == FlowStatus.CANCELLED:
+            raise FlowCancelled(f"the subflow run {row.tracking_id!r} was cancelled")
 
     def resume_flow(self, *, tracking_id: str) -> EnqueueResult:
         def work(conn: Connection) -> EnqueueResult:
@@ -251,7 +271,9 @@ class SqlStorage(SqlOperators, Storage):
 
         A capped queue's fs_queues row is locked (FOR UPDATE, not SKIP LOCKED)
         while its RUNNING nodes are counted, so claimers of that queue take
-        turns and cannot together exceed the cap. Uncapped queues come first.
+        turns and cannot together exceed the cap. Candidates of capped and
+        uncapped queues are merged in priority order; the few locked but not
+        taken are free again when this short transaction commits.
         """
         capped = self.dialect.for_update(
             sa.select(Q.c.name, Q.c.max_running).where(
@@ -260,21 +282,22 @@ class SqlStorage(SqlOperators, Storage):
         )
         caps: dict[str, int] = {name: cap for name, cap in conn.execute(capped)}
         uncapped = [q for q in queues if q not in caps]
-        ids = self._lock_runnable(conn, limit, uncapped) if uncapped else []
+        candidates = self._lock_runnable(conn, limit, uncapped) if uncapped else []
         for queue, cap in caps.items():
             running = conn.execute(
                 sa.select(sa.func.count()).where(
                     N.c.queue == queue, N.c.status == NodeStatus.RUNNING
                 )
             ).scalar_one()
-            room = min(limit - len(ids), cap - running)
-            if room > 0:
-                ids += self._lock_runnable(conn, room, [queue])
-        return ids
+            if cap - running > 0:
+                candidates += self._lock_runnable(conn, min(limit, cap - running), [queue])
+        if caps:
+            candidates.sort(key=lambda r: (r.priority, r.run_after, r.id))
+        return [r.id for r in candidates[:limit]]
 
-    def _lock_runnable(self, conn: Connection, limit: int, queues: Sequence[str]) -> list[int]:
+    def _lock_runnable(self, conn: Connection, limit: int, queues: Sequence[str]) -> list[Row[Any]]:
         runnable = (
-            sa.select(N.c.id)
+            sa.select(N.c.id, N.c.priority, N.c.run_after)
             .where(
                 N.c.status == NodeStatus.PENDING,
                 N.c.run_after <= self._now(),
@@ -283,7 +306,7 @@ class SqlStorage(SqlOperators, Storage):
             .order_by(N.c.priority, N.c.run_after, N.c.id)
             .limit(limit)
         )
-        return list(conn.execute(self.dialect.for_claim(runnable)).scalars())
+        return list(conn.execute(self.dialect.for_claim(runnable)).all())
 
     # -- outcomes of an attempt -----------------------------------------------
 
@@ -410,10 +433,17 @@ class SqlStorage(SqlOperators, Storage):
             if flow_row.parent_node_id is not None:
                 self._child_completed(conn, flow_row.parent_node_id, decision.data)
 
+    def _lock_parent_flow(self, conn: Connection, parent_node_id: int) -> Row[Any] | None:
+        """The flow of a subflow's parent node, locked; None if it was pruned meanwhile."""
+        parent_flow_id = sa.select(N.c.flow_id).where(N.c.id == parent_node_id).scalar_subquery()
+        return conn.execute(
+            self.dialect.for_update(sa.select(F).where(F.c.id == parent_flow_id))
+        ).first()
+
     def _child_completed(self, conn: Connection, parent_node_id: int, data: Any) -> None:
-        parent_flow = self._lock_flow(
-            conn, F.c.id == sa.select(N.c.flow_id).where(N.c.id == parent_node_id).scalar_subquery()
-        )
+        parent_flow = self._lock_parent_flow(conn, parent_node_id)
+        if parent_flow is None:
+            return
         done = conn.execute(
             sa.update(N)
             .where(N.c.id == parent_node_id, N.c.status == NodeStatus.WAITING)
@@ -424,20 +454,21 @@ class SqlStorage(SqlOperators, Storage):
 
     def _fail_flow(self, conn: Connection, flow_row: Row[Any], error: str) -> None:
         self._set_flow(conn, flow_row.id, FlowStatus.FAILED, error=error, finished=True)
-        if flow_row.parent_node_id is None:
+        if flow_row.parent_node_id is not None:
+            failure = f"subflow {flow_row.tracking_id!r} ({flow_row.flow_name}) failed:\n{error}"
+            self._fail_parent(conn, flow_row.parent_node_id, failure)
+
+    def _fail_parent(self, conn: Connection, parent_node_id: int, parent_error: str) -> None:
+        """The child of a WAITING subflow node failed or was cancelled: retry it, or fail it."""
+        parent_flow = self._lock_parent_flow(conn, parent_node_id)
+        if parent_flow is None:
             return
-        parent_flow = self._lock_flow(
-            conn,
-            F.c.id
-            == sa.select(N.c.flow_id).where(N.c.id == flow_row.parent_node_id).scalar_subquery(),
-        )
-        parent_error = f"subflow {flow_row.tracking_id!r} ({flow_row.flow_name}) failed:\n{error}"
         # A subflow step with attempts left runs again, and its function's
         # tracking_id resumes this same child (the child had its own backoff).
         retried = conn.execute(
             sa.update(N)
             .where(
-                N.c.id == flow_row.parent_node_id,
+                N.c.id == parent_node_id,
                 N.c.status == NodeStatus.WAITING,
                 N.c.attempt < N.c.max_attempts,
             )
@@ -447,7 +478,7 @@ class SqlStorage(SqlOperators, Storage):
             return
         failed = conn.execute(
             sa.update(N)
-            .where(N.c.id == flow_row.parent_node_id, N.c.status == NodeStatus.WAITING)
+            .where(N.c.id == parent_node_id, N.c.status == NodeStatus.WAITING)
             .values(status=NodeStatus.FAILED, error=parent_error, finished_at=self._now())
         ).rowcount
         if failed:
@@ -473,6 +504,56 @@ class SqlStorage(SqlOperators, Storage):
             )
         )
 
+    # -- cancelling ------------------------------------------------------------
+
+    def cancel_flow(self, *, tracking_id: str) -> FlowRecord:
+        def work(conn: Connection) -> FlowRecord:
+            row = conn.execute(
+                self.dialect.for_update(sa.select(F).where(F.c.tracking_id == tracking_id))
+            ).first()
+            if row is None:
+                raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
+            if row.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
+                raise FlowSmithError(
+                    f"flow run {tracking_id!r} is {row.status}; only a pending or running "
+                    "run can be cancelled"
+                )
+            self._cancel(conn, row.id)
+            if row.parent_node_id is not None:
+                # Its parent step cannot finish without it: retry that step (which
+                # then fails, as the child stays cancelled) or fail its run.
+                cancelled = f"subflow {tracking_id!r} ({row.flow_name}) was cancelled"
+                self._fail_parent(conn, row.parent_node_id, cancelled)
+            return flow_record(conn.execute(sa.select(F).where(F.c.id == row.id)).one())
+
+        return self._transact(work)
+
+    def _cancel(self, conn: Connection, flow_id: int) -> None:
+        """Cancel a run, its pending nodes and, through its waiting nodes, its subflows."""
+        waiting = list(
+            conn.execute(
+                sa.select(N.c.id).where(N.c.flow_id == flow_id, N.c.status == NodeStatus.WAITING)
+            ).scalars()
+        )
+        conn.execute(
+            sa.update(N)
+            .where(
+                N.c.flow_id == flow_id,
+                N.c.status.in_([NodeStatus.PENDING, NodeStatus.WAITING]),
+            )
+            .values(status=NodeStatus.CANCELLED, finished_at=self._now())
+        )
+        conn.execute(
+            sa.update(F)
+            .where(F.c.id == flow_id, F.c.status.notin_(FINISHED_FLOW_STATUSES))
+            .values(status=FlowStatus.CANCELLED, updated_at=self._now(), finished_at=self._now())
+        )
+        if waiting:
+            for child_id in conn.execute(
+                sa.select(F.c.id).where(F.c.parent_node_id.in_(waiting))
+            ).scalars():
+                self._cancel(conn, child_id)
+
     # -- leases ---------------------------------------------------------------
 
     def extend_leases(
@@ -497,25 +578,32 @@ class SqlStorage(SqlOperators, Storage):
     def release_nodes(self, *, worker_id: str, node_ids: Sequence[int]) -> int:
         if not node_ids:
             return 0
-        return self._transact(
-            lambda conn: (
-                conn.execute(
-                    sa.update(N)
-                    .where(
-                        N.c.id.in_(list(node_ids)),
-                        N.c.lease_owner == worker_id,
-                        N.c.status == NodeStatus.RUNNING,
-                    )
-                    .values(
-                        status=NodeStatus.PENDING,
-                        max_attempts=N.c.max_attempts + 1,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        run_after=self._now(),
-                    )
-                ).rowcount
+
+        def work(conn: Connection) -> int:
+            mine = sa.update(N).where(
+                N.c.id.in_(list(node_ids)),
+                N.c.lease_owner == worker_id,
+                N.c.status == NodeStatus.RUNNING,
             )
-        )
+            cancelled_runs = sa.select(F.c.id).where(F.c.status == FlowStatus.CANCELLED)
+            # A node of a cancelled run is not handed to anyone: it ends CANCELLED.
+            ended = conn.execute(
+                mine.where(N.c.flow_id.in_(cancelled_runs)).values(
+                    status=NodeStatus.CANCELLED, lease_expires_at=None, finished_at=self._now()
+                )
+            ).rowcount
+            released = conn.execute(
+                mine.values(
+                    status=NodeStatus.PENDING,
+                    max_attempts=N.c.max_attempts + 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    run_after=self._now(),
+                )
+            ).rowcount
+            return int(ended + released)
+
+        return self._transact(work)
 
     def rescue_expired(self, *, limit: int = 100) -> list[RescuedNode]:
         """Rescue each expired node in its own short transaction.

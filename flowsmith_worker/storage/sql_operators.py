@@ -10,13 +10,11 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from flowsmith_worker.errors import FlowNotFound, FlowSmithError
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     FlowFilter,
     FlowRecord,
-    FlowStatus,
     NodeRecord,
     NodeStatus,
     Stats,
@@ -124,49 +122,6 @@ class SqlOperators(SqlBase):
         return [flow_record(r) for r in rows]
 
     # -- cancelling and pruning -------------------------------------------------
-
-    def cancel_flow(self, *, tracking_id: str) -> FlowRecord:
-        def work(conn: Connection) -> FlowRecord:
-            row = conn.execute(
-                self.dialect.for_update(sa.select(F).where(F.c.tracking_id == tracking_id))
-            ).first()
-            if row is None:
-                raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
-            if row.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
-                raise FlowSmithError(
-                    f"flow run {tracking_id!r} is {row.status}; only a pending or running "
-                    "run can be cancelled"
-                )
-            self._cancel(conn, row.id)
-            return flow_record(conn.execute(sa.select(F).where(F.c.id == row.id)).one())
-
-        return self._transact(work)
-
-    def _cancel(self, conn: Connection, flow_id: int) -> None:
-        """Cancel a run, its pending nodes and, through its waiting nodes, its subflows."""
-        waiting = list(
-            conn.execute(
-                sa.select(N.c.id).where(N.c.flow_id == flow_id, N.c.status == NodeStatus.WAITING)
-            ).scalars()
-        )
-        conn.execute(
-            sa.update(N)
-            .where(
-                N.c.flow_id == flow_id,
-                N.c.status.in_([NodeStatus.PENDING, NodeStatus.WAITING]),
-            )
-            .values(status=NodeStatus.CANCELLED, finished_at=self._now())
-        )
-        conn.execute(
-            sa.update(F)
-            .where(F.c.id == flow_id, F.c.status.notin_(FINISHED_FLOW_STATUSES))
-            .values(status=FlowStatus.CANCELLED, updated_at=self._now(), finished_at=self._now())
-        )
-        if waiting:
-            for child_id in conn.execute(
-                sa.select(F.c.id).where(F.c.parent_node_id.in_(waiting))
-            ).scalars():
-                self._cancel(conn, child_id)
 
     def prune_flows(self, *, older_than_seconds: float, batch_size: int = 500) -> int:
         """Each batch is its own short transaction, so no lock is held for long."""
