@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
+import sqlalchemy as sa
 
 from flowsmith_worker.config import configure, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
@@ -40,6 +41,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except FlowSmithError as exc:
             raise click.ClickException(str(exc)) from None
+        except sa.exc.SQLAlchemyError as exc:
+            # Unforeseen database errors still get one line, not a traceback; the
+            # first line of the driver's message carries no password (the URL does).
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise click.ClickException(f"database error: {first}") from None
 
 
 def url_option(fn: Any) -> Any:

@@ -73,8 +73,10 @@ def redact_url(url: str) -> str:
     """The URL with every password replaced by ***, even when the URL does not parse."""
     try:
         parsed = sa.make_url(url)
+        if "@" in (parsed.host or ""):  # an unescaped @ in the password: parsed wrongly
+            raise ValueError(url)
     except Exception:  # a URL we cannot parse still must not leak
-        hidden = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+        hidden = re.sub(r"(://[^:/@]*:).*@", r"\1***@", url)  # up to the last @
         keys = "|".join(_SECRET_QUERY_KEYS)
         return re.sub(rf"([?&](?:{keys})=)[^&]*", r"\1***", hidden, flags=re.IGNORECASE)
     secret_keys = [k for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS]

@@ -327,8 +327,8 @@ def subflow(
     The function returns ``{"flow": child, "tracking_id": str[, "data": dict]}``.
     The parent's node waits for the child without holding a worker slot; a
     failed child fails this step, and resuming the parent resumes that child.
-    ``retries``/``backoff`` apply to the function raising (as for ``Flow.subflow``;
-    today the engine does not also retry the step when the child fails).
+    ``retries`` apply to the function raising and to the child failing: a retry
+    runs the function again, and its tracking_id resumes the same child run.
     """
 
     def decorate(target: StepFn) -> StepFn:

@@ -34,14 +34,6 @@ class DuplicateFlowName(FlowSmithError):
     """Two different flows were defined with the same name."""
 
 
-class UnknownFlow(FlowSmithError):
-    """No flow of that name is registered in this process."""
-
-
-class UnknownStep(FlowSmithError):
-    """The stored plan names a step that the flow's code no longer has."""
-
-
 class FlowNotFound(FlowSmithError):
     """No flow run has that tracking_id."""
 

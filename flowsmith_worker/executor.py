@@ -28,6 +28,7 @@ from flowsmith_worker.retry import DEFAULT_BACKOFF, retry_delay
 from flowsmith_worker.storage.base import ClaimedNode, NewFlow, Storage
 
 T = TypeVar("T")
+DEFAULT_GIVE_UP_SECONDS = 30.0
 log = get_logger("flowsmith.executor")
 
 
@@ -53,12 +54,16 @@ class Executor:
         worker_id: str,
         lookup: Callable[[str], Flow | None] = registry.lookup,
         stop_retrying: threading.Event | None = None,
+        give_up_after: float = DEFAULT_GIVE_UP_SECONDS,
     ) -> None:
         self.storage = storage
         self.worker_id = worker_id
         self.lookup = lookup
         # Set on a hard stop: give up re-trying a write while the database is away.
         self.stop_retrying = stop_retrying or threading.Event()
+        # Past the lease, the node is being rescued and our write would be refused
+        # anyway; and an error that only looks transient must not retry forever.
+        self.give_up_after = give_up_after
 
     def execute(self, node: ClaimedNode) -> Outcome:
         bound = log.bind(
@@ -143,8 +148,15 @@ class Executor:
         write: Callable[[], bool],
         **fields: Any,
     ) -> Outcome:
-        """Write the outcome; while the database is away, try again until it answers."""
-        if not self._with_db_retry(write, bound):
+        """Write the outcome; while the database is away, try again, up to the lease."""
+        try:
+            written = self._with_db_retry(write, bound)
+        except DatabaseUnavailable as exc:
+            # The node stays RUNNING without heartbeats: it is rescued when its
+            # lease expires and the attempt counted, so nothing is lost.
+            bound.error("step.outcome_unwritten", intended=str(outcome), error=str(exc))
+            return Outcome.LEASE_LOST
+        if not written:
             bound.warning("step.lease_lost", intended=str(outcome))
             return Outcome.LEASE_LOST
         level = "warning" if outcome in (Outcome.RETRY, Outcome.FAILED) else "info"
@@ -161,7 +173,8 @@ class Executor:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(DatabaseUnavailable),
             wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0),
-            stop=tenacity.stop_when_event_set(self.stop_retrying),
+            stop=tenacity.stop_when_event_set(self.stop_retrying)
+            | tenacity.stop_after_delay(self.give_up_after),
             before_sleep=before_sleep,
             reraise=True,
         )
@@ -185,8 +198,9 @@ class Executor:
 def _call_with_timeout(spec: StepSpec, ctx: Context) -> Any:
     """Call the step; past its timeout, abandon the thread and raise StepTimeout.
 
-    Python cannot kill a thread: the abandoned call may still finish later, and
-    its result is then refused by the fencing token, never written.
+    Python cannot kill a thread: the abandoned call may still finish later; its
+    result is dropped (the attempt was already recorded as failed), and had it
+    reached the storage, the fencing token would refuse it.
     """
     if spec.timeout is None:
         return spec.fn(ctx)

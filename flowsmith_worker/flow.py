@@ -27,9 +27,11 @@ Condition = Callable[[Context], bool]
 TrackingIdSource = str | Callable[[Context], str] | None
 
 log = get_logger("flowsmith.flow")
-# The widths of fs_flows.tracking_id, fs_flows.flow_name and fs_nodes.step_name.
+# The widths of fs_flows.tracking_id, fs_flows.flow_name and fs_nodes.step_name:
+# checked here, because MySQL's INSERT IGNORE would silently cut a longer value.
 MAX_TRACKING_ID_LENGTH = 255
 MAX_NAME_LENGTH = 200
+MAX_QUEUE_LENGTH = 100  # fs_flows.queue and fs_nodes.queue
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Flow:
     ) -> None:
         if not name or not isinstance(name, str) or len(name) > MAX_NAME_LENGTH:
             raise ValueError(f"a flow needs a name of 1 to {MAX_NAME_LENGTH} characters")
+        if not queue or len(queue) > MAX_QUEUE_LENGTH:
+            raise ValueError(f"flow {name!r}: a queue name has 1 to {MAX_QUEUE_LENGTH} characters")
         self.name = name
         self.storage = storage
         self.queue = queue

@@ -102,7 +102,9 @@ class Worker:
         self.stopping = threading.Event()  # stop claiming; let in-flight steps finish
         self.hard_stop = threading.Event()  # stop now; release what is in flight
         self.wakeup = threading.Event()
-        self.executor = Executor(self.storage, self.id, stop_retrying=self.hard_stop)
+        self.executor = Executor(
+            self.storage, self.id, stop_retrying=self.hard_stop, give_up_after=lease_seconds
+        )
         self.rescuer = Rescuer(
             self.storage, interval=_rescue_interval(self.settings), rescuer_id=self.id
         )
