@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from flowsmith_worker import Context, Flow, FlowStatus, NodeStatus, Worker, configure
 from flowsmith_worker.config import parse_database_url
-from flowsmith_worker.errors import InvalidDatabaseURL
+from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Storage
 from flowsmith_worker.storage.schema import SCHEMA_VERSION
@@ -219,4 +219,38 @@ def test_workers_ride_out_a_database_restart(
             assert started and all(t <= node.finished_at + 0.01 for t in started), (
                 f"{run.tracking_id}/{node.step_name} ran again after it had completed"
             )
+    storage.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_a_callers_repeatable_read_transaction_sees_a_run_committed_meanwhile(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path, unique: Names
+) -> None:
+    """The idempotency-key race inside the application's own (REPEATABLE READ) transaction.
+
+    Another request commits the same tracking_id after this transaction took its
+    snapshot; the trigger must return that run, not fail to find the row it just
+    lost the insert race to.
+    """
+    url = database_url(request, backend, tmp_path)
+    storage = create_storage(url)
+    storage.migrate()
+    flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: 1)
+    tid = unique("t")
+    app = sa.create_engine(parse_database_url(url), isolation_level="REPEATABLE READ")
+    with app.connect() as conn:
+        conn.execute(sa.text("SELECT count(*) FROM fs_flows")).scalar()  # take the snapshot
+        flow.run({"from": "other request"}, tracking_id=tid)  # commits on its own
+        if backend == "postgresql":
+            # PostgreSQL refuses the insert in a snapshot that cannot see the row;
+            # the caller is told to retry, and the retry finds the run.
+            with pytest.raises(DatabaseUnavailable, match="retry the transaction"):
+                flow.run({"from": "this request"}, tracking_id=tid, connection=conn)
+            conn.rollback()
+        run = flow.run({"from": "this request"}, tracking_id=tid, connection=conn)
+        conn.commit()
+    record = storage.get_flow(tracking_id=tid)
+    assert run.tracking_id == tid and record is not None
+    assert record.input == {"from": "other request"}
+    app.dispose()
     storage.close()

@@ -17,6 +17,7 @@ from flowsmith_worker import (
     Context,
     Flow,
     FlowAlreadyCompleted,
+    FlowSmithError,
     FlowStatus,
     NodeStatus,
     StepFailed,
@@ -434,3 +435,92 @@ def test_a_queue_cap_holds_across_racing_workers(storage: Storage, unique: Names
     assert next_email.tracking_id.startswith("m")
     storage.set_queue_limit(queue="emails", max_running=None)
     assert storage.queue_limits() == {}
+
+
+# -- subflows, cancel, release and prune at their edges ----------------------------------
+
+
+def subflow_parent(tracking_id: str) -> NewFlow:
+    plan = Plan(stages=((PlannedStep("child", 1, subflow=True),),), module="tests.nowhere")
+    return NewFlow("parent", tracking_id, {}, plan)
+
+
+def start_parent_with_child(storage: Storage, parent_tid: str, child_tid: str) -> Any:
+    """Enqueue a parent, claim its subflow node, start the child; return the parent's claim."""
+    storage.enqueue_flow(flow=subflow_parent(parent_tid))
+    [node] = [
+        n
+        for n in storage.claim_nodes(worker_id="w", limit=10, lease_seconds=30, queues=["default"])
+        if n.tracking_id == parent_tid
+    ]
+    assert storage.start_subflow(lease=node.lease, child=new_flow(child_tid))
+    return node
+
+
+def test_cancelling_a_subflow_fails_its_waiting_parent(storage: Storage, unique: Names) -> None:
+    """The parent step cannot finish without its child: it fails instead of waiting forever."""
+    start_parent_with_child(storage, parent := unique("p"), child := unique("c"))
+    storage.cancel_flow(tracking_id=child)
+    record = storage.get_flow(tracking_id=parent)
+    assert record is not None and record.status == FlowStatus.FAILED
+    assert record.error is not None and "was cancelled" in record.error
+
+
+def test_a_child_run_belongs_to_one_parent(storage: Storage, unique: Names) -> None:
+    """A second parent naming the same child tracking_id fails its step; the first keeps it."""
+    child = unique("shared")
+    start_parent_with_child(storage, first := unique("p1"), child)
+    storage.enqueue_flow(flow=subflow_parent(second := unique("p2")))
+    claimed = {
+        n.tracking_id: n
+        for n in storage.claim_nodes(worker_id="w", limit=10, lease_seconds=30, queues=["default"])
+    }
+    with pytest.raises(FlowSmithError, match="already the subflow of another step"):
+        storage.start_subflow(lease=claimed[second].lease, child=new_flow(child))
+    assert storage.complete_node(lease=claimed[child].lease, output="done")
+    record = storage.get_flow(tracking_id=first)
+    assert record is not None and record.status == FlowStatus.COMPLETED
+
+
+def test_a_released_node_of_a_cancelled_run_is_not_handed_on(
+    storage: Storage, unique: Names
+) -> None:
+    storage.enqueue_flow(flow=new_flow(tid := unique("t")))
+    [node] = storage.claim_nodes(worker_id="leaving", limit=1, lease_seconds=30, queues=["default"])
+    storage.cancel_flow(tracking_id=tid)
+    assert storage.release_nodes(worker_id="leaving", node_ids=[node.node_id]) == 1
+    assert (
+        storage.claim_nodes(worker_id="other", limit=1, lease_seconds=30, queues=["default"]) == []
+    )
+    record = storage.get_flow(tracking_id=tid)
+    assert record is not None
+    [ended] = storage.list_nodes(flow_id=record.id)
+    assert ended.status == NodeStatus.CANCELLED
+
+
+def test_a_child_finishing_after_its_parent_was_pruned_completes_quietly(
+    storage: Storage, unique: Names
+) -> None:
+    """Retry a failed child, prune its FAILED parent meanwhile: the child still completes."""
+    start_parent_with_child(storage, parent := unique("p"), child := unique("c"))
+    [first] = storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=["default"])
+    assert storage.fail_node(lease=first.lease, error="boom", retry_delay=None)
+    assert storage.get_flow(tracking_id=parent).status == FlowStatus.FAILED  # type: ignore[union-attr]
+    storage.resume_flow(tracking_id=child)
+    [again] = storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=["default"])
+    time.sleep(0.05)
+    assert storage.prune_flows(older_than_seconds=0.01) == 1
+    assert storage.complete_node(lease=again.lease, output="late") is True
+    assert storage.get_flow(tracking_id=child).status == FlowStatus.COMPLETED  # type: ignore[union-attr]
+
+
+def test_a_capped_queue_is_not_starved_by_lower_priority_work(
+    storage: Storage, unique: Names
+) -> None:
+    storage.set_queue_limit(queue="emails", max_running=5)
+    storage.enqueue_flow(flow=queued_flow("default", unique("low"), priority=9))
+    storage.enqueue_flow(flow=queued_flow("emails", unique("urgent"), priority=0))
+    [first] = storage.claim_nodes(
+        worker_id="w", limit=1, lease_seconds=30, queues=["default", "emails"]
+    )
+    assert first.tracking_id.startswith("urgent")

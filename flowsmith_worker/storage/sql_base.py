@@ -83,6 +83,11 @@ class SqlBase:
                 raise InvalidDatabaseURL(
                     f"cannot connect to {self.url_for_display}: {_first_line(exc.orig or exc)}"
                 ) from exc
+            if _is_conflict(exc):
+                raise DatabaseUnavailable(
+                    f"transaction conflict on {self.url_for_display} "
+                    f"({_first_line(exc.orig or exc)}): retry the transaction"
+                ) from exc
             if is_transient(exc):
                 raise DatabaseUnavailable(
                     f"database {self.url_for_display} is unavailable: "
@@ -140,6 +145,12 @@ class SqlBase:
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0]
+
+
+def _is_conflict(error: sa.exc.DBAPIError) -> bool:
+    """A deadlock or serialization failure: the database asks for the transaction again."""
+    text = str(error.orig).lower()
+    return "deadlock" in text or "serializ" in text
 
 
 def _is_deadlock(error: BaseException) -> bool:
