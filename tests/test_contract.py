@@ -206,7 +206,7 @@ def test_a_step_past_its_timeout_fails_the_attempt_and_is_retried(
     assert run.wait(5)["only"] == "attempt 2"
     [node] = run.trace()
     assert node.attempt == 2 and node.error is not None and "StepTimeout" in node.error
-    time.sleep(1.3)  # the abandoned first attempt returns now: the fence must refuse it
+    time.sleep(1.3)  # the abandoned first attempt returns now: its result is dropped
     assert run.wait(1)["only"] == "attempt 2"
 
 
@@ -524,3 +524,28 @@ def test_a_capped_queue_is_not_starved_by_lower_priority_work(
         worker_id="w", limit=1, lease_seconds=30, queues=["default", "emails"]
     )
     assert first.tracking_id.startswith("urgent")
+
+
+def test_a_worker_that_reclaims_its_rescued_node_keeps_the_new_attempt_in_flight(
+    storage: Storage, unique: Names
+) -> None:
+    """The old attempt ending must not free the new attempt's slot or stop its heartbeat."""
+    release = {1: threading.Event(), 2: threading.Event()}
+
+    def blocks(ctx: Context) -> int:
+        release[ctx.attempt].wait(20)
+        return ctx.attempt
+
+    flow = one_step_flow(storage, unique("f"), blocks, retries=1)
+    run = flow.run({}, tracking_id=unique("t"))
+    worker = Worker(storage=storage, concurrency=2, lease_seconds=1)
+    assert worker.claim_once() == 1  # attempt 1, never heartbeated: its lease runs out
+    time.sleep(1.2)
+    assert len(storage.rescue_expired()) == 1
+    assert worker.claim_once() == 1  # the same node again: attempt 2
+    release[1].set()
+    eventually(lambda: [n.attempt for n in worker.in_flight()] == [2], timeout=10)
+    assert worker.heartbeat_once() == 1  # attempt 2's lease is still kept
+    release[2].set()
+    eventually(lambda: not worker.in_flight(), timeout=10)
+    assert run.wait(5)["only"] == 2
