@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-unit test-integration lint bench db-up db-down migrate-postgres migrate-mysql clean
+.PHONY: help install demo test test-unit test-integration lint bench bench-peers db-up db-down migrate-postgres migrate-mysql clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -37,6 +37,11 @@ lint: $(STAMP) ## ruff and mypy --strict
 
 bench: $(STAMP) ## throughput benchmarks (durable database settings)
 	$(BIN)/python -m tests.bench
+
+bench-peers: $(STAMP) ## the same work on Procrastinate and on FlowSmith, one durable PostgreSQL
+	test -x .peers-venv/bin/python || ($(PYTHON) -m venv .peers-venv && \
+	  .peers-venv/bin/pip install --quiet procrastinate 'psycopg[binary]')
+	PEERS_PYTHON=.peers-venv/bin/python $(BIN)/python -m tests.bench_peers
 
 db-up: $(STAMP) ## PostgreSQL 16 + MySQL 8 via compose if Docker answers, else local servers
 	@if docker info >/dev/null 2>&1; then docker compose up -d postgres mysql && \

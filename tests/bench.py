@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from flowsmith_worker import Context, Flow
 from flowsmith_worker.config import redact_url
@@ -95,7 +96,8 @@ def bench(url: str, flows: int, workers: int, concurrency: int) -> tuple[float, 
     return flows / enqueue_seconds, flows * STEPS_PER_FLOW / drain_seconds
 
 
-def urls(backends: list[str], base: Path) -> dict[str, str]:
+def urls(backends: list[str], base: Path, servers: list[Any]) -> dict[str, str]:
+    """A database per backend; the servers started are appended to ``servers``."""
     from tests.servers import ServerUnavailable, start_mariadb, start_postgres
 
     found = {}
@@ -109,6 +111,7 @@ def urls(backends: list[str], base: Path) -> dict[str, str]:
         except ServerUnavailable as exc:
             print(f"skipping {backend}: {exc}")
             continue
+        servers.append(server)
         found[backend] = server.create_database("bench")
     return found
 
@@ -123,16 +126,24 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgresql,mysql")
     args = parser.parse_args()
     setup_logging(level="WARNING")
+    servers: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="flowsmith-bench-") as tmp:
-        targets = urls(args.backends.split(","), Path(tmp))
-        print(
-            f"{args.flows} flows x {STEPS_PER_FLOW} no-op steps, {args.workers} workers "
-            f"x concurrency {args.concurrency}, durable database settings"
-        )
-        print(f"{'backend':<12}{'enqueue flows/s':>18}{'steps/s':>12}")
-        for backend, url in targets.items():
-            enqueue_rate, step_rate = bench(url, args.flows, args.workers, args.concurrency)
-            print(f"{backend:<12}{enqueue_rate:>18.0f}{step_rate:>12.0f}   {redact_url(url)}")
+        try:
+            run_all(args, urls(args.backends.split(","), Path(tmp), servers))
+        finally:
+            for server in servers:
+                server.destroy()  # stop it and remove its data, wherever it lives
+
+
+def run_all(args: argparse.Namespace, targets: dict[str, str]) -> None:
+    print(
+        f"{args.flows} flows x {STEPS_PER_FLOW} no-op steps, {args.workers} workers "
+        f"x concurrency {args.concurrency}, durable database settings"
+    )
+    print(f"{'backend':<12}{'enqueue flows/s':>18}{'steps/s':>12}")
+    for backend, url in targets.items():
+        enqueue_rate, step_rate = bench(url, args.flows, args.workers, args.concurrency)
+        print(f"{backend:<12}{enqueue_rate:>18.0f}{step_rate:>12.0f}   {redact_url(url)}")
 
 
 if __name__ == "__main__":
