@@ -30,6 +30,7 @@ from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.storage import create_storage, schema
 from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Storage
 from tests.conftest import database_url, eventually
+from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -131,68 +132,6 @@ def flowsmith(
         text=True,
         timeout=timeout,
     )
-
-
-class WorkerProcess:
-    """A `flowsmith worker` subprocess whose output (stdout and stderr) goes to a file."""
-
-    def __init__(
-        self, workdir: Path, url: str, env: dict[str, str], *args: str, module: str = "cliflows"
-    ) -> None:
-        self.log_path = workdir / f"worker-{time.monotonic_ns()}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flowsmith_worker",
-                "worker",
-                module,
-                "--url",
-                url,
-                "--log-format",
-                "json",
-                *args,
-            ],
-            cwd=workdir,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.pid = self.proc.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.output().splitlines() if line.strip()]
-
-    def wait_started(self, timeout: float = 30.0) -> None:
-        eventually(lambda: self._exited_check() or '"worker.started"' in self.output(), timeout)
-
-    def _exited_check(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output()}")
-        return False
-
-    def terminate(self, sig: signal.Signals = signal.SIGTERM) -> float:
-        """Send SIGTERM (or ``sig``); return the monotonic time it was sent."""
-        os.kill(self.pid, sig)
-        return time.monotonic()
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"worker {self.pid} still running {timeout} s later:\n{self.output()[-3000:]}"
-            ) from None
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 class App:
@@ -422,7 +361,7 @@ def test_stop_signal_idle_worker_exits_zero_promptly(sqlite_app: App, sig: signa
     worker = sqlite_app.worker("--poll-interval", "5")
     worker.wait_started()
     time.sleep(0.3)  # in its idle sleep by now
-    sent = worker.terminate(sig)
+    sent = worker.signal(sig)
     assert worker.wait(10) == 0, worker.output()
     assert time.monotonic() - sent < 2.0, worker.output()
 
@@ -443,7 +382,7 @@ def test_sigterm_lets_the_running_step_finish(sqlite_app: App) -> None:
     watcher = app.worker("--poll-interval", "0.1", "--lease", "1")
     watcher.wait_started()
     assert [e["event"] for e in app.events()] == ["start"], "the step must still be running"
-    sent = worker.terminate()
+    sent = worker.signal()
     assert worker.wait(15) == 0, worker.output()
     assert time.monotonic() - sent < 5, worker.output()
     assert app.flow_status(run.tracking_id) == FlowStatus.COMPLETED
@@ -453,7 +392,7 @@ def test_sigterm_lets_the_running_step_finish(sqlite_app: App) -> None:
         ("start", worker.pid),
         ("end", worker.pid),
     ]
-    watcher.terminate()
+    watcher.signal()
     assert watcher.wait(15) == 0, watcher.output()
 
 
@@ -470,7 +409,7 @@ def test_sigterm_past_the_grace_period_releases_the_step(sqlite_app: App) -> Non
     )
     first.wait_started()
     eventually(lambda: app.started(first.pid), timeout=15)
-    sent = first.terminate()
+    sent = first.signal()
     assert first.wait(10) == 0, first.output()
     assert time.monotonic() - sent < 4, first.output()
     node = app.node(run.tracking_id, "slow")
@@ -483,7 +422,7 @@ def test_sigterm_past_the_grace_period_releases_the_step(sqlite_app: App) -> Non
     eventually(lambda: app.flow_status(run.tracking_id) == FlowStatus.COMPLETED, timeout=15)
     assert app.started(second.pid), "the second worker did not run the released step"
     assert [e["event"] for e in app.events() if e["pid"] == first.pid] == ["start"]
-    second.terminate()
+    second.signal()
     assert second.wait(15) == 0, second.output()
 
 
@@ -499,10 +438,10 @@ def test_second_sigterm_stops_at_once(sqlite_app: App) -> None:
     )
     worker.wait_started()
     eventually(lambda: app.started(worker.pid), timeout=15)
-    worker.terminate()
+    worker.signal()
     time.sleep(1.0)
     assert worker.proc.poll() is None, "the first SIGTERM must let the step run on"
-    sent = worker.terminate()
+    sent = worker.signal()
     assert worker.wait(10) == 0, worker.output()
     assert time.monotonic() - sent < 2.0, worker.output()
     node = app.node(run.tracking_id, "slow")
@@ -527,7 +466,7 @@ def test_unknown_flow_fails_naming_the_module_to_import(
     assert repr(orphan.name) in node.error
     assert f"flowsmith worker {__name__}" in node.error, node.error
     assert app.events() == [], "no step of the worker's own flows may run instead"
-    worker.terminate()
+    worker.signal()
     assert worker.wait(15) == 0, worker.output()
 
 
@@ -556,7 +495,7 @@ def test_json_logs_carry_step_fields_and_never_the_password(
             ),
             timeout=20,
         )
-        worker.terminate()
+        worker.signal()
         assert worker.wait(15) == 0, worker.output()
 
         output = worker.output()
@@ -602,7 +541,7 @@ def test_rescue_log_lines_carry_step_fields(sqlite_app: App) -> None:
     rescuer = app.worker("--poll-interval", "0.1", "--lease", "1")
     rescuer.wait_started()
     eventually(lambda: app.flow_status(run.tracking_id) == FlowStatus.COMPLETED, timeout=20)
-    rescuer.terminate()
+    rescuer.signal()
     assert rescuer.wait(15) == 0, rescuer.output()
 
     lines = rescuer.log_lines()

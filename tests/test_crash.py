@@ -17,8 +17,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections import defaultdict
@@ -35,6 +33,7 @@ from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import RESCUE_ERROR, FlowStatus, NodeStatus, Storage
 from tests.conftest import database_url
+from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -133,69 +132,13 @@ FLOWS_MODULE = textwrap.dedent(
 # --------------------------------------------------------------------------- helpers
 
 
-class WorkerProcess:
-    """A `flowsmith worker` subprocess whose output goes to a file."""
-
-    def __init__(self, workdir: Path, url: str, env: dict[str, str], *args: str) -> None:
-        self.log_path = workdir / f"worker-{time.monotonic_ns()}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flowsmith_worker",
-                "worker",
-                "crashflows",
-                "--url",
-                url,
-                "--log-format",
-                "json",
-                *args,
-            ],
-            cwd=workdir,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.pid = self.proc.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_started(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while '"worker.started"' not in self.output():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker not started after {timeout} s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def signal(self, sig: signal.Signals) -> None:
-        os.kill(self.pid, sig)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"worker {self.pid} still running {timeout} s later:\n{self.output()[-3000:]}"
-            ) from None
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
-
-
 @pytest.fixture
 def spawn() -> Iterable[Callable[..., WorkerProcess]]:
     """Start worker processes; whatever is still running at the end is killed."""
     started: list[WorkerProcess] = []
 
     def start(workdir: Path, url: str, env: dict[str, str], *args: str) -> WorkerProcess:
-        started.append(WorkerProcess(workdir, url, env, *args))
+        started.append(WorkerProcess(workdir, url, env, *args, module="crashflows"))
         return started[-1]
 
     yield start
