@@ -25,6 +25,8 @@ MIGRATION_LOCK_NAME = "flowsmith_migrate"
 MIGRATION_LOCK_KEY = 0x666C6F77736D  # "flowsm"
 NOTIFY_CHANNEL = "flowsmith"
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+# The execution option that marks a transaction of reads only.
+READ_ONLY_OPTION = "flowsmith_read_only"
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,10 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers (status, wait(), stats) need no write lock: in WAL mode a plain
+        # BEGIN reads a snapshot without blocking the workers' writes.
+        read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 _MISSING_TABLE_MARKERS = ("no such table", "does not exist", "doesn't exist")

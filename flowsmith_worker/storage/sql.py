@@ -612,7 +612,7 @@ class SqlStorage(SqlOperators, Storage):
         flow row locked first (the same order as completion, so no deadlock)
         and fenced by its exact lease, so two rescuers cannot both rescue it.
         """
-        candidates = self._transact(
+        candidates = self._read(
             lambda conn: conn.execute(
                 sa.select(
                     N.c.id,

@@ -22,6 +22,7 @@ from flowsmith_worker.plan import Plan
 from flowsmith_worker.storage import migrations, notify, schema
 from flowsmith_worker.storage.base import FlowRecord, FlowStatus, NodeRecord, NodeStatus
 from flowsmith_worker.storage.dialects import (
+    READ_ONLY_OPTION,
     create_engine,
     dialect_of,
     is_missing_table,
@@ -107,6 +108,13 @@ class SqlBase:
                 with attempt, self._writer_turn, self.engine.begin() as conn:
                     return work(conn)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work``, which only reads: no writer's turn, no write lock on SQLite."""
+        with self._errors(), self.engine.connect() as conn:
+            conn = conn.execution_options(**{READ_ONLY_OPTION: True})
+            with conn.begin():
+                return work(conn)
 
     def _now(self) -> sa.ColumnElement[float]:
         return self.dialect.now()

@@ -29,13 +29,13 @@ class SqlOperators(SqlBase):
     # -- reading --------------------------------------------------------------
 
     def get_flow(self, *, tracking_id: str) -> FlowRecord | None:
-        row = self._transact(
+        row = self._read(
             lambda conn: conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
         )
         return None if row is None else flow_record(row)
 
     def list_nodes(self, *, flow_id: int) -> list[NodeRecord]:
-        rows = self._transact(
+        rows = self._read(
             lambda conn: conn.execute(
                 sa.select(N).where(N.c.flow_id == flow_id).order_by(N.c.position, N.c.group_index)
             ).all()
@@ -48,11 +48,11 @@ class SqlOperators(SqlBase):
             N.c.run_after <= self._now(),
             N.c.queue.in_(list(queues)),
         )
-        return int(self._transact(lambda conn: conn.execute(query).scalar_one()))
+        return int(self._read(lambda conn: conn.execute(query).scalar_one()))
 
     def count_open_nodes(self, *, queues: Sequence[str]) -> int:
         return int(
-            self._transact(
+            self._read(
                 lambda conn: conn.execute(
                     sa.select(sa.func.count()).where(
                         N.c.status.in_([NodeStatus.PENDING, NodeStatus.RUNNING]),
@@ -108,7 +108,7 @@ class SqlOperators(SqlBase):
                 oldest_runnable_age=None if oldest is None else float(oldest),
             )
 
-        return self._transact(work)
+        return self._read(work)
 
     def list_flows(self, *, where: FlowFilter) -> list[FlowRecord]:
         query = sa.select(F).order_by(F.c.created_at.desc(), F.c.id.desc()).limit(where.limit)
@@ -118,7 +118,7 @@ class SqlOperators(SqlBase):
             query = query.where(F.c.flow_name == where.flow_name)
         if where.since is not None:
             query = query.where(F.c.created_at >= where.since)
-        rows = self._transact(lambda conn: conn.execute(query).all())
+        rows = self._read(lambda conn: conn.execute(query).all())
         return [flow_record(r) for r in rows]
 
     # -- cancelling and pruning -------------------------------------------------
@@ -174,9 +174,7 @@ class SqlOperators(SqlBase):
         self._transact(lambda conn: conn.execute(sa.delete(W).where(W.c.id == worker_id)))
 
     def list_workers(self) -> list[WorkerRecord]:
-        rows = self._transact(
-            lambda conn: conn.execute(sa.select(W).order_by(W.c.started_at)).all()
-        )
+        rows = self._read(lambda conn: conn.execute(sa.select(W).order_by(W.c.started_at)).all())
         return [
             WorkerRecord(**{**row._asdict(), "queues": tuple(row.queues.split(","))})
             for row in rows
@@ -207,7 +205,7 @@ class SqlOperators(SqlBase):
         self._transact(work)
 
     def queue_limits(self) -> dict[str, int]:
-        rows = self._transact(
+        rows = self._read(
             lambda conn: conn.execute(
                 sa.select(Q.c.name, Q.c.max_running).where(Q.c.max_running.is_not(None))
             ).all()
