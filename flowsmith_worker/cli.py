@@ -207,6 +207,11 @@ def demo(flow_count: int, worker_count: int, db_path: str) -> None:
 
     Enqueues FLOWS order flows, starts WORKERS `flowsmith worker` processes,
     kills one mid-run, and prints what happened.
+
+    \b
+    Examples:
+      flowsmith demo
+      flowsmith demo --flows 1000 --workers 3 --db /tmp/demo.db
     """
     from flowsmith_worker.demo import run_demo
 

@@ -158,15 +158,17 @@ def test_a_running_worker_is_listed_and_gone_after_a_clean_stop(storage: Storage
 # -- passwords and help --------------------------------------------------------------------
 
 
-def test_help_never_shows_the_database_url_from_the_environment(
+def test_help_has_examples_and_never_the_database_url_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://app:hunter2@db/app")
     runner = CliRunner()
-    for command in ([], ["migrate"], ["worker"], ["status"], ["flows"], ["stats"], ["prune"]):
+    commands = ([], ["migrate"], ["worker"], ["demo"], ["status"], ["flows"], ["stats"], ["prune"])
+    for command in commands:
         result = runner.invoke(main, [*command, "--help"])
         assert result.exit_code == 0, result.output
         assert "hunter2" not in result.output
+        assert "Example" in result.output
 
 
 # -- processes: metrics and the demo -------------------------------------------------------
