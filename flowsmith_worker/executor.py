@@ -20,7 +20,12 @@ import tenacity
 
 from flowsmith_worker import registry
 from flowsmith_worker.context import Context
-from flowsmith_worker.errors import DatabaseUnavailable, StepOutputNotJSON, StepTimeout
+from flowsmith_worker.errors import (
+    DatabaseUnavailable,
+    FlowCancelled,
+    StepOutputNotJSON,
+    StepTimeout,
+)
 from flowsmith_worker.flow import Flow, StepSpec
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.progress import attempts_left
@@ -112,7 +117,9 @@ class Executor:
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            return self._record_failure(node, spec, _Failure(_describe(exc)), bound)
+            # A cancelled child stays cancelled: running the step again cannot help.
+            retryable = not isinstance(exc, FlowCancelled)
+            return self._record_failure(node, spec, _Failure(_describe(exc), retryable), bound)
         return self._write(
             node,
             bound,

@@ -180,11 +180,15 @@ class Worker:
         return len(rescued)
 
     def run_once(self) -> int:
-        """One turn of the loop: rescue and heartbeat when due, then claim."""
-        if self.rescuer.seconds_until_due() == 0:
-            self.rescue_once()
+        """One turn of the loop: heartbeat and rescue when due, then claim.
+
+        The heartbeat comes first: whatever else fails, the leases of the steps
+        running here must not lapse, or they would run a second time elsewhere.
+        """
         if time.monotonic() >= self._next_heartbeat:
             self.heartbeat_once()
+        if self.rescuer.seconds_until_due() == 0:
+            self.rescue_once()
         return self.claim_once()
 
     def _execute(self, node: ClaimedNode) -> Outcome:
@@ -231,8 +235,8 @@ class Worker:
         while not self.stopping.is_set():
             self.health.loop_ticked()
             try:
-                self.scheduler.run_once()
                 claimed = self.run_once()
+                self.scheduler.run_once()
                 self.health.database_ok()
                 if failures:
                     self.log.info("database.reconnected", after_failures=failures)
@@ -354,11 +358,14 @@ class Worker:
         self.log.info("worker.stopped", released=released or 0, unfinished=len(left))
 
     def _try(self, call: Callable[[], T]) -> T | None:
+        """Shutdown goes on whatever one of its steps raises."""
         try:
             return call()
         except DatabaseUnavailable as exc:
             self.log.warning("database.unavailable", error=str(exc))
-            return None
+        except Exception:
+            self.log.exception("worker.shutdown_step_failed")
+        return None
 
 
 def _rescue_interval(settings: WorkerSettings) -> float:

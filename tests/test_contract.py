@@ -549,3 +549,26 @@ def test_a_worker_that_reclaims_its_rescued_node_keeps_the_new_attempt_in_flight
     release[2].set()
     eventually(lambda: not worker.in_flight(), timeout=10)
     assert run.wait(5)["only"] == 2
+
+
+def test_a_subflow_may_adopt_a_run_started_on_its_own(storage: Storage, unique: Names) -> None:
+    """The parent waits for an existing top-level run of that tracking_id and hears its end."""
+    storage.enqueue_flow(flow=new_flow(child := unique("c")))
+    [child_node] = storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=["default"])
+    start_parent_with_child(storage, parent := unique("p"), child)
+    assert storage.complete_node(lease=child_node.lease, output="done")
+    record = storage.get_flow(tracking_id=parent)
+    assert record is not None and record.status == FlowStatus.COMPLETED
+
+
+def test_a_step_finishing_after_its_run_was_pruned_is_refused_quietly(
+    storage: Storage, unique: Names
+) -> None:
+    """Cancel lets a running step finish; if the run was pruned meanwhile, its write is refused."""
+    storage.enqueue_flow(flow=new_flow(tid := unique("t")))
+    [node] = storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=["default"])
+    storage.cancel_flow(tracking_id=tid)
+    time.sleep(0.05)
+    assert storage.prune_flows(older_than_seconds=0.01) == 1
+    assert storage.complete_node(lease=node.lease, output="late") is False
+    assert storage.fail_node(lease=node.lease, error="late", retry_delay=None) is False

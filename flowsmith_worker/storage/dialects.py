@@ -80,9 +80,15 @@ class Dialect:
         """
         return select.with_for_update(skip_locked=True)
 
-    def for_share(self, select: sa.Select[Any]) -> sa.Select[Any]:
-        """A locking read in share mode: it sees the latest committed row (not on SQLite)."""
-        return select.with_for_update(read=True)
+    def for_latest(self, select: sa.Select[Any]) -> sa.Select[Any]:
+        """A read that sees the latest committed row, even in a REPEATABLE READ snapshot.
+
+        MySQL needs a locking read for that, and a share lock is the one INSERT
+        IGNORE's duplicate check already holds. PostgreSQL must not take it: racing
+        resumes would each need to upgrade it and deadlock; there the caller's
+        REPEATABLE READ gets a serialization failure instead, reported as such.
+        """
+        return select.with_for_update(read=True) if self.name == "mysql" else select
 
     def for_update(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """Lock the selected rows until commit (nothing to add on SQLite)."""

@@ -74,14 +74,13 @@ class SqlStorage(SqlOperators, Storage):
             )
         )
         inserted = self.dialect.inserted_a_row(result)
-        # A shared lock, not FOR UPDATE: on MySQL the duplicate check of INSERT
-        # IGNORE already holds one, and upgrading it in 20 racing triggers
-        # deadlocks. It must lock at all because a locking read is what sees the
-        # row another transaction just committed, even inside a caller's
-        # REPEATABLE READ transaction. The FAILED -> RUNNING transition takes its
-        # own exclusive lock with a conditional UPDATE (see _resume).
+        # Not FOR UPDATE: on MySQL the duplicate check of INSERT IGNORE holds a
+        # shared lock, and upgrading it in 20 racing triggers deadlocks. See
+        # for_latest for why MySQL still needs a (shared) locking read here. The
+        # FAILED -> RUNNING transition takes its own lock with a conditional
+        # UPDATE (see _resume).
         row = conn.execute(
-            self.dialect.for_share(sa.select(F).where(F.c.tracking_id == flow.tracking_id))
+            self.dialect.for_latest(sa.select(F).where(F.c.tracking_id == flow.tracking_id))
         ).one()
         if row.flow_name != flow.flow_name:
             raise TrackingIdTaken.for_run(flow.tracking_id, row.flow_name, flow.flow_name)
@@ -91,6 +90,12 @@ class SqlStorage(SqlOperators, Storage):
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.PENDING, True, False)
         if parent_node_id is not None:
             self._check_child(row, parent_node_id)
+            if row.parent_node_id is None:  # adopt a run started on its own
+                conn.execute(
+                    sa.update(F)
+                    .where(F.c.id == row.id, F.c.parent_node_id.is_(None))
+                    .values(parent_node_id=parent_node_id)
+                )
         status = FlowStatus(row.status)
         if status == FlowStatus.COMPLETED:
             raise FlowAlreadyCompleted.for_run(row.flow_name, flow.tracking_id)
@@ -327,6 +332,8 @@ class SqlStorage(SqlOperators, Storage):
     def _finish(self, lease: Lease, status: NodeStatus, output: str | None) -> bool:
         def work(conn: Connection) -> bool:
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+            if flow_row is None:
+                return False  # the run was pruned while this step ran
             done = conn.execute(
                 self._fenced(lease).values(
                     status=status, output=output, finished_at=self._now(), lease_expires_at=None
@@ -341,6 +348,8 @@ class SqlStorage(SqlOperators, Storage):
     def fail_node(self, *, lease: Lease, error: str, retry_delay: float | None) -> bool:
         def work(conn: Connection) -> bool:
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+            if flow_row is None:
+                return False  # the run was pruned while this step ran
             # A cancelled run goes no further: no retry, and its status stays CANCELLED.
             cancelled = flow_row.status == FlowStatus.CANCELLED
             if retry_delay is not None and not cancelled:
@@ -373,6 +382,8 @@ class SqlStorage(SqlOperators, Storage):
     def start_subflow(self, *, lease: Lease, child: NewFlow) -> bool:
         def work(conn: Connection) -> bool:
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+            if flow_row is None:
+                return False  # the run was pruned while this step ran
             if flow_row.status == FlowStatus.CANCELLED:
                 return bool(
                     conn.execute(
@@ -580,6 +591,11 @@ class SqlStorage(SqlOperators, Storage):
             return 0
 
         def work(conn: Connection) -> int:
+            # Lock the runs first, as every other write does, so a cancel cannot
+            # commit between the two updates below.
+            flow_ids = sa.select(N.c.flow_id).where(N.c.id.in_(list(node_ids)))
+            runs = sa.select(F.c.id).where(F.c.id.in_(flow_ids)).order_by(F.c.id)
+            conn.execute(self.dialect.for_update(runs)).all()
             mine = sa.update(N).where(
                 N.c.id.in_(list(node_ids)),
                 N.c.lease_owner == worker_id,
@@ -650,6 +666,8 @@ class SqlStorage(SqlOperators, Storage):
 
     def _rescue_one(self, conn: Connection, *, lease: Lease, final: bool) -> bool:
         flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+        if flow_row is None:
+            return False  # the run was pruned while this step ran
         fenced = self._fenced(lease).where(N.c.lease_expires_at < self._now())
         values: dict[str, Any] = dict(
             error=RESCUE_ERROR, rescues=N.c.rescues + 1, lease_expires_at=None

@@ -139,8 +139,9 @@ class SqlBase:
                 f"newer than this code knows ({schema.SCHEMA_VERSION}): upgrade flowsmith-worker"
             )
 
-    def _lock_flow(self, conn: Connection, where: sa.ColumnElement[bool]) -> Row[Any]:
-        return conn.execute(self.dialect.for_update(sa.select(F).where(where))).one()
+    def _lock_flow(self, conn: Connection, where: sa.ColumnElement[bool]) -> Row[Any] | None:
+        """The flow row, locked until commit; None if it is gone (pruned)."""
+        return conn.execute(self.dialect.for_update(sa.select(F).where(where))).first()
 
     def listen_for_work(self, *, on_notify: Callable[[str], None], stop: threading.Event) -> None:
         if not self.supports_notify:

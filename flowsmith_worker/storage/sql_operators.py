@@ -198,9 +198,15 @@ class SqlOperators(SqlBase):
             raise ValueError(f"max_running={max_running}: cannot be negative")
 
         def work(conn: Connection) -> None:
-            conn.execute(sa.delete(Q).where(Q.c.name == queue))
-            if max_running is not None:
-                conn.execute(sa.insert(Q).values(name=queue, max_running=max_running))
+            # Update in place (NULL: no cap): a claim waiting on this row's lock
+            # must find it afterwards, not a deleted row and so no cap at all.
+            updated = conn.execute(
+                sa.update(Q).where(Q.c.name == queue).values(max_running=max_running)
+            ).rowcount
+            if not updated and max_running is not None:
+                conn.execute(
+                    self.dialect.insert_if_absent(Q).values(name=queue, max_running=max_running)
+                )
 
         self._transact(work)
 
