@@ -206,13 +206,21 @@ def is_missing_table(error: BaseException) -> bool:
     return any(marker in text for marker in _MISSING_TABLE_MARKERS) and "fs_" in text
 
 
+_CONFLICT_MARKERS = ("deadlock", "lock wait timeout", "serializ")
+
+
+def is_conflict(error: BaseException) -> bool:
+    """A deadlock, lock timeout or serialization failure: run the transaction again."""
+    if not isinstance(error, sa.exc.DBAPIError) or error.connection_invalidated:
+        return False
+    text = str(error.orig).lower()
+    return any(marker in text for marker in _CONFLICT_MARKERS)
+
+
 def is_transient(error: BaseException) -> bool:
-    """Errors worth retrying: the connection went away, a deadlock, a lock timeout."""
+    """Errors worth retrying: the connection went away, or a conflict."""
     if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
         return True
     if isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError)):
         return not is_missing_table(error)
-    if isinstance(error, sa.exc.DBAPIError):
-        text = str(error.orig).lower()
-        return "deadlock" in text or "lock wait timeout" in text or "serializ" in text
-    return False
+    return is_conflict(error)

@@ -25,6 +25,7 @@ from flowsmith_worker.storage.dialects import (
     READ_ONLY_OPTION,
     create_engine,
     dialect_of,
+    is_conflict,
     is_missing_table,
     is_transient,
 )
@@ -84,7 +85,7 @@ class SqlBase:
                 raise InvalidDatabaseURL(
                     f"cannot connect to {self.url_for_display}: {_first_line(exc.orig or exc)}"
                 ) from exc
-            if _is_conflict(exc):
+            if is_conflict(exc):
                 raise DatabaseUnavailable(
                     f"transaction conflict on {self.url_for_display} "
                     f"({_first_line(exc.orig or exc)}): retry the transaction"
@@ -102,7 +103,7 @@ class SqlBase:
             if connection is not None:
                 return work(connection)
             for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception(_is_deadlock),
+                retry=tenacity.retry_if_exception(is_conflict),
                 **_DEADLOCK_RETRY,  # type: ignore[arg-type]
             ):
                 with attempt, self._writer_turn, self.engine.begin() as conn:
@@ -154,19 +155,6 @@ class SqlBase:
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0]
-
-
-def _is_conflict(error: sa.exc.DBAPIError) -> bool:
-    """A deadlock or serialization failure: the database asks for the transaction again."""
-    text = str(error.orig).lower()
-    return "deadlock" in text or "serializ" in text
-
-
-def _is_deadlock(error: BaseException) -> bool:
-    if not isinstance(error, sa.exc.DBAPIError) or error.connection_invalidated:
-        return False
-    text = str(error.orig).lower()
-    return "deadlock" in text or "lock wait timeout" in text
 
 
 def flow_record(row: Row[Any]) -> FlowRecord:
