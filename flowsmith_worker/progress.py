@@ -1,8 +1,8 @@
 """How a flow moves on: pure decisions shared by every storage.
 
 Storages lock the flow, load the nodes of one stage, ask ``after_stage`` what to
-do, and carry it out. Keeping the decision here means the SQL and in-memory
-storages cannot drift apart on what "the group is done" means.
+do, and carry it out. Keeping the decision here, pure, means it has one definition of
+"the group is done", testable without a database.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ import sqlalchemy as sa
 from flowsmith_worker.config import PoolSettings, parse_database_url, redact_url
 from flowsmith_worker.errors import InvalidDatabaseURL
 from flowsmith_worker.storage.base import Storage
-from flowsmith_worker.storage.memory import InMemoryStorage
 
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 
@@ -31,5 +30,8 @@ def create_storage(url: str, pool: PoolSettings | None = None) -> Storage:
             f"pip install 'flowsmith-worker[{extra}]'"
         ) from None
 
+
+# Last: it is built on the SQL storage, whose modules import this package.
+from flowsmith_worker.storage.memory import InMemoryStorage  # noqa: E402
 
 __all__ = ["InMemoryStorage", "Storage", "create_storage"]

@@ -1,7 +1,8 @@
 """The storage seam: named operations, small frozen records, no driver rows.
 
-Every implementation (SQL for sqlite/postgresql/mysql, in-memory for unit
-tests) passes the same contract suite (tests/test_contract.py). The words used
+One implementation, SqlStorage, serves SQLite, PostgreSQL and MySQL/MariaDB;
+InMemoryStorage is the same class on a private temporary SQLite database. The
+contract suite (tests/test_contract.py) runs over all of them. The words used
 here name the log events and the tests too.
 """
 
