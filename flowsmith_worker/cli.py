@@ -12,7 +12,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from flowsmith_worker.config import configure, resolve_database_url
+from flowsmith_worker.config import configure, redact, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.log import setup_logging
 from flowsmith_worker.metrics import serve
@@ -40,12 +40,12 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FlowSmithError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(redact(str(exc))) from None
         except sa.exc.SQLAlchemyError as exc:
-            # Unforeseen database errors still get one line, not a traceback; the
-            # first line of the driver's message carries no password (the URL does).
+            # Unforeseen database errors still get one line, not a traceback, and
+            # without any password the driver quotes back.
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise click.ClickException(f"database error: {first}") from None
+            raise click.ClickException(f"database error: {redact(first)}") from None
 
 
 def url_option(fn: Any) -> Any:

@@ -2,7 +2,8 @@
 
 The URL is looked up in this order: the ``database_url`` argument (or ``--url``),
 ``FLOWSMITH_DATABASE_URL``, ``DATABASE_URL``, then ``sqlite:///flowsmith.db`` in
-the working directory. Passwords never leave this module unredacted.
+the working directory. Passwords never leave this module unredacted, and every
+password seen here is scrubbed from the text we print or log (``redact``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 
@@ -65,28 +68,96 @@ def resolve_database_url(explicit: str | None = None) -> str:
     return DEFAULT_DATABASE_URL
 
 
-# Query parameters that carry a secret (libpq's ?password=, drivers' ?passwd=...).
-_SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "pass", "secret", "sslpassword")
+# Query parameters and libpq keywords that carry a secret (?password=, password=...).
+_SECRET_KEYS = ("password", "passwd", "pwd", "pass", "secret", "sslpassword")
+_KEYWORD_SECRET = re.compile(
+    rf"(?P<key>\b(?:{'|'.join(_SECRET_KEYS)})\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|[^\s&]*)",
+    re.IGNORECASE,
+)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/*")
+REDACTED = "***"
+
+# Every password this process was given in a URL, so that text we print or
+# log can be scrubbed of it even where a driver quotes it back (a password
+# with an unescaped @ makes libpq print its tail as the host name).
+_secrets_lock = threading.Lock()
+_known_secrets: tuple[str, ...] = ()
+
+
+def secrets_in(url: str) -> frozenset[str]:
+    """Every text in ``url`` that is, or may be, a password, whatever the URL's shape."""
+    found = {match["value"].strip("'") for match in _KEYWORD_SECRET.finditer(url)}
+    parsed = _parse_cleanly(url)
+    if parsed is None:
+        start, end = _userinfo_password_span(url)
+        # Split at unescaped @s too: a driver given such a URL quotes the tail back.
+        found.update((url[start:end], *url[start:end].split("@")))
+    else:
+        found.update(v for k, v in parsed.query.items() if k.lower() in _SECRET_KEYS)
+        if parsed.password:
+            found.add(quote(str(parsed.password), safe=""))
+            found.add(str(parsed.password))
+    found.update([unquote(s) for s in found])
+    return frozenset(s for s in found if s)
+
+
+def _parse_cleanly(url: str) -> sa.URL | None:
+    """SQLAlchemy's reading of the URL, or None where it failed or misread it."""
+    try:
+        parsed = sa.make_url(url)
+    except Exception:  # any parser error: the caller falls back to masking
+        return None
+    # An unescaped @ in the password: SQLAlchemy takes its tail for the host.
+    return None if "@" in (parsed.host or "") else parsed
+
+
+def _userinfo_password_span(url: str) -> tuple[int, int]:
+    """In a URL that does not parse: where the text between the user's ':' and the
+    last '@' is (an empty span if there is none). It may hold more than the password;
+    better to hide too much than too little."""
+    at = url.rfind("@")
+    if at < 0:
+        return 0, 0
+    scheme = _SCHEME.match(url, 0, at)
+    colon = url.find(":", scheme.end() if scheme else 0, at)
+    return (colon + 1, at) if colon >= 0 else (0, 0)
+
+
+def remember_secrets(url: str) -> None:
+    """Add the URL's passwords to those redact() removes from any text."""
+    global _known_secrets
+    new = secrets_in(url)
+    with _secrets_lock:
+        if not new <= set(_known_secrets):
+            # Longest first, so a piece never leaves the rest of a longer secret behind.
+            _known_secrets = tuple(sorted({*_known_secrets, *new}, key=len, reverse=True))
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every password we were given (and ``secrets``) replaced by ***."""
+    for secret in sorted({*_known_secrets, *secrets}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def redact_url(url: str) -> str:
-    """The URL with every password replaced by ***, even when the URL does not parse."""
-    try:
-        parsed = sa.make_url(url)
-        if "@" in (parsed.host or ""):  # an unescaped @ in the password: parsed wrongly
-            raise ValueError(url)
-    except Exception:  # a URL we cannot parse still must not leak
-        hidden = re.sub(r"(://[^:/@]*:).*@", r"\1***@", url)  # up to the last @
-        keys = "|".join(_SECRET_QUERY_KEYS)
-        return re.sub(rf"([?&](?:{keys})=)[^&]*", r"\1***", hidden, flags=re.IGNORECASE)
-    secret_keys = [k for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS]
-    if secret_keys:
-        parsed = parsed.update_query_dict(dict.fromkeys(secret_keys, "***"))
-    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+    """The URL with every password replaced by ***, whatever its shape."""
+    parsed = _parse_cleanly(url)
+    if parsed is None:  # a URL we cannot parse still must not leak
+        start, end = _userinfo_password_span(url)
+        shown = url[:start] + REDACTED + url[end:] if end > start else url
+    else:
+        secret_keys = [k for k in parsed.query if k.lower() in _SECRET_KEYS]
+        if secret_keys:
+            parsed = parsed.update_query_dict(dict.fromkeys(secret_keys, REDACTED))
+        shown = parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", REDACTED)
+    shown = _KEYWORD_SECRET.sub(lambda m: m["key"] + REDACTED, shown)
+    return redact(shown, secrets_in(url))
 
 
 def parse_database_url(url: str) -> sa.URL:
     """A SQLAlchemy URL with our driver chosen; InvalidDatabaseURL says what is wrong."""
+    remember_secrets(url)
     if url.startswith("memory:"):
         return sa.URL.create("memory")
     try:
@@ -96,6 +167,12 @@ def parse_database_url(url: str) -> sa.URL:
         raise InvalidDatabaseURL(
             f"cannot parse database URL {redact_url(url)!r}; expected one of: {_SUPPORTED}"
         ) from None
+    if "@" in (parsed.host or ""):
+        # The driver would take the password's tail for the host name and print it.
+        raise InvalidDatabaseURL(
+            f"the database URL {redact_url(url)!r} has an unescaped '@' in its password "
+            "or user name: percent-encode it as %40 (postgresql://user:p%40ss@host/db)"
+        )
     backend = parsed.drivername
     if backend in _DRIVERS:
         parsed = parsed.set(drivername=_DRIVERS[backend])

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
 import structlog
+
+from flowsmith_worker.config import redact
 
 LogFormat = Literal["auto", "console", "json"]
 
@@ -33,6 +36,7 @@ def setup_logging(fmt: LogFormat = "auto", level: str = "INFO") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _redact_secrets,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -41,3 +45,10 @@ def setup_logging(fmt: LogFormat = "auto", level: str = "INFO") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _redact_secrets(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> Mapping[str, Any]:
+    """No line carries a database password, not even inside a driver's traceback."""
+    return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}

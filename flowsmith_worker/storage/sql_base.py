@@ -16,7 +16,7 @@ import sqlalchemy as sa
 import tenacity
 from sqlalchemy.engine import Connection, Row
 
-from flowsmith_worker.config import PoolSettings, redact_url
+from flowsmith_worker.config import PoolSettings, redact, redact_url
 from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, SchemaNotMigrated
 from flowsmith_worker.plan import Plan
 from flowsmith_worker.storage import migrations, notify, schema
@@ -154,7 +154,8 @@ class SqlBase:
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0]
+    """The driver's first line, without any password it quotes back."""
+    return redact((str(error).strip().splitlines() or [""])[0])
 
 
 def flow_record(row: Row[Any]) -> FlowRecord:
