@@ -12,6 +12,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
+from flowsmith_worker.cli_format import printable
 from flowsmith_worker.config import configure, redact, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.log import setup_logging
@@ -40,12 +41,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FlowSmithError as exc:
-            raise click.ClickException(redact(str(exc))) from None
+            # Messages quote names and errors read from rows: shown, never obeyed.
+            raise click.ClickException(printable(redact(str(exc)))) from None
         except sa.exc.SQLAlchemyError as exc:
             # Unforeseen database errors still get one line, not a traceback, and
             # without any password the driver quotes back.
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise click.ClickException(f"database error: {redact(first)}") from None
+            raise click.ClickException(f"database error: {printable(redact(first))}") from None
 
 
 def url_option(fn: Any) -> Any:

@@ -148,9 +148,27 @@ def clip(text: str, width: int = ERROR_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+# Text from rows (tracking ids, errors, names) is shown, never obeyed by the
+# terminal: control characters (ESC starts the sequences that clear a screen or
+# retitle a window; CR overwrites a line), bidi overrides that reorder what is
+# seen, and lone surrogates that cannot be printed at all are shown escaped.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: unsafe characters escaped (\\x1b), newlines and tabs kept."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def echo(text: str = "") -> None:
+    """Print human-readable text: whatever it quotes from the database is made printable."""
+    click.echo(printable(text))
+
+
 def _cell(value: object) -> str:
     text = "-" if value is None or value == "" else str(value)
-    return " ".join(text.split()) if any(c in text for c in "\t\r\n") else text
+    # Escaped before the widths are measured, so the columns stay aligned.
+    return printable(" ".join(text.split()) if any(c in text for c in "\t\r\n") else text)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -26,12 +26,14 @@ from flowsmith_worker.cli_format import (
     Duration,
     Since,
     clip,
+    echo,
     echo_json,
     format_duration,
     format_table,
     format_time,
     json_option,
     last_line,
+    printable,
     short_worker,
 )
 from flowsmith_worker.config import resolve_database_url
@@ -81,7 +83,7 @@ def open_storage(url: str | None) -> Iterator[Storage]:
     try:
         yield storage
     except FlowNotFound as exc:  # pruned between our read and our write
-        raise FlowRunNotFound(str(exc)) from None
+        raise FlowRunNotFound(printable(str(exc))) from None
     finally:
         storage.close()
 
@@ -187,8 +189,8 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
     if as_json:
         echo_json({"flow": flow, "steps": nodes, "not_reached": [n for _, n in not_reached]})
     else:
-        click.echo(format_table(FLOW_HEADERS, [_flow_row(flow)]))
-        click.echo()
+        echo(format_table(FLOW_HEADERS, [_flow_row(flow)]))
+        echo()
         rows: list[list[object]] = [
             [
                 node.position + 1,
@@ -218,7 +220,7 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
             "WORKER",
             "LAST_ERROR",
         )
-        click.echo(format_table(headers, rows))
+        echo(format_table(headers, rows))
         if show_traceback:
             _echo_tracebacks(flow, nodes)
     if flow.status in (FlowStatus.FAILED, FlowStatus.CANCELLED):
@@ -228,14 +230,14 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
 def _echo_tracebacks(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> None:
     with_errors = [n for n in nodes if n.error]
     if not with_errors:
-        click.echo("\nNo step of this run has an error.")
+        echo("\nNo step of this run has an error.")
         return
     for node in with_errors:
-        click.echo(
+        echo(
             f"\n--- step {node.step_name!r}: {node.status.value}, attempt "
             f"{node.attempt}/{node.max_attempts}, worker {node.lease_owner or '-'} ---"
         )
-        click.echo(node.error)
+        echo(node.error or "")
 
 
 @main.command()
@@ -296,11 +298,11 @@ def flows(
         echo_json({"flows": found})
         return
     if not found:
-        click.echo("No flow run matches.")
+        echo("No flow run matches.")
         return
-    click.echo(format_table(FLOW_HEADERS, [_flow_row(f) for f in found]))
+    echo(format_table(FLOW_HEADERS, [_flow_row(f) for f in found]))
     if len(found) == limit:
-        click.echo(f"(the newest {limit}; --limit shows more)")
+        echo(f"(the newest {limit}; --limit shows more)")
 
 
 @main.command()
@@ -329,7 +331,7 @@ def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
     with open_storage(url) as storage:
         flow = get_flow_or_exit(storage, tracking_id)
         if flow.status != FlowStatus.FAILED:
-            raise click.ClickException(_cannot_retry(flow))
+            raise click.ClickException(printable(_cannot_retry(flow)))
         failed = [
             n.step_name
             for n in storage.list_nodes(flow_id=flow.id)
@@ -340,7 +342,7 @@ def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
         echo_json({**dataclasses.asdict(result), "requeued_steps": failed})
         return
     steps = ", ".join(repr(s) for s in failed) or "(none)"
-    click.echo(
+    echo(
         f"Retrying flow run {tracking_id!r} ({flow.flow_name}): step(s) {steps} queued "
         "again; the completed steps keep their outputs."
     )
@@ -385,10 +387,10 @@ def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:
         flow = get_flow_or_exit(storage, tracking_id)
         already = flow.status == FlowStatus.CANCELLED
         if flow.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
-            raise click.ClickException(_cannot_cancel(flow))
+            raise click.ClickException(printable(_cannot_cancel(flow)))
         record = flow if already else storage.cancel_flow(tracking_id=tracking_id)
         if record.status != FlowStatus.CANCELLED:  # it finished in the meantime
-            raise click.ClickException(_cannot_cancel(record))
+            raise click.ClickException(printable(_cannot_cancel(record)))
         nodes = storage.list_nodes(flow_id=record.id)
     running = [n for n in nodes if n.status == NodeStatus.RUNNING]
     cancelled = [n.step_name for n in nodes if n.status == NodeStatus.CANCELLED]
@@ -404,14 +406,14 @@ def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:
         return
     run = f"flow run {tracking_id!r} ({record.flow_name})"
     if already:
-        click.echo(f"The {run} was already cancelled.")
+        echo(f"The {run} was already cancelled.")
     else:
-        click.echo(f"Cancelled {run}.")
+        echo(f"Cancelled {run}.")
     if cancelled:
-        click.echo(f"Never to start: {', '.join(cancelled)}.")
+        echo(f"Never to start: {', '.join(cancelled)}.")
     if running:
         names = ", ".join(f"{n.step_name} (worker {short_worker(n.lease_owner)})" for n in running)
-        click.echo(f"Still running, will finish, and the run goes no further: {names}.")
+        echo(f"Still running, will finish, and the run goes no further: {names}.")
 
 
 def _cannot_cancel(flow: FlowRecord) -> str:
@@ -461,7 +463,7 @@ def prune(older_than: float, batch_size: int, url: str | None, as_json: bool) ->
     if as_json:
         echo_json({"pruned": pruned, "older_than_seconds": older_than})
         return
-    click.echo(
+    echo(
         f"Pruned {pruned} finished flow run(s), with their steps, "
         f"finished more than {format_duration(older_than)} ago."
     )
@@ -497,13 +499,13 @@ def stats(url: str | None, as_json: bool) -> None:
     if as_json:
         echo_json({**dataclasses.asdict(counts), "queue_limits": limits})
         return
-    click.echo("Flow runs by status")
+    echo("Flow runs by status")
     flow_rows: list[list[object]] = [
         [s.value, counts.flows_by_status.get(s.value, 0)] for s in FlowStatus
     ]
-    click.echo(format_table(("STATUS", "RUNS"), flow_rows))
+    echo(format_table(("STATUS", "RUNS"), flow_rows))
 
-    click.echo("\nSteps by queue")
+    echo("\nSteps by queue")
     seen = {str(s) for by_status in counts.nodes_by_queue.values() for s in by_status}
     columns = [s for s in _STATUS_ORDER if s in seen or s in ("PENDING", "RUNNING")]
     queue_rows: list[list[object]] = [
@@ -515,27 +517,27 @@ def stats(url: str | None, as_json: bool) -> None:
         for queue in sorted(set(counts.nodes_by_queue) | set(limits))
     ]
     if queue_rows:
-        click.echo(format_table(("QUEUE", *columns, "LIMIT"), queue_rows))
+        echo(format_table(("QUEUE", *columns, "LIMIT"), queue_rows))
     else:
-        click.echo("(no steps)")
+        echo("(no steps)")
 
     oldest = counts.oldest_runnable_age
-    click.echo(
+    echo(
         "\nOldest runnable step: "
         + ("none waiting" if oldest is None else f"waiting for {format_duration(oldest)}")
     )
-    click.echo(f"Attempts: {counts.attempts}   Rescued after a lost worker: {counts.rescues}")
+    echo(f"Attempts: {counts.attempts}   Rescued after a lost worker: {counts.rescues}")
 
-    click.echo("\nIn flight by worker")
+    echo("\nIn flight by worker")
     if counts.in_flight_by_worker:
-        click.echo(
+        echo(
             format_table(
                 ("WORKER", "RUNNING"),
                 [[short_worker(w), n] for w, n in sorted(counts.in_flight_by_worker.items())],
             )
         )
     else:
-        click.echo("(no step running)")
+        echo("(no step running)")
 
 
 @main.command()
@@ -565,7 +567,7 @@ def workers(url: str | None, as_json: bool) -> None:
         echo_json({"workers": found})
         return
     if not found:
-        click.echo("No worker is registered.")
+        echo("No worker is registered.")
         return
     rows: list[list[object]] = [
         [
@@ -581,7 +583,7 @@ def workers(url: str | None, as_json: bool) -> None:
         for w in found
     ]
     headers = ("WORKER", "HOST", "PID", "VERSION", "QUEUES", "IN_FLIGHT", "STARTED", "HEARTBEAT")
-    click.echo(format_table(headers, rows))
+    echo(format_table(headers, rows))
 
 
 @main.command("queue-limit")
@@ -614,9 +616,9 @@ def queue_limit(queue: str, limit: str, url: str | None, as_json: bool) -> None:
     if as_json:
         echo_json({"queue": queue, "max_running": max_running})
     elif max_running is None:
-        click.echo(f"Queue {queue!r}: no limit.")
+        echo(f"Queue {queue!r}: no limit.")
     else:
-        click.echo(f"Queue {queue!r}: at most {max_running} step(s) running at once.")
+        echo(f"Queue {queue!r}: at most {max_running} step(s) running at once.")
 
 
 def _parse_limit(text: str) -> int | None:

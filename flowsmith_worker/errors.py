@@ -84,3 +84,7 @@ class StepFailed(FlowSmithError):
 
 class FlowCancelled(FlowSmithError):
     """The flow was cancelled."""
+
+
+class InvalidIdentifier(FlowSmithError, ValueError):
+    """A tracking_id, flow, step or queue name that cannot be stored: nothing was written."""

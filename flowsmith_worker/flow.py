@@ -15,6 +15,7 @@ from flowsmith_worker import registry
 from flowsmith_worker.config import default_storage
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
@@ -65,10 +66,8 @@ class Flow:
         queue: str = DEFAULT_QUEUE,
         priority: int = 0,
     ) -> None:
-        if not name or not isinstance(name, str) or len(name) > MAX_NAME_LENGTH:
-            raise ValueError(f"a flow needs a name of 1 to {MAX_NAME_LENGTH} characters")
-        if not queue or len(queue) > MAX_QUEUE_LENGTH:
-            raise ValueError(f"flow {name!r}: a queue name has 1 to {MAX_QUEUE_LENGTH} characters")
+        check_identifier("flow name", name, MAX_NAME_LENGTH)
+        check_identifier(f"the queue name of flow {name!r}", queue, MAX_QUEUE_LENGTH)
         self.name = name
         self.storage = storage
         self.queue = queue
@@ -132,10 +131,7 @@ class Flow:
             self.stages.append(group)
 
     def _add(self, spec: StepSpec) -> Flow:
-        if not spec.name or not isinstance(spec.name, str) or len(spec.name) > MAX_NAME_LENGTH:
-            raise ValueError(
-                f"flow {self.name!r}: a step needs a name of 1 to {MAX_NAME_LENGTH} characters"
-            )
+        check_identifier(f"a step name of flow {self.name!r}", spec.name, MAX_NAME_LENGTH)
         if self.get_step(spec.name) is not None or any(
             s.name == spec.name for s in self._group or []
         ):
@@ -224,12 +220,11 @@ class Flow:
             ) from None
         if delay is not None and delay < 0:
             raise ValueError(f"delay={delay}: cannot be negative")
-        tracking_id = tracking_id or uuid.uuid4().hex
-        if len(tracking_id) > MAX_TRACKING_ID_LENGTH:
-            raise ValueError(
-                f"tracking_id {tracking_id[:40]!r}... is {len(tracking_id)} characters; "
-                f"the limit is {MAX_TRACKING_ID_LENGTH} (hash a long key, e.g. with hashlib)"
-            )
+        # None means "make one up"; an empty string is a bug upstream, not a request
+        # for a random run that could never be found again by its key.
+        if tracking_id is None:
+            tracking_id = uuid.uuid4().hex
+        check_identifier("tracking_id", tracking_id, MAX_TRACKING_ID_LENGTH)
         return NewFlow(
             flow_name=self.name,
             tracking_id=tracking_id,
