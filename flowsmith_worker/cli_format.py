@@ -160,9 +160,9 @@ def printable(text: str) -> str:
     return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
-def echo(text: str = "") -> None:
+def echo(text: str = "", err: bool = False) -> None:
     """Print human-readable text: whatever it quotes from the database is made printable."""
-    click.echo(printable(text))
+    click.echo(printable(text), err=err)
 
 
 def _cell(value: object) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import click
 
@@ -43,6 +44,7 @@ from flowsmith_worker.storage.base import (
     FlowFilter,
     FlowRecord,
     FlowStatus,
+    FlowSummary,
     NodeRecord,
     NodeStatus,
     Storage,
@@ -54,6 +56,7 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 
 DEFAULT_FLOWS_LIMIT = 50
+UNREADABLE = "UNREADABLE"  # the STATUS cell of a row whose stored status is unknown
 DEFAULT_PRUNE_BATCH = 500
 
 EXIT_CODES_HELP = """\b
@@ -88,8 +91,8 @@ def open_storage(url: str | None) -> Iterator[Storage]:
         storage.close()
 
 
-def get_flow_or_exit(storage: Storage, tracking_id: str) -> FlowRecord:
-    flow = storage.get_flow(tracking_id=tracking_id)
+def get_flow_or_exit(storage: Storage, tracking_id: str, with_payloads: bool = False) -> FlowRecord:
+    flow = storage.get_flow(tracking_id=tracking_id, with_payloads=with_payloads)
     if flow is None:
         raise FlowRunNotFound(
             f"no flow run has tracking_id {tracking_id!r} "
@@ -98,7 +101,7 @@ def get_flow_or_exit(storage: Storage, tracking_id: str) -> FlowRecord:
     return flow
 
 
-def _flow_duration(flow: FlowRecord) -> float | None:
+def _flow_duration(flow: FlowRecord | FlowSummary) -> float | None:
     return None if flow.finished_at is None else flow.finished_at - flow.created_at
 
 
@@ -120,17 +123,33 @@ FLOW_HEADERS = (
 )
 
 
-def _flow_row(flow: FlowRecord) -> list[object]:
+def _flow_row(flow: FlowRecord | FlowSummary) -> list[object]:
     return [
         flow.tracking_id,
         flow.flow_name,
-        flow.status.value,
+        _status_cell(flow),
         flow.queue,
         format_time(flow.created_at),
         format_time(flow.finished_at),
         format_duration(_flow_duration(flow)),
         clip(last_line(flow.error)),
     ]
+
+
+def _status_cell(record: FlowRecord | FlowSummary | NodeRecord) -> str:
+    return UNREADABLE if "status" in record.unreadable else record.status.value
+
+
+def _echo_unreadable(what: str, record: FlowRecord | FlowSummary | NodeRecord) -> None:
+    """One line per stored value of ``record`` that could not be read, on stderr."""
+    for column, why in record.unreadable.items():
+        echo(f"{what}: the stored {column} cannot be read: {why}", err=True)
+
+
+def _for_json(record: FlowRecord | FlowSummary | NodeRecord) -> dict[str, Any]:
+    """The record for --json: a field that could not be read is null, not its placeholder."""
+    fields = dataclasses.asdict(record)
+    return {**fields, **dict.fromkeys(record.unreadable, None)}
 
 
 def _not_reached(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> list[tuple[int, str]]:
@@ -166,12 +185,16 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
     """Show a flow run and every step: status, attempts, times, worker, last error.
 
     Steps of the plan the run has not reached yet are listed as "(not reached)".
-    Worker ids are cut to 8 characters in the table (full with --json).
+    Worker ids are cut to 8 characters in the table (full with --json). A
+    stored value that cannot be read (an unknown status, text that is not JSON)
+    is shown as UNREADABLE, with why on stderr (null with --json, and listed
+    under "unreadable"). Inputs and outputs are read only with --json.
 
     \b
     Exit codes:
       0  the run is COMPLETED, RUNNING or PENDING
-      1  the run FAILED or was CANCELLED (or an error, e.g. the database is down)
+      1  the run FAILED or was CANCELLED, or its stored status cannot be read
+         (or an error, e.g. the database is down)
       2  usage error
       3  no flow run has TRACKING_ID
 
@@ -183,11 +206,18 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
       flowsmith status order_123 >/dev/null || echo "order_123 did not go through"
     """
     with open_storage(url) as storage:
-        flow = get_flow_or_exit(storage, tracking_id)
-        nodes = storage.list_nodes(flow_id=flow.id)
+        # Inputs and outputs are read only to be printed (--json).
+        flow = get_flow_or_exit(storage, tracking_id, with_payloads=as_json)
+        nodes = storage.list_nodes(flow_id=flow.id, with_payloads=as_json)
     not_reached = _not_reached(flow, nodes)
     if as_json:
-        echo_json({"flow": flow, "steps": nodes, "not_reached": [n for _, n in not_reached]})
+        echo_json(
+            {
+                "flow": _for_json(flow),
+                "steps": [_for_json(n) for n in nodes],
+                "not_reached": [n for _, n in not_reached],
+            }
+        )
     else:
         echo(format_table(FLOW_HEADERS, [_flow_row(flow)]))
         echo()
@@ -195,7 +225,7 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
             [
                 node.position + 1,
                 node.step_name,
-                node.status.value,
+                _status_cell(node),
                 _attempts(node),
                 format_time(node.started_at),
                 format_time(node.finished_at),
@@ -223,7 +253,10 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
         echo(format_table(headers, rows))
         if show_traceback:
             _echo_tracebacks(flow, nodes)
-    if flow.status in (FlowStatus.FAILED, FlowStatus.CANCELLED):
+        _echo_unreadable(f"run {flow.tracking_id!r}", flow)
+        for node in nodes:
+            _echo_unreadable(f"step {node.step_name!r}", node)
+    if "status" in flow.unreadable or flow.status in (FlowStatus.FAILED, FlowStatus.CANCELLED):
         raise click.exceptions.Exit(EXIT_FLOW_FAILED)
 
 
@@ -273,9 +306,12 @@ def flows(
 ) -> None:
     """List flow runs, newest first.
 
+    A run whose stored status cannot be read is listed as UNREADABLE, with why
+    on stderr. No run's input, output or plan is read.
+
     \b
     Exit codes:
-      0  success (also when no run matches)
+      0  success (also when no run matches, or a run is UNREADABLE)
       1  error (e.g. the database is down)
       2  usage error
 
@@ -295,12 +331,14 @@ def flows(
     with open_storage(url) as storage:
         found = storage.list_flows(where=where)
     if as_json:
-        echo_json({"flows": found})
+        echo_json({"flows": [_for_json(f) for f in found]})
         return
     if not found:
         echo("No flow run matches.")
         return
     echo(format_table(FLOW_HEADERS, [_flow_row(f) for f in found]))
+    for flow in found:
+        _echo_unreadable(f"run {flow.tracking_id!r}", flow)
     if len(found) == limit:
         echo(f"(the newest {limit}; --limit shows more)")
 
@@ -330,12 +368,12 @@ def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
     """
     with open_storage(url) as storage:
         flow = get_flow_or_exit(storage, tracking_id)
-        if flow.status != FlowStatus.FAILED:
+        if "status" in flow.unreadable or flow.status != FlowStatus.FAILED:
             raise click.ClickException(printable(_cannot_retry(flow)))
         failed = [
             n.step_name
-            for n in storage.list_nodes(flow_id=flow.id)
-            if n.status == NodeStatus.FAILED
+            for n in storage.list_nodes(flow_id=flow.id, with_payloads=False)
+            if n.status == NodeStatus.FAILED and "status" not in n.unreadable
         ]
         result = storage.resume_flow(tracking_id=tracking_id)
     if as_json:
@@ -350,6 +388,8 @@ def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
 
 def _cannot_retry(flow: FlowRecord) -> str:
     run = f"flow run {flow.tracking_id!r} ({flow.flow_name})"
+    if "status" in flow.unreadable:
+        return _unreadable_status(run, flow)
     if flow.status == FlowStatus.COMPLETED:
         return (
             f"{run} is COMPLETED: only a FAILED run can be retried "
@@ -386,12 +426,12 @@ def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:
     with open_storage(url) as storage:
         flow = get_flow_or_exit(storage, tracking_id)
         already = flow.status == FlowStatus.CANCELLED
-        if flow.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
+        if "status" in flow.unreadable or flow.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
             raise click.ClickException(printable(_cannot_cancel(flow)))
         record = flow if already else storage.cancel_flow(tracking_id=tracking_id)
         if record.status != FlowStatus.CANCELLED:  # it finished in the meantime
             raise click.ClickException(printable(_cannot_cancel(record)))
-        nodes = storage.list_nodes(flow_id=record.id)
+        nodes = storage.list_nodes(flow_id=record.id, with_payloads=False)
     running = [n for n in nodes if n.status == NodeStatus.RUNNING]
     cancelled = [n.step_name for n in nodes if n.status == NodeStatus.CANCELLED]
     if as_json:
@@ -416,8 +456,18 @@ def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:
         echo(f"Still running, will finish, and the run goes no further: {names}.")
 
 
+def _unreadable_status(run: str, flow: FlowRecord) -> str:
+    return (
+        f"{run} has a stored status that cannot be read ({flow.unreadable['status']}): "
+        "nothing done; set fs_flows.status to one of "
+        f"{', '.join(s.value for s in FlowStatus)} by hand, or delete the run"
+    )
+
+
 def _cannot_cancel(flow: FlowRecord) -> str:
     run = f"flow run {flow.tracking_id!r} ({flow.flow_name})"
+    if "status" in flow.unreadable:
+        return _unreadable_status(run, flow)
     if flow.status == FlowStatus.COMPLETED:
         return f"{run} has already COMPLETED; there is nothing to cancel"
     return f"{run} has already FAILED; there is nothing to cancel (it runs again only if retried)"
@@ -470,6 +520,13 @@ def prune(older_than: float, batch_size: int, url: str | None, as_json: bool) ->
 
 
 _STATUS_ORDER = [s.value for s in NodeStatus]
+_FLOW_STATUSES = {s.value for s in FlowStatus}
+
+
+def _count_by_status(by_status: dict[str, int], column: str) -> int:
+    if column == UNREADABLE:
+        return sum(n for status, n in by_status.items() if status not in _STATUS_ORDER)
+    return by_status.get(column, 0)
 
 
 @main.command()
@@ -503,15 +560,22 @@ def stats(url: str | None, as_json: bool) -> None:
     flow_rows: list[list[object]] = [
         [s.value, counts.flows_by_status.get(s.value, 0)] for s in FlowStatus
     ]
+    flow_rows += [
+        [f"{UNREADABLE} {status!r}", n]
+        for status, n in sorted(counts.flows_by_status.items())
+        if status not in _FLOW_STATUSES
+    ]
     echo(format_table(("STATUS", "RUNS"), flow_rows))
 
     echo("\nSteps by queue")
     seen = {str(s) for by_status in counts.nodes_by_queue.values() for s in by_status}
     columns = [s for s in _STATUS_ORDER if s in seen or s in ("PENDING", "RUNNING")]
+    if seen - set(_STATUS_ORDER):
+        columns.append(UNREADABLE)  # the steps whose stored status is none of ours
     queue_rows: list[list[object]] = [
         [
             queue,
-            *(counts.nodes_by_queue.get(queue, {}).get(s, 0) for s in columns),
+            *(_count_by_status(counts.nodes_by_queue.get(queue, {}), s) for s in columns),
             limits.get(queue, "-"),
         ]
         for queue in sorted(set(counts.nodes_by_queue) | set(limits))

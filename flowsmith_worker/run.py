@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flowsmith_worker.errors import FlowCancelled, FlowNotFound, StepFailed
+from flowsmith_worker.errors import FlowCancelled, FlowNotFound, StepFailed, UnreadableRow
 from flowsmith_worker.storage.base import FlowRecord, FlowStatus, NodeRecord, NodeStatus, Storage
 
 _FIRST_POLL_SECONDS = 0.01
@@ -29,6 +29,12 @@ class FlowRun:
             raise FlowNotFound(
                 f"no flow run has tracking_id {self.tracking_id!r} "
                 "(it was never committed, or it was pruned)"
+            )
+        if found.unreadable:  # its placeholders must not pass for the run's state
+            raise UnreadableRow(
+                f"flow run {self.tracking_id!r} cannot be read: "
+                + "; ".join(f"{column}: {why}" for column, why in found.unreadable.items())
+                + f" (`flowsmith status {self.tracking_id}` shows the run)"
             )
         return found
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -117,6 +117,28 @@ class FlowRecord:
     created_at: float
     updated_at: float
     finished_at: float | None
+    # Stored values that could not be read (an unknown status, text that is not
+    # JSON): column -> why. Such a field holds a placeholder (FAILED, {}, None, an
+    # empty plan) that nobody should act on; FlowRun refuses the record.
+    unreadable: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FlowSummary:
+    """A run as `flowsmith flows` lists it: no input, output or plan is read."""
+
+    id: int
+    flow_name: str
+    tracking_id: str
+    status: FlowStatus
+    queue: str
+    priority: int
+    parent_node_id: int | None
+    error: str | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    unreadable: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,6 +160,7 @@ class NodeRecord:
     error: str | None
     started_at: float | None
     finished_at: float | None
+    unreadable: Mapping[str, str] = field(default_factory=dict)  # as FlowRecord's
 
 
 @dataclass(frozen=True)
@@ -230,12 +253,16 @@ class Storage(abc.ABC):
         """Expired leases: back to PENDING with the attempt counted, or FAILED when none left."""
 
     @abc.abstractmethod
-    def get_flow(self, *, tracking_id: str) -> FlowRecord | None:
-        """The run with that tracking_id, or None."""
+    def get_flow(self, *, tracking_id: str, with_payloads: bool = True) -> FlowRecord | None:
+        """The run with that tracking_id, or None.
+
+        ``with_payloads=False`` reads neither input nor output (left {} and None):
+        for callers that do not show them, since either can be megabytes.
+        """
 
     @abc.abstractmethod
-    def list_nodes(self, *, flow_id: int) -> list[NodeRecord]:
-        """Every node of a run, in plan order."""
+    def list_nodes(self, *, flow_id: int, with_payloads: bool = True) -> list[NodeRecord]:
+        """Every node of a run, in plan order (``with_payloads`` as for get_flow)."""
 
     @abc.abstractmethod
     def count_runnable_nodes(self, *, queues: Sequence[str]) -> int:
@@ -248,8 +275,8 @@ class Storage(abc.ABC):
     # -- operators (flowsmith status/flows/retry/cancel/prune/stats/workers) --------
 
     @abc.abstractmethod
-    def list_flows(self, *, where: FlowFilter) -> list[FlowRecord]:
-        """Runs matching the filter, newest first."""
+    def list_flows(self, *, where: FlowFilter) -> list[FlowSummary]:
+        """Runs matching the filter, newest first, without their payloads."""
 
     @abc.abstractmethod
     def resume_flow(self, *, tracking_id: str) -> EnqueueResult:

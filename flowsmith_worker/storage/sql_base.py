@@ -20,7 +20,13 @@ from flowsmith_worker.config import PoolSettings, redact, redact_url
 from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, SchemaNotMigrated
 from flowsmith_worker.plan import Plan
 from flowsmith_worker.storage import migrations, notify, schema
-from flowsmith_worker.storage.base import FlowRecord, FlowStatus, NodeRecord, NodeStatus
+from flowsmith_worker.storage.base import (
+    FlowRecord,
+    FlowStatus,
+    FlowSummary,
+    NodeRecord,
+    NodeStatus,
+)
 from flowsmith_worker.storage.dialects import (
     READ_ONLY_OPTION,
     create_engine,
@@ -158,42 +164,95 @@ def _first_line(error: BaseException) -> str:
     return redact((str(error).strip().splitlines() or [""])[0])
 
 
+class _TolerantRow:
+    """Reads a row's stored values; one that cannot be read is noted, not raised,
+    so one corrupt row (hand-edited, or written by a newer version) never makes
+    the operators' tools unusable."""
+
+    def __init__(self, row: Row[Any]) -> None:
+        self._values = row._mapping
+        self.unreadable: dict[str, str] = {}
+
+    def read(self, column: str, parse: Callable[[Any], T], placeholder: T) -> T:
+        """The parsed value; ``placeholder`` if the column was not selected or is unreadable."""
+        if column not in self._values:
+            return placeholder
+        raw = self._values[column]
+        try:
+            return parse(raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            self.unreadable[column] = _why_unreadable(raw, exc)
+            return placeholder
+
+
+def _why_unreadable(raw: Any, error: Exception) -> str:
+    shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:37] + "..."
+    return f"{shown}: {type(error).__name__}: {_first_line(error)}"
+
+
+# Placeholders for unreadable values. A run whose status cannot be read goes no
+# further without an operator, as a FAILED one; readers check `unreadable` first.
+_NO_PLAN = Plan(stages=())
+
+
 def flow_record(row: Row[Any]) -> FlowRecord:
+    values = _TolerantRow(row)
     return FlowRecord(
         id=row.id,
         flow_name=row.flow_name,
         tracking_id=row.tracking_id,
-        status=FlowStatus(row.status),
-        input=loads(row.input),
-        output=loads(row.output),
+        status=values.read("status", FlowStatus, FlowStatus.FAILED),
+        input=values.read("input", loads, {}),
+        output=values.read("output", loads, None),
         error=row.error,
-        plan=Plan.from_json(row.plan),
+        plan=values.read("plan", Plan.from_json, _NO_PLAN),
         queue=row.queue,
         priority=row.priority,
         parent_node_id=row.parent_node_id,
         created_at=row.created_at,
         updated_at=row.updated_at,
         finished_at=row.finished_at,
+        unreadable=values.unreadable,
+    )
+
+
+def flow_summary(row: Row[Any]) -> FlowSummary:
+    values = _TolerantRow(row)
+    return FlowSummary(
+        id=row.id,
+        flow_name=row.flow_name,
+        tracking_id=row.tracking_id,
+        status=values.read("status", FlowStatus, FlowStatus.FAILED),
+        queue=row.queue,
+        priority=row.priority,
+        parent_node_id=row.parent_node_id,
+        error=row.error,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+        unreadable=values.unreadable,
     )
 
 
 def node_record(row: Row[Any]) -> NodeRecord:
+    values = _TolerantRow(row)
     return NodeRecord(
         id=row.id,
         flow_id=row.flow_id,
         step_name=row.step_name,
         position=row.position,
         group_index=row.group_index,
-        status=NodeStatus(row.status),
+        status=values.read("status", NodeStatus, NodeStatus.FAILED),
         attempt=row.attempt,
         max_attempts=row.max_attempts,
         rescues=row.rescues,
         run_after=row.run_after,
         lease_owner=row.lease_owner,
         lease_expires_at=row.lease_expires_at,
-        input=loads(row.input),
-        output=loads(row.output),
+        input=values.read("input", loads, {}),
+        output=values.read("output", loads, None),
         error=row.error,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        unreadable=values.unreadable,
     )

@@ -6,38 +6,60 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     FlowFilter,
     FlowRecord,
+    FlowSummary,
     NodeRecord,
     NodeStatus,
     Stats,
     WorkerRecord,
 )
-from flowsmith_worker.storage.sql_base import F, N, SqlBase, flow_record, node_record
+from flowsmith_worker.storage.sql_base import (
+    F,
+    N,
+    SqlBase,
+    flow_record,
+    flow_summary,
+    node_record,
+)
 
 W, Q = schema.workers, schema.queues
+
+# What is not read unless shown: an input or output can be megabytes.
+_PAYLOADS = ("input", "output")
+
+
+def _columns_but(table: sa.Table, *skipped: str) -> list[sa.Column[Any]]:
+    return [c for c in table.c if c.name not in skipped]
 
 
 class SqlOperators(SqlBase):
     # -- reading --------------------------------------------------------------
 
-    def get_flow(self, *, tracking_id: str) -> FlowRecord | None:
+    def get_flow(self, *, tracking_id: str, with_payloads: bool = True) -> FlowRecord | None:
+        columns = F.c if with_payloads else _columns_but(F, *_PAYLOADS)
         row = self._read(
-            lambda conn: conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
+            lambda conn: conn.execute(
+                sa.select(*columns).where(F.c.tracking_id == tracking_id)
+            ).first()
         )
         return None if row is None else flow_record(row)
 
-    def list_nodes(self, *, flow_id: int) -> list[NodeRecord]:
+    def list_nodes(self, *, flow_id: int, with_payloads: bool = True) -> list[NodeRecord]:
+        columns = N.c if with_payloads else _columns_but(N, *_PAYLOADS)
         rows = self._read(
             lambda conn: conn.execute(
-                sa.select(N).where(N.c.flow_id == flow_id).order_by(N.c.position, N.c.group_index)
+                sa.select(*columns)
+                .where(N.c.flow_id == flow_id)
+                .order_by(N.c.position, N.c.group_index)
             ).all()
         )
         return [node_record(r) for r in rows]
@@ -110,16 +132,21 @@ class SqlOperators(SqlBase):
 
         return self._read(work)
 
-    def list_flows(self, *, where: FlowFilter) -> list[FlowRecord]:
-        query = sa.select(F).order_by(F.c.created_at.desc(), F.c.id.desc()).limit(where.limit)
+    def list_flows(self, *, where: FlowFilter) -> list[FlowSummary]:
+        query = (
+            # Nor the plan: a listing shows none of them.
+            sa.select(*_columns_but(F, *_PAYLOADS, "plan"))
+            .order_by(F.c.created_at.desc(), F.c.id.desc())
+            .limit(where.limit)
+        )
         if where.status is not None:
             query = query.where(F.c.status == where.status)
         if where.flow_name is not None:
             query = query.where(F.c.flow_name == where.flow_name)
         if where.since is not None:
             query = query.where(F.c.created_at >= where.since)
-        rows = self._read(lambda conn: conn.execute(query).all())
-        return [flow_record(r) for r in rows]
+        rows: Sequence[Row[Any]] = self._read(lambda conn: conn.execute(query).all())
+        return [flow_summary(r) for r in rows]
 
     # -- cancelling and pruning -------------------------------------------------
 
