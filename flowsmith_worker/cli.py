@@ -16,7 +16,7 @@ from flowsmith_worker.cli_format import printable
 from flowsmith_worker.config import configure, redact, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.log import setup_logging
-from flowsmith_worker.metrics import serve
+from flowsmith_worker.metrics import DEFAULT_METRICS_HOST, serve
 from flowsmith_worker.signals import stop_on_signals
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.version import __version__
@@ -139,6 +139,13 @@ def migrate(url: str | None) -> None:
     help="Serve Prometheus metrics on /metrics and a health check on /healthz.",
 )
 @click.option(
+    "--metrics-host",
+    default=DEFAULT_METRICS_HOST,
+    show_default=True,
+    metavar="HOST",
+    help="Address --metrics-port listens on; 0.0.0.0 for every interface (a container).",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["auto", "console", "json"]),
     default="auto",
@@ -155,6 +162,7 @@ def worker(
     shutdown_timeout: float,
     no_listen: bool,
     metrics_port: int | None,
+    metrics_host: str,
     log_format: str,
 ) -> None:
     """Run the steps of the flows defined in MODULES.
@@ -182,9 +190,13 @@ def worker(
         shutdown_timeout=shutdown_timeout,
         listen=not no_listen,
     )
-    server = serve(metrics_port, worker.metrics, worker.health) if metrics_port else None
+    server = (
+        serve(metrics_port, worker.metrics, worker.health, host=metrics_host)
+        if metrics_port
+        else None
+    )
     if server:
-        worker.log.info("metrics.serving", port=server.port)
+        worker.log.info("metrics.serving", host=metrics_host, port=server.port)
     try:
         with stop_on_signals(worker):
             worker.run()

@@ -20,7 +20,15 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
+from flowsmith_worker import registry
 from flowsmith_worker.errors import FlowSmithError
+
+# Only this machine, unless told otherwise (a container: --metrics-host 0.0.0.0).
+DEFAULT_METRICS_HOST = "127.0.0.1"
+# The label of a flow or step this process does not define. Names come from
+# database rows, which anyone who can enqueue writes: one label value each
+# would let them grow the metrics without bound.
+UNREGISTERED = "unregistered"
 
 # From a 5 ms step to a 10 min one; +Inf is added by prometheus_client.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -37,6 +45,14 @@ _COUNTER_FOR_OUTCOME = {
     "failed": "failed",  # failed for good: no attempt left
     "lease_lost": None,
 }
+
+
+def metric_labels(flow: str, step: str) -> tuple[str, str]:
+    """(flow, step) if this process defines them; UNREGISTERED in their place if not."""
+    defined = registry.lookup(flow)
+    if defined is None:
+        return UNREGISTERED, UNREGISTERED
+    return flow, step if defined.get_step(step) is not None else UNREGISTERED
 
 
 def _package_version() -> str:
@@ -78,19 +94,19 @@ class WorkerMetrics:
         )
 
     def step_started(self, flow: str, step: str) -> None:
-        self._counters["started"].labels(flow, step).inc()
+        self._counters["started"].labels(*metric_labels(flow, step)).inc()
 
     def step_finished(self, flow: str, step: str, outcome: str, seconds: float) -> None:
         """Count the attempt by its outcome (an executor.Outcome) and record how long it took."""
         if outcome not in _COUNTER_FOR_OUTCOME:
             raise ValueError(f"unknown step outcome {outcome!r}; expected one of executor.Outcome")
-        counter = _COUNTER_FOR_OUTCOME[outcome]
+        counter, labels = _COUNTER_FOR_OUTCOME[outcome], metric_labels(flow, step)
         if counter is not None:
-            self._counters[counter].labels(flow, step).inc()
-        self.duration.labels(flow, step).observe(seconds)
+            self._counters[counter].labels(*labels).inc()
+        self.duration.labels(*labels).observe(seconds)
 
     def step_rescued(self, flow: str, step: str) -> None:
-        self._counters["rescued"].labels(flow, step).inc()
+        self._counters["rescued"].labels(*metric_labels(flow, step)).inc()
 
     def set_in_flight(self, n: int) -> None:
         self.in_flight.set(n)
@@ -165,7 +181,7 @@ class MetricsServer:
 
 
 def serve(
-    port: int, metrics: WorkerMetrics, health: Health, host: str = "0.0.0.0"
+    port: int, metrics: WorkerMetrics, health: Health, host: str = DEFAULT_METRICS_HOST
 ) -> MetricsServer:
     """Serve /metrics (and /) and /healthz on ``host:port`` from a daemon thread."""
     metrics_app: WSGIApplication = make_wsgi_app(metrics.registry)
@@ -195,6 +211,7 @@ def serve(
             else exc.strerror or str(exc)
         )
         raise FlowSmithError(
-            f"cannot serve metrics on {host}:{port}: {why}; choose another --metrics-port"
+            f"cannot serve metrics on {host}:{port}: {why}; "
+            "choose another --metrics-port (or --metrics-host)"
         ) from exc
     return MetricsServer(server)

@@ -192,7 +192,8 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def test_worker_serves_metrics_and_healthz(tmp_path: Path, unique: Names) -> None:
-    """A real `flowsmith worker --metrics-port` counts the steps it ran and reports healthy."""
+    """A real `flowsmith worker --metrics-port` counts the steps it ran and reports healthy,
+    on 127.0.0.1 only by default (another address of this machine, 127.0.0.2, is refused)."""
     url = f"sqlite:///{tmp_path / 'm.db'}"
     storage = flowsmith.create_storage(url)
     storage.migrate()
@@ -233,6 +234,32 @@ def test_worker_serves_metrics_and_healthz(tmp_path: Path, unique: Names) -> Non
         assert (
             "flowsmith_step_duration_seconds_bucket" in _get(f"http://127.0.0.1:{port}/metrics")[1]
         )
+        assert _get(f"http://127.0.0.2:{port}/healthz")[0] == 0
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert worker.returncode == 0
+
+
+def test_worker_metrics_host_option_opens_every_interface(tmp_path: Path) -> None:
+    """`flowsmith worker --metrics-host 0.0.0.0` (what a container needs) answers
+    /healthz on another address of this machine too."""
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    storage = flowsmith.create_storage(url)
+    storage.migrate()
+    storage.close()
+    (tmp_path / "noflows.py").write_text("")
+    port = _free_port()
+    command = ["worker", "noflows", "--url", url, "--metrics-port", str(port)]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flowsmith_worker", *command, "--metrics-host", "0.0.0.0"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        eventually(lambda: _get(f"http://127.0.0.2:{port}/healthz")[0] == 200, timeout=20)
     finally:
         worker.terminate()
         worker.wait(30)

@@ -544,6 +544,8 @@ def test_worker_deployment_probes_and_scrape_use_metrics_port() -> None:
     deployment = _one("Deployment")
     container = _worker_container(deployment)
     port = int(_option(_k8s_argv(container), "--metrics-port"))
+    # Probes and scrapes come to the pod's IP: the default 127.0.0.1 would refuse them.
+    assert _option(_k8s_argv(container), "--metrics-host") == "0.0.0.0"
     named = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
     assert port in {p["containerPort"] for p in container.get("ports", [])}
     for probe_name in ("livenessProbe", "readinessProbe"):
@@ -641,6 +643,7 @@ def test_compose_worker_wiring() -> None:
     assert argv[:2] == ["worker", "flowsmith_worker.examples.orders"], argv
     port = _option(argv, "--metrics-port")
     assert port == "9100"
+    assert _option(argv, "--metrics-host") == "0.0.0.0"  # the port is published
     assert worker["environment"]["DATABASE_URL"] == (
         "postgresql://flowsmith:flowsmith@postgres:5432/flowsmith"
     )

@@ -6,16 +6,31 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flowsmith_worker import Context, Flow
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.executor import Outcome
-from flowsmith_worker.metrics import Health, MetricsServer, WorkerMetrics, serve
+from flowsmith_worker.metrics import (
+    UNREGISTERED,
+    Health,
+    MetricsServer,
+    WorkerMetrics,
+    serve,
+)
 
-LABELS = {"flow": "orders", "step": "charge"}
+
+def _charge(ctx: Context) -> None:
+    return None
+
+
+# Labels come only from flows this process defines: the tests define theirs.
+ORDERS = Flow(f"orders_{uuid.uuid4().hex[:8]}").step("charge", _charge)
+LABELS = {"flow": ORDERS.name, "step": "charge"}
 
 
 @pytest.fixture
@@ -60,10 +75,10 @@ def test_counters_follow_outcomes(server: MetricsServer, metrics: WorkerMetrics)
     """Each outcome moves its counter: completed+skipped+waiting → completed,
     retry_scheduled → retried, failed → failed, lease_lost → none; rescues and starts count."""
     for _ in range(6):
-        metrics.step_started("orders", "charge")
+        metrics.step_started(ORDERS.name, "charge")
     for outcome in ("completed", "skipped", "waiting", "retry_scheduled", "failed", "lease_lost"):
-        metrics.step_finished("orders", "charge", outcome, 0.1)
-    metrics.step_rescued("orders", "charge")
+        metrics.step_finished(ORDERS.name, "charge", outcome, 0.1)
+    metrics.step_rescued(ORDERS.name, "charge")
 
     assert sample(server, "flowsmith_steps_started_total", **LABELS) == 6
     assert sample(server, "flowsmith_steps_completed_total", **LABELS) == 3
@@ -76,7 +91,7 @@ def test_counters_follow_outcomes(server: MetricsServer, metrics: WorkerMetrics)
 def test_duration_histogram_buckets(server: MetricsServer, metrics: WorkerMetrics) -> None:
     """Durations land in buckets from 5 ms to 10 min, longer ones only in +Inf."""
     for seconds in (0.003, 0.2, 700.0):
-        metrics.step_finished("orders", "charge", "completed", seconds)
+        metrics.step_finished(ORDERS.name, "charge", "completed", seconds)
 
     def bucket(le: str) -> float | None:
         return sample(server, "flowsmith_step_duration_seconds_bucket", le=le, **LABELS)
@@ -102,9 +117,9 @@ def test_gauges_and_worker_info(server: MetricsServer, metrics: WorkerMetrics) -
 def test_every_executor_outcome_is_accepted(metrics: WorkerMetrics) -> None:
     """Every executor.Outcome (passed as the enum) is known; anything else is a ValueError."""
     for outcome in Outcome:
-        metrics.step_finished("orders", "charge", outcome, 0.01)
+        metrics.step_finished(ORDERS.name, "charge", outcome, 0.01)
     with pytest.raises(ValueError, match="unknown step outcome"):
-        metrics.step_finished("orders", "charge", "exploded", 0.01)
+        metrics.step_finished(ORDERS.name, "charge", "exploded", 0.01)
 
 
 def test_paths(server: MetricsServer) -> None:
@@ -143,9 +158,9 @@ def test_two_workers_do_not_collide() -> None:
     a, b = WorkerMetrics("a", "h"), WorkerMetrics("b", "h")
     servers = [serve(0, m, Health(), host="127.0.0.1") for m in (a, b)]
     try:
-        a.step_started("orders", "charge")
-        a.step_started("orders", "charge")
-        b.step_started("orders", "charge")
+        a.step_started(ORDERS.name, "charge")
+        a.step_started(ORDERS.name, "charge")
+        b.step_started(ORDERS.name, "charge")
         assert sample(servers[0], "flowsmith_steps_started_total", **LABELS) == 2
         assert sample(servers[1], "flowsmith_steps_started_total", **LABELS) == 1
     finally:
@@ -170,3 +185,53 @@ def test_shutdown_frees_the_port(metrics: WorkerMetrics, health: Health) -> None
     srv.shutdown()
     again = serve(port, WorkerMetrics("w3", "h"), health, host="127.0.0.1")
     again.shutdown()
+
+
+def test_labels_come_only_from_flows_and_steps_this_process_defines(
+    server: MetricsServer, metrics: WorkerMetrics
+) -> None:
+    """Flow and step names read from rows are labels only if this process defines them:
+    any other name counts under "unregistered", so rows cannot grow the metrics."""
+    for i in range(20):
+        metrics.step_started(f"someone_elses_flow_{i}", "step")
+        metrics.step_rescued(f"someone_elses_flow_{i}", "step")
+    metrics.step_started(ORDERS.name, "step_from_an_older_deploy")
+    metrics.step_finished(ORDERS.name, "charge", "completed", 0.1)
+    assert (
+        sample(server, "flowsmith_steps_started_total", flow=UNREGISTERED, step=UNREGISTERED) == 20
+    )
+    assert (
+        sample(server, "flowsmith_steps_rescued_total", flow=UNREGISTERED, step=UNREGISTERED) == 20
+    )
+    assert sample(server, "flowsmith_steps_started_total", flow=ORDERS.name, step=UNREGISTERED) == 1
+    assert sample(server, "flowsmith_steps_completed_total", **LABELS) == 1
+    _, text, _ = get(server, "/metrics")
+    assert "someone_elses_flow" not in text and "older_deploy" not in text
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered (503 before the loop ticks)
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise(
+    metrics: WorkerMetrics, health: Health
+) -> None:
+    """By default /metrics and /healthz answer on 127.0.0.1 alone (127.0.0.2, another
+    address of this machine, is refused); host="0.0.0.0" answers on every address."""
+    default = serve(0, metrics, health)
+    try:
+        assert _reachable("127.0.0.1", default.port)
+        assert not _reachable("127.0.0.2", default.port)
+    finally:
+        default.shutdown()
+    everywhere = serve(0, metrics, health, host="0.0.0.0")
+    try:
+        assert _reachable("127.0.0.2", everywhere.port)
+    finally:
+        everywhere.shutdown()
