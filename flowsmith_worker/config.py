@@ -76,6 +76,7 @@ _KEYWORD_SECRET = re.compile(
 )
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/*")
 REDACTED = "***"
+MIN_REDACTED_LENGTH = 4
 
 # Every password this process was given in a URL, so that text we print or
 # log can be scrubbed of it even where a driver quotes it back (a password
@@ -134,9 +135,14 @@ def remember_secrets(url: str) -> None:
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every password we were given (and ``secrets``) replaced by ***."""
+    """``text`` with every password we were given (and ``secrets``) replaced by ***.
+
+    Passwords (or pieces) shorter than MIN_REDACTED_LENGTH are left: they would
+    blot out ordinary words of every message, and hide nothing worth hiding.
+    """
     for secret in sorted({*_known_secrets, *secrets}, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
+        if len(secret) >= MIN_REDACTED_LENGTH:
+            text = text.replace(secret, REDACTED)
     return text
 
 

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from flowsmith_worker.cli import main
-from flowsmith_worker.config import redact_url, secrets_in
+from flowsmith_worker.config import redact, redact_url, secrets_in
 from tests.servers import DatabaseServer
 
 # Every command that opens the database, with arguments that get it that far.
@@ -202,3 +202,6 @@ def test_redact_url_and_secrets_in_every_shape() -> None:
     assert secrets_in("postgresql://u:p%40ss@h/db") == {"p%40ss", "p@ss"}
     assert secrets_in("host=h password=pw2") == {"pw2"}
     assert secrets_in("sqlite:///tmp/flowsmith.db") == set()
+    # Too short to hide anything, and hiding it would blot out every "p" of a message.
+    assert redact("cannot parse the URL", ["p"]) == "cannot parse the URL"
+    assert redact("cannot parse the URL", ["parse"]) == "cannot *** the URL"
