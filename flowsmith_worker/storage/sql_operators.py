@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from flowsmith_worker.storage import schema
+from flowsmith_worker.storage import schema, sql_context
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     FlowFilter,
     FlowRecord,
+    FlowStatus,
     NodeRecord,
     NodeStatus,
     Stats,
@@ -29,18 +31,35 @@ class SqlOperators(SqlBase):
     # -- reading --------------------------------------------------------------
 
     def get_flow(self, *, tracking_id: str) -> FlowRecord | None:
-        row = self._read(
-            lambda conn: conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
-        )
-        return None if row is None else flow_record(row)
+        """The run; a COMPLETED run's output (its final ctx.data) is rebuilt from its nodes."""
+
+        def work(conn: Connection) -> FlowRecord | None:
+            row = conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
+            if row is None:
+                return None
+            record = flow_record(row)
+            if record.status != FlowStatus.COMPLETED:
+                return record
+            output = sql_context.final_data(conn, record.id, record.tracking_id, record.input)
+            return dataclasses.replace(record, output=output)
+
+        return self._read(work)
 
     def list_nodes(self, *, flow_id: int) -> list[NodeRecord]:
-        rows = self._read(
-            lambda conn: conn.execute(
-                sa.select(N).where(N.c.flow_id == flow_id).order_by(N.c.position, N.c.group_index)
+        """Every node, with the ctx.data it started with rebuilt (fs_nodes.input is not read)."""
+
+        def work(conn: Connection) -> list[NodeRecord]:
+            run = conn.execute(
+                sa.select(F.c.tracking_id, F.c.input).where(F.c.id == flow_id)
+            ).first()
+            rows = conn.execute(
+                sa.select(*_NODE_WITHOUT_INPUT)
+                .where(N.c.flow_id == flow_id)
+                .order_by(N.c.position, N.c.group_index)
             ).all()
-        )
-        return [node_record(r) for r in rows]
+            return _with_inputs(run, rows)
+
+        return self._read(work)
 
     def count_runnable_nodes(self, *, queues: Sequence[str]) -> int:
         query = sa.select(sa.func.count()).where(
@@ -217,3 +236,26 @@ class SqlOperators(SqlBase):
             ).all()
         )
         return {name: int(cap) for name, cap in rows}
+
+
+# fs_nodes.input holds no snapshot (sql_context.NO_SNAPSHOT, or an old one): never read.
+_NODE_WITHOUT_INPUT = [column for column in N.c if column.name != "input"]
+
+
+def _with_inputs(run: Any, rows: Sequence[Any]) -> list[NodeRecord]:
+    """Node records, each with the ctx.data its stage started with."""
+    if run is None:  # pruned between the two reads
+        return []
+    records = [node_record(row, {}) for row in rows]
+    outputs = [
+        sql_context.StoredOutput(
+            r.step_name, r.position, sql_context.StoredJson.parsed(r.output, "", run.tracking_id)
+        )
+        for r in records
+        if r.status == NodeStatus.COMPLETED
+    ]
+    run_input = f"fs_flows.input of run {run.tracking_id!r}"
+    payloads = sql_context.RunPayloads(
+        run.tracking_id, sql_context.StoredJson(run.input, run_input, run.tracking_id), outputs
+    )
+    return [dataclasses.replace(r, input=payloads.data_before(r.position)) for r in records]
