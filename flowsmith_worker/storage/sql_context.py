@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,8 @@ NO_SNAPSHOT = "null"
 
 def corrupt(where: str, tracking_id: str, problem: str) -> CorruptRow:
     return CorruptRow(
-        f"{where} {problem}; the row was changed outside FlowSmith: correct it, "
-        f"then `flowsmith retry {tracking_id}`"
+        f"{where} {problem}; FlowSmith did not write that: correct the value, "
+        f"then `flowsmith retry {shlex.quote(tracking_id)}`"
     )
 
 
@@ -51,15 +52,20 @@ def parse_plan(text: str, tracking_id: str) -> Plan:
     """The stored plan of a run; CorruptRow if it is not one FlowSmith wrote."""
     try:
         return Plan.from_json(text)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        problem = "is not valid JSON" if isinstance(exc, ValueError) else "is not a plan"
-        raise corrupt(
-            f"fs_flows.plan of run {tracking_id!r}", tracking_id, f"{problem} ({exc!r})"
-        ) from None
+    except json.JSONDecodeError as exc:
+        problem = f"is not valid JSON ({exc})"
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSON, not a plan's shape
+        problem = f"is not a plan ({type(exc).__name__}: {exc})"
+    raise corrupt(f"fs_flows.plan of run {tracking_id!r}", tracking_id, problem)
 
 
 class StoredJson:
-    """A stored JSON text, parsed on first use; after that only the value is kept."""
+    """A stored JSON text, parsed anew for each use.
+
+    Each claimed node gets its own copy of ctx.data, as it always had: parallel
+    siblings claimed together run in different threads and must not share a
+    list or dict one of them might change in place.
+    """
 
     def __init__(self, text: str | None, where: str, tracking_id: str) -> None:
         self._text = text
@@ -69,18 +75,18 @@ class StoredJson:
 
     @classmethod
     def parsed(cls, value: Any, where: str, tracking_id: str) -> StoredJson:
+        """A value the caller has parsed already: every use gets that same object."""
         stored = cls(None, where, tracking_id)
         stored._value = value
         return stored
 
     def value(self) -> Any:
-        if self._text is not None:
-            try:
-                self._value = json.loads(self._text)
-            except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError of bytes
-                raise corrupt(self.where, self.tracking_id, f"is not valid JSON ({exc})") from None
-            self._text = None  # a payload may be large: keep one form of it
-        return self._value
+        if self._text is None:
+            return self._value
+        try:
+            return json.loads(self._text)
+        except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError of bytes
+            raise corrupt(self.where, self.tracking_id, f"is not valid JSON ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -92,8 +98,8 @@ class StoredOutput:
 
 @dataclass(frozen=True)
 class RunPayloads:
-    """One run's input and completed outputs, each parsed at most once however
-    many of its nodes need them."""
+    """One run's input and completed outputs, read once however many of its
+    nodes are claimed together."""
 
     tracking_id: str
     input: StoredJson
