@@ -299,7 +299,14 @@ class SqlStorage(SqlOperators, Storage):
         Rolling the claim back instead would hand out the same row first every
         time, and no worker of its queue would claim anything again.
         """
-        log.error("step.failed", tracking_id=tracking_id, step=step, error=str(error))
+        log.error(
+            "step.failed",
+            tracking_id=tracking_id,
+            step=step,
+            attempt=lease.attempt,
+            worker_id=lease.worker_id,
+            error=str(error),
+        )
         # If the database is away, the lease expires and the next claim fails it.
         with contextlib.suppress(DatabaseUnavailable):
             self.fail_node(lease=lease, error=str(error), retry_delay=None)

@@ -243,19 +243,24 @@ _NODE_WITHOUT_INPUT = [column for column in N.c if column.name != "input"]
 
 
 def _with_inputs(run: Any, rows: Sequence[Any]) -> list[NodeRecord]:
-    """Node records, each with the ctx.data its stage started with."""
-    if run is None:  # pruned between the two reads
+    """Node records, each with the ctx.data its stage started with.
+
+    The records are a report: they share the parsed run input and outputs
+    (each parsed once), where claimed nodes each get a copy of their own.
+    """
+    if run is None:  # no such run, or it was pruned
         return []
     records = [node_record(row, {}) for row in rows]
+
+    def parsed(value: Any, where: str) -> sql_context.StoredJson:
+        return sql_context.StoredJson.parsed(value, where, run.tracking_id)
+
+    where = f"fs_flows.input of run {run.tracking_id!r}"
+    run_input = sql_context.StoredJson(run.input, where, run.tracking_id).value()
     outputs = [
-        sql_context.StoredOutput(
-            r.step_name, r.position, sql_context.StoredJson.parsed(r.output, "", run.tracking_id)
-        )
+        sql_context.StoredOutput(r.step_name, r.position, parsed(r.output, ""))
         for r in records
         if r.status == NodeStatus.COMPLETED
     ]
-    run_input = f"fs_flows.input of run {run.tracking_id!r}"
-    payloads = sql_context.RunPayloads(
-        run.tracking_id, sql_context.StoredJson(run.input, run_input, run.tracking_id), outputs
-    )
+    payloads = sql_context.RunPayloads(run.tracking_id, parsed(run_input, where), outputs)
     return [dataclasses.replace(r, input=payloads.data_before(r.position)) for r in records]
