@@ -80,10 +80,16 @@ def assert_completed(runs: list[Any], step: str = "only") -> None:
     ],
 )
 def test_a_corrupt_run_row_fails_that_run_and_the_queue_goes_on(
-    storage: Storage, unique: Names, column: str, value: str, problem: str
+    storage: Storage,
+    unique: Names,
+    logs: list[dict[str, Any]],
+    column: str,
+    value: str,
+    problem: str,
 ) -> None:
     """A run whose stored input or plan does not parse is claimed first, fails with
-    an error naming the column and run, and the runs queued behind it complete."""
+    an error naming the column and run (in the log too), and the runs queued
+    behind it complete."""
     flow = Flow(unique("f"), storage=storage).step("only", lambda ctx: "ok")
     tid = unique("poisoned")
     flow.run({"order_id": 1}, tracking_id=tid)
@@ -97,6 +103,8 @@ def test_a_corrupt_run_row_fails_that_run_and_the_queue_goes_on(
     assert f"`flowsmith retry {tid}`" in poisoned.error
     node = node_rows(storage, tid)["only"]
     assert node.status == NodeStatus.FAILED and expected in node.error
+    failed = [e for e in logs if e["event"] == "step.failed" and e["tracking_id"] == tid]
+    assert len(failed) == 1 and expected in failed[0]["error"]
     assert_completed(others)
 
 
