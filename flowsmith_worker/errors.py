@@ -22,6 +22,10 @@ class SchemaNotMigrated(FlowSmithError):
     """The FlowSmith tables are missing or out of date: run `flowsmith migrate`."""
 
 
+class CorruptRow(FlowSmithError):
+    """A row of the FlowSmith tables holds a value FlowSmith cannot read."""
+
+
 class DatabaseUnavailable(FlowSmithError):
     """The database did not answer; check that it is running and the URL is right."""
 

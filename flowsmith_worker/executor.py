@@ -21,6 +21,7 @@ import tenacity
 from flowsmith_worker import registry
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
+    CorruptRow,
     DatabaseUnavailable,
     FlowCancelled,
     StepOutputNotJSON,
@@ -163,6 +164,11 @@ class Executor:
             # lease expires and the attempt counted, so nothing is lost.
             bound.error("step.outcome_unwritten", intended=str(outcome), error=str(exc))
             return Outcome.LEASE_LOST
+        except CorruptRow as exc:
+            # The run could not move on past a row it cannot read; the storage
+            # has failed this node and its run with that error.
+            bound.error("step.failed", intended=str(outcome), error=str(exc))
+            return Outcome.FAILED
         if not written:
             bound.warning("step.lease_lost", intended=str(outcome))
             return Outcome.LEASE_LOST

@@ -1,13 +1,18 @@
 """How a flow moves on: pure decisions shared by every storage.
 
-Storages lock the flow, load the nodes of one stage, ask ``after_stage`` what to
-do, and carry it out. Keeping the decision here, pure, means it has one definition of
-"the group is done", testable without a database.
+Storages lock the flow, read the statuses of one stage's nodes, ask
+``after_stage`` what to do, and carry it out. The decision needs statuses only,
+never payloads: finishing one sibling of a wide parallel group must not read
+every sibling's input and output. Keeping the decision here, pure, means it has
+one definition of "the group is done", testable without a database.
+
+``context_data`` is the one definition of ctx.data: the run's input plus the
+outputs of the steps that completed before, in plan order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +26,6 @@ DONE = frozenset({NodeStatus.COMPLETED, NodeStatus.SKIPPED})
 class StageNode:
     step_name: str
     status: NodeStatus
-    input: dict[str, Any]
-    output: Any
 
 
 @dataclass(frozen=True)
@@ -34,26 +37,28 @@ class Wait:
 class StartStage:
     position: int
     steps: tuple[PlannedStep, ...]
-    data: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class FinishFlow:
-    data: dict[str, Any]
+    """Every stage is done: the run is COMPLETED."""
 
 
 Decision = Wait | StartStage | FinishFlow
 
 
-def stage_data(nodes: Sequence[StageNode]) -> dict[str, Any]:
-    """The ctx.data after a stage: its input plus the outputs of its completed steps.
+def context_data(
+    run_input: Mapping[str, Any], outputs: Iterable[tuple[str, Any]]
+) -> dict[str, Any]:
+    """ctx.data: the run's input plus each ``(step_name, output)``, in plan order.
 
-    A skipped step leaves no output behind.
+    ``outputs`` are those of the COMPLETED steps of the stages before: a skipped
+    step leaves no output behind, and a later step's output replaces an input
+    key of the same name, as it always did.
     """
-    data = dict(nodes[0].input) if nodes else {}
-    for node in nodes:
-        if node.status == NodeStatus.COMPLETED:
-            data[node.step_name] = node.output
+    data = dict(run_input)
+    for step_name, output in outputs:
+        data[step_name] = output
     return data
 
 
@@ -61,10 +66,9 @@ def after_stage(plan: Plan, position: int, nodes: Sequence[StageNode]) -> Decisi
     """What to do now that a node of stage ``position`` finished."""
     if len(nodes) < len(plan.stage(position)) or any(n.status not in DONE for n in nodes):
         return Wait()
-    data = stage_data(nodes)
     if plan.is_last(position):
-        return FinishFlow(data)
-    return StartStage(position + 1, plan.stage(position + 1), data)
+        return FinishFlow()
+    return StartStage(position + 1, plan.stage(position + 1))
 
 
 def attempts_left(attempt: int, max_attempts: int) -> bool:

@@ -110,7 +110,8 @@ def test_corrupt_rows_are_shown_as_unreadable_and_the_rest_still_listed(
     record = json.loads(payloads.stdout)
     assert record["flow"]["input"] is None and "input" in record["flow"]["unreadable"]
     assert record["steps"][0]["output"] is None and record["steps"][0]["status"] is None
-    assert set(record["steps"][0]["unreadable"]) == {"status", "output"}
+    # The step's input snapshot is rebuilt from the run's unreadable input.
+    assert set(record["steps"][0]["unreadable"]) == {"status", "output", "input"}
 
     stats = cli(url, "stats")
     assert_clean(stats, 0)

@@ -11,8 +11,9 @@ deadlock; the database then aborts one and _transact runs it again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,14 +21,17 @@ from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker import progress
 from flowsmith_worker.errors import (
+    CorruptRow,
+    DatabaseUnavailable,
     FlowAlreadyCompleted,
     FlowCancelled,
     FlowNotFound,
     FlowSmithError,
     TrackingIdTaken,
 )
-from flowsmith_worker.plan import Plan, PlannedStep
-from flowsmith_worker.storage import schema
+from flowsmith_worker.log import get_logger
+from flowsmith_worker.plan import PlannedStep
+from flowsmith_worker.storage import schema, sql_context
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     RESCUE_ERROR,
@@ -41,10 +45,12 @@ from flowsmith_worker.storage.base import (
     RescuedNode,
     Storage,
 )
-from flowsmith_worker.storage.sql_base import F, N, dumps, flow_record, loads
+from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, dumps, flow_record
+from flowsmith_worker.storage.sql_context import RunPayloads
 from flowsmith_worker.storage.sql_operators import SqlOperators
 
 Q = schema.queues
+log = get_logger("flowsmith.storage")
 
 
 class SqlStorage(SqlOperators, Storage):
@@ -80,12 +86,14 @@ class SqlStorage(SqlOperators, Storage):
         # FAILED -> RUNNING transition takes its own lock with a conditional
         # UPDATE (see _resume).
         row = conn.execute(
-            self.dialect.for_latest(sa.select(F).where(F.c.tracking_id == flow.tracking_id))
+            self.dialect.for_latest(
+                sa.select(*FLOW_STATE).where(F.c.tracking_id == flow.tracking_id)
+            )
         ).one()
         if row.flow_name != flow.flow_name:
             raise TrackingIdTaken.for_run(flow.tracking_id, row.flow_name, flow.flow_name)
         if inserted:
-            self._start_stage(conn, row, 0, flow.plan.stage(0), flow.input, flow.delay_seconds)
+            self._start_stage(conn, row, 0, flow.plan.stage(0), flow.delay_seconds)
             self.dialect.notify(conn, flow.queue)
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.PENDING, True, False)
         if parent_node_id is not None:
@@ -143,7 +151,7 @@ class SqlStorage(SqlOperators, Storage):
         ).rowcount
         if not won:
             return False
-        plan = Plan.from_json(flow_row.plan)
+        plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
         failed = conn.execute(
             sa.select(N.c.id, N.c.step_name, N.c.attempt).where(
                 N.c.flow_id == flow_row.id, N.c.status == NodeStatus.FAILED
@@ -171,9 +179,9 @@ class SqlStorage(SqlOperators, Storage):
         flow_row: Row[Any],
         position: int,
         steps: Sequence[PlannedStep],
-        data: dict[str, Any],
         delay: float = 0.0,
     ) -> None:
+        """Insert the nodes of a stage; their ctx.data is rebuilt when they are claimed."""
         now = self._now()
         conn.execute(
             self.dialect.insert_if_absent(N).values(run_after=now + delay, created_at=now),
@@ -189,7 +197,7 @@ class SqlStorage(SqlOperators, Storage):
                     attempt=0,
                     max_attempts=step.max_attempts,
                     rescues=0,
-                    input=dumps(data),
+                    input=sql_context.NO_SNAPSHOT,
                 )
                 for index, step in enumerate(steps)
             ],
@@ -205,9 +213,10 @@ class SqlStorage(SqlOperators, Storage):
     ) -> list[ClaimedNode]:
         if limit <= 0:
             return []
-        return self._transact(
+        rows, payloads = self._transact(
             lambda conn: self._claim(conn, worker_id, limit, lease_seconds, queues)
         )
+        return self._with_context(worker_id, rows, payloads)
 
     def _claim(
         self,
@@ -216,11 +225,11 @@ class SqlStorage(SqlOperators, Storage):
         limit: int,
         lease_seconds: float,
         queues: Sequence[str],
-    ) -> list[ClaimedNode]:
+    ) -> tuple[Sequence[Any], dict[int, RunPayloads]]:
         now = self._now()
         ids = self._runnable_ids(conn, limit, queues)
         if not ids:
-            return []
+            return [], {}
         # MySQL has no UPDATE ... RETURNING and cannot update a table it selects
         # from in a subquery: select the ids (locked above), then update them.
         conn.execute(
@@ -242,7 +251,7 @@ class SqlStorage(SqlOperators, Storage):
                 N.c.step_name,
                 N.c.attempt,
                 N.c.max_attempts,
-                N.c.input,
+                N.c.position,
                 F.c.flow_name,
                 F.c.tracking_id,
                 F.c.status.label("flow_status"),
@@ -259,17 +268,48 @@ class SqlStorage(SqlOperators, Storage):
                 .where(F.c.id.in_(starting), F.c.status == FlowStatus.PENDING)
                 .values(status=FlowStatus.RUNNING, updated_at=now)
             )
-        return [
-            ClaimedNode(
-                lease=Lease(r.id, r.flow_id, worker_id, r.attempt),
-                flow_name=r.flow_name,
-                tracking_id=r.tracking_id,
-                step_name=r.step_name,
-                max_attempts=r.max_attempts,
-                input=loads(r.input),
+        # Read here, parsed after the commit (_with_context): no lock is held
+        # while a large payload parses.
+        stages: dict[int, int] = {}
+        for r in rows:
+            stages[r.flow_id] = max(r.position, stages.get(r.flow_id, 0))
+        return rows, sql_context.read_for_stages(conn, stages)
+
+    def _with_context(
+        self, worker_id: str, rows: Sequence[Any], payloads: dict[int, RunPayloads]
+    ) -> list[ClaimedNode]:
+        """The claimed nodes with their ctx.data; a node whose stored JSON is
+        corrupt is failed, with its run, instead of being handed out."""
+        claimed = []
+        for r in rows:
+            lease = Lease(r.id, r.flow_id, worker_id, r.attempt)
+            try:
+                data = payloads[r.flow_id].data_before(r.position)
+            except CorruptRow as exc:
+                self._fail_corrupt(lease, r.tracking_id, r.step_name, exc)
+                continue
+            claimed.append(
+                ClaimedNode(lease, r.flow_name, r.tracking_id, r.step_name, r.max_attempts, data)
             )
-            for r in rows
-        ]
+        return claimed
+
+    def _fail_corrupt(self, lease: Lease, tracking_id: str, step: str, error: CorruptRow) -> None:
+        """Fail a claimed node (and its run) whose ctx.data cannot be rebuilt.
+
+        Rolling the claim back instead would hand out the same row first every
+        time, and no worker of its queue would claim anything again.
+        """
+        log.error(
+            "step.failed",
+            tracking_id=tracking_id,
+            step=step,
+            attempt=lease.attempt,
+            worker_id=lease.worker_id,
+            error=str(error),
+        )
+        # If the database is away, the lease expires and the next claim fails it.
+        with contextlib.suppress(DatabaseUnavailable):
+            self.fail_node(lease=lease, error=str(error), retry_delay=None)
 
     def _runnable_ids(self, conn: Connection, limit: int, queues: Sequence[str]) -> list[int]:
         """Lock up to ``limit`` runnable nodes, within the queues' concurrency caps.
@@ -343,7 +383,22 @@ class SqlStorage(SqlOperators, Storage):
                 self._advance(conn, flow_row, lease.node_id)
             return bool(done)
 
-        return self._transact(work)
+        return self._advancing(lease, work)
+
+    def _advancing(self, lease: Lease, work: Callable[[Connection], bool]) -> bool:
+        """Run ``work``, a write of an attempt's outcome that moves the run on.
+
+        Moving on parses stored JSON (the plan, a finished subflow's payloads).
+        A value that does not parse would roll the write back every time and
+        the node would go round its lease forever; instead the node and its run
+        are FAILED with the error, and CorruptRow is raised for the caller to
+        report.
+        """
+        try:
+            return self._transact(work)
+        except CorruptRow as exc:
+            self.fail_node(lease=lease, error=str(exc), retry_delay=None)
+            raise
 
     def fail_node(self, *, lease: Lease, error: str, retry_delay: float | None) -> bool:
         def work(conn: Connection) -> bool:
@@ -400,13 +455,15 @@ class SqlStorage(SqlOperators, Storage):
             try:
                 self._enqueue(conn, child, parent_node_id=lease.node_id)
             except FlowAlreadyCompleted:
-                child_row = conn.execute(
-                    sa.select(F.c.output).where(F.c.tracking_id == child.tracking_id)
-                ).one()
-                self._child_completed(conn, lease.node_id, loads(child_row.output))
+                done = sql_context.read_run(conn, F.c.tracking_id == child.tracking_id)
+                if done is None:
+                    raise FlowNotFound(
+                        f"the completed subflow run {child.tracking_id!r} was pruned meanwhile"
+                    ) from None
+                self._child_completed(conn, lease.node_id, done.final_data())
             return True
 
-        return self._transact(work)
+        return self._advancing(lease, work)
 
     # -- advancing and failing flows (inside the caller's transaction) --------
 
@@ -414,41 +471,43 @@ class SqlStorage(SqlOperators, Storage):
         """Move the flow on now that a node of it finished (its row is locked)."""
         if flow_row.status == FlowStatus.CANCELLED:
             return  # the running step finished; a cancelled flow goes no further
-        plan = Plan.from_json(flow_row.plan)
+        plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
         same_stage = sa.select(N.c.position).where(N.c.id == finished_node_id).scalar_subquery()
+        # Statuses only: whether the stage is done needs no payload of it.
         rows = conn.execute(
-            sa.select(N.c.step_name, N.c.status, N.c.input, N.c.output, N.c.position)
+            sa.select(N.c.step_name, N.c.status, N.c.position)
             .where(N.c.flow_id == flow_row.id, N.c.position == same_stage)
             .order_by(N.c.group_index)
         ).all()
         position = rows[0].position
-        stage = [
-            progress.StageNode(r.step_name, NodeStatus(r.status), loads(r.input), loads(r.output))
-            for r in rows
-        ]
+        stage = [progress.StageNode(r.step_name, NodeStatus(r.status)) for r in rows]
         decision = progress.after_stage(plan, position, stage)
         if isinstance(decision, progress.StartStage):
-            self._start_stage(conn, flow_row, decision.position, decision.steps, decision.data)
+            self._start_stage(conn, flow_row, decision.position, decision.steps)
         elif isinstance(decision, progress.FinishFlow):
+            # fs_flows.output stays empty: it would be a second copy of every
+            # output. get_flow rebuilds the final ctx.data from the nodes.
             conn.execute(
                 sa.update(F)
                 .where(F.c.id == flow_row.id)
                 .values(
                     status=FlowStatus.COMPLETED,
-                    output=dumps(decision.data),
                     error=None,
                     updated_at=self._now(),
                     finished_at=self._now(),
                 )
             )
             if flow_row.parent_node_id is not None:
-                self._child_completed(conn, flow_row.parent_node_id, decision.data)
+                # The parent step's output is the child's final ctx.data.
+                child = sql_context.read_run(conn, F.c.id == flow_row.id)
+                if child is not None:
+                    self._child_completed(conn, flow_row.parent_node_id, child.final_data())
 
     def _lock_parent_flow(self, conn: Connection, parent_node_id: int) -> Row[Any] | None:
         """The flow of a subflow's parent node, locked; None if it was pruned meanwhile."""
         parent_flow_id = sa.select(N.c.flow_id).where(N.c.id == parent_node_id).scalar_subquery()
         return conn.execute(
-            self.dialect.for_update(sa.select(F).where(F.c.id == parent_flow_id))
+            self.dialect.for_update(sa.select(*FLOW_STATE).where(F.c.id == parent_flow_id))
         ).first()
 
     def _child_completed(self, conn: Connection, parent_node_id: int, data: Any) -> None:

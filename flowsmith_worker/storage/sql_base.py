@@ -38,6 +38,9 @@ from flowsmith_worker.storage.dialects import (
 
 T = TypeVar("T")
 F, N = schema.flows, schema.nodes
+# fs_flows without its payloads (input, output): what moving a run on needs. A
+# payload may be megabytes; locking a run's row must not read it every time.
+FLOW_STATE = [column for column in F.c if column.name not in ("input", "output")]
 
 # Deadlocks between short transactions are resolved by the database aborting
 # one of them; running it again is the documented remedy.
@@ -148,7 +151,7 @@ class SqlBase:
 
     def _lock_flow(self, conn: Connection, where: sa.ColumnElement[bool]) -> Row[Any] | None:
         """The flow row, locked until commit; None if it is gone (pruned)."""
-        return conn.execute(self.dialect.for_update(sa.select(F).where(where))).first()
+        return conn.execute(self.dialect.for_update(sa.select(*FLOW_STATE).where(where))).first()
 
     def listen_for_work(self, *, on_notify: Callable[[str], None], stop: threading.Event) -> None:
         if not self.supports_notify:
@@ -234,7 +237,8 @@ def flow_summary(row: Row[Any]) -> FlowSummary:
     )
 
 
-def node_record(row: Row[Any]) -> NodeRecord:
+def node_record(row: Row[Any], input: dict[str, Any]) -> NodeRecord:
+    """The node of ``row`` (its fs_nodes.input is not read) with its rebuilt ``input``."""
     values = _TolerantRow(row)
     return NodeRecord(
         id=row.id,
@@ -249,7 +253,7 @@ def node_record(row: Row[Any]) -> NodeRecord:
         run_after=row.run_after,
         lease_owner=row.lease_owner,
         lease_expires_at=row.lease_expires_at,
-        input=values.read("input", loads, {}),
+        input=input,
         output=values.read("output", loads, None),
         error=row.error,
         started_at=row.started_at,

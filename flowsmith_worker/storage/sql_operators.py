@@ -11,11 +11,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from flowsmith_worker.storage import schema
+from flowsmith_worker.errors import CorruptRow
+from flowsmith_worker.storage import schema, sql_context
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     FlowFilter,
     FlowRecord,
+    FlowStatus,
     FlowSummary,
     NodeRecord,
     NodeStatus,
@@ -45,24 +47,42 @@ class SqlOperators(SqlBase):
     # -- reading --------------------------------------------------------------
 
     def get_flow(self, *, tracking_id: str, with_payloads: bool = True) -> FlowRecord | None:
-        columns = F.c if with_payloads else _columns_but(F, *_PAYLOADS)
-        row = self._read(
-            lambda conn: conn.execute(
-                sa.select(*columns).where(F.c.tracking_id == tracking_id)
-            ).first()
-        )
-        return None if row is None else flow_record(row)
+        """The run; a COMPLETED run's output (its final ctx.data) is rebuilt from its nodes."""
+
+        def work(conn: Connection) -> FlowRecord | None:
+            columns = F.c if with_payloads else _columns_but(F, *_PAYLOADS)
+            row = conn.execute(sa.select(*columns).where(F.c.tracking_id == tracking_id)).first()
+            if row is None:
+                return None
+            record = flow_record(row)
+            if not with_payloads or record.status != FlowStatus.COMPLETED or record.unreadable:
+                return record
+            try:
+                output = sql_context.final_data(conn, record.id, record.tracking_id, record.input)
+            except CorruptRow as exc:  # shown as unreadable, as any other bad value
+                return dataclasses.replace(record, unreadable={"output": str(exc)})
+            return dataclasses.replace(record, output=output)
+
+        return self._read(work)
 
     def list_nodes(self, *, flow_id: int, with_payloads: bool = True) -> list[NodeRecord]:
-        columns = N.c if with_payloads else _columns_but(N, *_PAYLOADS)
-        rows = self._read(
-            lambda conn: conn.execute(
-                sa.select(*columns)
+        """Every node, with the ctx.data it started with rebuilt (fs_nodes.input is not read)."""
+
+        def work(conn: Connection) -> list[NodeRecord]:
+            skipped = ("input", "output") if not with_payloads else ("input",)
+            rows = conn.execute(
+                sa.select(*_columns_but(N, *skipped))
                 .where(N.c.flow_id == flow_id)
                 .order_by(N.c.position, N.c.group_index)
             ).all()
-        )
-        return [node_record(r) for r in rows]
+            if not with_payloads:
+                return [node_record(row, {}) for row in rows]
+            run = conn.execute(
+                sa.select(F.c.tracking_id, F.c.input).where(F.c.id == flow_id)
+            ).first()
+            return _with_inputs(run, rows)
+
+        return self._read(work)
 
     def count_runnable_nodes(self, *, queues: Sequence[str]) -> int:
         query = sa.select(sa.func.count()).where(
@@ -244,3 +264,48 @@ class SqlOperators(SqlBase):
             ).all()
         )
         return {name: int(cap) for name, cap in rows}
+
+
+# fs_nodes.input holds no snapshot (sql_context.NO_SNAPSHOT, or an old one): never read.
+_NODE_WITHOUT_INPUT = [column for column in N.c if column.name != "input"]
+
+
+def _with_inputs(run: Any, rows: Sequence[Any]) -> list[NodeRecord]:
+    """Node records, each with the ctx.data its stage started with.
+
+    The records are a report: they share the parsed run input and outputs
+    (each parsed once), where claimed nodes each get a copy of their own. A
+    value that does not parse is reported in ``unreadable``, as for any record:
+    the run's input makes every snapshot unreadable, a step's output those of
+    the stages after it.
+    """
+    if run is None:  # no such run, or it was pruned
+        return []
+    records = [node_record(row, {}) for row in rows]
+
+    def parsed(value: Any, where: str) -> sql_context.StoredJson:
+        return sql_context.StoredJson.parsed(value, where, run.tracking_id)
+
+    where = f"fs_flows.input of run {run.tracking_id!r}"
+    try:
+        run_input = sql_context.StoredJson(run.input, where, run.tracking_id).value()
+        outputs = [
+            sql_context.StoredOutput(r.step_name, r.position, parsed(r.output, ""))
+            for r in records
+            if r.status == NodeStatus.COMPLETED and "output" not in r.unreadable
+        ]
+        payloads = sql_context.RunPayloads(run.tracking_id, parsed(run_input, where), outputs)
+        inputs = [payloads.data_before(r.position) for r in records]
+    except CorruptRow as exc:
+        return [_unreadable_input(r, str(exc)) for r in records]
+    broken = [r for r in records if r.status == NodeStatus.COMPLETED and "output" in r.unreadable]
+    return [
+        _unreadable_input(r, f"rebuilt from the unreadable output of step {broken[0].step_name!r}")
+        if broken and r.position > broken[0].position
+        else dataclasses.replace(r, input=data)
+        for r, data in zip(records, inputs, strict=True)
+    ]
+
+
+def _unreadable_input(record: NodeRecord, why: str) -> NodeRecord:
+    return dataclasses.replace(record, unreadable={**record.unreadable, "input": why})

@@ -1,0 +1,181 @@
+"""ctx.data from the rows: each payload stored once, rebuilt when it is read.
+
+The run's input is stored once (fs_flows.input) and each step's output once
+(its node's fs_nodes.output). The ctx.data a step sees is rebuilt when its node
+is claimed: the run's input plus the outputs of the COMPLETED steps of the
+stages before it, in plan order (progress.context_data). That is exactly the
+snapshot the storage used to copy into every node, because a COMPLETED output
+never changes; the final ctx.data of a run (what FlowRun.wait returns) and the
+input snapshots of ``flowsmith status`` are rebuilt the same way.
+
+fs_nodes.input stays (NOT NULL) but new nodes store only NO_SNAPSHOT there, and
+no reader looks at it: the snapshots that older versions wrote are ignored too,
+so an old row and a new one read back alike.
+
+Values are parsed here, never trusted: a value that does not parse (a row
+changed outside FlowSmith) raises CorruptRow naming the column and the run, so
+the engine fails that run instead of rolling back the same claim forever.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from flowsmith_worker import progress
+from flowsmith_worker.errors import CorruptRow
+from flowsmith_worker.plan import Plan
+from flowsmith_worker.storage import schema
+from flowsmith_worker.storage.base import NodeStatus
+
+F, N = schema.flows, schema.nodes
+
+# What new nodes store in fs_nodes.input (NOT NULL): JSON, and tiny.
+NO_SNAPSHOT = "null"
+
+
+def corrupt(where: str, tracking_id: str, problem: str) -> CorruptRow:
+    return CorruptRow(
+        f"{where} {problem}; FlowSmith did not write that: correct the value, "
+        f"then `flowsmith retry {shlex.quote(tracking_id)}`"
+    )
+
+
+def parse_plan(text: str, tracking_id: str) -> Plan:
+    """The stored plan of a run; CorruptRow if it is not one FlowSmith wrote."""
+    try:
+        return Plan.from_json(text)
+    except json.JSONDecodeError as exc:
+        problem = f"is not valid JSON ({exc})"
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSON, not a plan's shape
+        problem = f"is not a plan ({type(exc).__name__}: {exc})"
+    raise corrupt(f"fs_flows.plan of run {tracking_id!r}", tracking_id, problem)
+
+
+class StoredJson:
+    """A stored JSON text, parsed anew for each use.
+
+    Each claimed node gets its own copy of ctx.data, as it always had: parallel
+    siblings claimed together run in different threads and must not share a
+    list or dict one of them might change in place.
+    """
+
+    def __init__(self, text: str | None, where: str, tracking_id: str) -> None:
+        self._text = text
+        self._value: Any = None
+        self.where = where
+        self.tracking_id = tracking_id
+
+    @classmethod
+    def parsed(cls, value: Any, where: str, tracking_id: str) -> StoredJson:
+        """A value the caller has parsed already: every use gets that same object."""
+        stored = cls(None, where, tracking_id)
+        stored._value = value
+        return stored
+
+    def value(self) -> Any:
+        if self._text is None:
+            return self._value
+        try:
+            return json.loads(self._text)
+        except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError of bytes
+            raise corrupt(self.where, self.tracking_id, f"is not valid JSON ({exc})") from None
+
+
+@dataclass(frozen=True)
+class StoredOutput:
+    step_name: str
+    position: int
+    output: StoredJson
+
+
+@dataclass(frozen=True)
+class RunPayloads:
+    """One run's input and completed outputs, read once however many of its
+    nodes are claimed together."""
+
+    tracking_id: str
+    input: StoredJson
+    outputs: Sequence[StoredOutput]  # of COMPLETED nodes, in plan order
+
+    def data_before(self, position: float) -> dict[str, Any]:
+        """The ctx.data a node of stage ``position`` starts with."""
+        run_input = self.input.value()
+        if not isinstance(run_input, Mapping):
+            raise corrupt(self.input.where, self.tracking_id, "is not a JSON object")
+        earlier = ((o.step_name, o.output.value()) for o in self.outputs if o.position < position)
+        return progress.context_data(run_input, earlier)
+
+    def final_data(self) -> dict[str, Any]:
+        """The ctx.data after every stage: the output of a COMPLETED run."""
+        return self.data_before(math.inf)
+
+
+def _run_input(tracking_id: str, text: str) -> StoredJson:
+    return StoredJson(text, f"fs_flows.input of run {tracking_id!r}", tracking_id)
+
+
+def _outputs(
+    conn: Connection, tracking_ids: Mapping[int, str], which: sa.ColumnElement[bool]
+) -> dict[int, list[StoredOutput]]:
+    """The COMPLETED outputs of the nodes ``which`` selects, by run, in plan order."""
+    rows = conn.execute(
+        sa.select(N.c.flow_id, N.c.step_name, N.c.position, N.c.output)
+        .where(which, N.c.status == NodeStatus.COMPLETED)
+        .order_by(N.c.flow_id, N.c.position, N.c.group_index)
+    ).all()
+    found: dict[int, list[StoredOutput]] = {flow_id: [] for flow_id in tracking_ids}
+    for r in rows:
+        tracking_id = tracking_ids[r.flow_id]
+        where = f"fs_nodes.output of step {r.step_name!r} of run {tracking_id!r}"
+        stored = StoredJson(r.output, where, tracking_id)
+        found[r.flow_id].append(StoredOutput(r.step_name, r.position, stored))
+    return found
+
+
+def read_for_stages(conn: Connection, stages: Mapping[int, int]) -> dict[int, RunPayloads]:
+    """The payloads that nodes of the stages ``stages`` ({flow_id: position}) start with.
+
+    Only the outputs of earlier stages are read: claiming the last siblings of
+    a parallel group does not read the outputs of those that already finished.
+    """
+    if not stages:
+        return {}
+    runs = conn.execute(
+        sa.select(F.c.id, F.c.tracking_id, F.c.input).where(F.c.id.in_(list(stages)))
+    ).all()
+    tracking_ids = {r.id: r.tracking_id for r in runs}
+    earlier = [
+        sa.and_(N.c.flow_id == flow_id, N.c.position < position)
+        for flow_id, position in stages.items()
+        if position > 0 and flow_id in tracking_ids
+    ]
+    outputs = _outputs(conn, tracking_ids, sa.or_(*earlier)) if earlier else {}
+    return {
+        r.id: RunPayloads(r.tracking_id, _run_input(r.tracking_id, r.input), outputs.get(r.id, []))
+        for r in runs
+    }
+
+
+def read_run(conn: Connection, which: sa.ColumnElement[bool]) -> RunPayloads | None:
+    """Every payload of the run ``which`` selects; None if it is gone (pruned)."""
+    row = conn.execute(sa.select(F.c.id, F.c.tracking_id, F.c.input).where(which)).first()
+    if row is None:
+        return None
+    outputs = _outputs(conn, {row.id: row.tracking_id}, N.c.flow_id == row.id)
+    return RunPayloads(row.tracking_id, _run_input(row.tracking_id, row.input), outputs[row.id])
+
+
+def final_data(conn: Connection, flow_id: int, tracking_id: str, run_input: Any) -> dict[str, Any]:
+    """The output of a COMPLETED run whose input the caller has already parsed."""
+    where = f"fs_flows.input of run {tracking_id!r}"
+    outputs = _outputs(conn, {flow_id: tracking_id}, N.c.flow_id == flow_id)
+    stored = StoredJson.parsed(run_input, where, tracking_id)
+    return RunPayloads(tracking_id, stored, outputs[flow_id]).final_data()
