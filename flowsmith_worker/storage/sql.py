@@ -5,8 +5,9 @@ by its Lease (node id, worker id, attempt): a worker that lost its lease
 cannot overwrite the newer attempt. Transactions that change a flow lock the
 flow row first, then its nodes, so a parallel group's siblings advance the flow
 exactly once. Two paths take locks in another order — a cancel walking down to
-a subflow while the child's completion walks up to its parent — and may
-deadlock; the database then aborts one and _transact runs it again.
+a subflow, or a subflow step locking the child run it adopts, while the child's
+completion walks up to its parent — and may deadlock; the database then aborts
+one and _transact runs it again.
 """
 
 from __future__ import annotations
