@@ -71,6 +71,7 @@ from flowsmith_worker import registry
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.flow import Condition, Flow, StepSpec
+from flowsmith_worker.plan import DEFAULT_MAX_RESCUES
 from flowsmith_worker.retry import Backoff, as_wait_strategy
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage.base import DEFAULT_QUEUE, Storage
@@ -229,6 +230,7 @@ def step(
     timeout: float | None = None,
     backoff: Backoff | None = None,
     condition: Condition | None = None,
+    max_rescues: int = DEFAULT_MAX_RESCUES,
 ) -> Callable[[StepFn], StepFn]: ...
 
 
@@ -241,12 +243,14 @@ def step(
     timeout: float | None = None,
     backoff: Backoff | None = None,
     condition: Condition | None = None,
+    max_rescues: int = DEFAULT_MAX_RESCUES,
 ) -> StepFn | Callable[[StepFn], StepFn]:
     """Declare a step of the workflow being defined, bare or with options.
 
     ``retries=N`` allows N + 1 attempts; ``timeout`` is in seconds; ``backoff`` is
     seconds or a tenacity wait strategy; ``condition(ctx)`` False skips the step
     (it leaves no output and the flow goes on), and raising fails it.
+    ``max_rescues`` bounds the re-runs after its worker was lost (not retries).
     """
 
     def decorate(target: StepFn) -> StepFn:
@@ -259,6 +263,7 @@ def step(
             timeout=timeout,
             backoff=backoff,
             condition=condition,
+            max_rescues=max_rescues,
         )
         return target
 
@@ -310,6 +315,7 @@ def subflow(
     retries: int = 0,
     backoff: Backoff | None = None,
     condition: Condition | None = None,
+    max_rescues: int = DEFAULT_MAX_RESCUES,
 ) -> Callable[[StepFn], StepFn]: ...
 
 
@@ -321,6 +327,7 @@ def subflow(
     retries: int = 0,
     backoff: Backoff | None = None,
     condition: Condition | None = None,
+    max_rescues: int = DEFAULT_MAX_RESCUES,
 ) -> StepFn | Callable[[StepFn], StepFn]:
     """Declare a step that runs a child flow; the child's final data is its output.
 
@@ -329,6 +336,7 @@ def subflow(
     failed child fails this step, and resuming the parent resumes that child.
     ``retries`` apply to the function raising and to the child failing: a retry
     runs the function again, and its tracking_id resumes the same child run.
+    ``max_rescues`` bounds the re-runs of the function after its worker was lost.
     """
 
     def decorate(target: StepFn) -> StepFn:
@@ -344,6 +352,7 @@ def subflow(
                 as_wait_strategy(backoff),
                 condition,
                 subflow=True,
+                max_rescues=max_rescues,
             )
         )
         return target

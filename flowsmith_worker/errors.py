@@ -97,3 +97,60 @@ class InvalidIdentifier(FlowSmithError, ValueError):
 class UnreadableRow(FlowSmithError):
     """A stored run holds a value that cannot be read (an unknown status, text that is
     not JSON, e.g. written by hand or by a newer version): `flowsmith status` shows which."""
+
+
+class RunNotRetryable(FlowSmithError):
+    """Only a FAILED run can be retried."""
+
+    @classmethod
+    def for_run(cls, tracking_id: str, status: str) -> RunNotRetryable:
+        if status == "COMPLETED":
+            why = "a completed run never runs again; use a new tracking_id for a new run"
+        elif status == "CANCELLED":
+            why = "a cancelled run stays cancelled; use a new tracking_id for a new run"
+        else:
+            why = "it has not failed (a retry or a trigger may have re-queued it already)"
+        return cls(
+            f"flow run {tracking_id!r} is {status}: only a FAILED run can be retried ({why})"
+        )
+
+    @classmethod
+    def being_retried(cls, tracking_id: str) -> RunNotRetryable:
+        return cls(
+            f"flow run {tracking_id!r} is already being retried: another retry or trigger "
+            "re-queued it a moment ago; `flowsmith status` shows its progress"
+        )
+
+
+class RunNotCancellable(FlowSmithError):
+    """Only a pending or running run can be cancelled."""
+
+    @classmethod
+    def for_run(cls, tracking_id: str, status: str) -> RunNotCancellable:
+        return cls(
+            f"flow run {tracking_id!r} is {status}: only a pending or running run can be "
+            "cancelled (a FAILED run starts nothing more unless it is retried)"
+        )
+
+
+class SubflowTaken(FlowSmithError):
+    """The child run is already the subflow of another step."""
+
+    @classmethod
+    def for_run(cls, tracking_id: str) -> SubflowTaken:
+        return cls(
+            f"tracking_id {tracking_id!r} is already the subflow of another step; "
+            "give each parent its own child tracking_id"
+        )
+
+
+class SubflowCycle(FlowSmithError):
+    """A subflow names its own run, or a run it is part of, as its child: it would wait forever."""
+
+    @classmethod
+    def for_chain(cls, tracking_ids: list[str]) -> SubflowCycle:
+        cycle = " -> ".join(repr(t) for t in tracking_ids)
+        return cls(
+            f"subflow cycle {cycle}: run {tracking_ids[-1]!r} would wait for itself; give the "
+            "subflow a tracking_id of its own (the default is '<parent tracking_id>:<step>')"
+        )

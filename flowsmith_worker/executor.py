@@ -26,6 +26,7 @@ from flowsmith_worker.errors import (
     FlowCancelled,
     StepOutputNotJSON,
     StepTimeout,
+    SubflowCycle,
 )
 from flowsmith_worker.flow import Flow, StepSpec
 from flowsmith_worker.log import get_logger
@@ -118,8 +119,9 @@ class Executor:
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            # A cancelled child stays cancelled: running the step again cannot help.
-            retryable = not isinstance(exc, FlowCancelled)
+            # A cancelled child stays cancelled, and a subflow cycle stays a cycle:
+            # running the step again cannot help.
+            retryable = not isinstance(exc, (FlowCancelled, SubflowCycle))
             return self._record_failure(node, spec, _Failure(_describe(exc), retryable), bound)
         return self._write(
             node,

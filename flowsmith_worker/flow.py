@@ -17,7 +17,7 @@ from flowsmith_worker.context import Context
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.log import get_logger
-from flowsmith_worker.plan import Plan, PlannedStep
+from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.schedule import delay_until, validate_cron
@@ -45,6 +45,8 @@ class StepSpec:
     condition: Condition | None = None
     # A subflow step's fn returns {"flow": Flow, "tracking_id": str[, "data": dict]}.
     subflow: bool = False
+    # Re-runs after a lost worker, counted apart from retries (see plan.py).
+    max_rescues: int = DEFAULT_MAX_RESCUES
 
     @property
     def max_attempts(self) -> int:
@@ -90,9 +92,16 @@ class Flow:
         timeout: float | None = None,
         backoff: Backoff | None = None,
         condition: Condition | None = None,
+        max_rescues: int = DEFAULT_MAX_RESCUES,
     ) -> Flow:
-        """Add a step; ``retries=N`` allows N + 1 attempts in all."""
-        return self._add(StepSpec(name, fn, retries, timeout, as_wait_strategy(backoff), condition))
+        """Add a step; ``retries=N`` allows N + 1 attempts in all.
+
+        ``max_rescues`` bounds the re-runs after the step's worker was lost
+        (killed, out of memory, past its lease): they do not use up ``retries``.
+        """
+        wait = as_wait_strategy(backoff)
+        spec = StepSpec(name, fn, retries, timeout, wait, condition, max_rescues=max_rescues)
+        return self._add(spec)
 
     def subflow(
         self,
@@ -101,6 +110,7 @@ class Flow:
         tracking_id: TrackingIdSource = None,
         retries: int = 0,
         condition: Condition | None = None,
+        max_rescues: int = DEFAULT_MAX_RESCUES,
     ) -> Flow:
         """Add a step that runs ``child`` to completion; its final data is this step's output.
 
@@ -114,7 +124,16 @@ class Flow:
             return {"flow": child, "tracking_id": _child_tracking_id(tracking_id, ctx, name)}
 
         return self._add(
-            StepSpec(name, start_child, retries, None, as_wait_strategy(None), condition, True)
+            StepSpec(
+                name,
+                start_child,
+                retries,
+                None,
+                as_wait_strategy(None),
+                condition,
+                True,
+                max_rescues,
+            )
         )
 
     @contextlib.contextmanager
@@ -138,6 +157,13 @@ class Flow:
             raise FlowSmithError(f"flow {self.name!r} already has a step named {spec.name!r}")
         if spec.retries < 0:
             raise ValueError(f"step {spec.name!r}: retries={spec.retries} cannot be negative")
+        if isinstance(spec.max_rescues, bool) or not isinstance(spec.max_rescues, int):
+            raise TypeError(f"step {spec.name!r}: max_rescues={spec.max_rescues!r} is not a count")
+        if spec.max_rescues < 0:
+            raise ValueError(
+                f"step {spec.name!r}: max_rescues={spec.max_rescues} cannot be negative "
+                "(0: a step whose worker is lost fails at once)"
+            )
         if spec.timeout is not None and spec.timeout <= 0:
             raise ValueError(f"step {spec.name!r}: timeout={spec.timeout} must be positive seconds")
         if not callable(spec.fn):
@@ -160,7 +186,7 @@ class Flow:
     def plan(self) -> Plan:
         return Plan(
             stages=tuple(
-                tuple(PlannedStep(s.name, s.max_attempts, s.subflow) for s in stage)
+                tuple(PlannedStep(s.name, s.max_attempts, s.subflow, s.max_rescues) for s in stage)
                 for stage in self.stages
             ),
             module=self.module,

@@ -12,12 +12,19 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+# How many times a step is re-run after its worker was lost (SIGKILL, OOM, a
+# lease that ran out) before it fails: a lost lease is not the step's fault, so
+# it does not use up `retries`, but a step that kills its worker every time
+# must end somewhere.
+DEFAULT_MAX_RESCUES = 3
+
 
 @dataclass(frozen=True)
 class PlannedStep:
     name: str
     max_attempts: int
     subflow: bool = False
+    max_rescues: int = DEFAULT_MAX_RESCUES
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,12 @@ class Plan:
                 "module": self.module,
                 "stages": [
                     [
-                        {"name": s.name, "max_attempts": s.max_attempts, "subflow": s.subflow}
+                        {
+                            "name": s.name,
+                            "max_attempts": s.max_attempts,
+                            "subflow": s.subflow,
+                            "max_rescues": s.max_rescues,
+                        }
                         for s in stage
                     ]
                     for stage in self.stages
@@ -59,7 +71,13 @@ class Plan:
         raw: dict[str, Any] = json.loads(text)
         stages = tuple(
             tuple(
-                PlannedStep(s["name"], int(s["max_attempts"]), bool(s.get("subflow", False)))
+                PlannedStep(
+                    s["name"],
+                    int(s["max_attempts"]),
+                    bool(s.get("subflow", False)),
+                    # Plans stored before max_rescues existed get the default.
+                    int(s.get("max_rescues", DEFAULT_MAX_RESCUES)),
+                )
                 for s in stage
             )
             for stage in raw["stages"]

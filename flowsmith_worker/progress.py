@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowsmith_worker.plan import Plan, PlannedStep
-from flowsmith_worker.storage.base import NodeStatus
+from flowsmith_worker.storage.base import RESCUE_ERROR, FlowStatus, NodeStatus
 
 DONE = frozenset({NodeStatus.COMPLETED, NodeStatus.SKIPPED})
 
@@ -73,3 +73,36 @@ def after_stage(plan: Plan, position: int, nodes: Sequence[StageNode]) -> Decisi
 
 def attempts_left(attempt: int, max_attempts: int) -> bool:
     return attempt < max_attempts
+
+
+# The error of a node that a failure of its run stopped before it could run (again).
+STOPPED_BY_FAILURE = (
+    "stopped: another step failed this run, so this one was not run (again); "
+    "`flowsmith retry` (or triggering the run again) runs it"
+)
+
+
+def after_lost_lease(run: FlowStatus, rescues: int, max_rescues: int) -> NodeStatus:
+    """What becomes of a node whose worker was lost (its lease expired).
+
+    ``rescues`` counts the node's earlier rescues. A lost worker is not the step's
+    fault: the node runs again without using up a retry, up to ``max_rescues``
+    times, so a step that kills its worker every time still ends. A run that is
+    over (cancelled, or failed by another step) starts nothing more.
+    """
+    if run == FlowStatus.CANCELLED:
+        return NodeStatus.CANCELLED
+    if rescues >= max_rescues:
+        return NodeStatus.FAILED
+    if run == FlowStatus.FAILED:
+        return NodeStatus.CANCELLED
+    return NodeStatus.PENDING
+
+
+def rescue_limit_error(step_name: str, lost: int, max_rescues: int) -> str:
+    """The error of a step failed because its worker was lost once more than max_rescues."""
+    return (
+        f"{RESCUE_ERROR} {lost} times running step {step_name!r} (max_rescues={max_rescues}): "
+        "the step kept killing its worker (or holding it past its lease), so it is not run "
+        "again; fix the step or raise max_rescues, then `flowsmith retry` the run"
+    )

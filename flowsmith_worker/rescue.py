@@ -2,7 +2,8 @@
 
 A node whose worker died (or lost the database for longer than its lease)
 stays RUNNING until its lease expires; then any rescuer puts it back to
-PENDING with the attempt counted, or fails it when no attempt is left.
+PENDING without using up a retry, or fails it once the step's max_rescues
+is used up.
 """
 
 from __future__ import annotations

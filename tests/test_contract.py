@@ -244,17 +244,17 @@ def test_a_worker_that_lost_its_lease_cannot_overwrite_the_newer_attempt(
     assert (node.attempt, node.rescues, node.lease_owner) == (2, 1, "new")
 
 
-def test_rescue_counts_the_attempt_and_fails_the_flow_when_none_is_left(
-    storage: Storage, unique: Names
-) -> None:
-    storage.enqueue_flow(flow=new_flow(tid := unique("t"), max_attempts=1))
+def test_rescue_fails_the_flow_when_no_rescue_is_left(storage: Storage, unique: Names) -> None:
+    """With max_rescues=0 a lost worker fails the step at once; nothing is rescued twice."""
+    plan = Plan(stages=((PlannedStep("only", 1, max_rescues=0),),), module="tests.nowhere")
+    storage.enqueue_flow(flow=NewFlow("raw", tid := unique("t"), {}, plan))
     storage.claim_nodes(worker_id="dead", limit=1, lease_seconds=0.2, queues=["default"])
     time.sleep(0.4)
     [rescued] = storage.rescue_expired()
     assert rescued.failed
     record = storage.get_flow(tracking_id=tid)
     assert record is not None and record.status == FlowStatus.FAILED
-    assert record.error == RESCUE_ERROR
+    assert record.error is not None and record.error.startswith(RESCUE_ERROR)
     assert storage.rescue_expired() == []  # nothing rescued twice
 
 

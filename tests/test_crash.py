@@ -124,7 +124,7 @@ FLOWS_MODULE = textwrap.dedent(
 
     flow = Flow(os.environ["FS_FLOW_NAME"])
     for _step in STEPS:
-        flow.step(_step, _make(_step), retries=3, backoff=0.05)
+        flow.step(_step, _make(_step), retries=int(os.environ["FS_RETRIES"]), backoff=0.05)
     '''
 )
 
@@ -147,7 +147,12 @@ def spawn() -> Iterable[Callable[..., WorkerProcess]]:
 
 
 def prepare(
-    tmp_path: Path, flow_name: str, step_min: float, step_max: float, exec_db: str | None = None
+    tmp_path: Path,
+    flow_name: str,
+    step_min: float,
+    step_max: float,
+    exec_db: str | None = None,
+    retries: int = 3,
 ) -> tuple[Path, Path, dict[str, str]]:
     """The worker directory with the flows module, the events file and the workers' env."""
     workdir = tmp_path / "app"
@@ -161,6 +166,7 @@ def prepare(
         FS_EXEC_LOG=str(events),
         FS_STEP_MIN=str(step_min),
         FS_STEP_MAX=str(step_max),
+        FS_RETRIES=str(retries),
     )
     env.pop("FS_EXEC_DB", None)
     if exec_db:
@@ -168,11 +174,14 @@ def prepare(
     return workdir, events, env
 
 
-def enqueue(storage: Storage, flow_name: str, count: int) -> list[str]:
-    """Enqueue ``count`` runs of the flow from this process; the workers run them."""
+def enqueue(storage: Storage, flow_name: str, count: int, retries: int = 3) -> list[str]:
+    """Enqueue ``count`` runs of the flow from this process; the workers run them.
+
+    The run's stored plan comes from here, so ``retries`` must match the workers'.
+    """
     flow = Flow(flow_name, storage=storage)
     for step in STEPS:
-        flow.step(step, _never_here, retries=3)
+        flow.step(step, _never_here, retries=retries)
     return [flow.run({"n": i}, tracking_id=f"{flow_name}-{i}").tracking_id for i in range(count)]
 
 
@@ -414,6 +423,52 @@ def test_sqlite_two_workers_one_sigkilled_mid_step(
     nodes = check_outcome(storage, tracking_ids, events)
     check_rescued(nodes, killed_mid_step, [b])
     assert worker_pids_of(events) == {a.pid, b.pid}
+
+    b.signal(signal.SIGTERM)
+    assert b.wait(10 + 5) == 0, b.output()[-3000:]
+    storage.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"])
+def test_with_no_retries_a_step_whose_worker_is_sigkilled_still_completes(
+    request: pytest.FixtureRequest,
+    backend: str,
+    tmp_path: Path,
+    unique: Callable[[str], str],
+    spawn: Callable[..., WorkerProcess],
+) -> None:
+    """retries=0 on every step; one of two workers is SIGKILLed inside steps.
+
+    A lost worker is not the step's fault: each step it was running is rescued
+    and run once more by the survivor, without using up a retry (its allowance
+    of attempts grows with the rescue), and every flow completes, with no
+    COMPLETED step running again and no two executions of a node overlapping.
+    """
+    url = database_url(request, backend, tmp_path)
+    storage = create_storage(url)
+    storage.migrate()
+    name = unique(f"rescue_{backend}")
+    workdir, events_path, env = prepare(tmp_path, name, 0.05, 0.15, retries=0)
+    tracking_ids = enqueue(storage, name, 20, retries=0)
+    a = spawn(workdir, url, env, *WORKER_ARGS)
+    b = spawn(workdir, url, env, *WORKER_ARGS)
+    a.wait_started()
+    b.wait_started()
+
+    killed_mid_step = freeze_mid_step(a, events_path, after_starts=len(tracking_ids) // 2)
+    a.signal(signal.SIGKILL)
+    killed_at = time.time()
+    assert a.wait(10) == -signal.SIGKILL
+
+    wait_all_finished(storage, tracking_ids, timeout=60)
+    events = read_events(events_path)
+    check_no_overlap(executions_from_events(events), a.pid, killed_at)
+    nodes = check_outcome(storage, tracking_ids, events)
+    check_rescued(nodes, killed_mid_step, [b])
+    for e in killed_mid_step:
+        node = nodes[(e["tracking_id"], e["step"])]
+        rerun = e["attempt"] + 1
+        assert (node.attempt, node.max_attempts, node.rescues) == (rerun, rerun, 1), node
 
     b.signal(signal.SIGTERM)
     assert b.wait(10 + 5) == 0, b.output()[-3000:]

@@ -98,7 +98,7 @@ class RescuedNode:
     step_name: str
     attempt: int
     worker_id: str
-    failed: bool  # no attempt was left: the node and its flow are FAILED
+    failed: bool  # its max_rescues was used up: the node and its flow are FAILED
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,11 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def rescue_expired(self, *, limit: int = 100) -> list[RescuedNode]:
-        """Expired leases: back to PENDING with the attempt counted, or FAILED when none left."""
+        """Expired leases: back to PENDING (the lost attempt given back), up to max_rescues.
+
+        One loss more than the step's max_rescues fails node and flow; a node of a
+        run that is over (failed or cancelled) ends CANCELLED instead.
+        """
 
     @abc.abstractmethod
     def get_flow(self, *, tracking_id: str, with_payloads: bool = True) -> FlowRecord | None:
@@ -280,7 +284,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def resume_flow(self, *, tracking_id: str) -> EnqueueResult:
-        """Re-queue the failed node(s) of a FAILED run (what `flowsmith retry` does)."""
+        """Re-queue the failed node(s) of a FAILED run, and those its failure stopped.
+
+        What `flowsmith retry` does; RunNotRetryable if the run is not FAILED.
+        """
 
     @abc.abstractmethod
     def cancel_flow(self, *, tracking_id: str) -> FlowRecord:

@@ -5,8 +5,9 @@ by its Lease (node id, worker id, attempt): a worker that lost its lease
 cannot overwrite the newer attempt. Transactions that change a flow lock the
 flow row first, then its nodes, so a parallel group's siblings advance the flow
 exactly once. Two paths take locks in another order — a cancel walking down to
-a subflow while the child's completion walks up to its parent — and may
-deadlock; the database then aborts one and _transact runs it again.
+a subflow, or a subflow step locking the child run it adopts, while the child's
+completion walks up to its parent — and may deadlock; the database then aborts
+one and _transact runs it again.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from flowsmith_worker.errors import (
     FlowAlreadyCompleted,
     FlowCancelled,
     FlowNotFound,
-    FlowSmithError,
+    RunNotCancellable,
+    RunNotRetryable,
+    SubflowCycle,
+    SubflowTaken,
     TrackingIdTaken,
 )
 from flowsmith_worker.log import get_logger
-from flowsmith_worker.plan import PlannedStep
+from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, PlannedStep
 from flowsmith_worker.storage import schema, sql_context
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
@@ -97,13 +101,7 @@ class SqlStorage(SqlOperators, Storage):
             self.dialect.notify(conn, flow.queue)
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.PENDING, True, False)
         if parent_node_id is not None:
-            self._check_child(row, parent_node_id)
-            if row.parent_node_id is None:  # adopt a run started on its own
-                conn.execute(
-                    sa.update(F)
-                    .where(F.c.id == row.id, F.c.parent_node_id.is_(None))
-                    .values(parent_node_id=parent_node_id)
-                )
+            row = self._adopt(conn, row, parent_node_id)
         status = FlowStatus(row.status)
         if status == FlowStatus.COMPLETED:
             raise FlowAlreadyCompleted.for_run(row.flow_name, flow.tracking_id)
@@ -112,14 +110,50 @@ class SqlStorage(SqlOperators, Storage):
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
         return EnqueueResult(row.id, flow.tracking_id, status, False, False)
 
+    def _adopt(self, conn: Connection, row: Row[Any], parent_node_id: int) -> Row[Any]:
+        """Make an existing run the subflow of ``parent_node_id``; return the run as it is now.
+
+        The run is locked and read again before anything is decided. The read in
+        _enqueue takes no lock on PostgreSQL: a completion or cancel of this run
+        may have committed since, having seen no parent to tell, and a second
+        parent adopting it at the same moment must find this one's mark.
+        """
+        row = conn.execute(self.dialect.for_update(sa.select(F).where(F.c.id == row.id))).one()
+        self._refuse_cycle(conn, row, parent_node_id)
+        self._check_child(row, parent_node_id)
+        if row.parent_node_id is None:  # adopt a run started on its own
+            conn.execute(sa.update(F).where(F.c.id == row.id).values(parent_node_id=parent_node_id))
+        return row
+
+    def _refuse_cycle(self, conn: Connection, child: Row[Any], parent_node_id: int) -> None:
+        """Refuse a child that is the parent's own run or one of its ancestors.
+
+        Such a run would wait for itself forever. The walk up reads committed
+        links; two adoptions that would close a cycle together each lock both
+        of their runs, so one of them deadlocks, runs again, and sees the other.
+        """
+        chain = [child.tracking_id]
+        seen: set[int] = set()
+        node_id: int | None = parent_node_id
+        while node_id is not None:
+            run = conn.execute(
+                sa.select(F.c.id, F.c.tracking_id, F.c.parent_node_id)
+                .join(N, N.c.flow_id == F.c.id)
+                .where(N.c.id == node_id)
+            ).first()
+            if run is None or run.id in seen:
+                return
+            chain.append(run.tracking_id)
+            if run.id == child.id:
+                raise SubflowCycle.for_chain(chain[::-1])
+            seen.add(run.id)
+            node_id = run.parent_node_id
+
     @staticmethod
     def _check_child(row: Row[Any], parent_node_id: int) -> None:
         """An existing run may become a subflow only of the node that started it."""
         if row.parent_node_id not in (None, parent_node_id):
-            raise FlowSmithError(
-                f"tracking_id {row.tracking_id!r} is already the subflow of another step; "
-                "give each parent its own child tracking_id"
-            )
+            raise SubflowTaken.for_run(row.tracking_id)
         if row.status == FlowStatus.CANCELLED:
             raise FlowCancelled(f"the subflow run {row.tracking_id!r} was cancelled")
 
@@ -128,21 +162,32 @@ class SqlStorage(SqlOperators, Storage):
             row = conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
             if row is None:
                 raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
-            if row.status != FlowStatus.FAILED or not self._resume(conn, row):
-                raise FlowSmithError(
-                    f"flow run {tracking_id!r} is {row.status}; only a FAILED run can be retried"
-                )
+            if row.status != FlowStatus.FAILED:
+                raise RunNotRetryable.for_run(tracking_id, row.status)
+            if not self._resume(conn, row):
+                self._refuse_lost_resume(conn, row)
             self.dialect.notify(conn, row.queue)
             return EnqueueResult(row.id, tracking_id, FlowStatus.RUNNING, False, True)
 
         return self._transact(work)
 
+    def _refuse_lost_resume(self, conn: Connection, flow_row: Row[Any]) -> None:
+        """The run was FAILED when read, but another retry changed it first: say what it is now."""
+        now = conn.execute(sa.select(F.c.status).where(F.c.id == flow_row.id)).scalar()
+        if now is None:
+            raise FlowNotFound(f"no flow run has tracking_id {flow_row.tracking_id!r} (pruned)")
+        if now in (FlowStatus.PENDING, FlowStatus.RUNNING):
+            raise RunNotRetryable.being_retried(flow_row.tracking_id)
+        raise RunNotRetryable.for_run(flow_row.tracking_id, now)
+
     def _resume(self, conn: Connection, flow_row: Row[Any]) -> bool:
-        """Re-queue only the failed node(s), with a fresh allowance of attempts.
+        """Re-queue the failed node(s) and the ones the failure stopped, with fresh attempts.
 
         The conditional UPDATE locks the flow row and lets one of several racing
         triggers win. ``attempt`` keeps counting up (it is the fencing token), so
-        the new allowance is added on top of the attempts already made.
+        the new allowance is added on top of the attempts already made. In a
+        FAILED run, CANCELLED nodes are the ones its failure stopped (a cancel
+        makes the run CANCELLED, which is never resumed).
         """
         won = conn.execute(
             sa.update(F)
@@ -154,7 +199,8 @@ class SqlStorage(SqlOperators, Storage):
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
         failed = conn.execute(
             sa.select(N.c.id, N.c.step_name, N.c.attempt).where(
-                N.c.flow_id == flow_row.id, N.c.status == NodeStatus.FAILED
+                N.c.flow_id == flow_row.id,
+                N.c.status.in_([NodeStatus.FAILED, NodeStatus.CANCELLED]),
             )
         ).all()
         for node in failed:
@@ -407,7 +453,9 @@ class SqlStorage(SqlOperators, Storage):
                 return False  # the run was pruned while this step ran
             # A cancelled run goes no further: no retry, and its status stays CANCELLED.
             cancelled = flow_row.status == FlowStatus.CANCELLED
-            if retry_delay is not None and not cancelled:
+            # Nor does a run another step failed: this failure is recorded, not retried.
+            over = cancelled or flow_row.status == FlowStatus.FAILED
+            if retry_delay is not None and not over:
                 retried = conn.execute(
                     self._fenced(lease)
                     .where(N.c.attempt < N.c.max_attempts)
@@ -447,6 +495,8 @@ class SqlStorage(SqlOperators, Storage):
                         )
                     ).rowcount
                 )
+            if flow_row.status == FlowStatus.FAILED:  # another step failed it: no child now
+                return bool(conn.execute(self._fenced(lease).values(**self._stopped())).rowcount)
             parked = conn.execute(
                 self._fenced(lease).values(status=NodeStatus.WAITING, lease_expires_at=None)
             ).rowcount
@@ -469,8 +519,8 @@ class SqlStorage(SqlOperators, Storage):
 
     def _advance(self, conn: Connection, flow_row: Row[Any], finished_node_id: int) -> None:
         """Move the flow on now that a node of it finished (its row is locked)."""
-        if flow_row.status == FlowStatus.CANCELLED:
-            return  # the running step finished; a cancelled flow goes no further
+        if flow_row.status in (FlowStatus.CANCELLED, FlowStatus.FAILED):
+            return  # the running step finished; a cancelled or failed flow goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
         same_stage = sa.select(N.c.position).where(N.c.id == finished_node_id).scalar_subquery()
         # Statuses only: whether the stage is done needs no payload of it.
@@ -523,7 +573,20 @@ class SqlStorage(SqlOperators, Storage):
             self._advance(conn, parent_flow, parent_node_id)
 
     def _fail_flow(self, conn: Connection, flow_row: Row[Any], error: str) -> None:
+        """Fail the run, stop its nodes waiting to run, and tell its parent step.
+
+        A run that is already over keeps its status and its first error. Stopping
+        the PENDING nodes here (queued siblings, scheduled retries) is what keeps
+        a FAILED run from starting new attempts, without the claim reading runs.
+        """
+        if flow_row.status in (FlowStatus.FAILED, FlowStatus.CANCELLED):
+            return
         self._set_flow(conn, flow_row.id, FlowStatus.FAILED, error=error, finished=True)
+        conn.execute(
+            sa.update(N)
+            .where(N.c.flow_id == flow_row.id, N.c.status == NodeStatus.PENDING)
+            .values(**self._stopped())
+        )
         if flow_row.parent_node_id is not None:
             failure = f"subflow {flow_row.tracking_id!r} ({flow_row.flow_name}) failed:\n{error}"
             self._fail_parent(conn, flow_row.parent_node_id, failure)
@@ -534,17 +597,20 @@ class SqlStorage(SqlOperators, Storage):
         if parent_flow is None:
             return
         # A subflow step with attempts left runs again, and its function's
-        # tracking_id resumes this same child (the child had its own backoff).
-        retried = conn.execute(
-            sa.update(N)
-            .where(
-                N.c.id == parent_node_id,
-                N.c.status == NodeStatus.WAITING,
-                N.c.attempt < N.c.max_attempts,
-            )
-            .values(status=NodeStatus.PENDING, error=parent_error, run_after=self._now())
-        ).rowcount
-        if retried:
+        # tracking_id resumes this same child (the child had its own backoff);
+        # not in a run that another step failed meanwhile.
+        over = parent_flow.status in FINISHED_FLOW_STATUSES
+        if not over and (
+            conn.execute(
+                sa.update(N)
+                .where(
+                    N.c.id == parent_node_id,
+                    N.c.status == NodeStatus.WAITING,
+                    N.c.attempt < N.c.max_attempts,
+                )
+                .values(status=NodeStatus.PENDING, error=parent_error, run_after=self._now())
+            ).rowcount
+        ):
             return
         failed = conn.execute(
             sa.update(N)
@@ -553,6 +619,16 @@ class SqlStorage(SqlOperators, Storage):
         ).rowcount
         if failed:
             self._fail_flow(conn, parent_flow, parent_error)
+
+    def _stopped(self) -> dict[str, Any]:
+        """The values of a node that its run's failure stopped; its earlier error is kept."""
+        earlier = sa.func.coalesce(N.c.error + "\n", "")
+        return dict(
+            status=NodeStatus.CANCELLED,
+            error=earlier + progress.STOPPED_BY_FAILURE,
+            lease_expires_at=None,
+            finished_at=self._now(),
+        )
 
     def _set_flow(
         self,
@@ -584,10 +660,7 @@ class SqlStorage(SqlOperators, Storage):
             if row is None:
                 raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
             if row.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
-                raise FlowSmithError(
-                    f"flow run {tracking_id!r} is {row.status}; only a pending or running "
-                    "run can be cancelled"
-                )
+                raise RunNotCancellable.for_run(tracking_id, row.status)
             self._cancel(conn, row.id)
             if row.parent_node_id is not None:
                 # Its parent step cannot finish without it: retry that step (which
@@ -661,11 +734,15 @@ class SqlStorage(SqlOperators, Storage):
                 N.c.status == NodeStatus.RUNNING,
             )
             cancelled_runs = sa.select(F.c.id).where(F.c.status == FlowStatus.CANCELLED)
-            # A node of a cancelled run is not handed to anyone: it ends CANCELLED.
+            failed_runs = sa.select(F.c.id).where(F.c.status == FlowStatus.FAILED)
+            # A node of a cancelled or failed run is not handed to anyone: it ends CANCELLED.
             ended = conn.execute(
                 mine.where(N.c.flow_id.in_(cancelled_runs)).values(
                     status=NodeStatus.CANCELLED, lease_expires_at=None, finished_at=self._now()
                 )
+            ).rowcount
+            ended += conn.execute(
+                mine.where(N.c.flow_id.in_(failed_runs)).values(**self._stopped())
             ).rowcount
             released = conn.execute(
                 mine.values(
@@ -694,7 +771,7 @@ class SqlStorage(SqlOperators, Storage):
                     N.c.flow_id,
                     N.c.lease_owner,
                     N.c.attempt,
-                    N.c.max_attempts,
+                    N.c.rescues,
                     N.c.step_name,
                     F.c.tracking_id,
                     F.c.flow_name,
@@ -708,8 +785,11 @@ class SqlStorage(SqlOperators, Storage):
         rescued = []
         for c in candidates:
             lease = Lease(c.id, c.flow_id, c.lease_owner, c.attempt)
-            final = not progress.attempts_left(c.attempt, c.max_attempts)
-            if self._transact(functools.partial(self._rescue_one, lease=lease, final=final)):
+            rescue = functools.partial(
+                self._rescue_one, lease=lease, step_name=c.step_name, rescues=c.rescues
+            )
+            ended = self._transact(rescue)
+            if ended is not None:
                 rescued.append(
                     RescuedNode(
                         c.id,
@@ -718,27 +798,56 @@ class SqlStorage(SqlOperators, Storage):
                         c.step_name,
                         c.attempt,
                         c.lease_owner,
-                        final,
+                        ended == NodeStatus.FAILED,
                     )
                 )
         return rescued
 
-    def _rescue_one(self, conn: Connection, *, lease: Lease, final: bool) -> bool:
+    def _rescue_one(
+        self, conn: Connection, *, lease: Lease, step_name: str, rescues: int
+    ) -> NodeStatus | None:
+        """Re-queue (or end) one node whose lease expired; None if it was not ours to rescue.
+
+        ``rescues`` was read with the lease, and the fence matches that exact
+        attempt, so it is still the node's count when the update applies.
+        """
         flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
         if flow_row is None:
-            return False  # the run was pruned while this step ran
-        fenced = self._fenced(lease).where(N.c.lease_expires_at < self._now())
+            return None  # the run was pruned while this step ran
+        max_rescues = _max_rescues(flow_row, step_name)
+        run = FlowStatus(flow_row.status)
+        ended = progress.after_lost_lease(run, rescues, max_rescues)
         values: dict[str, Any] = dict(
-            error=RESCUE_ERROR, rescues=N.c.rescues + 1, lease_expires_at=None
+            status=ended, error=RESCUE_ERROR, rescues=N.c.rescues + 1, lease_expires_at=None
         )
-        cancelled = flow_row.status == FlowStatus.CANCELLED
-        if final or cancelled:
-            ended = NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED
-            values.update(status=ended, finished_at=self._now())
+        if ended == NodeStatus.PENDING:
+            # The lost attempt keeps its number (the fencing token) but is given
+            # back: a rescue does not use up a retry.
+            values.update(run_after=self._now(), max_attempts=N.c.max_attempts + 1)
+        elif ended == NodeStatus.FAILED:
+            error = progress.rescue_limit_error(step_name, rescues + 1, max_rescues)
+            values.update(error=error, finished_at=self._now())
+        elif run == FlowStatus.FAILED:
+            values.update(self._stopped(), error=f"{RESCUE_ERROR}\n{progress.STOPPED_BY_FAILURE}")
         else:
-            values.update(status=NodeStatus.PENDING, run_after=self._now())
+            values.update(finished_at=self._now())
+        fenced = self._fenced(lease).where(N.c.lease_expires_at < self._now())
         if not conn.execute(fenced.values(**values)).rowcount:
-            return False
-        if final and not cancelled:
-            self._fail_flow(conn, flow_row, RESCUE_ERROR)
-        return True
+            return None
+        if ended == NodeStatus.FAILED:
+            self._fail_flow(conn, flow_row, values["error"])
+        return ended
+
+
+def _max_rescues(flow_row: Row[Any], step_name: str) -> int:
+    """The step's max_rescues in the run's stored plan (the default if it is not there).
+
+    A plan that cannot be read gives the default too: the rescue must not fail
+    on every pass; the run fails, naming its plan, when the step next finishes
+    and the run would advance.
+    """
+    try:
+        planned = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).step(step_name)
+    except CorruptRow:
+        return DEFAULT_MAX_RESCUES
+    return planned.max_rescues if planned is not None else DEFAULT_MAX_RESCUES

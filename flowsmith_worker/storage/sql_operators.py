@@ -182,6 +182,13 @@ class SqlOperators(SqlBase):
                 return pruned
 
     def _prune_batch(self, conn: Connection, older_than_seconds: float, batch_size: int) -> int:
+        """Delete up to ``batch_size`` old finished runs, each with its finished subflows.
+
+        A subflow run is never pruned on its own while its parent run is stored:
+        the parent's step may run again (a retry, a resume) and must find its
+        child, not start a new one that re-runs the child's completed steps.
+        """
+        parent_stored = sa.exists().where(N.c.id == F.c.parent_node_id)
         ids = list(
             conn.execute(
                 sa.select(F.c.id)
@@ -190,16 +197,39 @@ class SqlOperators(SqlBase):
                     # (status, updated_at) is indexed.
                     F.c.status.in_(FINISHED_FLOW_STATUSES),
                     F.c.updated_at < self._now() - older_than_seconds,
+                    ~parent_stored,
                 )
                 .order_by(F.c.updated_at)
                 .limit(batch_size)
             ).scalars()
         )
+        ids += self._finished_subflows(conn, ids)
         if ids:
             # Nodes first: not every SQLite connection enforces ON DELETE CASCADE.
             conn.execute(sa.delete(N).where(N.c.flow_id.in_(ids)))
             conn.execute(sa.delete(F).where(F.c.id.in_(ids)))
         return len(ids)
+
+    @staticmethod
+    def _finished_subflows(conn: Connection, run_ids: list[int]) -> list[int]:
+        """The finished subflow runs below these runs, level by level.
+
+        An unfinished one stays, with what is below it: once its parent is
+        gone it is a run of its own, pruned when it is finished and old.
+        """
+        found: list[int] = []
+        level = run_ids
+        while level:
+            steps = sa.select(N.c.id).where(N.c.flow_id.in_(level))
+            level = list(
+                conn.execute(
+                    sa.select(F.c.id).where(
+                        F.c.parent_node_id.in_(steps), F.c.status.in_(FINISHED_FLOW_STATUSES)
+                    )
+                ).scalars()
+            )
+            found += level
+        return found
 
     # -- workers ------------------------------------------------------------------
 
