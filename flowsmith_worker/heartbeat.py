@@ -87,6 +87,7 @@ class Heartbeat:
         self.beat = beat
         self.interval = interval
         self.log = log.bind(worker_id=worker_id)
+        self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -95,22 +96,28 @@ class Heartbeat:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        if self.running:
-            return
-        self._stopped.clear()
-        self._thread = threading.Thread(target=self._run, name="flowsmith-heartbeat", daemon=True)
-        self._thread.start()
+        with self._lock:
+            if self.running:
+                return
+            self._stopped = threading.Event()  # a thread still stopping keeps its own
+            thread = threading.Thread(
+                target=self._run, args=(self._stopped,), name="flowsmith-heartbeat", daemon=True
+            )
+            thread.start()
+            self._thread = thread
 
     def stop(self, wait: float = 1.0) -> None:
         """Stop; wait a little for a renewal in progress (a stuck one is abandoned)."""
-        self._stopped.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(wait)
+        with self._lock:
+            self._stopped.set()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(wait)
 
-    def _run(self) -> None:
+    def _run(self, stopped: threading.Event) -> None:
         delay = 0.0
         failures = 0
-        while not self._stopped.wait(delay):
+        while not stopped.wait(delay):
             try:
                 self.beat()
             except Exception as exc:
