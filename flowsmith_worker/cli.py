@@ -12,6 +12,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
+from flowsmith_worker import payload
 from flowsmith_worker.cli_format import printable
 from flowsmith_worker.config import configure, redact, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
@@ -146,6 +147,16 @@ def migrate(url: str | None) -> None:
     help="Address --metrics-port listens on; 0.0.0.0 for every interface (a container).",
 )
 @click.option(
+    "--max-payload-bytes",
+    type=click.IntRange(min=1024),
+    default=None,
+    metavar="BYTES",
+    help="Largest step output (and run data) stored, as JSON; a larger one fails its "
+    f"step at once. Default: ${payload.MAX_PAYLOAD_BYTES_ENV_VAR}, else "
+    f"{payload.DEFAULT_MAX_PAYLOAD_BYTES // payload.MiB} MiB (fits MariaDB's default "
+    "16 MiB max_allowed_packet).",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["auto", "console", "json"]),
     default="auto",
@@ -163,6 +174,7 @@ def worker(
     no_listen: bool,
     metrics_port: int | None,
     metrics_host: str,
+    max_payload_bytes: int | None,
     log_format: str,
 ) -> None:
     """Run the steps of the flows defined in MODULES.
@@ -177,10 +189,17 @@ def worker(
       flowsmith worker myapp.flows myapp.billing --concurrency 16 --queue emails
     """
     setup_logging(log_format)  # type: ignore[arg-type]
+    _check_payload_limit_setting()
     _import_modules(modules)
-    # Every slot and the loop itself may hold a connection at once; opening
-    # one per step instead costs more than the step.
-    storage = configure(url, pool_min=concurrency + 2, pool_max=concurrency + 4)
+    # Every slot, the loop and the heartbeat thread may each hold a connection
+    # at once, and the heartbeat must never wait for one; opening one per step
+    # instead costs more than the step. (LISTEN uses a connection outside the pool.)
+    storage = configure(
+        url,
+        pool_min=concurrency + 3,
+        pool_max=concurrency + 5,
+        max_payload_bytes=max_payload_bytes,
+    )
     worker = Worker(
         storage,
         concurrency=concurrency,
@@ -243,6 +262,14 @@ def _import_modules(modules: Sequence[str]) -> None:
                 f"cannot import module {name!r}: {exc}. Give a dotted module name importable "
                 "from the current directory or the installed packages (e.g. myapp.flows)."
             ) from None
+
+
+def _check_payload_limit_setting() -> None:
+    """A bad $FLOWSMITH_MAX_PAYLOAD_BYTES stops the start, not every step later."""
+    try:
+        payload.limits()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _exit_abandoning_steps() -> None:

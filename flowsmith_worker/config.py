@@ -18,6 +18,7 @@ from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 
+from flowsmith_worker import payload
 from flowsmith_worker.errors import FlowSmithNotConfigured, InvalidDatabaseURL
 
 if TYPE_CHECKING:
@@ -200,9 +201,17 @@ def configure(
     pool_min: int = DEFAULT_POOL_MIN,
     pool_max: int = DEFAULT_POOL_MAX,
     pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+    max_payload_bytes: int | None = None,
 ) -> Storage:
-    """Set the process-wide storage that flows and workers use by default."""
+    """Set the process-wide storage that flows and workers use by default.
+
+    ``max_payload_bytes`` sets the largest input or output stored, as JSON
+    (see flowsmith_worker.payload); None keeps the limit in force.
+    """
     from flowsmith_worker.storage import create_storage
+
+    if max_payload_bytes is not None:
+        payload.set_limits(payload.PayloadLimits(max_bytes=max_payload_bytes))
 
     storage = create_storage(
         resolve_database_url(database_url),
@@ -232,7 +241,8 @@ def default_storage() -> Storage:
 
 
 def reset() -> None:
-    """Forget the configured storage (tests)."""
+    """Forget the configured storage and payload limit (tests)."""
+    payload.set_limits(None)
     global _default_storage
     with _lock:
         old, _default_storage = _default_storage, None

@@ -68,8 +68,24 @@ class StepTimeout(FlowSmithError):
     """The step ran longer than its timeout."""
 
 
-class StepOutputNotJSON(FlowSmithError):
+class PayloadRejected(FlowSmithError):
+    """A value cannot be stored: it is not standard JSON, too large or nested too deeply."""
+
+
+class PayloadNotJSON(PayloadRejected):
+    """The value is not standard JSON (NaN, Infinity, or a type JSON does not have)."""
+
+
+class StepOutputNotJSON(PayloadNotJSON):
     """The step returned a value that cannot be stored as JSON."""
+
+
+class PayloadTooLarge(PayloadRejected):
+    """The value is larger, as JSON, than the payload limit (--max-payload-bytes)."""
+
+
+class PayloadTooDeep(PayloadRejected):
+    """The value nests lists and objects deeper than the payload depth limit."""
 
 
 class StepFailed(FlowSmithError):

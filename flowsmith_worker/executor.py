@@ -2,14 +2,26 @@
 
 Shared by every way of running a node: the worker process, an in-process
 worker in tests. The outcome is decided first and written once, so whatever the
-step does (raise, hang past its timeout, return something that is not JSON)
-the worker goes on and the attempt is accounted for.
+step does (raise anything, even KeyboardInterrupt or SystemExit, run past its
+timeout, return something that cannot be stored) the worker goes on and the
+attempt is accounted for.
+
+Timeouts. Python cannot kill a thread, so a step past its ``timeout`` is not
+stopped: the attempt keeps its worker slot and its lease (the heartbeat goes
+on) until the call really returns; then it is recorded as failed with
+StepTimeout, its late result dropped, and only then is the retry scheduled.
+Two attempts of one step therefore never run at the same time, and nothing of
+a step runs after its flow FAILED. The alternative, running steps with a
+timeout in a child process that can be killed, was not chosen: a step is any
+callable of the application (closures, open clients, module state), which a
+child process cannot in general receive, and killing it mid-write leaves the
+application's side effects as broken as a stuck thread does.
 """
 
 from __future__ import annotations
 
-import json
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +30,14 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from flowsmith_worker import registry
+from flowsmith_worker import payload, registry
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
     CorruptRow,
     DatabaseUnavailable,
     FlowCancelled,
+    PayloadNotJSON,
+    PayloadRejected,
     StepOutputNotJSON,
     StepTimeout,
     SubflowCycle,
@@ -32,10 +46,13 @@ from flowsmith_worker.flow import Flow, StepSpec
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.progress import attempts_left
 from flowsmith_worker.retry import DEFAULT_BACKOFF, retry_delay
-from flowsmith_worker.storage.base import ClaimedNode, NewFlow, Storage
+from flowsmith_worker.storage.base import ClaimedNode, Lease, NewFlow, Storage
 
 T = TypeVar("T")
 DEFAULT_GIVE_UP_SECONDS = 30.0
+# fs_nodes.error keeps the head and the tail of a longer traceback: an exception
+# carrying megabytes of text must not make the failure itself unstorable.
+MAX_ERROR_CHARS = 64 * 1024
 log = get_logger("flowsmith.executor")
 
 
@@ -62,10 +79,14 @@ class Executor:
         lookup: Callable[[str], Flow | None] = registry.lookup,
         stop_retrying: threading.Event | None = None,
         give_up_after: float = DEFAULT_GIVE_UP_SECONDS,
+        lease_held: Callable[[Lease], bool] = lambda _lease: True,
     ) -> None:
         self.storage = storage
         self.worker_id = worker_id
         self.lookup = lookup
+        # False once this worker cannot be sure it still holds the lease (its
+        # renewals failed for a whole lease): the node may be running elsewhere.
+        self.lease_held = lease_held
         # Set on a hard stop: give up re-trying a write while the database is away.
         self.stop_retrying = stop_retrying or threading.Event()
         # Past the lease, the node is being rescued and our write would be refused
@@ -97,11 +118,11 @@ class Executor:
             node.input, tracking_id=node.tracking_id, step=node.step_name, attempt=node.attempt
         )
         try:
-            if spec.condition is not None and not spec.condition(ctx):
+            proceed, result = _attempt(spec, ctx, bound)
+            if not proceed:
                 return self._write(
                     node, bound, Outcome.SKIPPED, lambda: self.storage.skip_node(lease=node.lease)
                 )
-            result = _call_with_timeout(spec, ctx)
             if spec.subflow:
                 child = _child_request(spec, ctx, result)
                 bound.info(
@@ -115,14 +136,16 @@ class Executor:
                     Outcome.WAITING,
                     lambda: self.storage.start_subflow(lease=node.lease, child=child),
                 )
-            _check_json(spec, result)
+            _check_output(spec, result)
         except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            # A cancelled child stays cancelled, and a subflow cycle stays a cycle:
-            # running the step again cannot help.
-            retryable = not isinstance(exc, (FlowCancelled, SubflowCycle))
-            return self._record_failure(node, spec, _Failure(_describe(exc), retryable), bound)
+            # Anything a step raises is its attempt's error, KeyboardInterrupt and
+            # SystemExit included: only the main thread receives signals (and
+            # flowsmith.signals handles those), so here they come from the step's
+            # own code, and re-raising them would only kill this pool thread and
+            # leave the node to its lease.
+            return self._record_failure(
+                node, spec, _Failure(_describe(exc), _retryable(exc)), bound
+            )
         return self._write(
             node,
             bound,
@@ -159,8 +182,10 @@ class Executor:
         **fields: Any,
     ) -> Outcome:
         """Write the outcome; while the database is away, try again, up to the lease."""
+        if not self.lease_held(node.lease):
+            return self._withhold(bound, outcome)
         try:
-            written = self._with_db_retry(write, bound)
+            written = self._with_db_retry(node.lease, write, bound)
         except DatabaseUnavailable as exc:
             # The node stays RUNNING without heartbeats: it is rescued when its
             # lease expires and the attempt counted, so nothing is lost.
@@ -171,6 +196,14 @@ class Executor:
             # has failed this node and its run with that error.
             bound.error("step.failed", intended=str(outcome), error=str(exc))
             return Outcome.FAILED
+        except PayloadRejected as exc:
+            if outcome in (Outcome.RETRY, Outcome.FAILED):
+                raise  # a failure stores no JSON: this cannot happen, and must not loop
+            # What this outcome would have stored next (the run's data for the
+            # next step, a parent's output) is over the limits: fail the attempt now
+            # rather than leave the node to its lease. Running it again cannot help.
+            error = f"step {node.step_name!r} finished, but its outcome cannot be stored: {exc}"
+            return self._record_failure(node, None, _Failure(error, retryable=False), bound)
         if not written:
             bound.warning("step.lease_lost", intended=str(outcome))
             return Outcome.LEASE_LOST
@@ -178,7 +211,16 @@ class Executor:
         getattr(bound, level)(f"step.{outcome}", **fields)
         return outcome
 
-    def _with_db_retry(self, write: Callable[[], T], bound: Any) -> T:
+    def _withhold(self, bound: Any, outcome: Outcome) -> Outcome:
+        """Our lease may have expired: the node may already run elsewhere, so write nothing."""
+        bound.error(
+            "step.outcome_withheld",
+            intended=str(outcome),
+            reason="the lease was not renewed in time; the node is rescued when it expires",
+        )
+        return Outcome.LEASE_LOST
+
+    def _with_db_retry(self, lease: Lease, write: Callable[[], T], bound: Any) -> T:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             bound.warning(
                 "database.unavailable",
@@ -188,8 +230,11 @@ class Executor:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(DatabaseUnavailable),
             wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0),
-            stop=tenacity.stop_when_event_set(self.stop_retrying)
-            | tenacity.stop_after_delay(self.give_up_after),
+            stop=tenacity.stop_any(
+                tenacity.stop_when_event_set(self.stop_retrying),
+                tenacity.stop_after_delay(self.give_up_after),
+                _StopWhen(lambda: not self.lease_held(lease)),
+            ),
             before_sleep=before_sleep,
             reraise=True,
         )
@@ -210,41 +255,76 @@ class Executor:
         )
 
 
-def _call_with_timeout(spec: StepSpec, ctx: Context) -> Any:
-    """Call the step; past its timeout, abandon the thread and raise StepTimeout.
+class _StopWhen(tenacity.stop.stop_base):
+    """Stop re-trying a write once ``done()``: here, when the lease may be gone."""
 
-    Python cannot kill a thread: the abandoned call may still finish later; its
-    result is dropped (the attempt was already recorded as failed), and had it
-    reached the storage, the fencing token would refuse it.
+    def __init__(self, done: Callable[[], bool]) -> None:
+        self.done = done
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return self.done()
+
+
+def _attempt(spec: StepSpec, ctx: Context, bound: Any) -> tuple[bool, Any]:
+    """Evaluate the condition, then call the step: (False, None) when the condition is false.
+
+    Both run in this thread, under one timeout (see the module docstring): past
+    it a timer logs ``step.timed_out`` and the call goes on; when it returns, its
+    result (or error) is dropped and StepTimeout raised instead.
     """
     if spec.timeout is None:
-        return spec.fn(ctx)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = spec.fn(ctx)
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"step-{spec.name}", daemon=True)
-    thread.start()
-    thread.join(spec.timeout)
-    if thread.is_alive():
-        raise StepTimeout(f"step {spec.name!r} ran longer than its timeout of {spec.timeout} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
-
-
-def _check_json(spec: StepSpec, result: Any) -> None:
+        return _condition_and_call(spec, ctx)
+    started = time.monotonic()
+    timer = threading.Timer(
+        spec.timeout,
+        lambda: bound.warning(
+            "step.timed_out",
+            timeout=spec.timeout,
+            action="waiting for the call to return; the retry waits for it",
+        ),
+    )
+    timer.name = f"flowsmith-timeout-{spec.name}"
+    timer.daemon = True
+    timer.start()
     try:
-        json.dumps(result)
-    except (TypeError, ValueError) as exc:
-        raise StepOutputNotJSON(
-            f"step {spec.name!r} returned a {type(result).__name__}, which cannot be stored as "
-            f"JSON ({exc}); return dicts, lists, strings, numbers, booleans or None"
-        ) from None
+        outcome = _condition_and_call(spec, ctx)
+    except BaseException as exc:
+        if time.monotonic() - started <= spec.timeout:
+            raise
+        raise _timed_out(spec, started) from exc
+    finally:
+        timer.cancel()
+    if time.monotonic() - started > spec.timeout:
+        raise _timed_out(spec, started)
+    return outcome
+
+
+def _condition_and_call(spec: StepSpec, ctx: Context) -> tuple[bool, Any]:
+    if spec.condition is not None and not spec.condition(ctx):
+        return False, None
+    return True, spec.fn(ctx)
+
+
+def _timed_out(spec: StepSpec, started: float) -> StepTimeout:
+    return StepTimeout(
+        f"step {spec.name!r} ran {time.monotonic() - started:.1f} s, longer than its timeout "
+        f"of {spec.timeout} s; its result was dropped"
+    )
+
+
+def _check_output(spec: StepSpec, result: Any) -> None:
+    """Refuse an output that cannot be stored, before the database sees it."""
+    try:
+        payload.encode(result, what=f"step {spec.name!r} returned a {type(result).__name__}, which")
+    except PayloadNotJSON as exc:
+        raise StepOutputNotJSON(str(exc)) from None
+
+
+def _retryable(exc: BaseException) -> bool:
+    # A cancelled child stays cancelled, a subflow cycle stays a cycle, and a
+    # value over the payload limits is refused again: running the step again
+    # cannot help.
+    return not isinstance(exc, FlowCancelled | SubflowCycle | PayloadRejected)
 
 
 def _child_request(spec: StepSpec, ctx: Context, result: Any) -> NewFlow:
@@ -263,4 +343,9 @@ def _child_request(spec: StepSpec, ctx: Context, result: Any) -> NewFlow:
 
 def _describe(exc: BaseException) -> str:
     """The error as kept in fs_nodes.error: the traceback, ending with the message."""
-    return "".join(traceback.format_exception(exc)).rstrip()
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    half = MAX_ERROR_CHARS // 2
+    cut = len(text) - 2 * half
+    return f"{text[:half]}\n[... {cut} characters cut ...]\n{text[-half:]}"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from flowsmith_worker import registry
+from flowsmith_worker import payload, registry
 from flowsmith_worker.config import default_storage
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import FlowSmithError
@@ -238,12 +238,8 @@ class Flow:
         if self._group is not None:
             raise FlowSmithError(f"flow {self.name!r}: run() inside its own parallel() block")
         data = ctx.data if isinstance(ctx, Context) else dict(ctx or {})
-        try:
-            json.dumps(data)
-        except (TypeError, ValueError) as exc:
-            raise FlowSmithError(
-                f"the input of flow {self.name!r} must be JSON-serializable: {exc}"
-            ) from None
+        # Checked here, so a bad input is refused before anything is written.
+        payload.encode(data, what=f"the input of flow {self.name!r}")
         if delay is not None and delay < 0:
             raise ValueError(f"delay={delay}: cannot be negative")
         # None means "make one up"; an empty string is a bug upstream, not a request

@@ -2,9 +2,10 @@
 
 It is assembled from small parts, each with a ``*_once()`` method that tests
 call directly: ``claim_once`` (the poller), ``heartbeat_once`` (extends the
-leases of in-flight nodes, all in one statement) and ``rescue_once`` (the
-watchdog, folded into every worker). The loop around them is trivial: it
-sleeps on an event, so a freed slot, a NOTIFY or a stop signal wakes it at once.
+leases of in-flight nodes, all in one statement; run every lease/3 by a thread
+of its own, see heartbeat.py) and ``rescue_once`` (the watchdog, folded into
+every worker). The loop around them is trivial: it sleeps on an event, so a
+freed slot, a NOTIFY or a stop signal wakes it at once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import tenacity
 from flowsmith_worker.config import default_storage
 from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.executor import Executor, Outcome
+from flowsmith_worker.heartbeat import Heartbeat, LeaseTimes
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.metrics import Health, WorkerMetrics
 from flowsmith_worker.rescue import Rescuer
@@ -102,8 +104,16 @@ class Worker:
         self.stopping = threading.Event()  # stop claiming; let in-flight steps finish
         self.hard_stop = threading.Event()  # stop now; release what is in flight
         self.wakeup = threading.Event()
+        self.lease_times = LeaseTimes(lease_seconds)
         self.executor = Executor(
-            self.storage, self.id, stop_retrying=self.hard_stop, give_up_after=lease_seconds
+            self.storage,
+            self.id,
+            stop_retrying=self.hard_stop,
+            give_up_after=lease_seconds,
+            lease_held=self.lease_times.held,
+        )
+        self.heartbeat = Heartbeat(
+            self.heartbeat_once, self.settings.heartbeat_interval, worker_id=self.id
         )
         self.rescuer = Rescuer(
             self.storage, interval=_rescue_interval(self.settings), rescuer_id=self.id
@@ -116,7 +126,7 @@ class Worker:
         # Keyed by the lease, not the node: a node rescued from us and claimed by
         # us again is a new attempt, and the old one's end must not free its slot.
         self._in_flight: dict[Lease, ClaimedNode] = {}
-        self._next_heartbeat = 0.0
+        self._registered = False  # in fs_workers: run() registers, run_until_idle() does not
         self.log = log.bind(worker_id=self.id)
         self.metrics = WorkerMetrics(self.id, self.host, __version__)
         # Stale after a few of the loop's longest waits: a poll, or the database backoff.
@@ -138,12 +148,14 @@ class Worker:
         free = self.free_slots
         if free <= 0 or self.stopping.is_set():
             return 0
+        sent_at = time.monotonic()
         claimed = self.storage.claim_nodes(
             worker_id=self.id,
             limit=free,
             lease_seconds=self.settings.lease_seconds,
             queues=self.settings.queues,
         )
+        self.lease_times.claimed([node.lease for node in claimed], sent_at)
         for node in claimed:
             self.log.debug(
                 "step.claimed",
@@ -160,15 +172,40 @@ class Worker:
         return len(claimed)
 
     def heartbeat_once(self) -> int:
-        """Extend the leases of every in-flight node in one statement; refresh fs_workers."""
-        self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
-        ids = [n.node_id for n in self.in_flight()]
-        self.storage.worker_heartbeat(worker_id=self.id, in_flight=len(ids))
-        if not ids:
-            return 0
-        return self.storage.extend_leases(
-            worker_id=self.id, node_ids=ids, lease_seconds=self.settings.lease_seconds
-        )
+        """Extend the leases of every in-flight node in one statement; refresh fs_workers.
+
+        The heartbeat thread calls it every lease/3; tests call it directly. A
+        lease not renewed for a whole lease (the database or this process was
+        stalled) is given up: the node may already run elsewhere, so it is not
+        renewed again and its outcome is not written (see Executor.lease_held).
+        """
+        in_flight = self.in_flight()
+        for lease, silent in self.lease_times.newly_lapsed(n.lease for n in in_flight):
+            self.log.error(
+                "lease.lapsed",
+                node_id=lease.node_id,
+                attempt=lease.attempt,
+                seconds_since_renewal=round(silent, 3),
+                action="not renewing it and not writing its outcome; it is rescued",
+            )
+        leases = [n.lease for n in in_flight if self.lease_times.held(n.lease)]
+        sent_at = time.monotonic()
+        extended = 0
+        if leases:
+            extended = self.storage.extend_leases(
+                worker_id=self.id,
+                node_ids=[lease.node_id for lease in leases],
+                lease_seconds=self.settings.lease_seconds,
+            )
+            self.lease_times.renewed(leases, sent_at)
+        alive = self.storage.worker_heartbeat(worker_id=self.id, in_flight=len(in_flight))
+        if not alive and self._registered:
+            # Paused (SIGSTOP, a frozen VM) past three leases: a rescuer removed
+            # our row as dead. We are alive: say so again, or `flowsmith workers`
+            # would never list this process.
+            self.log.warning("worker.reregistered")
+            self.storage.register_worker(worker=self.record())
+        return extended
 
     def rescue_once(self) -> int:
         """Rescue expired leases, drop dead workers' rows, refresh the backlog gauge."""
@@ -180,13 +217,11 @@ class Worker:
         return len(rescued)
 
     def run_once(self) -> int:
-        """One turn of the loop: heartbeat and rescue when due, then claim.
+        """One turn of the loop: rescue when due, then claim.
 
-        The heartbeat comes first: whatever else fails, the leases of the steps
-        running here must not lapse, or they would run a second time elsewhere.
+        Leases are renewed by the heartbeat thread, not here: this loop may
+        back off or stall, and the leases of running steps must not lapse.
         """
-        if time.monotonic() >= self._next_heartbeat:
-            self.heartbeat_once()
         if self.rescuer.seconds_until_due() == 0:
             self.rescue_once()
         return self.claim_once()
@@ -204,6 +239,7 @@ class Worker:
         with self._lock:
             self._in_flight.pop(lease, None)
             self.metrics.set_in_flight(len(self._in_flight))
+        self.lease_times.forget(lease)
         if future.exception() is not None:  # the executor itself failed: say so loudly
             self.log.error(
                 "executor.crashed", node_id=lease.node_id, error=repr(future.exception())
@@ -216,6 +252,8 @@ class Worker:
         """Run until stop() (or SIGTERM/SIGINT through flowsmith.signals); then shut down."""
         self.storage.check_schema()
         self.storage.register_worker(worker=self.record())
+        self._registered = True
+        self.heartbeat.start()
         self._start_listener()
         self.log.info(
             "worker.started",
@@ -296,6 +334,15 @@ class Worker:
         Raises TimeoutError if that takes longer than ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        started_heartbeat = not self.heartbeat.running
+        self.heartbeat.start()
+        try:
+            self._run_until_idle(deadline, timeout)
+        finally:
+            if started_heartbeat:
+                self.heartbeat.stop()
+
+    def _run_until_idle(self, deadline: float | None, timeout: float | None) -> None:
         while True:
             claimed = self.run_once()
             if (
@@ -312,11 +359,9 @@ class Worker:
 
     def _sleep(self) -> None:
         jittered = self.settings.poll_interval * random.uniform(0.9, 1.1)
-        until_heartbeat = max(0.0, self._next_heartbeat - time.monotonic())
         self.wakeup.wait(
             min(
                 jittered,
-                until_heartbeat,
                 self.rescuer.seconds_until_due(),
                 self.scheduler.seconds_until_due(),
             )
@@ -341,12 +386,14 @@ class Worker:
             in_flight=len(self.in_flight()),
             grace_seconds=self.settings.shutdown_timeout,
         )
+        if self.in_flight():
+            self.heartbeat.start()  # the steps finishing keep their leases meanwhile
         while self.in_flight() and not self.hard_stop.is_set() and time.monotonic() < deadline:
-            if time.monotonic() >= self._next_heartbeat:
-                self._try(self.heartbeat_once)
             self.wakeup.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             self.wakeup.clear()
         self.hard_stop.set()
+        # Stopped before the release, so no renewal can follow it.
+        self.heartbeat.stop()
         left = [n.node_id for n in self.in_flight()]
         released = (
             self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=left))

@@ -76,8 +76,28 @@ FLOWS_MODULE = textwrap.dedent(
         raise RuntimeError("doomed: every attempt fails")
 
 
+    def interrupted(ctx):
+        if ctx.attempt == 1:
+            raise KeyboardInterrupt("raised by the step itself")
+        if ctx.attempt == 2:
+            raise SystemExit(3)
+        return "third attempt"
+
+
+    def exits(ctx):
+        os._exit(0)
+
+
+    def big(ctx):
+        return "b" * 5000
+
+
     NAME = os.environ["FS_FLOW_NAME"]
     slow_flow = Flow(NAME).step("slow", slow)
+    interrupted_flow = Flow(NAME + "_interrupted").step(
+        "interrupted", interrupted, retries=2, backoff=0)
+    exits_flow = Flow(NAME + "_exits").step("exits", exits)
+    big_flow = Flow(NAME + "_big").step("big", big, retries=2)
     logged_flow = Flow(NAME + "_logged").step("first", slow).step(
         "flaky", flaky, retries=1, backoff=0.05)
     doomed_flow = Flow(NAME + "_doomed").step("doomed", doomed)
@@ -446,6 +466,67 @@ def test_second_sigterm_stops_at_once(sqlite_app: App) -> None:
     assert time.monotonic() - sent < 2.0, worker.output()
     node = app.node(run.tracking_id, "slow")
     assert node.status == NodeStatus.PENDING and node.lease_owner is None, node
+
+
+def test_keyboard_interrupt_and_system_exit_from_a_step_are_its_errors(sqlite_app: App) -> None:
+    """A step raising KeyboardInterrupt, then SystemExit, in a real worker with a 60 s lease.
+
+    Each is recorded at once as its attempt's error (no wait for the lease, no
+    rescue), the third attempt completes, and the worker goes on running steps.
+    """
+    app = sqlite_app
+    run = mirror(app.name + "_interrupted", app.storage, ("interrupted", 2)).run({})
+    worker = app.worker("--poll-interval", "0.1", "--lease", "60")
+    worker.wait_started()
+    eventually(lambda: app.flow_status(run.tracking_id) == FlowStatus.COMPLETED, timeout=20)
+    node = app.node(run.tracking_id, "interrupted")
+    assert (node.attempt, node.rescues) == (3, 0), node
+    retries = [e for e in worker.log_lines() if e["event"] == "step.retry_scheduled"]
+    assert [e["error"].split(":")[0] for e in retries] == ["KeyboardInterrupt", "SystemExit"]
+    after = mirror(app.name, app.storage, ("slow", 0)).run({})
+    eventually(lambda: app.flow_status(after.tracking_id) == FlowStatus.COMPLETED, timeout=20)
+    assert worker.proc.poll() is None, "the worker must keep running"
+    worker.signal()
+    assert worker.wait(15) == 0, worker.output()
+
+
+def test_a_step_calling_os_exit_0_ends_the_worker_with_status_0(sqlite_app: App) -> None:
+    """os._exit(0) in a step ends the process with status 0: nothing in-process can stop it.
+
+    No handler, finally block or atexit hook runs. This is why the systemd units
+    restart always (tests/test_deploy.py checks Restart=always), not only on failure.
+    """
+    app = sqlite_app
+    run = mirror(app.name + "_exits", app.storage, ("exits", 0)).run({})
+    worker = app.worker("--poll-interval", "0.1", "--lease", "60")
+    worker.wait_started()
+    assert worker.wait(20) == 0, worker.output()
+    assert '"worker.stopped"' not in worker.output()
+    assert app.node(run.tracking_id, "exits").status == NodeStatus.RUNNING
+
+
+def test_max_payload_bytes_option_fails_a_larger_output_at_once(sqlite_app: App) -> None:
+    """--max-payload-bytes 2048 and a 5,000-byte output: FAILED at attempt 1 of 3, limit named."""
+    app = sqlite_app
+    run = mirror(app.name + "_big", app.storage, ("big", 2)).run({})
+    worker = app.worker("--poll-interval", "0.1", "--lease", "60", "--max-payload-bytes", "2048")
+    worker.wait_started()
+    eventually(lambda: app.flow_status(run.tracking_id) == FlowStatus.FAILED, timeout=20)
+    node = app.node(run.tracking_id, "big")
+    assert (node.status, node.attempt) == (NodeStatus.FAILED, 1), node
+    assert "over the limit of 2048 bytes by 2954 bytes" in node.error
+    worker.signal()
+    assert worker.wait(15) == 0, worker.output()
+
+
+def test_a_bad_max_payload_environment_variable_stops_the_start(sqlite_app: App) -> None:
+    """$FLOWSMITH_MAX_PAYLOAD_BYTES=lots: the worker exits 1 at once with a message."""
+    env = dict(sqlite_app.env, FLOWSMITH_MAX_PAYLOAD_BYTES="lots")
+    done = flowsmith(
+        "worker", "cliflows", "--url", sqlite_app.url, cwd=sqlite_app.dir, env=env, timeout=30
+    )
+    assert done.returncode == 1, done.stderr
+    assert "FLOWSMITH_MAX_PAYLOAD_BYTES" in done.stderr and "Traceback" not in done.stderr
 
 
 # --------------------------------------------------------------------------- unknown flows

@@ -279,7 +279,9 @@ def test_systemd_unit_settings(name: str) -> None:
     argv = _exec_start(unit)
     assert argv[0] == EXEC_PATH
     assert argv[1] == "worker"
-    assert _last(unit, "Service", "Restart") == "on-failure"
+    # always, not on-failure: a step calling os._exit(0) ends the worker with
+    # status 0, which on-failure would leave stopped (see the unit's comment).
+    assert _last(unit, "Service", "Restart") == "always"
     assert _seconds(_last(unit, "Service", "RestartSec")) > 0
     assert _last(unit, "Service", "KillSignal") == "SIGTERM"
     assert service.get("EnvironmentFile") == [ENV_FILE], "EnvironmentFile must be required"

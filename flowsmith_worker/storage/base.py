@@ -302,8 +302,8 @@ class Storage(abc.ABC):
         """Insert the worker's row (its timestamps are taken from the database clock)."""
 
     @abc.abstractmethod
-    def worker_heartbeat(self, *, worker_id: str, in_flight: int) -> None:
-        """Refresh the worker's row."""
+    def worker_heartbeat(self, *, worker_id: str, in_flight: int) -> bool:
+        """Refresh the worker's row; False if it is gone (removed as dead)."""
 
     @abc.abstractmethod
     def unregister_worker(self, *, worker_id: str) -> None:

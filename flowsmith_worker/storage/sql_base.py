@@ -16,6 +16,7 @@ import sqlalchemy as sa
 import tenacity
 from sqlalchemy.engine import Connection, Row
 
+from flowsmith_worker import payload
 from flowsmith_worker.config import PoolSettings, redact, redact_url
 from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, SchemaNotMigrated
 from flowsmith_worker.plan import Plan
@@ -52,7 +53,8 @@ _DEADLOCK_RETRY = dict(
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value)
+    """Standard JSON within the payload limits (flowsmith_worker.payload), or PayloadRejected."""
+    return payload.encode(value)
 
 
 def loads(text: str | None) -> Any:

@@ -238,12 +238,17 @@ class SqlOperators(SqlBase):
         values.update(started_at=self._now(), heartbeat_at=self._now())
         self._transact(lambda conn: conn.execute(sa.insert(W).values(**values)))
 
-    def worker_heartbeat(self, *, worker_id: str, in_flight: int) -> None:
-        self._transact(
-            lambda conn: conn.execute(
-                sa.update(W)
-                .where(W.c.id == worker_id)
-                .values(heartbeat_at=self._now(), in_flight=in_flight)
+    def worker_heartbeat(self, *, worker_id: str, in_flight: int) -> bool:
+        # rowcount counts matched rows on MySQL too: SQLAlchemy sets CLIENT_FOUND_ROWS.
+        return bool(
+            self._transact(
+                lambda conn: (
+                    conn.execute(
+                        sa.update(W)
+                        .where(W.c.id == worker_id)
+                        .values(heartbeat_at=self._now(), in_flight=in_flight)
+                    ).rowcount
+                )
             )
         )
 
