@@ -19,7 +19,7 @@ from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
 from flowsmith_worker.run import FlowRun
-from flowsmith_worker.schedule import delay_until, validate_cron
+from flowsmith_worker.schedule import instant_of, validate_cron
 from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
 
 StepFunction = Callable[[Context], Any]
@@ -187,11 +187,11 @@ class Flow:
         (seconds) or ``run_at`` (a timezone-aware datetime) holds its first
         step back until then.
         """
-        if run_at is not None:
-            if delay is not None:
-                raise ValueError("give delay= or run_at=, not both")
-            delay = delay_until(run_at)
-        request = self.new_run(ctx, tracking_id, delay)
+        if run_at is not None and delay is not None:
+            raise ValueError("give delay= or run_at=, not both")
+        # run_at stays an instant: the database compares it with its own clock.
+        at = None if run_at is None else instant_of(run_at)
+        request = self.new_run(ctx, tracking_id, delay, run_at=at)
         storage = self.storage or default_storage()
         result = storage.enqueue_flow(flow=request, connection=connection)
         log.info(
@@ -209,6 +209,7 @@ class Flow:
         ctx: Context | dict[str, Any] | None,
         tracking_id: str | None,
         delay: float | None = None,
+        run_at: float | None = None,
     ) -> NewFlow:
         """The enqueue request for a run of this flow, validated."""
         if not self.stages:
@@ -238,6 +239,7 @@ class Flow:
             queue=self.queue,
             priority=self.priority,
             delay_seconds=float(delay or 0.0),
+            run_at=run_at,
         )
 
     # -- schedule -------------------------------------------------------------

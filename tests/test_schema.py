@@ -5,6 +5,7 @@ value too long for its column is refused (not truncated), SQLite files are priva
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
 from flowsmith_worker import Flow
+from flowsmith_worker.cli import main
 from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.storage import create_storage, schema
 from flowsmith_worker.storage.base import FlowFilter, Storage
@@ -207,6 +210,47 @@ def load_mysql_time_zone(server: DatabaseServer, zone: str) -> None:
         capture_output=True,
         check=True,
     )
+
+
+# -- host clock skew ------------------------------------------------------------------
+
+HOST_SKEW = 2 * 3600.0  # this host's clock runs two hours ahead of the database's
+
+
+@pytest.fixture
+def skewed_host_clock(monkeypatch: pytest.MonkeyPatch) -> float:
+    """time.time() two hours ahead from here on; the database clock stays right."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + HOST_SKEW)
+    return HOST_SKEW
+
+
+def test_run_at_is_compared_with_the_database_clock(
+    storage: Storage, unique: Names, skewed_host_clock: float
+) -> None:
+    """run_at= a minute from now holds the run for that minute even though this host
+    believes that minute passed long ago (it used to run at once)."""
+    flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: 1)
+    at = time.time() - skewed_host_clock + 60  # a minute from now, by a right clock
+    run = flow.run({}, tracking_id=unique("t"), run_at=datetime.fromtimestamp(at, UTC))
+    assert storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=["default"]) == []
+    [node] = run.trace()
+    assert node.run_after == pytest.approx(at, abs=1e-3)
+
+
+def test_flows_since_a_duration_counts_back_from_the_database_clock(
+    sql_url: str, unique: Names, skewed_host_clock: float
+) -> None:
+    """`flowsmith flows --since 1h` lists a run created just now although this host's
+    clock says "now" is two hours later (it used to list nothing)."""
+    storage = create_storage(sql_url)
+    storage.migrate()
+    tid = unique("t")
+    Flow(unique("f"), storage=storage).step("a", lambda ctx: 1).run({}, tracking_id=tid)
+    result = CliRunner().invoke(main, ["flows", "--since", "1h", "--json", "--url", sql_url])
+    assert result.exit_code == 0, result.output
+    assert [run["tracking_id"] for run in json.loads(result.stdout)["flows"]] == [tid]
+    storage.close()
 
 
 # -- values too long -----------------------------------------------------------------

@@ -69,6 +69,12 @@ class Dialect:
             return MYSQL_UTC_EPOCH
         return (sa.func.julianday("now") - 2440587.5) * 86400.0
 
+    def greatest(self, *values: Any) -> sa.ColumnElement[float]:
+        """The largest of the values (SQLite's scalar max() is everyone else's GREATEST)."""
+        if self.name == "sqlite":
+            return sa.func.max(*values, type_=sa.Double())
+        return sa.func.greatest(*values, type_=sa.Double())
+
     def insert_if_absent(self, table: sa.Table) -> Any:
         """An INSERT that does nothing when a unique key already exists.
 

@@ -85,7 +85,9 @@ class SqlStorage(SqlOperators, Storage):
         if row.flow_name != flow.flow_name:
             raise TrackingIdTaken.for_run(flow.tracking_id, row.flow_name, flow.flow_name)
         if inserted:
-            self._start_stage(conn, row, 0, flow.plan.stage(0), flow.input, flow.delay_seconds)
+            self._start_stage(
+                conn, row, 0, flow.plan.stage(0), flow.input, flow.delay_seconds, flow.run_at
+            )
             self.dialect.notify(conn, flow.queue)
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.PENDING, True, False)
         if parent_node_id is not None:
@@ -173,10 +175,12 @@ class SqlStorage(SqlOperators, Storage):
         steps: Sequence[PlannedStep],
         data: dict[str, Any],
         delay: float = 0.0,
+        run_at: float | None = None,
     ) -> None:
         now = self._now()
+        run_after = now + delay if run_at is None else self.dialect.greatest(now, run_at)
         conn.execute(
-            self.dialect.insert_if_absent(N).values(run_after=now + delay, created_at=now),
+            self.dialect.insert_if_absent(N).values(run_after=run_after, created_at=now),
             [
                 dict(
                     flow_id=flow_row.id,
