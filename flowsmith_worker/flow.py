@@ -28,7 +28,8 @@ TrackingIdSource = str | Callable[[Context], str] | None
 
 log = get_logger("flowsmith.flow")
 # The widths of fs_flows.tracking_id, fs_flows.flow_name and fs_nodes.step_name:
-# checked here, because MySQL's INSERT IGNORE would silently cut a longer value.
+# checked here so the caller gets our message rather than a driver error (and
+# because SQLite would store a longer value than the other databases accept).
 MAX_TRACKING_ID_LENGTH = 255
 MAX_NAME_LENGTH = 200
 MAX_QUEUE_LENGTH = 100  # fs_flows.queue and fs_nodes.queue

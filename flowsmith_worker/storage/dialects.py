@@ -112,10 +112,12 @@ class Dialect:
     def for_latest(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """A read that sees the latest committed row, even in a REPEATABLE READ snapshot.
 
-        MySQL needs a locking read for that, and a share lock is the one INSERT
-        IGNORE's duplicate check already holds. PostgreSQL must not take it: racing
-        resumes would each need to upgrade it and deadlock; there the caller's
-        REPEATABLE READ gets a serialization failure instead, reported as such.
+        MySQL needs a locking read for that; a share lock is weaker than the
+        exclusive one insert_if_absent's duplicate check (ON DUPLICATE KEY
+        UPDATE) already holds, so it waits on nothing new. PostgreSQL must not
+        take it: racing resumes would each need to upgrade it and deadlock;
+        there the caller's REPEATABLE READ gets a serialization failure instead,
+        reported as such.
         """
         return select.with_for_update(read=True) if self.name == "mysql" else select
 

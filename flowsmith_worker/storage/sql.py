@@ -74,9 +74,7 @@ class SqlStorage(SqlOperators, Storage):
             )
         )
         inserted = self.dialect.inserted_a_row(result)
-        # Not FOR UPDATE: on MySQL the duplicate check of INSERT IGNORE holds a
-        # shared lock, and upgrading it in 20 racing triggers deadlocks. See
-        # for_latest for why MySQL still needs a (shared) locking read here. The
+        # See for_latest for why MySQL needs a (shared) locking read here. The
         # FAILED -> RUNNING transition takes its own lock with a conditional
         # UPDATE (see _resume).
         row = conn.execute(
