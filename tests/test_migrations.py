@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
+from flowsmith_worker.cli import main
 from flowsmith_worker.config import PoolSettings, parse_database_url
 from flowsmith_worker.flow import Flow
 from flowsmith_worker.storage import migrations, schema
 from flowsmith_worker.storage.dialects import dialect_of, identifier_collation
+from flowsmith_worker.storage.migrations import v3
 from flowsmith_worker.storage.sql import SqlStorage
 from tests.conftest import SQL_BACKENDS, database_url
 
@@ -150,3 +153,20 @@ def all_rows(engine: sa.Engine) -> dict[str, list[sa.Row[Any]]]:
             table.name: conn.execute(sa.select(table).order_by(*table.primary_key)).all()
             for table in (schema.flows, schema.nodes)
         }
+
+
+def test_a_mysql_server_without_the_binary_collation_is_told_what_it_needs(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server older than MySQL 8.0.17 / MariaDB 10.2 has no NO PAD binary collation:
+    `flowsmith migrate` says which versions work, with no traceback, and records no v3."""
+    url = database_url(request, "mysql", tmp_path)
+    monkeypatch.setattr(v3, "identifier_collation", lambda _dialect: "utf8mb4_from_the_future")
+    result = CliRunner().invoke(main, ["migrate", "--url", url])
+    assert result.exit_code == 1, result.output
+    assert "utf8mb4_from_the_future" in result.output and "MariaDB 10.2+" in result.output
+    assert "Traceback" not in result.output
+    engine = sa.create_engine(parse_database_url(url))
+    with engine.connect() as conn:
+        assert migrations.current_version(conn) < 3
+    engine.dispose()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from flowsmith_worker.errors import UnsupportedDatabase
 from flowsmith_worker.storage.dialects import identifier_collation
 
 # table -> (column, length, nullable) of every name column.
@@ -40,6 +41,15 @@ def apply(conn: Connection) -> None:
 
 def _binary_names(conn: Connection) -> None:
     collation = identifier_collation(conn.dialect)
+    known = conn.execute(
+        sa.text("SELECT 1 FROM information_schema.collations WHERE collation_name = :name"),
+        {"name": collation},
+    ).first()
+    if known is None:
+        raise UnsupportedDatabase(
+            f"this server has no collation {collation}, which compares names byte for "
+            "byte: FlowSmith needs MySQL 8.0.17+ or MariaDB 10.2+"
+        )
     for table, columns in NAME_COLUMNS.items():
         changes = ", ".join(
             f"MODIFY {name} VARCHAR({length}) CHARACTER SET utf8mb4 COLLATE {collation} "
