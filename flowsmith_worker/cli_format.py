@@ -52,11 +52,21 @@ def parse_when(text: str, now: float | None = None) -> float | None:
     return moment.timestamp()
 
 
+@dataclasses.dataclass(frozen=True)
+class Ago:
+    """A duration before now (`--since 2h`), left for the database to resolve with its
+    own clock: this host's may be off."""
+
+    seconds: float
+
+
 # click.ParamType is generic from click 8.4 on; pyproject allows click 8.1.
 if TYPE_CHECKING:
     _FloatParam = click.ParamType[float]
+    _MomentParam = click.ParamType[Ago | float]
 else:
     _FloatParam = click.ParamType
+    _MomentParam = click.ParamType
 
 
 class Duration(_FloatParam):
@@ -78,16 +88,21 @@ class Duration(_FloatParam):
         return seconds
 
 
-class Since(_FloatParam):
-    """A moment: a duration ago (30m, 2h, 7d) or an ISO date/datetime; epoch seconds."""
+class Since(_MomentParam):
+    """A moment: a duration ago (30m, 2h, 7d) as Ago, or an ISO date/datetime in epoch seconds."""
 
     name = "WHEN"
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
+    ) -> Ago | float:
+        if isinstance(value, Ago):
+            return value
         if isinstance(value, int | float):
             return float(value)
+        ago = parse_duration(str(value))
+        if ago is not None:
+            return Ago(ago)
         moment = parse_when(str(value))
         if moment is None:
             self.fail(

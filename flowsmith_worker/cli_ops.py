@@ -24,6 +24,7 @@ import click
 
 from flowsmith_worker.cli import main, url_option
 from flowsmith_worker.cli_format import (
+    Ago,
     Duration,
     Since,
     clip,
@@ -299,7 +300,7 @@ def _echo_tracebacks(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> None:
 def flows(
     status_: str | None,
     flow_name: str | None,
-    since: float | None,
+    since: Ago | float | None,
     limit: int,
     url: str | None,
     as_json: bool,
@@ -325,7 +326,8 @@ def flows(
     where = FlowFilter(
         status=FlowStatus(status_.upper()) if status_ else None,
         flow_name=flow_name,
-        since=since,
+        since=None if isinstance(since, Ago) else since,
+        created_within=since.seconds if isinstance(since, Ago) else None,
         limit=limit,
     )
     with open_storage(url) as storage:

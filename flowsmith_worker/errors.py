@@ -34,6 +34,10 @@ class InvalidDatabaseURL(FlowSmithError):
     """The database URL is not one FlowSmith can use."""
 
 
+class UnsupportedDatabase(FlowSmithError):
+    """This database server lacks a feature FlowSmith needs: upgrade it."""
+
+
 class DuplicateFlowName(FlowSmithError):
     """Two different flows were defined with the same name."""
 

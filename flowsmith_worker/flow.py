@@ -20,7 +20,7 @@ from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
 from flowsmith_worker.run import FlowRun
-from flowsmith_worker.schedule import delay_until, validate_cron
+from flowsmith_worker.schedule import instant_of, validate_cron
 from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
 
 StepFunction = Callable[[Context], Any]
@@ -29,7 +29,8 @@ TrackingIdSource = str | Callable[[Context], str] | None
 
 log = get_logger("flowsmith.flow")
 # The widths of fs_flows.tracking_id, fs_flows.flow_name and fs_nodes.step_name:
-# checked here, because MySQL's INSERT IGNORE would silently cut a longer value.
+# checked here so the caller gets our message rather than a driver error (and
+# because SQLite would store a longer value than the other databases accept).
 MAX_TRACKING_ID_LENGTH = 255
 MAX_NAME_LENGTH = 200
 MAX_QUEUE_LENGTH = 100  # fs_flows.queue and fs_nodes.queue
@@ -209,11 +210,11 @@ class Flow:
         (seconds) or ``run_at`` (a timezone-aware datetime) holds its first
         step back until then.
         """
-        if run_at is not None:
-            if delay is not None:
-                raise ValueError("give delay= or run_at=, not both")
-            delay = delay_until(run_at)
-        request = self.new_run(ctx, tracking_id, delay)
+        if run_at is not None and delay is not None:
+            raise ValueError("give delay= or run_at=, not both")
+        # run_at stays an instant: the database compares it with its own clock.
+        at = None if run_at is None else instant_of(run_at)
+        request = self.new_run(ctx, tracking_id, delay, run_at=at)
         storage = self.storage or default_storage()
         result = storage.enqueue_flow(flow=request, connection=connection)
         log.info(
@@ -231,6 +232,7 @@ class Flow:
         ctx: Context | dict[str, Any] | None,
         tracking_id: str | None,
         delay: float | None = None,
+        run_at: float | None = None,
     ) -> NewFlow:
         """The enqueue request for a run of this flow, validated."""
         if not self.stages:
@@ -255,6 +257,7 @@ class Flow:
             queue=self.queue,
             priority=self.priority,
             delay_seconds=float(delay or 0.0),
+            run_at=run_at,
         )
 
     # -- schedule -------------------------------------------------------------

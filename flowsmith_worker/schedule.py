@@ -72,8 +72,8 @@ def validate_cron(expression: str, hash_id: str = "") -> str:
     return expr
 
 
-def delay_until(run_at: datetime, now: float | None = None) -> float:
-    """Seconds from now until ``run_at`` (timezone-aware), 0 if it has passed."""
+def instant_of(run_at: datetime) -> float:
+    """``run_at`` (timezone-aware) in seconds since the epoch."""
     if not isinstance(run_at, datetime):
         raise TypeError(f"run_at={run_at!r}: must be a datetime")
     if run_at.tzinfo is None or run_at.utcoffset() is None:
@@ -81,7 +81,7 @@ def delay_until(run_at: datetime, now: float | None = None) -> float:
             f"run_at={run_at.isoformat()} is a naive datetime: pass tzinfo "
             "(e.g. datetime(..., tzinfo=UTC) or datetime.now(UTC) + timedelta(...))"
         )
-    return max(0.0, run_at.timestamp() - (time.time() if now is None else now))
+    return run_at.timestamp()
 
 
 def tick_tracking_id(flow_name: str, tick: datetime) -> str:

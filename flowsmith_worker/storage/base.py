@@ -51,6 +51,9 @@ class NewFlow:
     queue: str = DEFAULT_QUEUE
     priority: int = 0
     delay_seconds: float = 0.0
+    # Not before this instant (seconds since the epoch), compared with the
+    # database clock: a host clock that is off cannot move it.
+    run_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ class FlowFilter:
     status: FlowStatus | None = None
     flow_name: str | None = None
     since: float | None = None  # created at or after, seconds since the epoch
+    created_within: float | None = None  # created in the last N seconds of the database clock
     limit: int = 50
 
 

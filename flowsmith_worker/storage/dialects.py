@@ -8,6 +8,7 @@ whether NOTIFY exists) and never which database it is on.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,21 @@ NOTIFY_CHANNEL = "flowsmith"
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 # The execution option that marks a transaction of reads only.
 READ_ONLY_OPTION = "flowsmith_read_only"
+# MySQL's clock as UTC epoch seconds. UNIX_TIMESTAMP(NOW(6)) would pass through
+# the session's time zone and back, which in a DST zone's repeated autumn hour
+# gives the first of the two instants: an hour behind. UTC_TIMESTAMP(6) is UTC
+# whatever the server's or the caller's session zone, and the difference of two
+# DATETIMEs is plain arithmetic.
+MYSQL_UTC_EPOCH: sa.ColumnElement[float] = sa.literal_column(
+    "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)", sa.Double()
+)
+# Names must compare byte for byte (schema.Identifier), and trailing spaces
+# count: MySQL's and MariaDB's utf8mb4_bin pad with spaces, so `k` = `k `. Each
+# has its own NO PAD binary collation (MySQL 8.0.17+, MariaDB 10.2+).
+MARIADB_IDENTIFIER_COLLATION = "utf8mb4_nopad_bin"
+MYSQL_IDENTIFIER_COLLATION = "utf8mb4_0900_bin"
+# New SQLite files are readable by their owner only: they hold every input and output.
+SQLITE_FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -44,28 +60,41 @@ class Dialect:
         return self.name != "sqlite"
 
     def now(self) -> sa.ColumnElement[float]:
-        """The database clock, in seconds since the epoch."""
+        """The database clock, in seconds since the epoch (UTC, whatever the time zones)."""
         if self.name == "postgresql":
             # now() is the transaction's start: our transactions are short, and a
             # stable value (unlike clock_timestamp()) can bound an index scan.
             return sa.cast(sa.func.extract("epoch", sa.func.now()), sa.Double)
         if self.name == "mysql":
-            return sa.cast(sa.func.unix_timestamp(sa.text("NOW(6)")), sa.Double)
+            return MYSQL_UTC_EPOCH
         return (sa.func.julianday("now") - 2440587.5) * 86400.0
 
+    def greatest(self, *values: Any) -> sa.ColumnElement[float]:
+        """The largest of the values (SQLite's scalar max() is everyone else's GREATEST)."""
+        if self.name == "sqlite":
+            return sa.func.max(*values, type_=sa.Double())
+        return sa.func.greatest(*values, type_=sa.Double())
+
     def insert_if_absent(self, table: sa.Table) -> Any:
-        """An INSERT that does nothing when a unique key already exists."""
+        """An INSERT that does nothing when a unique key already exists.
+
+        Not MySQL's INSERT IGNORE: that also turns a too-long or invalid value
+        into a warning and stores it truncated. Assigning the primary key to
+        itself on a duplicate ignores the duplicate and nothing else.
+        """
         if self.name == "postgresql":
             return postgresql.insert(table).on_conflict_do_nothing()
         if self.name == "sqlite":
             return sqlite.insert(table).on_conflict_do_nothing()
-        return mysql.insert(table).prefix_with("IGNORE")
+        key = table.primary_key.columns[0]
+        return mysql.insert(table).on_duplicate_key_update({key.name: key})
 
     def inserted_a_row(self, result: sa.CursorResult[Any]) -> bool:
         """Whether a single-row insert_if_absent() inserted (into a table with an auto-id).
 
-        mysql-connector reports rowcount -1 for INSERT; its lastrowid is 0 when
-        IGNORE skipped the row, so that is what tells there.
+        mysql-connector reports rowcount -1 for INSERT, and with SQLAlchemy's
+        CLIENT_FOUND_ROWS a duplicate would count 1 like an insert anyway; the
+        lastrowid is 0 when the duplicate key left the row alone, so that tells.
         """
         if self.name == "mysql":
             return bool(result.lastrowid)
@@ -83,10 +112,12 @@ class Dialect:
     def for_latest(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """A read that sees the latest committed row, even in a REPEATABLE READ snapshot.
 
-        MySQL needs a locking read for that, and a share lock is the one INSERT
-        IGNORE's duplicate check already holds. PostgreSQL must not take it: racing
-        resumes would each need to upgrade it and deadlock; there the caller's
-        REPEATABLE READ gets a serialization failure instead, reported as such.
+        MySQL needs a locking read for that; a share lock is weaker than the
+        exclusive one insert_if_absent's duplicate check (ON DUPLICATE KEY
+        UPDATE) already holds, so it waits on nothing new. PostgreSQL must not
+        take it: racing resumes would each need to upgrade it and deadlock;
+        there the caller's REPEATABLE READ gets a serialization failure instead,
+        reported as such.
         """
         return select.with_for_update(read=True) if self.name == "mysql" else select
 
@@ -117,6 +148,13 @@ class Dialect:
         """Wake listening workers when this transaction commits (PostgreSQL only)."""
         if self.supports_notify:
             conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, payload)))
+
+
+def identifier_collation(dialect: sa.Dialect) -> str:
+    """The byte-for-byte, trailing-space-significant collation of this MySQL server."""
+    if getattr(dialect, "is_mariadb", False):
+        return MARIADB_IDENTIFIER_COLLATION
+    return MYSQL_IDENTIFIER_COLLATION
 
 
 def dialect_of(engine_or_conn: Engine | Connection) -> Dialect:
@@ -169,7 +207,28 @@ def _sqlite_engine(url: sa.URL) -> Engine:
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
     )
     _sqlite_setup(engine)
+    _sqlite_private_files(engine)
     return engine
+
+
+def _sqlite_private_files(engine: Engine) -> None:
+    """Create a new database file 0600 before SQLite does (it would use 0644).
+
+    SQLite gives the -wal and -shm files the database file's mode, so this one
+    file is enough. A file that exists keeps the mode its owner gave it.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> None:
+        path = str(cargs[0]) if cargs else ""
+        if path not in ("", ":memory:") and not cparams.get("uri"):
+            _create_private_file(path)
+
+
+def _create_private_file(path: str) -> None:
+    # There already, or no such directory: SQLite opens it or says what is wrong.
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE))
 
 
 def _sqlite_setup(engine: Engine) -> None:

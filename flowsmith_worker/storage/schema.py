@@ -4,15 +4,24 @@ Times are stored as seconds since the epoch (DOUBLE), taken from the database
 clock (see dialects.py): one representation on three databases, compared and
 added to without dialect date functions, and no host clock ever decides a lease.
 JSON values are stored as text we encode ourselves, so a row can never run code
-and every backend stores exactly the same bytes.
+and every backend stores exactly the same bytes. Names (tracking_id, flow, step,
+queue and worker ids) are Identifier columns: compared byte for byte everywhere.
+
+This is the schema of the newest version; migrations/ builds it step by step,
+and tests/test_migrations.py checks that the two agree.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
+from sqlalchemy.ext.compiler import compiles
 
-SCHEMA_VERSION = 2
+from flowsmith_worker.storage.dialects import identifier_collation
+
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -21,6 +30,22 @@ LongText = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 # SQLite only auto-increments INTEGER PRIMARY KEY columns.
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Seconds: sa.Double[float] = sa.Double()
+
+
+class Identifier(sa.String):
+    """A name that equals another only when their bytes are equal.
+
+    PostgreSQL's and SQLite's default comparison already is; MySQL's default
+    collation would make `Order-aBc`, `order-AbC` and `order-abc ` one run.
+    """
+
+
+@compiles(Identifier, "mysql")
+@compiles(Identifier, "mariadb")
+def _identifier_on_mysql(type_: Identifier, compiler: Any, **_kw: Any) -> str:
+    collation = identifier_collation(compiler.dialect)
+    return f"VARCHAR({type_.length}) CHARACTER SET utf8mb4 COLLATE {collation}"
+
 
 schema_version = sa.Table(
     "fs_schema_version",
@@ -33,14 +58,14 @@ flows = sa.Table(
     "fs_flows",
     metadata,
     sa.Column("id", Id, primary_key=True, autoincrement=True),
-    sa.Column("flow_name", sa.String(200), nullable=False),
-    sa.Column("tracking_id", sa.String(255), nullable=False),
+    sa.Column("flow_name", Identifier(200), nullable=False),
+    sa.Column("tracking_id", Identifier(255), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("input", LongText, nullable=False),
     sa.Column("output", LongText),
     sa.Column("error", LongText),
     sa.Column("plan", LongText, nullable=False),
-    sa.Column("queue", sa.String(100), nullable=False),
+    sa.Column("queue", Identifier(100), nullable=False),
     sa.Column("priority", sa.Integer, nullable=False),
     sa.Column("parent_node_id", Id),
     sa.Column("created_at", Seconds, nullable=False),
@@ -50,6 +75,8 @@ flows = sa.Table(
     sa.Index("fs_flows_parent_node_id", "parent_node_id"),
     # flowsmith flows --status ... and prune --older-than.
     sa.Index("fs_flows_status_updated", "status", "updated_at"),
+    # Ids are fencing tokens: never hand a deleted run's id to a new one.
+    sqlite_autoincrement=True,
 )
 # flowsmith flows (newest first); created by migration 2.
 flows_by_created = sa.Index("fs_flows_created", flows.c.created_at)
@@ -59,18 +86,18 @@ nodes = sa.Table(
     metadata,
     sa.Column("id", Id, primary_key=True, autoincrement=True),
     sa.Column("flow_id", Id, sa.ForeignKey("fs_flows.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("step_name", sa.String(200), nullable=False),
+    sa.Column("step_name", Identifier(200), nullable=False),
     sa.Column("position", sa.Integer, nullable=False),
     sa.Column("group_index", sa.Integer, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     # Copied from the flow so the claim reads one table through one index.
-    sa.Column("queue", sa.String(100), nullable=False),
+    sa.Column("queue", Identifier(100), nullable=False),
     sa.Column("priority", sa.Integer, nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("max_attempts", sa.Integer, nullable=False),
     sa.Column("rescues", sa.Integer, nullable=False),
     sa.Column("run_after", Seconds, nullable=False),
-    sa.Column("lease_owner", sa.String(64)),
+    sa.Column("lease_owner", Identifier(64)),
     sa.Column("lease_expires_at", Seconds),
     sa.Column("input", LongText, nullable=False),
     sa.Column("output", LongText),
@@ -79,6 +106,8 @@ nodes = sa.Table(
     sa.Column("started_at", Seconds),
     sa.Column("finished_at", Seconds),
     sa.UniqueConstraint("flow_id", "step_name", name="fs_nodes_flow_step_key"),
+    # A late completion is fenced by (node id, worker, attempt): a reused id could match.
+    sqlite_autoincrement=True,
 )
 
 # The claim: runnable nodes by queue, priority and run_after. PostgreSQL and
@@ -111,7 +140,7 @@ sa.Index("fs_nodes_status_lease", nodes.c.status, nodes.c.lease_expires_at)
 workers = sa.Table(
     "fs_workers",
     metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("id", Identifier(64), primary_key=True),
     sa.Column("host", sa.String(255), nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("version", sa.String(32), nullable=False),
@@ -128,6 +157,6 @@ workers = sa.Table(
 queues = sa.Table(
     "fs_queues",
     metadata,
-    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("name", Identifier(100), primary_key=True),
     sa.Column("max_running", sa.Integer),
 )

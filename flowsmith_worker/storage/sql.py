@@ -84,9 +84,7 @@ class SqlStorage(SqlOperators, Storage):
             )
         )
         inserted = self.dialect.inserted_a_row(result)
-        # Not FOR UPDATE: on MySQL the duplicate check of INSERT IGNORE holds a
-        # shared lock, and upgrading it in 20 racing triggers deadlocks. See
-        # for_latest for why MySQL still needs a (shared) locking read here. The
+        # See for_latest for why MySQL needs a (shared) locking read here. The
         # FAILED -> RUNNING transition takes its own lock with a conditional
         # UPDATE (see _resume).
         row = conn.execute(
@@ -97,7 +95,7 @@ class SqlStorage(SqlOperators, Storage):
         if row.flow_name != flow.flow_name:
             raise TrackingIdTaken.for_run(flow.tracking_id, row.flow_name, flow.flow_name)
         if inserted:
-            self._start_stage(conn, row, 0, flow.plan.stage(0), flow.delay_seconds)
+            self._start_stage(conn, row, 0, flow.plan.stage(0), flow.delay_seconds, flow.run_at)
             self.dialect.notify(conn, flow.queue)
             return EnqueueResult(row.id, flow.tracking_id, FlowStatus.PENDING, True, False)
         if parent_node_id is not None:
@@ -226,11 +224,13 @@ class SqlStorage(SqlOperators, Storage):
         position: int,
         steps: Sequence[PlannedStep],
         delay: float = 0.0,
+        run_at: float | None = None,
     ) -> None:
         """Insert the nodes of a stage; their ctx.data is rebuilt when they are claimed."""
         now = self._now()
+        run_after = now + delay if run_at is None else self.dialect.greatest(now, run_at)
         conn.execute(
-            self.dialect.insert_if_absent(N).values(run_after=now + delay, created_at=now),
+            self.dialect.insert_if_absent(N).values(run_after=run_after, created_at=now),
             [
                 dict(
                     flow_id=flow_row.id,

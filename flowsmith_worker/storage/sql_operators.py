@@ -165,6 +165,8 @@ class SqlOperators(SqlBase):
             query = query.where(F.c.flow_name == where.flow_name)
         if where.since is not None:
             query = query.where(F.c.created_at >= where.since)
+        if where.created_within is not None:
+            query = query.where(F.c.created_at >= self._now() - where.created_within)
         rows: Sequence[Row[Any]] = self._read(lambda conn: conn.execute(query).all())
         return [flow_summary(r) for r in rows]
 

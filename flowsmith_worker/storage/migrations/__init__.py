@@ -3,8 +3,9 @@
 `flowsmith migrate` applies every step above the recorded version, under a
 lock (dialects.migration_lock) so concurrent runs from several processes are
 safe. It creates only fs_* tables and touches nothing else of the user's.
-When a later version changes a table, version 1 must keep its own frozen copy
-of the tables it created instead of using schema.py's current ones.
+Each version is its own module holding the literal tables it created, frozen:
+a fresh install replays them all, and tests/test_migrations.py checks that the
+result is the schema.py of today.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.dialects import Dialect
+from flowsmith_worker.storage.migrations import v1, v2, v3
 
 
 @dataclass(frozen=True)
@@ -26,18 +28,10 @@ class Migration:
     apply: Callable[[Connection], None]
 
 
-def _create_flows_and_nodes(conn: Connection) -> None:
-    schema.metadata.create_all(conn, tables=[schema.flows, schema.nodes], checkfirst=True)
-
-
-def _create_workers_and_queues(conn: Connection) -> None:
-    schema.metadata.create_all(conn, tables=[schema.workers, schema.queues], checkfirst=True)
-    schema.flows_by_created.create(conn, checkfirst=True)
-
-
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "create fs_flows and fs_nodes", _create_flows_and_nodes),
-    Migration(2, "create fs_workers and fs_queues; index runs by age", _create_workers_and_queues),
+    Migration(1, "create fs_flows and fs_nodes", v1.apply),
+    Migration(2, "create fs_workers and fs_queues; index runs by age", v2.apply),
+    Migration(3, "names compare byte for byte; ids never reused", v3.apply),
 )
 assert MIGRATIONS[-1].version == schema.SCHEMA_VERSION
 
@@ -50,13 +44,13 @@ def current_version(conn: Connection) -> int:
     return int(found or 0)
 
 
-def migrate(conn: Connection, dialect: Dialect) -> int:
-    """Apply what is missing; return the version now in place."""
+def migrate(conn: Connection, dialect: Dialect, up_to: int = schema.SCHEMA_VERSION) -> int:
+    """Apply what is missing, up to version ``up_to``; return the version now in place."""
     with dialect.migration_lock(conn):
         schema.metadata.create_all(conn, tables=[schema.schema_version], checkfirst=True)
         version = current_version(conn)
         for step in MIGRATIONS:
-            if step.version > version:
+            if version < step.version <= up_to:
                 step.apply(conn)
                 conn.execute(
                     sa.insert(schema.schema_version).values(
