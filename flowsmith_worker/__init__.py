@@ -5,6 +5,7 @@ from __future__ import annotations
 from flowsmith_worker.config import configure
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
+    CorruptRow,
     DatabaseUnavailable,
     DuplicateFlowName,
     FlowAlreadyCompleted,
@@ -13,11 +14,22 @@ from flowsmith_worker.errors import (
     FlowSmithError,
     FlowSmithNotConfigured,
     InvalidDatabaseURL,
+    InvalidIdentifier,
+    PayloadNotJSON,
     PayloadRejected,
+    PayloadTooDeep,
+    PayloadTooLarge,
+    RunNotCancellable,
+    RunNotRetryable,
     SchemaNotMigrated,
     StepFailed,
     StepOutputNotJSON,
     StepTimeout,
+    SubflowCycle,
+    SubflowTaken,
+    TrackingIdTaken,
+    UnreadableRow,
+    UnsupportedDatabase,
 )
 from flowsmith_worker.flow import Flow
 from flowsmith_worker.rescue import start_watchdog
@@ -30,6 +42,7 @@ from flowsmith_worker.worker import Worker
 
 __all__ = [
     "Context",
+    "CorruptRow",
     "DatabaseUnavailable",
     "DuplicateFlowName",
     "Flow",
@@ -42,12 +55,23 @@ __all__ = [
     "FlowStatus",
     "InMemoryStorage",
     "InvalidDatabaseURL",
+    "InvalidIdentifier",
     "NodeStatus",
+    "PayloadNotJSON",
     "PayloadRejected",
+    "PayloadTooDeep",
+    "PayloadTooLarge",
+    "RunNotCancellable",
+    "RunNotRetryable",
     "SchemaNotMigrated",
     "StepFailed",
     "StepOutputNotJSON",
     "StepTimeout",
+    "SubflowCycle",
+    "SubflowTaken",
+    "TrackingIdTaken",
+    "UnreadableRow",
+    "UnsupportedDatabase",
     "Worker",
     "__version__",
     "configure",

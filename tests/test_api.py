@@ -25,6 +25,7 @@ from flowsmith_worker import (
     FlowSmithNotConfigured,
     InMemoryStorage,
     Worker,
+    errors,
 )
 from flowsmith_worker.cli import main
 from flowsmith_worker.config import DEFAULT_DATABASE_URL, resolve_database_url
@@ -104,6 +105,19 @@ def test_overlong_tracking_ids_are_refused_before_the_database(unique: Names) ->
     flow = Flow(unique("f"), storage=InMemoryStorage()).step("a", lambda ctx: 1)
     with pytest.raises(ValueError, match="255"):
         flow.run({}, tracking_id="x" * 256)
+
+
+def test_every_error_a_caller_can_catch_is_exported() -> None:
+    """Each FlowSmithError subclass is importable from the package and listed in __all__,
+    so applications catch our errors without importing private modules."""
+    defined = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.FlowSmithError)
+    }
+    assert defined - set(flowsmith.__all__) == set()
+    for name in defined:
+        assert getattr(flowsmith, name) is getattr(errors, name)
 
 
 # -- backoff ------------------------------------------------------------------------------
