@@ -25,7 +25,8 @@ SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
-# Large text: MySQL's TEXT stops at 64 KiB, which a ctx.data snapshot can pass.
+# Large text: MySQL's TEXT stops at 64 KiB, which a run's input, a step's output
+# or an error's traceback can pass (up to the payload limit, see payload.py).
 LongText = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 # SQLite only auto-increments INTEGER PRIMARY KEY columns.
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -99,6 +100,8 @@ nodes = sa.Table(
     sa.Column("run_after", Seconds, nullable=False),
     sa.Column("lease_owner", Identifier(64)),
     sa.Column("lease_expires_at", Seconds),
+    # No longer read: new nodes hold sql_context.NO_SNAPSHOT ('null'), as ctx.data
+    # is rebuilt from fs_flows.input and the outputs (see sql_context.py).
     sa.Column("input", LongText, nullable=False),
     sa.Column("output", LongText),
     sa.Column("error", LongText),
