@@ -654,9 +654,7 @@ class SqlStorage(SqlOperators, Storage):
 
     def cancel_flow(self, *, tracking_id: str) -> FlowRecord:
         def work(conn: Connection) -> FlowRecord:
-            row = conn.execute(
-                self.dialect.for_update(sa.select(F).where(F.c.tracking_id == tracking_id))
-            ).first()
+            row = self._lock_flow(conn, F.c.tracking_id == tracking_id)
             if row is None:
                 raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
             if row.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
