@@ -23,8 +23,9 @@ class FlowRun:
     def __repr__(self) -> str:
         return f"FlowRun({self.flow_name!r}, tracking_id={self.tracking_id!r})"
 
-    def record(self) -> FlowRecord:
-        found = self.storage.get_flow(tracking_id=self.tracking_id)
+    def record(self, with_payloads: bool = True) -> FlowRecord:
+        """The run as stored; ``with_payloads=False`` leaves its input and output unread."""
+        found = self.storage.get_flow(tracking_id=self.tracking_id, with_payloads=with_payloads)
         if found is None:
             raise FlowNotFound(
                 f"no flow run has tracking_id {self.tracking_id!r} "
@@ -39,24 +40,26 @@ class FlowRun:
         return found
 
     def status(self) -> FlowStatus:
-        return self.record().status
+        return self.record(with_payloads=False).status
 
     def trace(self) -> list[NodeRecord]:
         """Every step of the run: status, attempts, input, output, error, timings, worker."""
-        return self.storage.list_nodes(flow_id=self.record().id)
+        return self.storage.list_nodes(flow_id=self.record(with_payloads=False).id)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until the run ends; return the final ctx.data.
 
         Raises StepFailed when a step failed after all its attempts, FlowCancelled
         when it was cancelled, TimeoutError when ``timeout`` seconds pass first.
+        Each poll reads only the run's status (its input can be megabytes); the
+        final ctx.data is read once, when the run has completed.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = _FIRST_POLL_SECONDS
         while True:
-            record = self.record()
+            record = self.record(with_payloads=False)
             if record.status == FlowStatus.COMPLETED:
-                return dict(record.output or {})
+                return dict(self.record().output or {})
             if record.status == FlowStatus.FAILED:
                 raise self._failure(record)
             if record.status == FlowStatus.CANCELLED:
@@ -70,10 +73,19 @@ class FlowRun:
             pause = min(pause * 2, _MAX_POLL_SECONDS)
 
     def _failure(self, record: FlowRecord) -> StepFailed:
-        failed = [
-            n for n in self.storage.list_nodes(flow_id=record.id) if n.status == NodeStatus.FAILED
-        ]
+        """The failure of the step that failed the run.
+
+        A failed run stops its siblings, but one already running may fail after
+        it (recorded, not retried), and plan order says nothing of which came
+        first: the run keeps the error that failed it, so look for that step,
+        else take the step that failed first.
+        """
+        nodes = self.storage.list_nodes(flow_id=record.id, with_payloads=False)
+        failed = [n for n in nodes if n.status == NodeStatus.FAILED]
         if not failed:
             return StepFailed("?", 0, record.error or "unknown error", self.tracking_id)
-        node = failed[0]
+        node = next(
+            (n for n in failed if n.error == record.error),
+            min(failed, key=lambda n: (n.finished_at is None, n.finished_at or 0.0)),
+        )
         return StepFailed(node.step_name, node.attempt, node.error or "", self.tracking_id)

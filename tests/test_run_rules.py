@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from flowsmith_worker import Context, Flow, FlowStatus, NodeStatus, StepFailed, Worker
+from flowsmith_worker import Context, Flow, FlowRun, FlowStatus, NodeStatus, StepFailed, Worker
 from flowsmith_worker.decorators import step, workflow
 from flowsmith_worker.errors import RunNotCancellable, RunNotRetryable, SubflowTaken
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
@@ -167,6 +167,24 @@ def test_a_failed_run_stops_its_siblings_and_a_retry_requeues_them(
     record = storage.get_flow(tracking_id=tid)
     assert record is not None and record.status == FlowStatus.COMPLETED
     assert record.output == {"n": 1, "a": "a", "b": "b", "c": "c", "d": "d"}
+
+
+def test_wait_names_the_step_that_failed_the_run_not_the_first_in_plan_order(
+    storage: Storage, unique: Names
+) -> None:
+    """In a group `a`, `b`, `b` fails first and fails the run; `a`, already running,
+    fails after it (recorded, not retried). wait() reports `b`'s failure, the one that
+    failed the run, although `a` comes first in the plan.
+    """
+    group = (PlannedStep("a", 1), PlannedStep("b", 1))
+    storage.enqueue_flow(flow=raw_flow(tid := unique("t"), group, flow_name="group"))
+    claimed = {n.step_name: n for n in claim(storage)}
+    assert storage.fail_node(lease=claimed["b"].lease, error="b: broken", retry_delay=None)
+    assert storage.fail_node(lease=claimed["a"].lease, error="a: late", retry_delay=None)
+    assert {n.status for n in nodes_of(storage, tid).values()} == {NodeStatus.FAILED}
+    with pytest.raises(StepFailed) as failed:
+        FlowRun(storage, "group", tid).wait(timeout=1)
+    assert (failed.value.step, failed.value.error) == ("b", "b: broken")
 
 
 def test_a_failed_run_ends_a_lost_or_released_sibling_instead_of_requeueing_it(
