@@ -328,6 +328,27 @@ def test_finishing_siblings_of_a_wide_group_reads_no_payload(
     assert sorted(after.input) == ["blob", *(f"s{i}" for i in range(10))]
 
 
+def test_waiting_on_a_run_and_its_status_read_none_of_its_payloads(
+    storage: Storage, unique: Names
+) -> None:
+    """FlowRun.wait polls the run's status only: a pending run with a 1 MiB input is
+    polled for 0.2 s without reading that input (each poll used to read and parse it),
+    and status() reads none either; the final ctx.data is read once it completed."""
+    flow = Flow(unique("f"), storage=storage).step("only", lambda ctx: "ok")
+    run = flow.run({"blob": "x" * MIB}, tracking_id=unique("t"))
+
+    def wait_briefly() -> None:
+        with pytest.raises(TimeoutError):
+            run.wait(timeout=0.2)
+
+    _, peak = peak_bytes(wait_briefly)
+    assert peak < MIB / 2, f"{peak / MIB:.2f} MiB"
+    status, peak = peak_bytes(run.status)
+    assert status == FlowStatus.PENDING and peak < MIB / 2, f"{peak / MIB:.2f} MiB"
+    drain(storage)
+    assert run.wait(timeout=1) == {"blob": "x" * MIB, "only": "ok"}
+
+
 # -- the trace and the final data are rebuilt on read --------------------------------------
 
 
