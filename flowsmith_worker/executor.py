@@ -241,7 +241,7 @@ class Executor:
         return retrying(write)
 
     def _unknown_flow(self, node: ClaimedNode) -> str:
-        record = self.storage.get_flow(tracking_id=node.tracking_id)
+        record = self.storage.get_flow(tracking_id=node.tracking_id, with_payloads=False)
         module = record.plan.module if record else ""
         known = ", ".join(registry.names()) or "none"
         where = (

@@ -171,7 +171,7 @@ class Scheduler:
     def _insert(self, flow: Flow, tracking_id: str) -> bool:
         """Insert the tick's run only if no run has that tracking_id; True if inserted."""
         try:
-            if self.storage.get_flow(tracking_id=tracking_id) is not None:
+            if self.storage.get_flow(tracking_id=tracking_id, with_payloads=False) is not None:
                 log.debug("schedule.exists", flow=flow.name, tracking_id=tracking_id)
                 return False
             # Race: a run another worker inserted, ran and saw FAIL between the
