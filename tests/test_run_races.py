@@ -250,3 +250,26 @@ def test_racing_retries_that_read_failed_are_told_it_is_being_retried(
     for error in refused:
         assert isinstance(error, RunNotRetryable), error
         assert f"flow run {tid!r} is already being retried" in str(error)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_racing_triggers_of_a_failed_run_all_answer_its_current_status(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path, unique: Names
+) -> None:
+    """Three flow.run() triggers of a FAILED run queue on its row lock (on PostgreSQL
+    after reading it FAILED): one resumes it, and the two others re-read the run and
+    answer RUNNING, not the FAILED they read before they waited.
+    """
+    storage = sql_storage(request, backend, tmp_path)
+    storage.enqueue_flow(flow=raw_flow(tid := unique("t"), ONE))
+    step = claim_one(storage, tid)
+    assert storage.fail_node(lease=step.lease, error="boom", retry_delay=None)
+    with run_row_locked(storage, tid):
+        triggers = [
+            Background(lambda: storage.enqueue_flow(flow=raw_flow(tid, ONE))) for _ in range(3)
+        ]
+        # InnoDB refreshes INNODB_TRX only after 0.1 s without reads: poll slower.
+        eventually(lambda: lock_waits(storage) == 3, interval=0.25)
+    results = [t.result() for t in triggers]
+    assert sorted(r.resumed for r in results) == [False, False, True], results
+    assert {r.status for r in results} == {FlowStatus.RUNNING}, results

@@ -21,7 +21,14 @@ from flowsmith_worker.decorators import step, workflow
 from flowsmith_worker.errors import RunNotCancellable, RunNotRetryable, SubflowTaken
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
 from flowsmith_worker.progress import STOPPED_BY_FAILURE
-from flowsmith_worker.storage.base import RESCUE_ERROR, ClaimedNode, NewFlow, NodeRecord, Storage
+from flowsmith_worker.storage.base import (
+    RESCUE_ERROR,
+    ClaimedNode,
+    EnqueueResult,
+    NewFlow,
+    NodeRecord,
+    Storage,
+)
 from tests.conftest import eventually
 
 Names = Callable[[str], str]
@@ -362,6 +369,30 @@ def test_racing_retries_one_wins_the_others_are_told_it_is_being_retried(
     for message in refused:
         assert "is FAILED" not in message
         assert "already being retried" in message or "is RUNNING" in message
+
+
+def test_racing_triggers_of_a_failed_run_one_resumes_the_others_see_it_running(
+    storage: Storage, unique: Names
+) -> None:
+    """Eight threads trigger one FAILED run again at once (flow.run with its tracking_id):
+    exactly one resumes it, and every other is answered with the run's status as it is
+    now, RUNNING, never the FAILED it may have read before the winner committed.
+    """
+    failed_run(storage, tid := unique("t"))
+    barrier = threading.Barrier(8)
+    results: list[EnqueueResult] = []
+
+    def trigger() -> None:
+        barrier.wait()
+        results.append(storage.enqueue_flow(flow=raw_flow(tid, ONE)))
+
+    threads = [threading.Thread(target=trigger) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 8 and sum(r.resumed for r in results) == 1, results
+    assert {r.status for r in results} == {FlowStatus.RUNNING}, results
 
 
 def test_cancel_and_retry_refuse_with_typed_errors(storage: Storage, unique: Names) -> None:

@@ -101,11 +101,14 @@ class SqlStorage(SqlOperators, Storage):
         if parent_node_id is not None:
             row = self._adopt(conn, row, parent_node_id)
         status = FlowStatus(row.status)
+        if status == FlowStatus.FAILED:
+            if self._resume(conn, row):
+                self.dialect.notify(conn, row.queue)
+                return EnqueueResult(row.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
+            # Another trigger resumed it after our read: answer with what it is now.
+            status = self._status_now(conn, row)
         if status == FlowStatus.COMPLETED:
             raise FlowAlreadyCompleted.for_run(row.flow_name, flow.tracking_id)
-        if status == FlowStatus.FAILED and self._resume(conn, row):
-            self.dialect.notify(conn, row.queue)
-            return EnqueueResult(row.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
         return EnqueueResult(row.id, flow.tracking_id, status, False, False)
 
     def _adopt(self, conn: Connection, row: Row[Any], parent_node_id: int) -> Row[Any]:
@@ -171,12 +174,23 @@ class SqlStorage(SqlOperators, Storage):
 
     def _refuse_lost_resume(self, conn: Connection, flow_row: Row[Any]) -> None:
         """The run was FAILED when read, but another retry changed it first: say what it is now."""
-        now = conn.execute(sa.select(F.c.status).where(F.c.id == flow_row.id)).scalar()
-        if now is None:
-            raise FlowNotFound(f"no flow run has tracking_id {flow_row.tracking_id!r} (pruned)")
+        now = self._status_now(conn, flow_row)
         if now in (FlowStatus.PENDING, FlowStatus.RUNNING):
             raise RunNotRetryable.being_retried(flow_row.tracking_id)
         raise RunNotRetryable.for_run(flow_row.tracking_id, now)
+
+    def _status_now(self, conn: Connection, flow_row: Row[Any]) -> FlowStatus:
+        """The run's status as last committed, read again after our resume lost the race.
+
+        for_latest: in a REPEATABLE READ snapshot (a caller's connection= on
+        MySQL) a plain read would give back the FAILED we already saw.
+        """
+        now = conn.execute(
+            self.dialect.for_latest(sa.select(F.c.status).where(F.c.id == flow_row.id))
+        ).scalar()
+        if now is None:
+            raise FlowNotFound(f"no flow run has tracking_id {flow_row.tracking_id!r} (pruned)")
+        return FlowStatus(now)
 
     def _resume(self, conn: Connection, flow_row: Row[Any]) -> bool:
         """Re-queue the failed node(s) and the ones the failure stopped, with fresh attempts.
