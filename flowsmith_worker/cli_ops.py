@@ -39,7 +39,8 @@ from flowsmith_worker.cli_format import (
     short_worker,
 )
 from flowsmith_worker.config import resolve_database_url
-from flowsmith_worker.errors import FlowNotFound
+from flowsmith_worker.errors import FlowNotFound, RunNotCancellable, RunNotRetryable
+from flowsmith_worker.progress import RESUMED_ON_RETRY
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
     FlowFilter,
@@ -53,6 +54,7 @@ from flowsmith_worker.storage.base import (
 
 EXIT_OK = 0
 EXIT_FLOW_FAILED = 1
+EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 
@@ -77,6 +79,12 @@ class FlowRunNotFound(click.ClickException):
     exit_code = EXIT_NOT_FOUND
 
 
+class Refused(click.ClickException):
+    """The storage refused the command (e.g. retry of a run that is not FAILED): exit code 1."""
+
+    exit_code = EXIT_REFUSED
+
+
 # -- storage --------------------------------------------------------------------
 
 
@@ -88,6 +96,9 @@ def open_storage(url: str | None) -> Iterator[Storage]:
         yield storage
     except FlowNotFound as exc:  # pruned between our read and our write
         raise FlowRunNotFound(printable(str(exc))) from None
+    except (RunNotRetryable, RunNotCancellable) as exc:
+        # The storage decides under the run's lock, and its message says why.
+        raise Refused(printable(str(exc))) from None
     finally:
         storage.close()
 
@@ -350,14 +361,15 @@ def flows(
 @url_option
 @json_option
 def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
-    """Resume a FAILED flow run: only its failed step(s) run again.
+    """Resume a FAILED flow run: only its failed step(s), and those the failure stopped, run again.
 
     The steps that completed keep their outputs and do not run again; each
-    failed step gets a fresh allowance of attempts. A worker picks them up.
+    failed step, and each parallel sibling its failure stopped, gets a fresh
+    allowance of attempts. A worker picks them up.
 
     \b
     Exit codes:
-      0  the failed step(s) are queued again
+      0  the step(s) are queued again
       1  the run is not FAILED (nothing done), or an error
       2  usage error
       3  no flow run has TRACKING_ID
@@ -370,36 +382,21 @@ def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
     """
     with open_storage(url) as storage:
         flow = get_flow_or_exit(storage, tracking_id)
-        if "status" in flow.unreadable or flow.status != FlowStatus.FAILED:
-            raise click.ClickException(printable(_cannot_retry(flow)))
-        failed = [
+        _refuse_unreadable_status(flow)
+        requeued = [
             n.step_name
             for n in storage.list_nodes(flow_id=flow.id, with_payloads=False)
-            if n.status == NodeStatus.FAILED and "status" not in n.unreadable
+            if n.status in RESUMED_ON_RETRY and "status" not in n.unreadable
         ]
         result = storage.resume_flow(tracking_id=tracking_id)
     if as_json:
-        echo_json({**dataclasses.asdict(result), "requeued_steps": failed})
+        echo_json({**dataclasses.asdict(result), "requeued_steps": requeued})
         return
-    steps = ", ".join(repr(s) for s in failed) or "(none)"
+    steps = ", ".join(repr(s) for s in requeued) or "(none)"
     echo(
         f"Retrying flow run {tracking_id!r} ({flow.flow_name}): step(s) {steps} queued "
         "again; the completed steps keep their outputs."
     )
-
-
-def _cannot_retry(flow: FlowRecord) -> str:
-    run = f"flow run {flow.tracking_id!r} ({flow.flow_name})"
-    if "status" in flow.unreadable:
-        return _unreadable_status(run, flow)
-    if flow.status == FlowStatus.COMPLETED:
-        return (
-            f"{run} is COMPLETED: only a FAILED run can be retried "
-            "(a completed run never runs again; use a new tracking_id for a new run)"
-        )
-    if flow.status == FlowStatus.CANCELLED:
-        return f"{run} was CANCELLED: only a FAILED run can be retried"
-    return f"{run} is {flow.status.value}, not finished: only a FAILED run can be retried"
 
 
 @main.command()
@@ -427,12 +424,9 @@ def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:
     """
     with open_storage(url) as storage:
         flow = get_flow_or_exit(storage, tracking_id)
+        _refuse_unreadable_status(flow)
         already = flow.status == FlowStatus.CANCELLED
-        if "status" in flow.unreadable or flow.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
-            raise click.ClickException(printable(_cannot_cancel(flow)))
         record = flow if already else storage.cancel_flow(tracking_id=tracking_id)
-        if record.status != FlowStatus.CANCELLED:  # it finished in the meantime
-            raise click.ClickException(printable(_cannot_cancel(record)))
         nodes = storage.list_nodes(flow_id=record.id, with_payloads=False)
     running = [n for n in nodes if n.status == NodeStatus.RUNNING]
     cancelled = [n.step_name for n in nodes if n.status == NodeStatus.CANCELLED]
@@ -458,21 +452,18 @@ def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:
         echo(f"Still running, will finish, and the run goes no further: {names}.")
 
 
-def _unreadable_status(run: str, flow: FlowRecord) -> str:
-    return (
-        f"{run} has a stored status that cannot be read ({flow.unreadable['status']}): "
-        "nothing done; set fs_flows.status to one of "
-        f"{', '.join(s.value for s in FlowStatus)} by hand, or delete the run"
+def _refuse_unreadable_status(flow: FlowRecord) -> None:
+    """Do nothing to a run whose stored status is unknown: the storage would take it at
+    its word (a cancel would overwrite it, a retry would call it not FAILED)."""
+    if "status" not in flow.unreadable:
+        return
+    raise Refused(
+        printable(
+            f"flow run {flow.tracking_id!r} ({flow.flow_name}) has a stored status that cannot "
+            f"be read ({flow.unreadable['status']}): nothing done; set fs_flows.status to one "
+            f"of {', '.join(s.value for s in FlowStatus)} by hand, or delete the run"
+        )
     )
-
-
-def _cannot_cancel(flow: FlowRecord) -> str:
-    run = f"flow run {flow.tracking_id!r} ({flow.flow_name})"
-    if "status" in flow.unreadable:
-        return _unreadable_status(run, flow)
-    if flow.status == FlowStatus.COMPLETED:
-        return f"{run} has already COMPLETED; there is nothing to cancel"
-    return f"{run} has already FAILED; there is nothing to cancel (it runs again only if retried)"
 
 
 @main.command()

@@ -80,6 +80,10 @@ STOPPED_BY_FAILURE = (
     "stopped: another step failed this run, so this one was not run (again); "
     "`flowsmith retry` (or triggering the run again) runs it"
 )
+# What resuming a FAILED run re-queues: its failed nodes and those its failure
+# stopped. In a FAILED run a CANCELLED node is one of the latter: a cancel makes
+# the run CANCELLED, and a CANCELLED run is never resumed.
+RESUMED_ON_RETRY = frozenset({NodeStatus.FAILED, NodeStatus.CANCELLED})
 
 
 def after_lost_lease(run: FlowStatus, rescues: int, max_rescues: int) -> NodeStatus:

@@ -311,6 +311,46 @@ def test_retry_prints_what_it_queued(sqlite_db: Db, unique: Names) -> None:
     assert flow_of(sqlite_db.storage, tracking_id).status == FlowStatus.RUNNING
 
 
+def test_retry_lists_the_siblings_the_failure_stopped_and_refuses_in_the_storages_words(
+    sqlite_db: Db, unique: Names
+) -> None:
+    """A parallel group where `charge` fails and stops `ship` before it ran: retry
+    re-queues both and lists both; the run then completes. Retrying it again (now
+    COMPLETED) or cancelling a FAILED run is refused with exit 1 in the storage's words.
+    """
+    broken = {"charge": True}
+
+    def charge(ctx: Context) -> str:
+        if broken["charge"]:
+            raise ValueError("card declined")
+        return "charged"
+
+    flow = Flow(unique("order"), storage=sqlite_db.storage)
+    with flow.parallel():
+        flow.step("charge", charge).step("ship", lambda ctx: "shipped")
+    tracking_id = unique("order")
+    flow.run(tracking_id=tracking_id)
+    [charge_node] = sqlite_db.storage.claim_nodes(
+        worker_id="w", limit=1, lease_seconds=30, queues=["default"]
+    )
+    assert charge_node.step_name == "charge"
+    sqlite_db.storage.fail_node(lease=charge_node.lease, error="card declined", retry_delay=None)
+
+    refused = cli(sqlite_db.url, "cancel", tracking_id)
+    assert refused.exit_code == 1
+    assert "is FAILED: only a pending or running run can be cancelled" in refused.stderr
+
+    broken["charge"] = False
+    data = cli_json(sqlite_db.url, "retry", tracking_id)
+    assert sorted(data["requeued_steps"]) == ["charge", "ship"]
+    drain(sqlite_db.storage)
+    assert flow_of(sqlite_db.storage, tracking_id).status == FlowStatus.COMPLETED
+
+    again = cli(sqlite_db.url, "retry", tracking_id)
+    assert again.exit_code == 1 and "Traceback" not in again.output
+    assert "is COMPLETED: only a FAILED run can be retried" in again.stderr
+
+
 # -- cancel -----------------------------------------------------------------------------
 
 
@@ -351,7 +391,7 @@ def test_cancel_a_pending_run_its_steps_never_start(db: Db, unique: Names) -> No
     drain(db.storage)
     refused = cli(db.url, "cancel", done)
     assert refused.exit_code == 1
-    assert "has already COMPLETED; there is nothing to cancel" in refused.stderr
+    assert "is COMPLETED: only a pending or running run can be cancelled" in refused.stderr
 
 
 def test_cancel_a_running_step_finishes_and_the_run_goes_no_further(db: Db, unique: Names) -> None:

@@ -212,7 +212,7 @@ class SqlStorage(SqlOperators, Storage):
         failed = conn.execute(
             sa.select(N.c.id, N.c.step_name, N.c.attempt).where(
                 N.c.flow_id == flow_row.id,
-                N.c.status.in_([NodeStatus.FAILED, NodeStatus.CANCELLED]),
+                N.c.status.in_(progress.RESUMED_ON_RETRY),
             )
         ).all()
         for node in failed:
