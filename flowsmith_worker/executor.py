@@ -199,9 +199,10 @@ class Executor:
         except PayloadRejected as exc:
             if outcome in (Outcome.RETRY, Outcome.FAILED):
                 raise  # a failure stores no JSON: this cannot happen, and must not loop
-            # What this outcome would have stored next (the run's data for the
-            # next step, a parent's output) is over the limits: fail the attempt now
-            # rather than leave the node to its lease. Running it again cannot help.
+            # What this outcome would also store is over the limits: the last step
+            # of a subflow stores the child's final ctx.data as its parent step's
+            # output. Fail the attempt now rather than leave the node to its lease;
+            # running it again cannot help.
             error = f"step {node.step_name!r} finished, but its outcome cannot be stored: {exc}"
             return self._record_failure(node, None, _Failure(error, retryable=False), bound)
         if not written:

@@ -228,6 +228,26 @@ def test_run_data_past_the_limit_is_stored_as_outputs_but_never_copied_whole(
     assert storage.get_flow(tracking_id=f"{run.tracking_id}:c") is None
 
 
+def test_a_subflow_whose_final_data_is_over_the_limit_fails_at_once(
+    storage: Storage, unique: Names, small_payload_limit: int
+) -> None:
+    """The child's input and its step's output each fit, but its final ctx.data, which
+    becomes the parent step's output, does not: the child's last step fails at once
+    (retries=3, no retry) saying its outcome cannot be stored, and so does the parent.
+    """
+    half = "y" * (small_payload_limit // 2 + 100)
+    child = Flow(unique("child"), storage=storage).step("big", lambda ctx: half, retries=3)
+    parent = Flow(unique("parent"), storage=storage).subflow("sub", child)
+    run = parent.run({"blob": half}, tracking_id=unique("t"))
+    drain(storage, lease_seconds=60)
+    _, node = only_node(storage, f"{run.tracking_id}:sub")
+    assert (node.status, node.attempt) == (NodeStatus.FAILED, 1)
+    assert "step 'big' finished, but its outcome cannot be stored" in (node.error or "")
+    assert f"over the limit of {small_payload_limit} bytes" in (node.error or "")
+    record, sub = only_node(storage, run.tracking_id)
+    assert (record.status, sub.status) == (FlowStatus.FAILED, NodeStatus.FAILED)
+
+
 def test_an_output_nested_a_thousand_levels_fails_at_once(storage: Storage, unique: Names) -> None:
     """A 1,000-deep output is refused before the database sees it, naming the depth limit."""
 
