@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -38,11 +37,12 @@ def parse_duration(text: str) -> float | None:
     return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(cleaned))
 
 
-def parse_when(text: str, now: float | None = None) -> float | None:
-    """Seconds since the epoch for a duration ago ('2h') or an ISO date/datetime (UTC if naive)."""
-    ago = parse_duration(text)
-    if ago is not None:
-        return (time.time() if now is None else now) - ago
+def parse_when(text: str) -> float | None:
+    """Seconds since the epoch for an ISO date/datetime (UTC if naive); None if it is not one.
+
+    A duration ago ('2h') is not resolved here: Since leaves it to the database
+    clock (Ago), as this host's may be off.
+    """
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
