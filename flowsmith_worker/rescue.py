@@ -21,12 +21,21 @@ log = get_logger("flowsmith.rescue")
 
 
 class Rescuer:
-    def __init__(self, storage: Storage, interval: float, rescuer_id: str = "watchdog") -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        interval: float,
+        rescuer_id: str = "watchdog",
+        first_delay: float | None = None,
+    ) -> None:
         self.storage = storage
         self.interval = interval
         self.log = log.bind(worker_id=rescuer_id)
-        # A random first delay, so workers started together do not rescue in step.
-        self._next_run = time.monotonic() + random.uniform(0, interval)
+        # By default a random first delay, so workers started together do not
+        # rescue in step; a test that must know when the loop wakes sets it.
+        if first_delay is None:
+            first_delay = random.uniform(0, interval)
+        self._next_run = time.monotonic() + first_delay
 
     def seconds_until_due(self) -> float:
         return max(0.0, self._next_run - time.monotonic())

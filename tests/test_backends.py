@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from flowsmith_worker import Context, Flow, FlowStatus, NodeStatus, Worker, configure
 from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL
+from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Storage
 from flowsmith_worker.storage.schema import SCHEMA_VERSION
@@ -108,16 +109,42 @@ def test_notify_wakes_an_idle_worker_long_before_its_next_poll(
     assert any(line["event"] == "listen.lost" for line in logs)
 
 
+class RecordedWakeup(threading.Event):
+    """A worker's wakeup event that records each sleep: how long it was to be, and
+    whether it ended by being woken (True) or by its timer running out (False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asleep = threading.Event()
+        self.sleeps: list[tuple[float | None, bool]] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.asleep.set()
+        woken = super().wait(timeout)
+        self.sleeps.append((timeout, woken))
+        return woken
+
+
 def test_no_listen_means_polling_only(pg_storage: SqlStorage, unique: Names) -> None:
-    """--no-listen (PgBouncer in transaction mode): the flow waits for the next poll."""
+    """--no-listen (PgBouncer in transaction mode): a run enqueued while the worker
+    sleeps waits for its next poll. The NOTIFY the enqueue sends does not end that
+    sleep: it runs its whole poll interval (the rescue pushed out of the way), and
+    only the claim after it starts the run.
+    """
+    poll = 1.0
     flow = Flow(unique("f"), storage=pg_storage).step("a", lambda ctx: "done")
-    worker, thread = start_worker(pg_storage, poll_interval=3, lease_seconds=120, listen=False)
+    worker = Worker(storage=pg_storage, poll_interval=poll, lease_seconds=120, listen=False)
+    worker.rescuer = Rescuer(pg_storage, interval=600, rescuer_id=worker.id, first_delay=600)
+    worker.wakeup = wakeup = RecordedWakeup()
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
     try:
-        time.sleep(0.3)
+        assert wakeup.asleep.wait(10)  # its first claim found nothing: asleep until its poll
         run = flow.run({}, tracking_id=unique("t"))
-        time.sleep(1.0)
-        assert run.status() == FlowStatus.PENDING
         assert run.wait(timeout=10) == {"a": "done"}
+        timeout, woken = wakeup.sleeps[0]
+        assert not woken, "the sleep was cut short: the worker heard the NOTIFY"
+        assert timeout is not None and timeout >= 0.9 * poll  # the poll's, not the rescue's
     finally:
         stop_worker(worker, thread)
 
