@@ -46,7 +46,7 @@ from flowsmith_worker.flow import Flow, StepSpec
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.progress import attempts_left
 from flowsmith_worker.retry import DEFAULT_BACKOFF, retry_delay
-from flowsmith_worker.storage.base import ClaimedNode, Lease, NewFlow, Storage
+from flowsmith_worker.storage.base import ClaimedNode, Lease, NewFlow, NodeStatus, Storage
 
 T = TypeVar("T")
 DEFAULT_GIVE_UP_SECONDS = 30.0
@@ -60,6 +60,7 @@ class Outcome(StrEnum):
     COMPLETED = "completed"
     SKIPPED = "skipped"
     WAITING = "waiting"  # a subflow was started
+    STOPPED = "stopped"  # its run was over (failed or cancelled): no subflow was started
     RETRY = "retry_scheduled"
     FAILED = "failed"
     LEASE_LOST = "lease_lost"  # our write was refused: a newer attempt owns the node
@@ -134,7 +135,9 @@ class Executor:
                     node,
                     bound,
                     Outcome.WAITING,
-                    lambda: self.storage.start_subflow(lease=node.lease, child=child),
+                    lambda: _subflow_written(
+                        self.storage.start_subflow(lease=node.lease, child=child)
+                    ),
                 )
             _check_output(spec, result)
         except BaseException as exc:
@@ -178,10 +181,14 @@ class Executor:
         node: ClaimedNode,
         bound: Any,
         outcome: Outcome,
-        write: Callable[[], bool],
+        write: Callable[[], bool | Outcome],
         **fields: Any,
     ) -> Outcome:
-        """Write the outcome; while the database is away, try again, up to the lease."""
+        """Write the outcome; while the database is away, try again, up to the lease.
+
+        ``write`` returns True when written as intended, False when the lease was
+        lost, or the Outcome the storage recorded instead.
+        """
         if not self.lease_held(node.lease):
             return self._withhold(bound, outcome)
         try:
@@ -208,6 +215,8 @@ class Executor:
         if not written:
             bound.warning("step.lease_lost", intended=str(outcome))
             return Outcome.LEASE_LOST
+        if isinstance(written, Outcome):
+            outcome = written
         level = "warning" if outcome in (Outcome.RETRY, Outcome.FAILED) else "info"
         getattr(bound, level)(f"step.{outcome}", **fields)
         return outcome
@@ -319,6 +328,14 @@ def _check_output(spec: StepSpec, result: Any) -> None:
         payload.encode(result, what=f"step {spec.name!r} returned a {type(result).__name__}, which")
     except PayloadNotJSON as exc:
         raise StepOutputNotJSON(str(exc)) from None
+
+
+def _subflow_written(status: NodeStatus | None) -> bool | Outcome:
+    """What start_subflow's answer means for _write: a node its run's end stopped is
+    not WAITING for any child."""
+    if status is None:
+        return False
+    return Outcome.STOPPED if status == NodeStatus.CANCELLED else True
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -36,7 +36,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 # Which counter each executor.Outcome moves. A skipped step (its condition was
 # False) and a waiting one (its subflow was started) are done with as far as
 # this step is concerned, so they count as completed. lease_lost moves no
-# counter: a newer attempt owns the node and is counted when it ends.
+# counter: a newer attempt owns the node and is counted when it ends. Nor does
+# stopped: the step that failed the run (or the operator's cancel) ended it.
 _COUNTER_FOR_OUTCOME = {
     "completed": "completed",
     "skipped": "completed",
@@ -44,6 +45,7 @@ _COUNTER_FOR_OUTCOME = {
     "retry_scheduled": "retried",
     "failed": "failed",  # failed for good: no attempt left
     "lease_lost": None,
+    "stopped": None,
 }
 
 

@@ -73,19 +73,21 @@ def sample(srv: MetricsServer, name: str, **labels: str) -> float | None:
 
 def test_counters_follow_outcomes(server: MetricsServer, metrics: WorkerMetrics) -> None:
     """Each outcome moves its counter: completed+skipped+waiting → completed,
-    retry_scheduled → retried, failed → failed, lease_lost → none; rescues and starts count."""
-    for _ in range(6):
+    retry_scheduled → retried, failed → failed, lease_lost and stopped → none; rescues and
+    starts count."""
+    outcomes = ("completed", "skipped", "waiting", "retry_scheduled", "failed", "lease_lost")
+    for _ in range(7):
         metrics.step_started(ORDERS.name, "charge")
-    for outcome in ("completed", "skipped", "waiting", "retry_scheduled", "failed", "lease_lost"):
+    for outcome in (*outcomes, "stopped"):
         metrics.step_finished(ORDERS.name, "charge", outcome, 0.1)
     metrics.step_rescued(ORDERS.name, "charge")
 
-    assert sample(server, "flowsmith_steps_started_total", **LABELS) == 6
+    assert sample(server, "flowsmith_steps_started_total", **LABELS) == 7
     assert sample(server, "flowsmith_steps_completed_total", **LABELS) == 3
     assert sample(server, "flowsmith_steps_retried_total", **LABELS) == 1
     assert sample(server, "flowsmith_steps_failed_total", **LABELS) == 1
     assert sample(server, "flowsmith_steps_rescued_total", **LABELS) == 1
-    assert sample(server, "flowsmith_step_duration_seconds_count", **LABELS) == 6
+    assert sample(server, "flowsmith_step_duration_seconds_count", **LABELS) == 7
 
 
 def test_duration_histogram_buckets(server: MetricsServer, metrics: WorkerMetrics) -> None:

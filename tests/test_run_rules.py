@@ -278,12 +278,12 @@ def test_a_subflow_step_of_a_failed_run_starts_no_child(storage: Storage, unique
     claimed = {n.step_name: n for n in claim(storage)}
     assert storage.fail_node(lease=claimed["a"].lease, error="a: broken", retry_delay=None)
     child = raw_flow(unique("child"), ONE)
-    assert storage.start_subflow(lease=claimed["sub"].lease, child=child)
+    assert storage.start_subflow(lease=claimed["sub"].lease, child=child) == NodeStatus.CANCELLED
     assert storage.get_flow(tracking_id=child.tracking_id) is None
     assert nodes_of(storage, late)["sub"].status == NodeStatus.CANCELLED
 
     child2 = raw_flow(unique("child"), ONE)
-    assert storage.start_subflow(lease=claimed["sub2"].lease, child=child2)
+    assert storage.start_subflow(lease=claimed["sub2"].lease, child=child2) == NodeStatus.WAITING
     assert storage.fail_node(lease=claimed["a2"].lease, error="a2: broken", retry_delay=None)
     [child_node] = claim(storage)
     assert storage.fail_node(lease=child_node.lease, error="child: broken", retry_delay=None)
@@ -292,6 +292,35 @@ def test_a_subflow_step_of_a_failed_run_starts_no_child(storage: Storage, unique
     record = storage.get_flow(tracking_id=waiting)
     assert record is not None and record.error == "a2: broken"
     assert claim(storage) == []
+
+
+def test_a_subflow_step_its_failed_run_stopped_is_logged_as_stopped_not_waiting(
+    storage: Storage, unique: Names, logs: list[dict[str, Any]]
+) -> None:
+    """Worker threads run a group where `boom` fails the run while `sub`'s function is
+    still choosing its child: `sub` starts no child and ends CANCELLED, and the worker
+    logs `step.stopped` for it, not `step.waiting` (no child exists to wait for).
+    """
+    tid = unique("t")
+    child = Flow(unique("child"), storage).step("c", lambda ctx: "c")
+
+    def boom(ctx: Context) -> None:
+        raise RuntimeError("boom")
+
+    def child_id(ctx: Context) -> str:
+        eventually(lambda: status_of(storage, tid) == FlowStatus.FAILED)
+        return f"{tid}:child"
+
+    flow = Flow(unique("group"), storage)
+    with flow.parallel():
+        flow.step("boom", boom)
+        flow.subflow("sub", child, tracking_id=child_id)
+    flow.run({}, tracking_id=tid)
+    Worker(storage, concurrency=2, poll_interval=POLL).run_until_idle(timeout=30)
+    events = [e["event"] for e in logs if e.get("step") == "sub" and e["event"] != "step.claimed"]
+    assert events == ["step.started", "subflow.starting", "step.stopped"]
+    assert nodes_of(storage, tid)["sub"].status == NodeStatus.CANCELLED
+    assert storage.get_flow(tracking_id=f"{tid}:child") is None
 
 
 # -- subflow cycles ---------------------------------------------------------------------

@@ -234,8 +234,14 @@ class Storage(abc.ABC):
         """Re-queue after ``retry_delay`` seconds, or fail node and flow when it is None."""
 
     @abc.abstractmethod
-    def start_subflow(self, *, lease: Lease, child: NewFlow) -> bool:
-        """Enqueue (or resume) the child flow and park the node WAITING for it."""
+    def start_subflow(self, *, lease: Lease, child: NewFlow) -> NodeStatus | None:
+        """Enqueue (or resume) the child flow and park the node WAITING for it.
+
+        Returns the node's status after the write: WAITING, or COMPLETED when the
+        child had already completed; CANCELLED when the node's run was already
+        over (failed or cancelled), so no child was started; None if the lease
+        was lost.
+        """
 
     @abc.abstractmethod
     def extend_leases(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
@@ -54,6 +54,7 @@ from flowsmith_worker.storage.sql_context import RunPayloads
 from flowsmith_worker.storage.sql_operators import SqlOperators
 
 Q = schema.queues
+T = TypeVar("T")
 log = get_logger("flowsmith.storage")
 
 
@@ -445,7 +446,7 @@ class SqlStorage(SqlOperators, Storage):
 
         return self._advancing(lease, work)
 
-    def _advancing(self, lease: Lease, work: Callable[[Connection], bool]) -> bool:
+    def _advancing(self, lease: Lease, work: Callable[[Connection], T]) -> T:
         """Run ``work``, a write of an attempt's outcome that moves the run on.
 
         Moving on parses stored JSON (the plan, a finished subflow's payloads).
@@ -496,26 +497,26 @@ class SqlStorage(SqlOperators, Storage):
 
         return self._transact(work)
 
-    def start_subflow(self, *, lease: Lease, child: NewFlow) -> bool:
-        def work(conn: Connection) -> bool:
+    def start_subflow(self, *, lease: Lease, child: NewFlow) -> NodeStatus | None:
+        def work(conn: Connection) -> NodeStatus | None:
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
             if flow_row is None:
-                return False  # the run was pruned while this step ran
-            if flow_row.status == FlowStatus.CANCELLED:
-                return bool(
-                    conn.execute(
-                        self._fenced(lease).values(
-                            status=NodeStatus.CANCELLED, finished_at=self._now()
-                        )
-                    ).rowcount
+                return None  # the run was pruned while this step ran
+            if flow_row.status in (FlowStatus.CANCELLED, FlowStatus.FAILED):
+                # The run is over: no child now. A cancel's nodes end CANCELLED; a
+                # failure's are stopped, so a retry of the run starts this step again.
+                ended = (
+                    dict(status=NodeStatus.CANCELLED, finished_at=self._now())
+                    if flow_row.status == FlowStatus.CANCELLED
+                    else self._stopped()
                 )
-            if flow_row.status == FlowStatus.FAILED:  # another step failed it: no child now
-                return bool(conn.execute(self._fenced(lease).values(**self._stopped())).rowcount)
+                stopped = conn.execute(self._fenced(lease).values(**ended)).rowcount
+                return NodeStatus.CANCELLED if stopped else None
             parked = conn.execute(
                 self._fenced(lease).values(status=NodeStatus.WAITING, lease_expires_at=None)
             ).rowcount
             if not parked:
-                return False
+                return None
             try:
                 self._enqueue(conn, child, parent_node_id=lease.node_id)
             except FlowAlreadyCompleted:
@@ -525,7 +526,8 @@ class SqlStorage(SqlOperators, Storage):
                         f"the completed subflow run {child.tracking_id!r} was pruned meanwhile"
                     ) from None
                 self._child_completed(conn, lease.node_id, done.final_data())
-            return True
+                return NodeStatus.COMPLETED
+            return NodeStatus.WAITING
 
         return self._advancing(lease, work)
 
