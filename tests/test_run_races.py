@@ -123,7 +123,7 @@ class AdoptionRace:
     child: str
     child_step: ClaimedNode
     rival: Any  # what the rival transaction returned or raised
-    adoption: Any  # what start_subflow returned or raised
+    adoption: Any  # what start_subflow returned (the node's status) or raised
 
 
 def adoption_race(
@@ -166,7 +166,7 @@ def test_adopting_a_run_as_it_completes_hears_its_completion(
         unique,
         lambda child, step: storage.complete_node(lease=step.lease, output="child done"),
     )
-    assert race.rival is True and race.adoption is True
+    assert race.rival is True and race.adoption == NodeStatus.COMPLETED
     record = storage.get_flow(tracking_id=race.parent)
     assert record is not None and record.status == FlowStatus.COMPLETED
     assert record.output is not None and record.output["sub"]["only"] == "child done"
@@ -207,7 +207,7 @@ def test_two_parents_adopting_one_run_at_once_only_one_gets_it(
             lease=first_step.lease, child=raw_flow(child, ONE)
         ),
     )
-    assert race.rival is True
+    assert race.rival == NodeStatus.WAITING
     assert isinstance(race.adoption, SubflowTaken), race.adoption
     assert step_of(storage, race.parent).status == NodeStatus.RUNNING  # left to its worker
     assert storage.complete_node(lease=race.child_step.lease, output="child done")
