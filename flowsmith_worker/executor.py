@@ -168,8 +168,8 @@ class Executor:
             node,
             bound,
             outcome,
-            lambda: self.storage.fail_node(
-                lease=node.lease, error=failure.error, retry_delay=delay
+            lambda: _failure_written(
+                self.storage.fail_node(lease=node.lease, error=failure.error, retry_delay=delay)
             ),
             error=failure.error.strip().splitlines()[-1] if failure.error.strip() else "",
             retry_in=None if delay is None else round(delay, 3),
@@ -336,6 +336,17 @@ def _subflow_written(status: NodeStatus | None) -> bool | Outcome:
     if status is None:
         return False
     return Outcome.STOPPED if status == NodeStatus.CANCELLED else True
+
+
+def _failure_written(status: NodeStatus | None) -> bool | Outcome:
+    """What fail_node's answer means for _write: a run that is already over
+    schedules no retry, whatever was intended."""
+    if status is None:
+        return False
+    return {
+        NodeStatus.PENDING: Outcome.RETRY,
+        NodeStatus.FAILED: Outcome.FAILED,
+    }.get(status, Outcome.STOPPED)
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -242,7 +242,7 @@ def test_a_worker_that_lost_its_lease_cannot_overwrite_the_newer_attempt(
     [new] = storage.claim_nodes(worker_id="new", limit=1, lease_seconds=30, queues=["default"])
     assert new.attempt == 2
     assert storage.complete_node(lease=old.lease, output="stale") is False
-    assert storage.fail_node(lease=old.lease, error="stale", retry_delay=None) is False
+    assert storage.fail_node(lease=old.lease, error="stale", retry_delay=None) is None
     assert storage.extend_leases(worker_id="old", node_ids=[new.node_id], lease_seconds=30) == 0
     assert storage.complete_node(lease=new.lease, output="fresh") is True
     record = storage.get_flow(tracking_id=tid)
@@ -579,4 +579,4 @@ def test_a_step_finishing_after_its_run_was_pruned_is_refused_quietly(
     time.sleep(0.05)
     assert storage.prune_flows(older_than_seconds=0.01) == 1
     assert storage.complete_node(lease=node.lease, output="late") is False
-    assert storage.fail_node(lease=node.lease, error="late", retry_delay=None) is False
+    assert storage.fail_node(lease=node.lease, error="late", retry_delay=None) is None

@@ -19,6 +19,7 @@ import pytest
 from flowsmith_worker import Context, Flow, FlowRun, FlowStatus, NodeStatus, StepFailed, Worker
 from flowsmith_worker.decorators import step, workflow
 from flowsmith_worker.errors import RunNotCancellable, RunNotRetryable, SubflowTaken
+from flowsmith_worker.executor import Executor, Outcome
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
 from flowsmith_worker.progress import STOPPED_BY_FAILURE
 from flowsmith_worker.storage.base import (
@@ -487,3 +488,29 @@ def test_prune_deletes_a_finished_run_with_its_subflows(storage: Storage, unique
     time.sleep(0.05)
     assert storage.prune_flows(older_than_seconds=0.01) == 2
     assert status_of(storage, ptid) is None and status_of(storage, ctid) is None
+
+
+def test_a_sibling_failing_after_its_run_failed_is_logged_as_failed_not_retried(
+    storage: Storage, unique: Names, logs: list[dict[str, Any]]
+) -> None:
+    """A step with retries left whose run a sibling has already FAILED gets no retry,
+    and the executor says what the storage did: step.failed, never step.retry_scheduled.
+    """
+
+    def broken(ctx: Context) -> str:
+        raise RuntimeError(f"{ctx.step}: broken")
+
+    flow = Flow(unique("f"), storage=storage)
+    with flow.parallel():
+        flow.step("first", broken)
+        flow.step("second", broken, retries=3)
+    run = flow.run({}, tracking_id=unique("t"))
+    claimed = {n.step_name: n for n in claim(storage)}
+    executor = Executor(storage, worker_id="w")
+    assert executor.execute(claimed["first"]) == Outcome.FAILED
+    assert executor.execute(claimed["second"]) == Outcome.FAILED
+    events = [(line["event"], line.get("step")) for line in logs if "step" in line]
+    assert ("step.retry_scheduled", "second") not in events
+    assert ("step.failed", "second") in events
+    assert nodes_of(storage, run.tracking_id)["second"].status == NodeStatus.FAILED
+    assert claim(storage) == []

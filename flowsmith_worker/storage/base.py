@@ -230,8 +230,16 @@ class Storage(abc.ABC):
         """Mark the node SKIPPED (its condition was false) and advance the flow."""
 
     @abc.abstractmethod
-    def fail_node(self, *, lease: Lease, error: str, retry_delay: float | None) -> bool:
-        """Re-queue after ``retry_delay`` seconds, or fail node and flow when it is None."""
+    def fail_node(
+        self, *, lease: Lease, error: str, retry_delay: float | None
+    ) -> NodeStatus | None:
+        """Re-queue after ``retry_delay`` seconds, or fail node and flow when it is None.
+
+        Returns the node's status after the write: PENDING (a retry is scheduled),
+        FAILED, or CANCELLED when its run was already cancelled; a run another
+        step failed gets no retry, so its node ends FAILED. None if the lease was
+        lost.
+        """
 
     @abc.abstractmethod
     def start_subflow(self, *, lease: Lease, child: NewFlow) -> NodeStatus | None:

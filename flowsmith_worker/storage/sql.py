@@ -461,11 +461,13 @@ class SqlStorage(SqlOperators, Storage):
             self.fail_node(lease=lease, error=str(exc), retry_delay=None)
             raise
 
-    def fail_node(self, *, lease: Lease, error: str, retry_delay: float | None) -> bool:
-        def work(conn: Connection) -> bool:
+    def fail_node(
+        self, *, lease: Lease, error: str, retry_delay: float | None
+    ) -> NodeStatus | None:
+        def work(conn: Connection) -> NodeStatus | None:
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
             if flow_row is None:
-                return False  # the run was pruned while this step ran
+                return None  # the run was pruned while this step ran
             # A cancelled run goes no further: no retry, and its status stays CANCELLED.
             cancelled = flow_row.status == FlowStatus.CANCELLED
             # Nor does a run another step failed: this failure is recorded, not retried.
@@ -482,18 +484,21 @@ class SqlStorage(SqlOperators, Storage):
                     )
                 ).rowcount
                 if retried:
-                    return True
+                    return NodeStatus.PENDING
+            ended = NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED
             failed = conn.execute(
                 self._fenced(lease).values(
-                    status=NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED,
+                    status=ended,
                     error=error,
                     finished_at=self._now(),
                     lease_expires_at=None,
                 )
             ).rowcount
-            if failed and not cancelled:
+            if not failed:
+                return None
+            if not cancelled:
                 self._fail_flow(conn, flow_row, error)
-            return bool(failed)
+            return ended
 
         return self._transact(work)
 
