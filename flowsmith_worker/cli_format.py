@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+# Re-exported: the CLI's modules import it from here.
+from flowsmith_worker.terminal import printable as printable
+
 WORKER_ID_WIDTH = 8
 ERROR_WIDTH = 72
 
@@ -161,18 +164,6 @@ def last_line(text: str | None) -> str:
 
 def clip(text: str, width: int = ERROR_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-# Text from rows (tracking ids, errors, names) is shown, never obeyed by the
-# terminal: control characters (ESC starts the sequences that clear a screen or
-# retitle a window; CR overwrites a line), bidi overrides that reorder what is
-# seen, and lone surrogates that cannot be printed at all are shown escaped.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-
-
-def printable(text: str) -> str:
-    """``text`` safe for a terminal: unsafe characters escaped (\\x1b), newlines and tabs kept."""
-    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def echo(text: str = "", err: bool = False) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import structlog
 
 from flowsmith_worker.config import redact
+from flowsmith_worker.terminal import printable
 
 LogFormat = Literal["auto", "console", "json"]
 
@@ -25,10 +26,11 @@ def get_logger(name: str) -> Any:
 def setup_logging(fmt: LogFormat = "auto", level: str = "INFO") -> None:
     """Configure structlog for a process of ours (the CLI); libraries leave it alone."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    # JSON escapes control characters itself; the console renderer prints strings raw.
+    renderers: list[Any] = (
+        [_escape_for_terminal, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
         if use_console
-        else structlog.processors.JSONRenderer()
+        else [structlog.processors.JSONRenderer()]
     )
     structlog.configure(
         processors=[
@@ -37,7 +39,7 @@ def setup_logging(fmt: LogFormat = "auto", level: str = "INFO") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             _redact_secrets,
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
@@ -52,3 +54,47 @@ def _redact_secrets(
 ) -> Mapping[str, Any]:
     """No line carries a database password, not even inside a driver's traceback."""
     return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}
+
+
+# Keys the console renderer prints as text rather than as a repr: the message and
+# the traceback (already text, format_exc_info runs first), which keep their newlines.
+_TEXT_KEYS = frozenset({"event", "exception"})
+
+
+def _escape_for_terminal(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> Mapping[str, Any]:
+    """Tracking ids, names and step errors are shown on the console, never obeyed by it.
+
+    Anyone who can enqueue a flow or raise in a step chooses that text; an ESC in
+    it could clear the operator's screen or retitle the window.
+    """
+    return {
+        printable(str(key)): (
+            printable(value) if key in _TEXT_KEYS and isinstance(value, str) else _shown(value)
+        )
+        for key, value in event.items()
+    }
+
+
+def _shown(value: Any) -> Any:
+    """``value``, or a stand-in whose repr, all the renderer prints of it, is escaped."""
+    if value is None or isinstance(value, int | float):
+        return value
+    if isinstance(value, str) and printable(value) == value:
+        return value  # plain text: the renderer prints it bare, or quoted if it has spaces
+    # repr() escapes a string's control characters (as the JSON lines do), and
+    # quotes it, which marks it odd; a class's own __repr__ need not escape them.
+    return _EscapedRepr(printable(repr(value)))
+
+
+class _EscapedRepr:
+    """A value the console renderer prints as this already escaped repr."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text

@@ -10,6 +10,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -300,6 +301,36 @@ def test_an_existing_sqlite_file_keeps_the_mode_its_owner_gave_it(tmp_path: Path
     storage.migrate()
     storage.close()
     assert file_mode(path) == 0o640
+
+
+def test_connecting_while_another_connection_switches_the_file_to_wal_waits(
+    tmp_path: Path,
+) -> None:
+    """A connection to a SQLite file that another connection holds the write lock of,
+    before the file is WAL (as a concurrent `flowsmith migrate` holds it while switching
+    a new file to WAL), waits for the lock instead of failing at once with "database is
+    locked" (SQLite calls no busy handler there); then it migrates, and the file is WAL."""
+    path = tmp_path / "new.db"
+    switching = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    switching.execute("BEGIN IMMEDIATE")  # the write lock of a file still in rollback mode
+    released = threading.Event()
+
+    def release() -> None:
+        released.set()
+        switching.execute("COMMIT")
+
+    timer = threading.Timer(0.5, release)
+    timer.start()
+    try:
+        storage = create_storage(f"sqlite:///{path}")
+        assert storage.migrate() == schema.SCHEMA_VERSION
+        storage.close()
+    finally:
+        timer.join()
+        switching.close()
+    assert released.is_set()
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def file_mode(path: Path) -> int:

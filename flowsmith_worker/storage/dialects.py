@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,9 @@ MIGRATION_LOCK_NAME = "flowsmith_migrate"
 MIGRATION_LOCK_KEY = 0x666C6F77736D  # "flowsm"
 NOTIFY_CHANNEL = "flowsmith"
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+# Between tries at switching a file to WAL while another connection switches it.
+SQLITE_WAL_SWITCH_RETRY_SECONDS = 0.01
+SQLITE_BUSY = 5  # sqlite3.SQLITE_BUSY, without importing sqlite3 for every database
 # The execution option that marks a transaction of reads only.
 READ_ONLY_OPTION = "flowsmith_read_only"
 # MySQL's clock as UTC epoch seconds. UNIX_TIMESTAMP(NOW(6)) would pass through
@@ -243,7 +247,7 @@ def _sqlite_setup(engine: Engine) -> None:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
@@ -255,6 +259,36 @@ def _sqlite_setup(engine: Engine) -> None:
         # BEGIN reads a snapshot without blocking the workers' writes.
         read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """PRAGMA journal_mode=WAL, tried again while another connection is switching the file.
+
+    Switching reads the file's header, then writes it. A connection that finds
+    another one holding the write lock between the two gets SQLITE_BUSY at once:
+    SQLite does not call the busy handler (busy_timeout) for a reader that wants
+    to become a writer, as the writer may be waiting for that reader's lock
+    (https://sqlite.org/c3ref/busy_handler.html). So concurrent first connections
+    to a new file (`flowsmith migrate` run by several processes at once) failed
+    with "database is locked". The failed statement gave its read lock up, which
+    lets the other finish; the next try finds the file WAL and writes nothing.
+    """
+    import sqlite3  # here: a Python built without SQLite can still use the other databases
+
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_sqlite_busy(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(SQLITE_WAL_SWITCH_RETRY_SECONDS)
+
+
+def _is_sqlite_busy(error: Exception) -> bool:
+    # The primary code is the low byte; the extended ones (BUSY_RECOVERY...) are busy too.
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF == SQLITE_BUSY
 
 
 _MISSING_TABLE_MARKERS = ("no such table", "does not exist", "doesn't exist")

@@ -1,0 +1,146 @@
+"""The worker's console logs on text that anyone who enqueues a flow or raises in a step chose.
+
+A real `flowsmith worker --log-format console` process (its stderr a file, so no
+colours), and setup_logging on a stream that says it is a terminal (colours on).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from flowsmith_worker import Flow
+from flowsmith_worker.log import get_logger, setup_logging
+from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage.base import FlowStatus, Storage
+from tests.conftest import eventually
+from tests.worker_process import WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+# Characters a terminal obeys rather than shows: ESC (clear the screen, retitle the
+# window), BEL, the one-byte CSI, CR (overwrite the line), a bidi override.
+RAW = ("\x1b", "\x07", "\x9b", "\r", "\u202e")
+TRACKING_ID = "order-\x1b[2J\x07\r"
+# No CR here: the worker logs an error's last line, and CR ends a line for splitlines().
+ERROR = "card \x1b[2J\x1b]0;pwned\x07 declined\u202e\x9b31m"
+
+FLOWS_MODULE = textwrap.dedent(
+    f'''
+    """Flows for tests/test_log.py."""
+    import os
+
+    from flowsmith_worker import Flow
+
+
+    def explode(ctx):
+        raise ValueError({ERROR!r})
+
+
+    flow = Flow(os.environ["FS_FLOW_NAME"]).step("pay\\x1b[8m", explode)
+    '''
+)
+
+
+def _never_here(_ctx: object) -> None:
+    raise AssertionError("steps run in the worker process, not in the test")
+
+
+def test_console_logs_of_a_worker_show_escapes_escaped(
+    tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    """A step whose flow name, step name, tracking_id and error carry escape sequences:
+    the lines `flowsmith worker --log-format console` writes about it (step.started,
+    step.failed) contain no raw ESC, BEL, CSI, CR or bidi override, and show them as
+    \\x1b etc. instead."""
+    (tmp_path / "escflows.py").write_text(FLOWS_MODULE)
+    url = f"sqlite:///{tmp_path / 'esc.db'}"
+    name = unique("esc") + "\x1b[1m"
+    storage = create_storage(url)
+    storage.migrate()
+    worker = WorkerProcess(
+        tmp_path,
+        url,
+        dict(os.environ, FS_FLOW_NAME=name),
+        "--log-format",
+        "console",
+        "--poll-interval",
+        "0.1",
+        module="escflows",
+    )
+    try:
+        Flow(name, storage=storage).step("pay\x1b[8m", _never_here).run({}, tracking_id=TRACKING_ID)
+        eventually(lambda: _status(storage, TRACKING_ID) == FlowStatus.FAILED, timeout=20)
+        eventually(lambda: b"step.failed" in worker.log_path.read_bytes(), timeout=10)
+        worker.signal()
+        assert worker.wait(15) == 0, worker.output()
+        written = worker.log_path.read_bytes().decode("utf-8")
+    finally:
+        worker.cleanup()
+        storage.close()
+    for char in RAW:
+        assert char not in written, (char, written)
+    assert r"order-\x1b[2J\x07\r" in written
+    assert r"\x1b]0;pwned\x07 declined\u202e\x9b31m" in written
+    assert r"pay\x1b[8m" in written
+
+
+@pytest.fixture
+def restored_structlog() -> Iterator[None]:
+    """setup_logging configures structlog for the process: put back what was there."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _Hostile:
+    def __repr__(self) -> str:
+        return "hostile\x1b[2J"
+
+
+# The colours the console renderer itself writes: Select Graphic Rendition only.
+_SGR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def test_coloured_console_logs_escape_values_and_tracebacks(
+    restored_structlog: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal (colours on) the only escape sequences in a line are the renderer's
+    own colours: a tracking_id, an error, an object whose repr is hostile and the
+    message of a logged exception's traceback are shown escaped."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    setup_logging("console")
+    log = get_logger("test")
+    log.warning("step.failed", tracking_id=TRACKING_ID, error=ERROR, value=_Hostile())
+    try:
+        raise ValueError(ERROR)
+    except ValueError:
+        log.exception("worker.loop_failed")
+
+    written = terminal.getvalue()
+    assert _SGR.search(written), "colours are on: the test would prove nothing otherwise"
+    uncoloured = _SGR.sub("", written)
+    for char in RAW:
+        assert char not in uncoloured, (char, written)
+    assert r"order-\x1b[2J\x07\r" in uncoloured
+    assert r"hostile\x1b[2J" in uncoloured
+    assert r"ValueError: card \x1b[2J\x1b]0;pwned\x07 declined\u202e\x9b31m" in uncoloured
+
+
+def _status(storage: Storage, tracking_id: str) -> FlowStatus | None:
+    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
+    return None if record is None else record.status
