@@ -222,6 +222,8 @@ def worker(
     finally:
         if server:
             server.shutdown()
+    # Last, right before the process ends: from here no step of ours runs on.
+    worker.release_unfinished()
     _exit_abandoning_steps()
 
 

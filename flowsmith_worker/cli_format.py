@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -126,18 +127,31 @@ def json_option(fn: Any) -> Any:
 # -- formatting ---------------------------------------------------------------
 
 
+# A cell whose stored value cannot be shown (a time changed by hand, say).
+UNREADABLE_CELL = "UNREADABLE"
+
+
 def format_time(seconds: float | None) -> str:
     """UTC ISO-8601 to the second: 2024-05-01T12:00:03Z; '-' for None."""
     if seconds is None:
         return "-"
-    return datetime.fromtimestamp(float(seconds), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(float(seconds), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, TypeError, OverflowError, OSError):
+        # A time column changed by hand ('abc', Infinity): one cell, not the listing.
+        return UNREADABLE_CELL
 
 
 def format_duration(seconds: float | None) -> str:
     """Human: 350ms, 1.2s, 3m05s, 2h07m, 3d04h; '-' for None."""
     if seconds is None:
         return "-"
-    value = max(0.0, float(seconds))
+    try:
+        value = max(0.0, float(seconds))
+    except (TypeError, ValueError):
+        return UNREADABLE_CELL
+    if not math.isfinite(value):
+        return UNREADABLE_CELL
     if round(value * 1000) < 1000:
         return f"{round(value * 1000)}ms"
     if round(value, 1) < 60:
@@ -202,7 +216,9 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, Decimal):
-        return float(value)
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no Infinity or NaN; a hand-edited row may hold them
     if isinstance(value, dict):
         return {str(to_jsonable(k)): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

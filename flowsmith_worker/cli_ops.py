@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ import click
 
 from flowsmith_worker.cli import main, url_option
 from flowsmith_worker.cli_format import (
+    UNREADABLE_CELL,
     Ago,
     Duration,
     Since,
@@ -39,7 +41,14 @@ from flowsmith_worker.cli_format import (
     short_worker,
 )
 from flowsmith_worker.config import resolve_database_url
-from flowsmith_worker.errors import FlowNotFound, RunNotCancellable, RunNotRetryable
+from flowsmith_worker.errors import (
+    FlowNotFound,
+    InvalidIdentifier,
+    RunNotCancellable,
+    RunNotRetryable,
+)
+from flowsmith_worker.flow import MAX_TRACKING_ID_LENGTH
+from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.progress import RESUMED_ON_RETRY
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
@@ -59,7 +68,20 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 
 DEFAULT_FLOWS_LIMIT = 50
-UNREADABLE = "UNREADABLE"  # the STATUS cell of a row whose stored status is unknown
+
+
+def checked_tracking_id(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """A tracking_id argument no database could hold (say, bytes that are not UTF-8)
+    is a usage error, before any SQL."""
+    try:
+        return check_identifier("tracking_id", value, MAX_TRACKING_ID_LENGTH)
+    except InvalidIdentifier as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+# Enough for any terminal or script, and far below what a database LIMIT takes.
+MAX_FLOWS_LIMIT = 100_000
+UNREADABLE = UNREADABLE_CELL  # the STATUS cell of a row whose stored status is unknown
 DEFAULT_PRUNE_BATCH = 500
 
 EXIT_CODES_HELP = """\b
@@ -114,13 +136,21 @@ def get_flow_or_exit(storage: Storage, tracking_id: str, with_payloads: bool = F
 
 
 def _flow_duration(flow: FlowRecord | FlowSummary) -> float | None:
-    return None if flow.finished_at is None else flow.finished_at - flow.created_at
+    return _elapsed(flow.created_at, flow.finished_at)
 
 
 def _step_duration(node: NodeRecord) -> float | None:
-    if node.started_at is None or node.finished_at is None:
+    return _elapsed(node.started_at, node.finished_at)
+
+
+def _elapsed(start: float | None, end: float | None) -> float | None:
+    """Seconds from start to end; NaN (shown UNREADABLE) for a time changed by hand."""
+    if start is None or end is None:
         return None
-    return node.finished_at - node.started_at
+    try:
+        return float(end) - float(start)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 FLOW_HEADERS = (
@@ -184,7 +214,7 @@ def _attempts(node: NodeRecord) -> str:
 
 
 @main.command()
-@click.argument("tracking_id")
+@click.argument("tracking_id", callback=checked_tracking_id)
 @url_option
 @click.option(
     "--traceback",
@@ -301,7 +331,7 @@ def _echo_tracebacks(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> None:
 )
 @click.option(
     "--limit",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_FLOWS_LIMIT),
     default=DEFAULT_FLOWS_LIMIT,
     show_default=True,
     help="At most this many runs, newest first.",
@@ -357,7 +387,7 @@ def flows(
 
 
 @main.command()
-@click.argument("tracking_id")
+@click.argument("tracking_id", callback=checked_tracking_id)
 @url_option
 @json_option
 def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
@@ -400,7 +430,7 @@ def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("tracking_id")
+@click.argument("tracking_id", callback=checked_tracking_id)
 @url_option
 @json_option
 def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:

@@ -119,9 +119,19 @@ def _userinfo_password_span(url: str) -> tuple[int, int]:
     better to hide too much than too little."""
     at = url.rfind("@")
     if at < 0:
-        return 0, 0
+        # No host at all (postgresql://user:PW/db): hide from the user's ':' up to
+        # the path or query; a port shown as *** is the price of never leaking.
+        scheme = _SCHEME.match(url)
+        start = scheme.end() if scheme and scheme.group().endswith("//") else -1
+        colon = url.find(":", start) if start >= 0 else -1
+        if colon < 0:
+            return 0, 0
+        end = min((i for i in (url.find("/", colon), url.find("?", colon)) if i >= 0), default=-1)
+        return colon + 1, end if end >= 0 else len(url)
     scheme = _SCHEME.match(url, 0, at)
     colon = url.find(":", scheme.end() if scheme else 0, at)
+    if colon < 0 and scheme:  # "u:PW@host/db": what looked like a scheme was the user
+        colon = url.find(":", 0, at)
     return (colon + 1, at) if colon >= 0 else (0, 0)
 
 

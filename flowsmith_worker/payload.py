@@ -88,6 +88,18 @@ def _limits_from_environment() -> PayloadLimits:
         ) from None
 
 
+def storable_text(text: str) -> str:
+    """``text`` as every backend stores it: NUL (PostgreSQL refuses it) shown as
+    \\x00, and lone surrogates (not UTF-8 at all) as \\udxxx escapes."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def encode(value: Any, what: str = "a value to store") -> str:
     """``value`` as standard JSON text, within the limits; ``what`` names it in errors."""
     bounds = limits()

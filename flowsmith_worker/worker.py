@@ -378,7 +378,7 @@ class Worker:
         self.wakeup.set()
 
     def shutdown(self) -> None:
-        """Wait for in-flight steps up to the grace period, then release the rest."""
+        """Wait for in-flight steps up to the grace period; the rest keep their leases."""
         self.stopping.set()
         deadline = time.monotonic() + self.settings.shutdown_timeout
         self.log.info(
@@ -392,17 +392,36 @@ class Worker:
             self.wakeup.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             self.wakeup.clear()
         self.hard_stop.set()
-        # Stopped before the release, so no renewal can follow it.
+        # Stopped first, so no renewal follows the end of this worker.
         self.heartbeat.stop()
-        left = [n.node_id for n in self.in_flight()]
-        released = (
-            self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=left))
-            if left
-            else 0
-        )
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._try(lambda: self.storage.unregister_worker(worker_id=self.id))
-        self.log.info("worker.stopped", released=released or 0, unfinished=len(left))
+        left = self.in_flight()
+        if left:
+            # Their calls still run in this process: handing their nodes on now would
+            # let another worker run them at the same time. They keep their leases
+            # (and are rescued when those expire) unless the process ends at once
+            # and says so with release_unfinished(), as `flowsmith worker` does.
+            self.log.warning(
+                "worker.steps_still_running",
+                steps=[n.step_name for n in left],
+                lease_seconds=self.settings.lease_seconds,
+            )
+        self.log.info("worker.stopped", unfinished=len(left))
+
+    def release_unfinished(self) -> int:
+        """Hand the steps still running back at once, for other workers to take now.
+
+        Only for a process that ends right after (`flowsmith worker` calls it just
+        before it exits): while this process lives, their calls run on, and a
+        second attempt elsewhere would run at the same time.
+        """
+        left = [n.node_id for n in self.in_flight()]
+        if not left:
+            return 0
+        released = self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=left))
+        self.log.info("worker.released", released=released or 0, unfinished=len(left))
+        return released or 0
 
     def _try(self, call: Callable[[], T]) -> T | None:
         """Shutdown goes on whatever one of its steps raises."""

@@ -210,3 +210,34 @@ def test_terminal_escapes_in_rows_are_shown_escaped(tmp_path: Path, unique: Name
     assert "\\x1b]0;pwned\\x07" in outputs[2].stdout
     assert "q\\x1b[5m" in outputs[3].stdout
     assert json.loads(outputs[-1].stdout)["flows"][0]["tracking_id"] == tracking_id
+
+
+def test_hand_edited_times_and_arguments_no_database_takes_give_no_traceback(
+    tmp_path: Path, unique: Names
+) -> None:
+    """A time column holding text or Infinity is one UNREADABLE cell (and null in
+    --json), not a traceback that hides every other run; a tracking_id argument that is
+    not text (bytes that are not UTF-8) and a --limit no database takes are usage errors."""
+    url = f"sqlite:///{tmp_path / 'times.db'}"
+    storage = create_storage(url)
+    storage.migrate()
+    flow = Flow(unique("times"), storage=storage).step("first", ok)
+    for tracking_id in ("bad-created", "bad-finished", "good"):
+        flow.run({}, tracking_id=tracking_id)
+    storage.close()
+    execute(
+        url,
+        sa.text("UPDATE fs_flows SET created_at = 'abc' WHERE tracking_id = 'bad-created'"),
+        sa.update(F).where(F.c.tracking_id == "bad-finished").values(finished_at=float("inf")),
+    )
+    listed = cli(url, "flows")
+    assert_clean(listed, 0)
+    assert "UNREADABLE" in next(row for row in listed.stdout.splitlines() if "bad-created" in row)
+    assert "good" in listed.stdout
+    as_json = json.loads(cli(url, "flows", "--json").stdout)["flows"]
+    assert next(f for f in as_json if f["tracking_id"] == "bad-finished")["finished_at"] is None
+    assert_clean(cli(url, "status", "bad-created"), 0)
+    not_text = cli(url, "status", "\udcff\udcfe")  # how Python passes on non-UTF-8 argv bytes
+    assert_clean(not_text, 2)
+    assert "lone surrogate" in not_text.output
+    assert_clean(cli(url, "flows", "--limit", "99999999999999999999"), 2)

@@ -343,3 +343,22 @@ def test_a_20_mib_output_on_mariadb_fails_cleanly_at_once(storage: Storage, uniq
     assert (node.attempt, node.rescues) == (1, 0)
     assert "over the limit of 4.0 MiB" in (node.error or "")
     assert "unavailable" not in (node.error or "")
+
+
+@pytest.mark.parametrize("message", ["NUL \x00 inside", "lone \ud800 surrogate"])
+def test_an_error_no_database_could_store_as_is_is_recorded_escaped_at_once(
+    storage: Storage, unique: Names, message: str
+) -> None:
+    """A step's error quoting a NUL or a lone surrogate is stored escaped, on its one
+    attempt: it is not left to its lease, rescued and run again with its error lost."""
+
+    def quoting(ctx: Context) -> None:
+        raise ValueError(message)
+
+    flow = Flow(unique("f"), storage=storage).step("quoting", quoting)
+    run = flow.run({}, tracking_id=unique("t"))
+    drain(storage, lease_seconds=60, timeout=20)
+    _record, node = only_node(storage, run.tracking_id)
+    assert (node.status, node.attempt, node.rescues) == (NodeStatus.FAILED, 1, 0)
+    escaped = message.replace("\x00", "\\x00").replace("\ud800", "\\ud800")
+    assert escaped in (node.error or "")

@@ -58,6 +58,10 @@ def shapes(password: str, tail: str) -> dict[str, str]:
         # The driver quotes the host back, and here the host is the password.
         "quoted-back-postgresql": f"postgresql://fs:{password}@{password}/db",
         "quoted-back-mysql": f"mysql://fs:{password}@{password}/db",
+        # No scheme: "fs:" looked like one. No host: nothing to stop at but the path.
+        "no-scheme": f"fs:{password}@127.0.0.1:1/db",
+        "no-host": f"postgresql://fs:{password}/db",
+        "no-host-no-path": f"postgresql://fs:{password}",
     }
 
 

@@ -140,3 +140,27 @@ def test_a_worker_run_in_process_is_not_registered_by_its_heartbeat(storage: Sto
     worker.run_until_idle(timeout=5)
     worker.heartbeat_once()
     assert storage.list_workers() == []
+
+
+def test_a_stopped_worker_in_process_leaves_a_running_step_to_its_lease(
+    storage: Storage, unique: Names
+) -> None:
+    """Worker.run() in a thread of a process that lives on, stopped past its grace:
+    the step's call still runs here, so its node is not handed to another worker
+    (two attempts would run at once); the call's outcome is written when it returns.
+    """
+    release = threading.Event()
+    flow = Flow(unique("f"), storage=storage)
+    flow.step("slow", lambda ctx: release.wait(10))
+    run = flow.run({}, tracking_id=unique("t"))
+    worker = Worker(storage=storage, poll_interval=0.05, lease_seconds=30, shutdown_timeout=0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    eventually(lambda: worker.in_flight())
+    worker.stop(graceful=False)
+    thread.join(10)
+    assert not thread.is_alive()
+    taken = storage.claim_nodes(worker_id="other", limit=5, lease_seconds=30, queues=["default"])
+    assert taken == []
+    release.set()
+    assert run.wait(timeout=10) == {"slow": True}

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from flowsmith_worker import progress
+from flowsmith_worker import payload, progress
 from flowsmith_worker.errors import (
     CorruptRow,
     DatabaseUnavailable,
@@ -464,6 +464,10 @@ class SqlStorage(SqlOperators, Storage):
     def fail_node(
         self, *, lease: Lease, error: str, retry_delay: float | None
     ) -> NodeStatus | None:
+        # A step's error may quote anything (a NUL, a lone surrogate): an error
+        # that cannot be stored would leave the node to its lease and be lost.
+        error = payload.storable_text(error)
+
         def work(conn: Connection) -> NodeStatus | None:
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
             if flow_row is None:
