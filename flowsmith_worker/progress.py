@@ -108,5 +108,6 @@ def rescue_limit_error(step_name: str, lost: int, max_rescues: int) -> str:
     return (
         f"{RESCUE_ERROR} {lost} times running step {step_name!r} (max_rescues={max_rescues}): "
         "the step kept killing its worker (or holding it past its lease), so it is not run "
-        "again; fix the step or raise max_rescues, then `flowsmith retry` the run"
+        "again; fix the step, then `flowsmith retry` the run (which gives the step its "
+        "rescues again; max_rescues itself is kept in the run's stored plan)"
     )

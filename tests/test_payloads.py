@@ -77,6 +77,8 @@ def assert_completed(runs: list[Any], step: str = "only") -> None:
         ("input", "[1, 2]", "fs_flows.input of run {tid!r} is not a JSON object"),
         ("plan", "{'stages': []}", "fs_flows.plan of run {tid!r} is not valid JSON"),
         ("plan", '{"stages": 5}', "fs_flows.plan of run {tid!r} is not a plan"),
+        # Deeper than json.loads goes: a RecursionError, not a ValueError.
+        ("input", "[" * 100_000 + "]" * 100_000, "fs_flows.input of run {tid!r} is not valid"),
     ],
 )
 def test_a_corrupt_run_row_fails_that_run_and_the_queue_goes_on(

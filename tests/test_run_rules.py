@@ -91,6 +91,24 @@ def test_a_lost_step_is_rerun_without_using_a_retry_until_max_rescues(
         assert "kept killing its worker" in error
 
 
+def test_a_retry_gives_a_step_its_rescues_again(storage: Storage, unique: Names) -> None:
+    """A step failed by the rescue limit, then retried, is rescued again on its next
+    lost worker rather than failed at once (the error's advice works)."""
+    only = PlannedStep("only", max_attempts=1, max_rescues=1)
+    storage.enqueue_flow(flow=raw_flow(tid := unique("t"), (only,)))
+    for failed in (False, True):
+        claim(storage, lease=0.2)
+        time.sleep(0.3)
+        [rescued] = storage.rescue_expired()
+        assert rescued.failed is failed
+    storage.resume_flow(tracking_id=tid)
+    claim(storage, lease=0.2)
+    time.sleep(0.3)
+    [rescued] = storage.rescue_expired()
+    assert rescued.failed is False
+    assert status_of(storage, tid) == FlowStatus.RUNNING
+
+
 def test_a_rescued_step_still_has_its_retries(storage: Storage, unique: Names) -> None:
     """A rescue and a failure are counted apart: after one rescue, retries=1 still allows
     a retry of the next attempt's failure, and the flow completes.

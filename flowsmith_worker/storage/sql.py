@@ -225,6 +225,8 @@ class SqlStorage(SqlOperators, Storage):
                 .values(
                     status=NodeStatus.PENDING,
                     max_attempts=node.attempt + allowance,
+                    # A retry gives the step its max_rescues afresh, as its retries.
+                    rescues=0,
                     run_after=self._now(),
                     lease_expires_at=None,
                     finished_at=None,

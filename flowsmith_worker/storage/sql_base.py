@@ -185,7 +185,7 @@ class _TolerantRow:
         raw = self._values[column]
         try:
             return parse(raw)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             self.unreadable[column] = _why_unreadable(raw, exc)
             return placeholder
 

@@ -85,7 +85,9 @@ class StoredJson:
             return self._value
         try:
             return json.loads(self._text)
-        except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError of bytes
+        # JSONDecodeError, UnicodeDecodeError of bytes, and RecursionError of a
+        # document nested deeper than the parser goes (never written by FlowSmith).
+        except (ValueError, RecursionError) as exc:
             raise corrupt(self.where, self.tracking_id, f"is not valid JSON ({exc})") from None
 
 
