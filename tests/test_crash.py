@@ -385,6 +385,44 @@ def worker_pids_of(events: list[dict[str, Any]]) -> set[int]:
     return {e["pid"] for e in events if e["event"] == "start"}
 
 
+def kill_one_of_two(
+    storage: Storage,
+    url: str,
+    spawn: Callable[..., WorkerProcess],
+    workdir: Path,
+    events_path: Path,
+    env: dict[str, str],
+    tracking_ids: list[str],
+    timeout: float,
+    after_starts: int | None = None,
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], Any]]:
+    """Two workers, A SIGKILLed inside a step after ``after_starts`` step starts (one per
+    run by default); every run finishes, checked as check_* say; B stops cleanly.
+
+    Returns the executions A was inside when killed, and every node by (run, step).
+    """
+    a = spawn(workdir, url, env, *WORKER_ARGS)
+    b = spawn(workdir, url, env, *WORKER_ARGS)
+    a.wait_started()
+    b.wait_started()
+    starts = len(tracking_ids) if after_starts is None else after_starts
+    killed_mid_step = freeze_mid_step(a, events_path, after_starts=starts)
+    a.signal(signal.SIGKILL)
+    killed_at = time.time()
+    assert a.wait(10) == -signal.SIGKILL
+
+    wait_all_finished(storage, tracking_ids, timeout=timeout)
+    events = read_events(events_path)
+    check_no_overlap(executions_from_events(events), a.pid, killed_at)
+    nodes = check_outcome(storage, tracking_ids, events)
+    check_rescued(nodes, killed_mid_step, [b])
+    assert worker_pids_of(events) == {a.pid, b.pid}
+
+    b.signal(signal.SIGTERM)
+    assert b.wait(10 + 5) == 0, b.output()[-3000:]
+    return killed_mid_step, nodes
+
+
 # --------------------------------------------------------------------------- SQLite
 
 
@@ -406,26 +444,8 @@ def test_sqlite_two_workers_one_sigkilled_mid_step(
     name = unique("crash_sqlite")
     workdir, events_path, env = prepare(tmp_path, name, 0.05, 0.15)
     tracking_ids = enqueue(storage, name, 100)
-    a = spawn(workdir, url, env, *WORKER_ARGS)
-    b = spawn(workdir, url, env, *WORKER_ARGS)
-    a.wait_started()
-    b.wait_started()
-
     # Side by side for a third of the work, then A dies inside a step.
-    killed_mid_step = freeze_mid_step(a, events_path, after_starts=len(tracking_ids))
-    a.signal(signal.SIGKILL)
-    killed_at = time.time()
-    assert a.wait(10) == -signal.SIGKILL
-
-    wait_all_finished(storage, tracking_ids, timeout=90)
-    events = read_events(events_path)
-    check_no_overlap(executions_from_events(events), a.pid, killed_at)
-    nodes = check_outcome(storage, tracking_ids, events)
-    check_rescued(nodes, killed_mid_step, [b])
-    assert worker_pids_of(events) == {a.pid, b.pid}
-
-    b.signal(signal.SIGTERM)
-    assert b.wait(10 + 5) == 0, b.output()[-3000:]
+    kill_one_of_two(storage, url, spawn, workdir, events_path, env, tracking_ids, 90)
     storage.close()
 
 
@@ -450,28 +470,14 @@ def test_with_no_retries_a_step_whose_worker_is_sigkilled_still_completes(
     name = unique(f"rescue_{backend}")
     workdir, events_path, env = prepare(tmp_path, name, 0.05, 0.15, retries=0)
     tracking_ids = enqueue(storage, name, 20, retries=0)
-    a = spawn(workdir, url, env, *WORKER_ARGS)
-    b = spawn(workdir, url, env, *WORKER_ARGS)
-    a.wait_started()
-    b.wait_started()
-
-    killed_mid_step = freeze_mid_step(a, events_path, after_starts=len(tracking_ids) // 2)
-    a.signal(signal.SIGKILL)
-    killed_at = time.time()
-    assert a.wait(10) == -signal.SIGKILL
-
-    wait_all_finished(storage, tracking_ids, timeout=60)
-    events = read_events(events_path)
-    check_no_overlap(executions_from_events(events), a.pid, killed_at)
-    nodes = check_outcome(storage, tracking_ids, events)
-    check_rescued(nodes, killed_mid_step, [b])
+    # A dies inside a step half way through the first steps' starts.
+    killed_mid_step, nodes = kill_one_of_two(
+        storage, url, spawn, workdir, events_path, env, tracking_ids, 60, after_starts=10
+    )
     for e in killed_mid_step:
         node = nodes[(e["tracking_id"], e["step"])]
         rerun = e["attempt"] + 1
         assert (node.attempt, node.max_attempts, node.rescues) == (rerun, rerun, 1), node
-
-    b.signal(signal.SIGTERM)
-    assert b.wait(10 + 5) == 0, b.output()[-3000:]
     storage.close()
 
 
