@@ -39,8 +39,11 @@ from flowsmith_worker.storage import schema, sql_context
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     RESCUE_ERROR,
+    Chain,
+    ChainedNode,
     ClaimedNode,
     EnqueueResult,
+    Finished,
     FlowRecord,
     FlowStatus,
     Lease,
@@ -48,6 +51,7 @@ from flowsmith_worker.storage.base import (
     NodeStatus,
     RescuedNode,
     Storage,
+    Written,
 )
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, dumps, flow_record
 from flowsmith_worker.storage.sql_context import RunPayloads
@@ -269,6 +273,47 @@ class SqlStorage(SqlOperators, Storage):
             # A fan-out: wake idle workers so the siblings really run in parallel.
             self.dialect.notify(conn, flow_row.queue)
 
+    def _start_chained(
+        self,
+        conn: Connection,
+        flow_row: Row[Any],
+        position: int,
+        step: PlannedStep,
+        chain: Chain,
+    ) -> ChainedNode | None:
+        """Insert a sequential stage's node already RUNNING, leased to the chaining worker.
+
+        It is its first attempt, exactly as a claim would have made it, and it
+        never enters the runnable index. None (and nothing inserted) if the
+        node exists already.
+        """
+        now = self._now()
+        result = conn.execute(
+            self.dialect.insert_if_absent(N).values(
+                flow_id=flow_row.id,
+                step_name=step.name,
+                position=position,
+                group_index=0,
+                status=NodeStatus.RUNNING,
+                queue=flow_row.queue,
+                priority=flow_row.priority,
+                attempt=1,
+                max_attempts=step.max_attempts,
+                rescues=0,
+                input=sql_context.NO_SNAPSHOT,
+                lease_owner=chain.worker_id,
+                lease_expires_at=now + chain.lease_seconds,
+                run_after=now,
+                started_at=now,
+                created_at=now,
+            )
+        )
+        key = result.inserted_primary_key
+        if not self.dialect.inserted_a_row(result) or key is None:
+            return None
+        lease = Lease(key[0], flow_row.id, chain.worker_id, 1)
+        return ChainedNode(lease, step.name, step.max_attempts)
+
     # -- claim ----------------------------------------------------------------
 
     def claim_nodes(
@@ -427,26 +472,86 @@ class SqlStorage(SqlOperators, Storage):
         )
 
     def complete_node(self, *, lease: Lease, output: Any) -> bool:
-        return self._finish(lease, NodeStatus.COMPLETED, dumps(output))
+        finished = Finished(lease, NodeStatus.COMPLETED, dumps(output))
+        return self.complete_batch(finished=[finished])[0].won
 
     def skip_node(self, *, lease: Lease) -> bool:
-        return self._finish(lease, NodeStatus.SKIPPED, None)
+        return self.complete_batch(finished=[Finished(lease, NodeStatus.SKIPPED, None)])[0].won
 
-    def _finish(self, lease: Lease, status: NodeStatus, output: str | None) -> bool:
-        def work(conn: Connection) -> bool:
-            flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
-            if flow_row is None:
-                return False  # the run was pruned while this step ran
-            done = conn.execute(
-                self._fenced(lease).values(
-                    status=status, output=output, finished_at=self._now(), lease_expires_at=None
-                )
-            ).rowcount
-            if done:
-                self._advance(conn, flow_row, lease.node_id)
-            return bool(done)
+    def complete_batch(
+        self, *, finished: Sequence[Finished], chain: Chain | None = None
+    ) -> list[Written]:
+        """Write every outcome in one transaction: one commit for the whole batch.
 
-        return self._advancing(lease, work)
+        The runs are locked in id order, so two workers' batches over the same
+        runs queue up instead of deadlocking. A value that cannot be read (a
+        corrupt plan) rolls the whole batch back: a batch of one then fails
+        that node and its run (see _advancing); a caller with a larger batch
+        writes its items one by one to find it.
+        """
+        order = sorted(range(len(finished)), key=lambda i: finished[i].lease.flow_id)
+
+        def work(conn: Connection) -> list[Written]:
+            written: dict[int, Written] = {}
+            for i in order:
+                written[i] = self._finish(conn, finished[i], chain)
+            return [written[i] for i in range(len(finished))]
+
+        if len(finished) == 1:
+            return self._advancing(finished[0].lease, work)
+        return self._transact(work)
+
+    def _finish(self, conn: Connection, item: Finished, chain: Chain | None) -> Written:
+        lease = item.lease
+        flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+        if flow_row is None:
+            return Written(False)  # the run was pruned while this step ran
+        done = conn.execute(
+            self._fenced(lease).values(
+                status=item.status,
+                output=item.output,
+                finished_at=self._now(),
+                lease_expires_at=None,
+            )
+        ).rowcount
+        if not done:
+            return self._replayed(conn, item, chain) if item.replay else Written(False)
+        return Written(True, self._advance(conn, flow_row, lease.node_id, chain))
+
+    def _replayed(self, conn: Connection, item: Finished, chain: Chain | None) -> Written:
+        """A write sent again after its answer was lost: did the first send commit?
+
+        If it did, the node carries this attempt's outcome (its lease_owner and
+        attempt are kept when it finishes), and the run's next step, if one was
+        chained, is RUNNING under the same worker: hand it back rather than
+        leave it stranded until its lease expires.
+        """
+        lease = item.lease
+        node = conn.execute(
+            sa.select(N.c.status, N.c.position).where(
+                N.c.id == lease.node_id,
+                N.c.lease_owner == lease.worker_id,
+                N.c.attempt == lease.attempt,
+            )
+        ).first()
+        if node is None or node.status != item.status:
+            return Written(False)
+        if chain is None:
+            return Written(True)
+        following = conn.execute(
+            sa.select(N.c.id, N.c.step_name, N.c.max_attempts).where(
+                N.c.flow_id == lease.flow_id,
+                N.c.position == node.position + 1,
+                N.c.status == NodeStatus.RUNNING,
+                N.c.lease_owner == chain.worker_id,
+                N.c.attempt == 1,
+            )
+        ).all()
+        if len(following) != 1:
+            return Written(True)
+        [next_node] = following
+        next_lease = Lease(next_node.id, lease.flow_id, chain.worker_id, 1)
+        return Written(True, ChainedNode(next_lease, next_node.step_name, next_node.max_attempts))
 
     def _advancing(self, lease: Lease, work: Callable[[Connection], T]) -> T:
         """Run ``work``, a write of an attempt's outcome that moves the run on.
@@ -544,10 +649,23 @@ class SqlStorage(SqlOperators, Storage):
 
     # -- advancing and failing flows (inside the caller's transaction) --------
 
-    def _advance(self, conn: Connection, flow_row: Row[Any], finished_node_id: int) -> None:
-        """Move the flow on now that a node of it finished (its row is locked)."""
+    def _advance(
+        self,
+        conn: Connection,
+        flow_row: Row[Any],
+        finished_node_id: int,
+        chain: Chain | None = None,
+    ) -> ChainedNode | None:
+        """Move the flow on now that a node of it finished (its row is locked).
+
+        With ``chain``, a sequential step followed by a sequential step hands
+        that step to the same worker (the chained node is returned). A parallel
+        group is not chained: the worker finishing its last sibling does not
+        hold the other siblings' outputs, and a group after a step should fan
+        out to every idle worker.
+        """
         if flow_row.status in (FlowStatus.CANCELLED, FlowStatus.FAILED):
-            return  # the running step finished; a cancelled or failed flow goes no further
+            return None  # the running step finished; a cancelled or failed flow goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
         same_stage = sa.select(N.c.position).where(N.c.id == finished_node_id).scalar_subquery()
         # Statuses only: whether the stage is done needs no payload of it.
@@ -560,6 +678,9 @@ class SqlStorage(SqlOperators, Storage):
         stage = [progress.StageNode(r.step_name, NodeStatus(r.status)) for r in rows]
         decision = progress.after_stage(plan, position, stage)
         if isinstance(decision, progress.StartStage):
+            if chain is not None and len(stage) == 1 and len(decision.steps) == 1:
+                [step] = decision.steps
+                return self._start_chained(conn, flow_row, decision.position, step, chain)
             self._start_stage(conn, flow_row, decision.position, decision.steps)
         elif isinstance(decision, progress.FinishFlow):
             # fs_flows.output stays empty: it would be a second copy of every
@@ -579,6 +700,7 @@ class SqlStorage(SqlOperators, Storage):
                 child = sql_context.read_run(conn, F.c.id == flow_row.id)
                 if child is not None:
                     self._child_completed(conn, flow_row.parent_node_id, child.final_data())
+        return None
 
     def _lock_parent_flow(self, conn: Connection, parent_node_id: int) -> Row[Any] | None:
         """The flow of a subflow's parent node, locked; None if it was pruned meanwhile."""
