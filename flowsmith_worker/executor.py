@@ -160,7 +160,7 @@ class Executor:
         try:
             proceed, result = _attempt(spec, ctx, bound)
             if not proceed:
-                skipped = Finished(node.lease, NodeStatus.SKIPPED, None)
+                skipped = Finished(node.lease, NodeStatus.SKIPPED, None, step_name=spec.name)
                 return self._finish(node, bound, skipped, started)
             if spec.subflow:
                 child = _child_request(spec, ctx, result)
@@ -187,7 +187,7 @@ class Executor:
             # leave the node to its lease.
             failure = _Failure(_describe(exc), _retryable(exc))
             return Executed(self._record_failure(node, spec, failure, bound))
-        completed = Finished(node.lease, NodeStatus.COMPLETED, output)
+        completed = Finished(node.lease, NodeStatus.COMPLETED, output, step_name=spec.name)
         return self._finish(node, bound, completed, started)
 
     def _finish(

@@ -108,6 +108,9 @@ class Finished:
     status: NodeStatus  # COMPLETED or SKIPPED
     output: str | None
     replay: bool = False
+    # The node's step, when the caller knows it: a step alone in its stage then
+    # moves the run on without reading the stage's nodes.
+    step_name: str | None = None
 
 
 @dataclass(frozen=True)

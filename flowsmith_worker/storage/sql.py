@@ -34,7 +34,7 @@ from flowsmith_worker.errors import (
     TrackingIdTaken,
 )
 from flowsmith_worker.log import get_logger
-from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, PlannedStep
+from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
 from flowsmith_worker.storage import schema, sql_context
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
@@ -516,7 +516,8 @@ class SqlStorage(SqlOperators, Storage):
         ).rowcount
         if not done:
             return self._replayed(conn, item, chain) if item.replay else Written(False)
-        return Written(True, self._advance(conn, flow_row, lease.node_id, chain))
+        finished = None if item.step_name is None else (item.step_name, item.status)
+        return Written(True, self._advance(conn, flow_row, lease.node_id, chain, finished))
 
     def _replayed(self, conn: Connection, item: Finished, chain: Chain | None) -> Written:
         """A write sent again after its answer was lost: did the first send commit?
@@ -655,6 +656,7 @@ class SqlStorage(SqlOperators, Storage):
         flow_row: Row[Any],
         finished_node_id: int,
         chain: Chain | None = None,
+        finished: tuple[str, NodeStatus] | None = None,
     ) -> ChainedNode | None:
         """Move the flow on now that a node of it finished (its row is locked).
 
@@ -667,15 +669,12 @@ class SqlStorage(SqlOperators, Storage):
         if flow_row.status in (FlowStatus.CANCELLED, FlowStatus.FAILED):
             return None  # the running step finished; a cancelled or failed flow goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
-        same_stage = sa.select(N.c.position).where(N.c.id == finished_node_id).scalar_subquery()
-        # Statuses only: whether the stage is done needs no payload of it.
-        rows = conn.execute(
-            sa.select(N.c.step_name, N.c.status, N.c.position)
-            .where(N.c.flow_id == flow_row.id, N.c.position == same_stage)
-            .order_by(N.c.group_index)
-        ).all()
-        position = rows[0].position
-        stage = [progress.StageNode(r.step_name, NodeStatus(r.status)) for r in rows]
+        position = None if finished is None else _alone_in_stage(plan, finished[0])
+        if finished is not None and position is not None:
+            # The finished step is its stage: its own status is the stage's.
+            stage = [progress.StageNode(*finished)]
+        else:
+            position, stage = self._stage_of(conn, flow_row.id, finished_node_id)
         decision = progress.after_stage(plan, position, stage)
         if isinstance(decision, progress.StartStage):
             if chain is not None and len(stage) == 1 and len(decision.steps) == 1:
@@ -701,6 +700,21 @@ class SqlStorage(SqlOperators, Storage):
                 if child is not None:
                     self._child_completed(conn, flow_row.parent_node_id, child.final_data())
         return None
+
+    def _stage_of(
+        self, conn: Connection, flow_id: int, node_id: int
+    ) -> tuple[int, list[progress.StageNode]]:
+        """The position of the node's stage and the statuses of its nodes, in plan order."""
+        same_stage = sa.select(N.c.position).where(N.c.id == node_id).scalar_subquery()
+        # Statuses only: whether the stage is done needs no payload of it.
+        rows = conn.execute(
+            sa.select(N.c.step_name, N.c.status, N.c.position)
+            .where(N.c.flow_id == flow_id, N.c.position == same_stage)
+            .order_by(N.c.group_index)
+        ).all()
+        return rows[0].position, [
+            progress.StageNode(r.step_name, NodeStatus(r.status)) for r in rows
+        ]
 
     def _lock_parent_flow(self, conn: Connection, parent_node_id: int) -> Row[Any] | None:
         """The flow of a subflow's parent node, locked; None if it was pruned meanwhile."""
@@ -984,6 +998,14 @@ class SqlStorage(SqlOperators, Storage):
         if ended == NodeStatus.FAILED:
             self._fail_flow(conn, flow_row, values["error"])
         return ended
+
+
+def _alone_in_stage(plan: Plan, step_name: str) -> int | None:
+    """The position of the step's stage if the step is all of it, else None."""
+    position = plan.position_of(step_name)
+    if position is None or len(plan.stage(position)) != 1:
+        return None
+    return position
 
 
 def _max_rescues(flow_row: Row[Any], step_name: str) -> int:

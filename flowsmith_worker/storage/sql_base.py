@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -46,7 +48,8 @@ FLOW_STATE = [column for column in F.c if column.name not in ("input", "output")
 # Deadlocks between short transactions are resolved by the database aborting
 # one of them; running it again is the documented remedy.
 _DEADLOCK_RETRY = dict(
-    stop=tenacity.stop_after_attempt(8),
+    # Seven more after a first try made without tenacity (see _transact).
+    stop=tenacity.stop_after_attempt(7),
     wait=tenacity.wait_random(0.005, 0.1),
     reraise=True,
 )
@@ -113,6 +116,13 @@ class SqlBase:
         with self._errors():
             if connection is not None:
                 return work(connection)
+            try:  # the usual case: no retry machinery built for it
+                with self._writer_turn, self.engine.begin() as conn:
+                    return work(conn)
+            except sa.exc.DBAPIError as exc:
+                if not is_conflict(exc):
+                    raise
+                time.sleep(random.uniform(0.005, 0.1))  # let the other transaction finish
             for attempt in tenacity.Retrying(
                 retry=tenacity.retry_if_exception(is_conflict),
                 **_DEADLOCK_RETRY,  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ the engine fails that run instead of rolling back the same claim forever.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
@@ -51,12 +52,20 @@ def corrupt(where: str, tracking_id: str, problem: str) -> CorruptRow:
 def parse_plan(text: str, tracking_id: str) -> Plan:
     """The stored plan of a run; CorruptRow if it is not one FlowSmith wrote."""
     try:
-        return Plan.from_json(text)
+        return _plan_from_json(text)
     except json.JSONDecodeError as exc:
         problem = f"is not valid JSON ({exc})"
     except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSON, not a plan's shape
         problem = f"is not a plan ({type(exc).__name__}: {exc})"
     raise corrupt(f"fs_flows.plan of run {tracking_id!r}", tracking_id, problem)
+
+
+@functools.lru_cache(maxsize=512)
+def _plan_from_json(text: str) -> Plan:
+    """Parsed once per distinct text: every run of a flow version stores the same
+    plan, and a run's plan is read again at each step it moves on. A Plan is
+    frozen, so sharing one is safe; errors are not cached."""
+    return Plan.from_json(text)
 
 
 class StoredJson:
