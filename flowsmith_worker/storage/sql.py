@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -490,20 +491,39 @@ class SqlStorage(SqlOperators, Storage):
         writes its items one by one to find it.
         """
         order = sorted(range(len(finished)), key=lambda i: finished[i].lease.flow_id)
+        runs = Counter(item.lease.flow_id for item in finished)
 
         def work(conn: Connection) -> list[Written]:
+            locked = self._lock_flows(conn, sorted(runs))
             written: dict[int, Written] = {}
             for i in order:
-                written[i] = self._finish(conn, finished[i], chain)
+                flow_id = finished[i].lease.flow_id
+                flow_row = locked.get(flow_id)
+                if runs[flow_id] > 1 and flow_row is not None:
+                    # Siblings of one run in one batch: read the run again (it is
+                    # locked already), as the one before may have moved it on.
+                    flow_row = self._lock_flow(conn, F.c.id == flow_id)
+                written[i] = self._finish(conn, finished[i], flow_row, chain)
             return [written[i] for i in range(len(finished))]
 
         if len(finished) == 1:
             return self._advancing(finished[0].lease, work)
         return self._transact(work)
 
-    def _finish(self, conn: Connection, item: Finished, chain: Chain | None) -> Written:
+    def _lock_flows(self, conn: Connection, flow_ids: Sequence[int]) -> dict[int, Row[Any]]:
+        """The runs' rows, locked in id order (as every batch locks them) until commit."""
+        rows = conn.execute(
+            self.dialect.for_update(
+                sa.select(*FLOW_STATE).where(F.c.id.in_(flow_ids)).order_by(F.c.id)
+            )
+        ).all()
+        return {row.id: row for row in rows}
+
+    def _finish(
+        self, conn: Connection, item: Finished, flow_row: Row[Any] | None, chain: Chain | None
+    ) -> Written:
+        """Write one outcome into the batch's transaction; its run is locked already."""
         lease = item.lease
-        flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
         if flow_row is None:
             return Written(False)  # the run was pruned while this step ran
         done = conn.execute(
