@@ -288,32 +288,40 @@ class SqlStorage(SqlOperators, Storage):
         never enters the runnable index. None (and nothing inserted) if the
         node exists already.
         """
-        now = self._now()
         result = conn.execute(
-            self.dialect.insert_if_absent(N).values(
+            self._chained_statement,
+            dict(
                 flow_id=flow_row.id,
                 step_name=step.name,
                 position=position,
-                group_index=0,
-                status=NodeStatus.RUNNING,
                 queue=flow_row.queue,
                 priority=flow_row.priority,
-                attempt=1,
                 max_attempts=step.max_attempts,
-                rescues=0,
-                input=sql_context.NO_SNAPSHOT,
                 lease_owner=chain.worker_id,
-                lease_expires_at=now + chain.lease_seconds,
-                run_after=now,
-                started_at=now,
-                created_at=now,
-            )
+                b_lease_seconds=chain.lease_seconds,
+            ),
         )
         key = result.inserted_primary_key
         if not self.dialect.inserted_a_row(result) or key is None:
             return None
         lease = Lease(key[0], flow_row.id, chain.worker_id, 1)
         return ChainedNode(lease, step.name, step.max_attempts)
+
+    @functools.cached_property
+    def _chained_statement(self) -> Any:
+        """The insert of a chained node (see _start_chained), built once."""
+        now = self._now()
+        return self.dialect.insert_if_absent(N).values(
+            group_index=0,
+            status=NodeStatus.RUNNING,
+            attempt=1,
+            rescues=0,
+            input=sql_context.NO_SNAPSHOT,
+            lease_expires_at=now + sa.bindparam("b_lease_seconds", type_=sa.Double()),
+            run_after=now,
+            started_at=now,
+            created_at=now,
+        )
 
     # -- claim ----------------------------------------------------------------
 
@@ -527,17 +535,39 @@ class SqlStorage(SqlOperators, Storage):
         if flow_row is None:
             return Written(False)  # the run was pruned while this step ran
         done = conn.execute(
-            self._fenced(lease).values(
-                status=item.status,
-                output=item.output,
-                finished_at=self._now(),
-                lease_expires_at=None,
-            )
+            self._finish_statement,
+            dict(
+                b_node=lease.node_id,
+                b_owner=lease.worker_id,
+                b_attempt=lease.attempt,
+                b_status=item.status,
+                b_output=item.output,
+            ),
         ).rowcount
         if not done:
             return self._replayed(conn, item, chain) if item.replay else Written(False)
         finished = None if item.step_name is None else (item.step_name, item.status)
         return Written(True, self._advance(conn, flow_row, lease.node_id, chain, finished))
+
+    @functools.cached_property
+    def _finish_statement(self) -> sa.Update:
+        """The fenced write of a finished attempt, built once: building a statement
+        cost more than sending it, on the path every step takes."""
+        return (
+            sa.update(N)
+            .where(
+                N.c.id == sa.bindparam("b_node"),
+                N.c.status == NodeStatus.RUNNING,
+                N.c.lease_owner == sa.bindparam("b_owner"),
+                N.c.attempt == sa.bindparam("b_attempt"),
+            )
+            .values(
+                status=sa.bindparam("b_status"),
+                output=sa.bindparam("b_output"),
+                finished_at=self._now(),
+                lease_expires_at=None,
+            )
+        )
 
     def _replayed(self, conn: Connection, item: Finished, chain: Chain | None) -> Written:
         """A write sent again after its answer was lost: did the first send commit?
