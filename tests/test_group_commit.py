@@ -136,6 +136,10 @@ def test_a_replayed_batch_is_harmless(storage: Storage, unique: Names) -> None:
     [first] = storage.complete_batch(finished=[completed(a)], chain=CHAIN)
     [replayed] = storage.complete_batch(finished=[completed(a, replay=True)], chain=CHAIN)
     assert replayed == first
+    # Sent again by a worker that has begun to stop (it asks for no chain now): the
+    # chained step still comes back, for that worker to release at once.
+    [stopping] = storage.complete_batch(finished=[completed(a, replay=True)], chain=None)
+    assert stopping == first
     # Without the replay mark the same write is a lost lease, as it always was.
     assert storage.complete_batch(finished=[completed(a)], chain=CHAIN) == [Written(False)]
     # A replay of an attempt that never committed is not mistaken for a success.

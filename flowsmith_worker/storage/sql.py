@@ -545,7 +545,7 @@ class SqlStorage(SqlOperators, Storage):
             ),
         ).rowcount
         if not done:
-            return self._replayed(conn, item, chain) if item.replay else Written(False)
+            return self._replayed(conn, item) if item.replay else Written(False)
         finished = None if item.step_name is None else (item.step_name, item.status)
         return Written(True, self._advance(conn, flow_row, lease.node_id, chain, finished))
 
@@ -569,13 +569,14 @@ class SqlStorage(SqlOperators, Storage):
             )
         )
 
-    def _replayed(self, conn: Connection, item: Finished, chain: Chain | None) -> Written:
+    def _replayed(self, conn: Connection, item: Finished) -> Written:
         """A write sent again after its answer was lost: did the first send commit?
 
         If it did, the node carries this attempt's outcome (its lease_owner and
         attempt are kept when it finishes), and the run's next step, if one was
-        chained, is RUNNING under the same worker: hand it back rather than
-        leave it stranded until its lease expires.
+        chained, is RUNNING under the same worker: hand it back (even to a worker
+        that has begun to stop and asks for no chain now: it releases it) rather
+        than leave it stranded until its lease expires.
         """
         lease = item.lease
         node = conn.execute(
@@ -587,21 +588,19 @@ class SqlStorage(SqlOperators, Storage):
         ).first()
         if node is None or node.status != item.status:
             return Written(False)
-        if chain is None:
-            return Written(True)
         following = conn.execute(
             sa.select(N.c.id, N.c.step_name, N.c.max_attempts).where(
                 N.c.flow_id == lease.flow_id,
                 N.c.position == node.position + 1,
                 N.c.status == NodeStatus.RUNNING,
-                N.c.lease_owner == chain.worker_id,
+                N.c.lease_owner == lease.worker_id,
                 N.c.attempt == 1,
             )
         ).all()
         if len(following) != 1:
             return Written(True)
         [next_node] = following
-        next_lease = Lease(next_node.id, lease.flow_id, chain.worker_id, 1)
+        next_lease = Lease(next_node.id, lease.flow_id, lease.worker_id, 1)
         return Written(True, ChainedNode(next_lease, next_node.step_name, next_node.max_attempts))
 
     def _advancing(self, lease: Lease, work: Callable[[Connection], T]) -> T:
