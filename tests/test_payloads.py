@@ -238,16 +238,14 @@ def claim(storage: Storage, limit: int) -> list[ClaimedNode]:
 
 
 def stored_payload_bytes(storage: Storage, tracking_id: str) -> int:
-    """Bytes of the payload columns (input, output) of a run and its nodes, summed in SQL."""
+    """Bytes of the payload columns of a run (input, output) and its nodes (output), in SQL."""
 
     def size(column: Any) -> Any:
         return sa.func.coalesce(sa.func.sum(sa.func.length(column)), 0)
 
     flow_id = run_row(storage, tracking_id).id
     with engine(storage).connect() as conn:
-        nodes = conn.execute(
-            sa.select(size(N.c.input) + size(N.c.output)).where(N.c.flow_id == flow_id)
-        ).scalar_one()
+        nodes = conn.execute(sa.select(size(N.c.output)).where(N.c.flow_id == flow_id)).scalar_one()
         flows = conn.execute(
             sa.select(size(F.c.input) + size(F.c.output)).where(F.c.id == flow_id)
         ).scalar_one()

@@ -260,7 +260,6 @@ class SqlStorage(SqlOperators, Storage):
                     attempt=0,
                     max_attempts=step.max_attempts,
                     rescues=0,
-                    input=sql_context.NO_SNAPSHOT,
                 )
                 for index, step in enumerate(steps)
             ],

@@ -240,7 +240,7 @@ def flow_summary(row: Row[Any]) -> FlowSummary:
 
 
 def node_record(row: Row[Any], input: dict[str, Any]) -> NodeRecord:
-    """The node of ``row`` (its fs_nodes.input is not read) with its rebuilt ``input``."""
+    """The node of ``row`` with its ``input``, rebuilt from the run's payloads."""
     values = _TolerantRow(row)
     return NodeRecord(
         id=row.id,

@@ -8,9 +8,7 @@ snapshot the storage used to copy into every node, because a COMPLETED output
 never changes; the final ctx.data of a run (what FlowRun.wait returns) and the
 input snapshots of ``flowsmith status`` are rebuilt the same way.
 
-fs_nodes.input stays (NOT NULL) but new nodes store only NO_SNAPSHOT there, and
-no reader looks at it: the snapshots that older versions wrote are ignored too,
-so an old row and a new one read back alike.
+Schema version 4 dropped fs_nodes.input, where older versions kept that copy.
 
 Values are parsed here, never trusted: a value that does not parse (a row
 changed outside FlowSmith) raises CorruptRow naming the column and the run, so
@@ -36,9 +34,6 @@ from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import NodeStatus
 
 F, N = schema.flows, schema.nodes
-
-# What new nodes store in fs_nodes.input (NOT NULL): JSON, and tiny.
-NO_SNAPSHOT = "null"
 
 
 def corrupt(where: str, tracking_id: str, problem: str) -> CorruptRow:
