@@ -153,21 +153,6 @@ def test_a_corrupt_output_fails_the_step_that_needs_it_not_the_sibling_that_fini
     assert_completed(others)
 
 
-def test_a_corrupt_node_input_column_is_never_read(storage: Storage, unique: Names) -> None:
-    """fs_nodes.input holds no snapshot any more: garbage there (which used to make
-    every claim of the queue roll back) changes nothing, and the trace still shows
-    the rebuilt input."""
-    flow = Flow(unique("f"), storage=storage).step("only", lambda ctx: "ok")
-    poisoned = flow.run({"order_id": 1}, tracking_id=unique("t"))
-    node_id = poisoned.trace()[0].id
-    set_column(storage, N, N.c.id == node_id, input="{not json")
-    others = [flow.run({}, tracking_id=unique("ok")) for _ in range(3)]
-    drain(storage)
-    assert poisoned.wait(timeout=1) == {"order_id": 1, "only": "ok"}
-    assert poisoned.trace()[0].input == {"order_id": 1}
-    assert_completed(others)
-
-
 def test_a_subflow_whose_child_output_is_corrupt_fails_parent_and_child(
     storage: Storage, unique: Names
 ) -> None:
@@ -392,19 +377,17 @@ def test_trace_status_and_wait_show_the_rebuilt_context(
 
 
 def test_snapshots_written_by_older_versions_are_ignored(storage: Storage, unique: Names) -> None:
-    """Rows from before this change kept a ctx.data snapshot in fs_nodes.input and the
-    final data in fs_flows.output; both are ignored alike: ctx.data, the trace and
-    the run's output are always rebuilt from the run's input and completed outputs
-    (which never change, so for real old rows the two agree)."""
+    """Rows from before schema 3's code kept the final data in fs_flows.output; it is
+    ignored: ctx.data, the trace and the run's output are always rebuilt from the run's
+    input and completed outputs (which never change, so for real old rows the two agree).
+    The per-node snapshots of fs_nodes.input went with schema 4 (tests/test_migrations.py)."""
     seen: list[dict[str, Any]] = []
     flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: "A")
     flow.step("b", lambda ctx: seen.append(dict(ctx.data)) or "B")
     run = flow.run({"order_id": 7}, tracking_id=unique("t"))
     (a,) = claim(storage, 1)
     assert storage.complete_node(lease=a.lease, output="A")
-    b_id = next(n.id for n in run.trace() if n.step_name == "b")
     stale = json.dumps({"order_id": 7, "a": "stale snapshot"})
-    set_column(storage, N, N.c.id == b_id, input=stale)
     drain(storage)
     set_column(storage, F, F.c.tracking_id == run.tracking_id, output=stale)
     assert seen == [{"order_id": 7, "a": "A"}]

@@ -349,6 +349,23 @@ def is_conflict(error: BaseException) -> bool:
     return any(marker in text for marker in _CONFLICT_MARKERS)
 
 
+def is_stale_connection(error: BaseException) -> bool:
+    """A statement failed on a pooled connection the server had dropped (a restart).
+
+    Connections are not pinged before every transaction (see _ping_after_idle),
+    so the first one used after a restart fails (in a statement, or in the
+    rollback after it: mysql-connector reports its first failure in words
+    SQLAlchemy does not take for a disconnect). SQLAlchemy then invalidates the
+    pool's older connections: running the transaction again takes a new one.
+    """
+    return isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated
+
+
+def is_worth_running_again(error: BaseException) -> bool:
+    """A conflict, or a connection found dead: our transaction may simply run again."""
+    return is_conflict(error) or is_stale_connection(error)
+
+
 def is_transient(error: BaseException) -> bool:
     """Errors worth retrying: the connection went away, or a conflict."""
     if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:

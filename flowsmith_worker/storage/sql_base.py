@@ -34,7 +34,9 @@ from flowsmith_worker.storage.dialects import (
     dialect_of,
     is_conflict,
     is_missing_table,
+    is_stale_connection,
     is_transient,
+    is_worth_running_again,
 )
 
 T = TypeVar("T")
@@ -114,7 +116,7 @@ class SqlBase:
             if connection is not None:
                 return work(connection)
             for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception(is_conflict),
+                retry=tenacity.retry_if_exception(is_worth_running_again),
                 **_DEADLOCK_RETRY,  # type: ignore[arg-type]
             ):
                 with attempt, self._writer_turn, self.engine.begin() as conn:
@@ -123,10 +125,17 @@ class SqlBase:
 
     def _read(self, work: Callable[[Connection], T]) -> T:
         """Run ``work``, which only reads: no writer's turn, no write lock on SQLite."""
-        with self._errors(), self.engine.connect() as conn:
-            conn = conn.execution_options(**{READ_ONLY_OPTION: True})
-            with conn.begin():
-                return work(conn)
+        with self._errors():
+            for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception(is_stale_connection),
+                stop=tenacity.stop_after_attempt(2),
+                reraise=True,
+            ):
+                with attempt, self.engine.connect() as conn:
+                    conn = conn.execution_options(**{READ_ONLY_OPTION: True})
+                    with conn.begin():
+                        return work(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _now(self) -> sa.ColumnElement[float]:
         return self.dialect.now()
