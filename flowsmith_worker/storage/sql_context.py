@@ -137,27 +137,33 @@ def _outputs(
     return found
 
 
-def read_for_stages(conn: Connection, stages: Mapping[int, int]) -> dict[int, RunPayloads]:
-    """The payloads that nodes of the stages ``stages`` ({flow_id: position}) start with.
+def read_for_claimed(conn: Connection, claimed: Sequence[Any]) -> dict[int, RunPayloads]:
+    """The payloads that the claimed nodes start with, by run.
 
-    Only the outputs of earlier stages are read: claiming the last siblings of
-    a parallel group does not read the outputs of those that already finished.
+    The claim returned each run's input (``run_input``); only the outputs of
+    earlier stages are read here, in one statement, and none at all when every
+    node is of its run's first stage. Claiming the last siblings of a parallel
+    group does not read the outputs of those that already finished.
     """
-    if not stages:
-        return {}
-    runs = conn.execute(
-        sa.select(F.c.id, F.c.tracking_id, F.c.input).where(F.c.id.in_(list(stages)))
-    ).all()
-    tracking_ids = {r.id: r.tracking_id for r in runs}
+    stages: dict[int, int] = {}
+    runs: dict[int, Any] = {}
+    for node in claimed:
+        stages[node.flow_id] = max(node.position, stages.get(node.flow_id, 0))
+        runs[node.flow_id] = node
+    tracking_ids = {flow_id: node.tracking_id for flow_id, node in runs.items()}
     earlier = [
         sa.and_(N.c.flow_id == flow_id, N.c.position < position)
         for flow_id, position in stages.items()
-        if position > 0 and flow_id in tracking_ids
+        if position > 0
     ]
     outputs = _outputs(conn, tracking_ids, sa.or_(*earlier)) if earlier else {}
     return {
-        r.id: RunPayloads(r.tracking_id, _run_input(r.tracking_id, r.input), outputs.get(r.id, []))
-        for r in runs
+        flow_id: RunPayloads(
+            node.tracking_id,
+            _run_input(node.tracking_id, node.run_input),
+            outputs.get(flow_id, []),
+        )
+        for flow_id, node in runs.items()
     }
 
 
