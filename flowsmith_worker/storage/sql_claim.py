@@ -107,6 +107,11 @@ def lease(dialect: Dialect) -> sa.Update:
     )
 
 
+# A run's input is read once however many of its nodes are claimed together
+# (the siblings of a wide group): on its first node's row only.
+_first_of_its_run = sa.func.row_number().over(partition_by=N.c.flow_id, order_by=N.c.id)
+
+
 def claimed() -> sa.Select[Any]:
     """The nodes :ids as just leased, with their run's names, status and input."""
     return (
@@ -120,7 +125,7 @@ def claimed() -> sa.Select[Any]:
             F.c.flow_name,
             F.c.tracking_id,
             F.c.status.label("flow_status"),
-            F.c.input.label("run_input"),
+            sa.case((_first_of_its_run == 1, F.c.input)).label("run_input"),
         )
         .join(F, F.c.id == N.c.flow_id)
         .where(N.c.id.in_(_ids))
@@ -178,7 +183,9 @@ WITH guard AS MATERIALIZED (
     WHERE f.id IN (SELECT flow_id FROM claimed) AND f.status = 'PENDING'
 )
 SELECT g.capped, c.id, c.flow_id, c.step_name, c.attempt, c.max_attempts, c.position,
-       f.flow_name, f.tracking_id, f.input AS run_input
+       f.flow_name, f.tracking_id,
+       CASE WHEN row_number() OVER (PARTITION BY c.flow_id ORDER BY c.id) = 1
+            THEN f.input END AS run_input
 FROM guard g
 LEFT JOIN (claimed c JOIN fs_flows f ON f.id = c.flow_id) ON true
 ORDER BY c.priority, c.run_after, c.id

@@ -140,7 +140,8 @@ def _outputs(
 def read_for_claimed(conn: Connection, claimed: Sequence[Any]) -> dict[int, RunPayloads]:
     """The payloads that the claimed nodes start with, by run.
 
-    The claim returned each run's input (``run_input``); only the outputs of
+    The claim returned each run's input once (``run_input``, on one of its
+    nodes' rows, None on the others); only the outputs of
     earlier stages are read here, in one statement, and none at all when every
     node is of its run's first stage. Claiming the last siblings of a parallel
     group does not read the outputs of those that already finished.
@@ -149,7 +150,8 @@ def read_for_claimed(conn: Connection, claimed: Sequence[Any]) -> dict[int, RunP
     runs: dict[int, Any] = {}
     for node in claimed:
         stages[node.flow_id] = max(node.position, stages.get(node.flow_id, 0))
-        runs[node.flow_id] = node
+        if node.run_input is not None:  # on one node's row of each run
+            runs[node.flow_id] = node
     tracking_ids = {flow_id: node.tracking_id for flow_id, node in runs.items()}
     earlier = [
         sa.and_(N.c.flow_id == flow_id, N.c.position < position)
