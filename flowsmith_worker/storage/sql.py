@@ -36,7 +36,7 @@ from flowsmith_worker.errors import (
 )
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
-from flowsmith_worker.storage import schema, sql_context
+from flowsmith_worker.storage import schema, sql_claim, sql_context
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     RESCUE_ERROR,
@@ -60,6 +60,8 @@ from flowsmith_worker.storage.sql_operators import SqlOperators
 
 Q = schema.queues
 T = TypeVar("T")
+# Claimed node rows, and the payloads of their runs.
+_Claimed = tuple[Sequence[Any], dict[int, RunPayloads]]
 log = get_logger("flowsmith.storage")
 
 
@@ -265,7 +267,6 @@ class SqlStorage(SqlOperators, Storage):
                     attempt=0,
                     max_attempts=step.max_attempts,
                     rescues=0,
-                    input=sql_context.NO_SNAPSHOT,
                 )
                 for index, step in enumerate(steps)
             ],
@@ -316,7 +317,6 @@ class SqlStorage(SqlOperators, Storage):
             status=NodeStatus.RUNNING,
             attempt=1,
             rescues=0,
-            input=sql_context.NO_SNAPSHOT,
             lease_expires_at=now + sa.bindparam("b_lease_seconds", type_=sa.Double()),
             run_after=now,
             started_at=now,
@@ -328,69 +328,98 @@ class SqlStorage(SqlOperators, Storage):
     def claim_nodes(
         self, *, worker_id: str, limit: int, lease_seconds: float, queues: Sequence[str]
     ) -> list[ClaimedNode]:
+        """Claim in the fewest statements; through the queues' caps only while one is set.
+
+        See sql_claim.py. The queue lists found capped are remembered, so their
+        claims go straight to the capped path until a claim there finds no cap.
+        """
         if limit <= 0:
             return []
-        rows, payloads = self._transact(
-            lambda conn: self._claim(conn, worker_id, limit, lease_seconds, queues)
+        params = dict(
+            worker_id=worker_id,
+            limit=limit,
+            lease_seconds=float(lease_seconds),
+            queues=list(queues),
+            only_queue=queues[0],
         )
+        key = tuple(queues)
+        if key not in self._capped_queues:
+            found = self._claim_uncapped(params)
+            if found is not None:
+                return self._with_context(worker_id, *found)
+            self._capped_queues.add(key)
+        rows, payloads, capped = self._transact(lambda conn: self._claim_capped(conn, params))
+        if not capped:
+            self._capped_queues.discard(key)
         return self._with_context(worker_id, rows, payloads)
 
-    def _claim(
-        self,
-        conn: Connection,
-        worker_id: str,
-        limit: int,
-        lease_seconds: float,
-        queues: Sequence[str],
-    ) -> tuple[Sequence[Any], dict[int, RunPayloads]]:
-        now = self._now()
-        ids = self._runnable_ids(conn, limit, queues)
+    def _claim_uncapped(self, params: dict[str, Any]) -> _Claimed | None:
+        """The claim when no queue of the worker is capped; None if one is."""
+        if self.dialect.name == "postgresql":
+            return self._transact(lambda conn: self._claim_in_one(conn, params))
+        if self.dialect.name == "sqlite":
+            # A plain BEGIN reads without the write lock: an empty poll takes none,
+            # and another process writing does not make it wait.
+            due = self._read(lambda conn: conn.execute(self._claims.sqlite_precheck, params).one())
+            if due.capped:
+                return None
+            if not due.runnable:
+                return [], {}
+        return self._transact(lambda conn: self._claim_in_steps(conn, params))
+
+    def _claim_in_one(self, conn: Connection, params: dict[str, Any]) -> _Claimed | None:
+        """PostgreSQL: pick, lease and start runs in one statement (sql_claim.CLAIM_PG)."""
+        several = len(params["queues"]) > 1
+        claim = sql_claim.CLAIM_PG_QUEUES if several else sql_claim.CLAIM_PG_ONE_QUEUE
+        result = conn.execute(claim, params).all()
+        if result[0].capped:
+            return None
+        rows = [r for r in result if r.id is not None]
+        return rows, sql_context.read_for_claimed(conn, rows)
+
+    def _claim_in_steps(self, conn: Connection, params: dict[str, Any]) -> _Claimed | None:
+        """MySQL/MariaDB and SQLite: lock the runnable ids, then lease them."""
+        ids = [r.id for r in conn.execute(self._claims.runnable, params)]
         if not ids:
-            return [], {}
-        # MySQL has no UPDATE ... RETURNING and cannot update a table it selects
-        # from in a subquery: select the ids (locked above), then update them.
-        conn.execute(
-            sa.update(N)
-            .where(N.c.id.in_(ids))
-            .values(
-                status=NodeStatus.RUNNING,
-                lease_owner=worker_id,
-                attempt=N.c.attempt + 1,
-                lease_expires_at=now + lease_seconds,
-                started_at=now,
-                finished_at=None,
-            )
-        )
-        rows = conn.execute(
-            sa.select(
-                N.c.id,
-                N.c.flow_id,
-                N.c.step_name,
-                N.c.attempt,
-                N.c.max_attempts,
-                N.c.position,
-                F.c.flow_name,
-                F.c.tracking_id,
-                F.c.status.label("flow_status"),
-            )
-            .join(F, F.c.id == N.c.flow_id)
-            .where(N.c.id.in_(ids))
-            .order_by(N.c.priority, N.c.run_after, N.c.id)
-        ).all()
+            # Nothing runnable, or the guard kept a capped queue out: which?
+            return None if conn.execute(self._claims.capped, params).scalar() else ([], {})
+        return self._lease(conn, ids, params)
+
+    def _claim_capped(
+        self, conn: Connection, params: dict[str, Any]
+    ) -> tuple[Sequence[Any], dict[int, RunPayloads], bool]:
+        """The claim through the queues' caps; also whether any cap is still set."""
+        ids, capped = self._runnable_ids(conn, params["limit"], params["queues"])
+        rows, payloads = self._lease(conn, ids, params) if ids else ([], {})
+        return rows, payloads, capped
+
+    def _lease(self, conn: Connection, ids: list[int], params: dict[str, Any]) -> _Claimed:
+        """Lease the locked nodes ``ids``, start their runs, read what they start with.
+
+        MySQL has no UPDATE ... RETURNING and cannot update a table it selects
+        from in a subquery: the ids were selected (and locked) first.
+        """
+        claims = self._claims
+        # Only its own parameters: any other named after a column would be SET too.
+        lease = {"worker_id": params["worker_id"], "lease_seconds": params["lease_seconds"]}
+        conn.execute(claims.lease, {**lease, "ids": ids})
+        rows = conn.execute(claims.claimed, {"ids": ids}).all()
         # Only a run's first claim moves it from PENDING to RUNNING.
         starting = sorted({r.flow_id for r in rows if r.flow_status == FlowStatus.PENDING})
         if starting:
-            conn.execute(
-                sa.update(F)
-                .where(F.c.id.in_(starting), F.c.status == FlowStatus.PENDING)
-                .values(status=FlowStatus.RUNNING, updated_at=now)
-            )
+            conn.execute(claims.start_runs, {"ids": starting})
         # Read here, parsed after the commit (_with_context): no lock is held
         # while a large payload parses.
-        stages: dict[int, int] = {}
-        for r in rows:
-            stages[r.flow_id] = max(r.position, stages.get(r.flow_id, 0))
-        return rows, sql_context.read_for_stages(conn, stages)
+        return rows, sql_context.read_for_claimed(conn, rows)
+
+    @functools.cached_property
+    def _claims(self) -> sql_claim.ClaimStatements:
+        return sql_claim.statements(self.dialect)
+
+    @functools.cached_property
+    def _capped_queues(self) -> set[tuple[str, ...]]:
+        """Queue lists last seen with a cap: their claims take the capped path first."""
+        return set()
 
     def _with_context(
         self, worker_id: str, rows: Sequence[Any], payloads: dict[int, RunPayloads]
@@ -428,14 +457,17 @@ class SqlStorage(SqlOperators, Storage):
         with contextlib.suppress(DatabaseUnavailable):
             self.fail_node(lease=lease, error=str(error), retry_delay=None)
 
-    def _runnable_ids(self, conn: Connection, limit: int, queues: Sequence[str]) -> list[int]:
+    def _runnable_ids(
+        self, conn: Connection, limit: int, queues: Sequence[str]
+    ) -> tuple[list[int], bool]:
         """Lock up to ``limit`` runnable nodes, within the queues' concurrency caps.
 
         A capped queue's fs_queues row is locked (FOR UPDATE, not SKIP LOCKED)
         while its RUNNING nodes are counted, so claimers of that queue take
         turns and cannot together exceed the cap. Candidates of capped and
         uncapped queues are merged in priority order; the few locked but not
-        taken are free again when this short transaction commits.
+        taken are free again when this short transaction commits. Also says
+        whether any of the queues is capped.
         """
         capped = self.dialect.for_update(
             sa.select(Q.c.name, Q.c.max_running).where(
@@ -448,20 +480,20 @@ class SqlStorage(SqlOperators, Storage):
         for queue, cap in caps.items():
             running = conn.execute(
                 sa.select(sa.func.count()).where(
-                    N.c.queue == queue, N.c.status == NodeStatus.RUNNING
+                    N.c.queue == queue, N.c.status == sql_claim.RUNNING
                 )
             ).scalar_one()
             if cap - running > 0:
                 candidates += self._lock_runnable(conn, min(limit, cap - running), [queue])
         if caps:
             candidates.sort(key=lambda r: (r.priority, r.run_after, r.id))
-        return [r.id for r in candidates[:limit]]
+        return [r.id for r in candidates[:limit]], bool(caps)
 
     def _lock_runnable(self, conn: Connection, limit: int, queues: Sequence[str]) -> list[Row[Any]]:
         runnable = (
             sa.select(N.c.id, N.c.priority, N.c.run_after)
             .where(
-                N.c.status == NodeStatus.PENDING,
+                N.c.status == sql_claim.PENDING,
                 N.c.run_after <= self._now(),
                 N.c.queue.in_(list(queues)),
             )
