@@ -68,6 +68,12 @@ class Dialect:
         return self.name == "postgresql"
 
     @property
+    def finishes_in_one_statement(self) -> bool:
+        """Whether a batch of finished steps is written by one statement (sql_finish.py):
+        PostgreSQL's data-modifying CTEs and arrays make that possible."""
+        return self.name == "postgresql"
+
+    @property
     def has_row_locks(self) -> bool:
         # SQLite has none: every transaction is BEGIN IMMEDIATE (see _sqlite_setup),
         # which takes the database's one write lock up front instead.

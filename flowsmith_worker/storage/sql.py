@@ -56,6 +56,7 @@ from flowsmith_worker.storage.base import (
 )
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, dumps, flow_record
 from flowsmith_worker.storage.sql_context import RunPayloads
+from flowsmith_worker.storage.sql_finish import FINISH_PG, FinishBatch, Move
 from flowsmith_worker.storage.sql_operators import SqlOperators
 
 Q = schema.queues
@@ -536,14 +537,24 @@ class SqlStorage(SqlOperators, Storage):
         def work(conn: Connection) -> list[Written]:
             locked = self._lock_flows(conn, sorted(runs))
             written: dict[int, Written] = {}
+            together, in_one = FinishBatch(), []
             for i in order:
-                flow_id = finished[i].lease.flow_id
+                item = finished[i]
+                flow_id = item.lease.flow_id
                 flow_row = locked.get(flow_id)
+                move = self._move_in_one(item, flow_row, runs[flow_id])
+                if move is not None:
+                    together.add(item, move)
+                    in_one.append(i)
+                    continue
                 if runs[flow_id] > 1 and flow_row is not None:
                     # Siblings of one run in one batch: read the run again (it is
                     # locked already), as the one before may have moved it on.
                     flow_row = self._lock_flow(conn, F.c.id == flow_id)
-                written[i] = self._finish(conn, finished[i], flow_row, chain)
+                written[i] = self._finish(conn, item, flow_row, chain)
+            if in_one:
+                answers = self._finish_in_one(conn, together, chain)
+                written.update(zip(in_one, answers, strict=True))
             return [written[i] for i in range(len(finished))]
 
         if len(finished) == 1:
@@ -558,6 +569,57 @@ class SqlStorage(SqlOperators, Storage):
             )
         ).all()
         return {row.id: row for row in rows}
+
+    def _move_in_one(
+        self, item: Finished, flow_row: Row[Any] | None, nodes_of_run: int
+    ) -> Move | None:
+        """What the item's run does next, if FINISH_PG can apply it; None for the general path.
+
+        The same decision as _advance's, for the common case only: a step alone
+        in its stage, whose run moves to a step alone in the next stage, or
+        completes (without a parent to wake), or is over already.
+        """
+        if (
+            not self.dialect.finishes_in_one_statement
+            or flow_row is None
+            or nodes_of_run > 1
+            or item.replay
+            or item.step_name is None
+        ):
+            return None
+        if flow_row.status in (FlowStatus.CANCELLED, FlowStatus.FAILED):
+            return Move()  # the outcome is recorded; the run goes no further
+        plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        position = _alone_in_stage(plan, item.step_name)
+        if position is None:
+            return None
+        decision = progress.after_stage(
+            plan, position, [progress.StageNode(item.step_name, item.status)]
+        )
+        if isinstance(decision, progress.StartStage) and len(decision.steps) == 1:
+            [step] = decision.steps
+            return Move(step.name, decision.position, step.max_attempts)
+        if isinstance(decision, progress.FinishFlow) and flow_row.parent_node_id is None:
+            return Move(finishes=True)
+        return None
+
+    def _finish_in_one(
+        self, conn: Connection, together: FinishBatch, chain: Chain | None
+    ) -> list[Written]:
+        """Apply the moves of ``together`` with FINISH_PG; the answers in its order."""
+        rows = conn.exec_driver_sql(FINISH_PG, together.parameters(chain)).all()
+        by_node = {row.node_id: row for row in rows}
+        answers = []
+        for node_id, flow_id in zip(together.node_id, together.flow_id, strict=True):
+            row = by_node.get(node_id)
+            if row is None:
+                answers.append(Written(False))
+            elif chain is None or row.next_id is None:
+                answers.append(Written(True))
+            else:
+                lease = Lease(row.next_id, flow_id, chain.worker_id, 1)
+                answers.append(Written(True, ChainedNode(lease, row.step_name, row.max_attempts)))
+        return answers
 
     def _finish(
         self, conn: Connection, item: Finished, flow_row: Row[Any] | None, chain: Chain | None
