@@ -384,3 +384,41 @@ def test_every_run_completes_under_concurrent_chains(
     assert all(r.status() == FlowStatus.COMPLETED for r in runs)
     assert sorted(counts.values()) == [1] * (30 * steps)
     assert runs[0].wait(timeout=5) == {f"s{i}": i for i in range(steps)}
+
+
+def test_on_postgresql_a_batch_of_sequential_steps_is_two_statements(
+    storage: Storage, backend: str, unique: Names
+) -> None:
+    """However many runs it moves (chained, completed, or over), a PostgreSQL batch sends
+    the lock of its runs and one statement that writes, chains and completes them."""
+    if backend != "postgresql":
+        pytest.skip("the one-statement batch is PostgreSQL's (sql_finish.py)")
+    import sqlalchemy as sa
+
+    ids = [unique(f"t{i}") for i in range(4)]
+    for tracking_id in ids[:3]:
+        storage.enqueue_flow(flow=sequential(tracking_id, ["a", "b"]))
+    storage.enqueue_flow(flow=sequential(ids[3], ["only"]))
+    nodes = {n.tracking_id: n for n in claim_all(storage)}
+    storage.cancel_flow(tracking_id=ids[2])
+    statements: list[str] = []
+    engine = storage.engine  # type: ignore[attr-defined]
+    listener = lambda *args: statements.append(args[2])  # noqa: E731
+    sa.event.listen(engine, "before_cursor_execute", listener)
+    try:
+        written = storage.complete_batch(
+            finished=[
+                Finished(n.lease, NodeStatus.COMPLETED, '"x"', step_name=n.step_name)
+                for n in nodes.values()
+            ],
+            chain=CHAIN,
+        )
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", listener)
+    assert len(statements) == 2, statements
+    by_run = dict(zip(nodes, written, strict=True))
+    assert [by_run[t].chained is not None for t in ids] == [True, True, False, False]
+    assert all(w.won for w in written)
+    assert statuses(storage, ids[0])["b"] == (NodeStatus.RUNNING, "w1")
+    assert "b" not in statuses(storage, ids[2])  # cancelled: recorded, not moved on
+    assert storage.get_flow(tracking_id=ids[3]).status == FlowStatus.COMPLETED  # type: ignore[union-attr]
