@@ -68,10 +68,10 @@ class Dialect:
         return self.name == "postgresql"
 
     @property
-    def finishes_in_one_statement(self) -> bool:
-        """Whether a batch of finished steps is written by one statement (sql_finish.py):
-        PostgreSQL's data-modifying CTEs and arrays make that possible."""
-        return self.name == "postgresql"
+    def finishes_set_based(self) -> bool:
+        """Whether a batch of finished steps is written by statements for the whole batch
+        (sql_finish.py): it needs UPDATE ... RETURNING, which MySQL lacks."""
+        return self.name in ("postgresql", "sqlite")
 
     @property
     def has_row_locks(self) -> bool:

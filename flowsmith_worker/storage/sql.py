@@ -56,7 +56,7 @@ from flowsmith_worker.storage.base import (
 )
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, dumps, flow_record
 from flowsmith_worker.storage.sql_context import RunPayloads
-from flowsmith_worker.storage.sql_finish import FINISH_PG, FinishBatch, Move
+from flowsmith_worker.storage.sql_finish import FinishBatch, Move
 from flowsmith_worker.storage.sql_operators import SqlOperators
 
 Q = schema.queues
@@ -580,7 +580,7 @@ class SqlStorage(SqlOperators, Storage):
         completes (without a parent to wake), or is over already.
         """
         if (
-            not self.dialect.finishes_in_one_statement
+            not self.dialect.finishes_set_based
             or flow_row is None
             or nodes_of_run > 1
             or item.replay
@@ -606,19 +606,19 @@ class SqlStorage(SqlOperators, Storage):
     def _finish_in_one(
         self, conn: Connection, together: FinishBatch, chain: Chain | None
     ) -> list[Written]:
-        """Apply the moves of ``together`` with FINISH_PG; the answers in its order."""
-        rows = conn.exec_driver_sql(FINISH_PG, together.parameters(chain)).all()
-        by_node = {row.node_id: row for row in rows}
+        """Apply the moves of ``together`` set-based (sql_finish.py); the answers in its order."""
+        won = together.apply(conn, self.dialect.name, chain)
         answers = []
         for node_id, flow_id in zip(together.node_id, together.flow_id, strict=True):
-            row = by_node.get(node_id)
-            if row is None:
+            if node_id not in won:
                 answers.append(Written(False))
-            elif chain is None or row.next_id is None:
+                continue
+            begun = won[node_id]
+            if chain is None or begun is None:
                 answers.append(Written(True))
-            else:
-                lease = Lease(row.next_id, flow_id, chain.worker_id, 1)
-                answers.append(Written(True, ChainedNode(lease, row.step_name, row.max_attempts)))
+                continue
+            lease = Lease(begun.id, flow_id, chain.worker_id, 1)
+            answers.append(Written(True, ChainedNode(lease, begun.step_name, begun.max_attempts)))
         return answers
 
     def _finish(
