@@ -1,0 +1,258 @@
+"""Enqueue's writes: new runs and their first stages, in as few statements as each database allows.
+
+SqlStorage (sql.py) decides what a trigger does to each tracking_id (the
+idempotent-trigger rules); this module only inserts runs that are new:
+
+- many at once (``Flow.run_many``): multi-row INSERTs of the runs and of their
+  first nodes, in chunks of at most MAX_ROWS_PER_STATEMENT rows and of at most
+  the payload limit in bytes of inputs and plans. So no statement of a batch is
+  larger than the largest single enqueue (MariaDB refuses a statement over its
+  max_allowed_packet, 16 MiB by default) or binds more parameters than a
+  database takes (SQLite 32,766; PostgreSQL and MySQL 65,535). Still one
+  transaction: the chunks commit or roll back together.
+- one, on PostgreSQL, without a caller's connection: one statement, sent in
+  autocommit (no BEGIN or COMMIT round trip), that inserts the run, its first
+  stage and the NOTIFY together, or nothing when the tracking_id exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+
+from flowsmith_worker import payload
+from flowsmith_worker.storage import sql_context
+from flowsmith_worker.storage.base import FlowStatus, NewFlow, NodeStatus
+from flowsmith_worker.storage.dialects import NOTIFY_CHANNEL, is_duplicate_key
+from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, SqlBase, dumps
+
+T = TypeVar("T")
+# Rows per INSERT or per IN (...) list: big enough that a statement's round trip
+# is shared by many runs, small enough that none binds too many parameters.
+MAX_ROWS_PER_STATEMENT = 1000
+
+# One new run (no parent) and its first stage, as ONE statement (PostgreSQL).
+# The INSERT of fs_flows does nothing when the tracking_id exists; then new_run
+# is empty, so are the node INSERT and the NOTIFY, and the statement returns no
+# row: the caller falls back to the transaction that applies the trigger rules.
+# The data-modifying CTEs run whether or not the final SELECT reads them; the
+# foreign key of the nodes is checked at the end of the statement, when the run
+# exists. Times are the database's, as everywhere (see dialects.Dialect.now).
+_ENQUEUE_NEW_RUN = sa.text(
+    f"""
+WITH clock AS (
+    SELECT CAST(extract(epoch FROM now()) AS DOUBLE PRECISION) AS now
+), new_run AS (
+    INSERT INTO fs_flows (flow_name, tracking_id, status, input, plan, queue, priority,
+                          created_at, updated_at)
+    SELECT :flow_name, :tracking_id, '{FlowStatus.PENDING}', :input, :plan, :queue, :priority,
+           clock.now, clock.now
+    FROM clock
+    ON CONFLICT DO NOTHING
+    RETURNING id, queue, priority, created_at
+), first_stage AS (
+    INSERT INTO fs_nodes (flow_id, step_name, position, group_index, status, queue, priority,
+                          attempt, max_attempts, rescues, run_after, input, created_at)
+    SELECT r.id, s.step_name, 0, CAST(s.ordinality AS INTEGER) - 1, '{NodeStatus.PENDING}',
+           r.queue, r.priority, 0, s.max_attempts, 0,
+           CASE WHEN CAST(:run_at AS DOUBLE PRECISION) IS NULL THEN r.created_at + :delay
+                ELSE GREATEST(r.created_at, CAST(:run_at AS DOUBLE PRECISION)) END,
+           :no_snapshot, r.created_at
+    FROM new_run r
+    CROSS JOIN unnest(CAST(:step_names AS TEXT[]), CAST(:max_attempts AS INTEGER[]))
+         WITH ORDINALITY AS s(step_name, max_attempts, ordinality)
+)
+SELECT id, pg_notify('{NOTIFY_CHANNEL}', queue) FROM new_run
+"""
+)
+
+
+def chunks(items: Sequence[T], size_of: Callable[[T], int] | None = None) -> Iterator[list[T]]:
+    """``items`` in order, in lists of at most MAX_ROWS_PER_STATEMENT and, when
+    ``size_of`` is given, of at most the payload limit in bytes (or one item)."""
+    budget = payload.limits().max_bytes
+    chunk: list[T] = []
+    used = 0
+    for item in items:
+        size = size_of(item) if size_of else 0
+        if chunk and (len(chunk) == MAX_ROWS_PER_STATEMENT or used + size > budget):
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(item)
+        used += size
+    if chunk:
+        yield chunk
+
+
+class SqlEnqueue(SqlBase):
+    """Inserting new runs; what to do with existing ones is SqlStorage's."""
+
+    def _read_runs(self, conn: Connection, tracking_ids: Sequence[str]) -> dict[str, Row[Any]]:
+        """The runs (without payloads) that have these tracking_ids, by tracking_id.
+
+        for_latest: the latest committed rows, even in a caller's REPEATABLE READ
+        transaction on MySQL (see Dialect.for_latest).
+        """
+        found: dict[str, Row[Any]] = {}
+        for chunk in chunks(tracking_ids):
+            query = sa.select(*FLOW_STATE).where(F.c.tracking_id.in_(chunk))
+            for row in conn.execute(self.dialect.for_latest(query)):
+                found[row.tracking_id] = row
+        return found
+
+    def _insert_run(
+        self, conn: Connection, flow: NewFlow, parent_node_id: int | None
+    ) -> int | None:
+        """Insert the run unless its tracking_id exists; its new id, or None."""
+        now = self._now()
+        row = _run_row(flow, dumps(flow.input), flow.plan.to_json(), parent_node_id)
+        insert = self.dialect.insert_if_absent(F).values(
+            {**row, "created_at": now, "updated_at": now}
+        )
+        if self.dialect.returns_inserted_rows(conn):
+            new_id = conn.execute(insert.returning(F.c.id)).scalar()
+            return None if new_id is None else int(new_id)
+        result = conn.execute(insert)
+        return int(result.lastrowid) if self.dialect.inserted_a_row(result) else None
+
+    def _insert_runs(self, conn: Connection, flows: Sequence[NewFlow]) -> dict[str, int]:
+        """Insert the runs whose tracking_id is free; tracking_id -> id of those inserted.
+
+        A tracking_id another transaction inserted meanwhile is left out: the
+        caller reads that run and applies the trigger rules to it.
+        """
+        plans: dict[int, str] = {}  # run_many shares one plan: encode it once
+
+        def row_of(flow: NewFlow) -> dict[str, Any]:
+            plan = plans.get(id(flow.plan)) or plans.setdefault(id(flow.plan), flow.plan.to_json())
+            return _run_row(flow, dumps(flow.input), plan, None)
+
+        rows = [row_of(flow) for flow in flows]
+        inserted: dict[str, int] = {}
+        for chunk in chunks(rows, lambda row: len(row["input"]) + len(row["plan"])):
+            inserted.update(self._insert_run_rows(conn, chunk))
+        return inserted
+
+    def _insert_run_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> dict[str, int]:
+        now = self._now()
+        if self.dialect.returns_inserted_rows(conn):
+            insert = self.dialect.insert_if_absent(F).values(created_at=now, updated_at=now)
+            returned = conn.execute(insert.returning(F.c.id, F.c.tracking_id), rows)
+            return {tracking_id: int(new_id) for new_id, tracking_id in returned}
+        # MySQL: no INSERT ... RETURNING, and ON DUPLICATE KEY UPDATE would not
+        # say which rows it skipped. A plain INSERT either inserts every row or,
+        # when a tracking_id was taken since our read, fails as a whole: InnoDB
+        # undoes that statement alone, and the rows go one by one instead, each
+        # saying whether it inserted.
+        try:
+            conn.execute(sa.insert(F).values(created_at=now, updated_at=now), rows)
+        except sa.exc.IntegrityError as exc:
+            if not is_duplicate_key(exc):
+                raise
+            return self._insert_run_rows_one_by_one(conn, rows)
+        query = sa.select(F.c.id, F.c.tracking_id).where(
+            F.c.tracking_id.in_([row["tracking_id"] for row in rows])
+        )
+        return {tracking_id: int(new_id) for new_id, tracking_id in conn.execute(query)}
+
+    def _insert_run_rows_one_by_one(
+        self, conn: Connection, rows: list[dict[str, Any]]
+    ) -> dict[str, int]:
+        inserted: dict[str, int] = {}
+        now = self._now()
+        for row in rows:
+            result = conn.execute(
+                self.dialect.insert_if_absent(F).values(
+                    {**row, "created_at": now, "updated_at": now}
+                )
+            )
+            if self.dialect.inserted_a_row(result):
+                inserted[row["tracking_id"]] = int(result.lastrowid)
+        return inserted
+
+    def _insert_first_stages(self, conn: Connection, runs: Sequence[tuple[int, NewFlow]]) -> None:
+        """Insert the first stage of each new run (flow id, request): PENDING, due
+        ``delay_seconds`` from now or at ``run_at``, whichever the request gives.
+
+        One multi-row INSERT per chunk and per distinct start (run_many: one);
+        their ctx.data is rebuilt when they are claimed (sql_context).
+        """
+        by_start: dict[tuple[float, float | None], list[dict[str, Any]]] = {}
+        for flow_id, flow in runs:
+            rows = by_start.setdefault((flow.delay_seconds, flow.run_at), [])
+            rows.extend(_first_stage_rows(flow_id, flow))
+        for (delay, run_at), rows in by_start.items():
+            insert = sa.insert(N).values(
+                run_after=self._start_time(delay, run_at), created_at=self._now()
+            )
+            for chunk in chunks(rows):
+                conn.execute(insert, chunk)
+
+    def _start_time(self, delay: float, run_at: float | None) -> sa.ColumnElement[float]:
+        """When a new run's first stage is due, by the database clock."""
+        now = self._now()
+        return now + delay if run_at is None else self.dialect.greatest(now, run_at)
+
+    def _enqueue_in_one_statement(self, flow: NewFlow) -> int | None:
+        """Insert a new run, its first stage and the NOTIFY in one round trip (PostgreSQL).
+
+        Autocommit: the statement is its own transaction, so no BEGIN or COMMIT
+        travels. The new run's id, or None when the tracking_id exists (nothing
+        was written).
+        """
+        stage = flow.plan.stage(0)
+        parameters = {
+            **_run_row(flow, dumps(flow.input), flow.plan.to_json(), None),
+            "delay": flow.delay_seconds,
+            "run_at": flow.run_at,
+            "no_snapshot": sql_context.NO_SNAPSHOT,
+            "step_names": [step.name for step in stage],
+            "max_attempts": [step.max_attempts for step in stage],
+        }
+        with (
+            self._errors(),
+            self.engine.connect() as pooled,
+            self.dialect.autocommit(pooled) as conn,
+        ):
+            new_id = conn.execute(_ENQUEUE_NEW_RUN, parameters).scalar()
+        return None if new_id is None else int(new_id)
+
+
+def _run_row(
+    flow: NewFlow, input_json: str, plan_json: str, parent_node_id: int | None
+) -> dict[str, Any]:
+    """The fs_flows values of a new run, but its times (the database's clock)."""
+    row: dict[str, Any] = dict(
+        flow_name=flow.flow_name,
+        tracking_id=flow.tracking_id,
+        status=FlowStatus.PENDING,
+        input=input_json,
+        plan=plan_json,
+        queue=flow.queue,
+        priority=flow.priority,
+    )
+    if parent_node_id is not None:
+        row["parent_node_id"] = parent_node_id
+    return row
+
+
+def _first_stage_rows(flow_id: int, flow: NewFlow) -> list[dict[str, Any]]:
+    return [
+        dict(
+            flow_id=flow_id,
+            step_name=step.name,
+            position=0,
+            group_index=index,
+            status=NodeStatus.PENDING,
+            queue=flow.queue,
+            priority=flow.priority,
+            attempt=0,
+            max_attempts=step.max_attempts,
+            rescues=0,
+            input=sql_context.NO_SNAPSHOT,
+        )
+        for index, step in enumerate(flow.plan.stage(0))
+    ]
