@@ -265,16 +265,15 @@ def test_a_bad_input_at_the_end_sends_no_statement(
 def test_a_batch_larger_than_a_statement_is_chunked_in_one_transaction(
     storage: Storage, unique: Names
 ) -> None:
-    """One row past MAX_ROWS_PER_STATEMENT: two INSERTs of runs and two of nodes, one
-    NOTIFY (PostgreSQL), one BEGIN/COMMIT, and every run is there."""
+    """One row past MAX_ROWS_PER_STATEMENT: two statements inserting runs and two
+    inserting nodes (on PostgreSQL the same two), and every run is there. (That the
+    chunks share one transaction: the rollback test below, with two chunks.)"""
     flow = Flow(unique("f"), storage=storage).step("only", lambda ctx: 1)
     count = MAX_ROWS_PER_STATEMENT + 1
     with statements(storage) as sent:
         runs = flow.run_many([{"i": i} for i in range(count)])
-    assert sum(s.startswith("INSERT INTO fs_flows") for s in sent) == 2
-    assert sum(s.startswith("INSERT INTO fs_nodes") for s in sent) == 2
-    notifies = sum("pg_notify" in s for s in sent)
-    assert notifies == (1 if storage.supports_notify else 0)
+    assert sum("INSERT INTO fs_flows" in s for s in sent) == 2
+    assert sum("INSERT INTO fs_nodes" in s for s in sent) == 2
     assert flow_count(storage) == count and node_count(storage) == count
     assert len({run.tracking_id for run in runs}) == count
 
@@ -290,7 +289,7 @@ def test_a_batch_is_chunked_by_bytes_too(storage: Storage, unique: Names) -> Non
             runs = flow.run_many([{"pad": "x" * 1500} for _ in range(10)])
     finally:
         payload_module.set_limits(None)
-    assert sum(s.startswith("INSERT INTO fs_flows") for s in sent) == 5  # two runs each
+    assert sum("INSERT INTO fs_flows" in s for s in sent) == 5  # two runs each
     drain(storage)
     assert all(run.wait(5)["only"] == 1500 for run in runs)
 
@@ -341,7 +340,7 @@ def test_an_id_inserted_by_another_transaction_mid_batch_is_answered_as_existing
     raced = ids[2]
 
     def insert_first(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
-        if statement.lstrip().startswith("INSERT INTO fs_flows") and flow_count(other) == 0:
+        if "INSERT INTO fs_flows" in statement and flow_count(other) == 0:
             other.enqueue_flow(flow=flow.new_run({"by": "other"}, raced))
 
     event.listen(sql_storage(storage).engine, "before_cursor_execute", insert_first)

@@ -119,13 +119,9 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                 _refuse_other_flow(flow, existing[flow.tracking_id])
                 _refuse_completed(flow, existing[flow.tracking_id])
         absent = [flow for flow in ordered if flow.tracking_id not in existing]
-        created = self._insert_runs(conn, absent)
+        created = self._insert_new_runs(conn, absent)
         raced = [flow.tracking_id for flow in absent if flow.tracking_id not in created]
         existing.update(self._read_runs(conn, raced))  # inserted by others since our read
-        self._insert_first_stages(
-            conn,
-            [(created[flow.tracking_id], flow) for flow in absent if flow.tracking_id in created],
-        )
         results: dict[str, EnqueueResult] = {}
         for flow in ordered:
             new_id = created.get(flow.tracking_id)
@@ -137,8 +133,8 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                 row = existing[flow.tracking_id]
                 _refuse_other_flow(flow, row)  # again: a raced run was not checked above
                 results[flow.tracking_id] = self._trigger_existing(conn, flow, row)
-        woken = {flow.queue for flow in ordered if _started(results[flow.tracking_id])}
-        for queue in sorted(woken):  # one NOTIFY per queue wakes its idle workers
+        # New runs woke their queues' workers already (_insert_new_runs).
+        for queue in sorted({flow.queue for flow in ordered if results[flow.tracking_id].resumed}):
             self.dialect.notify(conn, queue)
         return [results[flow.tracking_id] for flow in flows]
 
@@ -940,8 +936,3 @@ def _refuse_other_flow(flow: NewFlow, row: Row[Any]) -> None:
 def _refuse_completed(flow: NewFlow, row: Row[Any], status: str | None = None) -> None:
     if (status or row.status) == FlowStatus.COMPLETED:
         raise FlowAlreadyCompleted.for_run(row.flow_name, flow.tracking_id)
-
-
-def _started(result: EnqueueResult) -> bool:
-    """Whether the trigger made steps runnable (workers should wake)."""
-    return result.created or result.resumed

@@ -34,25 +34,31 @@ T = TypeVar("T")
 # is shared by many runs, small enough that none binds too many parameters.
 MAX_ROWS_PER_STATEMENT = 1000
 
-# One new run (no parent) and its first stage, as ONE statement (PostgreSQL).
-# The INSERT of fs_flows does nothing when the tracking_id exists; then new_run
-# is empty, so are the node INSERT and the NOTIFY, and the statement returns no
-# row: the caller falls back to the transaction that applies the trigger rules.
-# The data-modifying CTEs run whether or not the final SELECT reads them; the
-# foreign key of the nodes is checked at the end of the statement, when the run
-# exists. Times are the database's, as everywhere (see dialects.Dialect.now).
-_ENQUEUE_NEW_RUN = sa.text(
+# New runs of one flow (no parent) and their first stages, as ONE statement
+# (PostgreSQL): the runs share flow, plan, queue, priority and start; the
+# tracking_ids and inputs travel as two arrays, which PostgreSQL parses and
+# plans far faster than a VALUES list of the same rows (about 3x for 1,000).
+# ON CONFLICT DO NOTHING skips a tracking_id that exists, and with it that
+# run's nodes: the statement returns the runs it inserted, and the caller
+# applies the trigger rules to the others. The data-modifying CTEs run whether
+# or not the final SELECT reads them; the nodes' foreign key is checked at the
+# end of the statement, when the runs exist. pg_notify is sent once per
+# inserted run and PostgreSQL folds the repeats into one at commit. Times are
+# the database's, as everywhere (see dialects.Dialect.now).
+_ENQUEUE_NEW_RUNS = sa.text(
     f"""
 WITH clock AS (
     SELECT CAST(extract(epoch FROM now()) AS DOUBLE PRECISION) AS now
-), new_run AS (
+), new_runs AS (
     INSERT INTO fs_flows (flow_name, tracking_id, status, input, plan, queue, priority,
                           created_at, updated_at)
-    SELECT :flow_name, :tracking_id, '{FlowStatus.PENDING}', :input, :plan, :queue, :priority,
+    SELECT :flow_name, v.tracking_id, '{FlowStatus.PENDING}', v.input, :plan, :queue, :priority,
            clock.now, clock.now
     FROM clock
+    CROSS JOIN unnest(CAST(:tracking_ids AS TEXT[]), CAST(:inputs AS TEXT[]))
+         AS v(tracking_id, input)
     ON CONFLICT DO NOTHING
-    RETURNING id, queue, priority, created_at
+    RETURNING id, tracking_id, queue, priority, created_at
 ), first_stage AS (
     INSERT INTO fs_nodes (flow_id, step_name, position, group_index, status, queue, priority,
                           attempt, max_attempts, rescues, run_after, input, created_at)
@@ -61,11 +67,11 @@ WITH clock AS (
            CASE WHEN CAST(:run_at AS DOUBLE PRECISION) IS NULL THEN r.created_at + :delay
                 ELSE GREATEST(r.created_at, CAST(:run_at AS DOUBLE PRECISION)) END,
            :no_snapshot, r.created_at
-    FROM new_run r
+    FROM new_runs r
     CROSS JOIN unnest(CAST(:step_names AS TEXT[]), CAST(:max_attempts AS INTEGER[]))
          WITH ORDINALITY AS s(step_name, max_attempts, ordinality)
 )
-SELECT id, pg_notify('{NOTIFY_CHANNEL}', queue) FROM new_run
+SELECT id, tracking_id, pg_notify('{NOTIFY_CHANNEL}', queue) FROM new_runs
 """
 )
 
@@ -118,23 +124,40 @@ class SqlEnqueue(SqlBase):
         result = conn.execute(insert)
         return int(result.lastrowid) if self.dialect.inserted_a_row(result) else None
 
-    def _insert_runs(self, conn: Connection, flows: Sequence[NewFlow]) -> dict[str, int]:
-        """Insert the runs whose tracking_id is free; tracking_id -> id of those inserted.
+    def _insert_new_runs(self, conn: Connection, flows: Sequence[NewFlow]) -> dict[str, int]:
+        """Insert each run whose tracking_id is free, with its first stage, and wake
+        the workers of its queue; tracking_id -> id of the runs inserted.
 
-        A tracking_id another transaction inserted meanwhile is left out: the
-        caller reads that run and applies the trigger rules to it.
+        A tracking_id that exists (another transaction may have inserted it since
+        the caller's read) is left out: the caller applies the trigger rules to it.
         """
-        plans: dict[int, str] = {}  # run_many shares one plan: encode it once
-
-        def row_of(flow: NewFlow) -> dict[str, Any]:
-            plan = plans.get(id(flow.plan)) or plans.setdefault(id(flow.plan), flow.plan.to_json())
-            return _run_row(flow, dumps(flow.input), plan, None)
-
-        rows = [row_of(flow) for flow in flows]
-        inserted: dict[str, int] = {}
+        plans = _PlanTexts()
+        inputs = {flow.tracking_id: dumps(flow.input) for flow in flows}
+        if self.dialect.enqueues_in_one_statement:
+            return self._insert_runs_alike(conn, flows, inputs, plans)
+        rows = [_run_row(flow, inputs[flow.tracking_id], plans.of(flow), None) for flow in flows]
+        created: dict[str, int] = {}
         for chunk in chunks(rows, lambda row: len(row["input"]) + len(row["plan"])):
-            inserted.update(self._insert_run_rows(conn, chunk))
-        return inserted
+            created.update(self._insert_run_rows(conn, chunk))
+        new = [flow for flow in flows if flow.tracking_id in created]
+        self._insert_first_stages(conn, [(created[flow.tracking_id], flow) for flow in new])
+        for queue in sorted({flow.queue for flow in new}):
+            self.dialect.notify(conn, queue)
+        return created
+
+    def _insert_runs_alike(
+        self,
+        conn: Connection,
+        flows: Sequence[NewFlow],
+        inputs: dict[str, str],
+        plans: _PlanTexts,
+    ) -> dict[str, int]:
+        """_insert_new_runs with _ENQUEUE_NEW_RUNS: one statement per chunk of runs alike."""
+        created: dict[str, int] = {}
+        for group in _runs_alike(flows):
+            for chunk in chunks(group, lambda flow: len(inputs[flow.tracking_id])):
+                created.update(self._insert_new_runs_in_one_statement(conn, chunk, inputs, plans))
+        return created
 
     def _insert_run_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> dict[str, int]:
         now = self._now()
@@ -196,6 +219,32 @@ class SqlEnqueue(SqlBase):
         now = self._now()
         return now + delay if run_at is None else self.dialect.greatest(now, run_at)
 
+    def _insert_new_runs_in_one_statement(
+        self,
+        conn: Connection,
+        flows: Sequence[NewFlow],
+        inputs: dict[str, str],
+        plans: _PlanTexts,
+    ) -> dict[str, int]:
+        """_ENQUEUE_NEW_RUNS for runs alike (see _runs_alike); tracking_id -> new id."""
+        first = flows[0]
+        stage = first.plan.stage(0)
+        parameters = {
+            "flow_name": first.flow_name,
+            "plan": plans.of(first),
+            "queue": first.queue,
+            "priority": first.priority,
+            "delay": first.delay_seconds,
+            "run_at": first.run_at,
+            "tracking_ids": [flow.tracking_id for flow in flows],
+            "inputs": [inputs[flow.tracking_id] for flow in flows],
+            "step_names": [step.name for step in stage],
+            "max_attempts": [step.max_attempts for step in stage],
+            "no_snapshot": sql_context.NO_SNAPSHOT,
+        }
+        rows = conn.execute(_ENQUEUE_NEW_RUNS, parameters)
+        return {tracking_id: int(new_id) for new_id, tracking_id, _ in rows}
+
     def _enqueue_in_one_statement(self, flow: NewFlow) -> int | None:
         """Insert a new run, its first stage and the NOTIFY in one round trip (PostgreSQL).
 
@@ -203,22 +252,45 @@ class SqlEnqueue(SqlBase):
         travels. The new run's id, or None when the tracking_id exists (nothing
         was written).
         """
-        stage = flow.plan.stage(0)
-        parameters = {
-            **_run_row(flow, dumps(flow.input), flow.plan.to_json(), None),
-            "delay": flow.delay_seconds,
-            "run_at": flow.run_at,
-            "no_snapshot": sql_context.NO_SNAPSHOT,
-            "step_names": [step.name for step in stage],
-            "max_attempts": [step.max_attempts for step in stage],
-        }
         with (
             self._errors(),
             self.engine.connect() as pooled,
             self.dialect.autocommit(pooled) as conn,
         ):
-            new_id = conn.execute(_ENQUEUE_NEW_RUN, parameters).scalar()
-        return None if new_id is None else int(new_id)
+            inputs = {flow.tracking_id: dumps(flow.input)}
+            created = self._insert_new_runs_in_one_statement(conn, [flow], inputs, _PlanTexts())
+        return created.get(flow.tracking_id)
+
+
+class _PlanTexts:
+    """Each plan encoded once: the runs of one run_many share one Plan object."""
+
+    def __init__(self) -> None:
+        self._texts: dict[int, str] = {}
+
+    def of(self, flow: NewFlow) -> str:
+        key = id(flow.plan)  # the plans outlive this object: ids stay unique meanwhile
+        text = self._texts.get(key)
+        if text is None:
+            text = self._texts[key] = flow.plan.to_json()
+        return text
+
+
+def _runs_alike(flows: Sequence[NewFlow]) -> list[list[NewFlow]]:
+    """``flows`` grouped by what _ENQUEUE_NEW_RUNS takes once for all its runs (run_many:
+    one group), each group in the order given."""
+    groups: dict[tuple[Any, ...], list[NewFlow]] = {}
+    for flow in flows:
+        key = (
+            flow.flow_name,
+            id(flow.plan),
+            flow.queue,
+            flow.priority,
+            flow.delay_seconds,
+            flow.run_at,
+        )
+        groups.setdefault(key, []).append(flow)
+    return list(groups.values())
 
 
 def _run_row(
