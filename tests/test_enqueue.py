@@ -438,6 +438,23 @@ def test_flow_run_of_an_existing_tracking_id_follows_the_trigger_rules(
     assert flow_count(storage) == 1
 
 
+def test_a_new_run_is_one_statement_on_postgresql_and_two_elsewhere(
+    storage: Storage, unique: Names
+) -> None:
+    """flow.run of a new tracking_id sends the fewest statements each database allows:
+    PostgreSQL one (run, first stage and NOTIFY together); SQLite and MySQL the run
+    and its first stage, without reading the run back."""
+    flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: 1).step("b", lambda ctx: 2)
+    flow.run({})
+    with statements(storage) as sent:
+        flow.run({"n": 1})
+    sent = [s for s in sent if not s.startswith("BEGIN")]  # SQLite's BEGIN IMMEDIATE
+    if storage.supports_notify:
+        assert len(sent) == 1 and sent[0].startswith("WITH clock AS"), sent
+    else:
+        assert [s.split(" (")[0] for s in sent] == ["INSERT INTO fs_flows", "INSERT INTO fs_nodes"]
+
+
 def test_flow_run_and_run_many_log_no_info_line_per_run(
     storage: Storage, unique: Names, logs: list[dict[str, Any]]
 ) -> None:
