@@ -106,10 +106,10 @@ class Dialect:
 
     @property
     def enqueues_in_one_statement(self) -> bool:
-        """Whether a new run and its first nodes fit in one statement (PostgreSQL only).
+        """Whether new runs, their first nodes and the NOTIFY fit in one statement.
 
-        A data-modifying CTE inserts the run, its first stage and the NOTIFY in
-        one round trip; the others need a transaction of several statements.
+        PostgreSQL only: a data-modifying CTE does it in one round trip (see
+        sql_enqueue); the others insert runs, then nodes.
         """
         return self.name == "postgresql"
 
@@ -136,8 +136,8 @@ class Dialect:
         """Whether insert_if_absent(...).returning(...) returns exactly the rows it inserted.
 
         ON CONFLICT DO NOTHING RETURNING does, on PostgreSQL and on SQLite 3.35+
-        (SQLAlchemy knows the version). MySQL has no INSERT ... RETURNING, and
-        MariaDB's, after ON DUPLICATE KEY UPDATE, would return the duplicates too.
+        (SQLAlchemy knows the version). MySQL has no INSERT ... RETURNING (MariaDB
+        has, but not for the rows an ON DUPLICATE KEY UPDATE left alone).
         """
         return self.name in ("postgresql", "sqlite") and conn.dialect.insert_returning
 
