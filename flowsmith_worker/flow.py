@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import json
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -245,6 +245,12 @@ class Flow:
         own writes (roll back after an error, as after any failed statement).
         ``delay`` or ``run_at`` applies to every run.
         """
+        if isinstance(inputs, (str, bytes, Mapping, Context)):
+            raise TypeError(
+                f"run_many takes a list of inputs, one per run, not one {type(inputs).__name__}"
+            )
+        if isinstance(tracking_ids, (str, bytes)):
+            raise TypeError("tracking_ids is one string: give a list, one tracking_id per input")
         data = list(inputs)
         ids = [None] * len(data) if tracking_ids is None else list(tracking_ids)
         if len(ids) != len(data):

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,12 +134,43 @@ def test_run_many_starts_a_parallel_first_stage_whole(storage: Storage, unique: 
     assert all(run.wait(5)["z"] == ["x", "y"] for run in runs)
 
 
-def test_run_many_delay_holds_every_first_step_back(storage: Storage, unique: Names) -> None:
-    """``delay`` applies to each run of the batch, by the database clock."""
+@pytest.mark.parametrize(
+    "start",
+    [{"delay": 3600}, {"run_at": datetime.now(UTC) + timedelta(hours=1)}],
+    ids=["delay", "run_at"],
+)
+def test_run_many_holds_every_first_step_back_until_its_start(
+    storage: Storage, unique: Names, start: dict[str, Any]
+) -> None:
+    """``delay`` or ``run_at`` applies to each run of the batch, by the database clock."""
     flow = Flow(unique("later"), storage=storage).step("only", lambda ctx: 1)
-    flow.run_many([{}, {}, {}], delay=3600)
+    flow.run_many([{}, {}, {}], **start)
     assert storage.count_open_nodes(queues=["default"]) == 3
     assert storage.claim_nodes(worker_id="w", limit=10, lease_seconds=30, queues=["default"]) == []
+
+
+def test_run_many_puts_runs_on_the_flows_queue_with_its_priority(
+    storage: Storage, unique: Names
+) -> None:
+    queue = unique("bulk")
+    flow = Flow(unique("f"), storage=storage, queue=queue, priority=5).step("only", lambda c: 1)
+    runs = flow.run_many([{}, {}])
+    assert {(run.record().queue, run.record().priority) for run in runs} == {(queue, 5)}
+    assert storage.claim_nodes(worker_id="w", limit=10, lease_seconds=30, queues=["default"]) == []
+    assert len(storage.claim_nodes(worker_id="w", limit=10, lease_seconds=30, queues=[queue])) == 2
+
+
+def test_run_many_refuses_one_input_or_one_tracking_id_given_as_the_batch(
+    storage: Storage, unique: Names
+) -> None:
+    """A dict where a list of dicts belongs (or a str for the ids) is a type error, not
+    a batch of its keys (or of the id's characters)."""
+    flow = Flow(unique("f"), storage=storage).step("only", lambda ctx: 1)
+    with pytest.raises(TypeError, match="list of inputs"):
+        flow.run_many({"order": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tracking_ids is one string"):
+        flow.run_many([{}], tracking_ids="x")
+    assert flow_count(storage) == 0
 
 
 # -- run_many: the trigger rules per tracking_id --------------------------------------
