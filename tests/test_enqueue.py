@@ -487,6 +487,29 @@ def test_a_new_run_is_one_statement_on_postgresql_and_two_elsewhere(
         assert [s.split(" (")[0] for s in sent] == ["INSERT INTO fs_flows", "INSERT INTO fs_nodes"]
 
 
+def test_a_new_run_in_the_callers_transaction_takes_as_few_statements(
+    sql_url: str, unique: Names
+) -> None:
+    """With connection= the new run is written by the caller's connection: one statement
+    on PostgreSQL (the same CTE, inside the caller's transaction), two elsewhere."""
+    storage = create_storage(sql_url)
+    storage.migrate()
+    flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: 1)
+    app = sa.create_engine(parse_database_url(sql_url))
+    sent: list[str] = []
+    event.listen(app, "before_cursor_execute", lambda *args: sent.append(args[2].strip()))
+    with app.connect() as conn:
+        flow.run({}, tracking_id=unique("t"), connection=conn)
+        conn.commit()
+    app.dispose()
+    if storage.supports_notify:
+        assert len(sent) == 1 and sent[0].startswith("WITH clock AS"), sent
+    else:
+        assert [s.split(" (")[0] for s in sent] == ["INSERT INTO fs_flows", "INSERT INTO fs_nodes"]
+    assert flow_count(storage) == 1 and node_count(storage) == 1
+    storage.close()
+
+
 def test_flow_run_and_run_many_log_no_info_line_per_run(
     storage: Storage, unique: Names, logs: list[dict[str, Any]]
 ) -> None:

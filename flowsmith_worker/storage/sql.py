@@ -83,10 +83,8 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
     def _enqueue(
         self, conn: Connection, flow: NewFlow, parent_node_id: int | None
     ) -> EnqueueResult:
-        new_id = self._insert_run(conn, flow, parent_node_id)
+        new_id = self._insert_new_run(conn, flow, parent_node_id)
         if new_id is not None:
-            self._insert_first_stages(conn, [(new_id, flow)])
-            self.dialect.notify(conn, flow.queue)
             return EnqueueResult(new_id, flow.tracking_id, FlowStatus.PENDING, True, False)
         # See for_latest for why MySQL needs a (shared) locking read here. The
         # FAILED -> RUNNING transition takes its own lock with a conditional

@@ -109,8 +109,22 @@ class SqlEnqueue(SqlBase):
                 found[row.tracking_id] = row
         return found
 
-    def _insert_run(
+    def _insert_new_run(
         self, conn: Connection, flow: NewFlow, parent_node_id: int | None
+    ) -> int | None:
+        """Insert the run, its first stage and the NOTIFY unless its tracking_id exists
+        (then nothing); its new id, or None. A run of its own takes _insert_new_runs'
+        path (on PostgreSQL one statement, in the caller's transaction too)."""
+        if parent_node_id is None:
+            return self._insert_new_runs(conn, [flow]).get(flow.tracking_id)
+        new_id = self._insert_subflow_run(conn, flow, parent_node_id)
+        if new_id is not None:
+            self._insert_first_stages(conn, [(new_id, flow)])
+            self.dialect.notify(conn, flow.queue)
+        return new_id
+
+    def _insert_subflow_run(
+        self, conn: Connection, flow: NewFlow, parent_node_id: int
     ) -> int | None:
         """Insert the run unless its tracking_id exists; its new id, or None."""
         now = self._now()
@@ -169,7 +183,9 @@ class SqlEnqueue(SqlBase):
         # say which rows it skipped. A plain INSERT either inserts every row or,
         # when a tracking_id was taken since our read, fails as a whole: InnoDB
         # undoes that statement alone, and the rows go one by one instead, each
-        # saying whether it inserted.
+        # saying whether it inserted (as a single run does from the start).
+        if len(rows) == 1:
+            return self._insert_run_rows_one_by_one(conn, rows)
         try:
             conn.execute(sa.insert(F).values(created_at=now, updated_at=now), rows)
         except sa.exc.IntegrityError as exc:
