@@ -200,6 +200,7 @@ class SqlEnqueue(SqlBase):
     def _insert_run_rows_one_by_one(
         self, conn: Connection, rows: list[dict[str, Any]]
     ) -> dict[str, int]:
+        """Insert-if-absent row by row: each says whether it inserted (MySQL's lastrowid)."""
         inserted: dict[str, int] = {}
         now = self._now()
         for row in rows:
