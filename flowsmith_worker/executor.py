@@ -20,11 +20,13 @@ application's side effects as broken as a stuck thread does.
 
 from __future__ import annotations
 
+import copy
+import json
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -44,15 +46,25 @@ from flowsmith_worker.errors import (
 )
 from flowsmith_worker.flow import Flow, StepSpec
 from flowsmith_worker.log import get_logger
-from flowsmith_worker.progress import attempts_left
+from flowsmith_worker.progress import attempts_left, context_data
 from flowsmith_worker.retry import DEFAULT_BACKOFF, retry_delay
-from flowsmith_worker.storage.base import ClaimedNode, Lease, NewFlow, NodeStatus, Storage
+from flowsmith_worker.storage.base import (
+    ClaimedNode,
+    Finished,
+    Lease,
+    NewFlow,
+    NodeStatus,
+    Storage,
+    Written,
+)
 
 T = TypeVar("T")
 DEFAULT_GIVE_UP_SECONDS = 30.0
 # fs_nodes.error keeps the head and the tail of a longer traceback: an exception
 # carrying megabytes of text must not make the failure itself unstorable.
 MAX_ERROR_CHARS = 64 * 1024
+# Before the first retry of a write that met the database away (then tenacity's backoff).
+_FIRST_RETRY_WAIT = 0.1
 log = get_logger("flowsmith.executor")
 
 
@@ -64,6 +76,17 @@ class Outcome(StrEnum):
     RETRY = "retry_scheduled"
     FAILED = "failed"
     LEASE_LOST = "lease_lost"  # our write was refused: a newer attempt owns the node
+
+
+@dataclass(frozen=True)
+class Executed:
+    """What became of a node; ``chained`` is its run's next step, already leased to
+    this worker by the same commit (see CompletionBatcher), to run next."""
+
+    outcome: Outcome
+    chained: ClaimedNode | None = None
+    # When the write that leased ``chained`` was sent: its lease counts from then.
+    sent_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,8 +104,12 @@ class Executor:
         stop_retrying: threading.Event | None = None,
         give_up_after: float = DEFAULT_GIVE_UP_SECONDS,
         lease_held: Callable[[Lease], bool] = lambda _lease: True,
+        complete: Callable[[Finished], Written] | None = None,
     ) -> None:
         self.storage = storage
+        # Writes a finished attempt; the worker passes its CompletionBatcher's
+        # write (group commit and chaining), others write each one alone.
+        self.complete = complete or (lambda done: storage.complete_batch(finished=[done])[0])
         self.worker_id = worker_id
         self.lookup = lookup
         # False once this worker cannot be sure it still holds the lease (its
@@ -95,6 +122,10 @@ class Executor:
         self.give_up_after = give_up_after
 
     def execute(self, node: ClaimedNode) -> Outcome:
+        return self.run(node).outcome
+
+    def run(self, node: ClaimedNode) -> Executed:
+        """Run the node's step and write its outcome; say what came next."""
         bound = log.bind(
             flow=node.flow_name,
             tracking_id=node.tracking_id,
@@ -105,7 +136,8 @@ class Executor:
         flow = self.lookup(node.flow_name)
         spec = flow.get_step(node.step_name) if flow else None
         if flow is None:
-            return self._record_failure(node, None, _Failure(self._unknown_flow(node)), bound)
+            failure = _Failure(self._unknown_flow(node))
+            return Executed(self._record_failure(node, None, failure, bound))
         if spec is None:
             failure = _Failure(
                 f"step {node.step_name!r} is in the stored plan of this run of flow "
@@ -113,17 +145,23 @@ class Executor:
                 "(or deploy the old code) and retry the flow",
                 retryable=False,
             )
-            return self._record_failure(node, None, failure, bound)
-        bound.info("step.started")
+            return Executed(self._record_failure(node, None, failure, bound))
+        bound.debug("step.started")
+        started = time.monotonic()
+        # The step gets a copy of its own: what it changes in place must not leak
+        # into the ctx.data of a chained next step, which a claim would have read
+        # afresh from the stored outputs.
         ctx = Context(
-            node.input, tracking_id=node.tracking_id, step=node.step_name, attempt=node.attempt
+            copy.deepcopy(node.input),
+            tracking_id=node.tracking_id,
+            step=node.step_name,
+            attempt=node.attempt,
         )
         try:
             proceed, result = _attempt(spec, ctx, bound)
             if not proceed:
-                return self._write(
-                    node, bound, Outcome.SKIPPED, lambda: self.storage.skip_node(lease=node.lease)
-                )
+                skipped = Finished(node.lease, NodeStatus.SKIPPED, None, step_name=spec.name)
+                return self._finish(node, bound, skipped, started)
             if spec.subflow:
                 child = _child_request(spec, ctx, result)
                 bound.info(
@@ -131,7 +169,7 @@ class Executor:
                     child_flow=child.flow_name,
                     child_tracking_id=child.tracking_id,
                 )
-                return self._write(
+                waiting = self._write(
                     node,
                     bound,
                     Outcome.WAITING,
@@ -139,22 +177,52 @@ class Executor:
                         self.storage.start_subflow(lease=node.lease, child=child)
                     ),
                 )
-            _check_output(spec, result)
+                return Executed(waiting)
+            output = _encode_output(spec, result)
         except BaseException as exc:
             # Anything a step raises is its attempt's error, KeyboardInterrupt and
             # SystemExit included: only the main thread receives signals (and
             # flowsmith.signals handles those), so here they come from the step's
             # own code, and re-raising them would only kill this pool thread and
             # leave the node to its lease.
-            return self._record_failure(
-                node, spec, _Failure(_describe(exc), _retryable(exc)), bound
-            )
-        return self._write(
-            node,
-            bound,
-            Outcome.COMPLETED,
-            lambda: self.storage.complete_node(lease=node.lease, output=result),
+            failure = _Failure(_describe(exc), _retryable(exc))
+            return Executed(self._record_failure(node, spec, failure, bound))
+        completed = Finished(node.lease, NodeStatus.COMPLETED, output, step_name=spec.name)
+        return self._finish(node, bound, completed, started)
+
+    def _finish(
+        self, node: ClaimedNode, bound: Any, finished: Finished, started: float
+    ) -> Executed:
+        """Write a completed or skipped attempt; the chained next step, if any, comes back."""
+        answers: list[Written] = []
+        sent_at = 0.0
+
+        def write() -> bool:
+            nonlocal sent_at
+            sent_at = time.monotonic()
+            # A second send may follow a first that committed but whose answer
+            # was lost: the storage then recognises the attempt as already ours.
+            answers.append(self.complete(replace(finished, replay=bool(answers))))
+            return answers[-1].won
+
+        outcome = Outcome.COMPLETED if finished.status == NodeStatus.COMPLETED else Outcome.SKIPPED
+        elapsed = round(time.monotonic() - started, 6)
+        written = self._write(node, bound, outcome, write, seconds=elapsed)
+        if written != outcome or not answers or answers[-1].chained is None:
+            return Executed(written)
+        chained = answers[-1].chained
+        data = node.input
+        if finished.output is not None:
+            data = context_data(node.input, [(node.step_name, json.loads(finished.output))])
+        next_node = ClaimedNode(
+            chained.lease,
+            node.flow_name,
+            node.tracking_id,
+            chained.step_name,
+            chained.max_attempts,
+            data,
         )
+        return Executed(written, next_node, sent_at)
 
     def _record_failure(
         self, node: ClaimedNode, spec: StepSpec | None, failure: _Failure, bound: Any
@@ -231,6 +299,14 @@ class Executor:
         return Outcome.LEASE_LOST
 
     def _with_db_retry(self, lease: Lease, write: Callable[[], T], bound: Any) -> T:
+        try:
+            return write()  # the usual case: no retry machinery built for it
+        except DatabaseUnavailable as exc:
+            if self.stop_retrying.is_set() or not self.lease_held(lease):
+                raise
+            bound.warning("database.unavailable", error=str(exc))
+            self.stop_retrying.wait(_FIRST_RETRY_WAIT)
+
         def before_sleep(state: tenacity.RetryCallState) -> None:
             bound.warning(
                 "database.unavailable",
@@ -322,10 +398,13 @@ def _timed_out(spec: StepSpec, started: float) -> StepTimeout:
     )
 
 
-def _check_output(spec: StepSpec, result: Any) -> None:
-    """Refuse an output that cannot be stored, before the database sees it."""
+def _encode_output(spec: StepSpec, result: Any) -> str:
+    """The output as the JSON text to store; an output that cannot be stored is
+    refused here, before the database sees it."""
     try:
-        payload.encode(result, what=f"step {spec.name!r} returned a {type(result).__name__}, which")
+        return payload.encode(
+            result, what=f"step {spec.name!r} returned a {type(result).__name__}, which"
+        )
     except PayloadNotJSON as exc:
         raise StepOutputNotJSON(str(exc)) from None
 

@@ -8,6 +8,7 @@ step of stage ``i - 1`` is done.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -41,11 +42,22 @@ class Plan:
         return position >= len(self.stages) - 1
 
     def step(self, name: str) -> PlannedStep | None:
-        for stage in self.stages:
-            for planned in stage:
-                if planned.name == name:
-                    return planned
-        return None
+        found = self._positions.get(name)
+        return None if found is None else self.stages[found[0]][found[1]]
+
+    def position_of(self, name: str) -> int | None:
+        """The stage the step ``name`` belongs to; None if it is not in this plan."""
+        found = self._positions.get(name)
+        return None if found is None else found[0]
+
+    @functools.cached_property
+    def _positions(self) -> dict[str, tuple[int, int]]:
+        """(stage, index in the stage) by step name: a plan is read once per step it moves."""
+        return {
+            planned.name: (position, index)
+            for position, stage in enumerate(self.stages)
+            for index, planned in enumerate(stage)
+        }
 
     def to_json(self) -> str:
         return json.dumps(

@@ -24,9 +24,10 @@ from typing import TypeVar
 
 import tenacity
 
+from flowsmith_worker.batcher import CompletionBatcher
 from flowsmith_worker.config import default_storage
 from flowsmith_worker.errors import DatabaseUnavailable
-from flowsmith_worker.executor import Executor, Outcome
+from flowsmith_worker.executor import Executed, Executor, Outcome
 from flowsmith_worker.heartbeat import Heartbeat, LeaseTimes
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.metrics import Health, WorkerMetrics
@@ -35,6 +36,7 @@ from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.schedule import Scheduler
 from flowsmith_worker.storage.base import (
     DEFAULT_QUEUE,
+    Chain,
     ClaimedNode,
     Lease,
     Storage,
@@ -80,6 +82,13 @@ class WorkerSettings:
         return self.lease_seconds / 3
 
 
+@dataclass
+class _Slot:
+    """One of the worker's slots; ``lease`` follows its chain from step to step."""
+
+    lease: Lease
+
+
 class Worker:
     """Runs steps of the flows registered in this process."""
 
@@ -105,12 +114,15 @@ class Worker:
         self.hard_stop = threading.Event()  # stop now; release what is in flight
         self.wakeup = threading.Event()
         self.lease_times = LeaseTimes(lease_seconds)
+        # Group commit: every finished step's outcome waits for the next batch.
+        self.batcher = CompletionBatcher(self.storage, chain=self._chain)
         self.executor = Executor(
             self.storage,
             self.id,
             stop_retrying=self.hard_stop,
             give_up_after=lease_seconds,
             lease_held=self.lease_times.held,
+            complete=self.batcher.write,
         )
         self.heartbeat = Heartbeat(
             self.heartbeat_once, self.settings.heartbeat_interval, worker_id=self.id
@@ -164,11 +176,12 @@ class Worker:
                 step=node.step_name,
                 attempt=node.attempt,
             )
+            slot = _Slot(node.lease)
             with self._lock:
                 self._in_flight[node.lease] = node
                 self.metrics.set_in_flight(len(self._in_flight))
-            future = self._pool.submit(self._execute, node)
-            future.add_done_callback(functools.partial(self._slot_freed, node.lease))
+            future = self._pool.submit(self._run_slot, node, slot)
+            future.add_done_callback(functools.partial(self._slot_freed, slot))
         return len(claimed)
 
     def heartbeat_once(self) -> int:
@@ -226,16 +239,55 @@ class Worker:
             self.rescue_once()
         return self.claim_once()
 
-    def _execute(self, node: ClaimedNode) -> Outcome:
+    def _chain(self) -> Chain | None:
+        """Chain a run's next step to this worker, unless it is stopping (it takes no new steps)."""
+        if self.stopping.is_set():
+            return None
+        return Chain(self.id, self.settings.lease_seconds)
+
+    def _run_slot(self, node: ClaimedNode, slot: _Slot) -> Outcome:
+        """Run the node, then each next step its completion leased to this worker (a chain).
+
+        The slot stays taken until the chain ends: a run's steps go one after
+        the other in this thread, with no claim between them. A chained step
+        not yet started when the worker begins to stop is handed back at once.
+        """
+        while True:
+            executed = self._execute(node)
+            if executed.chained is None:
+                return executed.outcome
+            node = self._move_slot(slot, node, executed)
+            if self.stopping.is_set():
+                self._hand_back(node)
+                return executed.outcome
+
+    def _execute(self, node: ClaimedNode) -> Executed:
         self.metrics.step_started(node.flow_name, node.step_name)
         started = time.monotonic()
-        outcome = self.executor.execute(node)
+        executed = self.executor.run(node)
         self.metrics.step_finished(
-            node.flow_name, node.step_name, outcome, time.monotonic() - started
+            node.flow_name, node.step_name, executed.outcome, time.monotonic() - started
         )
-        return outcome
+        return executed
 
-    def _slot_freed(self, lease: Lease, future: Future[Outcome]) -> None:
+    def _move_slot(self, slot: _Slot, done: ClaimedNode, executed: Executed) -> ClaimedNode:
+        """The slot goes on with the chained node: in flight (heartbeats, release) in its place."""
+        chained = executed.chained
+        assert chained is not None
+        self.lease_times.claimed([chained.lease], executed.sent_at)
+        with self._lock:
+            self._in_flight.pop(done.lease, None)
+            self._in_flight[chained.lease] = chained
+            slot.lease = chained.lease
+        self.lease_times.forget(done.lease)
+        return chained
+
+    def _hand_back(self, node: ClaimedNode) -> None:
+        """Release a chained node that will not run here; the lease keeps it if that fails."""
+        self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=[node.node_id]))
+
+    def _slot_freed(self, slot: _Slot, future: Future[Outcome]) -> None:
+        lease = slot.lease
         with self._lock:
             self._in_flight.pop(lease, None)
             self.metrics.set_in_flight(len(self._in_flight))
@@ -395,6 +447,7 @@ class Worker:
         # Stopped first, so no renewal follows the end of this worker.
         self.heartbeat.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()  # what is queued is still written; steps left write alone
         self._try(lambda: self.storage.unregister_worker(worker_id=self.id))
         left = self.in_flight()
         if left:

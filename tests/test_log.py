@@ -58,9 +58,9 @@ def test_console_logs_of_a_worker_show_escapes_escaped(
     tmp_path: Path, unique: Callable[[str], str]
 ) -> None:
     """A step whose flow name, step name, tracking_id and error carry escape sequences:
-    the lines `flowsmith worker --log-format console` writes about it (step.started,
-    step.failed) contain no raw ESC, BEL, CSI, CR or bidi override, and show them as
-    \\x1b etc. instead."""
+    the lines `flowsmith worker --log-format console` writes about it (step.failed)
+    contain no raw ESC, BEL, CSI, CR or bidi override, and show them as \\x1b etc.
+    instead."""
     (tmp_path / "escflows.py").write_text(FLOWS_MODULE)
     url = f"sqlite:///{tmp_path / 'esc.db'}"
     name = unique("esc") + "\x1b[1m"

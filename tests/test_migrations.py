@@ -1,9 +1,11 @@
-"""Migrations: replaying every version builds exactly the schema the code expects, and
-an existing version 2 database reaches version 3 with every row and id kept.
+"""Migrations: replaying every version builds exactly the schema the code expects; an
+existing version 2 database reaches version 3 with every row and id kept, and a version 3
+database reaches version 4 with every node's values (but its input copy) kept.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,9 @@ from flowsmith_worker.config import PoolSettings, parse_database_url
 from flowsmith_worker.flow import Flow
 from flowsmith_worker.storage import migrations, schema
 from flowsmith_worker.storage.dialects import dialect_of, identifier_collation
-from flowsmith_worker.storage.migrations import v3
+from flowsmith_worker.storage.migrations import v1, v3
 from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.worker import Worker
 from tests.conftest import SQL_BACKENDS, database_url
 
 Names = Callable[[str], str]
@@ -54,6 +57,9 @@ def describe(engine: sa.Engine) -> dict[str, Any]:
                 for f in inspector.get_foreign_keys(table)
             ),
         }
+        if engine.dialect.name == "postgresql":
+            # Per-table storage parameters (the autovacuum settings of version 4).
+            shape[table]["options"] = inspector.get_table_options(table)
     if engine.dialect.name == "sqlite":
         # Partial index conditions and AUTOINCREMENT are only in the DDL text.
         with engine.connect() as conn:
@@ -67,9 +73,10 @@ def describe(engine: sa.Engine) -> dict[str, Any]:
 def test_replaying_every_migration_builds_the_schema_the_code_expects(
     request: pytest.FixtureRequest, backend: str, tmp_path: Path
 ) -> None:
-    """Versions 1, 2 and 3 applied to an empty database give the tables, columns, types,
+    """Versions 1 to 4 applied to an empty database give the tables, columns, types,
     indexes, unique keys and foreign keys that schema.metadata creates directly; on MySQL
-    every name column has the NO PAD binary collation, on SQLite the id tables AUTOINCREMENT.
+    every name column has the NO PAD binary collation, on SQLite the id tables AUTOINCREMENT,
+    on PostgreSQL fs_flows and fs_nodes carry the same autovacuum settings.
     """
     (tmp_path / "migrated").mkdir()
     (tmp_path / "direct").mkdir()
@@ -92,6 +99,11 @@ def test_replaying_every_migration_builds_the_schema_the_code_expects(
     if backend == "sqlite":
         tables = dict(describe(migrated)["sqlite_master"])
         assert "AUTOINCREMENT" in tables["fs_flows"] and "AUTOINCREMENT" in tables["fs_nodes"]
+    if backend == "postgresql":
+        assert describe(migrated)["fs_nodes"]["options"]["postgresql_with"] == {
+            "autovacuum_vacuum_scale_factor": "0.01",
+            "autovacuum_vacuum_cost_delay": "0",
+        }
     migrated.dispose()
     direct.dispose()
 
@@ -119,12 +131,14 @@ def test_a_version_2_database_reaches_version_3_with_its_rows_and_ids(
         assert migrations.migrate(conn, storage.dialect, up_to=2) == 2
     flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: 1).step("b", lambda ctx: 2)
     for tid in ("k", "cafe", "Order-aBc", unique("t")):
-        flow.run({"tid": tid}, tracking_id=tid)
-    before = all_rows(storage.engine)
+        write_old_run(storage.engine, flow.name, tid)
+    before = all_rows(storage.engine, v1.flows, v1.nodes)
 
-    assert storage.migrate() == 3
+    with storage.engine.begin() as conn:
+        assert migrations.migrate(conn, storage.dialect, up_to=3) == 3
+    assert all_rows(storage.engine, v1.flows, v1.nodes) == before
+    assert storage.migrate() == schema.SCHEMA_VERSION
     storage.check_schema()
-    assert all_rows(storage.engine) == before
     assert sorted(sa.inspect(storage.engine).get_table_names()) == sorted(schema.metadata.tables)
 
     highest = max(row.id for row in before["fs_flows"])
@@ -147,12 +161,105 @@ def test_a_version_2_database_reaches_version_3_with_its_rows_and_ids(
     storage.close()
 
 
-def all_rows(engine: sa.Engine) -> dict[str, list[sa.Row[Any]]]:
+def all_rows(engine: sa.Engine, *tables: sa.Table) -> dict[str, list[sa.Row[Any]]]:
+    """Every row of these tables (as that version's columns describe them), by id."""
     with engine.connect() as conn:
         return {
             table.name: conn.execute(sa.select(table).order_by(*table.primary_key)).all()
-            for table in (schema.flows, schema.nodes)
+            for table in tables
         }
+
+
+def write_old_run(engine: sa.Engine, flow_name: str, tracking_id: str) -> None:
+    """A run of steps a, b as versions 1-3 stored it: a COMPLETED with output 1, b PENDING,
+    each node with its copy of ctx.data in fs_nodes.input (the column version 4 drops)."""
+    plan = (
+        '{"stages": [[{"name": "a", "max_attempts": 1, "max_rescues": 3, "subflow": false}],'
+        ' [{"name": "b", "max_attempts": 1, "max_rescues": 3, "subflow": false}]]}'
+    )
+    run_input = f'{{"tid": "{tracking_id}"}}'
+    with engine.begin() as conn:
+        flow_id = conn.execute(
+            sa.insert(v1.flows).values(
+                flow_name=flow_name,
+                tracking_id=tracking_id,
+                status="RUNNING",
+                input=run_input,
+                plan=plan,
+                queue="default",
+                priority=0,
+                created_at=1.0,
+                updated_at=2.0,
+            )
+        ).inserted_primary_key[0]
+        common = dict(flow_id=flow_id, group_index=0, queue="default", priority=0, rescues=0)
+        conn.execute(
+            sa.insert(v1.nodes),
+            [
+                dict(
+                    common,
+                    step_name="a",
+                    position=0,
+                    status="COMPLETED",
+                    attempt=1,
+                    max_attempts=1,
+                    run_after=1.0,
+                    input=run_input,
+                    output="1",
+                    created_at=1.0,
+                    started_at=1.5,
+                    finished_at=2.0,
+                ),
+                dict(
+                    common,
+                    step_name="b",
+                    position=1,
+                    status="PENDING",
+                    attempt=0,
+                    max_attempts=1,
+                    run_after=2.0,
+                    input=f'{{"tid": "{tracking_id}", "a": 1}}',
+                    output=None,
+                    created_at=2.0,
+                    started_at=None,
+                    finished_at=None,
+                ),
+            ],
+        )
+
+
+def test_a_version_3_database_reaches_version_4_with_every_node_but_its_input_copy(
+    sql_url: str, unique: Names
+) -> None:
+    """Migration 4 drops fs_nodes.input and keeps every other value of every node and run;
+    `flowsmith status` still shows each step's input snapshot (rebuilt from the run's input
+    and the outputs), and a worker finishes the old run with the ctx.data it had."""
+    storage = SqlStorage(parse_database_url(sql_url), PoolSettings())
+    with storage.engine.begin() as conn:
+        assert migrations.migrate(conn, storage.dialect, up_to=3) == 3
+    seen: list[dict[str, Any]] = []
+    flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: 1)
+    flow.step("b", lambda ctx: seen.append(dict(ctx.data)) or 2)
+    tid = unique("t")
+    write_old_run(storage.engine, flow.name, tid)
+    before = all_rows(storage.engine, schema.flows, schema.nodes)
+
+    assert storage.migrate() == 4
+    storage.check_schema()
+    assert all_rows(storage.engine, schema.flows, schema.nodes) == before
+    columns = {c["name"] for c in sa.inspect(storage.engine).get_columns("fs_nodes")}
+    assert "input" not in columns and "output" in columns
+
+    shown = CliRunner().invoke(
+        main, ["status", tid, "--json", "--url", storage.engine.url.render_as_string(False)]
+    )
+    assert shown.exit_code == 0, shown.output
+    inputs = {s["step_name"]: s["input"] for s in json.loads(shown.stdout)["steps"]}
+    assert inputs == {"a": {"tid": tid}, "b": {"tid": tid, "a": 1}}
+    Worker(storage=storage, poll_interval=0.05).run_until_idle(timeout=20)
+    assert seen == [{"tid": tid, "a": 1}]
+    assert storage.get_flow(tracking_id=tid).output == {"tid": tid, "a": 1, "b": 2}  # type: ignore[union-attr]
+    storage.close()
 
 
 def test_a_mysql_server_without_the_binary_collation_is_told_what_it_needs(
@@ -169,4 +276,24 @@ def test_a_mysql_server_without_the_binary_collation_is_told_what_it_needs(
     engine = sa.create_engine(parse_database_url(url))
     with engine.connect() as conn:
         assert migrations.current_version(conn) < 3
+    engine.dispose()
+
+
+def test_sqlite_without_drop_column_is_told_what_it_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 4 needs SQLite 3.35 (DROP COLUMN): an older library is named, with what to
+    do, no traceback, and the database stays at version 3."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    result = CliRunner().invoke(main, ["migrate", "--url", url])
+    assert result.exit_code == 1, result.output
+    assert "3.31.1" in result.output and "SQLite 3.35+" in result.output
+    assert "Traceback" not in result.output
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        assert migrations.current_version(conn) == 0  # the one transaction rolled back
     engine.dispose()

@@ -153,21 +153,6 @@ def test_a_corrupt_output_fails_the_step_that_needs_it_not_the_sibling_that_fini
     assert_completed(others)
 
 
-def test_a_corrupt_node_input_column_is_never_read(storage: Storage, unique: Names) -> None:
-    """fs_nodes.input holds no snapshot any more: garbage there (which used to make
-    every claim of the queue roll back) changes nothing, and the trace still shows
-    the rebuilt input."""
-    flow = Flow(unique("f"), storage=storage).step("only", lambda ctx: "ok")
-    poisoned = flow.run({"order_id": 1}, tracking_id=unique("t"))
-    node_id = poisoned.trace()[0].id
-    set_column(storage, N, N.c.id == node_id, input="{not json")
-    others = [flow.run({}, tracking_id=unique("ok")) for _ in range(3)]
-    drain(storage)
-    assert poisoned.wait(timeout=1) == {"order_id": 1, "only": "ok"}
-    assert poisoned.trace()[0].input == {"order_id": 1}
-    assert_completed(others)
-
-
 def test_a_subflow_whose_child_output_is_corrupt_fails_parent_and_child(
     storage: Storage, unique: Names
 ) -> None:
@@ -238,16 +223,14 @@ def claim(storage: Storage, limit: int) -> list[ClaimedNode]:
 
 
 def stored_payload_bytes(storage: Storage, tracking_id: str) -> int:
-    """Bytes of the payload columns (input, output) of a run and its nodes, summed in SQL."""
+    """Bytes of the payload columns of a run (input, output) and its nodes (output), in SQL."""
 
     def size(column: Any) -> Any:
         return sa.func.coalesce(sa.func.sum(sa.func.length(column)), 0)
 
     flow_id = run_row(storage, tracking_id).id
     with engine(storage).connect() as conn:
-        nodes = conn.execute(
-            sa.select(size(N.c.input) + size(N.c.output)).where(N.c.flow_id == flow_id)
-        ).scalar_one()
+        nodes = conn.execute(sa.select(size(N.c.output)).where(N.c.flow_id == flow_id)).scalar_one()
         flows = conn.execute(
             sa.select(size(F.c.input) + size(F.c.output)).where(F.c.id == flow_id)
         ).scalar_one()
@@ -394,19 +377,17 @@ def test_trace_status_and_wait_show_the_rebuilt_context(
 
 
 def test_snapshots_written_by_older_versions_are_ignored(storage: Storage, unique: Names) -> None:
-    """Rows from before this change kept a ctx.data snapshot in fs_nodes.input and the
-    final data in fs_flows.output; both are ignored alike: ctx.data, the trace and
-    the run's output are always rebuilt from the run's input and completed outputs
-    (which never change, so for real old rows the two agree)."""
+    """Rows from before schema 3's code kept the final data in fs_flows.output; it is
+    ignored: ctx.data, the trace and the run's output are always rebuilt from the run's
+    input and completed outputs (which never change, so for real old rows the two agree).
+    The per-node snapshots of fs_nodes.input went with schema 4 (tests/test_migrations.py)."""
     seen: list[dict[str, Any]] = []
     flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: "A")
     flow.step("b", lambda ctx: seen.append(dict(ctx.data)) or "B")
     run = flow.run({"order_id": 7}, tracking_id=unique("t"))
     (a,) = claim(storage, 1)
     assert storage.complete_node(lease=a.lease, output="A")
-    b_id = next(n.id for n in run.trace() if n.step_name == "b")
     stale = json.dumps({"order_id": 7, "a": "stale snapshot"})
-    set_column(storage, N, N.c.id == b_id, input=stale)
     drain(storage)
     set_column(storage, F, F.c.tracking_id == run.tracking_id, output=stale)
     assert seen == [{"order_id": 7, "a": "A"}]

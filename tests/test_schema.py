@@ -123,7 +123,7 @@ def test_mariadb_keeps_its_id_counters_across_a_restart(
     with storage.engine.begin() as conn:
         conn.execute(sa.delete(schema.flows).where(schema.flows.c.id == deleted_flow))
 
-    server.restart()  # the pool's pre-ping replaces the connections it cut
+    server.restart()  # the first statement on a cut connection runs again on a new one
     after = flow.run({}, tracking_id=unique("t"))
     new_flow, new_nodes = ids_of(storage, after.tracking_id)
     assert new_flow > deleted_flow and min(new_nodes) > max(deleted_nodes)

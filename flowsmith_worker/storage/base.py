@@ -94,6 +94,52 @@ class ClaimedNode:
 
 
 @dataclass(frozen=True)
+class Finished:
+    """An attempt that ended well, to be written by complete_batch.
+
+    ``output`` is the step's output already encoded as JSON (None for SKIPPED):
+    encoded once, by the executor, which had to check it could be stored anyway.
+    ``replay`` marks a write sent again because the answer to an earlier send
+    was lost: if that send committed, the node is already this attempt's, which
+    is then a success, not a lost lease.
+    """
+
+    lease: Lease
+    status: NodeStatus  # COMPLETED or SKIPPED
+    output: str | None
+    replay: bool = False
+    # The node's step, when the caller knows it: a step alone in its stage then
+    # moves the run on without reading the stage's nodes.
+    step_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Ask complete_batch to lease each run's next step to this worker in the same
+    transaction (chaining): the worker runs it without a claim round trip."""
+
+    worker_id: str
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class ChainedNode:
+    """The next step of a run, created RUNNING and leased to the completing worker."""
+
+    lease: Lease
+    step_name: str
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class Written:
+    """complete_batch's answer for one Finished: ``won`` is False if the lease was lost."""
+
+    won: bool
+    chained: ChainedNode | None = None
+
+
+@dataclass(frozen=True)
 class RescuedNode:
     node_id: int
     flow_name: str
@@ -239,6 +285,19 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def skip_node(self, *, lease: Lease) -> bool:
         """Mark the node SKIPPED (its condition was false) and advance the flow."""
+
+    @abc.abstractmethod
+    def complete_batch(
+        self, *, finished: Sequence[Finished], chain: Chain | None = None
+    ) -> list[Written]:
+        """Write the outcomes of several attempts in one transaction (group commit).
+
+        Each write is fenced by its own lease, exactly as complete_node and
+        skip_node are; the answers come in the order of ``finished``. With
+        ``chain``, the run of a sequential step that is followed by another
+        sequential step gets that step RUNNING, leased to ``chain.worker_id``,
+        in the same transaction.
+        """
 
     @abc.abstractmethod
     def fail_node(

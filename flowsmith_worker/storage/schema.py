@@ -21,7 +21,7 @@ from sqlalchemy.ext.compiler import compiles
 
 from flowsmith_worker.storage.dialects import identifier_collation
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = sa.MetaData()
 
@@ -47,6 +47,12 @@ def _identifier_on_mysql(type_: Identifier, compiler: Any, **_kw: Any) -> str:
     collation = identifier_collation(compiler.dialect)
     return f"VARCHAR({type_.length}) CHARACTER SET utf8mb4 COLLATE {collation}"
 
+
+# fs_flows and fs_nodes are queue tables: every step updates rows of both, so
+# dead tuples pile up fast. PostgreSQL's defaults vacuum a table once a fifth of
+# it is dead and throttle the vacuum; a claim scanning a bloated index slows
+# down long before that. Vacuum after 1 % and unthrottled (created by migration 4).
+AUTOVACUUM_OFTEN = {"autovacuum_vacuum_scale_factor": 0.01, "autovacuum_vacuum_cost_delay": 0}
 
 schema_version = sa.Table(
     "fs_schema_version",
@@ -78,6 +84,7 @@ flows = sa.Table(
     sa.Index("fs_flows_status_updated", "status", "updated_at"),
     # Ids are fencing tokens: never hand a deleted run's id to a new one.
     sqlite_autoincrement=True,
+    postgresql_with=AUTOVACUUM_OFTEN,
 )
 # flowsmith flows (newest first); created by migration 2.
 flows_by_created = sa.Index("fs_flows_created", flows.c.created_at)
@@ -100,9 +107,6 @@ nodes = sa.Table(
     sa.Column("run_after", Seconds, nullable=False),
     sa.Column("lease_owner", Identifier(64)),
     sa.Column("lease_expires_at", Seconds),
-    # No longer read: new nodes hold sql_context.NO_SNAPSHOT ('null'), as ctx.data
-    # is rebuilt from fs_flows.input and the outputs (see sql_context.py).
-    sa.Column("input", LongText, nullable=False),
     sa.Column("output", LongText),
     sa.Column("error", LongText),
     sa.Column("created_at", Seconds, nullable=False),
@@ -111,6 +115,7 @@ nodes = sa.Table(
     sa.UniqueConstraint("flow_id", "step_name", name="fs_nodes_flow_step_key"),
     # A late completion is fenced by (node id, worker, attempt): a reused id could match.
     sqlite_autoincrement=True,
+    postgresql_with=AUTOVACUUM_OFTEN,
 )
 
 # The claim: runnable nodes by queue, priority and run_after. PostgreSQL and

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -34,13 +35,16 @@ from flowsmith_worker.errors import (
     TrackingIdTaken,
 )
 from flowsmith_worker.log import get_logger
-from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, PlannedStep
-from flowsmith_worker.storage import schema, sql_context
+from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
+from flowsmith_worker.storage import schema, sql_claim, sql_context
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     RESCUE_ERROR,
+    Chain,
+    ChainedNode,
     ClaimedNode,
     EnqueueResult,
+    Finished,
     FlowRecord,
     FlowStatus,
     Lease,
@@ -48,6 +52,7 @@ from flowsmith_worker.storage.base import (
     NodeStatus,
     RescuedNode,
     Storage,
+    Written,
 )
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, dumps, flow_record
 from flowsmith_worker.storage.sql_context import RunPayloads
@@ -56,6 +61,8 @@ from flowsmith_worker.storage.sql_operators import SqlOperators
 
 Q = schema.queues
 T = TypeVar("T")
+# Claimed node rows, and the payloads of their runs.
+_Claimed = tuple[Sequence[Any], dict[int, RunPayloads]]
 log = get_logger("flowsmith.storage")
 
 
@@ -296,7 +303,6 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                     attempt=0,
                     max_attempts=step.max_attempts,
                     rescues=0,
-                    input=sql_context.NO_SNAPSHOT,
                 )
                 for index, step in enumerate(steps)
             ],
@@ -305,74 +311,151 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             # A fan-out: wake idle workers so the siblings really run in parallel.
             self.dialect.notify(conn, flow_row.queue)
 
+    def _start_chained(
+        self,
+        conn: Connection,
+        flow_row: Row[Any],
+        position: int,
+        step: PlannedStep,
+        chain: Chain,
+    ) -> ChainedNode | None:
+        """Insert a sequential stage's node already RUNNING, leased to the chaining worker.
+
+        It is its first attempt, exactly as a claim would have made it, and it
+        never enters the runnable index. None (and nothing inserted) if the
+        node exists already.
+        """
+        result = conn.execute(
+            self._chained_statement,
+            dict(
+                flow_id=flow_row.id,
+                step_name=step.name,
+                position=position,
+                queue=flow_row.queue,
+                priority=flow_row.priority,
+                max_attempts=step.max_attempts,
+                lease_owner=chain.worker_id,
+                b_lease_seconds=chain.lease_seconds,
+            ),
+        )
+        key = result.inserted_primary_key
+        if not self.dialect.inserted_a_row(result) or key is None:
+            return None
+        lease = Lease(key[0], flow_row.id, chain.worker_id, 1)
+        return ChainedNode(lease, step.name, step.max_attempts)
+
+    @functools.cached_property
+    def _chained_statement(self) -> Any:
+        """The insert of a chained node (see _start_chained), built once."""
+        now = self._now()
+        return self.dialect.insert_if_absent(N).values(
+            group_index=0,
+            status=NodeStatus.RUNNING,
+            attempt=1,
+            rescues=0,
+            lease_expires_at=now + sa.bindparam("b_lease_seconds", type_=sa.Double()),
+            run_after=now,
+            started_at=now,
+            created_at=now,
+        )
+
     # -- claim ----------------------------------------------------------------
 
     def claim_nodes(
         self, *, worker_id: str, limit: int, lease_seconds: float, queues: Sequence[str]
     ) -> list[ClaimedNode]:
+        """Claim in the fewest statements; through the queues' caps only while one is set.
+
+        See sql_claim.py. The queue lists found capped are remembered, so their
+        claims go straight to the capped path until a claim there finds no cap.
+        """
         if limit <= 0:
             return []
-        rows, payloads = self._transact(
-            lambda conn: self._claim(conn, worker_id, limit, lease_seconds, queues)
+        params = dict(
+            worker_id=worker_id,
+            limit=limit,
+            lease_seconds=float(lease_seconds),
+            queues=list(queues),
+            only_queue=queues[0],
         )
+        key = tuple(queues)
+        if key not in self._capped_queues:
+            found = self._claim_uncapped(params)
+            if found is not None:
+                return self._with_context(worker_id, *found)
+            self._capped_queues.add(key)
+        rows, payloads, capped = self._transact(lambda conn: self._claim_capped(conn, params))
+        if not capped:
+            self._capped_queues.discard(key)
         return self._with_context(worker_id, rows, payloads)
 
-    def _claim(
-        self,
-        conn: Connection,
-        worker_id: str,
-        limit: int,
-        lease_seconds: float,
-        queues: Sequence[str],
-    ) -> tuple[Sequence[Any], dict[int, RunPayloads]]:
-        now = self._now()
-        ids = self._runnable_ids(conn, limit, queues)
+    def _claim_uncapped(self, params: dict[str, Any]) -> _Claimed | None:
+        """The claim when no queue of the worker is capped; None if one is."""
+        if self.dialect.name == "postgresql":
+            return self._transact(lambda conn: self._claim_in_one(conn, params))
+        if self.dialect.name == "sqlite":
+            # A plain BEGIN reads without the write lock: an empty poll takes none,
+            # and another process writing does not make it wait.
+            due = self._read(lambda conn: conn.execute(self._claims.sqlite_precheck, params).one())
+            if due.capped:
+                return None
+            if not due.runnable:
+                return [], {}
+        return self._transact(lambda conn: self._claim_in_steps(conn, params))
+
+    def _claim_in_one(self, conn: Connection, params: dict[str, Any]) -> _Claimed | None:
+        """PostgreSQL: pick, lease and start runs in one statement (sql_claim.CLAIM_PG)."""
+        several = len(params["queues"]) > 1
+        claim = sql_claim.CLAIM_PG_QUEUES if several else sql_claim.CLAIM_PG_ONE_QUEUE
+        result = conn.execute(claim, params).all()
+        if result[0].capped:
+            return None
+        rows = [r for r in result if r.id is not None]
+        return rows, sql_context.read_for_claimed(conn, rows)
+
+    def _claim_in_steps(self, conn: Connection, params: dict[str, Any]) -> _Claimed | None:
+        """MySQL/MariaDB and SQLite: lock the runnable ids, then lease them."""
+        ids = [r.id for r in conn.execute(self._claims.runnable, params)]
         if not ids:
-            return [], {}
-        # MySQL has no UPDATE ... RETURNING and cannot update a table it selects
-        # from in a subquery: select the ids (locked above), then update them.
-        conn.execute(
-            sa.update(N)
-            .where(N.c.id.in_(ids))
-            .values(
-                status=NodeStatus.RUNNING,
-                lease_owner=worker_id,
-                attempt=N.c.attempt + 1,
-                lease_expires_at=now + lease_seconds,
-                started_at=now,
-                finished_at=None,
-            )
-        )
-        rows = conn.execute(
-            sa.select(
-                N.c.id,
-                N.c.flow_id,
-                N.c.step_name,
-                N.c.attempt,
-                N.c.max_attempts,
-                N.c.position,
-                F.c.flow_name,
-                F.c.tracking_id,
-                F.c.status.label("flow_status"),
-            )
-            .join(F, F.c.id == N.c.flow_id)
-            .where(N.c.id.in_(ids))
-            .order_by(N.c.priority, N.c.run_after, N.c.id)
-        ).all()
+            # Nothing runnable, or the guard kept a capped queue out: which?
+            return None if conn.execute(self._claims.capped, params).scalar() else ([], {})
+        return self._lease(conn, ids, params)
+
+    def _claim_capped(
+        self, conn: Connection, params: dict[str, Any]
+    ) -> tuple[Sequence[Any], dict[int, RunPayloads], bool]:
+        """The claim through the queues' caps; also whether any cap is still set."""
+        ids, capped = self._runnable_ids(conn, params["limit"], params["queues"])
+        rows, payloads = self._lease(conn, ids, params) if ids else ([], {})
+        return rows, payloads, capped
+
+    def _lease(self, conn: Connection, ids: list[int], params: dict[str, Any]) -> _Claimed:
+        """Lease the locked nodes ``ids``, start their runs, read what they start with.
+
+        MySQL has no UPDATE ... RETURNING and cannot update a table it selects
+        from in a subquery: the ids were selected (and locked) first.
+        """
+        claims = self._claims
+        # Only its own parameters: any other named after a column would be SET too.
+        lease = {"worker_id": params["worker_id"], "lease_seconds": params["lease_seconds"]}
+        conn.execute(claims.lease, {**lease, "ids": ids})
+        rows = conn.execute(claims.claimed, {"ids": ids}).all()
         # Only a run's first claim moves it from PENDING to RUNNING.
         starting = sorted({r.flow_id for r in rows if r.flow_status == FlowStatus.PENDING})
         if starting:
-            conn.execute(
-                sa.update(F)
-                .where(F.c.id.in_(starting), F.c.status == FlowStatus.PENDING)
-                .values(status=FlowStatus.RUNNING, updated_at=now)
-            )
+            conn.execute(claims.start_runs, {"ids": starting})
         # Read here, parsed after the commit (_with_context): no lock is held
         # while a large payload parses.
-        stages: dict[int, int] = {}
-        for r in rows:
-            stages[r.flow_id] = max(r.position, stages.get(r.flow_id, 0))
-        return rows, sql_context.read_for_stages(conn, stages)
+        return rows, sql_context.read_for_claimed(conn, rows)
+
+    @functools.cached_property
+    def _claims(self) -> sql_claim.ClaimStatements:
+        return sql_claim.statements(self.dialect)
+
+    @functools.cached_property
+    def _capped_queues(self) -> set[tuple[str, ...]]:
+        """Queue lists last seen with a cap: their claims take the capped path first."""
+        return set()
 
     def _with_context(
         self, worker_id: str, rows: Sequence[Any], payloads: dict[int, RunPayloads]
@@ -410,14 +493,17 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         with contextlib.suppress(DatabaseUnavailable):
             self.fail_node(lease=lease, error=str(error), retry_delay=None)
 
-    def _runnable_ids(self, conn: Connection, limit: int, queues: Sequence[str]) -> list[int]:
+    def _runnable_ids(
+        self, conn: Connection, limit: int, queues: Sequence[str]
+    ) -> tuple[list[int], bool]:
         """Lock up to ``limit`` runnable nodes, within the queues' concurrency caps.
 
         A capped queue's fs_queues row is locked (FOR UPDATE, not SKIP LOCKED)
         while its RUNNING nodes are counted, so claimers of that queue take
         turns and cannot together exceed the cap. Candidates of capped and
         uncapped queues are merged in priority order; the few locked but not
-        taken are free again when this short transaction commits.
+        taken are free again when this short transaction commits. Also says
+        whether any of the queues is capped.
         """
         capped = self.dialect.for_update(
             sa.select(Q.c.name, Q.c.max_running).where(
@@ -430,20 +516,20 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         for queue, cap in caps.items():
             running = conn.execute(
                 sa.select(sa.func.count()).where(
-                    N.c.queue == queue, N.c.status == NodeStatus.RUNNING
+                    N.c.queue == queue, N.c.status == sql_claim.RUNNING
                 )
             ).scalar_one()
             if cap - running > 0:
                 candidates += self._lock_runnable(conn, min(limit, cap - running), [queue])
         if caps:
             candidates.sort(key=lambda r: (r.priority, r.run_after, r.id))
-        return [r.id for r in candidates[:limit]]
+        return [r.id for r in candidates[:limit]], bool(caps)
 
     def _lock_runnable(self, conn: Connection, limit: int, queues: Sequence[str]) -> list[Row[Any]]:
         runnable = (
             sa.select(N.c.id, N.c.priority, N.c.run_after)
             .where(
-                N.c.status == NodeStatus.PENDING,
+                N.c.status == sql_claim.PENDING,
                 N.c.run_after <= self._now(),
                 N.c.queue.in_(list(queues)),
             )
@@ -463,26 +549,127 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         )
 
     def complete_node(self, *, lease: Lease, output: Any) -> bool:
-        return self._finish(lease, NodeStatus.COMPLETED, dumps(output))
+        finished = Finished(lease, NodeStatus.COMPLETED, dumps(output))
+        return self.complete_batch(finished=[finished])[0].won
 
     def skip_node(self, *, lease: Lease) -> bool:
-        return self._finish(lease, NodeStatus.SKIPPED, None)
+        return self.complete_batch(finished=[Finished(lease, NodeStatus.SKIPPED, None)])[0].won
 
-    def _finish(self, lease: Lease, status: NodeStatus, output: str | None) -> bool:
-        def work(conn: Connection) -> bool:
-            flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
-            if flow_row is None:
-                return False  # the run was pruned while this step ran
-            done = conn.execute(
-                self._fenced(lease).values(
-                    status=status, output=output, finished_at=self._now(), lease_expires_at=None
-                )
-            ).rowcount
-            if done:
-                self._advance(conn, flow_row, lease.node_id)
-            return bool(done)
+    def complete_batch(
+        self, *, finished: Sequence[Finished], chain: Chain | None = None
+    ) -> list[Written]:
+        """Write every outcome in one transaction: one commit for the whole batch.
 
-        return self._advancing(lease, work)
+        The runs are locked in id order, so two workers' batches over the same
+        runs queue up instead of deadlocking. A value that cannot be read (a
+        corrupt plan) rolls the whole batch back: a batch of one then fails
+        that node and its run (see _advancing); a caller with a larger batch
+        writes its items one by one to find it.
+        """
+        order = sorted(range(len(finished)), key=lambda i: finished[i].lease.flow_id)
+        runs = Counter(item.lease.flow_id for item in finished)
+
+        def work(conn: Connection) -> list[Written]:
+            locked = self._lock_flows(conn, sorted(runs))
+            written: dict[int, Written] = {}
+            for i in order:
+                flow_id = finished[i].lease.flow_id
+                flow_row = locked.get(flow_id)
+                if runs[flow_id] > 1 and flow_row is not None:
+                    # Siblings of one run in one batch: read the run again (it is
+                    # locked already), as the one before may have moved it on.
+                    flow_row = self._lock_flow(conn, F.c.id == flow_id)
+                written[i] = self._finish(conn, finished[i], flow_row, chain)
+            return [written[i] for i in range(len(finished))]
+
+        if len(finished) == 1:
+            return self._advancing(finished[0].lease, work)
+        return self._transact(work)
+
+    def _lock_flows(self, conn: Connection, flow_ids: Sequence[int]) -> dict[int, Row[Any]]:
+        """The runs' rows, locked in id order (as every batch locks them) until commit."""
+        rows = conn.execute(
+            self.dialect.for_update(
+                sa.select(*FLOW_STATE).where(F.c.id.in_(flow_ids)).order_by(F.c.id)
+            )
+        ).all()
+        return {row.id: row for row in rows}
+
+    def _finish(
+        self, conn: Connection, item: Finished, flow_row: Row[Any] | None, chain: Chain | None
+    ) -> Written:
+        """Write one outcome into the batch's transaction; its run is locked already."""
+        lease = item.lease
+        if flow_row is None:
+            return Written(False)  # the run was pruned while this step ran
+        done = conn.execute(
+            self._finish_statement,
+            dict(
+                b_node=lease.node_id,
+                b_owner=lease.worker_id,
+                b_attempt=lease.attempt,
+                b_status=item.status,
+                b_output=item.output,
+            ),
+        ).rowcount
+        if not done:
+            return self._replayed(conn, item) if item.replay else Written(False)
+        finished = None if item.step_name is None else (item.step_name, item.status)
+        return Written(True, self._advance(conn, flow_row, lease.node_id, chain, finished))
+
+    @functools.cached_property
+    def _finish_statement(self) -> sa.Update:
+        """The fenced write of a finished attempt, built once: building a statement
+        cost more than sending it, on the path every step takes."""
+        return (
+            sa.update(N)
+            .where(
+                N.c.id == sa.bindparam("b_node"),
+                N.c.status == NodeStatus.RUNNING,
+                N.c.lease_owner == sa.bindparam("b_owner"),
+                N.c.attempt == sa.bindparam("b_attempt"),
+            )
+            .values(
+                status=sa.bindparam("b_status"),
+                output=sa.bindparam("b_output"),
+                finished_at=self._now(),
+                lease_expires_at=None,
+            )
+        )
+
+    def _replayed(self, conn: Connection, item: Finished) -> Written:
+        """A write sent again after its answer was lost: did the first send commit?
+
+        If it did, the node carries this attempt's outcome (its lease_owner and
+        attempt are kept when it finishes), and the run's next step, if one was
+        chained, is RUNNING under the same worker: hand it back (even to a worker
+        that has begun to stop and asks for no chain now: it releases it) rather
+        than leave it stranded until its lease expires.
+        """
+        lease = item.lease
+        node = conn.execute(
+            sa.select(N.c.status, N.c.position).where(
+                N.c.id == lease.node_id,
+                N.c.lease_owner == lease.worker_id,
+                N.c.attempt == lease.attempt,
+            )
+        ).first()
+        if node is None or node.status != item.status:
+            return Written(False)
+        following = conn.execute(
+            sa.select(N.c.id, N.c.step_name, N.c.max_attempts).where(
+                N.c.flow_id == lease.flow_id,
+                N.c.position == node.position + 1,
+                N.c.status == NodeStatus.RUNNING,
+                N.c.lease_owner == lease.worker_id,
+                N.c.attempt == 1,
+            )
+        ).all()
+        if len(following) != 1:
+            return Written(True)
+        [next_node] = following
+        next_lease = Lease(next_node.id, lease.flow_id, lease.worker_id, 1)
+        return Written(True, ChainedNode(next_lease, next_node.step_name, next_node.max_attempts))
 
     def _advancing(self, lease: Lease, work: Callable[[Connection], T]) -> T:
         """Run ``work``, a write of an attempt's outcome that moves the run on.
@@ -580,22 +767,36 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
 
     # -- advancing and failing flows (inside the caller's transaction) --------
 
-    def _advance(self, conn: Connection, flow_row: Row[Any], finished_node_id: int) -> None:
-        """Move the flow on now that a node of it finished (its row is locked)."""
+    def _advance(
+        self,
+        conn: Connection,
+        flow_row: Row[Any],
+        finished_node_id: int,
+        chain: Chain | None = None,
+        finished: tuple[str, NodeStatus] | None = None,
+    ) -> ChainedNode | None:
+        """Move the flow on now that a node of it finished (its row is locked).
+
+        With ``chain``, a sequential step followed by a sequential step hands
+        that step to the same worker (the chained node is returned). A parallel
+        group is not chained: the worker finishing its last sibling does not
+        hold the other siblings' outputs, and a group after a step should fan
+        out to every idle worker.
+        """
         if flow_row.status in (FlowStatus.CANCELLED, FlowStatus.FAILED):
-            return  # the running step finished; a cancelled or failed flow goes no further
+            return None  # the running step finished; a cancelled or failed flow goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
-        same_stage = sa.select(N.c.position).where(N.c.id == finished_node_id).scalar_subquery()
-        # Statuses only: whether the stage is done needs no payload of it.
-        rows = conn.execute(
-            sa.select(N.c.step_name, N.c.status, N.c.position)
-            .where(N.c.flow_id == flow_row.id, N.c.position == same_stage)
-            .order_by(N.c.group_index)
-        ).all()
-        position = rows[0].position
-        stage = [progress.StageNode(r.step_name, NodeStatus(r.status)) for r in rows]
+        position = None if finished is None else _alone_in_stage(plan, finished[0])
+        if finished is not None and position is not None:
+            # The finished step is its stage: its own status is the stage's.
+            stage = [progress.StageNode(*finished)]
+        else:
+            position, stage = self._stage_of(conn, flow_row.id, finished_node_id)
         decision = progress.after_stage(plan, position, stage)
         if isinstance(decision, progress.StartStage):
+            if chain is not None and len(stage) == 1 and len(decision.steps) == 1:
+                [step] = decision.steps
+                return self._start_chained(conn, flow_row, decision.position, step, chain)
             self._start_stage(conn, flow_row, decision.position, decision.steps)
         elif isinstance(decision, progress.FinishFlow):
             # fs_flows.output stays empty: it would be a second copy of every
@@ -615,6 +816,22 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                 child = sql_context.read_run(conn, F.c.id == flow_row.id)
                 if child is not None:
                     self._child_completed(conn, flow_row.parent_node_id, child.final_data())
+        return None
+
+    def _stage_of(
+        self, conn: Connection, flow_id: int, node_id: int
+    ) -> tuple[int, list[progress.StageNode]]:
+        """The position of the node's stage and the statuses of its nodes, in plan order."""
+        same_stage = sa.select(N.c.position).where(N.c.id == node_id).scalar_subquery()
+        # Statuses only: whether the stage is done needs no payload of it.
+        rows = conn.execute(
+            sa.select(N.c.step_name, N.c.status, N.c.position)
+            .where(N.c.flow_id == flow_id, N.c.position == same_stage)
+            .order_by(N.c.group_index)
+        ).all()
+        return rows[0].position, [
+            progress.StageNode(r.step_name, NodeStatus(r.status)) for r in rows
+        ]
 
     def _lock_parent_flow(self, conn: Connection, parent_node_id: int) -> Row[Any] | None:
         """The flow of a subflow's parent node, locked; None if it was pruned meanwhile."""
@@ -898,6 +1115,14 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         if ended == NodeStatus.FAILED:
             self._fail_flow(conn, flow_row, values["error"])
         return ended
+
+
+def _alone_in_stage(plan: Plan, step_name: str) -> int | None:
+    """The position of the step's stage if the step is all of it, else None."""
+    position = plan.position_of(step_name)
+    if position is None or len(plan.stage(position)) != 1:
+        return None
+    return position
 
 
 def _max_rescues(flow_row: Row[Any], step_name: str) -> int:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -34,7 +36,9 @@ from flowsmith_worker.storage.dialects import (
     dialect_of,
     is_conflict,
     is_missing_table,
+    is_stale_connection,
     is_transient,
+    is_worth_running_again,
 )
 
 T = TypeVar("T")
@@ -46,7 +50,8 @@ FLOW_STATE = [column for column in F.c if column.name not in ("input", "output")
 # Deadlocks between short transactions are resolved by the database aborting
 # one of them; running it again is the documented remedy.
 _DEADLOCK_RETRY = dict(
-    stop=tenacity.stop_after_attempt(8),
+    # Seven more after a first try made without tenacity (see _transact).
+    stop=tenacity.stop_after_attempt(7),
     wait=tenacity.wait_random(0.005, 0.1),
     reraise=True,
 )
@@ -113,8 +118,15 @@ class SqlBase:
         with self._errors():
             if connection is not None:
                 return work(connection)
+            try:  # the usual case: no retry machinery built for it
+                with self._writer_turn, self.engine.begin() as conn:
+                    return work(conn)
+            except sa.exc.DBAPIError as exc:
+                if not is_worth_running_again(exc):
+                    raise
+                time.sleep(random.uniform(0.005, 0.1))  # let the other transaction finish
             for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception(is_conflict),
+                retry=tenacity.retry_if_exception(is_worth_running_again),
                 **_DEADLOCK_RETRY,  # type: ignore[arg-type]
             ):
                 with attempt, self._writer_turn, self.engine.begin() as conn:
@@ -123,7 +135,16 @@ class SqlBase:
 
     def _read(self, work: Callable[[Connection], T]) -> T:
         """Run ``work``, which only reads: no writer's turn, no write lock on SQLite."""
-        with self._errors(), self.engine.connect() as conn:
+        with self._errors():
+            try:
+                return self._read_once(work)
+            except sa.exc.DBAPIError as exc:
+                if not is_stale_connection(exc):
+                    raise
+            return self._read_once(work)  # once more, on a new connection
+
+    def _read_once(self, work: Callable[[Connection], T]) -> T:
+        with self.engine.connect() as conn:
             conn = conn.execution_options(**{READ_ONLY_OPTION: True})
             with conn.begin():
                 return work(conn)
@@ -240,7 +261,7 @@ def flow_summary(row: Row[Any]) -> FlowSummary:
 
 
 def node_record(row: Row[Any], input: dict[str, Any]) -> NodeRecord:
-    """The node of ``row`` (its fs_nodes.input is not read) with its rebuilt ``input``."""
+    """The node of ``row`` with its ``input``, rebuilt from the run's payloads."""
     values = _TolerantRow(row)
     return NodeRecord(
         id=row.id,

@@ -8,9 +8,7 @@ snapshot the storage used to copy into every node, because a COMPLETED output
 never changes; the final ctx.data of a run (what FlowRun.wait returns) and the
 input snapshots of ``flowsmith status`` are rebuilt the same way.
 
-fs_nodes.input stays (NOT NULL) but new nodes store only NO_SNAPSHOT there, and
-no reader looks at it: the snapshots that older versions wrote are ignored too,
-so an old row and a new one read back alike.
+Schema version 4 dropped fs_nodes.input, where older versions kept that copy.
 
 Values are parsed here, never trusted: a value that does not parse (a row
 changed outside FlowSmith) raises CorruptRow naming the column and the run, so
@@ -19,6 +17,7 @@ the engine fails that run instead of rolling back the same claim forever.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
@@ -37,9 +36,6 @@ from flowsmith_worker.storage.base import NodeStatus
 
 F, N = schema.flows, schema.nodes
 
-# What new nodes store in fs_nodes.input (NOT NULL): JSON, and tiny.
-NO_SNAPSHOT = "null"
-
 
 def corrupt(where: str, tracking_id: str, problem: str) -> CorruptRow:
     return CorruptRow(
@@ -51,12 +47,20 @@ def corrupt(where: str, tracking_id: str, problem: str) -> CorruptRow:
 def parse_plan(text: str, tracking_id: str) -> Plan:
     """The stored plan of a run; CorruptRow if it is not one FlowSmith wrote."""
     try:
-        return Plan.from_json(text)
+        return _plan_from_json(text)
     except json.JSONDecodeError as exc:
         problem = f"is not valid JSON ({exc})"
     except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSON, not a plan's shape
         problem = f"is not a plan ({type(exc).__name__}: {exc})"
     raise corrupt(f"fs_flows.plan of run {tracking_id!r}", tracking_id, problem)
+
+
+@functools.lru_cache(maxsize=512)
+def _plan_from_json(text: str) -> Plan:
+    """Parsed once per distinct text: every run of a flow version stores the same
+    plan, and a run's plan is read again at each step it moves on. A Plan is
+    frozen, so sharing one is safe; errors are not cached."""
+    return Plan.from_json(text)
 
 
 class StoredJson:
@@ -142,27 +146,35 @@ def _outputs(
     return found
 
 
-def read_for_stages(conn: Connection, stages: Mapping[int, int]) -> dict[int, RunPayloads]:
-    """The payloads that nodes of the stages ``stages`` ({flow_id: position}) start with.
+def read_for_claimed(conn: Connection, claimed: Sequence[Any]) -> dict[int, RunPayloads]:
+    """The payloads that the claimed nodes start with, by run.
 
-    Only the outputs of earlier stages are read: claiming the last siblings of
-    a parallel group does not read the outputs of those that already finished.
+    The claim returned each run's input once (``run_input``, on one of its
+    nodes' rows, None on the others); only the outputs of
+    earlier stages are read here, in one statement, and none at all when every
+    node is of its run's first stage. Claiming the last siblings of a parallel
+    group does not read the outputs of those that already finished.
     """
-    if not stages:
-        return {}
-    runs = conn.execute(
-        sa.select(F.c.id, F.c.tracking_id, F.c.input).where(F.c.id.in_(list(stages)))
-    ).all()
-    tracking_ids = {r.id: r.tracking_id for r in runs}
+    stages: dict[int, int] = {}
+    runs: dict[int, Any] = {}
+    for node in claimed:
+        stages[node.flow_id] = max(node.position, stages.get(node.flow_id, 0))
+        if node.run_input is not None:  # on one node's row of each run
+            runs[node.flow_id] = node
+    tracking_ids = {flow_id: node.tracking_id for flow_id, node in runs.items()}
     earlier = [
         sa.and_(N.c.flow_id == flow_id, N.c.position < position)
         for flow_id, position in stages.items()
-        if position > 0 and flow_id in tracking_ids
+        if position > 0
     ]
     outputs = _outputs(conn, tracking_ids, sa.or_(*earlier)) if earlier else {}
     return {
-        r.id: RunPayloads(r.tracking_id, _run_input(r.tracking_id, r.input), outputs.get(r.id, []))
-        for r in runs
+        flow_id: RunPayloads(
+            node.tracking_id,
+            _run_input(node.tracking_id, node.run_input),
+            outputs.get(flow_id, []),
+        )
+        for flow_id, node in runs.items()
     }
 
 

@@ -66,10 +66,10 @@ class SqlOperators(SqlBase):
         return self._read(work)
 
     def list_nodes(self, *, flow_id: int, with_payloads: bool = True) -> list[NodeRecord]:
-        """Every node, with the ctx.data it started with rebuilt (fs_nodes.input is not read)."""
+        """Every node, with the ctx.data it started with rebuilt from the run's payloads."""
 
         def work(conn: Connection) -> list[NodeRecord]:
-            skipped = ("input", "output") if not with_payloads else ("input",)
+            skipped = () if with_payloads else ("output",)
             rows = conn.execute(
                 sa.select(*_columns_but(N, *skipped))
                 .where(N.c.flow_id == flow_id)
@@ -301,10 +301,6 @@ class SqlOperators(SqlBase):
             ).all()
         )
         return {name: int(cap) for name, cap in rows}
-
-
-# fs_nodes.input holds no snapshot (sql_context.NO_SNAPSHOT, or an old one): never read.
-_NODE_WITHOUT_INPUT = [column for column in N.c if column.name != "input"]
 
 
 def _with_inputs(run: Any, rows: Sequence[Any]) -> list[NodeRecord]:
