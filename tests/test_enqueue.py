@@ -546,7 +546,8 @@ def test_flow_run_on_postgresql_is_one_statement_without_begin_or_commit(
     postgres_server: DatabaseServer, unique: Names
 ) -> None:
     """The server's statement log: a new run is one statement (a data-modifying CTE,
-    in autocommit), beside the pool's pre-ping; no BEGIN, no COMMIT, no SET."""
+    in autocommit); no BEGIN, no COMMIT, no SET (a ping, were the connection idle long
+    enough to get one, is left aside)."""
     if not isinstance(postgres_server, LocalServer):
         pytest.skip("needs the statement log of a server the tests started")
     name = f"t_{uuid.uuid4().hex[:12]}"

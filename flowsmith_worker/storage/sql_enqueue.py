@@ -24,9 +24,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker import payload
-from flowsmith_worker.storage import sql_context
 from flowsmith_worker.storage.base import FlowStatus, NewFlow, NodeStatus
-from flowsmith_worker.storage.dialects import NOTIFY_CHANNEL, is_duplicate_key
+from flowsmith_worker.storage.dialects import (
+    NOTIFY_CHANNEL,
+    is_duplicate_key,
+    is_stale_connection,
+)
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, SqlBase, dumps
 
 T = TypeVar("T")
@@ -61,12 +64,12 @@ WITH clock AS (
     RETURNING id, tracking_id, queue, priority, created_at
 ), first_stage AS (
     INSERT INTO fs_nodes (flow_id, step_name, position, group_index, status, queue, priority,
-                          attempt, max_attempts, rescues, run_after, input, created_at)
+                          attempt, max_attempts, rescues, run_after, created_at)
     SELECT r.id, s.step_name, 0, CAST(s.ordinality AS INTEGER) - 1, '{NodeStatus.PENDING}',
            r.queue, r.priority, 0, s.max_attempts, 0,
            CASE WHEN CAST(:run_at AS DOUBLE PRECISION) IS NULL THEN r.created_at + :delay
                 ELSE GREATEST(r.created_at, CAST(:run_at AS DOUBLE PRECISION)) END,
-           :no_snapshot, r.created_at
+           r.created_at
     FROM new_runs r
     CROSS JOIN unnest(CAST(:step_names AS TEXT[]), CAST(:max_attempts AS INTEGER[]))
          WITH ORDINALITY AS s(step_name, max_attempts, ordinality)
@@ -257,7 +260,6 @@ class SqlEnqueue(SqlBase):
             "inputs": [inputs[flow.tracking_id] for flow in flows],
             "step_names": [step.name for step in stage],
             "max_attempts": [step.max_attempts for step in stage],
-            "no_snapshot": sql_context.NO_SNAPSHOT,
         }
         rows = conn.execute(_ENQUEUE_NEW_RUNS, parameters)
         return {tracking_id: int(new_id) for new_id, tracking_id, _ in rows}
@@ -267,14 +269,22 @@ class SqlEnqueue(SqlBase):
 
         Autocommit: the statement is its own transaction, so no BEGIN or COMMIT
         travels. The new run's id, or None when the tracking_id exists (nothing
-        was written).
+        was written). A pooled connection the server dropped (a restart: pooled
+        connections are not pinged, see dialects._ping_after_idle) fails the
+        statement, which runs once more on a new one: it inserts nothing twice,
+        so if the first did commit, the second finds the run and returns None.
         """
-        with (
-            self._errors(),
-            self.engine.connect() as pooled,
-            self.dialect.autocommit(pooled) as conn,
-        ):
-            inputs = {flow.tracking_id: dumps(flow.input)}
+        with self._errors():
+            try:
+                return self._enqueue_in_one_statement_once(flow)
+            except sa.exc.DBAPIError as exc:
+                if not is_stale_connection(exc):
+                    raise
+            return self._enqueue_in_one_statement_once(flow)
+
+    def _enqueue_in_one_statement_once(self, flow: NewFlow) -> int | None:
+        inputs = {flow.tracking_id: dumps(flow.input)}
+        with self.engine.connect() as pooled, self.dialect.autocommit(pooled) as conn:
             created = self._insert_new_runs_in_one_statement(conn, [flow], inputs, _PlanTexts())
         return created.get(flow.tracking_id)
 
@@ -341,7 +351,6 @@ def _first_stage_rows(flow_id: int, flow: NewFlow) -> list[dict[str, Any]]:
             attempt=0,
             max_attempts=step.max_attempts,
             rescues=0,
-            input=sql_context.NO_SNAPSHOT,
         )
         for index, step in enumerate(flow.plan.stage(0))
     ]
