@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -210,14 +210,11 @@ class Flow:
         (seconds) or ``run_at`` (a timezone-aware datetime) holds its first
         step back until then.
         """
-        if run_at is not None and delay is not None:
-            raise ValueError("give delay= or run_at=, not both")
-        # run_at stays an instant: the database compares it with its own clock.
-        at = None if run_at is None else instant_of(run_at)
-        request = self.new_run(ctx, tracking_id, delay, run_at=at)
+        request = self.new_run(ctx, tracking_id, delay, run_at=_start_instant(delay, run_at))
         storage = self.storage or default_storage()
         result = storage.enqueue_flow(flow=request, connection=connection)
-        log.info(
+        # DEBUG: a web app enqueuing thousands of runs must not print thousands of lines.
+        log.debug(
             "flow.enqueued"
             if result.created
             else ("flow.resumed" if result.resumed else "flow.exists"),
@@ -227,6 +224,58 @@ class Flow:
         )
         return FlowRun(storage, self.name, request.tracking_id)
 
+    def run_many(
+        self,
+        inputs: Iterable[Context | dict[str, Any] | None],
+        tracking_ids: Iterable[str] | None = None,
+        *,
+        connection: Any = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+    ) -> list[FlowRun]:
+        """Enqueue a run per input in one transaction; return their handles in order.
+
+        Each tracking_id (made up when ``tracking_ids`` is None) follows the rules
+        of ``run``: a pending or running run answers with its handle and nothing
+        new, a FAILED one is resumed. The batch is all or nothing: every input
+        and tracking_id is checked before anything is written, and a tracking_id
+        given twice (ValueError), one of another flow (TrackingIdTaken) or one
+        whose run has COMPLETED (FlowAlreadyCompleted) enqueues none of them.
+        With ``connection`` the runs commit or roll back with the application's
+        own writes (roll back after an error, as after any failed statement).
+        ``delay`` or ``run_at`` applies to every run.
+        """
+        if isinstance(inputs, (str, bytes, Mapping, Context)):
+            raise TypeError(
+                f"run_many takes a list of inputs, one per run, not one {type(inputs).__name__}"
+            )
+        if isinstance(tracking_ids, (str, bytes)):
+            raise TypeError("tracking_ids is one string: give a list, one tracking_id per input")
+        data = list(inputs)
+        ids = [None] * len(data) if tracking_ids is None else list(tracking_ids)
+        if len(ids) != len(data):
+            raise ValueError(
+                f"run_many got {len(data)} inputs but {len(ids)} tracking_ids: give one per input"
+            )
+        start = _start_instant(delay, run_at)
+        plan = self._runnable_plan()
+        requests = [
+            self._request(value, tid, delay, start, plan, what=f"input {i} of run_many")
+            for i, (value, tid) in enumerate(zip(data, ids, strict=True))
+        ]
+        if not requests:
+            return []
+        storage = self.storage or default_storage()
+        results = storage.enqueue_flows(flows=requests, connection=connection)
+        log.debug(
+            "flow.enqueued_many",
+            flow=self.name,
+            runs=len(results),
+            created=sum(r.created for r in results),
+            resumed=sum(r.resumed for r in results),
+        )
+        return [FlowRun(storage, self.name, r.tracking_id) for r in results]
+
     def new_run(
         self,
         ctx: Context | dict[str, Any] | None,
@@ -235,13 +284,28 @@ class Flow:
         run_at: float | None = None,
     ) -> NewFlow:
         """The enqueue request for a run of this flow, validated."""
+        return self._request(ctx, tracking_id, delay, run_at, self._runnable_plan(), "input")
+
+    def _runnable_plan(self) -> Plan:
         if not self.stages:
             raise FlowSmithError(f"flow {self.name!r} has no steps")
         if self._group is not None:
             raise FlowSmithError(f"flow {self.name!r}: run() inside its own parallel() block")
+        return self.plan()
+
+    def _request(
+        self,
+        ctx: Context | dict[str, Any] | None,
+        tracking_id: str | None,
+        delay: float | None,
+        run_at: float | None,
+        plan: Plan,
+        what: str,
+    ) -> NewFlow:
+        """A validated request; ``what`` names the input in errors ("input", "input 7 of ...")."""
         data = ctx.data if isinstance(ctx, Context) else dict(ctx or {})
         # Checked here, so a bad input is refused before anything is written.
-        payload.encode(data, what=f"the input of flow {self.name!r}")
+        payload.encode(data, what=f"the {what} of flow {self.name!r}")
         if delay is not None and delay < 0:
             raise ValueError(f"delay={delay}: cannot be negative")
         # None means "make one up"; an empty string is a bug upstream, not a request
@@ -253,7 +317,7 @@ class Flow:
             flow_name=self.name,
             tracking_id=tracking_id,
             input=data,
-            plan=self.plan(),
+            plan=plan,
             queue=self.queue,
             priority=self.priority,
             delay_seconds=float(delay or 0.0),
@@ -279,6 +343,14 @@ class Flow:
             raise ValueError(f"schedule input of flow {self.name!r} is not JSON: {exc}") from None
         self.cron, self.cron_input = expression, dict(input or {})
         return self
+
+
+def _start_instant(delay: float | None, run_at: datetime | None) -> float | None:
+    """``run_at`` as seconds since the epoch (None without it), refused beside a delay."""
+    if run_at is not None and delay is not None:
+        raise ValueError("give delay= or run_at=, not both")
+    # run_at stays an instant: the database compares it with its own clock.
+    return None if run_at is None else instant_of(run_at)
 
 
 def _child_tracking_id(source: TrackingIdSource, ctx: Context, step: str) -> str:

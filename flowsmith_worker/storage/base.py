@@ -262,6 +262,17 @@ class Storage(abc.ABC):
         """Insert a run, or apply the idempotent-trigger rules to an existing one."""
 
     @abc.abstractmethod
+    def enqueue_flows(
+        self, *, flows: Sequence[NewFlow], connection: Any = None
+    ) -> list[EnqueueResult]:
+        """enqueue_flow for each of ``flows`` in one transaction; the results in their order.
+
+        All or nothing: a tracking_id given twice (ValueError), one that belongs
+        to another flow (TrackingIdTaken) or to a COMPLETED run
+        (FlowAlreadyCompleted) refuses the whole batch.
+        """
+
+    @abc.abstractmethod
     def claim_nodes(
         self, *, worker_id: str, limit: int, lease_seconds: float, queues: Sequence[str]
     ) -> list[ClaimedNode]:

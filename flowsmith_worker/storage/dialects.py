@@ -118,6 +118,43 @@ class Dialect:
             return bool(result.lastrowid)
         return result.rowcount == 1
 
+    @property
+    def enqueues_in_one_statement(self) -> bool:
+        """Whether new runs, their first nodes and the NOTIFY fit in one statement.
+
+        PostgreSQL only: a data-modifying CTE does it in one round trip (see
+        sql_enqueue); the others insert runs, then nodes.
+        """
+        return self.name == "postgresql"
+
+    @contextlib.contextmanager
+    def autocommit(self, conn: Connection) -> Iterator[Connection]:
+        """``conn`` with each statement its own transaction: no BEGIN, no COMMIT sent.
+
+        The driver's own switch, not SQLAlchemy's isolation_level="AUTOCOMMIT":
+        with psycopg2 that one sends SET default_transaction_isolation when it
+        is set and again when the pool resets the connection (two extra round
+        trips per use), while psycopg2's ``autocommit`` attribute is only read
+        when the next transaction would begin. Set back before the connection
+        returns to the pool, so its next user gets transactions as usual.
+        """
+        raw = conn.connection.dbapi_connection
+        raw.autocommit = True  # type: ignore[union-attr]
+        try:
+            yield conn
+        finally:
+            if not raw.closed:  # type: ignore[union-attr]  # gone with the server: discarded
+                raw.autocommit = False  # type: ignore[union-attr]
+
+    def returns_inserted_rows(self, conn: Connection) -> bool:
+        """Whether insert_if_absent(...).returning(...) returns exactly the rows it inserted.
+
+        ON CONFLICT DO NOTHING RETURNING does, on PostgreSQL and on SQLite 3.35+
+        (SQLAlchemy knows the version). MySQL has no INSERT ... RETURNING (MariaDB
+        has, but not for the rows an ON DUPLICATE KEY UPDATE left alone).
+        """
+        return self.name in ("postgresql", "sqlite") and conn.dialect.insert_returning
+
     def for_claim(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """Lock the selected rows, skipping rows another worker holds.
 
@@ -342,6 +379,18 @@ _MISSING_TABLE_MARKERS = ("no such table", "does not exist", "doesn't exist")
 def is_missing_table(error: BaseException) -> bool:
     text = str(getattr(error, "orig", error)).lower()
     return any(marker in text for marker in _MISSING_TABLE_MARKERS) and "fs_" in text
+
+
+# MySQL's and MariaDB's ER_DUP_ENTRY: a unique key already holds the value.
+MYSQL_DUPLICATE_KEY = 1062
+
+
+def is_duplicate_key(error: BaseException) -> bool:
+    """A plain INSERT on MySQL found its unique key taken (the statement alone is undone)."""
+    orig = getattr(error, "orig", None)
+    return isinstance(error, sa.exc.IntegrityError) and getattr(orig, "errno", None) == (
+        MYSQL_DUPLICATE_KEY
+    )
 
 
 _CONFLICT_MARKERS = ("deadlock", "lock wait timeout", "serializ")

@@ -56,6 +56,7 @@ from flowsmith_worker.storage.base import (
 )
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, dumps, flow_record
 from flowsmith_worker.storage.sql_context import RunPayloads
+from flowsmith_worker.storage.sql_enqueue import SqlEnqueue
 from flowsmith_worker.storage.sql_finish import FinishBatch, Move
 from flowsmith_worker.storage.sql_operators import SqlOperators
 
@@ -66,33 +67,33 @@ _Claimed = tuple[Sequence[Any], dict[int, RunPayloads]]
 log = get_logger("flowsmith.storage")
 
 
-class SqlStorage(SqlOperators, Storage):
+class SqlStorage(SqlEnqueue, SqlOperators, Storage):
     """The storage on SQLite, PostgreSQL and MySQL/MariaDB."""
 
     # -- enqueue --------------------------------------------------------------
 
     def enqueue_flow(self, *, flow: NewFlow, connection: Any = None) -> EnqueueResult:
+        if connection is None and self.dialect.enqueues_in_one_statement:
+            new_id = self._enqueue_in_one_statement(flow)
+            if new_id is not None:
+                return EnqueueResult(new_id, flow.tracking_id, FlowStatus.PENDING, True, False)
+            # The tracking_id exists: the trigger rules need a transaction.
         return self._transact(lambda conn: self._enqueue(conn, flow, None), connection)
+
+    def enqueue_flows(
+        self, *, flows: Sequence[NewFlow], connection: Any = None
+    ) -> list[EnqueueResult]:
+        refuse_repeated_tracking_ids(flows)
+        if not flows:
+            return []
+        return self._transact(lambda conn: self._enqueue_many(conn, flows), connection)
 
     def _enqueue(
         self, conn: Connection, flow: NewFlow, parent_node_id: int | None
     ) -> EnqueueResult:
-        now = self._now()
-        result = conn.execute(
-            self.dialect.insert_if_absent(F).values(
-                flow_name=flow.flow_name,
-                tracking_id=flow.tracking_id,
-                status=FlowStatus.PENDING,
-                input=dumps(flow.input),
-                plan=flow.plan.to_json(),
-                queue=flow.queue,
-                priority=flow.priority,
-                parent_node_id=parent_node_id,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        inserted = self.dialect.inserted_a_row(result)
+        new_id = self._insert_new_run(conn, flow, parent_node_id)
+        if new_id is not None:
+            return EnqueueResult(new_id, flow.tracking_id, FlowStatus.PENDING, True, False)
         # See for_latest for why MySQL needs a (shared) locking read here. The
         # FAILED -> RUNNING transition takes its own lock with a conditional
         # UPDATE (see _resume).
@@ -101,23 +102,58 @@ class SqlStorage(SqlOperators, Storage):
                 sa.select(*FLOW_STATE).where(F.c.tracking_id == flow.tracking_id)
             )
         ).one()
-        if row.flow_name != flow.flow_name:
-            raise TrackingIdTaken.for_run(flow.tracking_id, row.flow_name, flow.flow_name)
-        if inserted:
-            self._start_stage(conn, row, 0, flow.plan.stage(0), flow.delay_seconds, flow.run_at)
-            self.dialect.notify(conn, flow.queue)
-            return EnqueueResult(row.id, flow.tracking_id, FlowStatus.PENDING, True, False)
+        _refuse_other_flow(flow, row)
         if parent_node_id is not None:
             row = self._adopt(conn, row, parent_node_id)
+        result = self._trigger_existing(conn, flow, row)
+        if result.resumed:
+            self.dialect.notify(conn, row.queue)
+        return result
+
+    def _enqueue_many(self, conn: Connection, flows: Sequence[NewFlow]) -> list[EnqueueResult]:
+        """Enqueue ``flows`` in this transaction: every rule of _enqueue, set-based.
+
+        Runs are written in tracking_id order, so two batches that share ids
+        take their locks in the same order and do not deadlock each other. A
+        tracking_id that belongs to another flow, or to a COMPLETED run, is
+        refused before anything is written.
+        """
+        ordered = sorted(flows, key=lambda flow: flow.tracking_id)
+        existing = self._read_runs(conn, [flow.tracking_id for flow in ordered])
+        for flow in ordered:  # refused before the first write, the caller's transaction clean
+            if flow.tracking_id in existing:
+                _refuse_other_flow(flow, existing[flow.tracking_id])
+                _refuse_completed(flow, existing[flow.tracking_id])
+        absent = [flow for flow in ordered if flow.tracking_id not in existing]
+        created = self._insert_new_runs(conn, absent)
+        raced = [flow.tracking_id for flow in absent if flow.tracking_id not in created]
+        existing.update(self._read_runs(conn, raced))  # inserted by others since our read
+        results: dict[str, EnqueueResult] = {}
+        for flow in ordered:
+            new_id = created.get(flow.tracking_id)
+            if new_id is not None:
+                results[flow.tracking_id] = EnqueueResult(
+                    new_id, flow.tracking_id, FlowStatus.PENDING, True, False
+                )
+            else:
+                row = existing[flow.tracking_id]
+                _refuse_other_flow(flow, row)  # again: a raced run was not checked above
+                results[flow.tracking_id] = self._trigger_existing(conn, flow, row)
+        # New runs woke their queues' workers already (_insert_new_runs).
+        for queue in sorted({flow.queue for flow in ordered if results[flow.tracking_id].resumed}):
+            self.dialect.notify(conn, queue)
+        return [results[flow.tracking_id] for flow in flows]
+
+    def _trigger_existing(self, conn: Connection, flow: NewFlow, row: Row[Any]) -> EnqueueResult:
+        """The idempotent trigger of an existing run: a FAILED one resumes, a COMPLETED
+        one refuses, any other answers with its status. The caller sends the NOTIFY."""
         status = FlowStatus(row.status)
         if status == FlowStatus.FAILED:
             if self._resume(conn, row):
-                self.dialect.notify(conn, row.queue)
                 return EnqueueResult(row.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
             # Another trigger resumed it after our read: answer with what it is now.
             status = self._status_now(conn, row)
-        if status == FlowStatus.COMPLETED:
-            raise FlowAlreadyCompleted.for_run(row.flow_name, flow.tracking_id)
+        _refuse_completed(flow, row, status)
         return EnqueueResult(row.id, flow.tracking_id, status, False, False)
 
     def _adopt(self, conn: Connection, row: Row[Any], parent_node_id: int) -> Row[Any]:
@@ -1163,3 +1199,25 @@ def _max_rescues(flow_row: Row[Any], step_name: str) -> int:
     except CorruptRow:
         return DEFAULT_MAX_RESCUES
     return planned.max_rescues if planned is not None else DEFAULT_MAX_RESCUES
+
+
+def refuse_repeated_tracking_ids(flows: Sequence[NewFlow]) -> None:
+    """Each tracking_id once per batch: a repeat is a bug upstream, refused before any write."""
+    seen: dict[str, int] = {}
+    for position, flow in enumerate(flows):
+        first = seen.setdefault(flow.tracking_id, position)
+        if first != position:
+            raise ValueError(
+                f"tracking_id {flow.tracking_id!r} is given twice, at positions {first} and "
+                f"{position}: one call enqueues each run once (nothing was enqueued)"
+            )
+
+
+def _refuse_other_flow(flow: NewFlow, row: Row[Any]) -> None:
+    if row.flow_name != flow.flow_name:
+        raise TrackingIdTaken.for_run(flow.tracking_id, row.flow_name, flow.flow_name)
+
+
+def _refuse_completed(flow: NewFlow, row: Row[Any], status: str | None = None) -> None:
+    if (status or row.status) == FlowStatus.COMPLETED:
+        raise FlowAlreadyCompleted.for_run(row.flow_name, flow.tracking_id)
