@@ -344,6 +344,24 @@ def test_a_subflow_step_of_a_failed_run_starts_no_child(storage: Storage, unique
     assert claim(storage) == []
 
 
+def test_a_subflow_step_of_a_cancelled_run_starts_no_child_and_keeps_no_lease(
+    storage: Storage, unique: Names
+) -> None:
+    """A subflow step whose run was cancelled while its function ran starts no child and
+    ends CANCELLED as every ended node does, with no lease expiry left on it (it kept
+    the expiry of its attempt's lease before).
+    """
+    sub = PlannedStep("sub", 1, subflow=True)
+    storage.enqueue_flow(flow=raw_flow(tid := unique("t"), (sub,)))
+    [claimed] = claim(storage)
+    storage.cancel_flow(tracking_id=tid)
+    child = raw_flow(unique("child"), ONE)
+    assert storage.start_subflow(lease=claimed.lease, child=child) == NodeStatus.CANCELLED
+    assert storage.get_flow(tracking_id=child.tracking_id) is None
+    node = nodes_of(storage, tid)["sub"]
+    assert (node.status, node.lease_expires_at) == (NodeStatus.CANCELLED, None)
+
+
 def test_a_subflow_step_its_failed_run_stopped_is_logged_as_stopped_not_waiting(
     storage: Storage, unique: Names, logs: list[dict[str, Any]]
 ) -> None:
