@@ -1,10 +1,24 @@
-"""How a flow moves on: pure decisions shared by every storage.
+"""How a run moves on: every decision about it, pure, shared by every storage.
 
-Storages lock the flow, read the statuses of one stage's nodes, ask
-``after_stage`` what to do, and carry it out. The decision needs statuses only,
-never payloads: finishing one sibling of a wide parallel group must not read
-every sibling's input and output. Keeping the decision here, pure, means it has
-one definition of "the group is done", testable without a database.
+A storage locks the run, reads the plain values a decision needs (statuses,
+counts), asks one of these functions, and carries out the answer with fenced
+writes. Nothing here touches a database, so each rule has one definition, unit
+tested on its own (tests/test_progress.py):
+
+* ``after_stage`` and ``chained_step``: what comes after a stage, and whether
+  the worker that finished it runs the next step itself (chaining);
+* ``after_failure`` / ``after_subflow_failed``: retry or fail (or end CANCELLED);
+* ``after_lost_lease``: a rescue; ``after_release``: a node handed back;
+* ``end_of_over_run``: what a run that is over does to a node that would run;
+* ``cancellable``, ``ENDED_BY_CANCEL``: a cancel; ``RESUMED_ON_RETRY``,
+  ``max_attempts_on_retry``: a retry of a FAILED run;
+* the errors written into rows, each defined once.
+
+The decision about a stage needs statuses only, never payloads: finishing one
+sibling of a wide parallel group must not read every sibling's input and output.
+
+A run's status is passed as stored (``str``): a status this version does not
+know is a run that is not over, as the storages always treated it.
 
 ``context_data`` is the one definition of ctx.data: the run's input plus the
 outputs of the steps that completed before, in plan order.
@@ -14,7 +28,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum
+from typing import Any, ClassVar
 
 from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.storage.base import RESCUE_ERROR, FlowStatus, NodeStatus
@@ -71,22 +86,146 @@ def after_stage(plan: Plan, position: int, nodes: Sequence[StageNode]) -> Decisi
     return StartStage(position + 1, plan.stage(position + 1))
 
 
+def chained_step(finished_stage: Sequence[StageNode], start: StartStage) -> PlannedStep | None:
+    """The step that the worker which finished ``finished_stage`` runs next itself, if any.
+
+    Only a step alone in its stage followed by a step alone in its stage is
+    chained. A parallel group is not: the worker finishing its last sibling
+    does not hold the other siblings' outputs, and a group after a step should
+    fan out to every idle worker.
+    """
+    if len(finished_stage) == 1 and len(start.steps) == 1:
+        return start.steps[0]
+    return None
+
+
 def attempts_left(attempt: int, max_attempts: int) -> bool:
     return attempt < max_attempts
 
+
+# -- what becomes of a node --------------------------------------------------------
 
 # The error of a node that a failure of its run stopped before it could run (again).
 STOPPED_BY_FAILURE = (
     "stopped: another step failed this run, so this one was not run (again); "
     "`flowsmith retry` (or triggering the run again) runs it"
 )
-# What resuming a FAILED run re-queues: its failed nodes and those its failure
-# stopped. In a FAILED run a CANCELLED node is one of the latter: a cancel makes
-# the run CANCELLED, and a CANCELLED run is never resumed.
-RESUMED_ON_RETRY = frozenset({NodeStatus.FAILED, NodeStatus.CANCELLED})
 
 
-def after_lost_lease(run: FlowStatus, rescues: int, max_rescues: int) -> NodeStatus:
+class Ending(StrEnum):
+    """Why a node runs no more."""
+
+    FAILED = "failed"  # its attempt failed, with no retry left (or none wanted)
+    CANCELLED = "cancelled"  # its run was cancelled
+    # Another step failed its run: it ends CANCELLED, STOPPED_BY_FAILURE is
+    # appended to its error, and a retry of the run runs it again.
+    STOPPED = "stopped"
+
+    @property
+    def status(self) -> NodeStatus:
+        return NodeStatus.FAILED if self is Ending.FAILED else NodeStatus.CANCELLED
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The node runs again: PENDING, runnable ``delay`` seconds from now."""
+
+    error: str | None = None  # recorded on the node; None keeps the node's error
+    delay: float = 0.0
+    # Not the step's fault (a release, a lost worker): the attempt keeps its
+    # number, the fencing token, but does not count against max_attempts.
+    gives_back_attempt: bool = False
+
+    status: ClassVar[NodeStatus] = NodeStatus.PENDING
+
+
+@dataclass(frozen=True)
+class End:
+    """The node runs no more."""
+
+    ending: Ending
+    error: str | None = None  # the attempt's error; None keeps the node's error
+    fails_run: bool = False  # the run, not over yet, fails with ``error``
+
+    def __post_init__(self) -> None:
+        if self.fails_run and (self.ending is not Ending.FAILED or self.error is None):
+            raise ValueError("only a FAILED node, with its error, fails its run")
+
+    @property
+    def status(self) -> NodeStatus:
+        return self.ending.status
+
+    @property
+    def run_error(self) -> str | None:
+        """The error the run fails with; None if the run does not fail."""
+        return self.error if self.fails_run else None
+
+
+Fate = Retry | End
+
+# A run that is over starts nothing more, and keeps its status and its first
+# error. (A COMPLETED run has no node left that could run, fail or be rescued.)
+OVER = frozenset({FlowStatus.FAILED, FlowStatus.CANCELLED})
+
+
+def is_over(run: str) -> bool:
+    return run in OVER
+
+
+def end_of_over_run(run: str, error: str | None = None) -> End | None:
+    """How a node that would run (again) ends because its run is over; None if it is not.
+
+    A cancel's nodes end CANCELLED. A failure's nodes are stopped, so that a
+    retry of the run (RESUMED_ON_RETRY) runs them again.
+    """
+    if run == FlowStatus.CANCELLED:
+        return End(Ending.CANCELLED, error)
+    if run == FlowStatus.FAILED:
+        return End(Ending.STOPPED, error)
+    return None
+
+
+def after_failure(
+    run: str, *, error: str, attempt: int, max_attempts: int, retry_delay: float | None
+) -> Fate:
+    """What becomes of a node whose attempt failed; ``retry_delay`` None: no retry wanted.
+
+    A cancelled run goes no further: the node ends CANCELLED and the run stays
+    CANCELLED. A run that another step failed records this failure too, but
+    retries nothing and keeps its first error. Otherwise the node retries while
+    it has attempts left, and else fails, failing its run.
+    """
+    if run == FlowStatus.CANCELLED:
+        return End(Ending.CANCELLED, error)
+    if run == FlowStatus.FAILED:
+        return End(Ending.FAILED, error)
+    if retry_delay is not None and attempts_left(attempt, max_attempts):
+        return Retry(error, retry_delay)
+    return End(Ending.FAILED, error, fails_run=True)
+
+
+def after_subflow_failed(parent_run: str, *, error: str, attempt: int, max_attempts: int) -> Fate:
+    """What becomes of a WAITING subflow node whose child run failed or was cancelled.
+
+    It is a failure of the subflow step: with attempts left (and its run not
+    over) the step runs again at once, as the child had its own backoff, and
+    its function's tracking_id resumes this same child.
+    """
+    return after_failure(
+        parent_run, error=error, attempt=attempt, max_attempts=max_attempts, retry_delay=0.0
+    )
+
+
+def after_release(run: str) -> Fate:
+    """What becomes of a RUNNING node its worker hands back unfinished (it is stopping).
+
+    That is not the step's fault: its attempt is given back. A node of a run
+    that is over is handed to no one.
+    """
+    return end_of_over_run(run) or Retry(gives_back_attempt=True)
+
+
+def after_lost_lease(run: str, *, step_name: str, rescues: int, max_rescues: int) -> Fate:
     """What becomes of a node whose worker was lost (its lease expired).
 
     ``rescues`` counts the node's earlier rescues. A lost worker is not the step's
@@ -95,12 +234,11 @@ def after_lost_lease(run: FlowStatus, rescues: int, max_rescues: int) -> NodeSta
     over (cancelled, or failed by another step) starts nothing more.
     """
     if run == FlowStatus.CANCELLED:
-        return NodeStatus.CANCELLED
+        return End(Ending.CANCELLED, RESCUE_ERROR)
     if rescues >= max_rescues:
-        return NodeStatus.FAILED
-    if run == FlowStatus.FAILED:
-        return NodeStatus.CANCELLED
-    return NodeStatus.PENDING
+        error = rescue_limit_error(step_name, rescues + 1, max_rescues)
+        return End(Ending.FAILED, error, fails_run=not is_over(run))
+    return end_of_over_run(run, RESCUE_ERROR) or Retry(RESCUE_ERROR, gives_back_attempt=True)
 
 
 def rescue_limit_error(step_name: str, lost: int, max_rescues: int) -> str:
@@ -111,3 +249,45 @@ def rescue_limit_error(step_name: str, lost: int, max_rescues: int) -> str:
         "again; fix the step, then `flowsmith retry` the run (which gives the step its "
         "rescues again; max_rescues itself is kept in the run's stored plan)"
     )
+
+
+def subflow_failed_error(tracking_id: str, flow_name: str, error: str) -> str:
+    """The error of a subflow step (and of its run) whose child run failed with ``error``."""
+    return f"subflow {tracking_id!r} ({flow_name}) failed:\n{error}"
+
+
+def subflow_cancelled_error(tracking_id: str, flow_name: str) -> str:
+    """The error of a subflow step (and of its run) whose child run was cancelled."""
+    return f"subflow {tracking_id!r} ({flow_name}) was cancelled"
+
+
+# The nodes a run's failure stops at once: those waiting to run (queued
+# siblings, scheduled retries), so that the claim need not read runs. A RUNNING
+# node ends when its attempt reports, a WAITING one when its child run does.
+STOPPED_BY_RUN_FAILURE = frozenset({NodeStatus.PENDING})
+
+
+# -- cancel and retry of a run -----------------------------------------------------
+
+# The nodes a cancel ends at once: those waiting to run, and those waiting for
+# a subflow (whose child is cancelled with them). A RUNNING node ends when its
+# attempt reports (see after_failure; a completion does not move the run on).
+ENDED_BY_CANCEL = frozenset({NodeStatus.PENDING, NodeStatus.WAITING})
+
+
+def cancellable(run: str) -> bool:
+    """A COMPLETED or FAILED run cannot be cancelled; cancelling a CANCELLED one changes nothing."""
+    return run not in (FlowStatus.COMPLETED, FlowStatus.FAILED)
+
+
+# What resuming a FAILED run re-queues: its failed nodes and those its failure
+# stopped. In a FAILED run a CANCELLED node is one of the latter: a cancel makes
+# the run CANCELLED, and a CANCELLED run is never resumed.
+RESUMED_ON_RETRY = frozenset({NodeStatus.FAILED, NodeStatus.CANCELLED})
+
+
+def max_attempts_on_retry(attempt: int, planned: PlannedStep | None) -> int:
+    """A resumed node's new max_attempts: its step's allowance again, on top of the
+    attempts already made (``attempt`` keeps counting up: it is the fencing
+    token). A step no longer in the run's plan gets one attempt."""
+    return attempt + (planned.max_attempts if planned is not None else 1)

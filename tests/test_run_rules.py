@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from flowsmith_worker import Context, Flow, FlowRun, FlowStatus, NodeStatus, StepFailed, Worker
 from flowsmith_worker.decorators import step, workflow
@@ -22,6 +23,7 @@ from flowsmith_worker.errors import RunNotCancellable, RunNotRetryable, SubflowT
 from flowsmith_worker.executor import Executor, Outcome
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
 from flowsmith_worker.progress import STOPPED_BY_FAILURE
+from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     RESCUE_ERROR,
     ClaimedNode,
@@ -30,6 +32,7 @@ from flowsmith_worker.storage.base import (
     NodeRecord,
     Storage,
 )
+from flowsmith_worker.storage.sql import SqlStorage
 from tests.conftest import eventually
 
 Names = Callable[[str], str]
@@ -236,6 +239,34 @@ def test_a_failed_run_ends_a_lost_or_released_sibling_instead_of_requeueing_it(
     assert sorted(n.step_name for n in claim(storage)) == ["a", "lost", "released"]
 
 
+def test_a_run_with_an_unreadable_status_does_not_stop_the_rescue_of_others(
+    storage: Storage, unique: Names
+) -> None:
+    """A lost step whose run's stored status this version cannot read is rescued like
+    that of a run that is not over (as a failure or a completion of it is written), and
+    the rescue goes on to the lost steps behind it: before, one such run raised in
+    every rescue pass, and no lost step anywhere was rescued again.
+    """
+    storage.enqueue_flow(flow=raw_flow(corrupt := unique("corrupt"), ONE))
+    [first] = claim(storage, lease=0.2)
+    storage.enqueue_flow(flow=raw_flow(unique("fine"), ONE))
+    [second] = claim(storage, lease=0.3)
+    assert isinstance(storage, SqlStorage)
+    with storage.engine.begin() as conn:
+        conn.execute(
+            sa.update(schema.flows)
+            .where(schema.flows.c.tracking_id == corrupt)
+            .values(status="EXPLODED")
+        )
+    time.sleep(0.4)
+    rescued = storage.rescue_expired()
+    assert [(r.node_id, r.failed) for r in rescued] == [
+        (first.node_id, False),
+        (second.node_id, False),
+    ]
+    assert nodes_of(storage, corrupt)["only"].status == NodeStatus.PENDING
+
+
 def test_a_failing_parallel_sibling_stops_the_others_with_real_workers(
     storage: Storage, unique: Names
 ) -> None:
@@ -311,6 +342,24 @@ def test_a_subflow_step_of_a_failed_run_starts_no_child(storage: Storage, unique
     record = storage.get_flow(tracking_id=waiting)
     assert record is not None and record.error == "a2: broken"
     assert claim(storage) == []
+
+
+def test_a_subflow_step_of_a_cancelled_run_starts_no_child_and_keeps_no_lease(
+    storage: Storage, unique: Names
+) -> None:
+    """A subflow step whose run was cancelled while its function ran starts no child and
+    ends CANCELLED as every ended node does, with no lease expiry left on it (it kept
+    the expiry of its attempt's lease before).
+    """
+    sub = PlannedStep("sub", 1, subflow=True)
+    storage.enqueue_flow(flow=raw_flow(tid := unique("t"), (sub,)))
+    [claimed] = claim(storage)
+    storage.cancel_flow(tracking_id=tid)
+    child = raw_flow(unique("child"), ONE)
+    assert storage.start_subflow(lease=claimed.lease, child=child) == NodeStatus.CANCELLED
+    assert storage.get_flow(tracking_id=child.tracking_id) is None
+    node = nodes_of(storage, tid)["sub"]
+    assert (node.status, node.lease_expires_at) == (NodeStatus.CANCELLED, None)
 
 
 def test_a_subflow_step_its_failed_run_stopped_is_logged_as_stopped_not_waiting(

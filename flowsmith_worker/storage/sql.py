@@ -39,7 +39,6 @@ from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
 from flowsmith_worker.storage import schema, sql_claim, sql_context
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
-    RESCUE_ERROR,
     Chain,
     ChainedNode,
     ClaimedNode,
@@ -241,10 +240,8 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         """Re-queue the failed node(s) and the ones the failure stopped, with fresh attempts.
 
         The conditional UPDATE locks the flow row and lets one of several racing
-        triggers win. ``attempt`` keeps counting up (it is the fencing token), so
-        the new allowance is added on top of the attempts already made. In a
-        FAILED run, CANCELLED nodes are the ones its failure stopped (a cancel
-        makes the run CANCELLED, which is never resumed).
+        triggers win. Which nodes, and their new allowance: progress.RESUMED_ON_RETRY
+        and progress.max_attempts_on_retry.
         """
         won = conn.execute(
             sa.update(F)
@@ -261,14 +258,14 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             )
         ).all()
         for node in failed:
-            planned = plan.step(node.step_name)
-            allowance = planned.max_attempts if planned else 1
             conn.execute(
                 sa.update(N)
                 .where(N.c.id == node.id)
                 .values(
                     status=NodeStatus.PENDING,
-                    max_attempts=node.attempt + allowance,
+                    max_attempts=progress.max_attempts_on_retry(
+                        node.attempt, plan.step(node.step_name)
+                    ),
                     # A retry gives the step its max_rescues afresh, as its retries.
                     rescues=0,
                     run_after=self._now(),
@@ -542,12 +539,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
     # -- outcomes of an attempt -----------------------------------------------
 
     def _fenced(self, lease: Lease) -> sa.Update:
-        return sa.update(N).where(
-            N.c.id == lease.node_id,
-            N.c.status == NodeStatus.RUNNING,
-            N.c.lease_owner == lease.worker_id,
-            N.c.attempt == lease.attempt,
-        )
+        return sa.update(N).where(*_held(lease))
 
     def complete_node(self, *, lease: Lease, output: Any) -> bool:
         finished = Finished(lease, NodeStatus.COMPLETED, dumps(output))
@@ -759,37 +751,18 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
             if flow_row is None:
                 return None  # the run was pruned while this step ran
-            # A cancelled run goes no further: no retry, and its status stays CANCELLED.
-            cancelled = flow_row.status == FlowStatus.CANCELLED
-            # Nor does a run another step failed: this failure is recorded, not retried.
-            over = cancelled or flow_row.status == FlowStatus.FAILED
-            if retry_delay is not None and not over:
-                retried = conn.execute(
-                    self._fenced(lease)
-                    .where(N.c.attempt < N.c.max_attempts)
-                    .values(
-                        status=NodeStatus.PENDING,
-                        error=error,
-                        run_after=self._now() + retry_delay,
-                        lease_expires_at=None,
-                    )
-                ).rowcount
-                if retried:
-                    return NodeStatus.PENDING
-            ended = NodeStatus.CANCELLED if cancelled else NodeStatus.FAILED
-            failed = conn.execute(
-                self._fenced(lease).values(
-                    status=ended,
-                    error=error,
-                    finished_at=self._now(),
-                    lease_expires_at=None,
-                )
-            ).rowcount
-            if not failed:
-                return None
-            if not cancelled:
-                self._fail_flow(conn, flow_row, error)
-            return ended
+            # The run is locked, so the node's allowance cannot change before the write.
+            max_attempts = conn.execute(sa.select(N.c.max_attempts).where(*_held(lease))).scalar()
+            if max_attempts is None:
+                return None  # the lease was lost
+            fate = progress.after_failure(
+                flow_row.status,
+                error=error,
+                attempt=lease.attempt,
+                max_attempts=max_attempts,
+                retry_delay=retry_delay,
+            )
+            return self._carry_out(conn, self._fenced(lease), flow_row, fate)
 
         return self._transact(work)
 
@@ -798,16 +771,9 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
             if flow_row is None:
                 return None  # the run was pruned while this step ran
-            if flow_row.status in (FlowStatus.CANCELLED, FlowStatus.FAILED):
-                # The run is over: no child now. A cancel's nodes end CANCELLED; a
-                # failure's are stopped, so a retry of the run starts this step again.
-                ended = (
-                    dict(status=NodeStatus.CANCELLED, finished_at=self._now())
-                    if flow_row.status == FlowStatus.CANCELLED
-                    else self._stopped()
-                )
-                stopped = conn.execute(self._fenced(lease).values(**ended)).rowcount
-                return NodeStatus.CANCELLED if stopped else None
+            ended = progress.end_of_over_run(flow_row.status)
+            if ended is not None:  # the run is over: no child now
+                return self._carry_out(conn, self._fenced(lease), flow_row, ended)
             parked = conn.execute(
                 self._fenced(lease).values(status=NodeStatus.WAITING, lease_expires_at=None)
             ).rowcount
@@ -856,8 +822,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             position, stage = self._stage_of(conn, flow_row.id, finished_node_id)
         decision = progress.after_stage(plan, position, stage)
         if isinstance(decision, progress.StartStage):
-            if chain is not None and len(stage) == 1 and len(decision.steps) == 1:
-                [step] = decision.steps
+            if chain is not None and (step := progress.chained_step(stage, decision)):
                 return self._start_chained(conn, flow_row, decision.position, step, chain)
             self._start_stage(conn, flow_row, decision.position, decision.steps)
         elif isinstance(decision, progress.FinishFlow):
@@ -921,16 +886,15 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         the PENDING nodes here (queued siblings, scheduled retries) is what keeps
         a FAILED run from starting new attempts, without the claim reading runs.
         """
-        if flow_row.status in (FlowStatus.FAILED, FlowStatus.CANCELLED):
+        if progress.is_over(flow_row.status):
             return
         self._set_flow(conn, flow_row.id, FlowStatus.FAILED, error=error, finished=True)
-        conn.execute(
-            sa.update(N)
-            .where(N.c.flow_id == flow_row.id, N.c.status == NodeStatus.PENDING)
-            .values(**self._stopped())
+        stopped = sa.update(N).where(
+            N.c.flow_id == flow_row.id, N.c.status.in_(progress.STOPPED_BY_RUN_FAILURE)
         )
+        conn.execute(stopped.values(**self._fate_values(progress.End(progress.Ending.STOPPED))))
         if flow_row.parent_node_id is not None:
-            failure = f"subflow {flow_row.tracking_id!r} ({flow_row.flow_name}) failed:\n{error}"
+            failure = progress.subflow_failed_error(flow_row.tracking_id, flow_row.flow_name, error)
             self._fail_parent(conn, flow_row.parent_node_id, failure)
 
     def _fail_parent(self, conn: Connection, parent_node_id: int, parent_error: str) -> None:
@@ -938,39 +902,52 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         parent_flow = self._lock_parent_flow(conn, parent_node_id)
         if parent_flow is None:
             return
-        # A subflow step with attempts left runs again, and its function's
-        # tracking_id resumes this same child (the child had its own backoff);
-        # not in a run that another step failed meanwhile.
-        over = parent_flow.status in FINISHED_FLOW_STATUSES
-        if not over and (
-            conn.execute(
-                sa.update(N)
-                .where(
-                    N.c.id == parent_node_id,
-                    N.c.status == NodeStatus.WAITING,
-                    N.c.attempt < N.c.max_attempts,
-                )
-                .values(status=NodeStatus.PENDING, error=parent_error, run_after=self._now())
-            ).rowcount
-        ):
-            return
-        failed = conn.execute(
-            sa.update(N)
-            .where(N.c.id == parent_node_id, N.c.status == NodeStatus.WAITING)
-            .values(status=NodeStatus.FAILED, error=parent_error, finished_at=self._now())
-        ).rowcount
-        if failed:
-            self._fail_flow(conn, parent_flow, parent_error)
-
-    def _stopped(self) -> dict[str, Any]:
-        """The values of a node that its run's failure stopped; its earlier error is kept."""
-        earlier = sa.func.coalesce(N.c.error + "\n", "")
-        return dict(
-            status=NodeStatus.CANCELLED,
-            error=earlier + progress.STOPPED_BY_FAILURE,
-            lease_expires_at=None,
-            finished_at=self._now(),
+        waiting = (N.c.id == parent_node_id, N.c.status == NodeStatus.WAITING)
+        node = conn.execute(sa.select(N.c.attempt, N.c.max_attempts).where(*waiting)).first()
+        if node is None:
+            return  # the node is no longer waiting for this child
+        fate = progress.after_subflow_failed(
+            parent_flow.status,
+            error=parent_error,
+            attempt=node.attempt,
+            max_attempts=node.max_attempts,
         )
+        self._carry_out(conn, sa.update(N).where(*waiting), parent_flow, fate)
+
+    def _carry_out(
+        self, conn: Connection, update: sa.Update, flow_row: Row[Any], fate: progress.Fate
+    ) -> NodeStatus | None:
+        """Apply a node's decided fate with ``update``, the write fenced as the caller
+        needs; fail its run if the fate says so. None if the fence matched nothing."""
+        if not conn.execute(update.values(**self._fate_values(fate))).rowcount:
+            return None
+        if isinstance(fate, progress.End) and fate.run_error is not None:
+            self._fail_flow(conn, flow_row, fate.run_error)
+        return fate.status
+
+    def _fate_values(self, fate: progress.Fate) -> dict[str, Any]:
+        """The column values that carry out a node's decided fate."""
+        now = self._now()
+        values: dict[str, Any]
+        if isinstance(fate, progress.Retry):
+            values = dict(
+                status=NodeStatus.PENDING,
+                run_after=now + fate.delay if fate.delay else now,
+                lease_expires_at=None,
+            )
+            if fate.gives_back_attempt:
+                values.update(max_attempts=N.c.max_attempts + 1)
+        else:
+            values = dict(status=fate.status, lease_expires_at=None, finished_at=now)
+        if isinstance(fate, progress.End) and fate.ending == progress.Ending.STOPPED:
+            # The attempt's error, or else the node's earlier one, is kept above the reason.
+            earlier = (
+                sa.func.coalesce(N.c.error + "\n", "") if fate.error is None else f"{fate.error}\n"
+            )
+            values.update(error=earlier + progress.STOPPED_BY_FAILURE)
+        elif fate.error is not None:
+            values.update(error=fate.error)
+        return values
 
     def _set_flow(
         self,
@@ -999,13 +976,13 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             row = self._lock_flow(conn, F.c.tracking_id == tracking_id)
             if row is None:
                 raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
-            if row.status in (FlowStatus.COMPLETED, FlowStatus.FAILED):
+            if not progress.cancellable(row.status):
                 raise RunNotCancellable.for_run(tracking_id, row.status)
             self._cancel(conn, row.id)
             if row.parent_node_id is not None:
                 # Its parent step cannot finish without it: retry that step (which
                 # then fails, as the child stays cancelled) or fail its run.
-                cancelled = f"subflow {tracking_id!r} ({row.flow_name}) was cancelled"
+                cancelled = progress.subflow_cancelled_error(tracking_id, row.flow_name)
                 self._fail_parent(conn, row.parent_node_id, cancelled)
             return flow_record(conn.execute(sa.select(F).where(F.c.id == row.id)).one())
 
@@ -1018,14 +995,8 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                 sa.select(N.c.id).where(N.c.flow_id == flow_id, N.c.status == NodeStatus.WAITING)
             ).scalars()
         )
-        conn.execute(
-            sa.update(N)
-            .where(
-                N.c.flow_id == flow_id,
-                N.c.status.in_([NodeStatus.PENDING, NodeStatus.WAITING]),
-            )
-            .values(status=NodeStatus.CANCELLED, finished_at=self._now())
-        )
+        ended = sa.update(N).where(N.c.flow_id == flow_id, N.c.status.in_(progress.ENDED_BY_CANCEL))
+        conn.execute(ended.values(**self._fate_values(progress.End(progress.Ending.CANCELLED))))
         conn.execute(
             sa.update(F)
             .where(F.c.id == flow_id, F.c.status.notin_(FINISHED_FLOW_STATUSES))
@@ -1063,37 +1034,27 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             return 0
 
         def work(conn: Connection) -> int:
-            # Lock the runs first, as every other write does, so a cancel cannot
-            # commit between the two updates below.
+            # Lock the runs first, as every other write does, so that no cancel
+            # commits between reading their statuses and the updates below.
             flow_ids = sa.select(N.c.flow_id).where(N.c.id.in_(list(node_ids)))
-            runs = sa.select(F.c.id).where(F.c.id.in_(flow_ids)).order_by(F.c.id)
-            conn.execute(self.dialect.for_update(runs)).all()
+            runs = sa.select(F.c.id, F.c.status).where(F.c.id.in_(flow_ids)).order_by(F.c.id)
+            fates: dict[progress.Fate, list[int]] = {}
+            for run in conn.execute(self.dialect.for_update(runs)).all():
+                fates.setdefault(progress.after_release(run.status), []).append(run.id)
             mine = sa.update(N).where(
                 N.c.id.in_(list(node_ids)),
                 N.c.lease_owner == worker_id,
                 N.c.status == NodeStatus.RUNNING,
             )
-            cancelled_runs = sa.select(F.c.id).where(F.c.status == FlowStatus.CANCELLED)
-            failed_runs = sa.select(F.c.id).where(F.c.status == FlowStatus.FAILED)
-            # A node of a cancelled or failed run is not handed to anyone: it ends CANCELLED.
-            ended = conn.execute(
-                mine.where(N.c.flow_id.in_(cancelled_runs)).values(
-                    status=NodeStatus.CANCELLED, lease_expires_at=None, finished_at=self._now()
-                )
-            ).rowcount
-            ended += conn.execute(
-                mine.where(N.c.flow_id.in_(failed_runs)).values(**self._stopped())
-            ).rowcount
-            released = conn.execute(
-                mine.values(
-                    status=NodeStatus.PENDING,
-                    max_attempts=N.c.max_attempts + 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    run_after=self._now(),
-                )
-            ).rowcount
-            return int(ended + released)
+            released = 0
+            for fate, of_runs in fates.items():
+                values = self._fate_values(fate)
+                if isinstance(fate, progress.Retry):
+                    values.update(lease_owner=None)  # handed back: no one holds it now
+                released += conn.execute(
+                    mine.where(N.c.flow_id.in_(of_runs)).values(**values)
+                ).rowcount
+            return released
 
         return self._transact(work)
 
@@ -1154,29 +1115,24 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
         if flow_row is None:
             return None  # the run was pruned while this step ran
-        max_rescues = _max_rescues(flow_row, step_name)
-        run = FlowStatus(flow_row.status)
-        ended = progress.after_lost_lease(run, rescues, max_rescues)
-        values: dict[str, Any] = dict(
-            status=ended, error=RESCUE_ERROR, rescues=N.c.rescues + 1, lease_expires_at=None
+        fate = progress.after_lost_lease(
+            flow_row.status,
+            step_name=step_name,
+            rescues=rescues,
+            max_rescues=_max_rescues(flow_row, step_name),
         )
-        if ended == NodeStatus.PENDING:
-            # The lost attempt keeps its number (the fencing token) but is given
-            # back: a rescue does not use up a retry.
-            values.update(run_after=self._now(), max_attempts=N.c.max_attempts + 1)
-        elif ended == NodeStatus.FAILED:
-            error = progress.rescue_limit_error(step_name, rescues + 1, max_rescues)
-            values.update(error=error, finished_at=self._now())
-        elif run == FlowStatus.FAILED:
-            values.update(self._stopped(), error=f"{RESCUE_ERROR}\n{progress.STOPPED_BY_FAILURE}")
-        else:
-            values.update(finished_at=self._now())
         fenced = self._fenced(lease).where(N.c.lease_expires_at < self._now())
-        if not conn.execute(fenced.values(**values)).rowcount:
-            return None
-        if ended == NodeStatus.FAILED:
-            self._fail_flow(conn, flow_row, values["error"])
-        return ended
+        return self._carry_out(conn, fenced.values(rescues=N.c.rescues + 1), flow_row, fate)
+
+
+def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
+    """The fence of a write about an attempt: the node is still RUNNING under this lease."""
+    return (
+        N.c.id == lease.node_id,
+        N.c.status == NodeStatus.RUNNING,
+        N.c.lease_owner == lease.worker_id,
+        N.c.attempt == lease.attempt,
+    )
 
 
 def _alone_in_stage(plan: Plan, step_name: str) -> int | None:
