@@ -615,17 +615,18 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             or item.step_name is None
         ):
             return None
-        if flow_row.status in (FlowStatus.CANCELLED, FlowStatus.FAILED):
+        if progress.is_over(flow_row.status):
             return Move()  # the outcome is recorded; the run goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
         position = _alone_in_stage(plan, item.step_name)
         if position is None:
             return None
-        decision = progress.after_stage(
-            plan, position, [progress.StageNode(item.step_name, item.status)]
-        )
-        if isinstance(decision, progress.StartStage) and len(decision.steps) == 1:
-            [step] = decision.steps
+        stage = [progress.StageNode(item.step_name, item.status)]
+        decision = progress.after_stage(plan, position, stage)
+        if isinstance(decision, progress.StartStage) and (
+            step := progress.chained_step(stage, decision)
+        ):
+            # Leased to this worker when the batch chains, else PENDING for any.
             return Move(step.name, decision.position, step.max_attempts)
         if isinstance(decision, progress.FinishFlow) and flow_row.parent_node_id is None:
             return Move(finishes=True)
@@ -811,7 +812,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         hold the other siblings' outputs, and a group after a step should fan
         out to every idle worker.
         """
-        if flow_row.status in (FlowStatus.CANCELLED, FlowStatus.FAILED):
+        if progress.is_over(flow_row.status):
             return None  # the running step finished; a cancelled or failed flow goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
         position = None if finished is None else _alone_in_stage(plan, finished[0])
