@@ -76,8 +76,9 @@ def test_quick_bench_reports_every_figure(bench_backend: str, tmp_path: Path) ->
     file holding every figure of `make bench`: ceilings, enqueue rates (run_many's
     "n/a" only on an engine without it), steps/s of 1- and 10-step flows with every
     step of the backlog counted, their ratios to the ceiling, pickup percentiles,
-    round trips / statements / commits per step, bytes written per step (the log's
-    only where the database counts it) and worker RSS."""
+    round trips / statements / commits per step with the statements behind them,
+    log flushes and bytes written per step (the log's only where the database counts
+    it) and worker RSS."""
     _require_binaries(bench_backend)
 
     stdout, document = _quick_bench(bench_backend, tmp_path)
@@ -101,6 +102,9 @@ def test_quick_bench_reports_every_figure(bench_backend: str, tmp_path: Path) ->
     assert latency["samples"] == QUICK_LATENCY_SAMPLES
     assert 0 <= latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
     _positive(figures["per_step"], "round_trips", "statements", "commits")
+    assert figures["per_step"]["breakdown"]
+    if bench_backend != "sqlite":
+        _positive(figures["per_step"], "log_flushes")
     written = figures["bytes_written"]
     _positive(written, "payload_bytes_per_step", "payload_ratio")
     if bench_backend == "sqlite":

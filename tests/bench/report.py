@@ -70,6 +70,7 @@ def _rows(results: Results) -> list[tuple[str, Callable[[Results], str]]]:
         ("round trips per step", _per_step("round_trips")),
         ("statements per step", _per_step("statements")),
         ("commits per step", _per_step("commits")),
+        ("log flushes (WAL/redo fsyncs) per step", _per_step("log_flushes")),
         ("50x1KB flow: payload bytes/step (x output)", _bytes("payload")),
         ("50x1KB flow: log bytes/step (x output)", _bytes("log")),
         ("worker peak RSS (VmHWM), MiB", lambda b: _number(b["worker_peak_rss_mib"])),
@@ -134,7 +135,10 @@ def table(results: Results) -> str:
 
 NOTES = """\
 (x.xx) = ratio to the backend's ceiling measured in this run: pgbench for PostgreSQL,
-the Python loop elsewhere. Steps/s counts from the last worker ready to the last step.
-Per-step counts: PostgreSQL pg_stat_statements / pg_stat_database, MariaDB SHOW GLOBAL
-STATUS (10-step flows, 2 workers); SQLite: an in-process Worker, sqlite3 trace callback.
-Log bytes: PostgreSQL WAL, MariaDB InnoDB redo log; SQLite keeps no such count."""
+the Python loop elsewhere. Steps/s: from the backlog's release (all workers ready) to
+the last step's end.
+Per-step counts: PostgreSQL pg_stat_statements / pg_stat_database (commits include
+read-only transactions) / pg_stat_wal, MariaDB SHOW GLOBAL STATUS (both: the 10-step,
+2-worker drain); SQLite: an in-process Worker, sqlite3 trace callback. The JSON's
+per_step.breakdown lists the most frequent statements. Log bytes and flushes: PostgreSQL
+WAL, MariaDB InnoDB redo log; SQLite keeps no such count."""
