@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+PEERS_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration lint bench bench-peers db-up db-down migrate-postgres migrate-mysql clean
@@ -35,13 +37,15 @@ lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff check flowsmith_worker tests
 	$(BIN)/mypy
 
-bench: $(STAMP) ## throughput benchmarks (durable database settings)
-	$(BIN)/python -m tests.bench
+bench: $(STAMP) ## throughput, latency, per-step costs on every backend (durable settings; ~10 min)
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
-bench-peers: $(STAMP) ## the same work on Procrastinate and on FlowSmith, one durable PostgreSQL
-	test -x .peers-venv/bin/python || ($(PYTHON) -m venv .peers-venv && \
-	  .peers-venv/bin/pip install --quiet procrastinate 'psycopg[binary]')
-	PEERS_PYTHON=.peers-venv/bin/python $(BIN)/python -m tests.bench_peers
+# Versions checked to install on Python 3.11; the peers never become dependencies of ours.
+PEERS := pgqueuer==1.6.0 procrastinate==3.10.0 dbos==3.4.0 'psycopg[binary]' asyncpg
+bench-peers: $(STAMP) ## the same work on PgQueuer, Procrastinate, DBOS and FlowSmith, one durable PostgreSQL
+	.peers-venv/bin/python -c 'import pgqueuer, procrastinate, dbos' 2>/dev/null || \
+	  ($(PYTHON) -m venv .peers-venv && .peers-venv/bin/pip install --quiet $(PEERS))
+	PEERS_PYTHON=.peers-venv/bin/python $(BIN)/python -m tests.bench.peers $(PEERS_ARGS)
 
 db-up: $(STAMP) ## PostgreSQL 16 + MySQL 8 via compose if Docker answers, else local servers
 	@if docker info >/dev/null 2>&1; then docker compose up -d postgres mysql && \

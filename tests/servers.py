@@ -50,7 +50,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NoReturn, Protocol
 
@@ -372,13 +372,23 @@ class LocalServer(DatabaseServer):
     _process_names: tuple[str, ...] = ()
 
     def __init__(
-        self, kind: str, base_dir: Path, data_dir: Path, port: int, fast: bool, detached: bool
+        self,
+        kind: str,
+        base_dir: Path,
+        data_dir: Path,
+        port: int,
+        fast: bool,
+        detached: bool,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(kind, "")
         self.base_dir = base_dir
         self.data_dir = data_dir
         self.fast = fast
         self.detached = detached
+        # Server settings on top of ours (the benchmark's pg_stat_statements), kept
+        # across stop()/start() and in the state file.
+        self.settings = dict(settings or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._use_port(port)
 
@@ -464,6 +474,7 @@ class LocalServer(DatabaseServer):
             "port": self.port,
             "data_dir": str(self.data_dir),
             "fast": self.fast,
+            "settings": self.settings,
         }
         _state_path(self.base_dir, self.kind).write_text(json.dumps(state, indent=2) + "\n")
 
@@ -478,7 +489,15 @@ class LocalServer(DatabaseServer):
         if not data_dir.is_dir():
             return None
         cls: type[LocalServer] = PostgresServer if kind == "postgresql" else MariaDBServer
-        return cls(kind, base_dir, data_dir, int(state["port"]), bool(state["fast"]), detached)
+        return cls(
+            kind,
+            base_dir,
+            data_dir,
+            int(state["port"]),
+            bool(state["fast"]),
+            detached,
+            state.get("settings", {}),
+        )
 
     # -- helpers ----------------------------------------------------------------
 
@@ -690,14 +709,29 @@ class PostgresServer(LocalServer):
     _process_names = ("postgres",)
 
     def __init__(
-        self, kind: str, base_dir: Path, data_dir: Path, port: int, fast: bool, detached: bool
+        self,
+        kind: str,
+        base_dir: Path,
+        data_dir: Path,
+        port: int,
+        fast: bool,
+        detached: bool,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(kind, base_dir, data_dir, port, fast, detached)
+        super().__init__(kind, base_dir, data_dir, port, fast, detached, settings)
         self._spares = _SparePool(self)
+        # A benchmark turns this off: a spare's CREATE DATABASE in the background
+        # writes megabytes of WAL into whatever it is measuring.
+        self.keep_spares = True
 
     @classmethod
     def initialize(
-        cls, base_dir: Path, fast: bool, detached: bool, data_root: Path | None
+        cls,
+        base_dir: Path,
+        fast: bool,
+        detached: bool,
+        data_root: Path | None,
+        settings: Mapping[str, str] | None = None,
     ) -> PostgresServer:
         """initdb a new data directory with the ``flowsmith`` superuser."""
         user = _postgres_user()
@@ -721,7 +755,7 @@ class PostgresServer(LocalServer):
             except ServerStartError:
                 shutil.rmtree(data_dir, ignore_errors=True)
                 raise
-        server = cls("postgresql", base_dir, data_dir, _free_port(), fast, detached)
+        server = cls("postgresql", base_dir, data_dir, _free_port(), fast, detached, settings)
         server.save_state()
         return server
 
@@ -733,6 +767,7 @@ class PostgresServer(LocalServer):
         }
         if self.fast:
             settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+        settings.update(self.settings)
         cmd = [str(find_postgres() / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
         for key, value in settings.items():
             cmd += ["-c", f"{key}={value}"]
@@ -759,7 +794,8 @@ class PostgresServer(LocalServer):
         super()._create(name)
 
     def _after_start(self) -> None:
-        if not self.detached:  # `up` exits at once; tests then create databases by URL
+        # `up` exits at once; tests then create databases by URL
+        if not self.detached and self.keep_spares:
             self._spares.start()
 
     def _before_stop(self) -> None:
@@ -844,7 +880,13 @@ class _SparePool:
 
 
 def start_postgres(
-    base_dir: Path, fast: bool = True, *, detached: bool = False, data_root: Path | None = None
+    base_dir: Path,
+    fast: bool = True,
+    *,
+    detached: bool = False,
+    data_root: Path | None = None,
+    settings: Mapping[str, str] | None = None,
+    spares: bool = True,
 ) -> LocalServer:
     """Start PostgreSQL with data under ``base_dir`` (reusing it if initialized).
 
@@ -852,6 +894,10 @@ def start_postgres(
     for throwaway test data, wrong for benchmarks.
     ``detached`` servers (``up``) survive this process; others are stopped at
     exit. ``data_root`` puts a new data directory there (e.g. tmpfs) instead.
+    ``settings`` are more ``-c`` server settings (a new server's only: a
+    reused one keeps those it was made with), e.g.
+    ``{"shared_preload_libraries": "pg_stat_statements"}``. ``spares=False``
+    creates no spare databases in the background (see _SparePool).
     Raises ServerUnavailable when the binaries are missing.
     """
     find_postgres()
@@ -859,7 +905,9 @@ def start_postgres(
     base_dir.mkdir(parents=True, exist_ok=True)
     server = LocalServer.load(base_dir, "postgresql", detached=detached)
     if server is None:
-        server = PostgresServer.initialize(base_dir, fast, detached, data_root)
+        server = PostgresServer.initialize(base_dir, fast, detached, data_root, settings)
+    if isinstance(server, PostgresServer):
+        server.keep_spares = spares
     server.start()
     return server
 
@@ -907,11 +955,16 @@ class MariaDBServer(LocalServer):
 
     @classmethod
     def initialize(
-        cls, base_dir: Path, fast: bool, detached: bool, data_root: Path | None
+        cls,
+        base_dir: Path,
+        fast: bool,
+        detached: bool,
+        data_root: Path | None,
+        settings: Mapping[str, str] | None = None,
     ) -> MariaDBServer:
         """mariadb-install-db a new data directory and create the ``flowsmith`` user."""
         data_dir = _new_data_dir(base_dir, "mariadb", data_root, detached, None)
-        server = cls("mysql", base_dir, data_dir, _free_port(), fast, detached)
+        server = cls("mysql", base_dir, data_dir, _free_port(), fast, detached, settings)
         script = base_dir / "mariadb-bootstrap.sql"
         script.write_text(_MARIADB_BOOTSTRAP)
         try:
@@ -952,6 +1005,7 @@ class MariaDBServer(LocalServer):
                 "--skip-log-bin",
                 "--innodb-doublewrite=0",
             ]
+        options += [f"--{key}={value}" for key, value in self.settings.items()]
         return options
 
     def _command(self) -> list[str]:
@@ -978,19 +1032,26 @@ class MariaDBServer(LocalServer):
 
 
 def start_mariadb(
-    base_dir: Path, fast: bool = True, *, detached: bool = False, data_root: Path | None = None
+    base_dir: Path,
+    fast: bool = True,
+    *,
+    detached: bool = False,
+    data_root: Path | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> LocalServer:
     """Start MariaDB with data under ``base_dir`` (reusing it if initialized).
 
     ``fast`` relaxes InnoDB durability (no flush per commit, no doublewrite, no
-    binlog). ``detached`` and ``data_root`` as for start_postgres().
+    binlog). ``detached`` and ``data_root`` as for start_postgres();
+    ``settings`` are more server options (``{"key": "value"}`` becomes
+    ``--key=value``) for a new server.
     Raises ServerUnavailable when the binaries are missing.
     """
     find_mariadb()
     base_dir.mkdir(parents=True, exist_ok=True)
     server = LocalServer.load(base_dir, "mysql", detached=detached)
     if server is None:
-        server = MariaDBServer.initialize(base_dir, fast, detached, data_root)
+        server = MariaDBServer.initialize(base_dir, fast, detached, data_root, settings)
     server.start()
     return server
 

@@ -1,0 +1,115 @@
+"""`make bench` runs: `python -m tests.bench --quick` completes on each backend with every figure.
+
+Nothing here asserts a speed (speed is what the benchmark prints); these tests
+prove the benchmark itself works against the installed engine, so CI notices
+when a change breaks it. Each backend runs in its own subprocess, with the
+benchmark's own durable server (fsync on), as `make bench` does. The bench
+modules are not imported here: they register their flows in whatever process
+imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowsmith_worker import Flow
+from tests.servers import REQUIRE_ENV, ServerUnavailable, find_mariadb, find_postgres
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK_WORKERS = 2
+QUICK_LATENCY_SAMPLES = 5
+
+
+def _require_binaries(backend: str) -> None:
+    """Skip when the server binaries are missing, unless CI demands every database."""
+    finders = {"postgresql": find_postgres, "mysql": find_mariadb}
+    if backend not in finders:
+        return
+    try:
+        finders[backend]()
+    except ServerUnavailable as exc:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{backend}: {exc.reason}; {REQUIRE_ENV}=1 requires it", pytrace=False)
+        pytest.skip(exc.reason)
+
+
+def _quick_bench(backend: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    path = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.bench",
+            "--quick",
+            "--backends",
+            backend,
+            "--workers",
+            str(QUICK_WORKERS),
+            "--json",
+            str(path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    return result.stdout, json.loads(path.read_text())
+
+
+def _positive(figures: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        value = figures[key]
+        assert isinstance(value, (int, float)) and value > 0, f"{key} = {value!r}"
+
+
+@pytest.mark.parametrize("bench_backend", ["sqlite", "postgresql", "mysql"])
+def test_quick_bench_reports_every_figure(bench_backend: str, tmp_path: Path) -> None:
+    """The quick benchmark on one backend exits 0, prints the table and writes a JSON
+    file holding every figure of `make bench`: ceilings, enqueue rates (run_many's
+    "n/a" only on an engine without it), steps/s of 1- and 10-step flows with every
+    step of the backlog counted, their ratios to the ceiling, pickup percentiles,
+    round trips / statements / commits per step with the statements behind them,
+    log flushes and bytes written per step (the log's only where the database counts
+    it) and worker RSS."""
+    _require_binaries(bench_backend)
+
+    stdout, document = _quick_bench(bench_backend, tmp_path)
+
+    assert "JSON:" in stdout and "steps/s" in stdout
+    figures = document["backends"][bench_backend]
+    _positive(figures["ceiling"], "python_commits_per_second")
+    if bench_backend == "postgresql":
+        _positive(figures["ceiling"], "pgbench_commits_per_second")
+    _positive(figures["enqueue"], "single_flows_per_second", "single_flows_ratio")
+    if hasattr(Flow, "run_many"):
+        _positive(figures["enqueue"], "run_many_flows_per_second", "run_many_flows_ratio")
+    else:
+        assert figures["enqueue"]["run_many_flows_per_second"].startswith("n/a")
+    shapes = {(run["steps_per_flow"], run["workers"]) for run in figures["throughput"]}
+    assert shapes == {(1, QUICK_WORKERS), (10, QUICK_WORKERS)}
+    for run in figures["throughput"]:
+        _positive(run, "steps_per_second", "ratio", "python_ratio", "worker_peak_rss_mib")
+        assert run["measured_steps"] == run["steps"]  # the backlog waited for every worker
+    latency = figures["pickup_latency"]
+    assert latency["samples"] == QUICK_LATENCY_SAMPLES
+    assert 0 <= latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
+    _positive(figures["per_step"], "round_trips", "statements", "commits")
+    assert figures["per_step"]["breakdown"]
+    if bench_backend != "sqlite":
+        _positive(figures["per_step"], "log_flushes")
+    written = figures["bytes_written"]
+    _positive(written, "payload_bytes_per_step", "payload_ratio")
+    if bench_backend == "sqlite":
+        assert written["log_bytes_per_step"] is None
+    else:
+        _positive(written, "log_bytes_per_step", "log_ratio")
+    _positive(figures, "worker_peak_rss_mib")
