@@ -40,6 +40,7 @@ from flowsmith_worker.storage.base import (
     WorkerRecord,
 )
 from flowsmith_worker.storage.sql_operators import SqlOperators
+from tests.conftest import eventually
 
 Names = Callable[[str], str]
 
@@ -620,9 +621,9 @@ def test_workers_lists_a_running_worker(sqlite_db: Db) -> None:
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 10
-        while not sqlite_db.storage.list_workers() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # Until its loop turns: the worker thread logs worker.started to stdout just
+        # before, and the CLI runner below captures stdout while it runs.
+        eventually(lambda: worker.health._last_tick is not None)
         (listed,) = cli_json(sqlite_db.url, "workers")["workers"]
         assert listed["id"] == worker.id
         assert (listed["host"], listed["pid"]) == (worker.host, worker.pid)

@@ -384,3 +384,44 @@ def test_every_run_completes_under_concurrent_chains(
     assert all(r.status() == FlowStatus.COMPLETED for r in runs)
     assert sorted(counts.values()) == [1] * (30 * steps)
     assert runs[0].wait(timeout=5) == {f"s{i}": i for i in range(steps)}
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"), [("postgresql", 2), ("sqlite", 5), ("memory", 5)], indirect=["backend"]
+)
+def test_a_batch_of_sequential_steps_takes_the_same_statements_however_large(
+    storage: Storage, backend: str, expected: int, unique: Names
+) -> None:
+    """However many runs it moves (chained, completed, or over), a batch reads its runs and
+    writes them set-based: on PostgreSQL one statement writes, chains and completes them;
+    on SQLite (whose BEGIN IMMEDIATE counts here) one statement each (MySQL writes them
+    one by one)."""
+    import sqlalchemy as sa
+
+    ids = [unique(f"t{i}") for i in range(4)]
+    for tracking_id in ids[:3]:
+        storage.enqueue_flow(flow=sequential(tracking_id, ["a", "b"]))
+    storage.enqueue_flow(flow=sequential(ids[3], ["only"]))
+    nodes = {n.tracking_id: n for n in claim_all(storage)}
+    storage.cancel_flow(tracking_id=ids[2])
+    statements: list[str] = []
+    engine = storage.engine  # type: ignore[attr-defined]
+    listener = lambda *args: statements.append(args[2])  # noqa: E731
+    sa.event.listen(engine, "before_cursor_execute", listener)
+    try:
+        written = storage.complete_batch(
+            finished=[
+                Finished(n.lease, NodeStatus.COMPLETED, '"x"', step_name=n.step_name)
+                for n in nodes.values()
+            ],
+            chain=CHAIN,
+        )
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", listener)
+    assert len(statements) == expected, statements
+    by_run = dict(zip(nodes, written, strict=True))
+    assert [by_run[t].chained is not None for t in ids] == [True, True, False, False]
+    assert all(w.won for w in written)
+    assert statuses(storage, ids[0])["b"] == (NodeStatus.RUNNING, "w1")
+    assert "b" not in statuses(storage, ids[2])  # cancelled: recorded, not moved on
+    assert storage.get_flow(tracking_id=ids[3]).status == FlowStatus.COMPLETED  # type: ignore[union-attr]

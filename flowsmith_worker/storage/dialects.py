@@ -68,6 +68,12 @@ class Dialect:
         return self.name == "postgresql"
 
     @property
+    def finishes_set_based(self) -> bool:
+        """Whether a batch of finished steps is written by statements for the whole batch
+        (sql_finish.py): it needs UPDATE ... RETURNING, which MySQL lacks."""
+        return self.name in ("postgresql", "sqlite")
+
+    @property
     def has_row_locks(self) -> bool:
         # SQLite has none: every transaction is BEGIN IMMEDIATE (see _sqlite_setup),
         # which takes the database's one write lock up front instead.

@@ -57,6 +57,7 @@ from flowsmith_worker.storage.base import (
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, dumps, flow_record
 from flowsmith_worker.storage.sql_context import RunPayloads
 from flowsmith_worker.storage.sql_enqueue import SqlEnqueue
+from flowsmith_worker.storage.sql_finish import FinishBatch, Move
 from flowsmith_worker.storage.sql_operators import SqlOperators
 
 Q = schema.queues
@@ -572,14 +573,24 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         def work(conn: Connection) -> list[Written]:
             locked = self._lock_flows(conn, sorted(runs))
             written: dict[int, Written] = {}
+            together, in_one = FinishBatch(), []
             for i in order:
-                flow_id = finished[i].lease.flow_id
+                item = finished[i]
+                flow_id = item.lease.flow_id
                 flow_row = locked.get(flow_id)
+                move = self._move_in_one(item, flow_row, runs[flow_id])
+                if move is not None:
+                    together.add(item, move)
+                    in_one.append(i)
+                    continue
                 if runs[flow_id] > 1 and flow_row is not None:
                     # Siblings of one run in one batch: read the run again (it is
                     # locked already), as the one before may have moved it on.
                     flow_row = self._lock_flow(conn, F.c.id == flow_id)
-                written[i] = self._finish(conn, finished[i], flow_row, chain)
+                written[i] = self._finish(conn, item, flow_row, chain)
+            if in_one:
+                answers = self._finish_in_one(conn, together, chain)
+                written.update(zip(in_one, answers, strict=True))
             return [written[i] for i in range(len(finished))]
 
         if len(finished) == 1:
@@ -594,6 +605,57 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             )
         ).all()
         return {row.id: row for row in rows}
+
+    def _move_in_one(
+        self, item: Finished, flow_row: Row[Any] | None, nodes_of_run: int
+    ) -> Move | None:
+        """What the item's run does next, if FINISH_PG can apply it; None for the general path.
+
+        The same decision as _advance's, for the common case only: a step alone
+        in its stage, whose run moves to a step alone in the next stage, or
+        completes (without a parent to wake), or is over already.
+        """
+        if (
+            not self.dialect.finishes_set_based
+            or flow_row is None
+            or nodes_of_run > 1
+            or item.replay
+            or item.step_name is None
+        ):
+            return None
+        if flow_row.status in (FlowStatus.CANCELLED, FlowStatus.FAILED):
+            return Move()  # the outcome is recorded; the run goes no further
+        plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        position = _alone_in_stage(plan, item.step_name)
+        if position is None:
+            return None
+        decision = progress.after_stage(
+            plan, position, [progress.StageNode(item.step_name, item.status)]
+        )
+        if isinstance(decision, progress.StartStage) and len(decision.steps) == 1:
+            [step] = decision.steps
+            return Move(step.name, decision.position, step.max_attempts)
+        if isinstance(decision, progress.FinishFlow) and flow_row.parent_node_id is None:
+            return Move(finishes=True)
+        return None
+
+    def _finish_in_one(
+        self, conn: Connection, together: FinishBatch, chain: Chain | None
+    ) -> list[Written]:
+        """Apply the moves of ``together`` set-based (sql_finish.py); the answers in its order."""
+        won = together.apply(conn, self.dialect.name, chain)
+        answers = []
+        for node_id, flow_id in zip(together.node_id, together.flow_id, strict=True):
+            if node_id not in won:
+                answers.append(Written(False))
+                continue
+            begun = won[node_id]
+            if chain is None or begun is None:
+                answers.append(Written(True))
+                continue
+            lease = Lease(begun.id, flow_id, chain.worker_id, 1)
+            answers.append(Written(True, ChainedNode(lease, begun.step_name, begun.max_attempts)))
+        return answers
 
     def _finish(
         self, conn: Connection, item: Finished, flow_row: Row[Any] | None, chain: Chain | None
