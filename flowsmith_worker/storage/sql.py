@@ -281,14 +281,12 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         flow_row: Row[Any],
         position: int,
         steps: Sequence[PlannedStep],
-        delay: float = 0.0,
-        run_at: float | None = None,
     ) -> None:
-        """Insert the nodes of a stage; their ctx.data is rebuilt when they are claimed."""
+        """Insert the nodes of a later stage (enqueue writes the first one itself);
+        their ctx.data is rebuilt when they are claimed."""
         now = self._now()
-        run_after = now + delay if run_at is None else self.dialect.greatest(now, run_at)
         conn.execute(
-            self.dialect.insert_if_absent(N).values(run_after=run_after, created_at=now),
+            self.dialect.insert_if_absent(N).values(run_after=now, created_at=now),
             [
                 dict(
                     flow_id=flow_row.id,

@@ -237,9 +237,10 @@ _HOLD_SECONDS = 86400.0
 def hold_backlog(engine: sa.Engine) -> None:
     """Push every pending node a day ahead, so no worker starts before all are ready.
 
-    Run between enqueue and the workers' start: `Flow.run_many` takes no delay,
-    and workers start one after another, so the first would otherwise drain
-    part of the backlog alone and the rate of 4 workers would include start-up.
+    Run between enqueue and the workers' start (older engines have no delay on
+    `Flow.run_many`, and the same bench measures them): workers start one after
+    another, so the first would otherwise drain part of the backlog alone and the
+    rate of 4 workers would include start-up.
     """
     with engine.connect() as conn:
         conn.execute(
