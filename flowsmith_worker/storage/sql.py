@@ -55,7 +55,7 @@ from flowsmith_worker.storage.base import (
 )
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, dumps, flow_record
 from flowsmith_worker.storage.sql_context import RunPayloads
-from flowsmith_worker.storage.sql_enqueue import SqlEnqueue
+from flowsmith_worker.storage.sql_enqueue import SqlEnqueue, stage_rows
 from flowsmith_worker.storage.sql_finish import FinishBatch, Move
 from flowsmith_worker.storage.sql_operators import SqlOperators
 
@@ -287,21 +287,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         now = self._now()
         conn.execute(
             self.dialect.insert_if_absent(N).values(run_after=now, created_at=now),
-            [
-                dict(
-                    flow_id=flow_row.id,
-                    step_name=step.name,
-                    position=position,
-                    group_index=index,
-                    status=NodeStatus.PENDING,
-                    queue=flow_row.queue,
-                    priority=flow_row.priority,
-                    attempt=0,
-                    max_attempts=step.max_attempts,
-                    rescues=0,
-                )
-                for index, step in enumerate(steps)
-            ],
+            stage_rows(flow_row.id, flow_row.queue, flow_row.priority, position, steps),
         )
         if len(steps) > 1:
             # A fan-out: wake idle workers so the siblings really run in parallel.

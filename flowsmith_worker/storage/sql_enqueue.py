@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker import payload
+from flowsmith_worker.plan import PlannedStep
 from flowsmith_worker.storage.base import FlowStatus, NewFlow, NodeStatus
 from flowsmith_worker.storage.dialects import (
     NOTIFY_CHANNEL,
@@ -339,18 +340,25 @@ def _run_row(
 
 
 def _first_stage_rows(flow_id: int, flow: NewFlow) -> list[dict[str, Any]]:
+    return stage_rows(flow_id, flow.queue, flow.priority, 0, flow.plan.stage(0))
+
+
+def stage_rows(
+    flow_id: int, queue: str, priority: int, position: int, steps: Sequence[PlannedStep]
+) -> list[dict[str, Any]]:
+    """The fs_nodes rows of a stage waiting to run, in plan order (enqueue and _start_stage)."""
     return [
         dict(
             flow_id=flow_id,
             step_name=step.name,
-            position=0,
+            position=position,
             group_index=index,
             status=NodeStatus.PENDING,
-            queue=flow.queue,
-            priority=flow.priority,
+            queue=queue,
+            priority=priority,
             attempt=0,
             max_attempts=step.max_attempts,
             rescues=0,
         )
-        for index, step in enumerate(flow.plan.stage(0))
+        for index, step in enumerate(steps)
     ]
