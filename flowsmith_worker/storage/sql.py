@@ -389,7 +389,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         """PostgreSQL: pick, lease and start runs in one statement (sql_claim.CLAIM_PG)."""
         several = len(params["queues"]) > 1
         claim = sql_claim.CLAIM_PG_QUEUES if several else sql_claim.CLAIM_PG_ONE_QUEUE
-        result = conn.execute(claim, params).all()
+        result = claim.execute(conn, params, prepare=self.prepares).all()
         if result[0].capped:
             return None
         rows = [r for r in result if r.id is not None]
@@ -620,7 +620,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         self, conn: Connection, together: FinishBatch, chain: Chain | None
     ) -> list[Written]:
         """Apply the moves of ``together`` set-based (sql_finish.py); the answers in its order."""
-        won = together.apply(conn, self.dialect.name, chain)
+        won = together.apply(conn, self.dialect.name, chain, prepare=self.prepares)
         answers = []
         for node_id, flow_id in zip(together.node_id, together.flow_id, strict=True):
             if node_id not in won:

@@ -22,7 +22,7 @@ from flowsmith_worker import payload
 from flowsmith_worker.config import PoolSettings, redact, redact_url
 from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, SchemaNotMigrated
 from flowsmith_worker.plan import Plan
-from flowsmith_worker.storage import migrations, notify, schema
+from flowsmith_worker.storage import migrations, notify, schema, sql_prepared
 from flowsmith_worker.storage.base import (
     FlowRecord,
     FlowStatus,
@@ -75,6 +75,10 @@ class SqlBase:
         self.dialect = dialect_of(self.engine)
         self.supports_notify = self.dialect.supports_notify
         self.url_for_display = redact_url(url.render_as_string(hide_password=False))
+        # The hot statements are PREPAREd on PostgreSQL (see sql_prepared.py).
+        self.prepares = self.dialect.name == "postgresql" and sql_prepared.wanted()
+        if self.prepares:
+            sql_prepared.heal_lost_statements(self.engine)
         # SQLite has one write lock per file, and a thread that misses it sleeps
         # in SQLite's busy handler (1, 2, 5 ... 100 ms). Threads of one process
         # queue on a Python lock instead and take turns at once; other processes

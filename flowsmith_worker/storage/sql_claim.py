@@ -32,6 +32,7 @@ import sqlalchemy as sa
 
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.dialects import Dialect
+from flowsmith_worker.storage.sql_prepared import PreparedStatement
 
 F, N, Q = schema.flows, schema.nodes, schema.queues
 
@@ -161,19 +162,19 @@ _NOW_PG = "extract(epoch FROM now())::float8"
 _CLAIM_PG = """
 WITH guard AS MATERIALIZED (
     SELECT EXISTS (
-        SELECT 1 FROM fs_queues WHERE name = ANY(:queues) AND max_running IS NOT NULL
+        SELECT 1 FROM fs_queues WHERE name = ANY(%(queues)s) AND max_running IS NOT NULL
     ) AS capped
 ), picked AS MATERIALIZED (
     SELECT id FROM fs_nodes
     WHERE status = 'PENDING' AND {queue_is} AND run_after <= {now}
       AND NOT (SELECT capped FROM guard)
     ORDER BY priority, run_after, id
-    LIMIT :limit
+    LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE fs_nodes n
-    SET status = 'RUNNING', lease_owner = :worker_id, attempt = n.attempt + 1,
-        lease_expires_at = {now} + :lease_seconds, started_at = {now},
+    SET status = 'RUNNING', lease_owner = %(worker_id)s, attempt = n.attempt + 1,
+        lease_expires_at = {now} + %(lease_seconds)s, started_at = {now},
         finished_at = NULL
     FROM picked p WHERE n.id = p.id
     RETURNING n.id, n.flow_id, n.step_name, n.attempt, n.max_attempts, n.position,
@@ -190,5 +191,15 @@ FROM guard g
 LEFT JOIN (claimed c JOIN fs_flows f ON f.id = c.flow_id) ON true
 ORDER BY c.priority, c.run_after, c.id
 """
-CLAIM_PG_ONE_QUEUE = sa.text(_CLAIM_PG.format(queue_is="queue = :only_queue", now=_NOW_PG))
-CLAIM_PG_QUEUES = sa.text(_CLAIM_PG.format(queue_is="queue = ANY(:queues)", now=_NOW_PG))
+# Prepared once per connection (sql_prepared.py), as the claim is sent at every poll.
+_CLAIM_TYPES = {"queues": "text[]", "limit": "int", "worker_id": "text", "lease_seconds": "float8"}
+CLAIM_PG_ONE_QUEUE = PreparedStatement(
+    "fs_claim_one_queue",
+    _CLAIM_PG.format(queue_is="queue = %(only_queue)s", now=_NOW_PG),
+    {**_CLAIM_TYPES, "only_queue": "text"},
+)
+CLAIM_PG_QUEUES = PreparedStatement(
+    "fs_claim_queues",
+    _CLAIM_PG.format(queue_is="queue = ANY(%(queues)s)", now=_NOW_PG),
+    _CLAIM_TYPES,
+)

@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from flowsmith_worker.storage.base import Chain, Finished
+from flowsmith_worker.storage.sql_prepared import PreparedStatement
 
 _NOW = "CAST(EXTRACT(epoch FROM now()) AS DOUBLE PRECISION)"
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
@@ -83,6 +84,25 @@ SELECT done.id AS node_id, started.id AS next_id, started.step_name, started.max
 FROM done JOIN item ON item.node_id = done.id
 LEFT JOIN started ON started.flow_id = item.flow_id
 """
+# Prepared once per connection (sql_prepared.py): one text whatever the batch's size.
+FINISH_PG_PREPARED = PreparedStatement(
+    "fs_finish",
+    FINISH_PG,
+    {
+        "node_id": "bigint[]",
+        "owner": "text[]",
+        "attempt": "int[]",
+        "status": "text[]",
+        "output": "text[]",
+        "flow_id": "bigint[]",
+        "next_step": "text[]",
+        "next_position": "int[]",
+        "next_max_attempts": "int[]",
+        "finishes": "boolean[]",
+        "chain_to": "text",
+        "lease_seconds": "float8",
+    },
+)
 
 
 # SQLite: the batch's items as one JSON array of [node, owner, attempt, status, output].
@@ -180,16 +200,18 @@ class FinishBatch:
         self.finishes.append(move.finishes)
 
     def apply(
-        self, conn: Connection, dialect: str, chain: Chain | None
+        self, conn: Connection, dialect: str, chain: Chain | None, *, prepare: bool = True
     ) -> dict[int, NextNode | None]:
         """Write the batch. The nodes whose fences held, by id, each with the next
-        node begun for its run (None if none was)."""
+        node begun for its run (None if none was). ``prepare``: PostgreSQL sends
+        FINISH_PG as a prepared statement."""
         chained = {
             "chain_to": None if chain is None else chain.worker_id,
             "lease_seconds": None if chain is None else chain.lease_seconds,
         }
         if dialect == "postgresql":
-            rows = conn.exec_driver_sql(FINISH_PG, {**vars(self), **chained}).all()
+            values = {**vars(self), **chained}
+            rows = FINISH_PG_PREPARED.execute(conn, values, prepare=prepare).all()
             return {
                 row.node_id: None if row.next_id is None else NextNode(*row[1:]) for row in rows
             }

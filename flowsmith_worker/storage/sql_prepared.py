@@ -1,0 +1,106 @@
+"""PostgreSQL: the hot statements PREPAREd once per connection, then only EXECUTEd.
+
+The batch write (sql_finish.FINISH_PG) and the claim (sql_claim.CLAIM_PG_*) are
+large data-modifying CTEs that a worker sends over and over. psycopg2 puts
+every value into the text it sends (an array becomes ARRAY[...]), so each
+batch was a new text to parse, analyse and plan: the server's CPU, on a
+machine the workers share with it. PREPARE does that once per connection;
+each EXECUTE then only binds the values (and PostgreSQL may keep a generic plan).
+
+Which statements a connection holds is kept in the pool's ``info`` of that
+DBAPI connection, which SQLAlchemy empties when it replaces the connection (a
+restart, pg_terminate_backend): a new connection prepares again, in the same
+round trip as its first EXECUTE. A connection that lost its statements behind
+our back (DISCARD ALL / DEALLOCATE ALL by a pooler, or a pooler that hands each
+transaction another server connection) fails with "prepared statement ...
+does not exist" (or "already exists"): ``heal_lost_statements`` makes
+SQLAlchemy take that for a dead connection, so the transaction runs once more
+on a new one, as after a restart. Behind a pooler in transaction mode that can
+keep happening: FLOWSMITH_PG_PREPARE=off sends the plain statements instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, CursorResult, Engine, ExceptionContext
+
+SWITCH_ENV = "FLOWSMITH_PG_PREPARE"
+_OFF = ("off", "0", "false", "no")
+_INFO_KEY = "flowsmith_prepared"
+# SQLSTATE 26000 invalid_sql_statement_name ("prepared statement ... does not
+# exist") and 42P05 duplicate_prepared_statement ("... already exists").
+_LOST_OR_DUPLICATE = ("26000", "42P05")
+_PARAMETER = re.compile(r"%\((\w+)\)s")
+
+
+def wanted() -> bool:
+    """Whether to prepare: on unless FLOWSMITH_PG_PREPARE says off (e.g. behind
+    PgBouncer in transaction mode, which does not keep SQL-level PREPAREs)."""
+    return os.environ.get(SWITCH_ENV, "on").strip().lower() not in _OFF
+
+
+@dataclass(frozen=True)
+class PreparedStatement:
+    """A statement written with %(name)s placeholders, sent as EXECUTE ``name``.
+
+    ``types`` gives each parameter's SQL type; its order is the order of the
+    prepared statement's $1, $2 ... .
+    """
+
+    name: str
+    text: str
+    types: Mapping[str, str]
+    _prepare: str = field(init=False)
+    _execute: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        order = list(self.types)
+        unknown = set(_PARAMETER.findall(self.text)) - set(order)
+        if unknown:
+            raise ValueError(f"{self.name}: no type given for {sorted(unknown)}")
+        body = _PARAMETER.sub(lambda m: f"${order.index(m.group(1)) + 1}", self.text)
+        signature = ", ".join(self.types.values())
+        object.__setattr__(self, "_prepare", f"PREPARE {self.name} ({signature}) AS {body}")
+        arguments = ", ".join(f"%({name})s" for name in order)
+        object.__setattr__(self, "_execute", f"EXECUTE {self.name} ({arguments})")
+
+    def execute(
+        self, conn: Connection, values: Mapping[str, Any], *, prepare: bool = True
+    ) -> CursorResult[*tuple[Any, ...]]:
+        """Run it in ``conn``'s transaction; prepared on this connection first if need be."""
+        if not prepare:
+            return conn.exec_driver_sql(self.text, dict(values))
+        held: set[str] = conn.connection.info.setdefault(_INFO_KEY, set())
+        if self.name in held:
+            return conn.exec_driver_sql(self._execute, dict(values))
+        # PREPARE is not undone by a rollback: once it has run, it is held,
+        # whatever becomes of the EXECUTE sent with it in the same round trip.
+        result = conn.exec_driver_sql(f"{self._prepare};\n{self._execute}", dict(values))
+        held.add(self.name)
+        return result
+
+
+def heal_lost_statements(engine: Engine) -> None:
+    """A connection whose prepared statements are not what we hold is replaced.
+
+    SQLAlchemy then invalidates that connection only (not the pool), and the
+    error says so (``connection_invalidated``): SqlBase._transact runs the
+    transaction once more on a new connection, which prepares afresh.
+    """
+
+    @event.listens_for(engine, "handle_error")
+    def _lost(context: ExceptionContext) -> None:
+        code = getattr(context.original_exception, "pgcode", None)
+        if code in _LOST_OR_DUPLICATE and _sent_by_us(context.statement):
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = False
+
+
+def _sent_by_us(statement: str | None) -> bool:
+    return statement is not None and statement.startswith(("EXECUTE fs_", "PREPARE fs_"))
