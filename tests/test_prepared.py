@@ -74,9 +74,9 @@ def backend_pid(storage: SqlStorage) -> int:
 
 
 def test_one_prepared_batch_write_serves_every_batch_size(pg: SqlStorage, unique: Names) -> None:
-    """Batches of 1, 3 and 2 outcomes run one prepared statement, fs_finish, three
-    times (the arrays are bound, not written into a new text each time); claims of
-    different sizes one prepared claim."""
+    """Batches of 1, 3 and 2 outcomes run the same two prepared statements (lock the
+    runs, write the batch) three times each: the arrays are bound, not written into a
+    new text each time. Claims of different sizes run one prepared claim."""
     enqueue(pg, unique, runs=6)
     nodes = claim(pg, 1) + claim(pg, 3) + claim(pg, 2)
     assert len(nodes) == 6
@@ -84,6 +84,7 @@ def test_one_prepared_batch_write_serves_every_batch_size(pg: SqlStorage, unique
     assert finish(pg, nodes[1:4]) == [True] * 3
     assert finish(pg, nodes[4:]) == [True] * 2
     held = prepared(pg)
+    assert held["fs_lock_runs"] == 3
     assert held["fs_finish"] == 3
     assert held["fs_claim_one_queue"] == 3
     # The runs moved on as before: their second steps are there to claim.
@@ -114,7 +115,7 @@ def test_a_terminated_backend_is_replaced_and_prepares_again(
     admin.dispose()
     assert finish(pg, second) == [True]
     assert backend_pid(pg) != old_pid
-    assert prepared(pg) == {"fs_finish": 1}
+    assert prepared(pg) == {"fs_lock_runs": 1, "fs_finish": 1}
     assert len(claim(pg, 5)) == 2
 
 
@@ -129,7 +130,7 @@ def test_a_connection_that_lost_its_statements_is_replaced(pg: SqlStorage, uniqu
         conn.exec_driver_sql("DEALLOCATE ALL")
     assert finish(pg, second) == [True]
     assert len(claim(pg, 5)) == 2
-    assert set(prepared(pg)) == {"fs_finish", "fs_claim_one_queue"}
+    assert set(prepared(pg)) == {"fs_lock_runs", "fs_finish", "fs_claim_one_queue"}
 
 
 def test_preparing_can_be_turned_off(

@@ -56,7 +56,7 @@ from flowsmith_worker.storage.base import (
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, dumps, flow_record
 from flowsmith_worker.storage.sql_context import RunPayloads
 from flowsmith_worker.storage.sql_enqueue import SqlEnqueue, stage_rows
-from flowsmith_worker.storage.sql_finish import FinishBatch, Move
+from flowsmith_worker.storage.sql_finish import LOCK_RUNS_PG, FinishBatch, Move
 from flowsmith_worker.storage.sql_operators import SqlOperators
 
 Q = schema.queues
@@ -575,6 +575,10 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
 
     def _lock_flows(self, conn: Connection, flow_ids: Sequence[int]) -> dict[int, Row[Any]]:
         """The runs' rows, locked in id order (as every batch locks them) until commit."""
+        if self.dialect.name == "postgresql":
+            values = {"flow_ids": list(flow_ids)}
+            locked = LOCK_RUNS_PG.execute(conn, values, prepare=self.prepares).all()
+            return {row.id: row for row in locked}
         rows = conn.execute(
             self.dialect.for_update(
                 sa.select(*FLOW_STATE).where(F.c.id.in_(flow_ids)).order_by(F.c.id)

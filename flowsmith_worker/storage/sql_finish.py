@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from flowsmith_worker.storage.base import Chain, Finished
+from flowsmith_worker.storage.sql_base import FLOW_STATE
 from flowsmith_worker.storage.sql_prepared import PreparedStatement
 
 _NOW = "CAST(EXTRACT(epoch FROM now()) AS DOUBLE PRECISION)"
@@ -102,6 +103,16 @@ FINISH_PG_PREPARED = PreparedStatement(
         "chain_to": "text",
         "lease_seconds": "float8",
     },
+)
+
+
+# The batch's runs, locked in id order (as every batch locks them) until commit,
+# before anything is decided: prepared too, one text however many runs.
+LOCK_RUNS_PG = PreparedStatement(
+    "fs_lock_runs",
+    f"SELECT {', '.join(c.name for c in FLOW_STATE)} FROM fs_flows"
+    " WHERE id = ANY(%(flow_ids)s) ORDER BY id FOR UPDATE",
+    {"flow_ids": "bigint[]"},
 )
 
 
