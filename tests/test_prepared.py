@@ -10,11 +10,13 @@ own pool, kept to one connection so that every transaction shares it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from flowsmith_worker.config import PoolSettings
+from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import ClaimedNode, Finished, NewFlow, NodeStatus
@@ -149,3 +151,41 @@ def test_preparing_can_be_turned_off(
         assert prepared(storage) == {}
     finally:
         storage.close()
+
+
+def test_a_migration_that_changes_a_result_type_costs_the_caller_nothing(
+    pg: SqlStorage, pg_url: str, unique: Names
+) -> None:
+    """A table altered under a prepared statement (PostgreSQL then refuses with "cached
+    plan must not change result type"): the next batch runs again on a new connection."""
+    enqueue(pg, unique, runs=2)
+    first, second = claim(pg, 1), claim(pg, 1)
+    assert finish(pg, first) == [True]
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text("ALTER TABLE fs_flows ALTER COLUMN error TYPE varchar(5000)"))
+    admin.dispose()
+    assert finish(pg, second) == [True]
+
+
+def test_behind_a_pooler_that_keeps_losing_them_the_error_says_what_to_do(
+    pg: SqlStorage, unique: Names
+) -> None:
+    """Every connection handed out holds other statements of the same names (a pooler in
+    transaction mode): the batch fails with DatabaseUnavailable naming the switch, not
+    with "run flowsmith migrate" (PostgreSQL says "does not exist" / "already exists")."""
+    enqueue(pg, unique, runs=1)
+    nodes = claim(pg, 1)
+
+    def other_session(dbapi_connection: Any, *_args: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("DEALLOCATE ALL; PREPARE fs_lock_runs AS SELECT 1")
+        cursor.close()
+
+    sa.event.listen(pg.engine, "checkout", other_session)
+    try:
+        with pytest.raises(DatabaseUnavailable, match=f"{SWITCH_ENV}=off"):
+            finish(pg, nodes)
+    finally:
+        sa.event.remove(pg.engine, "checkout", other_session)
+    assert finish(pg, nodes) == [True]

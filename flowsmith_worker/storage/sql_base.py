@@ -95,6 +95,12 @@ class SqlBase:
         try:
             yield
         except sa.exc.DBAPIError as exc:
+            if sql_prepared.is_lost_statement(exc.orig, exc.statement):
+                # Still lost after running again on new connections: say why
+                # ("does not exist" is not a missing table here).
+                raise DatabaseUnavailable(
+                    f"database {self.url_for_display} is unavailable: {sql_prepared.POOLER_HINT}"
+                ) from exc
             if is_missing_table(exc):
                 raise SchemaNotMigrated(
                     f"the FlowSmith tables are missing in {self.url_for_display}: "

@@ -33,8 +33,7 @@ from sqlalchemy.engine import Connection, CursorResult, Engine, ExceptionContext
 SWITCH_ENV = "FLOWSMITH_PG_PREPARE"
 _OFF = ("off", "0", "false", "no")
 _INFO_KEY = "flowsmith_prepared"
-# SQLSTATE 26000 invalid_sql_statement_name ("prepared statement ... does not
-# exist") and 42P05 duplicate_prepared_statement ("... already exists").
+# SQLSTATE 26000 invalid_sql_statement_name, 42P05 duplicate_prepared_statement.
 _LOST_OR_DUPLICATE = ("26000", "42P05")
 _PARAMETER = re.compile(r"%\((\w+)\)s")
 
@@ -96,11 +95,29 @@ def heal_lost_statements(engine: Engine) -> None:
 
     @event.listens_for(engine, "handle_error")
     def _lost(context: ExceptionContext) -> None:
-        code = getattr(context.original_exception, "pgcode", None)
-        if code in _LOST_OR_DUPLICATE and _sent_by_us(context.statement):
+        if is_lost_statement(context.original_exception, context.statement):
             context.is_disconnect = True
             context.invalidate_pool_on_disconnect = False
 
 
-def _sent_by_us(statement: str | None) -> bool:
-    return statement is not None and statement.startswith(("EXECUTE fs_", "PREPARE fs_"))
+def is_lost_statement(error: BaseException | None, statement: str | None) -> bool:
+    """Whether ``statement``, one of ours, failed because the connection does not
+    hold the prepared statements we think it does.
+
+    SQLSTATE 26000 "prepared statement ... does not exist" (a pooler reset the
+    session, or handed us another server connection), 42P05 "... already
+    exists" (the same, the other way round), 0A000 "cached plan must not change
+    result type" (a migration altered a table the statement reads).
+    """
+    if statement is None or not statement.startswith(("EXECUTE fs_", "PREPARE fs_")):
+        return False
+    code = getattr(error, "pgcode", None)
+    if code == "0A000":
+        return "cached plan must not change result type" in str(error)
+    return code in _LOST_OR_DUPLICATE
+
+
+POOLER_HINT = (
+    "the connection lost FlowSmith's prepared statements: behind a connection pooler "
+    f"in transaction mode (PgBouncer), set {SWITCH_ENV}=off"
+)
