@@ -63,6 +63,9 @@ Q = schema.queues
 T = TypeVar("T")
 # Claimed node rows, and the payloads of their runs.
 _Claimed = tuple[Sequence[Any], dict[int, RunPayloads]]
+# Plans of runs remembered for folding the batch's lock into FINISH_PG: a worker
+# moves on far fewer runs at once (a slot's chain holds one).
+_KNOWN_PLANS = 10_000
 log = get_logger("flowsmith.storage")
 
 
@@ -547,14 +550,21 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         runs = Counter(item.lease.flow_id for item in finished)
 
         def work(conn: Connection) -> list[Written]:
-            locked = self._lock_flows(conn, sorted(runs))
+            # With every run's plan known, FINISH_PG locks the runs itself (one
+            # round trip less); else they are locked first, to decide with their rows.
+            folded = self._moves_from_known_plans(finished, runs)
+            locked = {} if folded is not None else self._lock_flows(conn, sorted(runs))
             written: dict[int, Written] = {}
             together, in_one = FinishBatch(), []
             for i in order:
                 item = finished[i]
                 flow_id = item.lease.flow_id
                 flow_row = locked.get(flow_id)
-                move = self._move_in_one(item, flow_row, runs[flow_id])
+                move = (
+                    folded[i]
+                    if folded is not None
+                    else self._move_in_one(item, flow_row, runs[flow_id])
+                )
                 if move is not None:
                     together.add(item, move)
                     in_one.append(i)
@@ -566,7 +576,9 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                 written[i] = self._finish(conn, item, flow_row, chain)
             if in_one:
                 answers = self._finish_in_one(conn, together, chain)
-                written.update(zip(in_one, answers, strict=True))
+                for i, answer in zip(in_one, answers, strict=True):
+                    # None: deferred, its run (locked now) was not as the move assumed.
+                    written[i] = answer or self._finish_alone(conn, finished[i], chain)
             return [written[i] for i in range(len(finished))]
 
         if len(finished) == 1:
@@ -606,27 +618,69 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         if progress.is_over(flow_row.status):
             return Move()  # the outcome is recorded; the run goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
-        position = _alone_in_stage(plan, item.step_name)
-        if position is None:
+        self._remember_plan(flow_row.id, plan)
+        move = _planned_move(plan, item.step_name, item.status)
+        if move is not None and move.finishes and flow_row.parent_node_id is not None:
+            return None  # a subflow's last step: its parent wakes (the general path)
+        return move
+
+    def _moves_from_known_plans(
+        self, finished: Sequence[Finished], runs: Counter[int]
+    ) -> list[Move] | None:
+        """PostgreSQL: each item's move from its run's plan, remembered from an
+        earlier batch, if every item has one; None if any has not.
+
+        Nothing of the run's row is read: FINISH_PG locks each run, and writes an
+        item only if its run is as these moves assume (RUNNING, and without a
+        parent when it completes) or over (the outcome recorded, nothing more,
+        as _move_in_one does); it defers any other to the general path.
+        """
+        if self.dialect.name != "postgresql":
             return None
-        stage = [progress.StageNode(item.step_name, item.status)]
-        decision = progress.after_stage(plan, position, stage)
-        if isinstance(decision, progress.StartStage) and (
-            step := progress.chained_step(stage, decision)
-        ):
-            # Leased to this worker when the batch chains, else PENDING for any.
-            return Move(step.name, decision.position, step.max_attempts)
-        if isinstance(decision, progress.FinishFlow) and flow_row.parent_node_id is None:
-            return Move(finishes=True)
-        return None
+        moves = []
+        for item in finished:
+            plan = self._known_plans.get(item.lease.flow_id)
+            if plan is None or runs[item.lease.flow_id] > 1 or item.replay or not item.step_name:
+                return None
+            move = _planned_move(plan, item.step_name, item.status)
+            if move is None:
+                return None
+            moves.append(move)
+        return moves
+
+    def _remember_plan(self, flow_id: int, plan: Plan) -> None:
+        """A run's plan never changes once enqueued; its id is never reused."""
+        if self.dialect.name != "postgresql":
+            return
+        if len(self._known_plans) >= _KNOWN_PLANS:
+            self._known_plans.clear()  # runs long finished make most of it
+        self._known_plans[flow_id] = plan
+
+    @functools.cached_property
+    def _known_plans(self) -> dict[int, Plan]:
+        """Plans of runs this storage moved on lately, by run id (PostgreSQL)."""
+        return {}
+
+    def _finish_alone(self, conn: Connection, item: Finished, chain: Chain | None) -> Written:
+        """The general path for an item FINISH_PG deferred; its run is locked already."""
+        return self._finish(conn, item, self._lock_flow(conn, F.c.id == item.lease.flow_id), chain)
 
     def _finish_in_one(
         self, conn: Connection, together: FinishBatch, chain: Chain | None
-    ) -> list[Written]:
-        """Apply the moves of ``together`` set-based (sql_finish.py); the answers in its order."""
-        won = together.apply(conn, self.dialect.name, chain, prepare=self.prepares)
-        answers = []
-        for node_id, flow_id in zip(together.node_id, together.flow_id, strict=True):
+    ) -> list[Written | None]:
+        """Apply the moves of ``together`` set-based (sql_finish.py); the answers in its
+        order, None for an item deferred to the general path."""
+        applied = together.apply(conn, self.dialect.name, chain, prepare=self.prepares)
+        won = applied.won
+        answers: list[Written | None] = []
+        for node_id, flow_id, finishes in zip(
+            together.node_id, together.flow_id, together.finishes, strict=True
+        ):
+            if node_id in applied.deferred:
+                answers.append(None)
+                continue
+            if finishes:
+                self._known_plans.pop(flow_id, None)
             if node_id not in won:
                 answers.append(Written(False))
                 continue
@@ -1122,6 +1176,25 @@ def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
         N.c.lease_owner == lease.worker_id,
         N.c.attempt == lease.attempt,
     )
+
+
+def _planned_move(plan: Plan, step_name: str, status: NodeStatus) -> Move | None:
+    """What the run does next, from its plan alone, if FINISH_PG can apply it:
+    the step is alone in its stage, and the run goes on with a step alone in the
+    next stage, or completes. The same decision as _advance's, for that case."""
+    position = _alone_in_stage(plan, step_name)
+    if position is None:
+        return None
+    stage = [progress.StageNode(step_name, status)]
+    decision = progress.after_stage(plan, position, stage)
+    if isinstance(decision, progress.StartStage) and (
+        step := progress.chained_step(stage, decision)
+    ):
+        # Leased to this worker when the batch chains, else PENDING for any.
+        return Move(step.name, decision.position, step.max_attempts)
+    if isinstance(decision, progress.FinishFlow):
+        return Move(finishes=True)
+    return None
 
 
 def _alone_in_stage(plan: Plan, step_name: str) -> int | None:

@@ -17,6 +17,16 @@ unpacking the batch from JSON with json_each):
 
 Only the rows ``done`` wrote move their runs on, so a lost lease moves nothing.
 Statuses are literals (see sql_claim.py on generic plans and partial indexes).
+
+On PostgreSQL FINISH_PG also locks the batch's runs (``runs``, in id order,
+all of them before any node is written: the count(*) InitPlan), so that when the
+storage already knows every run's plan from an earlier batch it need not lock
+and read them first (SqlStorage._moves_from_known_plans): one round trip per
+batch. The moves were then decided from the plans alone, assuming each run
+RUNNING; ``ready`` keeps an item only if its run is so (and has no parent to
+wake when it completes) or is over (the outcome recorded, nothing started, as
+when the row was read first). Any other item is ``deferred``: not written, and
+handed back for the general path, in the same transaction.
 Everything else (parallel groups, a subflow's last step, replays, a run of which
 a batch holds several nodes) takes the general path, statement by statement, as
 does all of MySQL/MariaDB (no UPDATE ... RETURNING to say which fences held).
@@ -30,12 +40,14 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from flowsmith_worker import progress
 from flowsmith_worker.storage.base import Chain, Finished
 from flowsmith_worker.storage.sql_base import FLOW_STATE
 from flowsmith_worker.storage.sql_prepared import PreparedStatement
 
 _NOW = "CAST(EXTRACT(epoch FROM now()) AS DOUBLE PRECISION)"
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_OVER = ", ".join(f"'{status}'" for status in sorted(progress.OVER))
 
 FINISH_PG = f"""
 WITH item AS (
@@ -46,16 +58,27 @@ WITH item AS (
         CAST(%(next_max_attempts)s AS int[]), CAST(%(finishes)s AS boolean[])
     ) AS t(node_id, owner, attempt, status, output, flow_id,
            next_step, next_position, next_max_attempts, finishes)
+), runs AS MATERIALIZED (
+    SELECT id, status, parent_node_id FROM fs_flows
+    WHERE id IN (SELECT flow_id FROM item)
+    ORDER BY id
+    FOR UPDATE
+), ready AS (
+    SELECT item.*, r.status IN ({_OVER}) AS over
+    FROM item JOIN runs r ON r.id = item.flow_id
+    WHERE r.status IN ({_OVER})
+       OR (r.status = 'RUNNING' AND (NOT item.finishes OR r.parent_node_id IS NULL))
 ), done AS (
     UPDATE fs_nodes n
     SET status = item.status, output = item.output,
         finished_at = {_NOW}, lease_expires_at = NULL
-    FROM item
+    FROM ready item
     WHERE n.id = item.node_id AND n.status = 'RUNNING'
       AND n.lease_owner = item.owner AND n.attempt = item.attempt
+      AND (SELECT count(*) FROM runs) > 0
     RETURNING n.id
 ), moved AS (
-    SELECT item.* FROM item JOIN done ON done.id = item.node_id
+    SELECT ready.* FROM ready JOIN done ON done.id = ready.node_id WHERE NOT ready.over
 ), started AS (
     INSERT INTO fs_nodes (
         flow_id, step_name, position, group_index, status, queue, priority, attempt,
@@ -81,8 +104,13 @@ WITH item AS (
     WHERE f.id = m.flow_id AND m.finishes
     RETURNING f.id
 )
-SELECT done.id AS node_id, started.id AS next_id, started.step_name, started.max_attempts
-FROM done JOIN item ON item.node_id = done.id
+SELECT item.node_id, done.id IS NOT NULL AS won,
+       r.id IS NOT NULL AND rd.node_id IS NULL AS deferred,
+       started.id AS next_id, started.step_name, started.max_attempts
+FROM item
+LEFT JOIN runs r ON r.id = item.flow_id
+LEFT JOIN ready rd ON rd.node_id = item.node_id
+LEFT JOIN done ON done.id = item.node_id
 LEFT JOIN started ON started.flow_id = item.flow_id
 """
 # Prepared once per connection (sql_prepared.py): one text whatever the batch's size.
@@ -182,6 +210,17 @@ class Move:
     finishes: bool = False
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What a batch wrote: the nodes whose fences held, by id, each with the next
+    node begun for its run (None if none was); and, on PostgreSQL, the nodes
+    ``deferred`` unwritten because their run, found locked in the statement, is
+    not as the move assumed (see FINISH_PG): the general path writes those."""
+
+    won: dict[int, NextNode | None]
+    deferred: frozenset[int] = frozenset()
+
+
 @dataclass
 class FinishBatch:
     """The columns of FINISH_PG's parameters, one entry per finished node."""
@@ -212,10 +251,9 @@ class FinishBatch:
 
     def apply(
         self, conn: Connection, dialect: str, chain: Chain | None, *, prepare: bool = True
-    ) -> dict[int, NextNode | None]:
-        """Write the batch. The nodes whose fences held, by id, each with the next
-        node begun for its run (None if none was). ``prepare``: PostgreSQL sends
-        FINISH_PG as a prepared statement."""
+    ) -> Applied:
+        """Write the batch (see Applied). ``prepare``: PostgreSQL sends FINISH_PG as
+        a prepared statement."""
         chained = {
             "chain_to": None if chain is None else chain.worker_id,
             "lease_seconds": None if chain is None else chain.lease_seconds,
@@ -223,10 +261,13 @@ class FinishBatch:
         if dialect == "postgresql":
             values = {**vars(self), **chained}
             rows = FINISH_PG_PREPARED.execute(conn, values, prepare=prepare).all()
-            return {
-                row.node_id: None if row.next_id is None else NextNode(*row[1:]) for row in rows
+            won = {
+                row.node_id: None if row.next_id is None else NextNode(*row[3:])
+                for row in rows
+                if row.won
             }
-        return self._apply_on_sqlite(conn, chained)
+            return Applied(won, frozenset(row.node_id for row in rows if row.deferred))
+        return Applied(self._apply_on_sqlite(conn, chained))
 
     def _apply_on_sqlite(
         self, conn: Connection, chained: dict[str, Any]
