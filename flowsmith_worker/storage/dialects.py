@@ -39,10 +39,9 @@ READ_ONLY_OPTION = "flowsmith_read_only"
 # the session's time zone and back, which in a DST zone's repeated autumn hour
 # gives the first of the two instants: an hour behind. UTC_TIMESTAMP(6) is UTC
 # whatever the server's or the caller's session zone, and the difference of two
-# DATETIMEs is plain arithmetic.
-MYSQL_UTC_EPOCH: sa.ColumnElement[float] = sa.literal_column(
-    "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)", sa.Double()
-)
+# DATETIMEs is plain arithmetic. (The text for hand-written SQL; the expression for the rest.)
+MYSQL_UTC_EPOCH_SQL = "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)"
+MYSQL_UTC_EPOCH: sa.ColumnElement[float] = sa.literal_column(MYSQL_UTC_EPOCH_SQL, sa.Double())
 _NOW: dict[str, sa.ColumnElement[float]] = {
     # now() is the transaction's start: our transactions are short, and a
     # stable value (unlike clock_timestamp()) can bound an index scan.
@@ -66,12 +65,6 @@ class Dialect:
     @property
     def supports_notify(self) -> bool:
         return self.name == "postgresql"
-
-    @property
-    def finishes_set_based(self) -> bool:
-        """Whether a batch of finished steps is written by statements for the whole batch
-        (sql_finish.py): it needs UPDATE ... RETURNING, which MySQL lacks."""
-        return self.name in ("postgresql", "sqlite")
 
     @property
     def has_row_locks(self) -> bool:
