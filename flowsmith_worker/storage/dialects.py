@@ -230,6 +230,8 @@ def create_engine(url: sa.URL, pool: PoolSettings) -> Engine:
     engine = sa.create_engine(url, **kwargs)
     _refuse_bad_arguments_cleanly(engine)
     _ping_after_idle(engine)
+    if engine.dialect.driver == "mysqlconnector":
+        _no_ping_per_statement(engine)
     return engine
 
 
@@ -260,6 +262,29 @@ def _ping_after_idle(engine: Engine) -> None:
         except engine.dialect.loaded_dbapi.Error as exc:
             # The pool discards this connection and checks out another (or a new one).
             raise sa.exc.DisconnectionError(str(exc)) from exc
+
+
+def _no_ping_per_statement(engine: Engine) -> None:
+    """Stop mysql-connector pinging the server before every statement.
+
+    Its cursor() asks is_connected(), which sends a COM_PING and waits for the
+    answer, and SQLAlchemy opens a cursor per statement: a round trip more for
+    each one, as pool_pre_ping would cost per transaction (see _ping_after_idle
+    for why we do without). Without the ping, a connection the server dropped
+    fails at its next statement with "Lost connection" (2013/2055), which
+    SQLAlchemy reads as a disconnect and our callers retry, as on the other
+    drivers. Only cursor() and the driver's own pool and reconnect() ask
+    is_connected(); SQLAlchemy uses neither and pings with ping().
+    """
+
+    @event.listens_for(engine, "connect")
+    def _connected(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.is_connected = _in_use
+
+
+def _in_use() -> bool:
+    """is_connected() for a connection the pool hands out: open, until a statement fails."""
+    return True
 
 
 def _refuse_bad_arguments_cleanly(engine: Engine) -> None:
