@@ -227,11 +227,15 @@ def create_engine(url: sa.URL, pool: PoolSettings) -> Engine:
         # REPEATABLE READ (MySQL's default) takes gap locks that make concurrent
         # claims and inserts deadlock; READ COMMITTED sees each statement afresh.
         kwargs["isolation_level"] = "READ COMMITTED"
+    mysqlconnector = url.get_driver_name() == "mysqlconnector"
+    if mysqlconnector:
+        kwargs["pool_reset_on_return"] = None  # see _rollback_only_if_open
     engine = sa.create_engine(url, **kwargs)
     _refuse_bad_arguments_cleanly(engine)
     _ping_after_idle(engine)
-    if engine.dialect.driver == "mysqlconnector":
+    if mysqlconnector:
         _no_ping_per_statement(engine)
+        _rollback_only_if_open(engine)
     return engine
 
 
@@ -280,6 +284,21 @@ def _no_ping_per_statement(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _connected(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.is_connected = _in_use
+
+
+def _rollback_only_if_open(engine: Engine) -> None:
+    """Roll a connection back on its return to the pool only if a transaction is open.
+
+    The pool's default reset sends a ROLLBACK on every return, and
+    mysql-connector sends it even when the transaction has just committed: a
+    round trip more per transaction (psycopg2 skips it when idle). The driver
+    knows from the server's status flags, without asking, whether one is open.
+    """
+
+    @event.listens_for(engine, "reset")
+    def _reset(dbapi_conn: Any, _record: Any, state: sa.PoolResetState) -> None:
+        if not state.terminate_only and dbapi_conn.in_transaction:
+            dbapi_conn.rollback()
 
 
 def _in_use() -> bool:
