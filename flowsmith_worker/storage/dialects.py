@@ -286,6 +286,11 @@ def _no_ping_per_statement(engine: Engine) -> None:
         dbapi_conn.is_connected = _in_use
 
 
+def _in_use() -> bool:
+    """is_connected() for a connection the pool hands out: open, until a statement fails."""
+    return True
+
+
 def _rollback_only_if_open(engine: Engine) -> None:
     """Roll a connection back on its return to the pool only if a transaction is open.
 
@@ -299,11 +304,6 @@ def _rollback_only_if_open(engine: Engine) -> None:
     def _reset(dbapi_conn: Any, _record: Any, state: sa.PoolResetState) -> None:
         if not state.terminate_only and dbapi_conn.in_transaction:
             dbapi_conn.rollback()
-
-
-def _in_use() -> bool:
-    """is_connected() for a connection the pool hands out: open, until a statement fails."""
-    return True
 
 
 def _refuse_bad_arguments_cleanly(engine: Engine) -> None:
