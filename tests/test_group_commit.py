@@ -387,15 +387,17 @@ def test_every_run_completes_under_concurrent_chains(
 
 
 @pytest.mark.parametrize(
-    ("backend", "expected"), [("postgresql", 2), ("sqlite", 5), ("memory", 5)], indirect=["backend"]
+    ("backend", "expected"),
+    [("postgresql", 2), ("sqlite", 5), ("mysql", 6), ("memory", 5)],
+    indirect=["backend"],
 )
 def test_a_batch_of_sequential_steps_takes_the_same_statements_however_large(
     storage: Storage, backend: str, expected: int, unique: Names
 ) -> None:
     """However many runs it moves (chained, completed, or over), a batch reads its runs and
     writes them set-based: on PostgreSQL one statement writes, chains and completes them;
-    on SQLite (whose BEGIN IMMEDIATE counts here) one statement each (MySQL writes them
-    one by one)."""
+    on SQLite (whose BEGIN IMMEDIATE counts here) one statement each; on MySQL/MariaDB
+    one each too, after locking the nodes, and one more to read the chained ids back."""
     import sqlalchemy as sa
 
     ids = [unique(f"t{i}") for i in range(4)]
@@ -425,3 +427,147 @@ def test_a_batch_of_sequential_steps_takes_the_same_statements_however_large(
     assert statuses(storage, ids[0])["b"] == (NodeStatus.RUNNING, "w1")
     assert "b" not in statuses(storage, ids[2])  # cancelled: recorded, not moved on
     assert storage.get_flow(tracking_id=ids[3]).status == FlowStatus.COMPLETED  # type: ignore[union-attr]
+
+
+# -- set-based writes, on every SQL backend -------------------------------------------
+
+
+def _statements_of(storage: Storage, write: Callable[[], Any]) -> list[str]:
+    """The statements ``write`` sent to the database (counted by the engine itself)."""
+    import sqlalchemy as sa
+
+    statements: list[str] = []
+    engine = storage.engine  # type: ignore[attr-defined]
+    listener = lambda *args: statements.append(args[2])  # noqa: E731
+    sa.event.listen(engine, "before_cursor_execute", listener)
+    try:
+        write()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", listener)
+    return statements
+
+
+def _mixed_batch(storage: Storage, unique: Names, each: int) -> tuple[list[str], int]:
+    """``each`` runs of every kind, finished in one batch by w1: one that chains, one
+    that completes, one cancelled meanwhile, one whose lease w2 holds now. Checks
+    what became of each; returns the statements the batch took and its size."""
+    kinds = ("chains", "completes", "cancelled", "lost")
+    runs = {kind: [unique(f"{kind}{i}") for i in range(each)] for kind in kinds}
+    for kind, tracking_ids in runs.items():
+        steps = ["only"] if kind == "completes" else ["a", "b"]
+        for tracking_id in tracking_ids:
+            storage.enqueue_flow(flow=sequential(tracking_id, steps))
+    nodes = {n.tracking_id: n for n in claim_all(storage, limit=4 * each)}
+    for tracking_id in runs["cancelled"]:
+        storage.cancel_flow(tracking_id=tracking_id)
+    lost = [nodes[t].node_id for t in runs["lost"]]
+    storage.release_nodes(worker_id="w1", node_ids=lost)
+    assert len(claim_all(storage, worker_id="w2")) == each
+    finished = [
+        Finished(n.lease, NodeStatus.COMPLETED, '"x"', step_name=n.step_name)
+        for n in nodes.values()
+    ]
+    written: list[Written] = []
+    statements = _statements_of(
+        storage, lambda: written.extend(storage.complete_batch(finished=finished, chain=CHAIN))
+    )
+    by_run = dict(zip(nodes, written, strict=True))
+    for tracking_id in runs["chains"]:
+        chained = by_run[tracking_id].chained
+        assert by_run[tracking_id].won and chained is not None and chained.step_name == "b"
+        assert statuses(storage, tracking_id)["b"] == (NodeStatus.RUNNING, "w1")
+    for tracking_id in runs["completes"]:
+        assert by_run[tracking_id] == Written(True)
+        assert storage.get_flow(tracking_id=tracking_id).status == FlowStatus.COMPLETED  # type: ignore[union-attr]
+    for tracking_id in runs["cancelled"]:
+        assert by_run[tracking_id] == Written(True)
+        assert statuses(storage, tracking_id) == {"a": (NodeStatus.COMPLETED, "w1")}
+    for tracking_id in runs["lost"]:
+        assert by_run[tracking_id] == Written(False)
+        # w2's attempt is untouched, and the run did not move on.
+        assert statuses(storage, tracking_id) == {"a": (NodeStatus.RUNNING, "w2")}
+    return statements, len(finished)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"], indirect=True)
+def test_a_batch_mixing_won_and_lost_fences_takes_the_same_statements_at_any_size(
+    storage: Storage, backend: str, unique: Names
+) -> None:
+    """Each outcome is fenced by its own lease inside one set-based write: a lost lease
+    writes and moves nothing while the rest of its batch chains, completes or is
+    recorded; and a batch of 20 takes exactly the statements a batch of 4 does."""
+    small, small_size = _mixed_batch(storage, unique, each=1)
+    large, large_size = _mixed_batch(storage, unique, each=5)
+    assert (small_size, large_size) == (4, 20)
+    assert len(large) == len(small), (small, large)
+
+
+# Stored outputs are the exact text the executor encoded; the set-based writes carry
+# them inside a JSON document (json_each, JSON_TABLE), which must not alter them.
+EXACT_OUTPUTS = [
+    '"d\\u00e9j\\u00e0"',
+    '"déjà vu, 😀, 漢字"',
+    '"a quote \\" and a backslash \\\\"',
+    '"\\u0000 \\t \\n"',
+    "null",
+    '{"a": [1, 2.5, true, null], "b": {}}',
+    "  42  ",
+    None,
+    '"' + "y" * 70_000 + '"',  # larger than MySQL's batch statement takes together
+]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"], indirect=True)
+def test_a_batch_stores_each_output_exactly_as_encoded(
+    storage: Storage, backend: str, unique: Names
+) -> None:
+    """The text of each output in a batch is stored byte for byte; no output stays NULL
+    (not the text 'null'), and a JSON null output stays the text 'null'."""
+    import sqlalchemy as sa
+
+    from flowsmith_worker.storage import schema
+
+    for i in range(len(EXACT_OUTPUTS)):
+        storage.enqueue_flow(flow=sequential(unique(f"t{i}"), ["only", "next"]))
+    nodes = sorted(claim_all(storage), key=lambda n: n.tracking_id)
+    finished = [
+        Finished(
+            n.lease,
+            NodeStatus.COMPLETED if output is not None else NodeStatus.SKIPPED,
+            output,
+            step_name=n.step_name,
+        )
+        for n, output in zip(nodes, EXACT_OUTPUTS, strict=True)
+    ]
+    assert all(w.won for w in storage.complete_batch(finished=finished, chain=CHAIN))
+    engine = storage.engine  # type: ignore[attr-defined]
+    with engine.connect() as conn:
+        stored = dict(
+            conn.execute(
+                sa.select(schema.nodes.c.id, schema.nodes.c.output).where(
+                    schema.nodes.c.id.in_([n.node_id for n in nodes])
+                )
+            ).all()
+        )
+    assert [stored[n.node_id] for n in nodes] == EXACT_OUTPUTS
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"], indirect=True)
+def test_a_batch_larger_than_one_statement_takes_is_written(
+    storage: Storage, backend: str, unique: Names
+) -> None:
+    """Outputs that together pass MariaDB's 16 MiB statement limit (each within the
+    payload limit) are written in one batch all the same, each exactly."""
+    big = ['"' + str(i) * (3 * 1024 * 1024 + 512 * 1024) + '"' for i in range(5)]
+    for i in range(len(big)):
+        storage.enqueue_flow(flow=sequential(unique(f"t{i}"), ["only"]))
+    nodes = sorted(claim_all(storage), key=lambda n: n.tracking_id)
+    finished = [
+        Finished(n.lease, NodeStatus.COMPLETED, output, step_name=n.step_name)
+        for n, output in zip(nodes, big, strict=True)
+    ]
+    assert all(w.won for w in storage.complete_batch(finished=finished, chain=CHAIN))
+    for n, output in zip(nodes, big, strict=True):
+        record = storage.get_flow(tracking_id=n.tracking_id)
+        assert record is not None and record.status == FlowStatus.COMPLETED
+        assert record.output == {"n": 1, "only": output[1:-1]}

@@ -39,10 +39,9 @@ READ_ONLY_OPTION = "flowsmith_read_only"
 # the session's time zone and back, which in a DST zone's repeated autumn hour
 # gives the first of the two instants: an hour behind. UTC_TIMESTAMP(6) is UTC
 # whatever the server's or the caller's session zone, and the difference of two
-# DATETIMEs is plain arithmetic.
-MYSQL_UTC_EPOCH: sa.ColumnElement[float] = sa.literal_column(
-    "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)", sa.Double()
-)
+# DATETIMEs is plain arithmetic. (The text for hand-written SQL; the expression for the rest.)
+MYSQL_UTC_EPOCH_SQL = "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)"
+MYSQL_UTC_EPOCH: sa.ColumnElement[float] = sa.literal_column(MYSQL_UTC_EPOCH_SQL, sa.Double())
 _NOW: dict[str, sa.ColumnElement[float]] = {
     # now() is the transaction's start: our transactions are short, and a
     # stable value (unlike clock_timestamp()) can bound an index scan.
@@ -66,12 +65,6 @@ class Dialect:
     @property
     def supports_notify(self) -> bool:
         return self.name == "postgresql"
-
-    @property
-    def finishes_set_based(self) -> bool:
-        """Whether a batch of finished steps is written by statements for the whole batch
-        (sql_finish.py): it needs UPDATE ... RETURNING, which MySQL lacks."""
-        return self.name in ("postgresql", "sqlite")
 
     @property
     def has_row_locks(self) -> bool:
@@ -234,9 +227,15 @@ def create_engine(url: sa.URL, pool: PoolSettings) -> Engine:
         # REPEATABLE READ (MySQL's default) takes gap locks that make concurrent
         # claims and inserts deadlock; READ COMMITTED sees each statement afresh.
         kwargs["isolation_level"] = "READ COMMITTED"
+    mysqlconnector = url.get_driver_name() == "mysqlconnector"
+    if mysqlconnector:
+        kwargs["pool_reset_on_return"] = None  # see _rollback_only_if_open
     engine = sa.create_engine(url, **kwargs)
     _refuse_bad_arguments_cleanly(engine)
     _ping_after_idle(engine)
+    if mysqlconnector:
+        _no_ping_per_statement(engine)
+        _rollback_only_if_open(engine)
     return engine
 
 
@@ -267,6 +266,44 @@ def _ping_after_idle(engine: Engine) -> None:
         except engine.dialect.loaded_dbapi.Error as exc:
             # The pool discards this connection and checks out another (or a new one).
             raise sa.exc.DisconnectionError(str(exc)) from exc
+
+
+def _no_ping_per_statement(engine: Engine) -> None:
+    """Stop mysql-connector pinging the server before every statement.
+
+    Its cursor() asks is_connected(), which sends a COM_PING and waits for the
+    answer, and SQLAlchemy opens a cursor per statement: a round trip more for
+    each one, as pool_pre_ping would cost per transaction (see _ping_after_idle
+    for why we do without). Without the ping, a connection the server dropped
+    fails at its next statement with "Lost connection" (2013/2055), which
+    SQLAlchemy reads as a disconnect and our callers retry, as on the other
+    drivers. Only cursor() and the driver's own pool and reconnect() ask
+    is_connected(); SQLAlchemy uses neither and pings with ping().
+    """
+
+    @event.listens_for(engine, "connect")
+    def _connected(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.is_connected = _in_use
+
+
+def _in_use() -> bool:
+    """is_connected() for a connection the pool hands out: open, until a statement fails."""
+    return True
+
+
+def _rollback_only_if_open(engine: Engine) -> None:
+    """Roll a connection back on its return to the pool only if a transaction is open.
+
+    The pool's default reset sends a ROLLBACK on every return, and
+    mysql-connector sends it even when the transaction has just committed: a
+    round trip more per transaction (psycopg2 skips it when idle). The driver
+    knows from the server's status flags, without asking, whether one is open.
+    """
+
+    @event.listens_for(engine, "reset")
+    def _reset(dbapi_conn: Any, _record: Any, state: sa.PoolResetState) -> None:
+        if not state.terminate_only and dbapi_conn.in_transaction:
+            dbapi_conn.rollback()
 
 
 def _refuse_bad_arguments_cleanly(engine: Engine) -> None:

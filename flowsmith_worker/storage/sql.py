@@ -607,13 +607,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         in its stage, whose run moves to a step alone in the next stage, or
         completes (without a parent to wake), or is over already.
         """
-        if (
-            not self.dialect.finishes_set_based
-            or flow_row is None
-            or nodes_of_run > 1
-            or item.replay
-            or item.step_name is None
-        ):
+        if flow_row is None or nodes_of_run > 1 or item.replay or item.step_name is None:
             return None
         if progress.is_over(flow_row.status):
             return Move()  # the outcome is recorded; the run goes no further

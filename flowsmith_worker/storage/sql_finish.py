@@ -1,4 +1,4 @@
-"""A batch of finished sequential steps written set-based (PostgreSQL and SQLite).
+"""A batch of finished sequential steps written set-based (every SQL backend).
 
 Most outcomes a worker writes are the common case: a step alone in its stage
 finished well, and its run either goes on with a step alone in the next stage
@@ -28,20 +28,23 @@ wake when it completes) or is over (the outcome recorded, nothing started, as
 when the row was read first). Any other item is ``deferred``: not written, and
 handed back for the general path, in the same transaction.
 Everything else (parallel groups, a subflow's last step, replays, a run of which
-a batch holds several nodes) takes the general path, statement by statement, as
-does all of MySQL/MariaDB (no UPDATE ... RETURNING to say which fences held).
+a batch holds several nodes) takes the general path, statement by statement.
+MySQL/MariaDB, with neither, send the parts one statement each, the batch as
+one JSON parameter unpacked with JSON_TABLE (see the end of this module).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
 from flowsmith_worker import progress
-from flowsmith_worker.storage.base import Chain, Finished
+from flowsmith_worker.storage.base import Chain, Finished, NodeStatus
+from flowsmith_worker.storage.dialects import MYSQL_UTC_EPOCH_SQL
 from flowsmith_worker.storage.sql_base import FLOW_STATE
 from flowsmith_worker.storage.sql_prepared import PreparedStatement
 
@@ -267,6 +270,8 @@ class FinishBatch:
                 if row.won
             }
             return Applied(won, frozenset(row.node_id for row in rows if row.deferred))
+        if dialect == "mysql":
+            return Applied(_apply_on_mysql(self, conn, chained))
         return Applied(self._apply_on_sqlite(conn, chained))
 
     def _apply_on_sqlite(
@@ -290,3 +295,158 @@ class FinishBatch:
         if finishing:
             conn.exec_driver_sql(COMPLETE_SQLITE, {"runs": json.dumps(finishing)})
         return {self.node_id[i]: started.get(self.flow_id[i]) for i in moved}
+
+
+# -- MySQL/MariaDB ------------------------------------------------------------------
+#
+# No UPDATE ... RETURNING and no data-modifying CTEs: one statement per part, each
+# for the whole batch, the batch as one JSON parameter unpacked with JSON_TABLE
+# (MySQL 8.0, MariaDB 10.6), so a statement's text is the same whatever the batch's
+# size. Which fences held is read first, on the nodes locked (their runs are locked
+# already). What the statements rely on:
+# * JSON_TABLE first (STRAIGHT_JOIN), then the table by its key (FORCE INDEX): on a
+#   small table the optimizer would rather scan it, and a locking scan waits on, and
+#   can deadlock with, the rows other workers' batches hold;
+# * strings come out as TEXT, so a value too long for its column fails the write as
+#   it would row by row (a VARCHAR there is cut silently), and none is compared with
+#   a column: JSON_TABLE's collation is not the Identifier columns' byte-exact one;
+# * no output is an absent key (NULL ON EMPTY, the default): MySQL reads a JSON null
+#   into a string column as the text 'null'.
+
+LOCK_NODES_MYSQL = """
+SELECT n.id, n.status, n.lease_owner, n.attempt
+FROM JSON_TABLE(%(nodes)s, '$[*]' COLUMNS (id BIGINT PATH '$')) AS i
+STRAIGHT_JOIN fs_nodes AS n FORCE INDEX (PRIMARY) ON n.id = i.id
+FOR UPDATE
+"""
+# The outcomes of the nodes whose fences held: {"id", "status", "output"?}.
+DONE_MYSQL = f"""
+UPDATE JSON_TABLE(%(done)s, '$[*]' COLUMNS (
+    id BIGINT PATH '$.id', status TEXT PATH '$.status', output LONGTEXT PATH '$.output'
+)) AS d
+STRAIGHT_JOIN fs_nodes AS n FORCE INDEX (PRIMARY) ON n.id = d.id
+SET n.status = d.status, n.output = d.output,
+    n.finished_at = {MYSQL_UTC_EPOCH_SQL}, n.lease_expires_at = NULL
+"""
+DONE_ONE_MYSQL = f"""
+UPDATE fs_nodes
+SET status = %(status)s, output = %(output)s,
+    finished_at = {MYSQL_UTC_EPOCH_SQL}, lease_expires_at = NULL
+WHERE id = %(id)s
+"""
+# The next nodes of those runs: [flow, step, position, max_attempts].
+START_MYSQL = f"""
+INSERT INTO fs_nodes (
+    flow_id, step_name, position, group_index, status, queue, priority, attempt,
+    max_attempts, rescues, lease_owner, lease_expires_at, run_after, started_at, created_at
+)
+SELECT m.flow_id, m.step_name, m.position, 0,
+       CASE WHEN %(chain_to)s IS NULL THEN 'PENDING' ELSE 'RUNNING' END,
+       f.queue, f.priority,
+       CASE WHEN %(chain_to)s IS NULL THEN 0 ELSE 1 END,
+       m.max_attempts, 0, %(chain_to)s,
+       {MYSQL_UTC_EPOCH_SQL} + %(lease_seconds)s,
+       {MYSQL_UTC_EPOCH_SQL},
+       CASE WHEN %(chain_to)s IS NULL THEN NULL ELSE {MYSQL_UTC_EPOCH_SQL} END,
+       {MYSQL_UTC_EPOCH_SQL}
+FROM JSON_TABLE(%(moves)s, '$[*]' COLUMNS (
+    flow_id BIGINT PATH '$[0]', step_name TEXT PATH '$[1]',
+    position INT PATH '$[2]', max_attempts INT PATH '$[3]'
+)) AS m
+STRAIGHT_JOIN fs_flows AS f FORCE INDEX (PRIMARY) ON f.id = m.flow_id
+ON DUPLICATE KEY UPDATE id = fs_nodes.id
+"""
+# Their ids (MySQL has no INSERT ... RETURNING): the node at the next position,
+# RUNNING under this worker's first lease. Not a locking read: no hints needed.
+CHAINED_MYSQL = """
+SELECT n.id, n.flow_id, n.step_name, n.max_attempts
+FROM JSON_TABLE(%(moves)s, '$[*]' COLUMNS (
+    flow_id BIGINT PATH '$[0]', position INT PATH '$[2]'
+)) AS m
+JOIN fs_nodes AS n ON n.flow_id = m.flow_id AND n.position = m.position
+WHERE n.status = 'RUNNING' AND n.lease_owner = %(chain_to)s AND n.attempt = 1
+"""
+COMPLETE_MYSQL = f"""
+UPDATE JSON_TABLE(%(runs)s, '$[*]' COLUMNS (id BIGINT PATH '$')) AS r
+STRAIGHT_JOIN fs_flows AS f FORCE INDEX (PRIMARY) ON f.id = r.id
+SET f.status = 'COMPLETED', f.error = NULL,
+    f.updated_at = {MYSQL_UTC_EPOCH_SQL}, f.finished_at = {MYSQL_UTC_EPOCH_SQL}
+"""
+# An output in DONE_MYSQL is escaped twice, as JSON and then by the driver: up to 7
+# bytes a character (a control character becomes \\u0001: 7 bytes). Outputs up to
+# SMALL_OUTPUT characters go together, at most OUTPUT_PER_STATEMENT characters of
+# them per statement (under 7 MiB: MariaDB's max_allowed_packet is 16 MiB by
+# default); a larger one is sent alone, escaped once, as a single write always was.
+SMALL_OUTPUT = 64 * 1024
+OUTPUT_PER_STATEMENT = 1024 * 1024
+
+
+def _apply_on_mysql(
+    batch: FinishBatch, conn: Connection, chained: dict[str, Any]
+) -> dict[int, NextNode | None]:
+    """FinishBatch.apply on MySQL/MariaDB; a batch that does not chain reads no ids
+    back, so its runs' next nodes (PENDING, anyone's) are answered as None."""
+    moved = _fences_held(batch, conn)
+    for statement, parameters in _outcome_writes(batch, moved):
+        conn.exec_driver_sql(statement, parameters)
+    started = _start_next_nodes(batch, conn, moved, chained)
+    finishing = [batch.flow_id[i] for i in moved if batch.finishes[i]]
+    if finishing:
+        conn.exec_driver_sql(COMPLETE_MYSQL, {"runs": json.dumps(finishing)})
+    return {batch.node_id[i]: started.get(batch.flow_id[i]) for i in moved}
+
+
+def _fences_held(batch: FinishBatch, conn: Connection) -> list[int]:
+    """The indexes of the items whose node is still RUNNING under their lease, locked.
+
+    Compared here rather than in SQL: Python's str equality is byte for byte, as the
+    Identifier columns' collation is, and JSON_TABLE's strings have another collation.
+    """
+    rows = conn.exec_driver_sql(LOCK_NODES_MYSQL, {"nodes": json.dumps(batch.node_id)})
+    held = {
+        (row.id, row.lease_owner, row.attempt) for row in rows if row.status == NodeStatus.RUNNING
+    }
+    leases = zip(batch.node_id, batch.owner, batch.attempt, strict=True)
+    return [i for i, lease in enumerate(leases) if lease in held]
+
+
+def _outcome_writes(batch: FinishBatch, moved: list[int]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The statements that write the outcomes of ``moved``: DONE_MYSQL for as many
+    as fit in one (see SMALL_OUTPUT), DONE_ONE_MYSQL for each large one."""
+    together: list[dict[str, Any]] = []
+    size = 0
+    for i in moved:
+        outcome: dict[str, Any] = {"id": batch.node_id[i], "status": batch.status[i]}
+        output = batch.output[i]
+        length = 0 if output is None else len(output)
+        if length > SMALL_OUTPUT:
+            yield DONE_ONE_MYSQL, {**outcome, "output": output}
+            continue
+        if together and size + length > OUTPUT_PER_STATEMENT:
+            yield DONE_MYSQL, {"done": json.dumps(together, ensure_ascii=False)}
+            together, size = [], 0
+        if output is not None:
+            outcome["output"] = output
+        together.append(outcome)
+        size += length
+    if together:
+        yield DONE_MYSQL, {"done": json.dumps(together, ensure_ascii=False)}
+
+
+def _start_next_nodes(
+    batch: FinishBatch, conn: Connection, moved: list[int], chained: dict[str, Any]
+) -> dict[int, NextNode]:
+    """Insert the next node of each moved run that goes on; the chained ones by run."""
+    moves = [
+        (batch.flow_id[i], batch.next_step[i], batch.next_position[i], batch.next_max_attempts[i])
+        for i in moved
+        if batch.next_step[i] is not None
+    ]
+    if not moves:
+        return {}
+    parameters = {"moves": json.dumps(moves, ensure_ascii=False), **chained}
+    conn.exec_driver_sql(START_MYSQL, parameters)
+    if chained["chain_to"] is None:
+        return {}
+    rows = conn.exec_driver_sql(CHAINED_MYSQL, parameters)
+    return {row.flow_id: NextNode(row.id, row.step_name, row.max_attempts) for row in rows}
