@@ -205,7 +205,7 @@ def test_outcomes_that_finish_during_a_commit_share_the_next_one(
     rest = [threading.Thread(target=write, args=(n,)) for n in nodes[1:]]
     for thread in rest:
         thread.start()
-    eventually(lambda: batcher._queue.qsize() == 5)
+    eventually(lambda: batcher.queued == 5)
     assert answers == {}  # nothing answered while its commit has not happened
     assert storage.get_flow(tracking_id=ids[0]).status == FlowStatus.RUNNING  # type: ignore[union-attr]
     held.release.set()

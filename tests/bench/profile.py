@@ -81,15 +81,17 @@ RULES: list[Rule] = [
     ("storage (FlowSmith's SQL code)", _anywhere("flowsmith_worker/storage/")),
     ("ctx copy (copy.deepcopy)", _anywhere("copy.py")),
     ("JSON (payload encode, output decode)", _anywhere("json/", "flowsmith_worker/payload.py")),
+    # Every thread's stack starts in threading.py: only a leaf there is a hand-off.
     (
-        "batcher / threads / locks / futures",
-        _anywhere("flowsmith_worker/batcher.py", "threading.py", "queue.py", "concurrent/"),
+        "thread hand-offs (batcher, futures, locks, queues)",
+        _leaf("threading.py", "queue.py", "concurrent/", "flowsmith_worker/batcher.py"),
     ),
+    ("metrics", _anywhere("flowsmith_worker/metrics.py")),
     (
         "executor (executor.py, context, progress)",
         _anywhere("flowsmith_worker/executor.py", "flowsmith_worker/context.py"),
     ),
-    ("worker loop, heartbeat, metrics", _anywhere("flowsmith_worker/")),
+    ("worker loop, slots, heartbeat", _anywhere("flowsmith_worker/")),
 ]
 OTHER = "other (interpreter, imports, unattributed)"
 
