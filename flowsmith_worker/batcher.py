@@ -1,11 +1,19 @@
 """Group commit: the outcomes of every step that finished meanwhile, in one transaction.
 
-A step thread hands its outcome to ``CompletionBatcher.write`` and waits; one
-flusher thread per worker takes everything queued, writes it with one
-``Storage.complete_batch`` (one commit, so one WAL flush, for the lot) and
-answers each waiting thread. It sends the next batch as soon as the previous
-one returns: no timer, so a lone step waits for nobody, and under load the
-batches grow by themselves while a commit is on its way ("natural batching").
+A step thread hands its outcome to ``CompletionBatcher.write`` and waits until
+it has committed. No thread of its own does the writing: the first writer to
+find no write on its way becomes the leader and writes, with one
+``Storage.complete_batch`` (one commit, so one WAL flush), its own outcome and
+everything queued behind it. Outcomes that arrive while a batch is being
+written queue up; when the batch returns, the leader answers its writers and
+makes the oldest queued writer the next leader, which writes the next batch at
+once. No timer, so a lone step waits for nobody, and under load the batches
+grow by themselves while a commit is on its way ("natural batching").
+
+Leading from the writers' own threads, rather than from a flusher thread, saves
+a thread hand-off per batch: a lone step writes its own outcome with no wake-up
+at all, and each batch costs one wake-up per other writer (its answer, or its
+turn to lead). Each wake-up is a plain lock released, not a Future's condition.
 
 A step's slot stays taken until its outcome has committed: a crash before
 then leaves the node RUNNING, and it is rescued when its lease expires. So a
@@ -14,11 +22,10 @@ finished step is never lost and never runs twice because of the batching.
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 
 from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.log import get_logger
@@ -29,14 +36,35 @@ MAX_BATCH = 256
 log = get_logger("flowsmith.batcher")
 
 
-@dataclass
 class _Pending:
-    finished: Finished
-    answer: Future[Written] = field(default_factory=Future)
+    """One writer's outcome, and the lock it waits on: released once its write is
+    answered, or once it is its turn to lead."""
+
+    __slots__ = ("answer", "error", "finished", "lead", "ready", "settled")
+
+    def __init__(self, finished: Finished) -> None:
+        self.finished = finished
+        self.answer: Written | None = None
+        self.error: BaseException | None = None
+        self.settled = False
+        self.lead = False
+        self.ready = threading.Lock()
+        self.ready.acquire()  # held until someone answers this writer or makes it lead
+
+    def settle(self, answer: Written | None, error: BaseException | None = None) -> None:
+        if not self.settled:
+            self.answer, self.error, self.settled = answer, error, True
+            self.ready.release()
+
+    def result(self) -> Written:
+        if self.error is not None:
+            raise self.error
+        assert self.answer is not None
+        return self.answer
 
 
 class CompletionBatcher:
-    """One flusher thread writing queued outcomes in batches; started on first use."""
+    """Writes queued outcomes in batches, each written by one of the waiting writers."""
 
     def __init__(
         self,
@@ -45,13 +73,20 @@ class CompletionBatcher:
         max_batch: int = MAX_BATCH,
     ) -> None:
         self.storage = storage
-        # Asked at each flush, so a worker that starts stopping chains no further.
+        # Asked at each batch, so a worker that starts stopping chains no further.
         self.chain = chain
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._queue: deque[_Pending] = deque()  # never empty while _writing is False
+        self._writing = False  # a leader is writing a batch, or has been told to
+        self._idle = threading.Condition(self._lock)
         self._closed = False
+
+    @property
+    def queued(self) -> int:
+        """Outcomes waiting for a batch (the one being written not counted)."""
+        with self._lock:
+            return len(self._queue)
 
     def write(self, finished: Finished) -> Written:
         """Write ``finished`` with whatever else is queued; return once it has committed.
@@ -64,51 +99,54 @@ class CompletionBatcher:
             if self._closed:
                 # A step that outlived its worker's shutdown: write it alone.
                 return self.storage.complete_batch(finished=[finished], chain=None)[0]
-            self._start()
-            self._queue.put(pending)
-        return pending.answer.result()
+            self._queue.append(pending)
+            leads = not self._writing
+            self._writing = True
+        if not leads:
+            pending.ready.acquire()  # answered, or our turn to lead
+            if not pending.lead:
+                return pending.result()
+        self._lead()
+        return pending.result()
 
     def close(self, wait: float = 1.0) -> None:
-        """End the flusher after what is queued; later writes go alone.
+        """Later writes go alone; wait until what is queued has been written.
 
         Waits at most ``wait`` seconds: a worker shuts down after its steps'
         outcomes committed, so the queue is empty then unless the database is
         away, and the nodes of outcomes not written keep their leases.
         """
+        deadline = time.monotonic() + wait
         with self._lock:
             self._closed = True
-            thread = self._thread
-            if thread is not None:
-                self._queue.put(None)
-        if thread is not None:
-            thread.join(wait)
+            while self._writing and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
 
-    def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="flowsmith-commit", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            closing = False
-            while len(batch) < self.max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    closing = True
-                    break
-                batch.append(more)
+    def _lead(self) -> None:
+        """Write the oldest queued outcomes (ours among them), then pass the lead on."""
+        with self._lock:
+            count = min(len(self._queue), self.max_batch)
+            batch = [self._queue.popleft() for _ in range(count)]
+        try:
             self._flush(batch)
-            if closing:
-                return
+        except BaseException as exc:  # our own bug: no writer of the batch may wait forever
+            for pending in batch:
+                pending.settle(None, exc)
+            raise
+        finally:
+            self._pass_lead()
 
-    def _flush(self, batch: list[_Pending]) -> None:
+    def _pass_lead(self) -> None:
+        with self._lock:
+            if not self._queue:
+                self._writing = False
+                self._idle.notify_all()
+                return
+            following = self._queue[0]
+            following.lead = True
+        following.ready.release()
+
+    def _flush(self, batch: Sequence[_Pending]) -> None:
         try:
             written = self.storage.complete_batch(
                 finished=[p.finished for p in batch], chain=self.chain()
@@ -117,11 +155,11 @@ class CompletionBatcher:
             # Nothing committed (or the answer was lost): each writer decides
             # whether to try again, as it would after a write of its own.
             for pending in batch:
-                pending.answer.set_exception(exc)
+                pending.settle(None, exc)
             return
         except BaseException as exc:
             if len(batch) == 1:
-                batch[0].answer.set_exception(exc)
+                batch[0].settle(None, exc)
                 return
             # One item the batch could not take (a corrupt row of its run): write
             # each alone, so only that one fails.
@@ -130,4 +168,4 @@ class CompletionBatcher:
                 self._flush([pending])
             return
         for pending, answer in zip(batch, written, strict=True):
-            pending.answer.set_result(answer)
+            pending.settle(answer)

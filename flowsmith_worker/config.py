@@ -145,13 +145,22 @@ def remember_secrets(url: str) -> None:
             _known_secrets = tuple(sorted({*_known_secrets, *new}, key=len, reverse=True))
 
 
+def known_secrets() -> tuple[str, ...]:
+    """The passwords redact() removes from any text, longest first (none until a URL
+    with one was used)."""
+    return _known_secrets
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with every password we were given (and ``secrets``) replaced by ***.
 
     Passwords (or pieces) shorter than MIN_REDACTED_LENGTH are left: they would
     blot out ordinary words of every message, and hide nothing worth hiding.
     """
-    for secret in sorted({*_known_secrets, *secrets}, key=len, reverse=True):
+    extra = set(secrets)
+    # _known_secrets is kept longest first already: sort only when others join it.
+    ordered = sorted({*_known_secrets, *extra}, key=len, reverse=True) if extra else _known_secrets
+    for secret in ordered:
         if len(secret) >= MIN_REDACTED_LENGTH:
             text = text.replace(secret, REDACTED)
     return text

@@ -152,7 +152,7 @@ class Executor:
         # into the ctx.data of a chained next step, which a claim would have read
         # afresh from the stored outputs.
         ctx = Context(
-            copy.deepcopy(node.input),
+            _private_copy(node.input),
             tracking_id=node.tracking_id,
             step=node.step_name,
             attempt=node.attempt,
@@ -202,7 +202,7 @@ class Executor:
             sent_at = time.monotonic()
             # A second send may follow a first that committed but whose answer
             # was lost: the storage then recognises the attempt as already ours.
-            answers.append(self.complete(replace(finished, replay=bool(answers))))
+            answers.append(self.complete(replace(finished, replay=True) if answers else finished))
             return answers[-1].won
 
         outcome = Outcome.COMPLETED if finished.status == NodeStatus.COMPLETED else Outcome.SKIPPED
@@ -396,6 +396,21 @@ def _timed_out(spec: StepSpec, started: float) -> StepTimeout:
         f"step {spec.name!r} ran {time.monotonic() - started:.1f} s, longer than its timeout "
         f"of {spec.timeout} s; its result was dropped"
     )
+
+
+# Values a step cannot change in place: a dict of only these needs no deep copy.
+_IMMUTABLE = (str, int, float, bool, type(None))
+
+
+def _private_copy(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` for one step, so that what the step changes in place stays its own.
+
+    Context copies the dict itself; a deep copy (the costly part) is needed only
+    when a value inside could be changed in place, such as a step's list output.
+    """
+    if all(isinstance(value, _IMMUTABLE) for value in data.values()):
+        return data
+    return copy.deepcopy(data)
 
 
 def _encode_output(spec: StepSpec, result: Any) -> str:

@@ -6,14 +6,16 @@ console renderer on a TTY, JSON lines otherwise (``--log-format``).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
 import structlog
 
-from flowsmith_worker.config import redact
+from flowsmith_worker.config import known_secrets, redact
 from flowsmith_worker.terminal import printable
 
 LogFormat = Literal["auto", "console", "json"]
@@ -36,7 +38,7 @@ def setup_logging(fmt: LogFormat = "auto", level: str = "INFO") -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_timestamp,
             structlog.processors.format_exc_info,
             _redact_secrets,
             *renderers,
@@ -52,8 +54,36 @@ def setup_logging(fmt: LogFormat = "auto", level: str = "INFO") -> None:
 def _redact_secrets(
     _logger: Any, _method: str, event: MutableMapping[str, Any]
 ) -> Mapping[str, Any]:
-    """No line carries a database password, not even inside a driver's traceback."""
+    """No line carries a database password, not even inside a driver's traceback.
+
+    Until a URL with a password has been used, no text can hold one: the line
+    goes as it is (every step logs a line; this keeps it cheap).
+    """
+    if not known_secrets():
+        return event
     return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}
+
+
+# The "YYYY-MM-DDTHH:MM:SS" of the second last stamped, and that second.
+_stamped_second: tuple[int, str] = (-1, "")
+
+
+def _add_timestamp(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The time as structlog's TimeStamper(fmt="iso", utc=True) writes it
+    ("2026-05-01T12:00:00.123456Z"), with the date part formatted once a second
+    rather than on every line."""
+    global _stamped_second
+    second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    stamped, prefix = _stamped_second
+    if second != stamped:
+        moment = datetime.datetime.fromtimestamp(second, tz=datetime.UTC)
+        prefix = moment.strftime("%Y-%m-%dT%H:%M:%S")
+        _stamped_second = (second, prefix)
+    # datetime.isoformat() leaves out a zero fraction; so does the stamp.
+    event["timestamp"] = f"{prefix}.{micros:06d}Z" if micros else f"{prefix}Z"
+    return event
 
 
 # Keys the console renderer prints as text rather than as a repr: the message and

@@ -67,6 +67,7 @@ def _package_version() -> str:
 class WorkerMetrics:
     def __init__(self, worker_id: str, host: str, version: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[str, str, str], Any] = {}
         r, labels = self.registry, ("flow", "step")
         self._counters = {
             name: Counter(f"flowsmith_steps_{name}_total", doc, labels, registry=r)
@@ -96,16 +97,33 @@ class WorkerMetrics:
         )
 
     def step_started(self, flow: str, step: str) -> None:
-        self._counters["started"].labels(*metric_labels(flow, step)).inc()
+        self._child("started", flow, step).inc()
 
     def step_finished(self, flow: str, step: str, outcome: str, seconds: float) -> None:
         """Count the attempt by its outcome (an executor.Outcome) and record how long it took."""
         if outcome not in _COUNTER_FOR_OUTCOME:
             raise ValueError(f"unknown step outcome {outcome!r}; expected one of executor.Outcome")
-        counter, labels = _COUNTER_FOR_OUTCOME[outcome], metric_labels(flow, step)
+        counter = _COUNTER_FOR_OUTCOME[outcome]
         if counter is not None:
-            self._counters[counter].labels(*labels).inc()
-        self.duration.labels(*labels).observe(seconds)
+            self._child(counter, flow, step).inc()
+        self._child("duration", flow, step).observe(seconds)
+
+    def _child(self, metric: str, flow: str, step: str) -> Any:
+        """The metric's child for (flow, step), looked up once per step of the code.
+
+        Every step moves two or three of them: prometheus_client's labels() and the
+        registry lookup behind metric_labels would otherwise run each time. Only
+        defined steps are kept (a bounded set); others are looked up every time.
+        """
+        key = (metric, flow, step)
+        child = self._children.get(key)
+        if child is None:
+            labels = metric_labels(flow, step)
+            parent = self.duration if metric == "duration" else self._counters[metric]
+            child = parent.labels(*labels)
+            if labels == (flow, step):
+                self._children[key] = child
+        return child
 
     def step_rescued(self, flow: str, step: str) -> None:
         self._counters["rescued"].labels(*metric_labels(flow, step)).inc()

@@ -59,6 +59,9 @@ class PayloadLimits:
 
 _lock = threading.Lock()
 _limits: PayloadLimits | None = None
+# The limits last parsed from the environment, with the text they came from:
+# encode() runs for every step's output, and the variable rarely changes.
+_from_environment: tuple[str, PayloadLimits] = ("", PayloadLimits())
 
 
 def limits() -> PayloadLimits:
@@ -76,7 +79,17 @@ def set_limits(new: PayloadLimits | None) -> None:
 
 
 def _limits_from_environment() -> PayloadLimits:
+    global _from_environment
     text = os.environ.get(MAX_PAYLOAD_BYTES_ENV_VAR, "").strip()
+    parsed_text, parsed = _from_environment
+    if text == parsed_text:
+        return parsed
+    parsed = _parse_limit(text)
+    _from_environment = (text, parsed)
+    return parsed
+
+
+def _parse_limit(text: str) -> PayloadLimits:
     if not text:
         return PayloadLimits()
     try:

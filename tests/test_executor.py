@@ -362,3 +362,41 @@ def test_an_error_no_database_could_store_as_is_is_recorded_escaped_at_once(
     assert (node.status, node.attempt, node.rescues) == (NodeStatus.FAILED, 1, 0)
     escaped = message.replace("\x00", "\\x00").replace("\ud800", "\\ud800")
     assert escaped in (node.error or "")
+
+
+def test_the_payload_limit_follows_its_environment_variable_as_it_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """$FLOWSMITH_MAX_PAYLOAD_BYTES is parsed once per value, not once per encode; a new
+    value still takes effect at the next encode, and clearing it restores the default."""
+    payload_module.set_limits(None)
+    value = "x" * 3000
+    monkeypatch.setenv(payload_module.MAX_PAYLOAD_BYTES_ENV_VAR, "2048")
+    with pytest.raises(PayloadTooLarge):
+        payload_module.encode(value)
+    monkeypatch.setenv(payload_module.MAX_PAYLOAD_BYTES_ENV_VAR, "4096")
+    assert payload_module.encode(value) == f'"{value}"'
+    monkeypatch.setenv(payload_module.MAX_PAYLOAD_BYTES_ENV_VAR, "2048")
+    with pytest.raises(PayloadTooLarge):
+        payload_module.encode(value)
+    monkeypatch.delenv(payload_module.MAX_PAYLOAD_BYTES_ENV_VAR)
+    assert payload_module.limits() == PayloadLimits()
+
+
+def test_a_step_cannot_change_scalar_ctx_data_that_the_next_step_sees(
+    storage: Storage, unique: Names
+) -> None:
+    """When ctx.data holds only strings and numbers (copied without a deep copy), what a
+    step assigns or deletes in it still does not reach the next step."""
+    seen: list[dict[str, Any]] = []
+
+    def change(ctx: Context) -> None:
+        ctx.data["a"] = "changed"
+        ctx.data["n"] += 1
+        del ctx.data["s"]
+
+    flow = Flow(unique("scalars"), storage=storage)
+    flow.step("a", lambda ctx: 1).step("b", change).step("c", lambda ctx: seen.append(ctx.data))
+    flow.run({"n": 1, "s": "text"}, tracking_id=unique("t"))
+    Worker(storage=storage, poll_interval=0.05, concurrency=1).run_until_idle(timeout=20)
+    assert seen == [{"n": 1, "s": "text", "a": 1, "b": None}]

@@ -205,7 +205,7 @@ def test_outcomes_that_finish_during_a_commit_share_the_next_one(
     rest = [threading.Thread(target=write, args=(n,)) for n in nodes[1:]]
     for thread in rest:
         thread.start()
-    eventually(lambda: batcher._queue.qsize() == 5)
+    eventually(lambda: batcher.queued == 5)
     assert answers == {}  # nothing answered while its commit has not happened
     assert storage.get_flow(tracking_id=ids[0]).status == FlowStatus.RUNNING  # type: ignore[union-attr]
     held.release.set()
@@ -215,6 +215,80 @@ def test_outcomes_that_finish_during_a_commit_share_the_next_one(
     assert all(w.won for w in answers.values()) and len(answers) == 6
     for tracking_id in ids:
         assert storage.get_flow(tracking_id=tracking_id).status == FlowStatus.COMPLETED  # type: ignore[union-attr]
+    batcher.close()
+
+
+class _WritingThreads:
+    """The real storage, noting which thread sent each complete_batch."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self.threads: list[threading.Thread] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    def complete_batch(self, *, finished: Sequence[Finished], chain: Chain | None = None) -> Any:
+        self.threads.append(threading.current_thread())
+        return self._storage.complete_batch(finished=finished, chain=chain)
+
+
+def test_a_lone_outcome_is_written_by_its_own_thread(storage: Storage, unique: Names) -> None:
+    """With no batch on its way, a step writes its outcome itself: no thread hand-off,
+    and so no wake-up of another thread, per step when the worker is not busy."""
+    storage.enqueue_flow(flow=sequential(unique("t"), ["only"]))
+    [node] = claim_all(storage)
+    noted = _WritingThreads(storage)
+    batcher = CompletionBatcher(noted)  # type: ignore[arg-type]
+    assert batcher.write(completed(node)).won
+    assert noted.threads == [threading.current_thread()]
+    batcher.close()
+
+
+def test_a_failing_batch_answers_every_writer_and_the_next_one_still_goes(
+    storage: Storage, unique: Names
+) -> None:
+    """When the writer leading a batch meets the database away, every writer of that
+    batch gets the error (none waits forever) and the writes queued meanwhile are
+    still written, by one of their own writers."""
+    from flowsmith_worker.errors import DatabaseUnavailable
+
+    ids = [unique(f"t{i}") for i in range(4)]
+    for tracking_id in ids:
+        storage.enqueue_flow(flow=sequential(tracking_id, ["only"]))
+    nodes = claim_all(storage)
+    held = _HeldFirstBatch(storage)
+    batcher = CompletionBatcher(held)  # type: ignore[arg-type]
+    results: dict[int, Any] = {}
+    failing = held.complete_batch
+
+    def first_fails(*, finished: Sequence[Finished], chain: Chain | None = None) -> Any:
+        answers = failing(finished=finished, chain=chain)  # the first waits for release
+        if len(held.batches) == 1:
+            raise DatabaseUnavailable("the answer was lost")
+        return answers
+
+    held.complete_batch = first_fails  # type: ignore[method-assign]
+
+    def write(node: ClaimedNode) -> None:
+        try:
+            results[node.node_id] = batcher.write(completed(node))
+        except DatabaseUnavailable as exc:
+            results[node.node_id] = exc
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in nodes]
+    threads[0].start()
+    eventually(lambda: held.batches == [1])
+    for thread in threads[1:]:
+        thread.start()
+    eventually(lambda: batcher.queued == 3)
+    held.release.set()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert isinstance(results[nodes[0].node_id], DatabaseUnavailable)
+    assert all(results[n.node_id].won for n in nodes[1:])
+    assert held.batches[1] == 3
     batcher.close()
 
 

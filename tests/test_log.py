@@ -144,3 +144,23 @@ def test_coloured_console_logs_escape_values_and_tracebacks(
 def _status(storage: Storage, tracking_id: str) -> FlowStatus | None:
     record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
     return None if record is None else record.status
+
+
+def test_json_lines_carry_a_utc_iso_timestamp(
+    restored_structlog: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each JSON line's timestamp is the time it was logged, in UTC, written as
+    structlog's ISO stamper writes it (microseconds, a trailing Z)."""
+    import datetime
+    import json
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging("json")
+    before = datetime.datetime.now(datetime.UTC)
+    get_logger("test").info("step.completed", seconds=0.1)
+    after = datetime.datetime.now(datetime.UTC)
+    stamp = json.loads(stream.getvalue())["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamp), stamp
+    logged = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert before - datetime.timedelta(microseconds=1) <= logged <= after
