@@ -112,4 +112,5 @@ def test_quick_bench_reports_every_figure(bench_backend: str, tmp_path: Path) ->
         assert written["log_bytes_per_step"] is None
     else:
         _positive(written, "log_bytes_per_step", "log_ratio")
+        assert written["log_breakdown"]  # where the log bytes went
     _positive(figures, "worker_peak_rss_mib")

@@ -45,7 +45,13 @@ def describe(engine: sa.Engine) -> dict[str, Any]:
             ],
             "primary_key": inspector.get_pk_constraint(table)["constrained_columns"],
             "indexes": sorted(
-                (i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                (
+                    i["name"],
+                    tuple(i["column_names"]),
+                    bool(i["unique"]),
+                    # PostgreSQL's partial index conditions (SQLite's are in sqlite_master).
+                    i.get("dialect_options", {}).get("postgresql_where"),
+                )
                 for i in inspector.get_indexes(table)
             ),
             "unique": sorted(
@@ -76,7 +82,8 @@ def test_replaying_every_migration_builds_the_schema_the_code_expects(
     """Versions 1 to 4 applied to an empty database give the tables, columns, types,
     indexes, unique keys and foreign keys that schema.metadata creates directly; on MySQL
     every name column has the NO PAD binary collation, on SQLite the id tables AUTOINCREMENT,
-    on PostgreSQL fs_flows and fs_nodes carry the same autovacuum settings.
+    on PostgreSQL fs_flows and fs_nodes carry the same autovacuum settings and the
+    partial indexes the same conditions.
     """
     (tmp_path / "migrated").mkdir()
     (tmp_path / "direct").mkdir()

@@ -8,6 +8,8 @@ Two figures, each also as a ratio to the real output (1,024 bytes a step):
   the last commit (PostgreSQL: pg_current_wal_lsn() difference; MariaDB:
   Innodb_os_log_written). SQLite has no counter for it: its WAL file is
   rewritten from the start after each checkpoint, so its size says nothing.
+
+log_breakdown says where the log bytes went (see log_breakdown.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from flowsmith_worker.storage import create_storage
+from tests.bench import log_breakdown
 from tests.bench.targets import Target
 from tests.bench.workload import (
     FIFTY_KILOBYTE_STEPS,
@@ -40,6 +43,7 @@ def measure(target: Target, logs: Path, runs: int) -> dict[str, Any]:
     """Run ``runs`` such flows on one worker; bytes per step and their ratios."""
     target.wipe()
     target.checkpoint()
+    begun = log_breakdown.begin(target)
     log_before = _log_position(target)
     storage = create_storage(target.url)
     try:
@@ -51,7 +55,8 @@ def measure(target: Target, logs: Path, runs: int) -> dict[str, Any]:
     log_after = _log_position(target)
     steps = runs * STEPS
     payload = _stored_json_bytes(target) / steps
-    log = None if log_before is None or log_after is None else (log_after - log_before) / steps
+    log_range = None if log_before is None or log_after is None else (log_before, log_after)
+    log = None if log_range is None else (log_range[1] - log_range[0]) / steps
     return {
         "runs": runs,
         "steps": steps,
@@ -61,6 +66,7 @@ def measure(target: Target, logs: Path, runs: int) -> dict[str, Any]:
         "log_bytes_per_step": log,
         "log_ratio": None if log is None else log / OUTPUT_BYTES,
         "log_source": _LOG_SOURCE[target.backend],
+        "log_breakdown": log_breakdown.breakdown(target, begun, log_range, steps),
     }
 
 
