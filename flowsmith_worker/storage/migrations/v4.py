@@ -10,6 +10,10 @@ the table in the migration's transaction.
 
 PostgreSQL: fs_flows and fs_nodes are vacuumed once 1 % of their rows are dead,
 with no cost delay, instead of at 20 % and throttled (see schema.AUTOVACUUM_OFTEN).
+
+PostgreSQL and SQLite: fs_nodes_runnable_in_order, the pending nodes in claim
+order whatever their queue, so a worker of several queues claims without
+sorting every due node (see schema.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from flowsmith_worker.errors import UnsupportedDatabase
 # SQLite learnt ALTER TABLE ... DROP COLUMN in 3.35.0.
 SQLITE_DROP_COLUMN = (3, 35, 0)
 AUTOVACUUM = "autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0"
+RUNNABLE_IN_ORDER = (
+    "CREATE INDEX fs_nodes_runnable_in_order ON fs_nodes (priority, run_after, id)"
+    " WHERE status = 'PENDING'"
+)
 
 
 def apply(conn: Connection) -> None:
@@ -30,6 +38,8 @@ def apply(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         for table in ("fs_flows", "fs_nodes"):
             conn.exec_driver_sql(f"ALTER TABLE {table} SET ({AUTOVACUUM})")
+    if conn.dialect.name in ("postgresql", "sqlite"):
+        conn.exec_driver_sql(RUNNABLE_IN_ORDER)
 
 
 def _require_drop_column() -> None:
