@@ -7,7 +7,12 @@ as a ratio to the first:
 * empty: only the drain's runs;
 * finished: after 1,000,000 COMPLETED nodes (100,000 finished 10-step runs);
 * backlog: with 100,000 more PENDING runs (first nodes PENDING, due now) queued
-  on the same queue behind the drain's runs.
+  on the same queue behind the drain's runs;
+* backlog, 2 queues: the same, drained by workers that also serve a second,
+  empty queue, as a worker of several queues claims with another statement
+  (``queue = ANY(...)`` / ``IN (a, b)``). Its ratio is to the empty database's
+  one-queue workers: on an empty database the two shapes differ by a sort of
+  the drain's own 1,000 runs at most.
 
 The fair measurement of a backlog: the drain's runs are enqueued first, the
 backlog right after, all due, one queue, one priority; so every claim picks
@@ -22,7 +27,7 @@ The big tables are made with set-based SQL in seconds (prefill.py), then
 analysed; the claim's and the rescue's statements, caught as a real worker
 sent them, are explained on them (explain.py). A worker of two queues claims
 with another statement shape (on PostgreSQL, ``queue = ANY(...)``): it is
-caught and explained too, though the drain's workers serve one queue.
+caught and explained too.
 """
 
 from __future__ import annotations
@@ -56,11 +61,14 @@ from tests.bench.workload import (
     running_workers,
 )
 
-SCENARIOS = ("empty", "finished", "backlog")
+SCENARIOS = ("empty", "finished", "backlog", "backlog, 2 queues")
+# The queues each scenario's workers serve.
+ONE_QUEUE = (DEFAULT_QUEUE,)
+TWO_QUEUES = (DEFAULT_QUEUE, "scale-other")
+FILLED = ("finished", "backlog")  # the scenarios whose tables, prefill and plans are printed
 WORKERS = 2
 MEASURED_SHARE = 0.9  # of the drain's steps: the rate before its last runs (see above)
 NODES_PER_RUN = 10  # TEN_STEPS: every finished copy holds 10 COMPLETED nodes
-OTHER_QUEUE = "scale-other"  # the second queue of the two-queue claim's worker
 TEMPLATE_TIMEOUT = 120.0
 DRAIN_TIMEOUT = 900.0
 
@@ -158,7 +166,8 @@ def run_scenario(target: Target, logs: Path, sizes: ScaleSizes, scenario: str) -
     prefill_seconds = time.perf_counter() - prefill_started
     plans = [explain.explain(target.url, sent) for sent in templates.caught]
     measured = int(sizes.flows * NODES_PER_RUN * MEASURED_SHARE)
-    steps, seconds = drain(target, logs, sizes.flows, measured)
+    queues = TWO_QUEUES if scenario.endswith("2 queues") else ONE_QUEUE
+    steps, seconds = drain(target, logs, sizes.flows, measured, queues)
     return {
         "rows_before_drain": rows,
         "prefill_seconds": prefill_seconds,
@@ -198,8 +207,8 @@ class Templates:
     @classmethod
     def make(cls, storage: SqlStorage) -> Templates:
         TEN_STEPS.storage = storage
-        one_queue = _run_caught(storage, "scale-template-finished", (DEFAULT_QUEUE,))
-        two_queues = _run_caught(storage, "scale-template-elsewhere", (DEFAULT_QUEUE, OTHER_QUEUE))
+        one_queue = _run_caught(storage, "scale-template-finished", ONE_QUEUE)
+        two_queues = _run_caught(storage, "scale-template-elsewhere", TWO_QUEUES)
         TEN_STEPS.run({"template": True}, tracking_id="scale-template-pending")
         with storage.engine.connect() as conn:
             ids = dict(conn.execute(sa.select(schema.flows.c.tracking_id, schema.flows.c.id)).all())
@@ -239,7 +248,7 @@ def _fill(conn: sa.Connection, templates: Templates, sizes: ScaleSizes, scenario
         made = 2  # the two finished templates
         runs = sizes.finished_nodes // NODES_PER_RUN - made
         prefill.copy_run(conn, templates.finished, runs, "scale-history-", due_now=False)
-    elif scenario == "backlog":
+    elif scenario.startswith("backlog"):
         made = 1  # the pending template
         runs = sizes.backlog_nodes - made
         prefill.copy_run(conn, templates.pending, runs, "scale-backlog-", due_now=True)
@@ -254,7 +263,9 @@ def _rows_by_status(conn: sa.Connection) -> dict[str, int]:
 # --------------------------------------------------------------------------- the drain
 
 
-def drain(target: Target, logs: Path, flows: int, measured: int) -> tuple[int, float]:
+def drain(
+    target: Target, logs: Path, flows: int, measured: int, queues: tuple[str, ...]
+) -> tuple[int, float]:
     """Steps and seconds of the first ``measured`` steps after every worker is ready.
 
     The workers start while the queue is capped at 0 running steps (a claim
@@ -263,7 +274,7 @@ def drain(target: Target, logs: Path, flows: int, measured: int) -> tuple[int, f
     """
     _cap_queue(target.engine, 0)
     target.checkpoint()
-    with running_workers(target.url, WORKERS, logs) as pool:
+    with running_workers(target.url, WORKERS, logs, queues) as pool:
         released_at = time.time()
         _cap_queue(target.engine, None)
         _wait_runs_completed(target.engine, pool, flows, released_at)
@@ -324,9 +335,9 @@ def table(results: dict[str, Any]) -> str:
         for name in backends:
             figures = results[name][scenario]
             cells.append(f"{figures['steps_per_second']:,.0f} ({figures['ratio_to_empty']:.2f})")
-        label = f"{scenario}: 10-step, {WORKERS} workers x {CONCURRENCY}, steps/s"
+        label = f"{scenario}: {WORKERS} workers x {CONCURRENCY}, steps/s"
         lines.append(f"{label:<44}" + "".join(f"{cell:>22}" for cell in cells))
-    for scenario in SCENARIOS[1:]:
+    for scenario in FILLED:
         cells = [f"{results[name][scenario]['prefill_seconds']:,.1f}" for name in backends]
         label = f"{scenario}: prefill + analyse, s"
         lines.append(f"{label:<44}" + "".join(f"{cell:>22}" for cell in cells))
@@ -337,7 +348,7 @@ def plans_text(results: dict[str, Any]) -> str:
     """The plans on the big tables, and what in them grows with a table."""
     out = []
     for name, scenarios in results.items():
-        for scenario in SCENARIOS[1:]:
+        for scenario in FILLED:
             for plan in scenarios[scenario]["plans"]:
                 out.append(f"\n== {name}, {scenario}: {plan['role']}\n{plan['sql']}")
                 out.extend(f"    {line}" for line in plan["plan"])
