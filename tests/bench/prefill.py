@@ -89,7 +89,6 @@ def _copy_nodes(
         .select_from(F)
         .join(template, template.c.flow_id == template_id)
         .where(new_runs)
-        .order_by(F.c.id, template.c.id)
     )
     return sa.insert(N).from_select(columns, select)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -80,6 +81,7 @@ class ScaleSizes:
     finished_nodes: int
     backlog_nodes: int
     flows: int  # 10-step runs in each drain
+    rounds: int = 1  # each scenario measured this many times; the median is shown
 
 
 DEFAULT = ScaleSizes(1_000_000, 100_000, 1000)
@@ -96,12 +98,17 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs (CI)")
     parser.add_argument("--flows", type=int, help=f"10-step runs per drain ({DEFAULT.flows})")
     parser.add_argument(
+        "--rounds", type=int, default=1, help="measure each scenario N times (median shown)"
+    )
+    parser.add_argument(
         "--json", type=Path, default=Path("bench-scale-results.json"), help="%(default)s"
     )
     args = parser.parse_args()
     unknown = set(args.backends.split(",")) - set(BACKENDS)
     if unknown:
         parser.error(f"unknown backend(s) {sorted(unknown)}: choose from {','.join(BACKENDS)}")
+    if args.rounds < 1 or (args.flows is not None and args.flows < 1):
+        parser.error("--rounds and --flows take a whole number of at least 1")
     return args
 
 
@@ -112,10 +119,10 @@ def progress(message: str) -> None:
 def main() -> None:
     args = _arguments()
     sizes = QUICK if args.quick else DEFAULT
-    if args.flows:
-        sizes = ScaleSizes(sizes.finished_nodes, sizes.backlog_nodes, args.flows)
+    sizes = ScaleSizes(
+        sizes.finished_nodes, sizes.backlog_nodes, args.flows or sizes.flows, args.rounds
+    )
     setup_logging(level="WARNING")
-    started = time.time()
     results: dict[str, Any] = {}
     with (
         tempfile.TemporaryDirectory(prefix="flowsmith-bench-scale-") as tmp,
@@ -125,11 +132,12 @@ def main() -> None:
             logs = Path(tmp) / f"logs-{target.backend}"
             logs.mkdir()
             results[target.backend] = bench_backend(target, logs, sizes)
-    document = {
-        "meta": {"sizes": asdict(sizes), "workers": WORKERS, "seconds": time.time() - started},
-        "backends": results,
-    }
-    args.json.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+            # Written after each backend: a later one failing keeps the earlier figures.
+            document = {
+                "meta": {"sizes": asdict(sizes), "workers": WORKERS},
+                "backends": results,
+            }
+            args.json.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     print(table(results))
     print(plans_text(results))
     print(f"JSON: {args.json.resolve()}")
@@ -137,14 +145,29 @@ def main() -> None:
 
 def bench_backend(target: Target, logs: Path, sizes: ScaleSizes) -> dict[str, Any]:
     """Every scenario on one backend, with its rate as a ratio to the empty database's."""
-    scenarios = {}
-    for scenario in SCENARIOS:
-        progress(f"{target.backend}: {scenario}")
-        scenarios[scenario] = run_scenario(target, logs, sizes, scenario)
+    rounds: dict[str, list[dict[str, Any]]] = {scenario: [] for scenario in SCENARIOS}
+    for number in range(sizes.rounds):
+        # Every other round backwards: a load that drifts during the run then
+        # weighs on every scenario alike.
+        order = SCENARIOS if number % 2 == 0 else SCENARIOS[::-1]
+        for scenario in order:
+            progress(f"{target.backend}: {scenario} (round {number + 1} of {sizes.rounds})")
+            rounds[scenario].append(run_scenario(target, logs, sizes, scenario))
+    scenarios = {scenario: _median_round(runs) for scenario, runs in rounds.items()}
     empty = scenarios["empty"]["steps_per_second"]
     for figures in scenarios.values():
         figures["ratio_to_empty"] = figures["steps_per_second"] / empty if empty else None
     return scenarios
+
+
+def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first round's figures, with the median rate of all rounds (and each)."""
+    rates = sorted(run["steps_per_second"] for run in runs)
+    return {
+        **runs[0],
+        "steps_per_second": statistics.median(rates),
+        "rounds_steps_per_second": [run["steps_per_second"] for run in runs],
+    }
 
 
 def run_scenario(target: Target, logs: Path, sizes: ScaleSizes, scenario: str) -> dict[str, Any]:
