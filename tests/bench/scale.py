@@ -1,8 +1,8 @@
 """Throughput on big tables: `make bench-scale`, or `python -m tests.bench.scale --help`.
 
 The same drain (10-step no-op flows, 2 `flowsmith worker` processes x 8) is
-measured three times per backend, on durable servers, and each rate is shown
-as a ratio to the first:
+measured in four scenarios per backend, on durable servers, and each rate is
+shown as a ratio to the first:
 
 * empty: only the drain's runs;
 * finished: after 1,000,000 COMPLETED nodes (100,000 finished 10-step runs);
@@ -25,9 +25,7 @@ compare idle slots with busy ones.
 
 The big tables are made with set-based SQL in seconds (prefill.py), then
 analysed; the claim's and the rescue's statements, caught as a real worker
-sent them, are explained on them (explain.py). A worker of two queues claims
-with another statement shape (on PostgreSQL, ``queue = ANY(...)``): it is
-caught and explained too.
+sent them, are explained on them (explain.py), the two-queue worker's too.
 """
 
 from __future__ import annotations
