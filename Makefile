@@ -6,9 +6,10 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 PEERS_ARGS ?=
+SCALE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-unit test-integration lint bench bench-peers db-up db-down migrate-postgres migrate-mysql clean
+.PHONY: help install demo test test-unit test-integration lint bench bench-scale bench-peers db-up db-down migrate-postgres migrate-mysql clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -39,6 +40,9 @@ lint: $(STAMP) ## ruff and mypy --strict
 
 bench: $(STAMP) ## throughput, latency, per-step costs on every backend (durable settings; ~10 min)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+bench-scale: $(STAMP) ## the same drain on 1,000,000 finished nodes and a 100,000 backlog, with EXPLAINs
+	$(BIN)/python -m tests.bench.scale $(SCALE_ARGS)
 
 # Versions checked to install on Python 3.11; the peers never become dependencies of ours.
 PEERS := pgqueuer==1.6.0 procrastinate==3.10.0 dbos==3.4.0 'psycopg[binary]' asyncpg

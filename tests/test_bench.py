@@ -114,3 +114,60 @@ def test_quick_bench_reports_every_figure(bench_backend: str, tmp_path: Path) ->
         _positive(written, "log_bytes_per_step", "log_ratio")
         assert written["log_breakdown"]  # where the log bytes went
     _positive(figures, "worker_peak_rss_mib")
+
+
+# tests/bench/scale.py's QUICK sizes, repeated here: the bench modules are not imported.
+QUICK_SCALE_FINISHED_NODES = 1_000
+QUICK_SCALE_BACKLOG_NODES = 100
+QUICK_SCALE_FLOWS = 3
+TEMPLATE_FINISHED_NODES = 20  # two finished 10-step template runs, in every scenario
+TEMPLATE_PENDING_NODES = 1  # the pending template run's first node
+
+
+@pytest.mark.parametrize("bench_backend", ["sqlite", "postgresql", "mysql"])
+def test_quick_scale_bench_fills_the_tables_and_explains(
+    bench_backend: str, tmp_path: Path
+) -> None:
+    """`python -m tests.bench.scale --quick` on one backend exits 0 and reports, for the
+    empty, finished, backlog and two-queue backlog scenarios: the rows the prefill made (exactly the
+    finished nodes and the backlog asked for, besides the drain's and the templates'),
+    a measured drain with its ratio to the empty database, and the plans of the claim
+    and of the rescue as the database printed them (PostgreSQL's with ANALYZE's timings)."""
+    _require_binaries(bench_backend)
+    path = tmp_path / "scale.json"
+    command = ["-m", "tests.bench.scale", "--quick", "--backends", bench_backend]
+    result = subprocess.run(
+        [sys.executable, *command, "--json", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert "ratio to the empty database" in result.stdout
+    scenarios = json.loads(path.read_text())["backends"][bench_backend]
+    drain_nodes = QUICK_SCALE_FLOWS + TEMPLATE_PENDING_NODES
+    assert scenarios["empty"]["rows_before_drain"] == {
+        "COMPLETED": TEMPLATE_FINISHED_NODES,
+        "PENDING": drain_nodes,
+    }
+    assert scenarios["finished"]["rows_before_drain"] == {
+        "COMPLETED": QUICK_SCALE_FINISHED_NODES,
+        "PENDING": drain_nodes,
+    }
+    for backlog in ("backlog", "backlog, 2 queues"):
+        assert scenarios[backlog]["rows_before_drain"] == {
+            "COMPLETED": TEMPLATE_FINISHED_NODES,
+            "PENDING": QUICK_SCALE_BACKLOG_NODES + QUICK_SCALE_FLOWS,
+        }
+    assert scenarios["empty"]["ratio_to_empty"] == 1.0
+    for figures in scenarios.values():
+        _positive(figures, "steps_per_second", "ratio_to_empty", "measured_steps")
+        roles = [plan["role"] for plan in figures["plans"]]
+        assert any(role.startswith("claim") for role in roles), roles
+        assert any(role.startswith("rescue") for role in roles), roles
+        assert all(plan["plan"] for plan in figures["plans"])
+        if bench_backend == "postgresql":
+            assert all("Execution Time" in plan["plan"][-1] for plan in figures["plans"])

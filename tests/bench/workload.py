@@ -114,6 +114,7 @@ class WorkerPool:
     logs: Path
     concurrency: int = CONCURRENCY
     poll_interval: float = POLL_INTERVAL
+    queues: tuple[str, ...] = ("default",)
 
     def __post_init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -148,6 +149,7 @@ class WorkerPool:
             str(self.poll_interval),
             "--log-format",
             "json",
+            *(option for queue in self.queues for option in ("--queue", queue)),
         ]
 
     def _popen_options(self, log: Any) -> dict[str, Any]:
@@ -189,9 +191,11 @@ def _peak_rss_kib(pid: int) -> int:
 
 
 @contextmanager
-def running_workers(url: str, count: int, logs: Path) -> Iterator[WorkerPool]:
-    """Started workers (all of them ready), stopped at the end whatever happens."""
-    pool = WorkerPool(url, count, logs)
+def running_workers(
+    url: str, count: int, logs: Path, queues: tuple[str, ...] = ("default",)
+) -> Iterator[WorkerPool]:
+    """Started workers (all of them ready) of ``queues``, stopped at the end whatever happens."""
+    pool = WorkerPool(url, count, logs, queues=queues)
     try:
         pool.start()
         yield pool

@@ -1,4 +1,4 @@
-"""Version 4: fs_nodes.input dropped; PostgreSQL vacuums the queue tables often (frozen, see v1).
+"""Version 4: fs_nodes.input dropped; queue tables vacuumed often; claim and lease indexes (frozen, see v1).
 
 fs_nodes.input held a copy of ctx.data in every node. Since version 3's code
 rebuilds ctx.data from the run's input and the outputs of the completed steps,
@@ -13,6 +13,10 @@ with no cost delay, instead of at 20 % and throttled (see schema.AUTOVACUUM_OFTE
 fs_nodes_status_lease is built again as a partial index of the PENDING and
 RUNNING nodes only, so a finishing node writes no entry into it (one scan of
 fs_nodes, inside the migration's transaction, like the column drop).
+
+PostgreSQL and SQLite: fs_nodes_runnable_in_order, the pending nodes in claim
+order whatever their queue, so a worker of several queues claims without
+sorting every due node (see schema.py).
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ UNFINISHED_LEASES = (
     "CREATE INDEX fs_nodes_status_lease ON fs_nodes (status, lease_expires_at) "
     "WHERE status IN ('PENDING', 'RUNNING')"
 )
+RUNNABLE_IN_ORDER = (
+    "CREATE INDEX fs_nodes_runnable_in_order ON fs_nodes (priority, run_after, id)"
+    " WHERE status = 'PENDING'"
+)
 
 
 def apply(conn: Connection) -> None:
@@ -39,6 +47,8 @@ def apply(conn: Connection) -> None:
             conn.exec_driver_sql(f"ALTER TABLE {table} SET ({AUTOVACUUM})")
         conn.exec_driver_sql("DROP INDEX fs_nodes_status_lease")
         conn.exec_driver_sql(UNFINISHED_LEASES)
+    if conn.dialect.name in ("postgresql", "sqlite"):
+        conn.exec_driver_sql(RUNNABLE_IN_ORDER)
 
 
 def _require_drop_column() -> None:
