@@ -69,6 +69,10 @@ class PreparedStatement:
         arguments = ", ".join(f"%({name})s" for name in order)
         object.__setattr__(self, "_execute", f"EXECUTE {self.name} ({arguments})")
 
+    def sent_as(self, statement: str) -> bool:
+        """Whether ``statement``, as it reached the driver, is this one (prepared or plain)."""
+        return statement == self.text or statement.endswith(self._execute)
+
     def execute(
         self, conn: Connection, values: Mapping[str, Any], *, prepare: bool = True
     ) -> CursorResult[*tuple[Any, ...]]:

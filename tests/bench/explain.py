@@ -56,13 +56,18 @@ class Caught:
     rescue: Sent | None = None
 
 
+# PostgreSQL's claim is one prepared statement (sql_prepared.py), sent as
+# EXECUTE: it is recognised by its text and explained as its plain text.
+_PG_CLAIMS = {
+    "claim (one statement, one queue)": sql_claim.CLAIM_PG_ONE_QUEUE,
+    "claim (one statement, several queues)": sql_claim.CLAIM_PG_QUEUES,
+}
+
+
 def claim_roles(dialect: Dialect) -> dict[int, str]:
     """The prebuilt claim constructs of ``dialect`` (by identity), each with its role."""
     if dialect.name == "postgresql":
-        return {
-            id(sql_claim.CLAIM_PG_ONE_QUEUE): "claim (one statement, one queue)",
-            id(sql_claim.CLAIM_PG_QUEUES): "claim (one statement, several queues)",
-        }
+        return {}
     built = sql_claim.statements(dialect)
     return {
         id(built.sqlite_precheck): "claim: anything due? (SQLite)",
@@ -85,7 +90,12 @@ def catching(engine: sa.Engine, dialect: Dialect, caught: Caught) -> Iterator[Ca
         role = roles.get(id(construct))
         if role is not None:
             caught.claim.setdefault(role, Sent(role, statement, parameters))
-        elif _RESCUE_MARK in statement and statement.lstrip().upper().startswith("SELECT"):
+            return
+        for role, claim in _PG_CLAIMS.items():
+            if claim.sent_as(statement):
+                caught.claim.setdefault(role, Sent(role, claim.text, parameters))
+                return
+        if _RESCUE_MARK in statement and statement.lstrip().upper().startswith("SELECT"):
             caught.rescue = caught.rescue or Sent("rescue: expired leases", statement, parameters)
 
     sa.event.listen(engine, "before_cursor_execute", record)

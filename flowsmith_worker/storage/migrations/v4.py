@@ -1,4 +1,4 @@
-"""Version 4: fs_nodes.input dropped; queue tables vacuumed often; claim and lease indexes (frozen, see v1).
+"""Version 4: fs_nodes.input dropped; queue tables vacuumed often; claim and lease indexes.
 
 fs_nodes.input held a copy of ctx.data in every node. Since version 3's code
 rebuilds ctx.data from the run's input and the outputs of the completed steps,
