@@ -22,9 +22,11 @@ import sqlalchemy as sa
 from django.conf import settings
 from django.db import connections, transaction
 
-from flowsmith_worker import Flow, FlowAlreadyCompleted, FlowSmithError, Worker
+from flowsmith_worker import Flow, FlowAlreadyCompleted, Worker
+from flowsmith_worker.errors import ConnectionNotUsable
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Storage
+from flowsmith_worker.storage.lent import lend
 from tests.servers import DatabaseServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +170,7 @@ def test_the_storage_must_be_on_the_connections_database(
     naming both, and nothing is written."""
     flow = _notify_flow(unique, databases["lite"])
     tracking_id = unique("run")
-    with pytest.raises(FlowSmithError, match=r"connection= is on postgresql but .* on sqlite"):
+    with pytest.raises(ConnectionNotUsable, match=r"connection= is on postgresql but .* on sqlite"):
         flow.run({}, tracking_id=tracking_id, connection=connections["default"])
     assert databases["default"].get_flow(tracking_id=tracking_id) is None
     assert databases["lite"].get_flow(tracking_id=tracking_id) is None
@@ -180,7 +182,9 @@ def test_a_connection_of_another_kind_is_refused_saying_what_is_taken(
     """connection= given something else (a DBAPI connection) says what it takes."""
     flow = _notify_flow(unique, databases["lite"])
     connections["lite"].ensure_connection()
-    with pytest.raises(TypeError, match=r"SQLAlchemy Connection .* or a Django connection"):
+    with pytest.raises(
+        ConnectionNotUsable, match=r"SQLAlchemy Connection .* or a Django connection"
+    ):
         flow.run({}, connection=connections["lite"].connection)
 
 
@@ -235,3 +239,14 @@ def test_django_on_psycopg2_commits_and_rolls_back_the_run_too(
         postgres_server.drop_database(name)
     assert done.returncode == 0, done.stderr
     assert "outcome: COMPLETED None" in done.stdout.splitlines()
+
+
+def test_a_driver_that_cannot_be_lent_is_named() -> None:
+    """A DBAPI connection of a driver FlowSmith has no lent dialect for (mysql-connector:
+    Django's MySQL backend uses mysqlclient) is refused, naming the drivers it takes."""
+    import mysql.connector.connection
+
+    unconnected = mysql.connector.connection.MySQLConnection()
+    taken = r"holds a mysql connection .* psycopg, psycopg2, sqlite3"
+    with pytest.raises(ConnectionNotUsable, match=taken), lend(unconnected):
+        pass

@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import Connection, Engine
 
-from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.errors import ConnectionNotUsable
 from flowsmith_worker.storage.dialects import Dialect, dialect_of
 
 # The DBAPI connection lent to the current thread (or task): what the engines'
@@ -59,6 +59,7 @@ class LentPsycopg2(_OwnedByTheLender, PGDialect_psycopg2):
     supports_statement_cache = True  # its SQL is the dialect's own: cacheable
 
 
+# type: ignore: mypy sees SQLAlchemy's SQLite dialect class as Any (its module is untyped).
 class LentSqlite(_OwnedByTheLender, SQLiteDialect_pysqlite):  # type: ignore[misc]
     supports_statement_cache = True  # its SQL is the dialect's own: cacheable
 
@@ -95,7 +96,7 @@ def _engine_for(dbapi_connection: Any) -> Engine:
     """One engine per driver: NullPool, so each use "connects" to the connection lent now."""
     driver = type(dbapi_connection).__module__.split(".")[0]
     if driver not in _DIALECTS:
-        raise FlowSmithError(
+        raise ConnectionNotUsable(
             f"connection= holds a {driver} connection ({type(dbapi_connection).__name__}): "
             f"FlowSmith can write in the transactions of {', '.join(sorted(_DIALECTS))} "
             "connections; pass a SQLAlchemy Connection to enqueue on another driver"
@@ -120,7 +121,7 @@ def callers_transaction(connection: Any, storage_dialect: Dialect) -> Iterator[C
     """
     with _as_sqlalchemy(connection) as conn:
         if dialect_of(conn) != storage_dialect:
-            raise FlowSmithError(
+            raise ConnectionNotUsable(
                 f"connection= is on {dialect_of(conn).name} but this flow's storage is on "
                 f"{storage_dialect.name}: configure() the storage on the database that "
                 "connection belongs to (or pass Flow(..., storage=...))"
@@ -135,7 +136,7 @@ def _as_sqlalchemy(connection: Any) -> contextlib.AbstractContextManager[Connect
 
     if django.is_django_connection(connection):
         return django.transaction_of(connection)
-    raise TypeError(
+    raise ConnectionNotUsable(
         f"connection= takes the SQLAlchemy Connection of your transaction, or a Django "
         f"connection (django.db.connection, connections[alias]), not "
         f"{type(connection).__module__}.{type(connection).__qualname__}"
