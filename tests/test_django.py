@@ -119,15 +119,18 @@ def test_a_run_enqueued_in_an_atomic_block_commits_with_it_and_a_worker_runs_it(
 def test_a_rolled_back_block_leaves_neither_the_order_nor_the_run(
     databases: dict[str, Storage], alias: str, unique: Callable[[str], str]
 ) -> None:
-    """An exception that rolls the atomic block back takes the enqueued run with it."""
+    """An exception that rolls the atomic block back takes the enqueued runs with it
+    (one by run, a batch by run_many)."""
     storage = databases[alias]
     flow = _notify_flow(unique, storage)
     order_id = unique("order")
+    batch = [f"{order_id}:{n}" for n in range(3)]
     with pytest.raises(RuntimeError, match="payment declined"), transaction.atomic(using=alias):
         _save_order(alias, order_id)
         flow.run({"order": order_id}, tracking_id=order_id, connection=connections[alias])
+        flow.run_many([{}] * 3, tracking_ids=batch, connection=connections[alias])
         raise RuntimeError("payment declined")
-    assert storage.get_flow(tracking_id=order_id) is None
+    assert all(storage.get_flow(tracking_id=t) is None for t in [order_id, *batch])
     assert not _order_saved(alias, order_id)
     assert connections[alias].get_autocommit()  # Django's connection is as Django left it
 

@@ -5,8 +5,10 @@ flowsmith_worker.contrib.django) holds a DBAPI connection of its own driver
 (psycopg 3, psycopg2, sqlite3), which SQLAlchemy cannot take as a Connection:
 ``lend`` wraps it in one. Its transaction stays the owner's: the dialects
 below never commit, roll back or close the DBAPI connection they are lent,
-and set nothing on it when they first see it (no type registrations, no
-isolation level), so the owner finds its connection as it left it.
+and set nothing on it (no type registrations, no isolation level), so the
+owner finds its connection as it left it. The first use of a driver in a
+process only reads the server's version and settings on it, as SQLAlchemy
+does on its first connection.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class _OwnedByTheLender:
         pass  # the lender's connection outlives ours
 
     def do_terminate(self, dbapi_connection: Any) -> None:
-        pass
+        pass  # nor is a connection SQLAlchemy finds broken ours to end
 
 
 class LentPsycopg(_OwnedByTheLender, PGDialect_psycopg):
@@ -59,7 +61,7 @@ class LentPsycopg2(_OwnedByTheLender, PGDialect_psycopg2):
     supports_statement_cache = True  # its SQL is the dialect's own: cacheable
 
 
-# type: ignore: mypy sees SQLAlchemy's SQLite dialect class as Any (its module is untyped).
+# The ignore: mypy sees SQLAlchemy's SQLite dialect class as Any (its module is untyped).
 class LentSqlite(_OwnedByTheLender, SQLiteDialect_pysqlite):  # type: ignore[misc]
     supports_statement_cache = True  # its SQL is the dialect's own: cacheable
 
@@ -120,9 +122,10 @@ def callers_transaction(connection: Any, storage_dialect: Dialect) -> Iterator[C
     connection points, and only the storage's workers would run it.
     """
     with _as_sqlalchemy(connection) as conn:
-        if dialect_of(conn) != storage_dialect:
+        on = dialect_of(conn)
+        if on != storage_dialect:
             raise ConnectionNotUsable(
-                f"connection= is on {dialect_of(conn).name} but this flow's storage is on "
+                f"connection= is on {on.name} but this flow's storage is on "
                 f"{storage_dialect.name}: configure() the storage on the database that "
                 "connection belongs to (or pass Flow(..., storage=...))"
             )
@@ -132,6 +135,7 @@ def callers_transaction(connection: Any, storage_dialect: Dialect) -> Iterator[C
 def _as_sqlalchemy(connection: Any) -> contextlib.AbstractContextManager[Connection]:
     if isinstance(connection, Connection):
         return contextlib.nullcontext(connection)
+    # Here, not at the top: contrib.django imports this module (for lend).
     from flowsmith_worker.contrib import django
 
     if django.is_django_connection(connection):

@@ -130,6 +130,7 @@ class SqlBase:
         """
         with self._errors():
             if connection is not None:
+                # Imported on first use: the worker and most enqueues never pass one.
                 from flowsmith_worker.storage.lent import callers_transaction
 
                 with callers_transaction(connection, self.dialect) as conn:
