@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,17 +17,36 @@ from flowsmith_worker import __version__
 REPO = Path(__file__).resolve().parents[1]
 
 
+def container_build_sources() -> list[str]:
+    """What deploy/Containerfile's build stage copies from the checkout to `pip install .`."""
+    sources: list[str] = []
+    for line in (REPO / "deploy" / "Containerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not words[1].startswith("--from"):
+            sources.extend(words[1:-1])
+    return sources
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The wheel built from this checkout, and what the build printed.
+    """The wheel, and what its build printed.
 
-    Without build isolation: the build backend (setuptools, a dev dependency)
-    comes from this venv, so the test needs no network.
+    Built from the files the container build copies, and only those: so that build
+    (`pip install .` in deploy/Containerfile) has all it needs. Without build
+    isolation: the build backend (setuptools, a dev dependency) comes from this venv,
+    so the test needs no network.
     """
+    source = tmp_path_factory.mktemp("source")
+    caches = shutil.ignore_patterns("__pycache__")
+    for name in container_build_sources():
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=caches)
+        else:
+            shutil.copy(REPO / name, source / name)
     out = tmp_path_factory.mktemp("dist")
     done = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out)],
-        cwd=REPO,
+        cwd=source,
         capture_output=True,
         text=True,
         timeout=300,
