@@ -35,9 +35,12 @@ install: $(STAMP) ## create .venv and install the package (the runtime, no dev t
 
 dev: $(DEV_STAMP) ## install the package with its dev tools (tests, lint, bench, build)
 
-dist: $(DEV_STAMP) ## build the sdist and the wheel into dist/
+# Needs only `build` (in the dev tools too): packaging needs no linters.
+dist: $(STAMP) ## build the sdist and the wheel into dist/
+	$(BIN)/pip install --quiet build
 	rm -rf dist
-	$(BIN)/python -m build --outdir dist
+	$(BIN)/python -m build --quiet --outdir dist
+	@ls -1 dist
 
 demo: $(STAMP) ## run the demo on SQLite: flaky APIs, a worker SIGKILLed mid-run
 	$(BIN)/flowsmith demo
