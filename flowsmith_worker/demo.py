@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import click
 from flowsmith_worker.examples.orders import order_flow
 from flowsmith_worker.log import setup_logging
 from flowsmith_worker.storage import create_storage
-from flowsmith_worker.storage.base import FlowStatus, Stats, Storage
+from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Stats, Storage
 
 DEMO_LEASE_SECONDS = 3
 DEMO_CONCURRENCY = 8
@@ -90,11 +91,11 @@ def _finished(stats: Stats) -> int:
     return counts.get(FlowStatus.COMPLETED, 0) + counts.get(FlowStatus.FAILED, 0)
 
 
+_ENDED_STEPS = (NodeStatus.COMPLETED, NodeStatus.FAILED, NodeStatus.SKIPPED, NodeStatus.CANCELLED)
+
+
 def _steps_ended(stats: Stats) -> int:
     return sum(stats.nodes_by_status.get(status, 0) for status in _ENDED_STEPS)
-
-
-_ENDED_STEPS = ("COMPLETED", "FAILED", "SKIPPED", "CANCELLED")
 
 
 @dataclass
@@ -156,13 +157,13 @@ def _watch(storage: Storage, flow_count: int, workers: list[subprocess.Popen[byt
                 victim = workers[0]
                 victim.send_signal(signal.SIGKILL)
                 killed = True
-                print_above_the_bar(
+                _print_above_the_bar(
                     f"  SIGKILL -> worker 1 (pid {victim.pid}) in the middle of its steps; "
                     f"the others rescue them once the {DEMO_LEASE_SECONDS} s lease expires."
                 )
 
 
-def print_above_the_bar(text: str) -> None:
+def _print_above_the_bar(text: str) -> None:
     """``text`` on a line of its own, the progress bar drawn again under it at its next update.
 
     On a terminal the bar's line is cleared first: ending it with a newline
@@ -186,19 +187,19 @@ def _summary(stats: Stats, elapsed: float, url: str) -> None:
     click.echo(f"  rescued steps     {stats.rescues}  (in flight on the killed worker)")
     click.echo(f"  steps per second  {completed_steps / elapsed:.0f}  ({elapsed:.1f} s wall clock)")
     click.echo("")
-    command = flowsmith_command()
+    command = _flowsmith_command()
     click.echo(f"What happened to one order?   {command} status order_00042 --url {url}")
     click.echo(f"And to all of them?           {command} stats --url {url}")
 
 
-def flowsmith_command() -> str:
+def _flowsmith_command() -> str:
     """`flowsmith` as the user's shell can run it: the script of this venv, by its path,
     unless PATH already finds that script (the venv is active)."""
     script = Path(sys.executable).parent / "flowsmith"
     if not script.exists():  # not installed as a script: run as `python -m flowsmith_worker`
-        return f"{sys.executable} -m flowsmith_worker"
+        return f"{shlex.quote(sys.executable)} -m flowsmith_worker"
     found = shutil.which("flowsmith")
     if found and Path(found).resolve() == script.resolve():
         return "flowsmith"
     relative = os.path.relpath(script)
-    return relative if not relative.startswith("..") else str(script)
+    return shlex.quote(relative if not relative.startswith("..") else str(script))
