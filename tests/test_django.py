@@ -22,8 +22,7 @@ import sqlalchemy as sa
 from django.conf import settings
 from django.db import connections, transaction
 
-from flowsmith_worker import Flow, FlowAlreadyCompleted, Worker
-from flowsmith_worker.errors import ConnectionNotUsable
+from flowsmith_worker import ConnectionNotUsable, Flow, FlowAlreadyCompleted, Worker
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Storage
 from flowsmith_worker.storage.lent import lend
