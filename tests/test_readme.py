@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,41 @@ def test_the_readme_examples_pass_mypy_strict(tmp_path: Path) -> None:
         ],
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+SHELL_BLOCK = re.compile(r"```bash\n(.*?)```", re.DOTALL)
+MAKE_TARGET = re.compile(r"^([a-z-]+):", re.MULTILINE)
+
+
+def shell_commands() -> list[list[str]]:
+    """The README's shell lines, as words, comments left out."""
+    lines = "\n".join(SHELL_BLOCK.findall(README.read_text())).splitlines()
+    return [shlex.split(line, comments=True) for line in lines if line.strip()]
+
+
+def test_the_readme_names_only_make_targets_that_exist() -> None:
+    """Every `make TARGET` the README shows is a target of the Makefile."""
+    targets = set(MAKE_TARGET.findall((REPO / "Makefile").read_text()))
+    shown = [words for words in shell_commands() if words[0] == "make"]
+    assert shown
+    for words in shown:
+        named = [
+            w for i, w in enumerate(words[1:], 1) if not w.startswith("-") and words[i - 1] != "-C"
+        ]
+        assert set(named) <= targets, f"README: {' '.join(words)}"
+
+
+def test_the_readme_names_only_flowsmith_commands_and_options_that_exist() -> None:
+    """Every `flowsmith COMMAND --option` the README shows is in that command's --help."""
+    shown = [words for words in shell_commands() if words[0] == "flowsmith"]
+    assert shown
+    for words in shown:
+        command = [w for w in words[1:2] if not w.startswith("-")]
+        done = subprocess.run(
+            [sys.executable, "-m", "flowsmith_worker", *command, "--help"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, f"README: {' '.join(words)}\n{done.stderr}"
+        for option in (w for w in words if w.startswith("--")):
+            assert option in done.stdout, f"README: {' '.join(words)}: no {option}"
