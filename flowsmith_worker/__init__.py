@@ -5,6 +5,7 @@ from __future__ import annotations
 from flowsmith_worker.config import configure
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
+    ConnectionNotUsable,
     CorruptRow,
     DatabaseUnavailable,
     DuplicateFlowName,
@@ -41,6 +42,7 @@ from flowsmith_worker.version import __version__
 from flowsmith_worker.worker import Worker
 
 __all__ = [
+    "ConnectionNotUsable",
     "Context",
     "CorruptRow",
     "DatabaseUnavailable",

@@ -38,6 +38,11 @@ class UnsupportedDatabase(FlowSmithError):
     """This database server lacks a feature FlowSmith needs: upgrade it."""
 
 
+class ConnectionNotUsable(FlowSmithError, TypeError):
+    """connection= cannot take this: pass the SQLAlchemy Connection or the Django connection
+    of your transaction, on the database of the flow's storage. Nothing was written."""
+
+
 class DuplicateFlowName(FlowSmithError):
     """Two different flows were defined with the same name."""
 

@@ -205,8 +205,9 @@ class Flow:
     ) -> FlowRun:
         """Enqueue a run durably and return its handle at once.
 
-        With ``connection`` (the application's SQLAlchemy Connection) the run
-        commits or rolls back with the application's own writes. ``delay``
+        With ``connection`` (the application's SQLAlchemy Connection, or a Django
+        connection: see flowsmith_worker.contrib.django) the run commits or rolls
+        back with the application's own writes. ``delay``
         (seconds) or ``run_at`` (a timezone-aware datetime) holds its first
         step back until then.
         """

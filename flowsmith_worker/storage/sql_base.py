@@ -123,11 +123,18 @@ class SqlBase:
                 ) from exc
             raise
 
-    def _transact(self, work: Callable[[Connection], T], connection: Connection | None = None) -> T:
-        """Run ``work`` in a transaction of ours, or inside the caller's own."""
+    def _transact(self, work: Callable[[Connection], T], connection: Any = None) -> T:
+        """Run ``work`` in a transaction of ours, or inside the caller's own.
+
+        ``connection``: the caller's SQLAlchemy Connection or Django connection.
+        """
         with self._errors():
             if connection is not None:
-                return work(connection)
+                # Imported on first use: the worker and most enqueues never pass one.
+                from flowsmith_worker.storage.lent import callers_transaction
+
+                with callers_transaction(connection, self.dialect) as conn:
+                    return work(conn)
             try:  # the usual case: no retry machinery built for it
                 with self._writer_turn, self.engine.begin() as conn:
                     return work(conn)
