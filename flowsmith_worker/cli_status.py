@@ -99,9 +99,9 @@ def render_run(snapshot: Snapshot, wide: bool) -> str:
 def _run_lines(snapshot: Snapshot, wide: bool) -> list[str]:
     flow, now = snapshot.flow, snapshot.now
     lines = [
-        ("Run", printable(flow.tracking_id)),
-        ("Flow", f"{printable(flow.flow_name)} (queue {printable(flow.queue)})"),
-        ("Status", paint(status_cell(flow))),
+        ("Run", flow.tracking_id),
+        ("Flow", f"{flow.flow_name} (queue {flow.queue})"),
+        ("Status", status_cell(flow)),
         ("Created", format_both(flow.created_at, now)),
     ]
     starts = _delayed_start(snapshot)
@@ -110,10 +110,17 @@ def _run_lines(snapshot: Snapshot, wide: bool) -> list[str]:
     if flow.finished_at is not None:
         took = format_duration(elapsed(flow.created_at, flow.finished_at))
         lines.append(("Finished", f"{format_both(flow.finished_at, now)}, after {took}"))
-    error = printable(last_line(flow.error))
-    if error:
-        lines.append(("Error", error if wide else clip(error, TABLE_WIDTH - LABEL_WIDTH)))
-    return [f"{label:<{LABEL_WIDTH}}{value}" for label, value in lines]
+    if flow.error:
+        lines.append(("Error", last_line(flow.error)))
+    return [f"{label:<{LABEL_WIDTH}}{_value(value, wide)}" for label, value in lines]
+
+
+def _value(value: object, wide: bool) -> str:
+    """A value of the run's lines, printable, cut to fit TABLE_WIDTH unless ``wide``."""
+    if isinstance(value, Styled):
+        return paint(value)
+    text = printable(str(value))
+    return text if wide else clip(text, TABLE_WIDTH - LABEL_WIDTH)
 
 
 def _delayed_start(snapshot: Snapshot) -> float | None:
