@@ -46,6 +46,7 @@ from tests.conftest import eventually
 Names = Callable[[str], str]
 
 OPERATOR_COMMANDS = [
+    "enqueue",
     "status",
     "flows",
     "retry",
