@@ -13,11 +13,9 @@ import click
 import sqlalchemy as sa
 
 from flowsmith_worker import payload
-from flowsmith_worker.cli_format import printable
+from flowsmith_worker.cli_format import QueueNames, printable
 from flowsmith_worker.config import configure, redact, resolve_database_url
-from flowsmith_worker.errors import FlowSmithError, InvalidIdentifier
-from flowsmith_worker.flow import MAX_QUEUE_LENGTH
-from flowsmith_worker.identifiers import check_identifier
+from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.log import setup_logging
 from flowsmith_worker.metrics import DEFAULT_METRICS_HOST, serve
 from flowsmith_worker.signals import stop_on_signals
@@ -88,25 +86,11 @@ def environment_variable(option: click.Option) -> str:
     return ENV_PREFIX + name.upper().replace("-", "_")
 
 
-def split_queues(
-    _ctx: click.Context, _param: click.Parameter, values: Sequence[str]
+def unique_queues(
+    _ctx: click.Context, _param: click.Parameter, values: Sequence[tuple[str, ...]]
 ) -> tuple[str, ...]:
-    """--queue a,b is two queues (as Celery's -Q a,b), and so is --queue a --queue b."""
-    queues: list[str] = []
-    for value in values:
-        for name in value.split(","):
-            if not name.strip():
-                raise click.BadParameter(
-                    f"{value!r} holds an empty queue name: give names separated by commas, "
-                    "e.g. --queue emails,default"
-                )
-            try:
-                check_identifier("a queue name", name.strip(), MAX_QUEUE_LENGTH)
-            except InvalidIdentifier as exc:
-                raise click.BadParameter(str(exc)) from None
-            if name.strip() not in queues:
-                queues.append(name.strip())
-    return tuple(queues)
+    """--queue a,b --queue c: the queues named, each once, in their order."""
+    return tuple(dict.fromkeys(name for names in values for name in names))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -169,10 +153,10 @@ def migrate(url: str | None) -> None:
     "--queue",
     "queues",
     multiple=True,
+    type=QueueNames(),
     default=(DEFAULT_QUEUE,),
     show_default=True,
-    callback=split_queues,
-    metavar="NAME[,NAME...]",
+    callback=unique_queues,
     help="Queues to take steps from: a,b is two (the option may also be repeated).",
 )
 @click.option(
@@ -208,8 +192,8 @@ def migrate(url: str | None) -> None:
     default=None,
     metavar="BYTES",
     help="Largest step output (and run data) stored, as JSON; a larger one fails its "
-    f"step at once. Default: ${payload.MAX_PAYLOAD_BYTES_ENV_VAR}, else "
-    f"{payload.DEFAULT_MAX_PAYLOAD_BYTES // payload.MiB} MiB (fits MariaDB's default "
+    f"step at once. Default: {payload.DEFAULT_MAX_PAYLOAD_BYTES // payload.MiB} MiB "
+    "(fits MariaDB's default "
     "16 MiB max_allowed_packet).",
 )
 @click.option(

@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from flowsmith_worker.errors import InvalidIdentifier
+from flowsmith_worker.flow import MAX_QUEUE_LENGTH
+from flowsmith_worker.identifiers import check_identifier
+
 # Re-exported: the CLI's modules import it from here.
 from flowsmith_worker.terminal import printable as printable
 
 WORKER_ID_WIDTH = 8
-ERROR_WIDTH = 72
 
 
 # -- parameters ---------------------------------------------------------------
@@ -69,9 +72,11 @@ class Ago:
 if TYPE_CHECKING:
     _FloatParam = click.ParamType[float]
     _MomentParam = click.ParamType[Ago | float]
+    _NamesParam = click.ParamType[tuple[str, ...]]
 else:
     _FloatParam = click.ParamType
     _MomentParam = click.ParamType
+    _NamesParam = click.ParamType
 
 
 class Duration(_FloatParam):
@@ -117,6 +122,36 @@ class Since(_MomentParam):
                 ctx,
             )
         return moment
+
+
+class QueueNames(_NamesParam):
+    """Queue names separated by commas, as Celery's -Q a,b: a tuple of names."""
+
+    name = "NAME[,NAME...]"
+
+    def split_envvar_value(self, rv: str) -> Sequence[str]:
+        # Commas separate the names in the environment too: "a, b" is two queues.
+        return [rv]
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(name.strip() for name in str(value).split(","))
+        if not all(names):
+            self.fail(
+                f"{value!r} holds an empty queue name: give names separated by commas, "
+                "e.g. emails,default",
+                param,
+                ctx,
+            )
+        for name in names:
+            try:
+                check_identifier("a queue name", name, MAX_QUEUE_LENGTH)
+            except InvalidIdentifier as exc:
+                self.fail(str(exc), param, ctx)
+        return names
 
 
 def json_option(fn: Any) -> Any:
@@ -225,7 +260,8 @@ def last_line(text: str | None) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def clip(text: str, width: int = ERROR_WIDTH) -> str:
+def clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, its end replaced by '...' when cut."""
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
