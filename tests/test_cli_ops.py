@@ -34,6 +34,7 @@ from flowsmith_worker.cli_format import (
 )
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
+    FlowFilter,
     FlowRecord,
     FlowStatus,
     NodeStatus,
@@ -259,6 +260,8 @@ def test_flows_filters_by_status_flow_since_and_limit(db: Db, unique: Names) -> 
         return [f["tracking_id"] for f in cli_json(db.url, "flows", *args)["flows"]]
 
     assert ids() == [a2, b1, a1]
+    for listed in cli_json(db.url, "flows")["flows"]:  # times in ISO-8601, UTC
+        assert iso_seconds(listed["finished_at"]) >= iso_seconds(listed["created_at"])
     assert ids("--status", "FAILED") == [b1]
     assert ids("--status", "completed") == [a2, a1]
     assert ids("--flow", alpha.name) == [a2, a1]
@@ -545,6 +548,38 @@ def test_prune_deletes_old_finished_runs_and_their_nodes_in_batches(
     again = cli(db.url, "prune", "--older-than", "1h")
     assert again.exit_code == 0, again.output
     assert "Pruned 0 finished flow run(s)" in again.stdout
+
+
+def test_prune_dry_run_counts_what_prune_deletes_and_deletes_nothing(db: Db, unique: Names) -> None:
+    """prune --dry-run counts the runs that would go (an old run's finished subflow too;
+    a pending run and recently finished ones not) and deletes nothing; prune then
+    deletes exactly that many."""
+    child = Flow(unique("child"), storage=db.storage).step("c", ok)
+    parent = Flow(unique("parent"), storage=db.storage).step("p", ok).subflow("sub", child)
+    bad = Flow(unique("bad"), storage=db.storage).step("only", doomed)
+    parked = Flow(unique("parked"), storage=db.storage, queue="parked").step("only", ok)
+    parent.run(tracking_id=unique("old"))
+    bad.run(tracking_id=unique("old"))
+    parked.run(tracking_id=unique("pending"))
+    drain(db.storage)
+    time.sleep(1.3)
+    parent.run(tracking_id=unique("recent"))
+    drain(db.storage)
+
+    def stored() -> int:
+        return len(db.storage.list_flows(where=FlowFilter(limit=100)))
+
+    assert stored() == 6  # old: parent, its child, bad; pending; recent: parent, its child
+    data = cli_json(db.url, "prune", "--older-than", "1s", "--dry-run")
+    assert data == {"would_prune": 3, "older_than_seconds": 1.0, "dry_run": True}
+    said = cli(db.url, "prune", "--older-than", "1s", "--dry-run")
+    assert said.exit_code == 0, said.output
+    assert "Would prune 3 finished flow run(s)" in said.stdout
+    assert "Nothing was deleted (--dry-run)" in said.stdout
+    assert stored() == 6
+    assert cli_json(db.url, "prune", "--older-than", "1s")["pruned"] == 3
+    assert stored() == 3
+    assert cli_json(db.url, "prune", "--older-than", "1s", "--dry-run")["would_prune"] == 0
 
 
 # -- stats, queue-limit, workers ---------------------------------------------------------------
