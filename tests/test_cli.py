@@ -452,6 +452,40 @@ def test_a_worker_configured_from_the_environment_alone(sqlite_app: App) -> None
     assert "cannot import module 'no_such_module_from_env'" in done.stderr
 
 
+# Python leaves SIGINT ignored in a process started with it ignored (a background job
+# of a script, as CI runs us): the child installs the usual Ctrl-C handler itself.
+RUN_WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('flowsmith_worker', run_name='__main__')"
+)
+
+
+def test_ctrl_c_ends_status_watch_quietly(sqlite_app: App) -> None:
+    """SIGINT (Ctrl-C) to a real `flowsmith status --watch` of a pending run ends it with
+    exit code 130 and nothing on stderr: no traceback, no "Aborted!"."""
+    run = mirror(sqlite_app.name, sqlite_app.storage, ("slow", 0)).run({})
+    command = ["status", run.tracking_id, "--watch", "--url", sqlite_app.url]
+    watch = subprocess.Popen(
+        [sys.executable, "-c", RUN_WITH_CTRL_C, *command],
+        cwd=sqlite_app.dir,
+        env=dict(sqlite_app.env, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stdout is not None
+        assert watch.stdout.readline().startswith("Run "), "the run is shown first"
+        watch.send_signal(signal.SIGINT)
+        _, stderr = watch.communicate(timeout=15)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
+    assert watch.returncode == 130, stderr
+    assert stderr == ""
+
+
 # --------------------------------------------------------------------------- signals
 
 
