@@ -13,7 +13,8 @@ import click
 import sqlalchemy as sa
 
 from flowsmith_worker import payload
-from flowsmith_worker.cli_format import QueueNames, printable
+from flowsmith_worker.cli_format import printable
+from flowsmith_worker.cli_params import QueueNames
 from flowsmith_worker.config import configure, redact, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.log import setup_logging

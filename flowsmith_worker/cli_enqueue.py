@@ -18,7 +18,6 @@ import click
 from flowsmith_worker import registry
 from flowsmith_worker.cli import MODULES_ENV_VAR, import_modules, main, url_option
 from flowsmith_worker.cli_format import (
-    Duration,
     echo,
     echo_json,
     format_duration,
@@ -26,6 +25,7 @@ from flowsmith_worker.cli_format import (
     printable,
 )
 from flowsmith_worker.cli_ops import EXIT_NOT_FOUND, EXIT_TAKEN, open_storage
+from flowsmith_worker.cli_params import Duration
 from flowsmith_worker.errors import (
     FlowAlreadyCompleted,
     InvalidIdentifier,

@@ -30,9 +30,6 @@ from flowsmith_worker.cli import main, url_option
 from flowsmith_worker.cli_format import (
     TABLE_WIDTH,
     UNREADABLE_CELL,
-    Ago,
-    Duration,
-    Since,
     Styled,
     echo,
     echo_json,
@@ -47,6 +44,7 @@ from flowsmith_worker.cli_format import (
     short_worker,
     status_text,
 )
+from flowsmith_worker.cli_params import Ago, Duration, Since
 from flowsmith_worker.config import resolve_database_url
 from flowsmith_worker.errors import (
     FlowNotFound,

@@ -17,7 +17,6 @@ import click
 from flowsmith_worker.cli import main, url_option
 from flowsmith_worker.cli_format import (
     TABLE_WIDTH,
-    Duration,
     Styled,
     clip,
     echo,
@@ -45,6 +44,7 @@ from flowsmith_worker.cli_ops import (
     status_cell,
     wide_option,
 )
+from flowsmith_worker.cli_params import Duration
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     FlowRecord,
