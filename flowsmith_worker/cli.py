@@ -78,7 +78,7 @@ class EnvironmentCommand(click.Command):
                 continue
             if param.envvar is None:
                 param.envvar = environment_variable(param)
-                param.show_envvar = True
+            param.show_envvar = True
 
 
 def environment_variable(option: click.Option) -> str:

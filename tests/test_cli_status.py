@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -172,6 +173,25 @@ def test_a_delayed_run_and_a_step_waiting_for_its_retry_say_when_they_start(
     first = row_of(waiting.stdout, "first")
     assert first[2:4] == ["PENDING", "1/2"]
     assert re.fullmatch(r"in (1m5\ds|2m00s)", " ".join(first[4:6]))
+
+
+def test_relative_times_count_from_the_database_clock_not_this_hosts(
+    db: Db, unique: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With this host's clock two hours ahead, a run created just now is still "Ns ago"
+    in `flows` and a run delayed by 10 minutes still starts "in 10m" in `status`: the
+    stored times and "now" both come from the database clock."""
+    flow = Flow(unique("clock"), storage=db.storage).step("only", ok)
+    recent, delayed = unique("recent"), unique("delayed")
+    flow.run(tracking_id=recent)
+    flow.run(tracking_id=delayed, delay=600)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 7200)
+
+    listed = row_of(cli(db.url, "flows").stdout, recent)
+    assert re.fullmatch(r"\d+s", listed[3]) and listed[4] == "ago", listed
+    starts = run_line(cli(db.url, "status", delayed).stdout, "Starts")
+    assert re.fullmatch(r".*\(in (9m5\ds|10m00s)\)", starts)
 
 
 def test_relative_times_are_measured_from_the_clock_given() -> None:
