@@ -113,7 +113,7 @@ def enqueue(
     Examples:
       flowsmith enqueue order --module myapp.flows --input '{"order_id": 42}'
       flowsmith enqueue order --module myapp.flows --tracking-id order-42 --delay 10m
-      jq -c .payload event.json | flowsmith enqueue order --input - --json
+      flowsmith enqueue order --module myapp.flows --input - --json < order.json
     """
     data = _parse_input(input_text)
     import_modules(modules)
