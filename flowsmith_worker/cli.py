@@ -14,12 +14,14 @@ import sqlalchemy as sa
 
 from flowsmith_worker import payload
 from flowsmith_worker.cli_format import printable
+from flowsmith_worker.cli_params import QueueNames
 from flowsmith_worker.config import configure, redact, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.log import setup_logging
 from flowsmith_worker.metrics import DEFAULT_METRICS_HOST, serve
 from flowsmith_worker.signals import stop_on_signals
 from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage.base import DEFAULT_QUEUE
 from flowsmith_worker.version import __version__
 from flowsmith_worker.worker import (
     DEFAULT_CONCURRENCY,
@@ -55,6 +57,43 @@ def url_option(fn: Any) -> Any:
     return click.option("--url", metavar="URL", help=URL_HELP, default=None, show_default=False)(fn)
 
 
+ENV_PREFIX = "FLOWSMITH_"
+# Read from the environment by our own code, with its own fallbacks (see URL_HELP).
+_OWN_ENVIRONMENT = frozenset({"url"})
+MODULES_ENV_VAR = ENV_PREFIX + "MODULES"
+
+
+class EnvironmentCommand(click.Command):
+    """A command each of whose options may also come from $FLOWSMITH_<OPTION>, shown in --help.
+
+    --queue reads $FLOWSMITH_QUEUE, --no-listen $FLOWSMITH_NO_LISTEN: a container
+    configures the worker as Celery's or Procrastinate's, and an option added
+    later gets its variable without anyone remembering to. The command line wins.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if not isinstance(param, click.Option) or param.name in _OWN_ENVIRONMENT:
+                continue
+            if param.envvar is None:
+                param.envvar = environment_variable(param)
+            param.show_envvar = True
+
+
+def environment_variable(option: click.Option) -> str:
+    """FLOWSMITH_ and the option's long name: --poll-interval reads $FLOWSMITH_POLL_INTERVAL."""
+    name = max(option.opts, key=len).lstrip("-")
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+def unique_queues(
+    _ctx: click.Context, _param: click.Parameter, values: Sequence[tuple[str, ...]]
+) -> tuple[str, ...]:
+    """--queue a,b --queue c: the queues named, each once, in their order."""
+    return tuple(dict.fromkeys(name for names in values for name in names))
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flowsmith")
 def main() -> None:
@@ -86,8 +125,8 @@ def migrate(url: str | None) -> None:
     click.echo(f"FlowSmith schema at version {version} on {storage.url_for_display}")
 
 
-@main.command()
-@click.argument("modules", nargs=-1, required=True)
+@main.command(cls=EnvironmentCommand)
+@click.argument("modules", nargs=-1, required=True, envvar=MODULES_ENV_VAR)
 @url_option
 @click.option(
     "--concurrency",
@@ -115,9 +154,11 @@ def migrate(url: str | None) -> None:
     "--queue",
     "queues",
     multiple=True,
-    default=("default",),
+    type=QueueNames(),
+    default=(DEFAULT_QUEUE,),
     show_default=True,
-    help="Queue to take steps from (repeatable).",
+    callback=unique_queues,
+    help="Queues to take steps from: a,b is two (the option may also be repeated).",
 )
 @click.option(
     "--shutdown-timeout",
@@ -152,8 +193,8 @@ def migrate(url: str | None) -> None:
     default=None,
     metavar="BYTES",
     help="Largest step output (and run data) stored, as JSON; a larger one fails its "
-    f"step at once. Default: ${payload.MAX_PAYLOAD_BYTES_ENV_VAR}, else "
-    f"{payload.DEFAULT_MAX_PAYLOAD_BYTES // payload.MiB} MiB (fits MariaDB's default "
+    f"step at once. Default: {payload.DEFAULT_MAX_PAYLOAD_BYTES // payload.MiB} MiB "
+    "(fits MariaDB's default "
     "16 MiB max_allowed_packet).",
 )
 @click.option(
@@ -183,14 +224,19 @@ def worker(
     with uvicorn and celery), so their flows are registered. SIGTERM or SIGINT
     stops claiming and lets in-flight steps finish; a second one stops at once.
 
+    Every option may also be set in the environment, as FLOWSMITH_ and its
+    name (FLOWSMITH_CONCURRENCY=16, FLOWSMITH_QUEUE=emails,default), and the
+    MODULES in $FLOWSMITH_MODULES, separated by spaces; the command line wins.
+
     \b
     Examples:
       flowsmith worker myapp.flows
-      flowsmith worker myapp.flows myapp.billing --concurrency 16 --queue emails
+      flowsmith worker myapp.flows myapp.billing --concurrency 16 --queue emails,default
+      FLOWSMITH_MODULES=myapp.flows FLOWSMITH_CONCURRENCY=16 flowsmith worker
     """
     setup_logging(log_format)  # type: ignore[arg-type]
     _check_payload_limit_setting()
-    _import_modules(modules)
+    import_modules(modules)
     # Every slot, the loop and the heartbeat thread may each hold a connection
     # at once, and the heartbeat must never wait for one; opening one per step
     # instead costs more than the step. (LISTEN uses a connection outside the pool.)
@@ -253,7 +299,8 @@ def demo(flow_count: int, worker_count: int, db_path: str) -> None:
     run_demo(db_path=db_path, flow_count=flow_count, worker_count=worker_count)
 
 
-def _import_modules(modules: Sequence[str]) -> None:
+def import_modules(modules: Sequence[str]) -> None:
+    """Import the modules that define the flows, from the current directory or the packages."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for name in modules:
@@ -283,4 +330,5 @@ def _exit_abandoning_steps() -> None:
 
 
 __all__ = ["main"]
-from flowsmith_worker import cli_ops  # noqa: E402,F401 - registers the operator commands
+# Last: these modules define their commands on `main`.
+from flowsmith_worker import cli_enqueue, cli_ops, cli_status  # noqa: E402,F401

@@ -1,7 +1,7 @@
-"""Parsing and printing for the operator commands: durations, times, tables, JSON.
+"""What the commands print: times (relative, UTC, ISO-8601), durations, colour, tables, JSON.
 
-Pure functions and click parameter types, so the commands in cli_ops.py stay
-about what they ask the storage.
+Pure functions, so the commands stay about what they ask the storage, and a
+test renders any moment by giving its own "now".
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
-from collections.abc import Sequence
+import os
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -22,100 +22,6 @@ import click
 from flowsmith_worker.terminal import printable as printable
 
 WORKER_ID_WIDTH = 8
-ERROR_WIDTH = 72
-
-
-# -- parameters ---------------------------------------------------------------
-
-_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
-_DURATION_HINT = "use a number and a unit: 45s, 30m, 2h, 7d, 2w (or 1h30m)"
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds in '45s', '30m', '2h', '7d', '2w' or '1h30m'; None if it is not a duration."""
-    cleaned = text.strip().lower()
-    if not _DURATION.fullmatch(cleaned):
-        return None
-    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(cleaned))
-
-
-def parse_when(text: str) -> float | None:
-    """Seconds since the epoch for an ISO date/datetime (UTC if naive); None if it is not one.
-
-    A duration ago ('2h') is not resolved here: Since leaves it to the database
-    clock (Ago), as this host's may be off.
-    """
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
-
-
-@dataclasses.dataclass(frozen=True)
-class Ago:
-    """A duration before now (`--since 2h`), left for the database to resolve with its
-    own clock: this host's may be off."""
-
-    seconds: float
-
-
-# click.ParamType is generic from click 8.4 on; pyproject allows click 8.1.
-if TYPE_CHECKING:
-    _FloatParam = click.ParamType[float]
-    _MomentParam = click.ParamType[Ago | float]
-else:
-    _FloatParam = click.ParamType
-    _MomentParam = click.ParamType
-
-
-class Duration(_FloatParam):
-    """A positive duration: 45s, 30m, 2h, 7d, 2w; converted to seconds."""
-
-    name = "DURATION"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, int | float):
-            seconds: float | None = float(value)
-        else:
-            seconds = parse_duration(str(value))
-        if seconds is None:
-            self.fail(f"{value!r} is not a duration: {_DURATION_HINT}", param, ctx)
-        if seconds <= 0:
-            self.fail(f"{value!r}: the duration must be more than 0", param, ctx)
-        return seconds
-
-
-class Since(_MomentParam):
-    """A moment: a duration ago (30m, 2h, 7d) as Ago, or an ISO date/datetime in epoch seconds."""
-
-    name = "WHEN"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> Ago | float:
-        if isinstance(value, Ago):
-            return value
-        if isinstance(value, int | float):
-            return float(value)
-        ago = parse_duration(str(value))
-        if ago is not None:
-            return Ago(ago)
-        moment = parse_when(str(value))
-        if moment is None:
-            self.fail(
-                f"{value!r} is neither a duration ({_DURATION_HINT}) nor an ISO date or "
-                "datetime (2024-05-01, 2024-05-01T12:00:00Z)",
-                param,
-                ctx,
-            )
-        return moment
 
 
 def json_option(fn: Any) -> Any:
@@ -124,22 +30,34 @@ def json_option(fn: Any) -> Any:
     )(fn)
 
 
-# -- formatting ---------------------------------------------------------------
+# -- times and durations --------------------------------------------------------------
 
 
 # A cell whose stored value cannot be shown (a time changed by hand, say).
 UNREADABLE_CELL = "UNREADABLE"
 
 
+def _moment(seconds: object) -> datetime | None:
+    """Seconds since the epoch as a UTC datetime; None if a hand-edited value is no time."""
+    try:
+        return datetime.fromtimestamp(float(seconds), tz=UTC)  # type: ignore[arg-type]
+    except (ValueError, TypeError, OverflowError, OSError):
+        return None
+
+
 def format_time(seconds: float | None) -> str:
     """UTC ISO-8601 to the second: 2024-05-01T12:00:03Z; '-' for None."""
     if seconds is None:
         return "-"
-    try:
-        return datetime.fromtimestamp(float(seconds), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (ValueError, TypeError, OverflowError, OSError):
-        # A time column changed by hand ('abc', Infinity): one cell, not the listing.
-        return UNREADABLE_CELL
+    moment = _moment(seconds)
+    # A time column changed by hand ('abc', Infinity): one cell, not the listing.
+    return UNREADABLE_CELL if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def iso_time(seconds: object) -> str | None:
+    """UTC ISO-8601 to the millisecond, for --json: 2024-05-01T12:00:03.900Z; None if no time."""
+    moment = None if seconds is None else _moment(seconds)
+    return None if moment is None else moment.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def format_duration(seconds: float | None) -> str:
@@ -156,15 +74,51 @@ def format_duration(seconds: float | None) -> str:
         return f"{round(value * 1000)}ms"
     if round(value, 1) < 60:
         return f"{value:.1f}s"
-    total = round(value)
-    if total < 3600:
-        minutes, secs = divmod(total, 60)
+    return _whole_span(round(value))
+
+
+def _whole_span(seconds: int) -> str:
+    """45s, 3m05s, 2h07m, 3d04h: two units at most, as people read them."""
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        minutes, secs = divmod(seconds, 60)
         return f"{minutes}m{secs:02d}s"
-    if total < 86400:
-        hours, rest = divmod(total, 3600)
+    if seconds < 86400:
+        hours, rest = divmod(seconds, 3600)
         return f"{hours}h{rest // 60:02d}m"
-    days, rest = divmod(total, 86400)
+    days, rest = divmod(seconds, 86400)
     return f"{days}d{rest // 3600:02d}h"
+
+
+def format_relative(seconds: float | None, now: float) -> str:
+    """A time as seen from ``now``: '3s ago', '2h07m ago', 'in 9m59s'; '-' for None.
+
+    ``now`` is the database clock (Storage.current_time), the clock every stored
+    time comes from; a test gives its own.
+    """
+    if seconds is None:
+        return "-"
+    try:
+        delta = round(now - float(seconds))
+    except (TypeError, ValueError, OverflowError):
+        return UNREADABLE_CELL
+    return f"{_whole_span(delta)} ago" if delta >= 0 else f"in {_whole_span(-delta)}"
+
+
+def format_moment(seconds: float | None, now: float, wide: bool) -> str:
+    """The ISO time with --wide, where columns may be long; the relative time otherwise."""
+    return format_time(seconds) if wide else format_relative(seconds, now)
+
+
+def format_both(seconds: float | None, now: float) -> str:
+    """2024-05-01T12:00:03Z (3m05s ago): for a line of its own, where there is room."""
+    if seconds is None:
+        return "-"
+    absolute = format_time(seconds)
+    return (
+        absolute if absolute == UNREADABLE_CELL else f"{absolute} ({format_relative(seconds, now)})"
+    )
 
 
 def short_worker(worker_id: str | None) -> str:
@@ -176,7 +130,8 @@ def last_line(text: str | None) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def clip(text: str, width: int = ERROR_WIDTH) -> str:
+def clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, its end replaced by '...' when cut."""
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -185,34 +140,157 @@ def echo(text: str = "", err: bool = False) -> None:
     click.echo(printable(text), err=err)
 
 
+# -- colour -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Styled:
+    """Text shown in colour on a terminal, plain anywhere else (a pipe, a file, NO_COLOR)."""
+
+    text: str
+    fg: str | None = None
+    bold: bool = False
+    dim: bool = False
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_STATUS_STYLES = {
+    "COMPLETED": Styled("", fg="green"),
+    "FAILED": Styled("", fg="red", bold=True),
+    "RUNNING": Styled("", fg="cyan"),
+    "WAITING": Styled("", fg="blue"),
+    "PENDING": Styled("", fg="yellow"),
+    "CANCELLED": Styled("", fg="magenta"),
+    "SKIPPED": Styled("", dim=True),
+    UNREADABLE_CELL: Styled("", fg="red", bold=True),
+}
+
+
+def status_text(status: str) -> Styled:
+    """A run's or step's status, in the colour of its meaning (red: FAILED, green: COMPLETED)."""
+    return dataclasses.replace(_STATUS_STYLES.get(status, Styled("")), text=status)
+
+
+def paint(value: object) -> str:
+    """``value`` made printable, then coloured if it is Styled: for echo_painted."""
+    text = printable(str(value))
+    if not isinstance(value, Styled):
+        return text
+    return click.style(text, fg=value.fg, bold=value.bold or None, dim=value.dim or None)
+
+
+def echo_painted(text: str = "") -> None:
+    """Print text whose quoted parts were made printable already (by paint or format_table).
+
+    Our own colour codes stay, for click to drop off a terminal; NO_COLOR
+    (https://no-color.org) drops them everywhere.
+    """
+    click.echo(text, color=False if os.environ.get("NO_COLOR") else None)
+
+
+# -- tables -------------------------------------------------------------------------------
+
+TABLE_WIDTH = 100  # what a table fits in without --wide
+MIN_SHRUNK_WIDTH = 10  # a column narrowed to fit keeps this much (or its header's width)
+_GAP = "  "
+
+
 def _cell(value: object) -> str:
     text = "-" if value is None or value == "" else str(value)
     # Escaped before the widths are measured, so the columns stay aligned.
     return printable(" ".join(text.split()) if any(c in text for c in "\t\r\n") else text)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Aligned plain-text columns, two spaces apart; numbers right-aligned."""
-    cells = [list(headers), *([_cell(v) for v in row] for row in rows)]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
+def format_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    width: int | None = None,
+    shrink: Collection[str] = (),
+) -> str:
+    """Aligned columns, two spaces apart; numbers right-aligned; Styled cells in colour.
+
+    With ``width``, the columns named in ``shrink`` are narrowed, widest first,
+    until a line fits, their longer cells cut with "...". Print the table with
+    echo_painted: its cells are printable already.
+    """
+    values: list[Sequence[object]] = [headers, *rows]
+    texts = [[_cell(v) for v in line] for line in values]
+    widths = [max(len(line[i]) for line in texts) for i in range(len(headers))]
+    if width is not None:
+        widths = _fit(widths, headers, shrink, width)
     numeric = [
         bool(rows) and all(isinstance(row[i], int | float) for row in rows)
         for i in range(len(headers))
     ]
     lines = []
-    for line in cells:
-        padded = [
-            text.rjust(width) if right else text.ljust(width)
-            for text, width, right in zip(line, widths, numeric, strict=True)
-        ]
-        lines.append("  ".join(padded).rstrip())
+    for line_values, line_texts in zip(values, texts, strict=True):
+        cells = []
+        for value, text, column_width, right in zip(
+            line_values, line_texts, widths, numeric, strict=True
+        ):
+            shown = clip(text, column_width)
+            padding = " " * (column_width - len(shown))
+            styled = (
+                paint(dataclasses.replace(value, text=shown))
+                if isinstance(value, Styled)
+                else shown
+            )
+            cells.append(padding + styled if right else styled + padding)
+        lines.append(_GAP.join(cells).rstrip())
     return "\n".join(lines)
 
 
+def _fit(
+    widths: list[int], headers: Sequence[str], shrink: Collection[str], limit: int
+) -> list[int]:
+    """Column widths narrowed, the widest shrinkable first, until a line is ``limit`` long."""
+    fitted = list(widths)
+    floors = [max(len(header), MIN_SHRUNK_WIDTH) for header in headers]
+    shrinkable = [i for i, header in enumerate(headers) if header in shrink]
+    excess = sum(fitted) + len(_GAP) * (len(fitted) - 1) - limit
+    while excess > 0:
+        candidates = [i for i in shrinkable if fitted[i] > floors[i]]
+        if not candidates:
+            break  # as narrow as they go: the line stays longer
+        widest = max(candidates, key=lambda i: fitted[i])
+        fitted[widest] -= 1
+        excess -= 1
+    return fitted
+
+
+# -- JSON ---------------------------------------------------------------------------------
+
+# The fields of the records that hold a time: ISO-8601 in --json, for people and jq alike.
+TIME_FIELDS = frozenset(
+    {
+        "created_at",
+        "updated_at",
+        "finished_at",
+        "started_at",
+        "run_after",
+        "lease_expires_at",
+        "heartbeat_at",
+    }
+)
+
+
+def record_for_json(record: Any) -> dict[str, Any]:
+    """A record's fields for --json: its times in ISO-8601 UTC, a field that could not be
+    read null (not its placeholder). Only the record's own fields: never a key of its
+    input or output, which are the application's."""
+    fields = dataclasses.asdict(record)
+    fields.update({name: iso_time(fields[name]) for name in TIME_FIELDS & fields.keys()})
+    fields.update(dict.fromkeys(getattr(record, "unreadable", {}), None))
+    return fields
+
+
 def to_jsonable(value: Any) -> Any:
-    """dataclasses as dicts, enums as their string values, tuples as lists."""
+    """Records as record_for_json, enums as their string values, tuples as lists."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
+        return to_jsonable(record_for_json(value))
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, Decimal):

@@ -1,16 +1,19 @@
-"""The operators' commands: status, flows, retry, cancel, prune, stats, workers, queue-limit.
+"""The operators' commands: flows, retry, cancel, prune, stats, workers, queue-limit,
+and what they share with status (cli_status.py) and enqueue (cli_enqueue.py).
 
 They are defined on the `flowsmith` group of cli.py, which imports this module
 at its end. Each command opens its own storage, asks it one or two questions,
-closes it, and prints a plain-text table (or JSON with ``--json``). All times
-come from the database clock; they are printed in UTC, to the second.
+closes it, and prints a table that fits 100 columns, times relative to the
+database clock ("3m05s ago"); --wide prints whole cells and UTC times, --json
+every field with ISO-8601 times. Colour only on a terminal, never under NO_COLOR.
 
 Exit codes (also in every command's help and the group's):
 
     0  success (status: the run is COMPLETED, RUNNING or PENDING)
     1  status: the run FAILED or was CANCELLED; any command: an error or a refusal
     2  usage error (click)
-    3  no flow run has that tracking_id
+    3  no flow run has that tracking_id (enqueue: no flow has that name)
+    4  enqueue: a run already has that tracking_id
 """
 
 from __future__ import annotations
@@ -25,21 +28,23 @@ import click
 
 from flowsmith_worker.cli import main, url_option
 from flowsmith_worker.cli_format import (
+    TABLE_WIDTH,
     UNREADABLE_CELL,
-    Ago,
-    Duration,
-    Since,
-    clip,
+    Styled,
     echo,
     echo_json,
+    echo_painted,
     format_duration,
+    format_moment,
     format_table,
     format_time,
     json_option,
     last_line,
     printable,
     short_worker,
+    status_text,
 )
+from flowsmith_worker.cli_params import Ago, Duration, Since
 from flowsmith_worker.config import resolve_database_url
 from flowsmith_worker.errors import (
     FlowNotFound,
@@ -66,6 +71,7 @@ EXIT_FLOW_FAILED = 1
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+EXIT_TAKEN = 4
 
 DEFAULT_FLOWS_LIMIT = 50
 
@@ -89,7 +95,8 @@ Exit codes:
   0  success (status: the run is COMPLETED, RUNNING or PENDING)
   1  status: the run FAILED or was CANCELLED; any command: error or refusal
   2  usage error
-  3  no flow run has that tracking_id"""
+  3  no flow run has that tracking_id (enqueue: no flow has that name)
+  4  enqueue: a run already has that tracking_id; nothing was enqueued"""
 
 # The group's help gains the exit codes of the operator commands (cli.py owns its docstring).
 main.epilog = EXIT_CODES_HELP.replace("Exit codes:", "Exit codes of the operator commands:")
@@ -105,6 +112,14 @@ class Refused(click.ClickException):
     """The storage refused the command (e.g. retry of a run that is not FAILED): exit code 1."""
 
     exit_code = EXIT_REFUSED
+
+
+def wide_option(fn: Any) -> Any:
+    return click.option(
+        "--wide",
+        is_flag=True,
+        help=f"Every column, times in UTC ISO-8601, nothing cut to fit {TABLE_WIDTH} columns.",
+    )(fn)
 
 
 # -- storage --------------------------------------------------------------------
@@ -135,15 +150,7 @@ def get_flow_or_exit(storage: Storage, tracking_id: str, with_payloads: bool = F
     return flow
 
 
-def _flow_duration(flow: FlowRecord | FlowSummary) -> float | None:
-    return _elapsed(flow.created_at, flow.finished_at)
-
-
-def _step_duration(node: NodeRecord) -> float | None:
-    return _elapsed(node.started_at, node.finished_at)
-
-
-def _elapsed(start: float | None, end: float | None) -> float | None:
+def elapsed(start: float | None, end: float | None) -> float | None:
     """Seconds from start to end; NaN (shown UNREADABLE) for a time changed by hand."""
     if start is None or end is None:
         return None
@@ -153,166 +160,40 @@ def _elapsed(start: float | None, end: float | None) -> float | None:
         return math.nan
 
 
-FLOW_HEADERS = (
-    "TRACKING_ID",
-    "FLOW",
-    "STATUS",
-    "QUEUE",
-    "CREATED",
-    "FINISHED",
-    "DURATION",
-    "ERROR",
-)
+def status_cell(record: FlowRecord | FlowSummary | NodeRecord) -> Styled:
+    return status_text(UNREADABLE if "status" in record.unreadable else record.status.value)
 
 
-def _flow_row(flow: FlowRecord | FlowSummary) -> list[object]:
-    return [
-        flow.tracking_id,
-        flow.flow_name,
-        _status_cell(flow),
-        flow.queue,
-        format_time(flow.created_at),
-        format_time(flow.finished_at),
-        format_duration(_flow_duration(flow)),
-        clip(last_line(flow.error)),
-    ]
-
-
-def _status_cell(record: FlowRecord | FlowSummary | NodeRecord) -> str:
-    return UNREADABLE if "status" in record.unreadable else record.status.value
-
-
-def _echo_unreadable(what: str, record: FlowRecord | FlowSummary | NodeRecord) -> None:
+def echo_unreadable(what: str, record: FlowRecord | FlowSummary | NodeRecord) -> None:
     """One line per stored value of ``record`` that could not be read, on stderr."""
     for column, why in record.unreadable.items():
         echo(f"{what}: the stored {column} cannot be read: {why}", err=True)
 
 
-def _for_json(record: FlowRecord | FlowSummary | NodeRecord) -> dict[str, Any]:
-    """The record for --json: a field that could not be read is null, not its placeholder."""
-    fields = dataclasses.asdict(record)
-    return {**fields, **dict.fromkeys(record.unreadable, None)}
-
-
-def _not_reached(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> list[tuple[int, str]]:
-    """Steps of the run's plan that have no node yet: (position, name)."""
-    known = {n.step_name for n in nodes}
-    return [
-        (position, planned.name)
-        for position, stage in enumerate(flow.plan.stages)
-        for planned in stage
-        if planned.name not in known
-    ]
-
-
-def _attempts(node: NodeRecord) -> str:
-    text = f"{node.attempt}/{node.max_attempts}"
-    return f"{text} ({node.rescues} rescued)" if node.rescues else text
+def flows_table(found: Sequence[FlowRecord | FlowSummary], now: float, wide: bool) -> str:
+    """Runs as a table: within TABLE_WIDTH columns, times relative to ``now``; all with ``wide``."""
+    headers: tuple[str, ...] = ("TRACKING_ID", "FLOW", "STATUS", "CREATED", "DURATION")
+    if wide:
+        headers = ("TRACKING_ID", "FLOW", "STATUS", "QUEUE", "CREATED", "FINISHED", "DURATION")
+    rows = []
+    for flow in found:
+        created = format_moment(flow.created_at, now, wide)
+        duration = format_duration(elapsed(flow.created_at, flow.finished_at))
+        row: list[object] = [flow.tracking_id, flow.flow_name, status_cell(flow)]
+        if wide:
+            row += [flow.queue, created, format_time(flow.finished_at), duration]
+        else:
+            row += [created, duration]
+        rows.append([*row, last_line(flow.error)])
+    return format_table(
+        (*headers, "ERROR"),
+        rows,
+        width=None if wide else TABLE_WIDTH,
+        shrink=("TRACKING_ID", "FLOW", "ERROR"),
+    )
 
 
 # -- commands -------------------------------------------------------------------
-
-
-@main.command()
-@click.argument("tracking_id", callback=checked_tracking_id)
-@url_option
-@click.option(
-    "--traceback",
-    "show_traceback",
-    is_flag=True,
-    help="Also print the full error text (the traceback) of every failed or retried step.",
-)
-@json_option
-def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: bool) -> None:
-    """Show a flow run and every step: status, attempts, times, worker, last error.
-
-    Steps of the plan the run has not reached yet are listed as "(not reached)".
-    Worker ids are cut to 8 characters in the table (full with --json). A
-    stored value that cannot be read (an unknown status, text that is not JSON)
-    is shown as UNREADABLE, with why on stderr (null with --json, and listed
-    under "unreadable"). Inputs and outputs are read only with --json.
-
-    \b
-    Exit codes:
-      0  the run is COMPLETED, RUNNING or PENDING
-      1  the run FAILED or was CANCELLED, or its stored status cannot be read
-         (or an error, e.g. the database is down)
-      2  usage error
-      3  no flow run has TRACKING_ID
-
-    \b
-    Examples:
-      flowsmith status order_123
-      flowsmith status order_123 --traceback
-      flowsmith status order_123 --json | jq -r .flow.status
-      flowsmith status order_123 >/dev/null || echo "order_123 did not go through"
-    """
-    with open_storage(url) as storage:
-        # Inputs and outputs are read only to be printed (--json).
-        flow = get_flow_or_exit(storage, tracking_id, with_payloads=as_json)
-        nodes = storage.list_nodes(flow_id=flow.id, with_payloads=as_json)
-    not_reached = _not_reached(flow, nodes)
-    if as_json:
-        echo_json(
-            {
-                "flow": _for_json(flow),
-                "steps": [_for_json(n) for n in nodes],
-                "not_reached": [n for _, n in not_reached],
-            }
-        )
-    else:
-        echo(format_table(FLOW_HEADERS, [_flow_row(flow)]))
-        echo()
-        rows: list[list[object]] = [
-            [
-                node.position + 1,
-                node.step_name,
-                _status_cell(node),
-                _attempts(node),
-                format_time(node.started_at),
-                format_time(node.finished_at),
-                format_duration(_step_duration(node)),
-                short_worker(node.lease_owner),
-                clip(last_line(node.error)),
-            ]
-            for node in nodes
-        ]
-        rows += [
-            [position + 1, name, "(not reached)", "-", "-", "-", "-", "-", "-"]
-            for position, name in not_reached
-        ]
-        headers = (
-            "#",
-            "STEP",
-            "STATUS",
-            "ATTEMPTS",
-            "STARTED",
-            "FINISHED",
-            "DURATION",
-            "WORKER",
-            "LAST_ERROR",
-        )
-        echo(format_table(headers, rows))
-        if show_traceback:
-            _echo_tracebacks(flow, nodes)
-        _echo_unreadable(f"run {flow.tracking_id!r}", flow)
-        for node in nodes:
-            _echo_unreadable(f"step {node.step_name!r}", node)
-    if "status" in flow.unreadable or flow.status in (FlowStatus.FAILED, FlowStatus.CANCELLED):
-        raise click.exceptions.Exit(EXIT_FLOW_FAILED)
-
-
-def _echo_tracebacks(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> None:
-    with_errors = [n for n in nodes if n.error]
-    if not with_errors:
-        echo("\nNo step of this run has an error.")
-        return
-    for node in with_errors:
-        echo(
-            f"\n--- step {node.step_name!r}: {node.status.value}, attempt "
-            f"{node.attempt}/{node.max_attempts}, worker {node.lease_owner or '-'} ---"
-        )
-        echo(node.error or "")
 
 
 @main.command()
@@ -337,6 +218,7 @@ def _echo_tracebacks(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> None:
     help="At most this many runs, newest first.",
 )
 @url_option
+@wide_option
 @json_option
 def flows(
     status_: str | None,
@@ -344,12 +226,16 @@ def flows(
     since: Ago | float | None,
     limit: int,
     url: str | None,
+    wide: bool,
     as_json: bool,
 ) -> None:
     """List flow runs, newest first.
 
-    A run whose stored status cannot be read is listed as UNREADABLE, with why
-    on stderr. No run's input, output or plan is read.
+    The table fits 100 columns: times are relative ("3m05s ago") and long
+    tracking ids, names and errors are cut; --wide shows them whole, with the
+    queue and the UTC times. --json has every field, times in ISO-8601. A run
+    whose stored status cannot be read is listed as UNREADABLE, with why on
+    stderr. No run's input, output or plan is read.
 
     \b
     Exit codes:
@@ -361,7 +247,7 @@ def flows(
     Examples:
       flowsmith flows
       flowsmith flows --status FAILED --since 2h
-      flowsmith flows --flow order --since 2024-05-01 --limit 200
+      flowsmith flows --flow order --since 2024-05-01 --limit 200 --wide
       flowsmith flows --status FAILED --json | jq -r '.flows[].tracking_id'
     """
     where = FlowFilter(
@@ -373,15 +259,16 @@ def flows(
     )
     with open_storage(url) as storage:
         found = storage.list_flows(where=where)
+        now = storage.current_time()
     if as_json:
-        echo_json({"flows": [_for_json(f) for f in found]})
+        echo_json({"flows": found})
         return
     if not found:
         echo("No flow run matches.")
         return
-    echo(format_table(FLOW_HEADERS, [_flow_row(f) for f in found]))
+    echo_painted(flows_table(found, now, wide))
     for flow in found:
-        _echo_unreadable(f"run {flow.tracking_id!r}", flow)
+        echo_unreadable(f"run {flow.tracking_id!r}", flow)
     if len(found) == limit:
         echo(f"(the newest {limit}; --limit shows more)")
 
@@ -511,14 +398,22 @@ def _refuse_unreadable_status(flow: FlowRecord) -> None:
     hidden=True,
     help="Runs deleted per transaction.",
 )
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Say how many runs would go, and delete nothing.",
+)
 @url_option
 @json_option
-def prune(older_than: float, batch_size: int, url: str | None, as_json: bool) -> None:
+def prune(
+    older_than: float, batch_size: int, dry_run: bool, url: str | None, as_json: bool
+) -> None:
     """Delete finished runs (COMPLETED, FAILED, CANCELLED) and their steps.
 
-    Only runs that finished more than --older-than ago go; pending and running
-    runs are never touched. Deletion goes in small batches, each its own short
-    transaction, so no lock is held for long while workers keep running.
+    Only runs that finished more than --older-than ago go, with their finished
+    subflows; pending and running runs are never touched. Deletion goes in
+    small batches, each its own short transaction, so no lock is held for long
+    while workers keep running. --dry-run counts the runs instead.
 
     \b
     Exit codes:
@@ -528,18 +423,28 @@ def prune(older_than: float, batch_size: int, url: str | None, as_json: bool) ->
 
     \b
     Examples:
+      flowsmith prune --older-than 7d --dry-run
       flowsmith prune --older-than 7d
       flowsmith prune --older-than 12h --url postgresql://app@db/app
     """
+    age = format_duration(older_than)
     with open_storage(url) as storage:
-        pruned = storage.prune_flows(older_than_seconds=older_than, batch_size=batch_size)
+        if dry_run:
+            count = storage.count_prunable_flows(older_than_seconds=older_than)
+        else:
+            count = storage.prune_flows(older_than_seconds=older_than, batch_size=batch_size)
     if as_json:
-        echo_json({"pruned": pruned, "older_than_seconds": older_than})
-        return
-    echo(
-        f"Pruned {pruned} finished flow run(s), with their steps, "
-        f"finished more than {format_duration(older_than)} ago."
-    )
+        key = "would_prune" if dry_run else "pruned"
+        echo_json({key: count, "older_than_seconds": older_than, "dry_run": dry_run})
+    elif dry_run:
+        echo(
+            f"Would prune {count} finished flow run(s), with their steps, finished more than "
+            f"{age} ago. Nothing was deleted (--dry-run)."
+        )
+    else:
+        echo(
+            f"Pruned {count} finished flow run(s), with their steps, finished more than {age} ago."
+        )
 
 
 _STATUS_ORDER = [s.value for s in NodeStatus]
@@ -629,13 +534,15 @@ def stats(url: str | None, as_json: bool) -> None:
 
 @main.command()
 @url_option
+@wide_option
 @json_option
-def workers(url: str | None, as_json: bool) -> None:
+def workers(url: str | None, wide: bool, as_json: bool) -> None:
     """List the live workers: host, pid, queues, in-flight steps, start and last heartbeat.
 
     A worker whose heartbeat is older than three of its leases is dead; the
     next rescue by any worker removes its row. Worker ids are cut to 8
-    characters in the table (full with --json).
+    characters and times are relative in the table; --wide shows them whole,
+    --json too (times in ISO-8601).
 
     \b
     Exit codes:
@@ -646,10 +553,12 @@ def workers(url: str | None, as_json: bool) -> None:
     \b
     Examples:
       flowsmith workers
+      flowsmith workers --wide
       flowsmith workers --json | jq '.workers[] | {host, pid, in_flight}'
     """
     with open_storage(url) as storage:
         found = storage.list_workers()
+        now = storage.current_time()
     if as_json:
         echo_json({"workers": found})
         return
@@ -658,19 +567,22 @@ def workers(url: str | None, as_json: bool) -> None:
         return
     rows: list[list[object]] = [
         [
-            short_worker(w.id),
+            w.id if wide else short_worker(w.id),
             w.host,
             w.pid,
             w.version,
             ",".join(w.queues),
             f"{w.in_flight}/{w.concurrency}",
-            format_time(w.started_at),
-            format_time(w.heartbeat_at),
+            format_moment(w.started_at, now, wide),
+            format_moment(w.heartbeat_at, now, wide),
         ]
         for w in found
     ]
     headers = ("WORKER", "HOST", "PID", "VERSION", "QUEUES", "IN_FLIGHT", "STARTED", "HEARTBEAT")
-    echo(format_table(headers, rows))
+    table = format_table(
+        headers, rows, width=None if wide else TABLE_WIDTH, shrink=("HOST", "QUEUES")
+    )
+    echo_painted(table)
 
 
 @main.command("queue-limit")

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
@@ -372,6 +373,119 @@ def test_worker_nonexistent_module_cannot_import(tmp_path: Path) -> None:
     assert "Traceback" not in output
 
 
+# --------------------------------------------------------------------------- configuration
+
+
+WORKER_ENVIRONMENT = {
+    "FLOWSMITH_CONCURRENCY": ("7", "concurrency", 7),
+    "FLOWSMITH_POLL_INTERVAL": ("0.5", "poll_interval", 0.5),
+    "FLOWSMITH_LEASE": ("45", "lease_seconds", 45.0),
+    "FLOWSMITH_QUEUE": ("emails, default", "queues", ("emails", "default")),
+    "FLOWSMITH_SHUTDOWN_TIMEOUT": ("12", "shutdown_timeout", 12.0),
+    "FLOWSMITH_NO_LISTEN": ("1", "no_listen", True),
+    "FLOWSMITH_METRICS_PORT": ("9100", "metrics_port", 9100),
+    "FLOWSMITH_METRICS_HOST": ("0.0.0.0", "metrics_host", "0.0.0.0"),
+    "FLOWSMITH_MAX_PAYLOAD_BYTES": ("4096", "max_payload_bytes", 4096),
+    "FLOWSMITH_LOG_FORMAT": ("json", "log_format", "json"),
+    "FLOWSMITH_MODULES": ("app.flows app.billing", "modules", ("app.flows", "app.billing")),
+}
+
+
+def test_every_worker_option_also_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each `flowsmith worker` option (and MODULES) is read from FLOWSMITH_<OPTION> when
+    the command line does not give it, and --help names the variable of every option,
+    those added later included; the command line wins over the environment."""
+    command = main.commands["worker"]
+    help_text = invoke("worker", "--help").output
+    options = [p for p in command.params if isinstance(p, click.Option) and p.name != "url"]
+    for option in options:
+        assert isinstance(option.envvar, str) and option.envvar.startswith("FLOWSMITH_")
+        assert option.envvar in help_text, option.name
+    for name, (value, _, _) in WORKER_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    params = command.make_context("worker", []).params
+    assert {param: params[param] for _, param, _ in WORKER_ENVIRONMENT.values()} == {
+        param: parsed for _, param, parsed in WORKER_ENVIRONMENT.values()
+    }
+    given = command.make_context("worker", ["mine", "--concurrency", "3", "--queue", "a"]).params
+    assert (given["modules"], given["concurrency"], given["queues"]) == (("mine",), 3, ("a",))
+
+
+def test_queue_takes_names_separated_by_commas_and_refuses_an_empty_one() -> None:
+    """--queue a,b is two queues, and may be repeated (duplicates once); an empty name
+    or one too long for the database is a usage error naming the option."""
+    command = main.commands["worker"]
+    args = ["m", "--queue", "a,b", "--queue", "c", "--queue", "a"]
+    assert command.make_context("worker", args).params["queues"] == ("a", "b", "c")
+    for bad, says in [
+        ("a,,b", "empty queue name"),
+        (",", "empty queue name"),
+        ("", "empty"),
+        ("q" * 101, "the limit is 100"),
+    ]:
+        result = invoke("worker", "m", "--queue", bad)
+        assert result.exit_code == 2, result.output
+        assert "--queue" in result.output and says in result.output, result.output
+
+
+def test_a_worker_configured_from_the_environment_alone(sqlite_app: App) -> None:
+    """A real `flowsmith worker` with FLOWSMITH_QUEUE=alpha,default and
+    FLOWSMITH_CONCURRENCY=3 registers with those two queues and that concurrency, and runs
+    a run of the default queue; FLOWSMITH_MODULES names the modules to import."""
+    app = sqlite_app
+    env = dict(app.env, FLOWSMITH_QUEUE="alpha,default", FLOWSMITH_CONCURRENCY="3")
+    worker = WorkerProcess(app.dir, app.url, env, module="cliflows")
+    app.workers.append(worker)
+    worker.wait_started()
+    [registered] = app.storage.list_workers()
+    assert (registered.queues, registered.concurrency) == (("alpha", "default"), 3)
+    run = mirror(app.name, app.storage, ("slow", 0)).run({})
+    eventually(lambda: app.flow_status(run.tracking_id) == FlowStatus.COMPLETED, timeout=20)
+    worker.signal()
+    assert worker.wait(15) == 0, worker.output()
+
+    env = dict(app.env, FLOWSMITH_MODULES="no_such_module_from_env")
+    done = flowsmith("worker", "--url", app.url, cwd=app.dir, env=env, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert "cannot import module 'no_such_module_from_env'" in done.stderr
+
+
+# Python leaves SIGINT ignored in a process started with it ignored (a background job
+# of a script, as CI runs us): the child installs the usual Ctrl-C handler itself.
+RUN_WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('flowsmith_worker', run_name='__main__')"
+)
+
+
+def test_ctrl_c_ends_status_watch_quietly(sqlite_app: App) -> None:
+    """SIGINT (Ctrl-C) to a real `flowsmith status --watch` of a pending run ends it with
+    exit code 130 and nothing on stderr: no traceback, no "Aborted!"."""
+    run = mirror(sqlite_app.name, sqlite_app.storage, ("slow", 0)).run({})
+    command = ["status", run.tracking_id, "--watch", "--url", sqlite_app.url]
+    watch = subprocess.Popen(
+        [sys.executable, "-c", RUN_WITH_CTRL_C, *command],
+        cwd=sqlite_app.dir,
+        env=dict(sqlite_app.env, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stdout is not None
+        assert watch.stdout.readline().startswith("Run "), "the run is shown first"
+        watch.send_signal(signal.SIGINT)
+        _, stderr = watch.communicate(timeout=15)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
+    assert watch.returncode == 130, stderr
+    assert stderr == ""
+
+
 # --------------------------------------------------------------------------- signals
 
 
@@ -520,12 +634,13 @@ def test_max_payload_bytes_option_fails_a_larger_output_at_once(sqlite_app: App)
 
 
 def test_a_bad_max_payload_environment_variable_stops_the_start(sqlite_app: App) -> None:
-    """$FLOWSMITH_MAX_PAYLOAD_BYTES=lots: the worker exits 1 at once with a message."""
+    """$FLOWSMITH_MAX_PAYLOAD_BYTES=lots: the worker exits at once, a usage error (2) whose
+    message names the variable."""
     env = dict(sqlite_app.env, FLOWSMITH_MAX_PAYLOAD_BYTES="lots")
     done = flowsmith(
         "worker", "cliflows", "--url", sqlite_app.url, cwd=sqlite_app.dir, env=env, timeout=30
     )
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr
     assert "FLOWSMITH_MAX_PAYLOAD_BYTES" in done.stderr and "Traceback" not in done.stderr
 
 

@@ -10,6 +10,7 @@ backend matters take ``sql_url`` (sqlite, postgresql, mysql); the rest use SQLit
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -24,15 +25,11 @@ from click.testing import CliRunner, Result
 
 from flowsmith_worker import Context, Flow, Worker
 from flowsmith_worker.cli import main
-from flowsmith_worker.cli_format import (
-    format_duration,
-    format_table,
-    format_time,
-    parse_duration,
-    parse_when,
-)
+from flowsmith_worker.cli_format import format_duration, format_table, format_time
+from flowsmith_worker.cli_params import parse_duration, parse_when
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
+    FlowFilter,
     FlowRecord,
     FlowStatus,
     NodeStatus,
@@ -45,6 +42,7 @@ from tests.conftest import eventually
 Names = Callable[[str], str]
 
 OPERATOR_COMMANDS = [
+    "enqueue",
     "status",
     "flows",
     "retry",
@@ -115,6 +113,20 @@ def doomed(ctx: Context) -> None:
     raise ValueError("card declined for order 42")
 
 
+def run_line(output: str, label: str) -> str:
+    """The value of the line ``label`` (Run, Status, Created...) of `flowsmith status`."""
+    for line in output.splitlines():
+        if line.split(maxsplit=1)[:1] == [label]:
+            return line[len(label) :].strip()
+    raise AssertionError(f"no {label!r} line in:\n{output}")
+
+
+def iso_seconds(text: str) -> float:
+    """An ISO-8601 time of --json, checked to be UTC, in seconds since the epoch."""
+    assert text.endswith("Z"), text
+    return datetime.fromisoformat(text).timestamp()
+
+
 def row_of(output: str, first_cell: str) -> list[str]:
     """The cells of the table row whose first or second cell is ``first_cell``."""
     for line in output.splitlines():
@@ -144,15 +156,25 @@ def test_status_of_a_completed_run_exits_0_and_lists_every_step(db: Db, unique: 
 
     result = cli(db.url, "status", tracking_id)
     assert result.exit_code == 0, result.output
-    flow_row = row_of(result.stdout, tracking_id)
-    assert flow_row[:3] == [tracking_id, flow.name, "COMPLETED"]
+    assert run_line(result.stdout, "Run") == tracking_id
+    assert run_line(result.stdout, "Flow") == f"{flow.name} (queue default)"
+    assert run_line(result.stdout, "Status") == "COMPLETED"
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(\d+s ago\)", run_line(result.stdout, "Created")
+    )
+    assert re.fullmatch(r".*Z \(\d+s ago\), after [0-9.]+m?s", run_line(result.stdout, "Finished"))
     reserve, charged = row_of(result.stdout, "reserve"), row_of(result.stdout, "charge")
     assert reserve[1:4] == ["reserve", "COMPLETED", "1/1"]
     assert charged[1:4] == ["charge", "COMPLETED", "2/2"]
+    assert re.fullmatch(r"\d+s", reserve[4]) and reserve[5] == "ago"
     assert worker.id[:8] in reserve and worker.id[:8] in charged
     assert worker.id not in result.stdout
     assert "RuntimeError: card network hiccup" in result.stdout
-    assert "Z" in reserve[4] and reserve[4].startswith(str(datetime.now(UTC).year))
+    wide = cli(db.url, "status", tracking_id, "--wide")
+    assert worker.id in wide.stdout
+    started, finished = row_of(wide.stdout, "reserve")[4:6]
+    assert started.startswith(str(datetime.now(UTC).year)) and started.endswith("Z")
+    assert finished >= started
 
     data = cli_json(db.url, "status", tracking_id)
     assert data["flow"]["status"] == "COMPLETED"
@@ -161,7 +183,8 @@ def test_status_of_a_completed_run_exits_0_and_lists_every_step(db: Db, unique: 
     assert [s["attempt"] for s in data["steps"]] == [1, 2]
     assert {s["lease_owner"] for s in data["steps"]} == {worker.id}
     assert all(s["status"] == "COMPLETED" for s in data["steps"])
-    assert all(s["finished_at"] >= s["started_at"] for s in data["steps"])
+    assert all(iso_seconds(s["finished_at"]) >= iso_seconds(s["started_at"]) for s in data["steps"])
+    assert abs(iso_seconds(data["flow"]["created_at"]) - time.time()) < 60
     assert data["not_reached"] == []
 
 
@@ -178,7 +201,8 @@ def test_status_of_a_failed_run_exits_1_and_shows_the_traceback_on_request(
 
     plain = cli(sqlite_db.url, "status", tracking_id)
     assert plain.exit_code == 1, plain.output
-    assert row_of(plain.stdout, tracking_id)[2] == "FAILED"
+    assert run_line(plain.stdout, "Status") == "FAILED"
+    assert run_line(plain.stdout, "Error") == "ValueError: card declined for order 42"
     assert row_of(plain.stdout, "charge")[1:4] == ["charge", "FAILED", "1/1"]
     assert "ValueError: card declined for order 42" in plain.stdout
     assert "Traceback" not in plain.stdout
@@ -231,6 +255,8 @@ def test_flows_filters_by_status_flow_since_and_limit(db: Db, unique: Names) -> 
         return [f["tracking_id"] for f in cli_json(db.url, "flows", *args)["flows"]]
 
     assert ids() == [a2, b1, a1]
+    for listed in cli_json(db.url, "flows")["flows"]:  # times in ISO-8601, UTC
+        assert iso_seconds(listed["finished_at"]) >= iso_seconds(listed["created_at"])
     assert ids("--status", "FAILED") == [b1]
     assert ids("--status", "completed") == [a2, a1]
     assert ids("--flow", alpha.name) == [a2, a1]
@@ -383,7 +409,7 @@ def test_cancel_a_pending_run_its_steps_never_start(db: Db, unique: Names) -> No
     assert [n.status for n in db.storage.list_nodes(flow_id=record.id)] == [NodeStatus.CANCELLED]
 
     status = cli(db.url, "status", tracking_id)
-    assert status.exit_code == 1 and row_of(status.stdout, tracking_id)[2] == "CANCELLED"
+    assert status.exit_code == 1 and run_line(status.stdout, "Status") == "CANCELLED"
     again = cli_json(db.url, "cancel", tracking_id)
     assert again["already_cancelled"] is True and again["flow"]["status"] == "CANCELLED"
 
@@ -501,7 +527,7 @@ def test_prune_deletes_old_finished_runs_and_their_nodes_in_batches(
     drain(db.storage)
 
     data = cli_json(db.url, "prune", "--older-than", "1s", "--batch-size", "2")
-    assert data == {"pruned": 3, "older_than_seconds": 1.0}
+    assert data == {"pruned": 3, "older_than_seconds": 1.0, "dry_run": False}
     assert batches == [2, 1]
     for tracking_id, flow_id in zip(old, old_ids, strict=True):
         assert db.storage.get_flow(tracking_id=tracking_id) is None
@@ -517,6 +543,38 @@ def test_prune_deletes_old_finished_runs_and_their_nodes_in_batches(
     again = cli(db.url, "prune", "--older-than", "1h")
     assert again.exit_code == 0, again.output
     assert "Pruned 0 finished flow run(s)" in again.stdout
+
+
+def test_prune_dry_run_counts_what_prune_deletes_and_deletes_nothing(db: Db, unique: Names) -> None:
+    """prune --dry-run counts the runs that would go (an old run's finished subflow too;
+    a pending run and recently finished ones not) and deletes nothing; prune then
+    deletes exactly that many."""
+    child = Flow(unique("child"), storage=db.storage).step("c", ok)
+    parent = Flow(unique("parent"), storage=db.storage).step("p", ok).subflow("sub", child)
+    bad = Flow(unique("bad"), storage=db.storage).step("only", doomed)
+    parked = Flow(unique("parked"), storage=db.storage, queue="parked").step("only", ok)
+    parent.run(tracking_id=unique("old"))
+    bad.run(tracking_id=unique("old"))
+    parked.run(tracking_id=unique("pending"))
+    drain(db.storage)
+    time.sleep(1.3)
+    parent.run(tracking_id=unique("recent"))
+    drain(db.storage)
+
+    def stored() -> int:
+        return len(db.storage.list_flows(where=FlowFilter(limit=100)))
+
+    assert stored() == 6  # old: parent, its child, bad; pending; recent: parent, its child
+    data = cli_json(db.url, "prune", "--older-than", "1s", "--dry-run")
+    assert data == {"would_prune": 3, "older_than_seconds": 1.0, "dry_run": True}
+    said = cli(db.url, "prune", "--older-than", "1s", "--dry-run")
+    assert said.exit_code == 0, said.output
+    assert "Would prune 3 finished flow run(s)" in said.stdout
+    assert "Nothing was deleted (--dry-run)" in said.stdout
+    assert stored() == 6
+    assert cli_json(db.url, "prune", "--older-than", "1s")["pruned"] == 3
+    assert stored() == 3
+    assert cli_json(db.url, "prune", "--older-than", "1s", "--dry-run")["would_prune"] == 0
 
 
 # -- stats, queue-limit, workers ---------------------------------------------------------------
@@ -606,13 +664,16 @@ def test_workers_lists_registered_workers(sqlite_db: Db) -> None:
     assert result.exit_code == 0, result.output
     cells = row_of(result.stdout, "0123abcd")
     assert cells[:6] == ["0123abcd", "build-host-7", "4242", "9.9.9", "default,emails", "3/8"]
-    assert cells[6].startswith(str(datetime.now(UTC).year)) and cells[7].endswith("Z")
+    assert cells[7] == cells[9] == "ago"  # started and heartbeat: "0s ago"
     assert worker_id not in result.stdout
+    wide = cli(sqlite_db.url, "workers", "--wide").stdout
+    cells = row_of(wide, worker_id)
+    assert cells[6].startswith(str(datetime.now(UTC).year)) and cells[7].endswith("Z")
 
     (listed,) = cli_json(sqlite_db.url, "workers")["workers"]
     assert listed["id"] == worker_id and listed["host"] == "build-host-7"
     assert listed["pid"] == 4242 and listed["queues"] == ["default", "emails"]
-    assert abs(listed["heartbeat_at"] - time.time()) < 60
+    assert abs(iso_seconds(listed["heartbeat_at"]) - time.time()) < 60
 
 
 def test_workers_lists_a_running_worker(sqlite_db: Db) -> None:

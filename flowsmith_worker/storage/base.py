@@ -386,6 +386,15 @@ class Storage(abc.ABC):
         """Delete finished runs (and their nodes) older than that, in small batches."""
 
     @abc.abstractmethod
+    def count_prunable_flows(self, *, older_than_seconds: float) -> int:
+        """How many runs prune_flows would delete now (`flowsmith prune --dry-run`)."""
+
+    @abc.abstractmethod
+    def current_time(self) -> float:
+        """The database clock, in seconds since the epoch: every stored time is on it,
+        so "3s ago" and "in 10m" are measured against it, not this host's clock."""
+
+    @abc.abstractmethod
     def register_worker(self, *, worker: WorkerRecord) -> None:
         """Insert the worker's row (its timestamps are taken from the database clock)."""
 

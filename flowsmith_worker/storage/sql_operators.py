@@ -84,6 +84,9 @@ class SqlOperators(SqlBase):
 
         return self._read(work)
 
+    def current_time(self) -> float:
+        return float(self._read(lambda conn: conn.execute(sa.select(self._now())).scalar_one()))
+
     def count_runnable_nodes(self, *, queues: Sequence[str]) -> int:
         query = sa.select(sa.func.count()).where(
             N.c.status == NodeStatus.PENDING,
@@ -183,28 +186,42 @@ class SqlOperators(SqlBase):
             if deleted < batch_size:
                 return pruned
 
-    def _prune_batch(self, conn: Connection, older_than_seconds: float, batch_size: int) -> int:
-        """Delete up to ``batch_size`` old finished runs, each with its finished subflows.
+    def count_prunable_flows(self, *, older_than_seconds: float) -> int:
+        """How many runs prune_flows would delete now, their finished subflows included."""
+
+        def work(conn: Connection) -> int:
+            total = 0
+            level: sa.Select[Any] | None = self._prunable_runs(older_than_seconds)
+            while level is not None:
+                found = conn.execute(
+                    sa.select(sa.func.count()).select_from(level.subquery())
+                ).scalar_one()
+                total += int(found)
+                level = _finished_subflows_of(level) if found else None
+            return total
+
+        return int(self._read(work))
+
+    def _prunable_runs(self, older_than_seconds: float) -> sa.Select[Any]:
+        """The ids of the runs prune_flows deletes, with the subflows below them.
 
         A subflow run is never pruned on its own while its parent run is stored:
         the parent's step may run again (a retry, a resume) and must find its
         child, not start a new one that re-runs the child's completed steps.
         """
         parent_stored = sa.exists().where(N.c.id == F.c.parent_node_id)
-        ids = list(
-            conn.execute(
-                sa.select(F.c.id)
-                .where(
-                    # updated_at equals finished_at once a run is finished, and
-                    # (status, updated_at) is indexed.
-                    F.c.status.in_(FINISHED_FLOW_STATUSES),
-                    F.c.updated_at < self._now() - older_than_seconds,
-                    ~parent_stored,
-                )
-                .order_by(F.c.updated_at)
-                .limit(batch_size)
-            ).scalars()
+        return sa.select(F.c.id).where(
+            # updated_at equals finished_at once a run is finished, and
+            # (status, updated_at) is indexed.
+            F.c.status.in_(FINISHED_FLOW_STATUSES),
+            F.c.updated_at < self._now() - older_than_seconds,
+            ~parent_stored,
         )
+
+    def _prune_batch(self, conn: Connection, older_than_seconds: float, batch_size: int) -> int:
+        """Delete up to ``batch_size`` old finished runs, each with its finished subflows."""
+        query = self._prunable_runs(older_than_seconds).order_by(F.c.updated_at).limit(batch_size)
+        ids = list(conn.execute(query).scalars())
         ids += self._finished_subflows(conn, ids)
         if ids:
             # Nodes first: not every SQLite connection enforces ON DELETE CASCADE.
@@ -222,14 +239,7 @@ class SqlOperators(SqlBase):
         found: list[int] = []
         level = run_ids
         while level:
-            steps = sa.select(N.c.id).where(N.c.flow_id.in_(level))
-            level = list(
-                conn.execute(
-                    sa.select(F.c.id).where(
-                        F.c.parent_node_id.in_(steps), F.c.status.in_(FINISHED_FLOW_STATUSES)
-                    )
-                ).scalars()
-            )
+            level = list(conn.execute(_finished_subflows_of(level)).scalars())
             found += level
         return found
 
@@ -301,6 +311,14 @@ class SqlOperators(SqlBase):
             ).all()
         )
         return {name: int(cap) for name, cap in rows}
+
+
+def _finished_subflows_of(runs: Sequence[int] | sa.Select[Any]) -> sa.Select[Any]:
+    """The ids of the finished subflow runs one level below ``runs`` (ids, or a query of them)."""
+    steps = sa.select(N.c.id).where(N.c.flow_id.in_(runs))
+    return sa.select(F.c.id).where(
+        F.c.parent_node_id.in_(steps), F.c.status.in_(FINISHED_FLOW_STATUSES)
+    )
 
 
 def _with_inputs(run: Any, rows: Sequence[Any]) -> list[NodeRecord]:

@@ -1,0 +1,344 @@
+"""`flowsmith status`: one flow run and its steps, shown once or redrawn until it ends.
+
+What is shown is a pure function of the records and the database clock's "now"
+(render_run), so a test shows any moment without sleeping; --watch only reads
+again, draws again and pauses.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import click
+
+from flowsmith_worker.cli import main, url_option
+from flowsmith_worker.cli_format import (
+    TABLE_WIDTH,
+    Styled,
+    clip,
+    echo,
+    echo_json,
+    echo_painted,
+    format_both,
+    format_duration,
+    format_moment,
+    format_relative,
+    format_table,
+    format_time,
+    json_option,
+    last_line,
+    paint,
+    printable,
+    short_worker,
+)
+from flowsmith_worker.cli_ops import (
+    EXIT_FLOW_FAILED,
+    checked_tracking_id,
+    echo_unreadable,
+    elapsed,
+    get_flow_or_exit,
+    open_storage,
+    status_cell,
+    wide_option,
+)
+from flowsmith_worker.cli_params import Duration
+from flowsmith_worker.storage.base import (
+    FINISHED_FLOW_STATUSES,
+    FlowRecord,
+    FlowStatus,
+    NodeRecord,
+    NodeStatus,
+    Storage,
+)
+
+DEFAULT_WATCH_INTERVAL = "2s"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
+LABEL_WIDTH = 10  # "Finished  " in the run's lines
+
+# The wait between two reads of --watch. A test puts a function that moves the
+# run on in its place, instead of sleeping.
+pause: Callable[[float], None] = time.sleep
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A run, its steps, and the database clock when they were read."""
+
+    flow: FlowRecord
+    nodes: Sequence[NodeRecord]
+    now: float
+
+    @property
+    def ended(self) -> bool:
+        """Nothing more will happen to the run (or its status cannot be read)."""
+        return "status" in self.flow.unreadable or self.flow.status in FINISHED_FLOW_STATUSES
+
+    def progress(self) -> tuple[object, ...]:
+        """What changes when the run moves on, unlike the clock: off a terminal, --watch
+        prints the run again only when this changes."""
+        return (self.flow.status, tuple((n.id, n.status, n.attempt) for n in self.nodes))
+
+
+def read_snapshot(storage: Storage, tracking_id: str, with_payloads: bool = False) -> Snapshot:
+    flow = get_flow_or_exit(storage, tracking_id, with_payloads=with_payloads)
+    nodes = storage.list_nodes(flow_id=flow.id, with_payloads=with_payloads)
+    return Snapshot(flow, nodes, storage.current_time())
+
+
+# -- rendering --------------------------------------------------------------------------
+
+
+def render_run(snapshot: Snapshot, wide: bool) -> str:
+    """The run's lines (status, times, error) and its steps' table, as echo_painted prints."""
+    return "\n".join([*_run_lines(snapshot, wide), "", _steps_table(snapshot, wide)])
+
+
+def _run_lines(snapshot: Snapshot, wide: bool) -> list[str]:
+    flow, now = snapshot.flow, snapshot.now
+    lines = [
+        ("Run", flow.tracking_id),
+        ("Flow", f"{flow.flow_name} (queue {flow.queue})"),
+        ("Status", status_cell(flow)),
+        ("Created", format_both(flow.created_at, now)),
+    ]
+    starts = _delayed_start(snapshot)
+    if starts is not None:
+        lines.append(("Starts", format_both(starts, now)))
+    if flow.finished_at is not None:
+        took = format_duration(elapsed(flow.created_at, flow.finished_at))
+        lines.append(("Finished", f"{format_both(flow.finished_at, now)}, after {took}"))
+    if flow.error:
+        lines.append(("Error", last_line(flow.error)))
+    return [f"{label:<{LABEL_WIDTH}}{_value(value, wide)}" for label, value in lines]
+
+
+def _value(value: object, wide: bool) -> str:
+    """A value of the run's lines, printable, cut to fit TABLE_WIDTH unless ``wide``."""
+    if isinstance(value, Styled):
+        return paint(value)
+    text = printable(str(value))
+    return text if wide else clip(text, TABLE_WIDTH - LABEL_WIDTH)
+
+
+def _delayed_start(snapshot: Snapshot) -> float | None:
+    """When a run enqueued with a delay (or run_at) starts; None once it may run now."""
+    if snapshot.flow.status != FlowStatus.PENDING:
+        return None
+    due = [_due(node, snapshot.now) for node in snapshot.nodes]
+    later = [when for when in due if when is not None]
+    # Every step of its first stage waits: it has not started.
+    return min(later) if later and len(later) == len(due) else None
+
+
+def _due(node: NodeRecord, now: float) -> float | None:
+    """When a PENDING step runs, if that is later than ``now`` (a delay, a retry's backoff)."""
+    if node.status != NodeStatus.PENDING or "status" in node.unreadable:
+        return None
+    try:
+        due = float(node.run_after)
+    except (TypeError, ValueError):
+        return None
+    return due if due > now else None
+
+
+STEP_HEADERS = ("#", "STEP", "STATUS", "ATTEMPTS", "START", "DURATION", "WORKER", "LAST_ERROR")
+WIDE_STEP_HEADERS = (
+    "#",
+    "STEP",
+    "STATUS",
+    "ATTEMPTS",
+    "STARTED",
+    "FINISHED",
+    "DURATION",
+    "WORKER",
+    "LAST_ERROR",
+)
+
+
+def _steps_table(snapshot: Snapshot, wide: bool) -> str:
+    # One row per step; a step's attempts, once they are stored, can follow it
+    # as rows of their own.
+    rows = [_step_row(node, snapshot.now, wide) for node in snapshot.nodes]
+    for position, name in _not_reached(snapshot.flow, snapshot.nodes):
+        blank = ["-"] * (len(WIDE_STEP_HEADERS if wide else STEP_HEADERS) - 3)
+        rows.append([position + 1, name, Styled("(not reached)", dim=True), *blank])
+    return format_table(
+        WIDE_STEP_HEADERS if wide else STEP_HEADERS,
+        rows,
+        width=None if wide else TABLE_WIDTH,
+        shrink=("STEP", "LAST_ERROR"),
+    )
+
+
+def _step_row(node: NodeRecord, now: float, wide: bool) -> list[object]:
+    due = _due(node, now)
+    if wide:
+        started = f"due {format_time(due)}" if due else format_time(node.started_at)
+        times = [started, format_time(node.finished_at)]
+    else:
+        times = [format_relative(due, now) if due else format_moment(node.started_at, now, False)]
+    return [
+        node.position + 1,
+        node.step_name,
+        status_cell(node),
+        _attempts(node),
+        *times,
+        format_duration(elapsed(node.started_at, node.finished_at)),
+        (node.lease_owner or "-") if wide else short_worker(node.lease_owner),
+        last_line(node.error),
+    ]
+
+
+def _attempts(node: NodeRecord) -> str:
+    text = f"{node.attempt}/{node.max_attempts}"
+    return f"{text} ({node.rescues} rescued)" if node.rescues else text
+
+
+def _not_reached(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> list[tuple[int, str]]:
+    """Steps of the run's plan that have no node yet: (position, name)."""
+    known = {n.step_name for n in nodes}
+    return [
+        (position, planned.name)
+        for position, stage in enumerate(flow.plan.stages)
+        for planned in stage
+        if planned.name not in known
+    ]
+
+
+def _echo_tracebacks(nodes: Sequence[NodeRecord]) -> None:
+    with_errors = [n for n in nodes if n.error]
+    if not with_errors:
+        echo("\nNo step of this run has an error.")
+        return
+    for node in with_errors:
+        echo(
+            f"\n--- step {node.step_name!r}: {node.status.value}, attempt "
+            f"{node.attempt}/{node.max_attempts}, worker {node.lease_owner or '-'} ---"
+        )
+        echo(node.error or "")
+
+
+def _show(snapshot: Snapshot, wide: bool, show_traceback: bool) -> None:
+    echo_painted(render_run(snapshot, wide))
+    if show_traceback:
+        _echo_tracebacks(snapshot.nodes)
+    echo_unreadable(f"run {snapshot.flow.tracking_id!r}", snapshot.flow)
+    for node in snapshot.nodes:
+        echo_unreadable(f"step {node.step_name!r}", node)
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("tracking_id", callback=checked_tracking_id)
+@url_option
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="Also print the full error text (the traceback) of every failed or retried step.",
+)
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Redraw until the run ends (off a terminal: print it again when it moves on); "
+    "Ctrl-C stops watching.",
+)
+@click.option(
+    "--interval",
+    type=Duration(),
+    default=DEFAULT_WATCH_INTERVAL,
+    show_default=True,
+    help="How often --watch reads the run again.",
+)
+@wide_option
+@json_option
+def status(
+    tracking_id: str,
+    url: str | None,
+    show_traceback: bool,
+    watch: bool,
+    interval: float,
+    wide: bool,
+    as_json: bool,
+) -> None:
+    """Show a flow run and every step: status, attempts, times, worker, last error.
+
+    Times are relative to the database clock ("3m05s ago"); a run enqueued
+    with a delay says when it starts, a step waiting to be retried when ("in
+    25s"). Steps of the plan the run has not reached yet are listed as "(not
+    reached)". The table fits 100 columns, worker ids cut to 8 characters:
+    --wide shows every cell whole, with UTC times. A stored value that cannot
+    be read is shown as UNREADABLE, with why on stderr (null with --json).
+    Inputs and outputs are read only with --json, whose times are ISO-8601.
+
+    \b
+    Exit codes:
+      0  the run is COMPLETED, RUNNING or PENDING (--watch: it COMPLETED)
+      1  the run FAILED or was CANCELLED, or its stored status cannot be read
+         (or an error, e.g. the database is down)
+      2  usage error
+      3  no flow run has TRACKING_ID
+      130  --watch stopped by Ctrl-C
+
+    \b
+    Examples:
+      flowsmith status order_123
+      flowsmith status order_123 --watch
+      flowsmith status order_123 --traceback --wide
+      flowsmith status order_123 --json | jq -r .flow.status
+      flowsmith status order_123 >/dev/null || echo "order_123 did not go through"
+    """
+    if watch and as_json:
+        raise click.UsageError("--watch redraws a table and --json prints once: choose one")
+    with open_storage(url) as storage:
+        if watch:
+            snapshot = _watch(storage, tracking_id, interval, wide, show_traceback)
+        else:
+            # Inputs and outputs are read only to be printed (--json).
+            snapshot = read_snapshot(storage, tracking_id, with_payloads=as_json)
+    if as_json:
+        echo_json(
+            {
+                "flow": snapshot.flow,
+                "steps": snapshot.nodes,
+                "not_reached": [name for _, name in _not_reached(snapshot.flow, snapshot.nodes)],
+            }
+        )
+    elif not watch:
+        _show(snapshot, wide, show_traceback)
+    flow = snapshot.flow
+    if "status" in flow.unreadable or flow.status in (FlowStatus.FAILED, FlowStatus.CANCELLED):
+        raise click.exceptions.Exit(EXIT_FLOW_FAILED)
+
+
+def _watch(
+    storage: Storage, tracking_id: str, interval: float, wide: bool, show_traceback: bool
+) -> Snapshot:
+    """Show the run until it ends: redrawn on a terminal, printed again on each change elsewhere."""
+    on_terminal = sys.stdout.isatty()
+    shown: tuple[object, ...] | None = None
+    try:
+        while True:
+            snapshot = read_snapshot(storage, tracking_id)
+            if on_terminal:
+                click.clear()
+                _show(snapshot, wide, show_traceback)
+                if not snapshot.ended:
+                    echo(f"\nRead every {format_duration(interval)}; Ctrl-C stops watching.")
+            elif snapshot.progress() != shown:
+                if shown is not None:
+                    echo()
+                _show(snapshot, wide, show_traceback)
+            shown = snapshot.progress()
+            if snapshot.ended:
+                return snapshot
+            pause(interval)
+    except KeyboardInterrupt:
+        if on_terminal:
+            echo()  # past the ^C the terminal printed
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
