@@ -16,7 +16,7 @@ from flowsmith_worker import payload
 from flowsmith_worker.cli_format import printable
 from flowsmith_worker.config import configure, redact, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
-from flowsmith_worker.log import setup_logging
+from flowsmith_worker.log import LOG_LEVELS, setup_logging
 from flowsmith_worker.metrics import DEFAULT_METRICS_HOST, serve
 from flowsmith_worker.signals import stop_on_signals
 from flowsmith_worker.storage import create_storage
@@ -163,6 +163,13 @@ def migrate(url: str | None) -> None:
     show_default=True,
     help="console on a TTY, JSON lines otherwise.",
 )
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="Least severe lines written (of FlowSmith, the modules and their libraries).",
+)
 def worker(
     modules: Sequence[str],
     url: str | None,
@@ -176,6 +183,7 @@ def worker(
     metrics_host: str,
     max_payload_bytes: int | None,
     log_format: str,
+    log_level: str,
 ) -> None:
     """Run the steps of the flows defined in MODULES.
 
@@ -188,7 +196,7 @@ def worker(
       flowsmith worker myapp.flows
       flowsmith worker myapp.flows myapp.billing --concurrency 16 --queue emails
     """
-    setup_logging(log_format)  # type: ignore[arg-type]
+    setup_logging(log_format, log_level)  # type: ignore[arg-type]
     _check_payload_limit_setting()
     _import_modules(modules)
     # Every slot, the loop and the heartbeat thread may each hold a connection

@@ -53,7 +53,7 @@ _DB_BACKOFF = tenacity.wait_exponential_jitter(multiplier=0.2, max=10.0)
 _IDLE_CHECK_SECONDS = 0.05
 
 T = TypeVar("T")
-log = get_logger("flowsmith.worker")
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
