@@ -111,9 +111,14 @@ class Refused(click.ClickException):
 
 
 @contextlib.contextmanager
-def open_storage(url: str | None) -> Iterator[Storage]:
-    """The storage for --url (or the environment), closed after the command."""
-    storage = create_storage(resolve_database_url(url))
+def open_storage(url: str | None, *, read_only: bool = False) -> Iterator[Storage]:
+    """The storage for --url (or the environment), closed after the command.
+
+    A SQLite file is never created here (only `flowsmith migrate` creates one):
+    a mistyped path, or no URL set at all, is said so rather than met with an
+    empty new file. A command that only reads opens it read-only.
+    """
+    storage = create_storage(resolve_database_url(url), sqlite_mode="ro" if read_only else "rw")
     try:
         yield storage
     except FlowNotFound as exc:  # pruned between our read and our write
@@ -247,7 +252,7 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
       flowsmith status order_123 --json | jq -r .flow.status
       flowsmith status order_123 >/dev/null || echo "order_123 did not go through"
     """
-    with open_storage(url) as storage:
+    with open_storage(url, read_only=True) as storage:
         # Inputs and outputs are read only to be printed (--json).
         flow = get_flow_or_exit(storage, tracking_id, with_payloads=as_json)
         nodes = storage.list_nodes(flow_id=flow.id, with_payloads=as_json)
@@ -371,7 +376,7 @@ def flows(
         created_within=since.seconds if isinstance(since, Ago) else None,
         limit=limit,
     )
-    with open_storage(url) as storage:
+    with open_storage(url, read_only=True) as storage:
         found = storage.list_flows(where=where)
     if as_json:
         echo_json({"flows": [_for_json(f) for f in found]})
@@ -573,7 +578,7 @@ def stats(url: str | None, as_json: bool) -> None:
       flowsmith stats
       flowsmith stats --json | jq .oldest_runnable_age
     """
-    with open_storage(url) as storage:
+    with open_storage(url, read_only=True) as storage:
         counts = storage.stats()
         limits = storage.queue_limits()
     if as_json:
@@ -648,7 +653,7 @@ def workers(url: str | None, as_json: bool) -> None:
       flowsmith workers
       flowsmith workers --json | jq '.workers[] | {host, pid, in_flight}'
     """
-    with open_storage(url) as storage:
+    with open_storage(url, read_only=True) as storage:
         found = storage.list_workers()
     if as_json:
         echo_json({"workers": found})

@@ -61,12 +61,24 @@ class PoolSettings:
 
 def resolve_database_url(explicit: str | None = None) -> str:
     """The URL to use: the argument, then the environment, then the SQLite default."""
-    if explicit:
-        return explicit
-    for name in URL_ENV_VARS:
-        if os.environ.get(name):
-            return os.environ[name]
-    return DEFAULT_DATABASE_URL
+    return explicit or _url_from_environment() or DEFAULT_DATABASE_URL
+
+
+def _url_from_environment() -> str | None:
+    return next((os.environ[name] for name in URL_ENV_VARS if os.environ.get(name)), None)
+
+
+def _warn_of_the_default_database() -> None:
+    """An application whose environment lost its URL would otherwise enqueue into a
+    local file that no worker reads, without a word."""
+    from flowsmith_worker.log import get_logger  # log imports this module
+
+    get_logger(__name__).warning(
+        "database.default_used",
+        file=os.path.abspath(sa.make_url(DEFAULT_DATABASE_URL).database or ""),
+        hint=f"no database URL was given and {' and '.join(URL_ENV_VARS)} are unset: "
+        f"set {URL_ENV_VARS[0]} (or pass the URL) to use your database",
+    )
 
 
 # Query parameters and libpq keywords that carry a secret (?password=, password=...).
@@ -232,9 +244,12 @@ def configure(
     if max_payload_bytes is not None:
         payload.set_limits(payload.PayloadLimits(max_bytes=max_payload_bytes))
 
+    url = database_url or _url_from_environment()
+    if url is None:
+        _warn_of_the_default_database()
+        url = DEFAULT_DATABASE_URL
     storage = create_storage(
-        resolve_database_url(database_url),
-        PoolSettings(pool_min=pool_min, pool_max=pool_max, pool_timeout=pool_timeout),
+        url, PoolSettings(pool_min=pool_min, pool_max=pool_max, pool_timeout=pool_timeout)
     )
     global _default_storage
     with _lock:

@@ -229,3 +229,31 @@ def test_an_application_at_debug_gets_the_events_through_its_own_handler(tmp_pat
     assert completed and completed[0].startswith("INFO flowsmith_worker.executor "), lines
     assert "tracking_id=t-1" in completed[0] and "step=one" in completed[0], completed
     assert done.stdout == ""
+
+
+def test_worker_log_level_warning_writes_warnings_and_errors_only(
+    tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    """`flowsmith worker --log-level WARNING`: a step that fails for good is logged
+    (step.failed, a warning), its start-up and the step lines below WARNING are not."""
+    (tmp_path / "escflows.py").write_text(FLOWS_MODULE)
+    url = f"sqlite:///{tmp_path / 'level.db'}"
+    name = unique("level")
+    storage = create_storage(url)
+    storage.migrate()
+    env = dict(os.environ, FS_FLOW_NAME=name)
+    worker = WorkerProcess(
+        tmp_path, url, env, "--log-level", "warning", "--poll-interval", "0.1", module="escflows"
+    )
+    try:
+        Flow(name, storage=storage).step("pay\x1b[8m", _never_here).run({}, tracking_id="t-1")
+        eventually(lambda: _status(storage, "t-1") == FlowStatus.FAILED, timeout=20)
+        eventually(lambda: b"step.failed" in worker.log_path.read_bytes(), timeout=10)
+        worker.signal()
+        assert worker.wait(15) == 0, worker.output()
+        lines = worker.log_lines()
+    finally:
+        worker.cleanup()
+        storage.close()
+    assert "step.failed" in [line["event"] for line in lines]
+    assert {line["level"] for line in lines} <= {"warning", "error"}, lines
