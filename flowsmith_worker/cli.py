@@ -16,7 +16,7 @@ from flowsmith_worker import payload
 from flowsmith_worker.cli_format import printable
 from flowsmith_worker.config import configure, redact, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
-from flowsmith_worker.log import LOG_LEVELS, setup_logging
+from flowsmith_worker.log import LOG_LEVELS, flush_output, setup_logging
 from flowsmith_worker.metrics import DEFAULT_METRICS_HOST, serve
 from flowsmith_worker.signals import stop_on_signals
 from flowsmith_worker.storage import create_storage
@@ -284,9 +284,8 @@ def _check_payload_limit_setting() -> None:
 
 def _exit_abandoning_steps() -> None:
     """Leave even if a step thread is stuck: its node was released, its late result is fenced."""
+    flush_output()
     if any(t.name.startswith("flowsmith-step") and t.is_alive() for t in threading.enumerate()):
-        sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(0)
 
 

@@ -15,7 +15,6 @@ setup_logging), whose ``str()`` is ``event key=value ...`` for a plain Formatter
 from __future__ import annotations
 
 import datetime
-import errno
 import logging
 import os
 import sys
@@ -161,20 +160,31 @@ class PipeSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """
 
     def handleError(self, record: logging.LogRecord) -> None:
-        error = sys.exc_info()[1]
-        if isinstance(error, OSError) and error.errno == errno.EPIPE:
-            self._write_to_devnull()
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            _silence(self.stream)
             return
         super().handleError(record)
 
-    def _write_to_devnull(self) -> None:
-        """Point the stream's file descriptor at /dev/null: the interpreter's own last
-        flush of it at exit must not fail either (it would print an error and exit 120)."""
-        devnull = os.open(os.devnull, os.O_WRONLY)
+
+def flush_output() -> None:
+    """Flush stdout and stderr before the process ends, a pipe whose reader is gone
+    included (what a step printed may still be buffered for it)."""
+    for stream in (sys.stdout, sys.stderr):
         try:
-            os.dup2(devnull, self.stream.fileno())
-        finally:
-            os.close(devnull)
+            stream.flush()
+        except BrokenPipeError:
+            _silence(stream)
+
+
+def _silence(stream: Any) -> None:
+    """Point the stream's file descriptor at /dev/null, its reader being gone: what it
+    still buffers, and the interpreter's own last flush at exit, go nowhere instead
+    of failing again (click would exit 1, the interpreter 120)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
 
 
 # The "YYYY-MM-DDTHH:MM:SS" of the second last stamped, and that second.

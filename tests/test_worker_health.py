@@ -28,8 +28,8 @@ from tests.worker_process import WorkerProcess
 
 Names = Callable[[str], str]
 
-# The workers' flows: one step that says it started (a line in FS_STARTED), then
-# sleeps FS_STEP_SECONDS.
+# The workers' flows: one step that prints to stdout (as steps do), says it started
+# (a line in FS_STARTED), then sleeps FS_STEP_SECONDS.
 FLOWS_MODULE = textwrap.dedent(
     '''
     """Flows for tests/test_worker_health.py."""
@@ -40,6 +40,7 @@ FLOWS_MODULE = textwrap.dedent(
 
 
     def slow(ctx):
+        print("charging", ctx.tracking_id)
         with open(os.environ["FS_STARTED"], "a") as started:
             started.write(f"{os.getpid()}\\n")
         time.sleep(float(os.environ["FS_STEP_SECONDS"]))
@@ -203,31 +204,40 @@ def test_readyz_fails_from_the_moment_draining_starts_livez_stays_up(app: App) -
     assert app.flow_status(run.tracking_id) == FlowStatus.COMPLETED
 
 
-def test_ctrl_c_through_a_pipe_whose_reader_dies_still_stops_gracefully(app: App) -> None:
+@pytest.mark.parametrize(
+    ("step_seconds", "grace", "left"),
+    [(3, "20", NodeStatus.COMPLETED), (60, "1", NodeStatus.PENDING)],
+    ids=["step-finishes", "step-handed-back"],
+)
+def test_ctrl_c_through_a_pipe_whose_reader_dies_still_stops_gracefully(
+    app: App, step_seconds: int, grace: str, left: NodeStatus
+) -> None:
     """`flowsmith worker ... 2>&1 | tee log` and Ctrl-C: SIGINT reaches the whole
-    process group, tee dies, and every later log line meets a broken pipe. The worker
-    still exits 0, unregisters itself and hands its unfinished step back."""
+    process group, tee dies, and every later log line, and the flush of what the
+    step printed (stdout buffered, as without PYTHONUNBUFFERED), meets a broken pipe.
+    The worker still exits 0 and unregisters itself; its step finishes within the
+    grace period, or is handed back (PENDING, no owner) after it."""
     run = app.flow.run({})
     log_path = app.dir / "tee.log"
     tee = subprocess.Popen(
         ["tee", str(log_path)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, process_group=0
     )
     assert tee.stdin is not None
-    command = [sys.executable, "-m", "flowsmith_worker", "worker", "healthflows"]
+    env = {k: v for k, v in app.env.items() if k != "PYTHONUNBUFFERED"}
+    options = ["--poll-interval", "0.1", "--shutdown-timeout", grace, "--log-format", "json"]
     worker = subprocess.Popen(
         [
-            *command,
+            sys.executable,
+            "-m",
+            "flowsmith_worker",
+            "worker",
+            "healthflows",
             "--url",
             app.url,
-            "--poll-interval",
-            "0.1",
-            "--shutdown-timeout",
-            "1",
-            "--log-format",
-            "json",
+            *options,
         ],
         cwd=app.dir,
-        env=dict(app.env, FS_STEP_SECONDS="60"),
+        env=dict(env, FS_STEP_SECONDS=str(step_seconds)),
         stdout=tee.stdin,
         stderr=subprocess.STDOUT,
         process_group=tee.pid,
@@ -246,4 +256,5 @@ def test_ctrl_c_through_a_pipe_whose_reader_dies_still_stops_gracefully(app: App
     assert returncode == 0, log_path.read_text()
     assert "worker.started" in log_path.read_text()
     assert app.storage.list_workers() == []
-    assert app.node(run.tracking_id) == (NodeStatus.PENDING, None)
+    status, owner = app.node(run.tracking_id)
+    assert status == left and (owner is None) == (left == NodeStatus.PENDING)
