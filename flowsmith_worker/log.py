@@ -133,21 +133,36 @@ def setup_logging(fmt: LogFormat = "auto", level: str = "INFO") -> None:
         if use_console
         else [structlog.processors.JSONRenderer()]
     )
-    fields = [structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name, _add_timestamp]
-    formatter = structlog.stdlib.ProcessorFormatter(
-        # Lines of other libraries and of the user's modules: their tracebacks and
-        # texts are formatted and redacted here; ours were in get_logger's chain.
-        foreign_pre_chain=[structlog.processors.format_exc_info, _redact_secrets],
-        # The fields first: the logger's name of a foreign line is its record's.
-        processors=[
-            *fields,
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *renderers,
-        ],
-    )
     handler = PipeSafeHandler(sys.stderr)
-    handler.setFormatter(formatter)
+    handler.setFormatter(StructlogFormatter([_add_timestamp, *renderers]))
     logging.basicConfig(handlers=[handler], level=level.upper(), force=True)
+
+
+class StructlogFormatter(logging.Formatter):
+    """Renders each record through structlog processors: ours field by field, others
+    (the user's modules, libraries) as their message and traceback; level and logger
+    name added to both.
+
+    What structlog.stdlib.ProcessorFormatter does, without the copy of the record it
+    makes first (its own processors may change it): a quarter of a step's log line.
+    """
+
+    def __init__(self, processors: list[Any]) -> None:
+        super().__init__()
+        self.processors = processors
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.msg, LogEvent):
+            event: Any = dict(record.msg)  # redacted, its traceback formatted, already
+        else:
+            event = {"event": record.getMessage(), "exc_info": record.exc_info}
+            event = _redact_secrets(None, "", structlog.processors.format_exc_info(None, "", event))
+        event["level"] = record.levelname.lower()
+        event["logger"] = record.name
+        method = record.levelname.lower()
+        for processor in self.processors:
+            event = processor(None, method, event)
+        return str(event)
 
 
 class PipeSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]

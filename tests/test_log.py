@@ -257,3 +257,30 @@ def test_worker_log_level_warning_writes_warnings_and_errors_only(
         storage.close()
     assert "step.failed" in [line["event"] for line in lines]
     assert {line["level"] for line in lines} <= {"warning", "error"}, lines
+
+
+def test_the_cli_renders_other_loggers_lines_too_redacted(
+    restored_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under setup_logging (what `flowsmith worker` calls), a line of the user's own
+    module (stdlib logging, %-style arguments, a traceback) becomes a JSON line like
+    ours, with its level and logger name, and without a database password we know."""
+    import json
+
+    from flowsmith_worker.config import remember_secrets
+
+    remember_secrets("postgresql://app:Hunter2-S3cret@db/app")
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging("json", "INFO")
+    app_log = logging.getLogger("myapp.billing")
+    app_log.debug("not shown: below the level")
+    try:
+        raise ConnectionError("login Hunter2-S3cret refused")
+    except ConnectionError:
+        app_log.exception("charging %s failed", "order-7")
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["event"] == "charging order-7 failed"
+    assert (line["level"], line["logger"]) == ("error", "myapp.billing")
+    assert "ConnectionError: login *** refused" in line["exception"]
+    assert "Hunter2-S3cret" not in stream.getvalue()
