@@ -19,11 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from flowsmith_worker import Flow, Worker
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, NodeStatus, QueueBacklog, Storage
 from tests.conftest import eventually
+from tests.servers import DatabaseServer
 from tests.worker_process import WorkerProcess
 
 Names = Callable[[str], str]
@@ -119,10 +121,10 @@ class App:
     """A working directory with the flows module, a migrated SQLite database, and
     the workers' environment."""
 
-    def __init__(self, tmp_path: Path, name: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, url: str | None = None) -> None:
         (tmp_path / "healthflows.py").write_text(FLOWS_MODULE)
         self.dir = tmp_path
-        self.url = f"sqlite:///{tmp_path / 'health.db'}"
+        self.url = url or f"sqlite:///{tmp_path / 'health.db'}"
         self.started_path = tmp_path / "started.txt"
         self.started_path.touch()
         self.env = dict(os.environ, FS_FLOW_NAME=name, FS_STARTED=str(self.started_path))
@@ -258,3 +260,53 @@ def test_ctrl_c_through_a_pipe_whose_reader_dies_still_stops_gracefully(
     assert app.storage.list_workers() == []
     status, owner = app.node(run.tracking_id)
     assert status == left and (owner is None) == (left == NodeStatus.PENDING)
+
+
+def test_readyz_fails_during_a_database_outage_livez_does_not(
+    postgres_server: DatabaseServer, tmp_path: Path, unique: Names
+) -> None:
+    """A worker whose PostgreSQL database stops accepting connections (its sessions
+    cut off) answers /readyz 503 "database unavailable" and /livez 200 (a restart
+    would not bring the database back); once the database is back, /readyz is 200."""
+    name = f"t_{unique('outage')[-12:]}"
+    url = postgres_server.create_database(name)
+    port = _free_port()
+    app = App(tmp_path, unique("outage"), url)
+    worker = WorkerProcess(
+        app.dir,
+        url,
+        app.env,
+        "--metrics-port",
+        str(port),
+        "--poll-interval",
+        "0.1",
+        module="healthflows",
+    )
+    try:
+        worker.wait_started()
+        eventually(lambda: _probe(port, "/readyz") == (200, "ok\n"), timeout=10)
+        _accept_connections(postgres_server, name, accept=False)
+        eventually(lambda: _probe(port, "/readyz")[0] == 503, timeout=20)
+        assert "database unavailable" in _probe(port, "/readyz")[1]
+        assert _probe(port, "/livez") == (200, "ok\n")
+        _accept_connections(postgres_server, name, accept=True)
+        eventually(lambda: _probe(port, "/readyz") == (200, "ok\n"), timeout=30)
+        worker.signal()
+        assert worker.wait(30) == 0, worker.output()
+    finally:
+        worker.cleanup()
+        app.storage.close()
+        postgres_server.drop_database(name)
+
+
+def _accept_connections(server: DatabaseServer, name: str, *, accept: bool) -> None:
+    """Let clients connect to database ``name``, or refuse them and cut off those in."""
+    with server.admin_engine().connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(accept).lower()}'))
+        if not accept:
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+                ),
+                {"n": name},
+            )
