@@ -2,8 +2,9 @@
 
 The URL is looked up in this order: the ``database_url`` argument (or ``--url``),
 ``FLOWSMITH_DATABASE_URL``, ``DATABASE_URL``, then ``sqlite:///flowsmith.db`` in
-the working directory. Passwords never leave this module unredacted, and every
-password seen here is scrubbed from the text we print or log (``redact``).
+the working directory (configure() logs a warning when it falls back to that file).
+Passwords never leave this module unredacted, and every password seen here is
+scrubbed from the text we print or log (``redact``).
 """
 
 from __future__ import annotations
