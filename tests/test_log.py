@@ -284,3 +284,32 @@ def test_the_cli_renders_other_loggers_lines_too_redacted(
     assert (line["level"], line["logger"]) == ("error", "myapp.billing")
     assert "ConnectionError: login *** refused" in line["exception"]
     assert "Hunter2-S3cret" not in stream.getvalue()
+
+
+def test_an_application_using_structlog_processor_formatter_gets_our_fields() -> None:
+    """An application whose handler uses structlog's ProcessorFormatter (structlog's
+    own stdlib integration) renders the library's events field by field."""
+    import json
+
+    import structlog
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.JSONRenderer(),
+            ]
+        )
+    )
+    logger = logging.getLogger("flowsmith_worker")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        get_logger("flowsmith_worker.executor").bind(step="pay").info("step.completed", seconds=1)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert json.loads(stream.getvalue()) == {"step": "pay", "seconds": 1, "event": "step.completed"}
