@@ -137,7 +137,7 @@ def migrate(url: str | None) -> None:
     type=click.IntRange(1, 65535),
     default=None,
     metavar="PORT",
-    help="Serve Prometheus metrics on /metrics and a health check on /healthz.",
+    help="Serve Prometheus metrics on /metrics, liveness on /livez, readiness on /readyz.",
 )
 @click.option(
     "--metrics-host",
