@@ -81,8 +81,9 @@ def queues_to_report(
     it, sum() over workers would multiply it. One worker per queue reports it
     instead, so both sum() and max() are right. Live: a heartbeat no older than its
     lease, next to the newest heartbeat (all stamped by the database's clock, so
-    every worker reading the same rows elects the same one). A worker with no row
-    (run_until_idle) reports its queues itself.
+    every worker reading the same rows elects the same one). For one rescue interval
+    after a worker joins or dies, a queue may be reported by two workers or none. A
+    worker with no row (run_until_idle) reports its queues itself.
     """
     if not any(w.id == worker_id for w in workers):
         return list(queues)
