@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from flowsmith_worker import Flow, Worker
 from flowsmith_worker.storage import create_storage
-from flowsmith_worker.storage.base import FlowStatus, NodeStatus, QueueBacklog, Storage
+from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Storage
 from tests.conftest import eventually
 from tests.servers import DatabaseServer
 from tests.worker_process import WorkerProcess
@@ -107,11 +107,6 @@ def test_each_queue_backlog_is_reported_by_one_worker(storage: Storage, unique: 
     finally:
         for worker in workers:
             storage.unregister_worker(worker_id=worker.id)
-
-
-def test_an_empty_queue_reports_zero_backlog() -> None:
-    """A reported queue with nothing runnable shows 0 steps, waiting 0 s."""
-    assert QueueBacklog() == QueueBacklog(runnable=0, oldest_age_seconds=0.0)
 
 
 # -- real worker processes -----------------------------------------------------------
