@@ -22,8 +22,9 @@ import pytest
 import sqlalchemy as sa
 
 from flowsmith_worker import Flow, Worker
-from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage import create_storage, schema
 from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Storage
+from flowsmith_worker.storage.sql import SqlStorage
 from tests.conftest import eventually
 from tests.servers import DatabaseServer
 from tests.worker_process import WorkerProcess
@@ -61,10 +62,23 @@ def _never_here(_ctx: object) -> None:
 # -- the backlog gauges ------------------------------------------------------------
 
 
-def _enqueue(storage: Storage, queue: str, runs: int, delay: float | None = None) -> None:
+def _enqueue(storage: Storage, queue: str, runs: int, delay: float | None = None) -> list[str]:
+    """The tracking ids of ``runs`` new runs of a one-step flow on ``queue``."""
     flow = Flow(f"{queue}_flow", queue=queue, storage=storage).step("one", _never_here)
-    for _ in range(runs):
-        flow.run({}, delay=delay)
+    return [flow.run({}, delay=delay).tracking_id for _ in range(runs)]
+
+
+def _due_since(storage: Storage, tracking_id: str, seconds: float) -> None:
+    """Make the run's node runnable ``seconds`` earlier, as if it had waited that long."""
+    assert isinstance(storage, SqlStorage)
+    nodes = schema.nodes
+    flow_ids = sa.select(schema.flows.c.id).where(schema.flows.c.tracking_id == tracking_id)
+    with storage.engine.begin() as conn:
+        conn.execute(
+            sa.update(nodes)
+            .where(nodes.c.flow_id.in_(flow_ids))
+            .values(run_after=nodes.c.run_after - seconds)
+        )
 
 
 def test_runnable_backlog_counts_each_queue_and_its_oldest(storage: Storage, unique: Names) -> None:
@@ -72,13 +86,14 @@ def test_runnable_backlog_counts_each_queue_and_its_oldest(storage: Storage, uni
     the oldest has waited; a delayed run is not runnable yet, other queues and
     queues with nothing runnable are left out."""
     busy, delayed_only, other = unique("busy"), unique("delayed"), unique("other")
-    _enqueue(storage, busy, 3)
+    oldest, *_ = _enqueue(storage, busy, 4)
+    _due_since(storage, oldest, 120)
     _enqueue(storage, delayed_only, 2, delay=3600)
     _enqueue(storage, other, 1)
     backlog = storage.runnable_backlog(queues=[busy, delayed_only])
     assert set(backlog) == {busy}
-    assert backlog[busy].runnable == 3
-    assert 0 <= backlog[busy].oldest_age_seconds < 60
+    assert backlog[busy].runnable == 4
+    assert 119 < backlog[busy].oldest_age_seconds < 180, backlog
 
 
 def test_each_queue_backlog_is_reported_by_one_worker(storage: Storage, unique: Names) -> None:
