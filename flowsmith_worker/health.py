@@ -2,8 +2,8 @@
 
 Alive: its loop turns (or its shutdown makes progress). Restarting a worker whose
 loop is stuck helps; restarting one whose database is away does not, so liveness
-ignores the database. Ready: alive, claiming (not draining after SIGTERM), and
-its last database call worked.
+ignores the database. Ready: alive, claiming (not draining after SIGTERM), and its
+loop's last turn worked (the database answered).
 """
 
 from __future__ import annotations
@@ -24,20 +24,21 @@ class Health:
         self.draining = draining or threading.Event()
         self._lock = threading.Lock()
         self._last_tick: float | None = None
-        self._db_error: str | None = None
+        self._failure: str | None = None
 
     def loop_ticked(self) -> None:
         """The loop turned, or the shutdown waiting for in-flight steps did."""
         with self._lock:
             self._last_tick = time.monotonic()
 
-    def database_ok(self) -> None:
+    def turn_succeeded(self) -> None:
         with self._lock:
-            self._db_error = None
+            self._failure = None
 
-    def database_failed(self, error: str) -> None:
+    def turn_failed(self, why: str) -> None:
+        """The loop's turn failed (the database away, or a bug): not ready until one works."""
         with self._lock:
-            self._db_error = error or "unknown error"
+            self._failure = why
 
     def liveness(self) -> Verdict:
         with self._lock:
@@ -56,7 +57,5 @@ class Health:
         if self.draining.is_set():
             return False, "draining: not claiming, letting in-flight steps finish"
         with self._lock:
-            db_error = self._db_error
-        if db_error is not None:
-            return False, f"database unavailable: {db_error}"
-        return True, "ok"
+            failure = self._failure
+        return (False, failure) if failure is not None else (True, "ok")

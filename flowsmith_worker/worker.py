@@ -335,7 +335,7 @@ class Worker:
             try:
                 claimed = self.run_once()
                 self.scheduler.run_once()
-                self.health.database_ok()
+                self.health.turn_succeeded()
                 if failures:
                     self.log.info("database.reconnected", after_failures=failures)
                 failures = 0
@@ -345,9 +345,11 @@ class Worker:
                 # off and tries again instead.
                 failures += 1
                 if isinstance(exc, DatabaseUnavailable):
-                    self.health.database_failed(str(exc))
+                    self.health.turn_failed(f"database unavailable: {exc}")
                     self.log.warning("database.unavailable", error=str(exc), failures=failures)
                 else:
+                    # The error's text stays in the log: a probe's answer may travel further.
+                    self.health.turn_failed(f"loop failing: {type(exc).__name__} (see the log)")
                     self.log.exception("worker.loop_failed", failures=failures)
                 self.wakeup.wait(retry_delay(_DB_BACKOFF, failures))
                 self.wakeup.clear()
