@@ -6,6 +6,7 @@ from flowsmith_worker.config import configure
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
     CorruptRow,
+    DatabaseNotFound,
     DatabaseUnavailable,
     DuplicateFlowName,
     FlowAlreadyCompleted,
@@ -43,6 +44,7 @@ from flowsmith_worker.worker import Worker
 __all__ = [
     "Context",
     "CorruptRow",
+    "DatabaseNotFound",
     "DatabaseUnavailable",
     "DuplicateFlowName",
     "Flow",
