@@ -60,9 +60,10 @@ class LogEvent(dict[str, Any]):
 
 
 def _logfmt_value(value: Any) -> str:
+    """Plain words bare; anything else as its repr, quoted and with control characters escaped."""
     if isinstance(value, str) and value and value.isprintable() and " " not in value:
         return value
-    return repr(value)  # quoted, with control characters escaped
+    return repr(value)
 
 
 class _Logger(structlog.stdlib.BoundLogger):
@@ -157,11 +158,10 @@ class StructlogFormatter(logging.Formatter):
         else:
             event = {"event": record.getMessage(), "exc_info": record.exc_info}
             event = _redact_secrets(None, "", structlog.processors.format_exc_info(None, "", event))
-        event["level"] = record.levelname.lower()
-        event["logger"] = record.name
-        method = record.levelname.lower()
+        level = record.levelname.lower()
+        event["level"], event["logger"] = level, record.name
         for processor in self.processors:
-            event = processor(None, method, event)
+            event = processor(None, level, event)
         return str(event)
 
 
