@@ -32,7 +32,7 @@ from tests.worker_process import WorkerProcess
 Names = Callable[[str], str]
 
 # The workers' flows: one step that prints to stdout (as steps do), says it started
-# (a line in FS_STARTED), then sleeps FS_STEP_SECONDS.
+# (a line in FS_STARTED), then waits until the test creates FS_RELEASE (60 s at most).
 FLOWS_MODULE = textwrap.dedent(
     '''
     """Flows for tests/test_worker_health.py."""
@@ -46,7 +46,9 @@ FLOWS_MODULE = textwrap.dedent(
         print("charging", ctx.tracking_id)
         with open(os.environ["FS_STARTED"], "a") as started:
             started.write(f"{os.getpid()}\\n")
-        time.sleep(float(os.environ["FS_STEP_SECONDS"]))
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.environ["FS_RELEASE"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
         return "done"
 
 
@@ -137,13 +139,22 @@ class App:
         self.url = url or f"sqlite:///{tmp_path / 'health.db'}"
         self.started_path = tmp_path / "started.txt"
         self.started_path.touch()
-        self.env = dict(os.environ, FS_FLOW_NAME=name, FS_STARTED=str(self.started_path))
+        self.release_path = tmp_path / "release"
+        self.env = dict(
+            os.environ,
+            FS_FLOW_NAME=name,
+            FS_STARTED=str(self.started_path),
+            FS_RELEASE=str(self.release_path),
+        )
         self.storage = create_storage(self.url)
         self.storage.migrate()
         self.flow = Flow(name, storage=self.storage).step("slow", _never_here)
 
     def step_started(self) -> bool:
         return bool(self.started_path.read_text())
+
+    def release_step(self) -> None:
+        self.release_path.touch()
 
     def node(self, tracking_id: str) -> tuple[NodeStatus, str | None]:
         record = self.storage.get_flow(tracking_id=tracking_id)
@@ -182,16 +193,15 @@ def _probe(port: int, path: str) -> tuple[int, str]:
 
 
 def test_readyz_fails_from_the_moment_draining_starts_livez_stays_up(app: App) -> None:
-    """A worker running a 4 s step is ready; after SIGTERM (grace 20 s) it answers
-    /readyz 503 "draining" while the step finishes, /livez (and /healthz) 200 all
-    along; the step completes and the worker exits 0."""
+    """A worker running a step is ready; after SIGTERM (grace 20 s) it answers
+    /readyz 503 "draining" while the step runs on, /livez (and /healthz) 200; the
+    step completes and the worker exits 0."""
     port = _free_port()
     run = app.flow.run({})
-    env = dict(app.env, FS_STEP_SECONDS="4")
     worker = WorkerProcess(
         app.dir,
         app.url,
-        env,
+        app.env,
         "--metrics-port",
         str(port),
         "--poll-interval",
@@ -210,6 +220,7 @@ def test_readyz_fails_from_the_moment_draining_starts_livez_stays_up(app: App) -
         assert _probe(port, "/readyz")[1].startswith("draining"), worker.output()
         assert _probe(port, "/livez") == (200, "ok\n")
         assert _probe(port, "/healthz") == (200, "ok\n")
+        app.release_step()
         assert worker.wait(30) == 0, worker.output()
     finally:
         worker.cleanup()
@@ -217,12 +228,12 @@ def test_readyz_fails_from_the_moment_draining_starts_livez_stays_up(app: App) -
 
 
 @pytest.mark.parametrize(
-    ("step_seconds", "grace", "left"),
-    [(3, "20", NodeStatus.COMPLETED), (60, "1", NodeStatus.PENDING)],
+    ("grace", "left"),
+    [("20", NodeStatus.COMPLETED), ("1", NodeStatus.PENDING)],
     ids=["step-finishes", "step-handed-back"],
 )
 def test_ctrl_c_through_a_pipe_whose_reader_dies_still_stops_gracefully(
-    app: App, step_seconds: int, grace: str, left: NodeStatus
+    app: App, grace: str, left: NodeStatus
 ) -> None:
     """`flowsmith worker ... 2>&1 | tee log` and Ctrl-C: SIGINT reaches the whole
     process group, tee dies, and every later log line, and the flush of what the
@@ -249,7 +260,7 @@ def test_ctrl_c_through_a_pipe_whose_reader_dies_still_stops_gracefully(
             *options,
         ],
         cwd=app.dir,
-        env=dict(env, FS_STEP_SECONDS=str(step_seconds)),
+        env=env,
         stdout=tee.stdin,
         stderr=subprocess.STDOUT,
         process_group=tee.pid,
@@ -259,6 +270,8 @@ def test_ctrl_c_through_a_pipe_whose_reader_dies_still_stops_gracefully(
         eventually(app.step_started, timeout=20)
         os.killpg(tee.pid, signal.SIGINT)  # what the terminal's Ctrl-C does
         assert tee.wait(10) == -signal.SIGINT
+        if left == NodeStatus.COMPLETED:
+            app.release_step()  # within the grace period
         returncode = worker.wait(30)
     finally:
         for process in (worker, tee):
