@@ -163,7 +163,7 @@ class WorkerMetrics:
         self._child("duration", flow, step).observe(seconds)
 
     def _child(self, metric: str, flow: str, step: str) -> Any:
-        """The metric's child for (flow, step), looked up once per step of the code.
+        """The metric's child for (flow, step) and its queue, looked up once per step of the code.
 
         Every step moves two or three of them: prometheus_client's labels() and the
         registry lookup behind metric_labels would otherwise run each time. Only
