@@ -96,12 +96,17 @@ def test_console_logs_of_a_worker_show_escapes_escaped(
 
 @pytest.fixture
 def restored_logging() -> Iterator[None]:
-    """setup_logging configures the root logger of the process: put back what was there."""
+    """setup_logging configures the root logger and logging's switches for the process:
+    put back what was there."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    switches = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved = {name: getattr(logging, name) for name in switches}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, value in saved.items():
+        setattr(logging, name, value)
 
 
 class _Terminal(io.StringIO):
