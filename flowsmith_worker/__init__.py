@@ -7,6 +7,7 @@ from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
     ConnectionNotUsable,
     CorruptRow,
+    DatabaseNotFound,
     DatabaseUnavailable,
     DuplicateFlowName,
     FlowAlreadyCompleted,
@@ -45,6 +46,7 @@ __all__ = [
     "ConnectionNotUsable",
     "Context",
     "CorruptRow",
+    "DatabaseNotFound",
     "DatabaseUnavailable",
     "DuplicateFlowName",
     "Flow",

@@ -33,7 +33,7 @@ from flowsmith_worker.storage.base import Chain, Finished, Storage, Written
 
 # Bounds one transaction's size (and how long it holds its runs' locks).
 MAX_BATCH = 256
-log = get_logger("flowsmith.batcher")
+log = get_logger(__name__)
 
 
 class _Pending:

@@ -17,7 +17,7 @@ from flowsmith_worker.cli_format import printable
 from flowsmith_worker.cli_params import QueueNames
 from flowsmith_worker.config import configure, redact, resolve_database_url
 from flowsmith_worker.errors import FlowSmithError
-from flowsmith_worker.log import setup_logging
+from flowsmith_worker.log import LOG_LEVELS, flush_output, setup_logging
 from flowsmith_worker.metrics import DEFAULT_METRICS_HOST, serve
 from flowsmith_worker.signals import stop_on_signals
 from flowsmith_worker.storage import create_storage
@@ -178,7 +178,7 @@ def migrate(url: str | None) -> None:
     type=click.IntRange(1, 65535),
     default=None,
     metavar="PORT",
-    help="Serve Prometheus metrics on /metrics and a health check on /healthz.",
+    help="Serve Prometheus metrics on /metrics, liveness on /livez, readiness on /readyz.",
 )
 @click.option(
     "--metrics-host",
@@ -204,6 +204,13 @@ def migrate(url: str | None) -> None:
     show_default=True,
     help="console on a TTY, JSON lines otherwise.",
 )
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="Least severe lines written (of FlowSmith, the modules and their libraries).",
+)
 def worker(
     modules: Sequence[str],
     url: str | None,
@@ -217,6 +224,7 @@ def worker(
     metrics_host: str,
     max_payload_bytes: int | None,
     log_format: str,
+    log_level: str,
 ) -> None:
     """Run the steps of the flows defined in MODULES.
 
@@ -234,7 +242,7 @@ def worker(
       flowsmith worker myapp.flows myapp.billing --concurrency 16 --queue emails,default
       FLOWSMITH_MODULES=myapp.flows FLOWSMITH_CONCURRENCY=16 flowsmith worker
     """
-    setup_logging(log_format)  # type: ignore[arg-type]
+    setup_logging(log_format, log_level)  # type: ignore[arg-type]
     _check_payload_limit_setting()
     import_modules(modules)
     # Every slot, the loop and the heartbeat thread may each hold a connection
@@ -323,9 +331,8 @@ def _check_payload_limit_setting() -> None:
 
 def _exit_abandoning_steps() -> None:
     """Leave even if a step thread is stuck: its node was released, its late result is fenced."""
+    flush_output()
     if any(t.name.startswith("flowsmith-step") and t.is_alive() for t in threading.enumerate()):
-        sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(0)
 
 

@@ -126,9 +126,14 @@ def wide_option(fn: Any) -> Any:
 
 
 @contextlib.contextmanager
-def open_storage(url: str | None) -> Iterator[Storage]:
-    """The storage for --url (or the environment), closed after the command."""
-    storage = create_storage(resolve_database_url(url))
+def open_storage(url: str | None, *, read_only: bool = False) -> Iterator[Storage]:
+    """The storage for --url (or the environment), closed after the command.
+
+    A SQLite file is never created here (only `flowsmith migrate` creates one):
+    a mistyped path, or no URL set at all, is said so rather than met with an
+    empty new file. A command that only reads opens it read-only.
+    """
+    storage = create_storage(resolve_database_url(url), sqlite_mode="ro" if read_only else "rw")
     try:
         yield storage
     except FlowNotFound as exc:  # pruned between our read and our write
@@ -257,7 +262,7 @@ def flows(
         created_within=since.seconds if isinstance(since, Ago) else None,
         limit=limit,
     )
-    with open_storage(url) as storage:
+    with open_storage(url, read_only=True) as storage:
         found = storage.list_flows(where=where)
         now = storage.current_time()
     if as_json:
@@ -478,7 +483,7 @@ def stats(url: str | None, as_json: bool) -> None:
       flowsmith stats
       flowsmith stats --json | jq .oldest_runnable_age
     """
-    with open_storage(url) as storage:
+    with open_storage(url, read_only=True) as storage:
         counts = storage.stats()
         limits = storage.queue_limits()
     if as_json:
@@ -556,7 +561,7 @@ def workers(url: str | None, wide: bool, as_json: bool) -> None:
       flowsmith workers --wide
       flowsmith workers --json | jq '.workers[] | {host, pid, in_flight}'
     """
-    with open_storage(url) as storage:
+    with open_storage(url, read_only=True) as storage:
         found = storage.list_workers()
         now = storage.current_time()
     if as_json:

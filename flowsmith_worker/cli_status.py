@@ -295,7 +295,7 @@ def status(
     """
     if watch and as_json:
         raise click.UsageError("--watch redraws a table and --json prints once: choose one")
-    with open_storage(url) as storage:
+    with open_storage(url, read_only=True) as storage:
         if watch:
             snapshot = _watch(storage, tracking_id, interval, wide, show_traceback)
         else:

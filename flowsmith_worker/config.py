@@ -2,8 +2,9 @@
 
 The URL is looked up in this order: the ``database_url`` argument (or ``--url``),
 ``FLOWSMITH_DATABASE_URL``, ``DATABASE_URL``, then ``sqlite:///flowsmith.db`` in
-the working directory. Passwords never leave this module unredacted, and every
-password seen here is scrubbed from the text we print or log (``redact``).
+the working directory (configure() logs a warning when it falls back to that file).
+Passwords never leave this module unredacted, and every password seen here is
+scrubbed from the text we print or log (``redact``).
 """
 
 from __future__ import annotations
@@ -61,12 +62,24 @@ class PoolSettings:
 
 def resolve_database_url(explicit: str | None = None) -> str:
     """The URL to use: the argument, then the environment, then the SQLite default."""
-    if explicit:
-        return explicit
-    for name in URL_ENV_VARS:
-        if os.environ.get(name):
-            return os.environ[name]
-    return DEFAULT_DATABASE_URL
+    return explicit or _url_from_environment() or DEFAULT_DATABASE_URL
+
+
+def _url_from_environment() -> str | None:
+    return next((os.environ[name] for name in URL_ENV_VARS if os.environ.get(name)), None)
+
+
+def _warn_of_the_default_database() -> None:
+    """An application whose environment lost its URL would otherwise enqueue into a
+    local file that no worker reads, without a word."""
+    from flowsmith_worker.log import get_logger  # log imports this module
+
+    get_logger(__name__).warning(
+        "database.default_used",
+        file=os.path.abspath(sa.make_url(DEFAULT_DATABASE_URL).database or ""),
+        hint=f"no database URL was given and {' and '.join(URL_ENV_VARS)} are unset: "
+        f"set {URL_ENV_VARS[0]} (or pass the URL) to use your database",
+    )
 
 
 # Query parameters and libpq keywords that carry a secret (?password=, password=...).
@@ -232,9 +245,12 @@ def configure(
     if max_payload_bytes is not None:
         payload.set_limits(payload.PayloadLimits(max_bytes=max_payload_bytes))
 
+    url = database_url or _url_from_environment()
+    if url is None:
+        _warn_of_the_default_database()
+        url = DEFAULT_DATABASE_URL
     storage = create_storage(
-        resolve_database_url(database_url),
-        PoolSettings(pool_min=pool_min, pool_max=pool_max, pool_timeout=pool_timeout),
+        url, PoolSettings(pool_min=pool_min, pool_max=pool_max, pool_timeout=pool_timeout)
     )
     global _default_storage
     with _lock:

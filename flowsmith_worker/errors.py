@@ -34,6 +34,10 @@ class InvalidDatabaseURL(FlowSmithError):
     """The database URL is not one FlowSmith can use."""
 
 
+class DatabaseNotFound(InvalidDatabaseURL):
+    """The URL names a SQLite file that does not exist, and it was not to be created."""
+
+
 class UnsupportedDatabase(FlowSmithError):
     """This database server lacks a feature FlowSmith needs: upgrade it."""
 

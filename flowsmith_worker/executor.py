@@ -65,7 +65,7 @@ DEFAULT_GIVE_UP_SECONDS = 30.0
 MAX_ERROR_CHARS = 64 * 1024
 # Before the first retry of a write that met the database away (then tenacity's backoff).
 _FIRST_RETRY_WAIT = 0.1
-log = get_logger("flowsmith.executor")
+log = get_logger(__name__)
 
 
 class Outcome(StrEnum):

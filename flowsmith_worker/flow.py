@@ -27,7 +27,7 @@ StepFunction = Callable[[Context], Any]
 Condition = Callable[[Context], bool]
 TrackingIdSource = str | Callable[[Context], str] | None
 
-log = get_logger("flowsmith.flow")
+log = get_logger(__name__)
 # The widths of fs_flows.tracking_id, fs_flows.flow_name and fs_nodes.step_name:
 # checked here so the caller gets our message rather than a driver error (and
 # because SQLite would store a longer value than the other databases accept).

@@ -23,7 +23,7 @@ from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.storage.base import Lease
 
-log = get_logger("flowsmith.heartbeat")
+log = get_logger(__name__)
 # After a failed renewal, try again this often (at most), not at the next lease/3.
 RETRY_SECONDS = 0.5
 

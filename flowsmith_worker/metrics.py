@@ -1,27 +1,38 @@
-"""Prometheus metrics and a health check for `flowsmith worker --metrics-port P`.
+"""Prometheus metrics and health checks for `flowsmith worker --metrics-port P`.
 
 ``WorkerMetrics`` holds the counters, owning its registry so several workers in
-one process (tests) never collide. ``Health`` is what ``/healthz`` reports:
-healthy while the worker loop turns and the database answers. ``serve()``
-publishes both over HTTP from a daemon thread.
+one process (tests) never collide. ``serve()`` publishes them on /metrics, and
+the worker's health.Health on /livez and /readyz, over HTTP from a daemon thread.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 
 from flowsmith_worker import registry
 from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.health import Health, Verdict
+from flowsmith_worker.storage.base import QueueBacklog, WorkerRecord
 
 # Only this machine, unless told otherwise (a container: --metrics-host 0.0.0.0).
 DEFAULT_METRICS_HOST = "127.0.0.1"
@@ -49,12 +60,40 @@ _COUNTER_FOR_OUTCOME = {
 }
 
 
-def metric_labels(flow: str, step: str) -> tuple[str, str]:
-    """(flow, step) if this process defines them; UNREGISTERED in their place if not."""
+def metric_labels(flow: str, step: str) -> tuple[str, str, str]:
+    """(flow, step, queue) if this process defines them; UNREGISTERED in their place if not.
+
+    A step runs on its flow's queue, so the queue label adds no series of its own.
+    """
     defined = registry.lookup(flow)
     if defined is None:
-        return UNREGISTERED, UNREGISTERED
-    return flow, step if defined.get_step(step) is not None else UNREGISTERED
+        return UNREGISTERED, UNREGISTERED, UNREGISTERED
+    return flow, step if defined.get_step(step) is not None else UNREGISTERED, defined.queue
+
+
+def queues_to_report(
+    worker_id: str, queues: Sequence[str], workers: Sequence[WorkerRecord]
+) -> list[str]:
+    """The queues whose backlog this worker reports: those where it has the lowest id
+    of the live workers that serve them.
+
+    The backlog is the database's, the same for every worker: were each to report
+    it, sum() over workers would multiply it. One worker per queue reports it
+    instead, so both sum() and max() are right. Live: a heartbeat no older than its
+    lease, next to the newest heartbeat (all stamped by the database's clock, so
+    every worker reading the same rows elects the same one). For one rescue interval
+    after a worker joins or dies, a queue may be reported by two workers or none. A
+    worker with no row (run_until_idle) reports its queues itself.
+    """
+    if not any(w.id == worker_id for w in workers):
+        return list(queues)
+    newest = max(w.heartbeat_at for w in workers)
+    live = [w for w in workers if w.heartbeat_at + w.lease_seconds >= newest]
+    return [
+        q
+        for q in queues
+        if min((w.id for w in live if q in w.queues), default=worker_id) == worker_id
+    ]
 
 
 def _package_version() -> str:
@@ -67,8 +106,12 @@ def _package_version() -> str:
 class WorkerMetrics:
     def __init__(self, worker_id: str, host: str, version: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # The process's CPU, memory and file descriptors; the interpreter's version and GC.
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
         self._children: dict[tuple[str, str, str], Any] = {}
-        r, labels = self.registry, ("flow", "step")
+        self._reported_queues: set[str] = set()
+        r, labels = self.registry, ("flow", "step", "queue")
         self._counters = {
             name: Counter(f"flowsmith_steps_{name}_total", doc, labels, registry=r)
             for name, doc in (
@@ -86,8 +129,19 @@ class WorkerMetrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        # Reported by one worker per queue (see queues_to_report): sum() over workers is right.
         self.backlog = Gauge(
-            "flowsmith_runnable_backlog", "Steps runnable now on this worker's queues.", registry=r
+            "flowsmith_runnable_backlog",
+            "Steps runnable now on the queue (one worker per queue reports it).",
+            ("queue",),
+            registry=r,
+        )
+        self.oldest_runnable_age = Gauge(
+            "flowsmith_oldest_runnable_age_seconds",
+            "How long the queue's oldest runnable step has waited (one worker per queue "
+            "reports it).",
+            ("queue",),
+            registry=r,
         )
         self.in_flight = Gauge(
             "flowsmith_steps_in_flight", "Steps this worker is running.", registry=r
@@ -109,7 +163,7 @@ class WorkerMetrics:
         self._child("duration", flow, step).observe(seconds)
 
     def _child(self, metric: str, flow: str, step: str) -> Any:
-        """The metric's child for (flow, step), looked up once per step of the code.
+        """The metric's child for (flow, step) and its queue, looked up once per step of the code.
 
         Every step moves two or three of them: prometheus_client's labels() and the
         registry lookup behind metric_labels would otherwise run each time. Only
@@ -121,7 +175,7 @@ class WorkerMetrics:
             labels = metric_labels(flow, step)
             parent = self.duration if metric == "duration" else self._counters[metric]
             child = parent.labels(*labels)
-            if labels == (flow, step):
+            if labels[:2] == (flow, step):
                 self._children[key] = child
         return child
 
@@ -131,42 +185,17 @@ class WorkerMetrics:
     def set_in_flight(self, n: int) -> None:
         self.in_flight.set(n)
 
-    def set_backlog(self, n: int) -> None:
-        self.backlog.set(n)
-
-
-class Health:
-    """Healthy while the loop ticked within ``stale_after`` s and the last database call worked."""
-
-    def __init__(self, stale_after: float = 60.0) -> None:
-        self.stale_after = stale_after
-        self._lock = threading.Lock()
-        self._last_tick: float | None = None
-        self._db_error: str | None = None
-
-    def loop_ticked(self) -> None:
-        with self._lock:
-            self._last_tick = time.monotonic()
-
-    def database_ok(self) -> None:
-        with self._lock:
-            self._db_error = None
-
-    def database_failed(self, error: str) -> None:
-        with self._lock:
-            self._db_error = error or "unknown error"
-
-    def check(self) -> tuple[bool, str]:
-        with self._lock:
-            last_tick, db_error = self._last_tick, self._db_error
-        if last_tick is None:
-            return False, "worker loop has not started"
-        idle = time.monotonic() - last_tick
-        if idle > self.stale_after:
-            return False, f"loop stalled: no turn for {idle:.1f} s (limit {self.stale_after:g} s)"
-        if db_error is not None:
-            return False, f"database unavailable: {db_error}"
-        return True, "ok"
+    def set_backlog(self, queues: Sequence[str], backlog: Mapping[str, QueueBacklog]) -> None:
+        """Report these queues' backlog (none runnable where ``backlog`` has no entry),
+        and no longer the queues reported before but not now."""
+        for queue in self._reported_queues.difference(queues):
+            self.backlog.remove(queue)
+            self.oldest_runnable_age.remove(queue)
+        for queue in queues:
+            known = backlog.get(queue, QueueBacklog())
+            self.backlog.labels(queue).set(known.runnable)
+            self.oldest_runnable_age.labels(queue).set(known.oldest_age_seconds)
+        self._reported_queues = set(queues)
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -203,18 +232,30 @@ class MetricsServer:
 def serve(
     port: int, metrics: WorkerMetrics, health: Health, host: str = DEFAULT_METRICS_HOST
 ) -> MetricsServer:
-    """Serve /metrics (and /) and /healthz on ``host:port`` from a daemon thread."""
+    """Serve /metrics (and /), /livez, /readyz and /healthz on ``host:port`` from a
+    daemon thread. /healthz is /livez under its old name (kept for probes already set).
+
+    No ``*_created`` series: they double the series of every counter and histogram
+    and say only when this process started. prometheus_client's switch for them is
+    process-wide; a process that serves a worker's metrics is that worker's.
+    """
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     metrics_app: WSGIApplication = make_wsgi_app(metrics.registry)
+    checks: dict[str, Callable[[], Verdict]] = {
+        "/livez": health.liveness,
+        "/healthz": health.liveness,
+        "/readyz": health.readiness,
+    }
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         if path in ("/", "/metrics"):
             return metrics_app(environ, start_response)
-        if path == "/healthz":
-            ok, text = health.check()
+        if path in checks:
+            ok, text = checks[path]()
             status = "200 OK" if ok else "503 Service Unavailable"
         else:
-            status, text = "404 Not Found", "not found: try /metrics or /healthz"
+            status, text = "404 Not Found", "not found: try /metrics, /livez or /readyz"
         body = f"{text}\n".encode()
         start_response(
             status,

@@ -17,7 +17,7 @@ from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.storage.base import RescuedNode, Storage
 
-log = get_logger("flowsmith.rescue")
+log = get_logger(__name__)
 
 
 class Rescuer:

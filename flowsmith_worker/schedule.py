@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 DEFAULT_GRACE_SECONDS = 300.0
 TICK_FORMAT = "%Y-%m-%dT%H:%MZ"
 
-log = get_logger("flowsmith.schedule")
+log = get_logger(__name__)
 
 
 def validate_cron(expression: str, hash_id: str = "") -> str:

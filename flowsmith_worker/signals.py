@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from flowsmith_worker.log import get_logger
 
-log = get_logger("flowsmith.signals")
+log = get_logger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

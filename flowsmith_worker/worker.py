@@ -28,9 +28,10 @@ from flowsmith_worker.batcher import CompletionBatcher
 from flowsmith_worker.config import default_storage
 from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.executor import Executed, Executor, Outcome
+from flowsmith_worker.health import Health
 from flowsmith_worker.heartbeat import Heartbeat, LeaseTimes
 from flowsmith_worker.log import get_logger
-from flowsmith_worker.metrics import Health, WorkerMetrics
+from flowsmith_worker.metrics import WorkerMetrics, queues_to_report
 from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.schedule import Scheduler
@@ -53,7 +54,7 @@ _DB_BACKOFF = tenacity.wait_exponential_jitter(multiplier=0.2, max=10.0)
 _IDLE_CHECK_SECONDS = 0.05
 
 T = TypeVar("T")
-log = get_logger("flowsmith.worker")
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ class Worker:
         self.log = log.bind(worker_id=self.id)
         self.metrics = WorkerMetrics(self.id, self.host, __version__)
         # Stale after a few of the loop's longest waits: a poll, or the database backoff.
-        self.health = Health(stale_after=max(60.0, 3 * poll_interval))
+        # Not ready from the moment it stops claiming.
+        self.health = Health(stale_after=max(60.0, 3 * poll_interval), draining=self.stopping)
 
     # -- the parts --------------------------------------------------------------
 
@@ -221,13 +223,19 @@ class Worker:
         return extended
 
     def rescue_once(self) -> int:
-        """Rescue expired leases, drop dead workers' rows, refresh the backlog gauge."""
+        """Rescue expired leases, drop dead workers' rows, refresh the backlog gauges."""
         rescued = self.rescuer.run_once()
         for node in rescued:
             self.metrics.step_rescued(node.flow_name, node.step_name)
         self.storage.remove_dead_workers()
-        self.metrics.set_backlog(self.storage.count_runnable_nodes(queues=self.settings.queues))
+        self._report_backlog()
         return len(rescued)
+
+    def _report_backlog(self) -> None:
+        """The backlog gauges of the queues this worker is the one to report."""
+        queues = queues_to_report(self.id, self.settings.queues, self.storage.list_workers())
+        backlog = self.storage.runnable_backlog(queues=queues) if queues else {}
+        self.metrics.set_backlog(queues, backlog)
 
     def run_once(self) -> int:
         """One turn of the loop: rescue when due, then claim.
@@ -327,7 +335,7 @@ class Worker:
             try:
                 claimed = self.run_once()
                 self.scheduler.run_once()
-                self.health.database_ok()
+                self.health.turn_succeeded()
                 if failures:
                     self.log.info("database.reconnected", after_failures=failures)
                 failures = 0
@@ -337,9 +345,11 @@ class Worker:
                 # off and tries again instead.
                 failures += 1
                 if isinstance(exc, DatabaseUnavailable):
-                    self.health.database_failed(str(exc))
+                    self.health.turn_failed(f"database unavailable: {exc}")
                     self.log.warning("database.unavailable", error=str(exc), failures=failures)
                 else:
+                    # The error's text stays in the log: a probe's answer may travel further.
+                    self.health.turn_failed(f"loop failing: {type(exc).__name__} (see the log)")
                     self.log.exception("worker.loop_failed", failures=failures)
                 self.wakeup.wait(retry_delay(_DB_BACKOFF, failures))
                 self.wakeup.clear()
@@ -441,6 +451,7 @@ class Worker:
         if self.in_flight():
             self.heartbeat.start()  # the steps finishing keep their leases meanwhile
         while self.in_flight() and not self.hard_stop.is_set() and time.monotonic() < deadline:
+            self.health.loop_ticked()  # alive while it drains: no probe may kill it now
             self.wakeup.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             self.wakeup.clear()
         self.hard_stop.set()

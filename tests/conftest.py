@@ -6,6 +6,7 @@ PostgreSQL and MariaDB servers that tests/servers.py starts once per session.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from flowsmith_worker import config, registry
+from flowsmith_worker.log import LogEvent
 from flowsmith_worker.storage import InMemoryStorage, create_storage
 from flowsmith_worker.storage.base import Storage
 from tests.servers import DatabaseServer, mysql_server, postgres_server  # noqa: F401 - fixtures
@@ -100,10 +101,30 @@ def _no_default_storage() -> Iterator[None]:
     config.reset()
 
 
+class _CapturedEvents(logging.Handler):
+    """Keeps the fields of each of the library's events, and its level as ``log_level``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, LogEvent):
+            self.events.append({**record.msg, "log_level": record.levelname.lower()})
+
+
 @pytest.fixture
 def logs() -> Iterator[list[dict[str, Any]]]:
-    with structlog.testing.capture_logs() as captured:
-        yield captured
+    """Every event the library logs during the test, DEBUG included, as dicts."""
+    logger = logging.getLogger("flowsmith_worker")
+    handler, level = _CapturedEvents(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.events
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:

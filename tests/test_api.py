@@ -243,7 +243,7 @@ def test_worker_serves_metrics_and_healthz(tmp_path: Path, unique: Names) -> Non
     )
     try:
         eventually(lambda: _get(f"http://127.0.0.1:{port}/healthz")[0] == 200, timeout=20)
-        line = f'flowsmith_steps_completed_total{{flow="{name}",step="two"}} 3.0'
+        line = f'flowsmith_steps_completed_total{{flow="{name}",queue="default",step="two"}} 3.0'
         eventually(lambda: line in _get(f"http://127.0.0.1:{port}/metrics")[1], timeout=20)
         assert (
             "flowsmith_step_duration_seconds_bucket" in _get(f"http://127.0.0.1:{port}/metrics")[1]

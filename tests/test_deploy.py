@@ -536,7 +536,7 @@ def test_worker_deployment_grace_period_exceeds_shutdown_timeout() -> None:
         f"terminationGracePeriodSeconds {grace} must exceed --shutdown-timeout {shutdown:g} "
         f"by at least {MIN_STOP_MARGIN}s, or the kubelet SIGKILLs a draining worker"
     )
-    # Liveness must not kill a worker that is draining (its /healthz says 503).
+    # Liveness must not kill a worker that is draining, even if its loop were slow to say so.
     liveness = _worker_container(deployment)["livenessProbe"]
     patience = liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3)
     assert patience > shutdown, f"liveness gives up after {patience}s, shutdown takes {shutdown}"
@@ -550,11 +550,11 @@ def test_worker_deployment_probes_and_scrape_use_metrics_port() -> None:
     assert _option(_k8s_argv(container), "--metrics-host") == "0.0.0.0"
     named = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
     assert port in {p["containerPort"] for p in container.get("ports", [])}
-    for probe_name in ("livenessProbe", "readinessProbe"):
+    for probe_name, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
         http = container[probe_name]["httpGet"]
         probe_port = named.get(http["port"], http["port"])
         assert probe_port == port, f"{probe_name} probes {probe_port}, worker listens on {port}"
-        assert http["path"] == "/healthz"
+        assert http["path"] == path, f"{probe_name} asks {http['path']}, not {path}"
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == port

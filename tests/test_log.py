@@ -7,15 +7,16 @@ colours), and setup_logging on a stream that says it is a terminal (colours on).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
+import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from flowsmith_worker import Flow
 from flowsmith_worker.log import get_logger, setup_logging
@@ -94,11 +95,18 @@ def test_console_logs_of_a_worker_show_escapes_escaped(
 
 
 @pytest.fixture
-def restored_structlog() -> Iterator[None]:
-    """setup_logging configures structlog for the process: put back what was there."""
-    saved = structlog.get_config()
+def restored_logging() -> Iterator[None]:
+    """setup_logging configures the root logger and logging's switches for the process:
+    put back what was there."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    switches = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved = {name: getattr(logging, name) for name in switches}
     yield
-    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, value in saved.items():
+        setattr(logging, name, value)
 
 
 class _Terminal(io.StringIO):
@@ -116,7 +124,7 @@ _SGR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def test_coloured_console_logs_escape_values_and_tracebacks(
-    restored_structlog: None, monkeypatch: pytest.MonkeyPatch
+    restored_logging: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a terminal (colours on) the only escape sequences in a line are the renderer's
     own colours: a tracking_id, an error, an object whose repr is hostile and the
@@ -147,7 +155,7 @@ def _status(storage: Storage, tracking_id: str) -> FlowStatus | None:
 
 
 def test_json_lines_carry_a_utc_iso_timestamp(
-    restored_structlog: None, monkeypatch: pytest.MonkeyPatch
+    restored_logging: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each JSON line's timestamp is the time it was logged, in UTC, written as
     structlog's ISO stamper writes it (microseconds, a trailing Z)."""
@@ -164,3 +172,149 @@ def test_json_lines_carry_a_utc_iso_timestamp(
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamp), stamp
     logged = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     assert before - datetime.timedelta(microseconds=1) <= logged <= after
+
+
+# A process of a user's application: its own logging set-up (SETUP), then flowsmith
+# imported, configured, a flow enqueued and run to its end by a Worker in-process.
+APP_SCRIPT = textwrap.dedent(
+    """
+    import logging
+    import sys
+
+    SETUP
+
+    from flowsmith_worker import Flow, Worker, configure
+
+    storage = configure(sys.argv[1])
+    storage.migrate()
+    Flow("quiet").step("one", lambda ctx: 1).run({}, tracking_id="t-1")
+    Worker(storage, poll_interval=0.05).run_until_idle(timeout=30)
+    """
+)
+
+
+def _run_app(tmp_path: Path, setup: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "app.py"
+    script.write_text(APP_SCRIPT.replace("SETUP", setup))
+    done = subprocess.run(
+        [sys.executable, str(script), f"sqlite:///{tmp_path / 'app.db'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.parametrize(
+    "setup",
+    ["", "logging.basicConfig(level=logging.WARNING)"],
+    ids=["no-logging-setup", "basicConfig-WARNING"],
+)
+def test_an_application_sees_nothing_below_its_level(tmp_path: Path, setup: str) -> None:
+    """Importing the library, configuring it, enqueuing and running a flow print nothing,
+    to stdout or stderr, in an application that configured no logging, or WARNING."""
+    done = _run_app(tmp_path, setup)
+    assert (done.stdout, done.stderr) == ("", "")
+
+
+def test_an_application_at_debug_gets_the_events_through_its_own_handler(tmp_path: Path) -> None:
+    """With logging.basicConfig(level=DEBUG) and a plain format, the library's events
+    arrive through the application's handler, from flowsmith_worker.* loggers, as
+    "event key=value" lines."""
+    done = _run_app(
+        tmp_path,
+        'logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s %(message)s")',
+    )
+    lines = done.stderr.splitlines()
+    assert "DEBUG flowsmith_worker.flow flow.enqueued flow=quiet tracking_id=t-1" in "\n".join(
+        lines
+    ), done.stderr
+    completed = [line for line in lines if " step.completed " in line]
+    assert completed and completed[0].startswith("INFO flowsmith_worker.executor "), lines
+    assert "tracking_id=t-1" in completed[0] and "step=one" in completed[0], completed
+    assert done.stdout == ""
+
+
+def test_worker_log_level_warning_writes_warnings_and_errors_only(
+    tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    """`flowsmith worker --log-level WARNING`: a step that fails for good is logged
+    (step.failed, a warning), its start-up and the step lines below WARNING are not."""
+    (tmp_path / "escflows.py").write_text(FLOWS_MODULE)
+    url = f"sqlite:///{tmp_path / 'level.db'}"
+    name = unique("level")
+    storage = create_storage(url)
+    storage.migrate()
+    env = dict(os.environ, FS_FLOW_NAME=name)
+    worker = WorkerProcess(
+        tmp_path, url, env, "--log-level", "warning", "--poll-interval", "0.1", module="escflows"
+    )
+    try:
+        Flow(name, storage=storage).step("pay\x1b[8m", _never_here).run({}, tracking_id="t-1")
+        eventually(lambda: _status(storage, "t-1") == FlowStatus.FAILED, timeout=20)
+        eventually(lambda: b"step.failed" in worker.log_path.read_bytes(), timeout=10)
+        worker.signal()
+        assert worker.wait(15) == 0, worker.output()
+        lines = worker.log_lines()
+    finally:
+        worker.cleanup()
+        storage.close()
+    assert "step.failed" in [line["event"] for line in lines]
+    assert {line["level"] for line in lines} <= {"warning", "error"}, lines
+
+
+def test_the_cli_renders_other_loggers_lines_too_redacted(
+    restored_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under setup_logging (what `flowsmith worker` calls), a line of the user's own
+    module (stdlib logging, %-style arguments, a traceback) becomes a JSON line like
+    ours, with its level and logger name, and without a database password we know."""
+    import json
+
+    from flowsmith_worker.config import remember_secrets
+
+    remember_secrets("postgresql://app:Hunter2-S3cret@db/app")
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging("json", "INFO")
+    app_log = logging.getLogger("myapp.billing")
+    app_log.debug("not shown: below the level")
+    try:
+        raise ConnectionError("login Hunter2-S3cret refused")
+    except ConnectionError:
+        app_log.exception("charging %s failed", "order-7")
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["event"] == "charging order-7 failed"
+    assert (line["level"], line["logger"]) == ("error", "myapp.billing")
+    assert "ConnectionError: login *** refused" in line["exception"]
+    assert "Hunter2-S3cret" not in stream.getvalue()
+
+
+def test_an_application_using_structlog_processor_formatter_gets_our_fields() -> None:
+    """An application whose handler uses structlog's ProcessorFormatter (structlog's
+    own stdlib integration) renders the library's events field by field."""
+    import json
+
+    import structlog
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.JSONRenderer(),
+            ]
+        )
+    )
+    logger = logging.getLogger("flowsmith_worker")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        get_logger("flowsmith_worker.executor").bind(step="pay").info("step.completed", seconds=1)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert json.loads(stream.getvalue()) == {"step": "pay", "seconds": 1, "event": "step.completed"}

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import sqlalchemy as sa
 
 from flowsmith_worker.config import PoolSettings, parse_database_url, redact_url
 from flowsmith_worker.errors import InvalidDatabaseURL
 from flowsmith_worker.storage.base import Storage
 
+if TYPE_CHECKING:
+    from flowsmith_worker.storage.dialects import SqliteMode
+
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 
 
-def create_storage(url: str, pool: PoolSettings | None = None) -> Storage:
-    """The storage for a URL: ``memory://`` or a SQLAlchemy URL of a supported database."""
+def create_storage(
+    url: str, pool: PoolSettings | None = None, *, sqlite_mode: SqliteMode = "rwc"
+) -> Storage:
+    """The storage for a URL: ``memory://`` or a SQLAlchemy URL of a supported database.
+
+    A SQLite file is created if missing unless ``sqlite_mode`` says otherwise:
+    "rw" (it must exist) or "ro" (it must exist, and is only read).
+    """
     parsed = parse_database_url(url)
     if parsed.drivername == "memory":
         return InMemoryStorage()
     from flowsmith_worker.storage.sql import SqlStorage
 
     try:
-        return SqlStorage(parsed, pool or PoolSettings())
+        return SqlStorage(parsed, pool or PoolSettings(), sqlite_mode)
     except sa.exc.ArgumentError as exc:
         message = str(exc).splitlines()[0]
         raise InvalidDatabaseURL(f"invalid database URL {redact_url(url)!r}: {message}") from None

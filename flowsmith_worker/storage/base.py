@@ -229,6 +229,14 @@ class WorkerRecord:
 
 
 @dataclass(frozen=True)
+class QueueBacklog:
+    """A queue's steps runnable now: how many, and how long the oldest has waited."""
+
+    runnable: int = 0
+    oldest_age_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class FlowFilter:
     """Which runs `flowsmith flows` lists, newest first."""
 
@@ -357,8 +365,8 @@ class Storage(abc.ABC):
         """Every node of a run, in plan order (``with_payloads`` as for get_flow)."""
 
     @abc.abstractmethod
-    def count_runnable_nodes(self, *, queues: Sequence[str]) -> int:
-        """Nodes PENDING and due now on these queues: the backlog."""
+    def runnable_backlog(self, *, queues: Sequence[str]) -> dict[str, QueueBacklog]:
+        """Per queue, the nodes PENDING and due now; queues with none are left out."""
 
     @abc.abstractmethod
     def count_open_nodes(self, *, queues: Sequence[str]) -> int:

@@ -12,15 +12,16 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from flowsmith_worker.config import PoolSettings, redact_url
-from flowsmith_worker.errors import InvalidDatabaseURL
+from flowsmith_worker.config import URL_ENV_VARS, PoolSettings, redact_url
+from flowsmith_worker.errors import DatabaseNotFound, InvalidDatabaseURL
 
 MIGRATION_LOCK_NAME = "flowsmith_migrate"
 # pg_advisory_xact_lock takes a bigint; any constant of ours will do.
@@ -56,6 +57,9 @@ MARIADB_IDENTIFIER_COLLATION = "utf8mb4_nopad_bin"
 MYSQL_IDENTIFIER_COLLATION = "utf8mb4_0900_bin"
 # New SQLite files are readable by their owner only: they hold every input and output.
 SQLITE_FILE_MODE = 0o600
+# How a SQLite file is opened, as the mode= of its URI (https://sqlite.org/uri.html):
+# read-write and created if missing, read-write if it exists, or read-only.
+SqliteMode = Literal["rwc", "rw", "ro"]
 
 
 @dataclass(frozen=True)
@@ -210,10 +214,14 @@ def dialect_of(engine_or_conn: Engine | Connection) -> Dialect:
     return Dialect("mysql" if name in ("mysql", "mariadb") else name)
 
 
-def create_engine(url: sa.URL, pool: PoolSettings) -> Engine:
-    """An engine with the settings each database needs to run a worker pool."""
+def create_engine(url: sa.URL, pool: PoolSettings, sqlite_mode: SqliteMode = "rwc") -> Engine:
+    """An engine with the settings each database needs to run a worker pool.
+
+    ``sqlite_mode`` says whether a SQLite file may be created, or only written, or
+    only read; other databases ignore it.
+    """
     if url.get_backend_name() == "sqlite":
-        return _sqlite_engine(url)
+        return _sqlite_engine(_sqlite_opened_as(url, sqlite_mode), sqlite_mode)
     kwargs: dict[str, Any] = {
         "pool_size": pool.pool_min,
         "max_overflow": max(0, pool.pool_max - pool.pool_min),
@@ -324,12 +332,35 @@ def _refuse_bad_arguments_cleanly(engine: Engine) -> None:
             raise InvalidDatabaseURL(f"the driver refused the URL {shown}: {exc}") from None
 
 
-def _sqlite_engine(url: sa.URL) -> Engine:
+def _sqlite_opened_as(url: sa.URL, mode: SqliteMode) -> sa.URL:
+    """The URL of the same file, as a URI that SQLite opens in ``mode``.
+
+    A file that must exist and does not is refused here, with what to do, rather
+    than by SQLite's "unable to open database file".
+    """
+    path = url.database
+    if mode == "rwc" or not path or path == ":memory:" or url.query.get("uri"):
+        return url
+    absolute = os.path.abspath(path)
+    if not os.path.isfile(absolute):
+        raise DatabaseNotFound(
+            f"there is no SQLite database at {absolute}: point FlowSmith at your database "
+            f"with --url or {URL_ENV_VARS[0]} (postgresql://user@host/db, "
+            "sqlite:///path.db), or create this one with `flowsmith migrate`"
+        )
+    return url.set(
+        database=f"file:{quote(absolute)}", query={**url.query, "mode": mode, "uri": "true"}
+    )
+
+
+def _sqlite_engine(url: sa.URL, mode: SqliteMode = "rwc") -> Engine:
     engine = sa.create_engine(
         url,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+        # A read-only connection cannot take the write lock: every BEGIN is a reader's.
+        execution_options={READ_ONLY_OPTION: True} if mode == "ro" else {},
     )
-    _sqlite_setup(engine)
+    _sqlite_setup(engine, switch_to_wal=mode != "ro")
     _sqlite_private_files(engine)
     return engine
 
@@ -354,19 +385,22 @@ def _create_private_file(path: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE))
 
 
-def _sqlite_setup(engine: Engine) -> None:
+def _sqlite_setup(engine: Engine, switch_to_wal: bool = True) -> None:
     """WAL, a busy timeout, and BEGIN IMMEDIATE for every transaction.
 
     pysqlite's own BEGIN is deferred, so two processes could both read then
     both try to write and one would fail; taking the write lock at BEGIN makes
     the claim's select-then-update atomic across local worker processes.
+    A read-only connection cannot switch the file to WAL: it reads the file in
+    whatever journal mode it is (every file we create is WAL already).
     """
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_conn.cursor()
-        _switch_to_wal(cursor)
+        if switch_to_wal:
+            _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")

@@ -20,7 +20,7 @@ from flowsmith_worker.log import get_logger
 from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.storage.dialects import NOTIFY_CHANNEL
 
-log = get_logger("flowsmith.notify")
+log = get_logger(__name__)
 _RECONNECT_BACKOFF = tenacity.wait_exponential_jitter(multiplier=0.2, max=10.0)
 # How often the listener looks at its stop event while nothing arrives.
 _SELECT_TIMEOUT_SECONDS = 1.0

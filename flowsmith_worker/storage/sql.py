@@ -66,7 +66,7 @@ _Claimed = tuple[Sequence[Any], dict[int, RunPayloads]]
 # Plans of runs remembered for folding the batch's lock into FINISH_PG: a worker
 # moves on far fewer runs at once (a slot's chain holds one).
 _KNOWN_PLANS = 10_000
-log = get_logger("flowsmith.storage")
+log = get_logger(__name__)
 
 
 class SqlStorage(SqlEnqueue, SqlOperators, Storage):

@@ -32,6 +32,7 @@ from flowsmith_worker.storage.base import (
 )
 from flowsmith_worker.storage.dialects import (
     READ_ONLY_OPTION,
+    SqliteMode,
     create_engine,
     dialect_of,
     is_conflict,
@@ -70,8 +71,8 @@ class SqlBase:
     supports_notify: bool
     url_for_display: str
 
-    def __init__(self, url: sa.URL, pool: PoolSettings) -> None:
-        self.engine = create_engine(url, pool)
+    def __init__(self, url: sa.URL, pool: PoolSettings, sqlite_mode: SqliteMode = "rwc") -> None:
+        self.engine = create_engine(url, pool, sqlite_mode)
         self.dialect = dialect_of(self.engine)
         self.supports_notify = self.dialect.supports_notify
         self.url_for_display = redact_url(url.render_as_string(hide_password=False))

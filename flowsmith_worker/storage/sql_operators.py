@@ -21,6 +21,7 @@ from flowsmith_worker.storage.base import (
     FlowSummary,
     NodeRecord,
     NodeStatus,
+    QueueBacklog,
     Stats,
     WorkerRecord,
 )
@@ -87,13 +88,19 @@ class SqlOperators(SqlBase):
     def current_time(self) -> float:
         return float(self._read(lambda conn: conn.execute(sa.select(self._now())).scalar_one()))
 
-    def count_runnable_nodes(self, *, queues: Sequence[str]) -> int:
-        query = sa.select(sa.func.count()).where(
-            N.c.status == NodeStatus.PENDING,
-            N.c.run_after <= self._now(),
-            N.c.queue.in_(list(queues)),
+    def runnable_backlog(self, *, queues: Sequence[str]) -> dict[str, QueueBacklog]:
+        now = self._now()
+        query = (
+            sa.select(N.c.queue, sa.func.count(), now - sa.func.min(N.c.run_after))
+            .where(
+                N.c.status == NodeStatus.PENDING,
+                N.c.run_after <= now,
+                N.c.queue.in_(list(queues)),
+            )
+            .group_by(N.c.queue)
         )
-        return int(self._read(lambda conn: conn.execute(query).scalar_one()))
+        rows = self._read(lambda conn: conn.execute(query).all())
+        return {queue: QueueBacklog(int(n), float(age)) for queue, n, age in rows}
 
     def count_open_nodes(self, *, queues: Sequence[str]) -> int:
         return int(
