@@ -284,3 +284,6 @@ def _exit_abandoning_steps() -> None:
 
 __all__ = ["main"]
 from flowsmith_worker import cli_ops  # noqa: E402,F401 - registers the operator commands
+from flowsmith_worker.dashboard.command import dashboard  # noqa: E402
+
+main.add_command(dashboard)
