@@ -1,4 +1,5 @@
-"""Runs in every state, made by real flows and a real Worker, for the dashboard's tests.
+"""For the dashboard's tests: a server on a real port, and runs in every state made by
+real flows and a real Worker.
 
 One run of each: COMPLETED (parallel steps and a subflow), FAILED after a retry,
 FAILED but repairable (a retry then completes), RUNNING (a step held on an
@@ -8,10 +9,15 @@ that must show as text.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp
 
 from flowsmith_worker import Context, Flow, Worker
 from flowsmith_worker.storage.base import FlowStatus, Storage
@@ -122,3 +128,21 @@ def build_zoo(storage: Storage, unique: Callable[[str], str], worker: Worker) ->
 def status_of(storage: Storage, tracking_id: str) -> FlowStatus | None:
     run = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
     return None if run is None else run.status
+
+
+@contextlib.contextmanager
+def serving(app: ASGIApp) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port, in a thread; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: server.started, timeout=10)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -115,9 +115,7 @@ def test_since_and_until_bound_the_time_range(storage: Storage, unique: Names) -
     ]
 
 
-def test_run_activity_counts_runs_finished_in_each_slice(
-    storage: Storage, unique: Names
-) -> None:
+def test_run_activity_counts_runs_finished_in_each_slice(storage: Storage, unique: Names) -> None:
     """Completed and failed runs are counted in the slice of the hour they finished in;
     older ones not at all. The runnable backlog is counted by queue, not what is delayed."""
 
