@@ -14,12 +14,15 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pytest
 import uvicorn
 from starlette.types import ASGIApp
 
 from flowsmith_worker import Context, Flow, Worker
+from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, Storage
 from tests.conftest import eventually
 
@@ -41,6 +44,13 @@ class Zoo:
     flow_names: dict[str, str]
     release: threading.Event = field(default_factory=threading.Event)
     repaired: threading.Event = field(default_factory=threading.Event)
+    proceed: threading.Event = field(default_factory=threading.Event)
+
+    def repair(self, then_wait: bool = False) -> None:
+        """Make the repairable run's step succeed (after ``proceed`` if ``then_wait``)."""
+        if not then_wait:
+            self.proceed.set()
+        self.repaired.set()
 
     def tracking_ids(self) -> list[str]:
         return [
@@ -70,10 +80,10 @@ def build_zoo(storage: Storage, unique: Callable[[str], str], worker: Worker) ->
     """Enqueue the runs and drive them to their states with ``worker``'s loop, in this thread.
 
     The RUNNING run's step waits for ``zoo.release``; the repairable run's step
-    fails until ``zoo.repaired`` is set. The worker must not be running elsewhere.
+    fails until ``zoo.repair()``. The worker must not be running elsewhere.
     """
     names = {kind: unique(kind) for kind in ("order", "child", "refund", "sync", "report")}
-    release, repaired = threading.Event(), threading.Event()
+    release, repaired, proceed = threading.Event(), threading.Event(), threading.Event()
 
     def held(ctx: Context) -> dict[str, Any]:
         release.wait(60)
@@ -82,6 +92,7 @@ def build_zoo(storage: Storage, unique: Callable[[str], str], worker: Worker) ->
     def repairable(ctx: Context) -> dict[str, Any]:
         if not repaired.is_set():
             raise ConnectionError("inventory service unreachable")
+        proceed.wait(60)
         return {"synced": True}
 
     child = Flow(names["child"], storage=storage).step("charge", ok)
@@ -106,6 +117,7 @@ def build_zoo(storage: Storage, unique: Callable[[str], str], worker: Worker) ->
         flow_names=names,
         release=release,
         repaired=repaired,
+        proceed=proceed,
     )
     storage.cancel_flow(tracking_id=zoo.cancelled)
 
@@ -146,3 +158,32 @@ def serving(app: ASGIApp) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+# Named apart from their fixtures, so a test module imports them without shadowing.
+@pytest.fixture(name="db_url")
+def db_url_fixture(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'dashboard.db'}"
+
+
+@pytest.fixture(name="db")
+def db_fixture(db_url: str) -> Iterator[Storage]:
+    """A migrated SQLite storage."""
+    made = create_storage(db_url)
+    made.migrate()
+    yield made
+    made.close()
+
+
+@pytest.fixture(name="zoo")
+def zoo_fixture(db: Storage, unique: Callable[[str], str]) -> Iterator[Zoo]:
+    """The runs in every state on ``db``, and a worker running in a thread afterwards."""
+    worker = Worker(storage=db, poll_interval=0.05, shutdown_timeout=5)
+    made = build_zoo(db, unique, worker)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    yield made
+    made.release.set()
+    made.proceed.set()
+    worker.stop()
+    thread.join(10)

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,12 +22,21 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from flowsmith_worker import Flow, Worker
+from flowsmith_worker import Flow
 from flowsmith_worker.dashboard import Credentials, create_app
-from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, Storage
 from tests.conftest import eventually
-from tests.dashboard_support import DECLINED, XSS, Zoo, build_zoo, ok, serving, status_of
+from tests.dashboard_support import (  # noqa: F401 - the *_fixture: fixtures
+    DECLINED,
+    XSS,
+    Zoo,
+    db_fixture,
+    db_url_fixture,
+    ok,
+    serving,
+    status_of,
+    zoo_fixture,
+)
 
 CREDENTIALS = Credentials("ops", "correct horse")
 AUTH = ("ops", "correct horse")
@@ -36,36 +44,10 @@ TOKEN = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'dashboard.db'}"
-
-
-@pytest.fixture
-def storage(db_url: str) -> Iterator[Storage]:
-    made = create_storage(db_url)
-    made.migrate()
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def zoo(storage: Storage, unique: Callable[[str], str]) -> Iterator[Zoo]:
-    """The runs in every state, and a worker running in a thread afterwards."""
-    worker = Worker(storage=storage, poll_interval=0.05, shutdown_timeout=5)
-    made = build_zoo(storage, unique, worker)
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    yield made
-    made.release.set()
-    worker.stop()
-    thread.join(10)
-
-
-@pytest.fixture
-def client(storage: Storage, zoo: Zoo) -> Iterator[httpx.Client]:
+def client(db: Storage, zoo: Zoo) -> Iterator[httpx.Client]:
     """A client of the dashboard with actions enabled; it keeps the CSRF cookie."""
     with (
-        serving(create_app(storage, credentials=CREDENTIALS, refresh_seconds=1)) as base,
+        serving(create_app(db, credentials=CREDENTIALS, refresh_seconds=1)) as base,
         httpx.Client(base_url=base) as session,
     ):
         yield session
@@ -137,12 +119,12 @@ def test_a_run_page_links_subflows_both_ways_and_shows_parallel_steps_side_by_si
 
 
 def test_data_from_the_database_is_shown_as_text(
-    client: httpx.Client, storage: Storage, zoo: Zoo, unique: Callable[[str], str]
+    client: httpx.Client, db: Storage, zoo: Zoo, unique: Callable[[str], str]
 ) -> None:
     """Step outputs, errors and tracking_ids are escaped: markup in them never reaches
     the page as markup, in the list, the run page or the failures page."""
     hostile = '<img src=x onerror="alert(1)">&"\''
-    Flow(unique("hostile"), storage=storage).step("a", ok).run({"x": XSS}, tracking_id=hostile)
+    Flow(unique("hostile"), storage=db).step("a", ok).run({"x": XSS}, tracking_id=hostile)
     for path, params in [
         ("/run", {"tracking_id": zoo.completed}),
         ("/run", {"tracking_id": hostile}),
@@ -170,11 +152,11 @@ def test_pages_forbid_scripts_from_anywhere_but_the_dashboard(client: httpx.Clie
 
 
 def test_runs_are_listed_in_pages_that_keep_the_filters(
-    client: httpx.Client, storage: Storage, unique: Callable[[str], str]
+    client: httpx.Client, db: Storage, unique: Callable[[str], str]
 ) -> None:
     """50 runs a page, an "Older runs" link to the next that keeps the filters, and the
     next page holds the rest; a tracking_id prefix narrows the list."""
-    flow = Flow(unique("bulk"), storage=storage).step("a", ok)
+    flow = Flow(unique("bulk"), storage=db).step("a", ok)
     for i in range(55):
         flow.run({}, tracking_id=f"bulk-{i:02d}", delay=3600)
     first = client.get("/runs", params={"flow_name": flow.name}).text
@@ -228,24 +210,24 @@ def test_fragments_refresh_until_the_run_has_ended(client: httpx.Client, zoo: Zo
 
 
 def test_retry_and_cancel_with_credentials_act_and_show_the_run(
-    client: httpx.Client, storage: Storage, zoo: Zoo
+    client: httpx.Client, db: Storage, zoo: Zoo
 ) -> None:
     """With the credentials and the page's token, retry re-queues a failed run (which a
     worker then completes) and cancel cancels a running one."""
-    zoo.repaired.set()
+    zoo.repair()
     retried = post_action(client, "retry", zoo.repairable)
     assert retried.status_code == 303
     assert retried.headers["location"] == "/run?tracking_id=sync-3&notice=retried"
-    eventually(lambda: status_of(storage, zoo.repairable) == FlowStatus.COMPLETED)
+    eventually(lambda: status_of(db, zoo.repairable) == FlowStatus.COMPLETED)
     assert "Retry queued" in client.get(retried.headers["location"]).text
 
     cancelled = post_action(client, "cancel", zoo.running)
     assert cancelled.status_code == 303
-    assert status_of(storage, zoo.running) == FlowStatus.CANCELLED
+    assert status_of(db, zoo.running) == FlowStatus.CANCELLED
 
 
 def test_an_action_without_the_credentials_is_refused(
-    client: httpx.Client, storage: Storage, zoo: Zoo
+    client: httpx.Client, db: Storage, zoo: Zoo
 ) -> None:
     """No Authorization, a wrong password or a wrong user: 401 asking for Basic auth,
     and the run is untouched."""
@@ -254,11 +236,11 @@ def test_an_action_without_the_credentials_is_refused(
         assert refused.status_code == 401
         assert refused.headers["www-authenticate"].startswith("Basic realm=")
         assert "need the dashboard" in refused.text
-    assert status_of(storage, zoo.failed) == FlowStatus.FAILED
+    assert status_of(db, zoo.failed) == FlowStatus.FAILED
 
 
 def test_an_action_without_this_browsers_token_is_refused(
-    client: httpx.Client, storage: Storage, zoo: Zoo
+    client: httpx.Client, db: Storage, zoo: Zoo
 ) -> None:
     """With the right credentials, a form without the token, with another browser's
     token, or without the cookie (as another site's form would be) is refused."""
@@ -278,7 +260,7 @@ def test_an_action_without_this_browsers_token_is_refused(
         auth=AUTH,
     )
     assert cookieless.status_code == 403
-    assert status_of(storage, zoo.running) == FlowStatus.RUNNING
+    assert status_of(db, zoo.running) == FlowStatus.RUNNING
 
 
 def test_a_refused_action_says_why(client: httpx.Client, zoo: Zoo) -> None:
@@ -297,15 +279,15 @@ def test_a_refused_action_says_why(client: httpx.Client, zoo: Zoo) -> None:
         assert refused.status_code == 409 and says in refused.text
 
 
-def test_without_credentials_the_dashboard_is_read_only(storage: Storage, zoo: Zoo) -> None:
+def test_without_credentials_the_dashboard_is_read_only(db: Storage, zoo: Zoo) -> None:
     """No credentials given: no action form on any page, and every action is refused."""
-    with serving(create_app(storage, credentials=None)) as base:
+    with serving(create_app(db, credentials=None)) as base:
         page = httpx.get(f"{base}/run", params={"tracking_id": zoo.failed})
         assert page.status_code == 200 and 'method="post"' not in page.text
         assert "Read-only" in page.text and "set-cookie" not in page.headers
         refused = httpx.post(f"{base}/run/retry", data={"tracking_id": zoo.failed}, auth=AUTH)
         assert refused.status_code == 403 and "read-only" in refused.text
-    assert status_of(storage, zoo.failed) == FlowStatus.FAILED
+    assert status_of(db, zoo.failed) == FlowStatus.FAILED
 
 
 def test_credentials_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -325,12 +307,10 @@ def test_credentials_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
 # -- mounting and serving -----------------------------------------------------------------
 
 
-def test_the_app_mounts_under_a_prefix_of_another_app(storage: Storage, zoo: Zoo) -> None:
+def test_the_app_mounts_under_a_prefix_of_another_app(db: Storage, zoo: Zoo) -> None:
     """Mounted at /ops/flowsmith in a Starlette (or FastAPI) app, its links, assets,
     cookie and redirects all stay under that prefix."""
-    outer = Starlette(
-        routes=[Mount("/ops/flowsmith", create_app(storage, credentials=CREDENTIALS))]
-    )
+    outer = Starlette(routes=[Mount("/ops/flowsmith", create_app(db, credentials=CREDENTIALS))])
     with serving(outer) as base, httpx.Client(base_url=base) as session:
         page = session.get("/ops/flowsmith/run", params={"tracking_id": zoo.running})
         assert page.status_code == 200
