@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import jinja2
 from starlette.applications import Starlette
@@ -60,8 +59,6 @@ ACTIVITY_WINDOW_SECONDS = 3600.0
 ACTIVITY_SLICES = 12
 # The failures page reads at most this many failed runs, the newest.
 MAX_FAILED_RUNS = 2000
-# An action's form is a tracking_id and a token; anything larger is not ours.
-MAX_FORM_BYTES = 4096
 
 # What a redirect after an action may say: a key, never text from the request.
 NOTICES = {
@@ -90,8 +87,10 @@ def create_app(
 
     ``storage``: the one to show (not closed by the app); else one is opened for
     ``url`` (default: $FLOWSMITH_DATABASE_URL, then $DATABASE_URL) and closed at
-    shutdown. ``credentials``: who may retry and cancel; by default read from
-    $FLOWSMITH_DASHBOARD_PASSWORD and $FLOWSMITH_DASHBOARD_USER; None: read-only.
+    shutdown (mounted in another app, Starlette runs no lifespan of the mounted
+    one: there, pass a storage of your own). ``credentials``: who may retry and
+    cancel; by default read from $FLOWSMITH_DASHBOARD_PASSWORD and
+    $FLOWSMITH_DASHBOARD_USER; None: read-only.
     """
     if isinstance(credentials, _FromEnvironment):
         credentials = Credentials.from_environment()
@@ -105,8 +104,8 @@ def create_app(
         if owned:
             shown.close()
 
-    app = Starlette(
-        routes=dashboard.routes(),
+    return Starlette(
+        routes=dashboard.router.routes,
         middleware=[Middleware(SecurityHeaders)],
         exception_handlers={
             FlowSmithError: dashboard.refused,
@@ -114,8 +113,6 @@ def create_app(
         },
         lifespan=lifespan,
     )
-    dashboard.router = app.router
-    return app
 
 
 def _templates() -> Jinja2Templates:
@@ -147,7 +144,7 @@ class Dashboard:
         self.refresh_ms = round(refresh_seconds * 1000)
         self.templates = _templates()
         self.templates.env.globals["path_for"] = self._path_for_template()
-        self.router = Router()  # the app's, once it is built
+        self.router = Router(routes=self._routes())
 
     def path_for(self, request: Request, name: str, /, **path_params: Any) -> URL:
         """The path of one of our routes, under wherever the app is mounted.
@@ -168,7 +165,7 @@ class Dashboard:
 
         return path_for
 
-    def routes(self) -> list[BaseRoute]:
+    def _routes(self) -> list[BaseRoute]:
         return [
             Route("/", self.overview, name="overview"),
             Route("/fragments/overview", self.overview_fragment, name="overview_fragment"),
@@ -328,7 +325,7 @@ class Dashboard:
                 "retry and cancel need the dashboard's user and password",
                 headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
             )
-        form = await _small_form(request)
+        form = await forms.action_form(request)
         if not self.credentials.csrf_valid(request.cookies.get(CSRF_COOKIE), form.get(CSRF_FIELD)):
             raise HTTPException(
                 403,
@@ -381,20 +378,6 @@ _TITLES = {
     413: "Too large",
     503: "Database unavailable",
 }
-
-
-async def _small_form(request: Request) -> dict[str, str]:
-    """The URL-encoded form of an action (the first value of each field)."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise HTTPException(413, "the form is too large")
-    try:
-        fields = parse_qs(body.decode(), strict_parsing=False)
-    except UnicodeDecodeError:
-        raise HTTPException(400, "the form is not UTF-8") from None
-    return {name: values[0] for name, values in fields.items()}
 
 
 def _refuse_unreadable_status(flow: FlowRecord) -> None:

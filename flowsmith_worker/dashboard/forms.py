@@ -1,4 +1,4 @@
-"""The pages' query parameters, read and checked: what a link or a filter form may ask.
+"""The pages' query parameters and the actions' forms, read and checked.
 
 A value no database could hold (bytes that are not UTF-8, a name too long) is
 refused with a message here, before any SQL.
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from urllib.parse import parse_qs
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
 from flowsmith_worker.cli_format import parse_duration, parse_when
 from flowsmith_worker.errors import InvalidIdentifier
@@ -21,6 +23,8 @@ PAGE_SIZE = 50
 MAX_FLOW_NAME_LENGTH = 200  # fs_flows.flow_name
 FAILURE_WINDOWS = {"1h": 3600.0, "24h": 86400.0, "7d": 604800.0}
 DEFAULT_FAILURE_WINDOW = "24h"
+# An action's form is a tracking_id and a token; anything larger is not ours.
+MAX_FORM_BYTES = 4096
 _DATE_HINT = "an ISO date or datetime in UTC (2026-05-01, 2026-05-01T12:00)"
 _WHEN_HINT = f"a duration ago (30m, 2h, 7d) or {_DATE_HINT}"
 
@@ -134,3 +138,17 @@ def failure_window(text: str | None) -> str:
     if text not in FAILURE_WINDOWS:
         raise HTTPException(400, f"within must be one of {', '.join(FAILURE_WINDOWS)}")
     return text
+
+
+async def action_form(request: Request) -> dict[str, str]:
+    """The URL-encoded form of an action (the first value of each field)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise HTTPException(413, "the form is too large")
+    try:
+        fields = parse_qs(body.decode(), strict_parsing=False)
+    except UnicodeDecodeError:
+        raise HTTPException(400, "the form is not UTF-8") from None
+    return {name: values[0] for name, values in fields.items()}
