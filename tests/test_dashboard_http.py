@@ -118,6 +118,22 @@ def test_a_run_page_links_subflows_both_ways_and_shows_parallel_steps_side_by_si
     assert "Subflow of" in child and 'href="/run?tracking_id=order-1"' in child
 
 
+def test_a_step_whose_worker_was_lost_is_marked_rescued(
+    client: httpx.Client, db: Storage, unique: Callable[[str], str]
+) -> None:
+    """A step taken by a worker that died (its lease expired and was rescued) shows
+    "rescued" on its step and attempts, apart from retries."""
+    lost = Flow(unique("lost"), storage=db, queue="lost").step("a", ok)
+    lost.run({}, tracking_id="lost-1")
+    db.claim_nodes(worker_id="dead-worker", limit=1, lease_seconds=0.2, queues=["lost"])
+    eventually(db.rescue_expired)
+    db.claim_nodes(worker_id="dead-again", limit=1, lease_seconds=0.2, queues=["lost"])
+    page = client.get("/run", params={"tracking_id": "lost-1"}).text
+    assert "rescued \N{MULTIPLICATION SIGN}1" in page
+    assert "retried \N{MULTIPLICATION SIGN}" not in page
+    assert "attempt 2 of" in page
+
+
 def test_data_from_the_database_is_shown_as_text(
     client: httpx.Client, db: Storage, zoo: Zoo, unique: Callable[[str], str]
 ) -> None:
