@@ -255,21 +255,17 @@ class Dashboard:
         flow = self._flow(forms.tracking_id(request.query_params.get("tracking_id")), True)
         nodes = self.storage.list_nodes(flow_id=flow.id)
         links = self.storage.subflow_links(flow=flow)
-        now = max([flow.updated_at, *(n.finished_at or n.started_at or 0 for n in nodes)])
-        if flow.finished_at is None:
-            now = max(now, _host_time())
         return {
             "flow": flow,
-            "stages": views.timeline(flow, nodes, links.children, now),
+            # A running step's bar ends now: by this host's clock, only drawn.
+            "stages": views.timeline(flow, nodes, links.children, now=_host_time()),
             "parent": links.parent,
             "live": flow.status in (FlowStatus.PENDING, FlowStatus.RUNNING),
             "notice": NOTICES.get(request.query_params.get("notice", "")),
         }
 
     def workers(self, request: Request) -> Response:
-        return self.render(
-            request, "workers.html", workers=self.storage.list_workers(), now=_host_time()
-        )
+        return self.render(request, "workers.html", workers=self.storage.list_workers())
 
     def failures(self, request: Request) -> Response:
         window = forms.failure_window(request.query_params.get("within"))

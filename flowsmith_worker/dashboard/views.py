@@ -16,7 +16,6 @@ from flowsmith_worker.storage.base import (
     ActivitySlice,
     FlowRecord,
     NodeRecord,
-    NodeStatus,
     RunLink,
 )
 
@@ -172,13 +171,4 @@ def shown_text(text: str | None) -> str:
         return text
     return (
         f"{text[:MAX_SHOWN_CHARS]}\n... ({len(text) - MAX_SHOWN_CHARS} more characters not shown)"
-    )
-
-
-def is_open(node: NodeRecord | None) -> bool:
-    """A step still to finish: the page refreshes while one is."""
-    return node is not None and node.status in (
-        NodeStatus.PENDING,
-        NodeStatus.RUNNING,
-        NodeStatus.WAITING,
     )
