@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import URL
@@ -109,6 +110,8 @@ def create_app(
         middleware=[Middleware(SecurityHeaders)],
         exception_handlers={
             FlowSmithError: dashboard.refused,
+            # Database errors we do not know: one line too, never a traceback.
+            sa.exc.SQLAlchemyError: dashboard.refused,
             HTTPException: dashboard.http_error,
         },
         lifespan=lifespan,
@@ -361,7 +364,8 @@ class Dashboard:
             "error.html",
             status,
             title=_TITLES[status],
-            message=redact(str(exc)),  # a database error may quote a URL
+            # A database error may quote a URL: never its password.
+            message=redact((str(exc).strip().splitlines() or [type(exc).__name__])[0]),
         )
 
 
@@ -372,7 +376,7 @@ _TITLES = {
     404: "Not found",
     409: "Not possible now",
     413: "Too large",
-    503: "Database unavailable",
+    503: "Database problem",
 }
 
 
@@ -387,5 +391,5 @@ def _refuse_unreadable_status(flow: FlowRecord) -> None:
 
 
 def _host_time() -> float:
-    """This host's clock: only where a page shows an age, never to decide anything."""
+    """This host's clock: only to draw, never to decide anything."""
     return time.time()
