@@ -1,5 +1,7 @@
 """What operators ask of a SQL database: reading runs, cancelling, pruning, stats,
-workers and queue limits. Nothing here is on the hot path of claiming and completing.
+workers and queue limits, and the dashboard's questions (pages of runs, activity,
+subflow links, failure groups). Nothing here is on the hot path of claiming and
+completing.
 """
 
 from __future__ import annotations
