@@ -16,7 +16,7 @@ from flowsmith_worker.storage.base import (
     NodeStatus,
     RunLink,
 )
-from flowsmith_worker.storage.sql_operators import _successor, error_message
+from flowsmith_worker.storage.sql_dashboard import error_message, successor
 
 PLAN = Plan(
     stages=(
@@ -123,10 +123,10 @@ def test_a_large_payload_is_cut_and_says_so() -> None:
 
 def test_the_prefix_bound_is_the_next_string_in_code_point_order() -> None:
     """The successor of a prefix bounds exactly the strings that start with it."""
-    assert _successor("order-") == "order."
-    assert _successor("a\U0010ffff") == "b"
-    assert _successor("\U0010ffff") is None
-    assert _successor("x\ud7ff") == "x\ue000"  # skips the surrogates, which UTF-8 never holds
+    assert successor("order-") == "order."
+    assert successor("a\U0010ffff") == "b"
+    assert successor("\U0010ffff") is None
+    assert successor("x\ud7ff") == "x\ue000"  # skips the surrogates, which UTF-8 never holds
 
 
 def test_an_error_message_is_its_last_line() -> None:

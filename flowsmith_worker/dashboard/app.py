@@ -51,7 +51,7 @@ from flowsmith_worker.errors import (
 )
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowRecord, FlowStatus, Storage
-from flowsmith_worker.storage.sql_operators import error_message
+from flowsmith_worker.storage.sql_dashboard import error_message
 
 HERE = Path(__file__).parent
 DEFAULT_REFRESH_SECONDS = 5.0

@@ -7,7 +7,6 @@ completing.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,10 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker.errors import CorruptRow
-from flowsmith_worker.storage import schema, sql_context
+from flowsmith_worker.storage import schema, sql_context, sql_dashboard
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
-    ActivitySlice,
     FailureGroup,
     FlowFilter,
     FlowRecord,
@@ -187,91 +185,31 @@ class SqlOperators(SqlBase):
         if where.until is not None:
             conditions.append(F.c.created_at < where.until)
         if where.tracking_id_prefix:
-            conditions.append(self._starts_with(F.c.tracking_id, where.tracking_id_prefix))
-        if where.after is not None:
-            # Written so that "created_at <= x" bounds the index scan on its own:
-            # a row comparison (created_at, id) < (x, y) would need an index of both.
             conditions.append(
-                sa.and_(
-                    F.c.created_at <= where.after.created_at,
-                    sa.or_(F.c.created_at < where.after.created_at, F.c.id < where.after.id),
-                )
+                sql_dashboard.tracking_id_starts_with(self.dialect, where.tracking_id_prefix)
             )
+        if where.after is not None:
+            conditions.append(sql_dashboard.older_than(where.after))
         return conditions
 
-    def _starts_with(self, column: sa.Column[str], prefix: str) -> sa.ColumnElement[bool]:
-        """Names that start with ``prefix``, byte for byte, through the column's index.
-
-        SQLite's and MySQL's name columns order strings as their code points (BINARY,
-        utf8mb4 *_bin, see schema.Identifier), so those names are exactly the range
-        from the prefix up to its successor, an index range scan. (SQLite's LIKE would
-        ignore case.) PostgreSQL's default collation may be a language's, whose order
-        puts some of them outside that range: LIKE there is exact under any
-        collation, and its planner turns it into the same range under "C".
-        """
-        if self.dialect.name == "postgresql":
-            return column.startswith(prefix, autoescape=True)  # LIKE 'prefix%', escaped
-        upper = _successor(prefix)
-        if upper is None:  # only U+10FFFF characters: no name sorts above
-            return column >= prefix
-        return sa.and_(column >= prefix, column < upper)
-
-    # -- the dashboard ------------------------------------------------------------
+    # -- the dashboard (its statements: sql_dashboard.py) ----------------------------
 
     def run_activity(self, *, window_seconds: float, buckets: int) -> RunActivity:
-        """One scan of fs_flows_status_updated (a finished run's updated_at is its
-        finished_at) and one of the runnable nodes' index; each slice is counted by
-        a CASE, which every database computes alike (no dialect's floor or round)."""
-
         def work(conn: Connection) -> RunActivity:
             now = float(conn.execute(sa.select(self._now())).scalar_one())
-            width = window_seconds / buckets
-            edges = [now - window_seconds + i * width for i in range(buckets)] + [now]
-            counts = conn.execute(
-                sa.select(F.c.status, *_count_per_slice(F.c.updated_at, edges))
-                .where(F.c.status.in_(_CHARTED), F.c.updated_at >= edges[0])
-                .group_by(F.c.status)
-            ).all()
-            per_status = {status: list(row) for status, *row in counts}
-            runnable = conn.execute(
-                sa.select(N.c.queue, sa.func.count())
-                .where(N.c.status == NodeStatus.PENDING, N.c.run_after <= now)
-                .group_by(N.c.queue)
-            ).all()
-            return RunActivity(
-                now=now,
-                slices=tuple(
-                    ActivitySlice(
-                        start=edges[i],
-                        end=edges[i + 1],
-                        completed=int(per_status.get(FlowStatus.COMPLETED, [0] * buckets)[i]),
-                        failed=int(per_status.get(FlowStatus.FAILED, [0] * buckets)[i]),
-                    )
-                    for i in range(buckets)
-                ),
-                runnable_by_queue={queue: int(count) for queue, count in runnable},
-            )
+            edges = sql_dashboard.slice_edges(now, window_seconds, buckets)
+            finished = conn.execute(sql_dashboard.finished_per_slice(edges)).all()
+            runnable = conn.execute(sql_dashboard.runnable_by_queue(now)).all()
+            return sql_dashboard.run_activity(now, edges, finished, runnable)
 
         return self._read(work)
 
     def subflow_links(self, *, flow: FlowRecord) -> SubflowLinks:
-        """Through fs_flows_parent_node_id and the nodes' primary key: two small lookups."""
-        link = (F.c.tracking_id, F.c.flow_name, N.c.step_name)
-
         def work(conn: Connection) -> SubflowLinks:
             parent = None
             if flow.parent_node_id is not None:
-                parent = conn.execute(
-                    sa.select(*link)
-                    .join_from(N, F, N.c.flow_id == F.c.id)
-                    .where(N.c.id == flow.parent_node_id)
-                ).first()
-            children = conn.execute(
-                sa.select(*link)
-                .join_from(F, N, F.c.parent_node_id == N.c.id)
-                .where(N.c.flow_id == flow.id)
-                .order_by(N.c.position, N.c.group_index)
-            ).all()
+                parent = conn.execute(sql_dashboard.link_to_step(flow.parent_node_id)).first()
+            children = conn.execute(sql_dashboard.links_to_children(flow.id)).all()
             return SubflowLinks(
                 parent=None if parent is None else RunLink(*parent),
                 children=tuple(RunLink(*child) for child in children),
@@ -280,33 +218,8 @@ class SqlOperators(SqlBase):
         return self._read(work)
 
     def failure_groups(self, *, within_seconds: float, max_runs: int) -> list[FailureGroup]:
-        """The newest failed runs through fs_flows_status_updated, their failed nodes
-        through fs_nodes_flow_step_key; grouped here, since an error is a traceback of
-        any length and only its last line names the failure."""
-        runs = (
-            sa.select(F.c.id, F.c.flow_name, F.c.tracking_id, F.c.updated_at)
-            .where(
-                F.c.status == FlowStatus.FAILED,
-                F.c.updated_at >= self._now() - within_seconds,
-            )
-            .order_by(F.c.updated_at.desc())
-            .limit(max_runs)
-            .subquery()
-        )
-        query = (
-            sa.select(
-                runs.c.flow_name,
-                N.c.step_name,
-                N.c.error,
-                sa.func.coalesce(N.c.finished_at, runs.c.updated_at),
-                runs.c.tracking_id,
-            )
-            .join_from(runs, N, N.c.flow_id == runs.c.id)
-            .where(N.c.status == NodeStatus.FAILED)
-            .order_by(runs.c.updated_at.desc())
-        )
-        rows = self._read(lambda conn: conn.execute(query).all())
-        return group_failures(rows)
+        query = sql_dashboard.failed_steps(self._now() - within_seconds, max_runs)
+        return sql_dashboard.group_failures(self._read(lambda conn: conn.execute(query).all()))
 
     # -- cancelling and pruning -------------------------------------------------
 
@@ -480,65 +393,3 @@ def _with_inputs(run: Any, rows: Sequence[Any]) -> list[NodeRecord]:
 
 def _unreadable_input(record: NodeRecord, why: str) -> NodeRecord:
     return dataclasses.replace(record, unreadable={**record.unreadable, "input": why})
-
-
-# The largest code point, and the UTF-16 surrogates, which no UTF-8 text holds.
-_MAX_CODE_POINT = 0x10FFFF
-_SURROGATES = range(0xD800, 0xE000)
-
-
-def _successor(prefix: str) -> str | None:
-    """The least string above every string that starts with ``prefix``, in code point
-    order; None if there is none."""
-    while prefix and ord(prefix[-1]) == _MAX_CODE_POINT:
-        prefix = prefix[:-1]
-    if not prefix:
-        return None
-    following = ord(prefix[-1]) + 1
-    if following in _SURROGATES:
-        following = _SURROGATES.stop
-    return prefix[:-1] + chr(following)
-
-
-# The statuses of finished runs the overview charts.
-_CHARTED = (FlowStatus.COMPLETED, FlowStatus.FAILED)
-# How many runs a failure group names.
-FAILURE_SAMPLES = 5
-
-
-def _count_per_slice(when: sa.Column[float], edges: list[float]) -> list[sa.Label[int]]:
-    """One count per slice [edges[i], edges[i+1]) of ``when``."""
-    return [
-        sa.func.sum(sa.case((sa.and_(when >= start, when < end), 1), else_=0)).label(f"s{i}")
-        for i, (start, end) in enumerate(itertools.pairwise(edges))
-    ]
-
-
-def group_failures(rows: Sequence[Any]) -> list[FailureGroup]:
-    """Rows of (flow, step, error, finished_at, tracking_id), newest first, as groups
-    by flow, step and the error's last line; the largest group first."""
-    groups: dict[tuple[str, str, str], list[Any]] = {}
-    for row in rows:
-        key = (row[0], row[1], error_message(row[2]))
-        groups.setdefault(key, []).append(row)
-    return sorted(
-        (
-            FailureGroup(
-                flow_name=flow_name,
-                step_name=step_name,
-                message=message,
-                count=len(members),
-                first_at=float(min(m[3] for m in members)),
-                last_at=float(max(m[3] for m in members)),
-                tracking_ids=tuple(m[4] for m in members[:FAILURE_SAMPLES]),
-            )
-            for (flow_name, step_name, message), members in groups.items()
-        ),
-        key=lambda group: (-group.count, -group.last_at),
-    )
-
-
-def error_message(error: str | None) -> str:
-    """The line of an error that says what failed: a traceback's last one."""
-    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "(no error recorded)"
