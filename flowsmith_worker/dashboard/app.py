@@ -249,7 +249,8 @@ class Dashboard:
         return self.render(request, "runs.html", query=query, problem=None, runs=shown, older=older)
 
     def run(self, request: Request) -> Response:
-        return self.render(request, "run.html", **self._run(request))
+        notice = NOTICES.get(request.query_params.get("notice", ""))
+        return self.render(request, "run.html", notice=notice, **self._run(request))
 
     def run_fragment(self, request: Request) -> Response:
         return self.render(request, "_run.html", **self._run(request))
@@ -264,7 +265,6 @@ class Dashboard:
             "stages": views.timeline(flow, nodes, links.children, now=_host_time()),
             "parent": links.parent,
             "live": flow.status in (FlowStatus.PENDING, FlowStatus.RUNNING),
-            "notice": NOTICES.get(request.query_params.get("notice", "")),
         }
 
     def workers(self, request: Request) -> Response:
