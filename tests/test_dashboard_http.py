@@ -413,3 +413,21 @@ def test_flowsmith_dashboard_on_an_unmigrated_database_says_to_migrate(tmp_path:
     )
     assert result.returncode == 1
     assert "flowsmith migrate" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_flowsmith_dashboard_without_its_extra_says_what_to_install() -> None:
+    """Without uvicorn (the dashboard extra), the command says which pip install to run;
+    the rest of `flowsmith` works without it."""
+    hide_uvicorn = (
+        "import sys; sys.modules['uvicorn'] = None; "
+        "from flowsmith_worker.cli import main; main(sys.argv[1:])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", hide_uvicorn, "dashboard"], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "pip install 'flowsmith-worker[dashboard]'" in result.stderr
+    help_text = subprocess.run(
+        [sys.executable, "-c", hide_uvicorn, "--help"], capture_output=True, text=True
+    )
+    assert help_text.returncode == 0 and "dashboard" in help_text.stdout
