@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from flowsmith_worker import Context, Flow, Worker
 from flowsmith_worker.storage import schema
-from flowsmith_worker.storage.base import FlowFilter, FlowStatus, RunCursor, Storage
+from flowsmith_worker.storage.base import FlowFilter, FlowStatus, Overview, RunCursor, Storage
 from flowsmith_worker.storage.sql import SqlStorage
 
 Names = Callable[[str], str]
@@ -115,9 +115,16 @@ def test_since_and_until_bound_the_time_range(storage: Storage, unique: Names) -
     ]
 
 
-def test_run_activity_counts_runs_finished_in_each_slice(storage: Storage, unique: Names) -> None:
-    """Completed and failed runs are counted in the slice of the hour they finished in;
-    older ones not at all. The runnable backlog is counted by queue, not what is delayed."""
+def overview(storage: Storage, within: float = 3600) -> Overview:
+    return storage.overview(window_seconds=3600, buckets=12, finished_within=within)
+
+
+def test_the_overview_counts_runs_steps_and_slices_of_the_last_hour(
+    storage: Storage, unique: Names
+) -> None:
+    """Open runs are counted whole, finished ones in their window; completed and failed
+    runs fall in the slice of the hour they finished in (older ones nowhere); open
+    steps and the runnable backlog (not what is delayed) are counted by queue."""
 
     def broken(ctx: Context) -> None:
         raise RuntimeError("broken")
@@ -128,18 +135,22 @@ def test_run_activity_counts_runs_finished_in_each_slice(storage: Storage, uniqu
         good.run({}, tracking_id=f"good-{i}")
     bad.run({}, tracking_id="bad-0")
     drain(storage)
-    now = storage.run_activity(window_seconds=3600, buckets=12).now
+    now = overview(storage).now
     set_times(storage, ["good-1"], updated_at=now - 1650, finished_at=now - 1650)
     set_times(storage, ["good-2"], updated_at=now - 7200, finished_at=now - 7200)
     later = Flow(unique("later"), storage=storage, queue="reports").step("a", ok)
     later.run({}, tracking_id="later-0")
     later.run({}, tracking_id="later-1", delay=3600)
 
-    activity = storage.run_activity(window_seconds=3600, buckets=12)
-    assert len(activity.slices) == 12
-    assert [s.completed for s in activity.slices] == [0] * 6 + [1] + [0] * 4 + [1]
-    assert [s.failed for s in activity.slices] == [0] * 11 + [1]
-    assert activity.runnable_by_queue == {"reports": 1}
+    seen = overview(storage)
+    assert len(seen.slices) == 12
+    assert [s.completed for s in seen.slices] == [0] * 6 + [1] + [0] * 4 + [1]
+    assert [s.failed for s in seen.slices] == [0] * 11 + [1]
+    assert seen.runs_by_status == {"COMPLETED": 2, "FAILED": 1, "PENDING": 2}
+    assert overview(storage, within=86400).runs_by_status["COMPLETED"] == 3
+    assert seen.open_steps_by_queue == {"reports": {"PENDING": 2}}
+    assert seen.runnable_by_queue == {"reports": 1}
+    assert seen.oldest_runnable_age is not None and 0 <= seen.oldest_runnable_age < 600
 
 
 def test_subflow_links_go_both_ways(storage: Storage, unique: Names) -> None:
@@ -181,7 +192,7 @@ def test_failure_groups_gather_failed_steps_by_step_and_message(
     for i, kind in enumerate(["visa", "visa", "visa", "amex", "visa"]):
         flow.run({"kind": kind}, tracking_id=f"pay-{i}")
     drain(storage)
-    now = storage.run_activity(window_seconds=60, buckets=1).now
+    now = overview(storage).now
     set_times(storage, ["pay-4"], updated_at=now - 2 * 86400)
 
     groups = storage.failure_groups(within_seconds=86400, max_runs=100)

@@ -58,6 +58,8 @@ DEFAULT_REFRESH_SECONDS = 5.0
 # The overview's charts: the last hour in twelve slices of five minutes.
 ACTIVITY_WINDOW_SECONDS = 3600.0
 ACTIVITY_SLICES = 12
+# Finished runs are counted over the last day (all of them would be a table scan).
+FINISHED_WITHIN_SECONDS = 86400.0
 # The failures page reads at most this many failed runs, the newest.
 MAX_FAILED_RUNS = 2000
 
@@ -224,13 +226,14 @@ class Dashboard:
         return self.render(request, "_overview.html", **self._overview())
 
     def _overview(self) -> dict[str, Any]:
-        activity = self.storage.run_activity(
-            window_seconds=ACTIVITY_WINDOW_SECONDS, buckets=ACTIVITY_SLICES
+        overview = self.storage.overview(
+            window_seconds=ACTIVITY_WINDOW_SECONDS,
+            buckets=ACTIVITY_SLICES,
+            finished_within=FINISHED_WITHIN_SECONDS,
         )
         return {
-            "stats": self.storage.stats(),
-            "activity": activity,
-            "columns": views.activity_columns(activity.slices),
+            "overview": overview,
+            "columns": views.activity_columns(overview.slices),
             "workers": self.storage.list_workers(),
             "statuses": list(FlowStatus),
         }

@@ -435,9 +435,11 @@ class Storage(abc.ABC):
     # -- the dashboard's questions (flowsmith_worker.dashboard) ----------------------
 
     @abc.abstractmethod
-    def run_activity(self, *, window_seconds: float, buckets: int) -> RunActivity:
-        """Runs finished in the last ``window_seconds``, in ``buckets`` equal slices, and
-        the runnable backlog by queue; times by the database clock."""
+    def overview(self, *, window_seconds: float, buckets: int, finished_within: float) -> Overview:
+        """What the dashboard's overview shows, through indexes only (no count of a whole
+        table): runs open now and those finished in the last ``finished_within`` seconds
+        by status, open steps and the runnable backlog by queue, and the runs finished
+        in the last ``window_seconds`` in ``buckets`` equal slices."""
 
     @abc.abstractmethod
     def subflow_links(self, *, flow: FlowRecord) -> SubflowLinks:
@@ -477,12 +479,16 @@ class ActivitySlice:
 
 
 @dataclass(frozen=True)
-class RunActivity:
-    """What the dashboard's overview charts: throughput and failures, and the backlog."""
+class Overview:
+    """The dashboard's overview; times by the database clock."""
 
-    now: float  # the database clock
-    slices: tuple[ActivitySlice, ...]  # oldest first
-    runnable_by_queue: dict[str, int]  # nodes PENDING and due now
+    now: float
+    runs_by_status: dict[str, int]  # PENDING and RUNNING: all; the others: finished_within
+    finished_within: float
+    open_steps_by_queue: dict[str, dict[str, int]]  # queue -> PENDING/RUNNING -> count
+    runnable_by_queue: dict[str, int]  # steps PENDING and due now
+    oldest_runnable_age: float | None  # seconds the longest-waiting runnable step has waited
+    slices: tuple[ActivitySlice, ...]  # runs completed and failed, oldest slice first
 
 
 @dataclass(frozen=True)

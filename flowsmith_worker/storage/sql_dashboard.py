@@ -14,11 +14,12 @@ import sqlalchemy as sa
 
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
+    FINISHED_FLOW_STATUSES,
     ActivitySlice,
     FailureGroup,
     FlowStatus,
     NodeStatus,
-    RunActivity,
+    Overview,
     RunCursor,
 )
 from flowsmith_worker.storage.dialects import Dialect
@@ -27,6 +28,8 @@ F, N = schema.flows, schema.nodes
 
 # The statuses of finished runs the overview charts.
 CHARTED = (FlowStatus.COMPLETED, FlowStatus.FAILED)
+OPEN_RUNS = (FlowStatus.PENDING, FlowStatus.RUNNING)
+OPEN_STEPS = (NodeStatus.PENDING, NodeStatus.RUNNING)
 # How many runs a failure group names.
 FAILURE_SAMPLES = 5
 # The largest code point, and the UTF-16 surrogates, which no UTF-8 text holds.
@@ -105,30 +108,74 @@ def finished_per_slice(edges: list[float]) -> sa.Select[Any]:
     )
 
 
-def runnable_by_queue(now: float) -> sa.Select[Any]:
-    """Nodes PENDING and due, by queue: the claim's partial index fs_nodes_runnable."""
+def runs_by_status(finished_since: float) -> sa.CompoundSelect[Any]:
+    """Runs by status, through fs_flows_status_updated only: the open ones all, the
+    finished ones since then (counting every finished run is a scan of the table)."""
+    return sa.union_all(
+        sa.select(F.c.status, sa.func.count())
+        .where(F.c.status.in_(OPEN_RUNS))
+        .group_by(F.c.status),
+        sa.select(F.c.status, sa.func.count())
+        .where(F.c.status.in_(FINISHED_FLOW_STATUSES), F.c.updated_at >= finished_since)
+        .group_by(F.c.status),
+    )
+
+
+def open_steps_by_queue() -> sa.Select[Any]:
+    """Steps PENDING or RUNNING by queue and status, through fs_nodes_status_lease (on
+    PostgreSQL a partial index of exactly those)."""
     return (
-        sa.select(N.c.queue, sa.func.count())
+        sa.select(N.c.queue, N.c.status, sa.func.count())
+        .where(N.c.status.in_(OPEN_STEPS))
+        .group_by(N.c.queue, N.c.status)
+    )
+
+
+def runnable_by_queue(now: float) -> sa.Select[Any]:
+    """Steps PENDING and due, by queue, with the oldest due time: through the claim's
+    partial index fs_nodes_runnable."""
+    return (
+        sa.select(N.c.queue, sa.func.count(), sa.func.min(N.c.run_after))
         .where(N.c.status == NodeStatus.PENDING, N.c.run_after <= now)
         .group_by(N.c.queue)
     )
 
 
-def run_activity(
-    now: float, edges: list[float], finished: Sequence[Any], runnable: Sequence[Any]
-) -> RunActivity:
-    """The answers of finished_per_slice and runnable_by_queue, as a record."""
+def overview(
+    *,
+    now: float,
+    finished_within: float,
+    runs: Sequence[Any],
+    steps: Sequence[Any],
+    runnable: Sequence[Any],
+    edges: list[float],
+    finished: Sequence[Any],
+) -> Overview:
+    """The answers of the statements above, as a record."""
+    open_steps: dict[str, dict[str, int]] = {}
+    for queue, status, count in steps:
+        open_steps.setdefault(queue, {})[status] = int(count)
+    oldest = min((float(due) for _, _, due in runnable), default=None)
+    return Overview(
+        now=now,
+        runs_by_status={status: int(count) for status, count in runs},
+        finished_within=finished_within,
+        open_steps_by_queue=open_steps,
+        runnable_by_queue={queue: int(count) for queue, count, _ in runnable},
+        oldest_runnable_age=None if oldest is None else max(0.0, now - oldest),
+        slices=activity_slices(edges, finished),
+    )
+
+
+def activity_slices(edges: list[float], finished: Sequence[Any]) -> tuple[ActivitySlice, ...]:
+    """The answer of finished_per_slice, one record per slice."""
     per_status = {status: [int(count or 0) for count in counts] for status, *counts in finished}
     empty = [0] * (len(edges) - 1)
     completed = per_status.get(FlowStatus.COMPLETED, empty)
     failed = per_status.get(FlowStatus.FAILED, empty)
-    return RunActivity(
-        now=now,
-        slices=tuple(
-            ActivitySlice(start=start, end=end, completed=completed[i], failed=failed[i])
-            for i, (start, end) in enumerate(itertools.pairwise(edges))
-        ),
-        runnable_by_queue={queue: int(count) for queue, count in runnable},
+    return tuple(
+        ActivitySlice(start=start, end=end, completed=completed[i], failed=failed[i])
+        for i, (start, end) in enumerate(itertools.pairwise(edges))
     )
 
 

@@ -24,7 +24,7 @@ from flowsmith_worker.storage.base import (
     FlowSummary,
     NodeRecord,
     NodeStatus,
-    RunActivity,
+    Overview,
     RunLink,
     Stats,
     SubflowLinks,
@@ -194,13 +194,19 @@ class SqlOperators(SqlBase):
 
     # -- the dashboard (its statements: sql_dashboard.py) ----------------------------
 
-    def run_activity(self, *, window_seconds: float, buckets: int) -> RunActivity:
-        def work(conn: Connection) -> RunActivity:
+    def overview(self, *, window_seconds: float, buckets: int, finished_within: float) -> Overview:
+        def work(conn: Connection) -> Overview:
             now = float(conn.execute(sa.select(self._now())).scalar_one())
             edges = sql_dashboard.slice_edges(now, window_seconds, buckets)
-            finished = conn.execute(sql_dashboard.finished_per_slice(edges)).all()
-            runnable = conn.execute(sql_dashboard.runnable_by_queue(now)).all()
-            return sql_dashboard.run_activity(now, edges, finished, runnable)
+            return sql_dashboard.overview(
+                now=now,
+                finished_within=finished_within,
+                runs=conn.execute(sql_dashboard.runs_by_status(now - finished_within)).all(),
+                steps=conn.execute(sql_dashboard.open_steps_by_queue()).all(),
+                runnable=conn.execute(sql_dashboard.runnable_by_queue(now)).all(),
+                edges=edges,
+                finished=conn.execute(sql_dashboard.finished_per_slice(edges)).all(),
+            )
 
         return self._read(work)
 
