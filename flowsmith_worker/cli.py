@@ -339,3 +339,6 @@ def _exit_abandoning_steps() -> None:
 __all__ = ["main"]
 # Last: these modules define their commands on `main`.
 from flowsmith_worker import cli_enqueue, cli_ops, cli_status  # noqa: E402,F401
+from flowsmith_worker.dashboard.command import dashboard  # noqa: E402
+
+main.add_command(dashboard)

@@ -237,14 +237,25 @@ class QueueBacklog:
 
 
 @dataclass(frozen=True)
+class RunCursor:
+    """Where a page of runs ended: the (created_at, id) of its last run (keyset paging)."""
+
+    created_at: float
+    id: int
+
+
+@dataclass(frozen=True)
 class FlowFilter:
-    """Which runs `flowsmith flows` lists, newest first."""
+    """Which runs `flowsmith flows` and the dashboard list, newest first."""
 
     status: FlowStatus | None = None
     flow_name: str | None = None
     since: float | None = None  # created at or after, seconds since the epoch
     created_within: float | None = None  # created in the last N seconds of the database clock
     limit: int = 50
+    until: float | None = None  # created before, seconds since the epoch
+    tracking_id_prefix: str | None = None  # compared byte for byte, as tracking_ids are
+    after: RunCursor | None = None  # only runs older than this one: the next page
 
 
 FINISHED_FLOW_STATUSES = (FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED)
@@ -438,6 +449,25 @@ class Storage(abc.ABC):
     def stats(self) -> Stats:
         """Counts of flows and nodes by status, attempts, rescues, backlog age."""
 
+    # -- the dashboard's questions (flowsmith_worker.dashboard) ----------------------
+
+    @abc.abstractmethod
+    def overview(self, *, window_seconds: float, buckets: int, finished_within: float) -> Overview:
+        """What the dashboard's overview shows, through indexes only (no count of a whole
+        table): runs open now and those finished in the last ``finished_within`` seconds
+        by status, open steps and the runnable backlog by queue, and the runs finished
+        in the last ``window_seconds`` in ``buckets`` equal slices."""
+
+    @abc.abstractmethod
+    def subflow_links(self, *, flow: FlowRecord) -> SubflowLinks:
+        """The run that started ``flow`` as a subflow (if any) and the runs its steps started."""
+
+    @abc.abstractmethod
+    def failure_groups(self, *, within_seconds: float, max_runs: int) -> list[FailureGroup]:
+        """The failed steps of runs that FAILED in the last ``within_seconds`` (the newest
+        ``max_runs`` runs at most), grouped by flow, step and error message, most frequent
+        first."""
+
     def close(self) -> None:  # noqa: B027 - optional: storages without connections keep it
         """Release connections."""
 
@@ -453,3 +483,54 @@ class Stats:
     attempts: int  # every attempt ever started, retries and rescues included
     rescues: int
     oldest_runnable_age: float | None  # seconds the oldest runnable node has waited
+
+
+@dataclass(frozen=True)
+class ActivitySlice:
+    """Runs that ended in one slice of time: ``start`` and ``end`` in seconds since the epoch."""
+
+    start: float
+    end: float
+    completed: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class Overview:
+    """The dashboard's overview; times by the database clock."""
+
+    now: float
+    runs_by_status: dict[str, int]  # PENDING and RUNNING: all; the others: finished_within
+    finished_within: float
+    open_steps_by_queue: dict[str, dict[str, int]]  # queue -> PENDING/RUNNING -> count
+    runnable_by_queue: dict[str, int]  # steps PENDING and due now
+    oldest_runnable_age: float | None  # seconds the longest-waiting runnable step has waited
+    slices: tuple[ActivitySlice, ...]  # runs completed and failed, oldest slice first
+
+
+@dataclass(frozen=True)
+class RunLink:
+    """Another run, as a link: its tracking_id, and the step that started the subflow."""
+
+    tracking_id: str
+    flow_name: str
+    step_name: str
+
+
+@dataclass(frozen=True)
+class SubflowLinks:
+    parent: RunLink | None  # the run whose step started this one
+    children: tuple[RunLink, ...]  # runs started by this run's steps (step_name: this run's)
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    """Failed steps with the same flow, step and error message (the error's last line)."""
+
+    flow_name: str
+    step_name: str
+    message: str
+    count: int
+    first_at: float  # when the oldest of them finished (seconds since the epoch)
+    last_at: float
+    tracking_ids: tuple[str, ...]  # a few of the runs, newest first

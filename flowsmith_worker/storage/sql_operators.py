@@ -1,5 +1,7 @@
 """What operators ask of a SQL database: reading runs, cancelling, pruning, stats,
-workers and queue limits. Nothing here is on the hot path of claiming and completing.
+workers and queue limits, and the dashboard's questions (pages of runs, activity,
+subflow links, failure groups). Nothing here is on the hot path of claiming and
+completing.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker.errors import CorruptRow
-from flowsmith_worker.storage import schema, sql_context
+from flowsmith_worker.storage import schema, sql_context, sql_dashboard
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
+    FailureGroup,
     FlowFilter,
     FlowRecord,
     FlowStatus,
     FlowSummary,
     NodeRecord,
     NodeStatus,
+    Overview,
     QueueBacklog,
+    RunLink,
     Stats,
+    SubflowLinks,
     WorkerRecord,
 )
 from flowsmith_worker.storage.sql_base import (
@@ -169,16 +175,67 @@ class SqlOperators(SqlBase):
             .order_by(F.c.created_at.desc(), F.c.id.desc())
             .limit(where.limit)
         )
-        if where.status is not None:
-            query = query.where(F.c.status == where.status)
-        if where.flow_name is not None:
-            query = query.where(F.c.flow_name == where.flow_name)
-        if where.since is not None:
-            query = query.where(F.c.created_at >= where.since)
-        if where.created_within is not None:
-            query = query.where(F.c.created_at >= self._now() - where.created_within)
-        rows: Sequence[Row[Any]] = self._read(lambda conn: conn.execute(query).all())
+        rows: Sequence[Row[Any]] = self._read(
+            lambda conn: conn.execute(query.where(*self._matching(where))).all()
+        )
         return [flow_summary(r) for r in rows]
+
+    def _matching(self, where: FlowFilter) -> list[sa.ColumnElement[bool]]:
+        """The conditions of ``where``; with the newest-first order, fs_flows_created serves
+        the time range and the pages, fs_flows_tracking_id_key the prefix search."""
+        conditions: list[sa.ColumnElement[bool]] = []
+        if where.status is not None:
+            conditions.append(F.c.status == where.status)
+        if where.flow_name is not None:
+            conditions.append(F.c.flow_name == where.flow_name)
+        if where.since is not None:
+            conditions.append(F.c.created_at >= where.since)
+        if where.created_within is not None:
+            conditions.append(F.c.created_at >= self._now() - where.created_within)
+        if where.until is not None:
+            conditions.append(F.c.created_at < where.until)
+        if where.tracking_id_prefix:
+            conditions.append(
+                sql_dashboard.tracking_id_starts_with(self.dialect, where.tracking_id_prefix)
+            )
+        if where.after is not None:
+            conditions.append(sql_dashboard.older_than(where.after))
+        return conditions
+
+    # -- the dashboard (its statements: sql_dashboard.py) ----------------------------
+
+    def overview(self, *, window_seconds: float, buckets: int, finished_within: float) -> Overview:
+        def work(conn: Connection) -> Overview:
+            now = float(conn.execute(sa.select(self._now())).scalar_one())
+            edges = sql_dashboard.slice_edges(now, window_seconds, buckets)
+            return sql_dashboard.overview(
+                now=now,
+                finished_within=finished_within,
+                runs=conn.execute(sql_dashboard.runs_by_status(now - finished_within)).all(),
+                steps=conn.execute(sql_dashboard.open_steps_by_queue()).all(),
+                runnable=conn.execute(sql_dashboard.runnable_by_queue(now)).all(),
+                edges=edges,
+                finished=conn.execute(sql_dashboard.finished_per_slice(edges)).all(),
+            )
+
+        return self._read(work)
+
+    def subflow_links(self, *, flow: FlowRecord) -> SubflowLinks:
+        def work(conn: Connection) -> SubflowLinks:
+            parent = None
+            if flow.parent_node_id is not None:
+                parent = conn.execute(sql_dashboard.link_to_step(flow.parent_node_id)).first()
+            children = conn.execute(sql_dashboard.links_to_children(flow.id)).all()
+            return SubflowLinks(
+                parent=None if parent is None else RunLink(*parent),
+                children=tuple(RunLink(*child) for child in children),
+            )
+
+        return self._read(work)
+
+    def failure_groups(self, *, within_seconds: float, max_runs: int) -> list[FailureGroup]:
+        query = sql_dashboard.failed_steps(self._now() - within_seconds, max_runs)
+        return sql_dashboard.group_failures(self._read(lambda conn: conn.execute(query).all()))
 
     # -- cancelling and pruning -------------------------------------------------
 

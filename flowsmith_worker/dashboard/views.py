@@ -1,0 +1,174 @@
+"""What the pages show, computed from storage records: pure functions, no HTTP, no SQL.
+
+The templates only lay these out; every number placed in an SVG is computed
+here, so the pages need no script to draw and no inline style.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flowsmith_worker.storage.base import (
+    RESCUE_ERROR,
+    ActivitySlice,
+    FlowRecord,
+    NodeRecord,
+    RunLink,
+)
+
+# A payload is shown up to this many characters; the rest is cut, and said so.
+MAX_SHOWN_CHARS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a step, as the page lists it.
+
+    Today the trace keeps the last attempt in full and only counts the earlier
+    ones, so those have ``known=False``; once every attempt is recorded, each
+    gets its own worker, times and error.
+    """
+
+    number: int
+    known: bool
+    worker: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    rescued: bool = False
+
+
+def attempts_of(node: NodeRecord) -> list[Attempt]:
+    """The attempts of ``node``, first to last, from what its row records."""
+    earlier = [Attempt(number=n, known=False) for n in range(1, node.attempt)]
+    if node.attempt == 0:
+        return earlier
+    last = Attempt(
+        number=node.attempt,
+        known=True,
+        worker=node.lease_owner,
+        started_at=node.started_at,
+        finished_at=node.finished_at,
+        error=node.error,
+        rescued=node.error == RESCUE_ERROR,
+    )
+    return [*earlier, last]
+
+
+@dataclass(frozen=True)
+class Bar:
+    """A span on a 0-100 axis, for an SVG rect: where it starts and how wide it is."""
+
+    x: float
+    width: float
+
+
+@dataclass(frozen=True)
+class StepView:
+    name: str
+    node: NodeRecord | None  # None: planned, not reached (yet)
+    bar: Bar | None
+    attempts: list[Attempt]
+    subflows: list[RunLink]
+
+    @property
+    def retries(self) -> int:
+        """Attempts after the first that were not rescues."""
+        if self.node is None:
+            return 0
+        return max(0, self.node.attempt - 1 - self.node.rescues)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One position of the plan: a step, or parallel siblings shown side by side."""
+
+    position: int
+    steps: list[StepView]
+
+
+def timeline(
+    flow: FlowRecord, nodes: Sequence[NodeRecord], children: Sequence[RunLink], now: float
+) -> list[Stage]:
+    """The run's stages in plan order, each step with its bar on the run's time axis."""
+    by_name = {node.step_name: node for node in nodes}
+    start = flow.created_at
+    end = max([now if flow.finished_at is None else flow.finished_at, start + 0.001])
+    stages = []
+    planned_stages = [[step.name for step in stage] for stage in flow.plan.stages]
+    for position, planned in enumerate(planned_stages or _stages_of(nodes)):
+        steps = [
+            StepView(
+                name=name,
+                node=by_name.get(name),
+                bar=_bar(by_name.get(name), start, end, now),
+                attempts=attempts_of(by_name[name]) if name in by_name else [],
+                subflows=[c for c in children if c.step_name == name],
+            )
+            for name in planned
+        ]
+        stages.append(Stage(position=position, steps=steps))
+    return stages
+
+
+def _stages_of(nodes: Sequence[NodeRecord]) -> list[list[str]]:
+    """Stages from the nodes alone, for a run whose plan cannot be read."""
+    stages: dict[int, list[str]] = {}
+    for node in nodes:
+        stages.setdefault(node.position, []).append(node.step_name)
+    return [stages[p] for p in sorted(stages)]
+
+
+def _bar(node: NodeRecord | None, start: float, end: float, now: float) -> Bar | None:
+    if node is None or node.started_at is None:
+        return None
+    span = end - start
+    left = _clamp((node.started_at - start) / span)
+    finished = node.finished_at if node.finished_at is not None else now
+    right = _clamp((finished - start) / span)
+    return Bar(x=round(left * 100, 2), width=round(max(right - left, 0.005) * 100, 2))
+
+
+def _clamp(fraction: float) -> float:
+    return min(1.0, max(0.0, fraction))
+
+
+@dataclass(frozen=True)
+class Column:
+    """One slice of the activity chart: a completed bar and a failed bar on 0-100."""
+
+    slice: ActivitySlice
+    completed_height: float
+    failed_height: float
+
+
+def activity_columns(slices: Sequence[ActivitySlice]) -> list[Column]:
+    """Bar heights scaled to the busiest slice (completed and failed on one scale)."""
+    peak = max([1, *(s.completed for s in slices), *(s.failed for s in slices)])
+    return [
+        Column(
+            slice=s,
+            completed_height=round(100 * s.completed / peak, 2),
+            failed_height=round(100 * s.failed / peak, 2),
+        )
+        for s in slices
+    ]
+
+
+def shown_json(value: Any) -> str:
+    """A payload as indented JSON, cut at MAX_SHOWN_CHARS."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+    return shown_text(text)
+
+
+def shown_text(text: str | None) -> str:
+    if text is None:
+        return ""
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return (
+        f"{text[:MAX_SHOWN_CHARS]}\n... ({len(text) - MAX_SHOWN_CHARS} more characters not shown)"
+    )
