@@ -52,6 +52,7 @@ from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.progress import RESUMED_ON_RETRY
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
+    AttemptRecord,
     FlowFilter,
     FlowRecord,
     FlowStatus,
@@ -220,13 +221,15 @@ def _attempts(node: NodeRecord) -> str:
     "--traceback",
     "show_traceback",
     is_flag=True,
-    help="Also print the full error text (the traceback) of every failed or retried step.",
+    help="Also print the full error text (the traceback) of every failed or retried attempt.",
 )
 @json_option
 def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: bool) -> None:
     """Show a flow run and every step: status, attempts, times, worker, last error.
 
     Steps of the plan the run has not reached yet are listed as "(not reached)".
+    A step that ran more than once (retried, rescued, released) has each attempt
+    listed below: outcome, start, duration, worker, error (--traceback: in full).
     Worker ids are cut to 8 characters in the table (full with --json). A
     stored value that cannot be read (an unknown status, text that is not JSON)
     is shown as UNREADABLE, with why on stderr (null with --json, and listed
@@ -293,6 +296,7 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
             "LAST_ERROR",
         )
         echo(format_table(headers, rows))
+        _echo_attempts(nodes)
         if show_traceback:
             _echo_tracebacks(flow, nodes)
         _echo_unreadable(f"run {flow.tracking_id!r}", flow)
@@ -302,17 +306,51 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
         raise click.exceptions.Exit(EXIT_FLOW_FAILED)
 
 
+def _echo_attempts(nodes: Sequence[NodeRecord]) -> None:
+    """Every attempt of the steps that ran more than once (each step's latest is above)."""
+    rows: list[list[object]] = [
+        [
+            node.step_name,
+            attempt.attempt,
+            _outcome_cell(attempt),
+            format_time(attempt.started_at),
+            format_duration(_elapsed(attempt.started_at, attempt.ended_at)),
+            short_worker(attempt.worker_id),
+            clip(last_line(attempt.error)),
+        ]
+        for node in nodes
+        if len(node.attempts) > 1
+        for attempt in node.attempts
+    ]
+    if rows:
+        headers = ("STEP", "ATTEMPT", "OUTCOME", "STARTED", "DURATION", "WORKER", "ERROR")
+        echo("\nAttempts of the steps that ran more than once:")
+        echo(format_table(headers, rows))
+
+
+def _outcome_cell(attempt: AttemptRecord) -> str:
+    return UNREADABLE if "outcome" in attempt.unreadable else attempt.outcome.value
+
+
 def _echo_tracebacks(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> None:
     with_errors = [n for n in nodes if n.error]
     if not with_errors:
         echo("\nNo step of this run has an error.")
         return
     for node in with_errors:
-        echo(
-            f"\n--- step {node.step_name!r}: {node.status.value}, attempt "
-            f"{node.attempt}/{node.max_attempts}, worker {node.lease_owner or '-'} ---"
-        )
-        echo(node.error or "")
+        failed = [a for a in node.attempts if a.error]
+        if not failed:  # its attempts were made before attempts were kept (schema 5)
+            echo(
+                f"\n--- step {node.step_name!r}: {node.status.value}, attempt "
+                f"{node.attempt}/{node.max_attempts}, worker {node.lease_owner or '-'} ---"
+            )
+            echo(node.error or "")
+        for attempt in failed:
+            echo(
+                f"\n--- step {node.step_name!r}: attempt {attempt.attempt}/{node.max_attempts} "
+                f"{_outcome_cell(attempt)}, worker {attempt.worker_id or '-'} ---"
+            )
+            echo(attempt.error or "")
 
 
 @main.command()
