@@ -201,6 +201,27 @@ def test_a_worker_that_lost_its_lease_records_nothing(storage: Storage, unique: 
     assert len(stored_attempts(storage)) == 1
 
 
+def test_a_retry_of_a_node_whose_start_was_erased_still_goes_through(
+    storage: Storage, unique: Names
+) -> None:
+    """A row changed by hand (started_at NULL) cannot make the write that retries its
+    node fail: the attempt is kept with its end as its start, and the node runs again."""
+    storage.enqueue_flow(flow=one_step(tid := unique("t"), max_attempts=2))
+    node = claim(storage, "w")
+    engine = storage.engine  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        nodes = schema.nodes
+        conn.execute(sa.update(nodes).where(nodes.c.id == node.node_id).values(started_at=None))
+    assert storage.fail_node(lease=node.lease, error="e", retry_delay=0.0) is not None
+
+    [kept] = nodes_of(storage, tid)["only"].attempts
+    assert (kept.outcome, kept.error, kept.started_at) == (
+        AttemptOutcome.FAILED,
+        "e",
+        kept.ended_at,
+    )
+
+
 def test_retrying_a_failed_run_keeps_its_failed_attempt(storage: Storage, unique: Names) -> None:
     """`flowsmith retry` (resume_flow) re-queues the failed step: the attempt that
     failed the run is kept, with its error, before the next one replaces the row."""

@@ -269,7 +269,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             )
         ).all()
         # Their rows are about to describe new attempts: keep the ones they describe now.
-        sql_attempts.keep_latest(conn, [node_record(row, {}) for row in failed], self._now())
+        sql_attempts.keep_latest(conn, self.dialect, [node_record(row, {}) for row in failed])
         for node in failed:
             conn.execute(
                 sa.update(N)
@@ -982,12 +982,13 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         """Apply a node's decided fate with ``update``, the write fenced as the caller
         needs; fail its run if the fate says so. None if the fence matched nothing.
 
-        A Retry leaves the attempt ``ending`` behind: it is kept in fs_attempts.
+        A Retry leaves the attempt ``ending`` behind: it is kept in fs_attempts
+        (``ending`` is None only where the fate cannot be a Retry).
         """
         if not conn.execute(update.values(**self._fate_values(fate))).rowcount:
             return None
         if isinstance(fate, progress.Retry) and ending is not None:
-            sql_attempts.record(conn, ending, fate, self._now())
+            sql_attempts.record(conn, self.dialect, ending, fate)
         if isinstance(fate, progress.End) and fate.run_error is not None:
             self._fail_flow(conn, flow_row, fate.run_error)
         return fate.status
@@ -1118,7 +1119,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                 fence = (*mine, N.c.flow_id.in_(of_runs))
                 values = self._fate_values(fate)
                 if isinstance(fate, progress.Retry):
-                    sql_attempts.record_matching(conn, fence, fate, self._now())
+                    sql_attempts.record_matching(conn, self.dialect, fence, fate)
                     values.update(lease_owner=None)  # handed back: no one holds it now
                 released += conn.execute(sa.update(N).where(*fence).values(**values)).rowcount
             return released
@@ -1177,7 +1178,13 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         return rescued
 
     def _rescue_one(
-        self, conn: Connection, *, lease: Lease, step_name: str, rescues: int, started_at: float
+        self,
+        conn: Connection,
+        *,
+        lease: Lease,
+        step_name: str,
+        rescues: int,
+        started_at: float | None,
     ) -> NodeStatus | None:
         """Re-queue (or end) one node whose lease expired; None if it was not ours to rescue.
 
@@ -1210,7 +1217,7 @@ def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
     )
 
 
-def _ending(lease: Lease, started_at: float) -> sql_attempts.Ending:
+def _ending(lease: Lease, started_at: float | None) -> sql_attempts.Ending:
     """The attempt of ``lease``, which a fenced write ends."""
     return sql_attempts.Ending(
         lease.node_id, lease.flow_id, lease.attempt, lease.worker_id, started_at

@@ -6,6 +6,10 @@ makes the node run again, under the same lock of its run and only if that
 write's fence matched: a worker whose lease was taken cannot record anything.
 None of this is on the success path: a step that succeeds at its first attempt
 writes nothing here.
+
+Each insert leaves an attempt already kept alone, and a start that is unknown
+(a row changed by hand) is taken as the end: the write that makes a node run
+again must never fail on its history.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sqlalchemy.engine import Connection
 from flowsmith_worker import progress
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import AttemptRecord, NodeRecord
+from flowsmith_worker.storage.dialects import Dialect
 from flowsmith_worker.storage.sql_base import attempt_record
 
 A, N = schema.attempts, schema.nodes
@@ -33,21 +38,22 @@ class Ending:
     flow_id: int
     attempt: int
     worker_id: str | None
-    started_at: float
+    started_at: float | None
 
 
-def record(conn: Connection, ending: Ending, retry: progress.Retry, now: Any) -> None:
+def record(conn: Connection, dialect: Dialect, ending: Ending, retry: progress.Retry) -> None:
     """Keep the attempt that ``retry`` leaves behind: the node runs again.
 
     Called once the write carrying out ``retry`` matched its fence.
     """
+    now = dialect.now()
     conn.execute(
-        sa.insert(A).values(
+        dialect.insert_if_absent(A).values(
             node_id=ending.node_id,
             flow_id=ending.flow_id,
             attempt=ending.attempt,
             worker_id=ending.worker_id,
-            started_at=ending.started_at,
+            started_at=now if ending.started_at is None else ending.started_at,
             ended_at=now,
             outcome=retry.superseded_as,
             error=retry.error,
@@ -56,36 +62,40 @@ def record(conn: Connection, ending: Ending, retry: progress.Retry, now: Any) ->
 
 
 def record_matching(
-    conn: Connection, fence: Sequence[sa.ColumnElement[bool]], retry: progress.Retry, now: Any
+    conn: Connection,
+    dialect: Dialect,
+    fence: Sequence[sa.ColumnElement[bool]],
+    retry: progress.Retry,
 ) -> None:
     """Keep the attempts of every node ``fence`` matches, which ``retry`` then re-queues.
 
     Run before that update, with the same fence, in its transaction: the runs
     are locked, so the fence matches the same nodes then.
     """
+    now = dialect.now()
     ended = sa.select(
         N.c.id,
         N.c.flow_id,
         N.c.attempt,
         N.c.lease_owner,
-        N.c.started_at,
+        sa.func.coalesce(N.c.started_at, now),
         now,
         sa.literal(retry.superseded_as.value, sa.String(16)),
         sa.literal(retry.error, A.c.error.type),
     ).where(*fence)
     columns = ["node_id", "flow_id", "attempt", "worker_id", "started_at", "ended_at"]
-    conn.execute(sa.insert(A).from_select([*columns, "outcome", "error"], ended))
+    conn.execute(dialect.insert_if_absent(A).from_select([*columns, "outcome", "error"], ended))
 
 
-def keep_latest(conn: Connection, nodes: Iterable[NodeRecord], now: Any) -> None:
+def keep_latest(conn: Connection, dialect: Dialect, nodes: Iterable[NodeRecord]) -> None:
     """Keep the latest attempt of each of ``nodes``, unless already kept: their row is
     about to describe a new attempt (a retry of their FAILED run re-queues them)."""
     nodes = list(nodes)
     recorded = recorded_attempts(conn, A.c.node_id.in_([n.id for n in nodes]))
     latest = [progress.unrecorded_attempt(n, recorded.get(n.id, [])) for n in nodes]
-    rows = [_values(a, now) for a in latest if a is not None]
+    rows = [_values(a, dialect.now()) for a in latest if a is not None]
     if rows:  # multi-row VALUES, not executemany: ``now`` is an expression
-        conn.execute(sa.insert(A).values(rows))
+        conn.execute(dialect.insert_if_absent(A).values(rows))
 
 
 def _values(attempt: AttemptRecord, now: Any) -> dict[str, Any]:
