@@ -183,15 +183,19 @@ def _status_cell(record: FlowRecord | FlowSummary | NodeRecord) -> str:
     return UNREADABLE if "status" in record.unreadable else record.status.value
 
 
-def _echo_unreadable(what: str, record: FlowRecord | FlowSummary | NodeRecord) -> None:
+def _echo_unreadable(
+    what: str, record: FlowRecord | FlowSummary | NodeRecord | AttemptRecord
+) -> None:
     """One line per stored value of ``record`` that could not be read, on stderr."""
     for column, why in record.unreadable.items():
         echo(f"{what}: the stored {column} cannot be read: {why}", err=True)
 
 
-def _for_json(record: FlowRecord | FlowSummary | NodeRecord) -> dict[str, Any]:
+def _for_json(record: FlowRecord | FlowSummary | NodeRecord | AttemptRecord) -> dict[str, Any]:
     """The record for --json: a field that could not be read is null, not its placeholder."""
     fields = dataclasses.asdict(record)
+    if isinstance(record, NodeRecord):
+        fields["attempts"] = [_for_json(attempt) for attempt in record.attempts]
     return {**fields, **dict.fromkeys(record.unreadable, None)}
 
 
@@ -302,6 +306,8 @@ def status(tracking_id: str, url: str | None, show_traceback: bool, as_json: boo
         _echo_unreadable(f"run {flow.tracking_id!r}", flow)
         for node in nodes:
             _echo_unreadable(f"step {node.step_name!r}", node)
+            for attempt in node.attempts:
+                _echo_unreadable(f"step {node.step_name!r}, attempt {attempt.attempt}", attempt)
     if "status" in flow.unreadable or flow.status in (FlowStatus.FAILED, FlowStatus.CANCELLED):
         raise click.exceptions.Exit(EXIT_FLOW_FAILED)
 

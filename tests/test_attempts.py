@@ -334,3 +334,27 @@ def test_status_lists_every_attempt_of_a_step_that_ran_more_than_once(
     steps = {s["step_name"]: s for s in json.loads(as_json.stdout)["steps"]}
     assert [a["outcome"] for a in steps["flaky"]["attempts"]] == ["FAILED", "FAILED", "COMPLETED"]
     assert [a["outcome"] for a in steps["steady"]["attempts"]] == ["COMPLETED"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_status_shows_an_unreadable_outcome_as_such(storage: Storage, unique: Names) -> None:
+    """A kept attempt whose stored outcome this version does not know (changed by hand,
+    or written by a newer version) is shown UNREADABLE, with why on stderr, and null in
+    --json: never as the placeholder its record holds, never a traceback."""
+    flow = Flow(unique("f"), storage=storage).step("flaky", failing(1), retries=1, backoff=0)
+    run = flow.run({}, tracking_id=unique("t"))
+    drain(storage)
+    engine = storage.engine  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        conn.execute(sa.update(A).values(outcome="EXPLODED"))
+    url = engine.url.render_as_string(hide_password=False)
+
+    shown = CliRunner().invoke(main, ["status", run.tracking_id, "--url", url])
+    assert shown.exit_code == 0, shown.output
+    rows = [line.split() for line in shown.stdout.splitlines() if line.startswith("flaky ")]
+    assert rows[-2][1:3] == ["1", "UNREADABLE"]
+    assert "attempt 1: the stored outcome cannot be read: 'EXPLODED'" in shown.stderr
+    assert "Traceback" not in shown.output
+    as_json = CliRunner().invoke(main, ["status", run.tracking_id, "--url", url, "--json"])
+    [step] = json.loads(as_json.stdout)["steps"]
+    assert [a["outcome"] for a in step["attempts"]] == [None, "COMPLETED"]
