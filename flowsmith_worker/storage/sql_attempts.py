@@ -14,7 +14,7 @@ again must never fail on its history.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,10 +87,11 @@ def record_matching(
     conn.execute(dialect.insert_if_absent(A).from_select([*columns, "outcome", "error"], ended))
 
 
-def keep_latest(conn: Connection, dialect: Dialect, nodes: Iterable[NodeRecord]) -> None:
+def keep_latest(conn: Connection, dialect: Dialect, nodes: Sequence[NodeRecord]) -> None:
     """Keep the latest attempt of each of ``nodes``, unless already kept: their row is
     about to describe a new attempt (a retry of their FAILED run re-queues them)."""
-    nodes = list(nodes)
+    if not nodes:
+        return
     recorded = recorded_attempts(conn, A.c.node_id.in_([n.id for n in nodes]))
     latest = [progress.unrecorded_attempt(n, recorded.get(n.id, [])) for n in nodes]
     rows = [_values(a, dialect.now()) for a in latest if a is not None]
