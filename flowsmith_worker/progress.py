@@ -342,9 +342,11 @@ def unrecorded_attempt(node: NodeRecord, recorded: Sequence[AttemptRecord]) -> A
 
     None too if the node never started an attempt, or waits to run again
     (PENDING): its latest attempt is then in the history. The row keeps the
-    error of an earlier attempt until a later one writes its own, so the
-    latest attempt's error is the row's only once it FAILED or was CANCELLED,
-    and only if it is not the error recorded for the attempt before.
+    error of an earlier attempt until a later one writes its own: a FAILED
+    attempt always writes its own (the same text as the attempt before, if the
+    step failed the same way), a CANCELLED one may not (a cancel while it waited
+    for its subflow), so its error is the row's unless that is the error kept
+    for the attempt before. A running or successful attempt has no error.
     """
     outcome = _OUTCOME_OF_STATUS.get(node.status)
     if outcome is None or node.attempt < 1 or node.started_at is None:
@@ -352,7 +354,7 @@ def unrecorded_attempt(node: NodeRecord, recorded: Sequence[AttemptRecord]) -> A
     if any(a.attempt == node.attempt for a in recorded):
         return None
     error = node.error if node.status in _ENDED_WITH_ERROR else None
-    if recorded and error == recorded[-1].error:
+    if node.status == NodeStatus.CANCELLED and recorded and error == recorded[-1].error:
         error = None
     running = node.status in (NodeStatus.RUNNING, NodeStatus.WAITING)
     return AttemptRecord(

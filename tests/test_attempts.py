@@ -117,6 +117,26 @@ def test_a_step_failing_twice_then_succeeding_shows_three_attempts(
     assert outcomes(after) == [(1, AttemptOutcome.COMPLETED)]
 
 
+def test_a_step_failing_the_same_way_every_time_shows_each_error(
+    storage: Storage, unique: Names
+) -> None:
+    """Two attempts failing with the very same traceback both show it: the last one's
+    error, on the node's row, is not taken for the one kept before it."""
+
+    def always(ctx: Context) -> None:
+        raise ValueError("bad input")
+
+    flow = Flow(unique("f"), storage=storage).step("always", always, retries=1, backoff=0)
+    run = flow.run({}, tracking_id=unique("t"))
+    drain(storage)
+
+    [node] = run.trace()
+    assert outcomes(node) == [(1, AttemptOutcome.FAILED), (2, AttemptOutcome.FAILED)]
+    first, last = node.attempts
+    assert first.error == last.error == node.error
+    assert (last.error or "").rstrip().endswith("ValueError: bad input")
+
+
 def test_a_timed_out_attempt_is_kept_with_its_timeout(storage: Storage, unique: Names) -> None:
     """A step past its timeout fails that attempt (StepTimeout, its result dropped):
     the attempt is kept, FAILED with that error, and the retry's attempt follows."""

@@ -410,6 +410,12 @@ FAILED_1 = kept(1, AttemptOutcome.FAILED, "e1")
             [FAILED_1, latest(2, AttemptOutcome.FAILED, "e2")],
         ),
         (node(NodeStatus.FAILED, 1, "e1"), [], [latest(1, AttemptOutcome.FAILED, "e1")]),
+        # A FAILED attempt wrote its error, even the same text as the attempt before.
+        (
+            node(NodeStatus.FAILED, 2, "e1"),
+            [FAILED_1],
+            [FAILED_1, latest(2, AttemptOutcome.FAILED, "e1")],
+        ),
         # A node stopped while waiting to run again: its latest attempt is the kept one.
         (node(NodeStatus.CANCELLED, 1, "e1\nstopped"), [FAILED_1], [FAILED_1]),
         # Kept attempts come oldest first, however they were read.
