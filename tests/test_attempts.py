@@ -26,6 +26,7 @@ from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     RESCUE_ERROR,
     AttemptOutcome,
+    ClaimedNode,
     NewFlow,
     NodeRecord,
     Storage,
@@ -40,13 +41,13 @@ def drain(storage: Storage) -> None:
     Worker(storage=storage, poll_interval=0.02).run_until_idle(timeout=30)
 
 
-def failing(times: int, then: Any = "ok") -> Callable[[Context], Any]:
-    """A step whose first ``times`` attempts (of each run) raise, then it returns ``then``."""
+def failing(times: int) -> Callable[[Context], str]:
+    """A step whose first ``times`` attempts (of each run) raise, then it succeeds."""
 
-    def step(ctx: Context) -> Any:
+    def step(ctx: Context) -> str:
         if ctx.attempt <= times:
             raise RuntimeError(f"boom {ctx.attempt}")
-        return then
+        return "ok"
 
     return step
 
@@ -66,7 +67,7 @@ def one_step(tracking_id: str, max_attempts: int = 1) -> NewFlow:
     return NewFlow(flow_name="raw", tracking_id=tracking_id, input={}, plan=plan)
 
 
-def claim(storage: Storage, worker_id: str, lease: float = 30.0) -> Any:
+def claim(storage: Storage, worker_id: str, lease: float = 30.0) -> ClaimedNode:
     [node] = storage.claim_nodes(
         worker_id=worker_id, limit=1, lease_seconds=lease, queues=["default"]
     )
