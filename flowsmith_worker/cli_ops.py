@@ -344,14 +344,14 @@ def _echo_tracebacks(flow: FlowRecord, nodes: Sequence[NodeRecord]) -> None:
         echo("\nNo step of this run has an error.")
         return
     for node in with_errors:
-        failed = [a for a in node.attempts if a.error]
-        if not failed:  # its attempts were made before attempts were kept (schema 5)
+        erred = [a for a in node.attempts if a.error]
+        if not erred:  # its attempts were made before attempts were kept (schema 5)
             echo(
                 f"\n--- step {node.step_name!r}: {node.status.value}, attempt "
                 f"{node.attempt}/{node.max_attempts}, worker {node.lease_owner or '-'} ---"
             )
             echo(node.error or "")
-        for attempt in failed:
+        for attempt in erred:
             echo(
                 f"\n--- step {node.step_name!r}: attempt {attempt.attempt}/{node.max_attempts} "
                 f"{_outcome_cell(attempt)}, worker {attempt.worker_id or '-'} ---"
