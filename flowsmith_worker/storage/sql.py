@@ -811,8 +811,8 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                 max_attempts=node.max_attempts,
                 retry_delay=retry_delay,
             )
-            ending = _ending(lease, node.started_at)
-            return self._carry_out(conn, self._fenced(lease), flow_row, fate, ending)
+            ended = _ended_attempt(lease, node.started_at)
+            return self._carry_out(conn, self._fenced(lease), flow_row, fate, ended)
 
         return self._transact(work)
 
@@ -966,10 +966,10 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             attempt=node.attempt,
             max_attempts=node.max_attempts,
         )
-        ending = sql_attempts.Ending(
+        ended = sql_attempts.EndedAttempt(
             parent_node_id, parent_flow.id, node.attempt, node.lease_owner, node.started_at
         )
-        self._carry_out(conn, sa.update(N).where(*waiting), parent_flow, fate, ending)
+        self._carry_out(conn, sa.update(N).where(*waiting), parent_flow, fate, ended)
 
     def _carry_out(
         self,
@@ -977,18 +977,18 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         update: sa.Update,
         flow_row: Row[Any],
         fate: progress.Fate,
-        ending: sql_attempts.Ending | None,
+        ended: sql_attempts.EndedAttempt | None,
     ) -> NodeStatus | None:
         """Apply a node's decided fate with ``update``, the write fenced as the caller
         needs; fail its run if the fate says so. None if the fence matched nothing.
 
-        A Retry leaves the attempt ``ending`` behind: it is kept in fs_attempts
-        (``ending`` is None only where the fate cannot be a Retry).
+        A Retry leaves the attempt ``ended`` behind: it is kept in fs_attempts
+        (``ended`` is None only where the fate cannot be a Retry).
         """
         if not conn.execute(update.values(**self._fate_values(fate))).rowcount:
             return None
-        if isinstance(fate, progress.Retry) and ending is not None:
-            sql_attempts.record(conn, self.dialect, ending, fate)
+        if isinstance(fate, progress.Retry) and ended is not None:
+            sql_attempts.record(conn, self.dialect, ended, fate)
         if isinstance(fate, progress.End) and fate.run_error is not None:
             self._fail_flow(conn, flow_row, fate.run_error)
         return fate.status
@@ -1204,7 +1204,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         )
         fenced = self._fenced(lease).where(N.c.lease_expires_at < self._now())
         update = fenced.values(rescues=N.c.rescues + 1)
-        return self._carry_out(conn, update, flow_row, fate, _ending(lease, started_at))
+        return self._carry_out(conn, update, flow_row, fate, _ended_attempt(lease, started_at))
 
 
 def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
@@ -1217,9 +1217,9 @@ def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
     )
 
 
-def _ending(lease: Lease, started_at: float | None) -> sql_attempts.Ending:
+def _ended_attempt(lease: Lease, started_at: float | None) -> sql_attempts.EndedAttempt:
     """The attempt of ``lease``, which a fenced write ends."""
-    return sql_attempts.Ending(
+    return sql_attempts.EndedAttempt(
         lease.node_id, lease.flow_id, lease.attempt, lease.worker_id, started_at
     )
 

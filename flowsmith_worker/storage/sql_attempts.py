@@ -31,7 +31,7 @@ A, N = schema.attempts, schema.nodes
 
 
 @dataclass(frozen=True)
-class Ending:
+class EndedAttempt:
     """The attempt a fenced write ends, as read under its run's lock before the write."""
 
     node_id: int
@@ -41,7 +41,7 @@ class Ending:
     started_at: float | None
 
 
-def record(conn: Connection, dialect: Dialect, ending: Ending, retry: progress.Retry) -> None:
+def record(conn: Connection, dialect: Dialect, ended: EndedAttempt, retry: progress.Retry) -> None:
     """Keep the attempt that ``retry`` leaves behind: the node runs again.
 
     Called once the write carrying out ``retry`` matched its fence.
@@ -49,11 +49,11 @@ def record(conn: Connection, dialect: Dialect, ending: Ending, retry: progress.R
     now = dialect.now()
     conn.execute(
         dialect.insert_if_absent(A).values(
-            node_id=ending.node_id,
-            flow_id=ending.flow_id,
-            attempt=ending.attempt,
-            worker_id=ending.worker_id,
-            started_at=now if ending.started_at is None else ending.started_at,
+            node_id=ended.node_id,
+            flow_id=ended.flow_id,
+            attempt=ended.attempt,
+            worker_id=ended.worker_id,
+            started_at=now if ended.started_at is None else ended.started_at,
             ended_at=now,
             outcome=retry.superseded_as,
             error=retry.error,
