@@ -38,11 +38,12 @@ from flowsmith_worker.rescue import start_watchdog
 from flowsmith_worker.retry import exponential, fixed
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage import InMemoryStorage, create_storage
-from flowsmith_worker.storage.base import FlowStatus, NodeStatus
+from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from flowsmith_worker.version import __version__
 from flowsmith_worker.worker import Worker
 
 __all__ = [
+    "AttemptOutcome",
     "ConnectionNotUsable",
     "Context",
     "CorruptRow",

@@ -270,6 +270,7 @@ TIME_FIELDS = frozenset(
         "updated_at",
         "finished_at",
         "started_at",
+        "ended_at",
         "run_after",
         "lease_expires_at",
         "heartbeat_at",
@@ -280,8 +281,9 @@ TIME_FIELDS = frozenset(
 def record_for_json(record: Any) -> dict[str, Any]:
     """A record's fields for --json: its times in ISO-8601 UTC, a field that could not be
     read null (not its placeholder). Only the record's own fields: never a key of its
-    input or output, which are the application's."""
-    fields = dataclasses.asdict(record)
+    input or output, which are the application's. Records inside it (a step's
+    attempts) go through here in turn, by to_jsonable."""
+    fields = {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
     fields.update({name: iso_time(fields[name]) for name in TIME_FIELDS & fields.keys()})
     fields.update(dict.fromkeys(getattr(record, "unreadable", {}), None))
     return fields

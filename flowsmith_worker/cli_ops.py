@@ -57,6 +57,7 @@ from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.progress import RESUMED_ON_RETRY
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
+    AttemptRecord,
     FlowFilter,
     FlowRecord,
     FlowStatus,
@@ -169,7 +170,9 @@ def status_cell(record: FlowRecord | FlowSummary | NodeRecord) -> Styled:
     return status_text(UNREADABLE if "status" in record.unreadable else record.status.value)
 
 
-def echo_unreadable(what: str, record: FlowRecord | FlowSummary | NodeRecord) -> None:
+def echo_unreadable(
+    what: str, record: FlowRecord | FlowSummary | NodeRecord | AttemptRecord
+) -> None:
     """One line per stored value of ``record`` that could not be read, on stderr."""
     for column, why in record.unreadable.items():
         echo(f"{what}: the stored {column} cannot be read: {why}", err=True)

@@ -17,6 +17,7 @@ import click
 from flowsmith_worker.cli import main, url_option
 from flowsmith_worker.cli_format import (
     TABLE_WIDTH,
+    UNREADABLE_CELL,
     Styled,
     clip,
     echo,
@@ -33,6 +34,7 @@ from flowsmith_worker.cli_format import (
     paint,
     printable,
     short_worker,
+    status_text,
 )
 from flowsmith_worker.cli_ops import (
     EXIT_FLOW_FAILED,
@@ -47,6 +49,7 @@ from flowsmith_worker.cli_ops import (
 from flowsmith_worker.cli_params import Duration
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
+    AttemptRecord,
     FlowRecord,
     FlowStatus,
     NodeRecord,
@@ -92,8 +95,13 @@ def read_snapshot(storage: Storage, tracking_id: str, with_payloads: bool = Fals
 
 
 def render_run(snapshot: Snapshot, wide: bool) -> str:
-    """The run's lines (status, times, error) and its steps' table, as echo_painted prints."""
-    return "\n".join([*_run_lines(snapshot, wide), "", _steps_table(snapshot, wide)])
+    """The run's lines (status, times, error), its steps' table and the attempts of the
+    steps that ran more than once, as echo_painted prints."""
+    parts = [*_run_lines(snapshot, wide), "", _steps_table(snapshot, wide)]
+    attempts = _attempts_table(snapshot, wide)
+    if attempts:
+        parts += ["", "Attempts of the steps that ran more than once:", attempts]
+    return "\n".join(parts)
 
 
 def _run_lines(snapshot: Snapshot, wide: bool) -> list[str]:
@@ -192,6 +200,38 @@ def _step_row(node: NodeRecord, now: float, wide: bool) -> list[object]:
     ]
 
 
+ATTEMPT_HEADERS = ("STEP", "ATTEMPT", "OUTCOME", "START", "DURATION", "WORKER", "ERROR")
+
+
+def _attempts_table(snapshot: Snapshot, wide: bool) -> str | None:
+    """Every attempt of the steps that ran more than once (each step's latest is above)."""
+    rows: list[list[object]] = [
+        [
+            node.step_name,
+            attempt.attempt,
+            _outcome_cell(attempt),
+            format_moment(attempt.started_at, snapshot.now, wide),
+            format_duration(elapsed(attempt.started_at, attempt.ended_at)),
+            (attempt.worker_id or "-") if wide else short_worker(attempt.worker_id),
+            last_line(attempt.error),
+        ]
+        for node in snapshot.nodes
+        if len(node.attempts) > 1
+        for attempt in node.attempts
+    ]
+    if not rows:
+        return None
+    return format_table(
+        ATTEMPT_HEADERS, rows, width=None if wide else TABLE_WIDTH, shrink=("STEP", "ERROR")
+    )
+
+
+def _outcome_cell(attempt: AttemptRecord) -> Styled:
+    return status_text(
+        UNREADABLE_CELL if "outcome" in attempt.unreadable else attempt.outcome.value
+    )
+
+
 def _attempts(node: NodeRecord) -> str:
     text = f"{node.attempt}/{node.max_attempts}"
     return f"{text} ({node.rescues} rescued)" if node.rescues else text
@@ -214,11 +254,19 @@ def _echo_tracebacks(nodes: Sequence[NodeRecord]) -> None:
         echo("\nNo step of this run has an error.")
         return
     for node in with_errors:
-        echo(
-            f"\n--- step {node.step_name!r}: {node.status.value}, attempt "
-            f"{node.attempt}/{node.max_attempts}, worker {node.lease_owner or '-'} ---"
-        )
-        echo(node.error or "")
+        erred = [a for a in node.attempts if a.error]
+        if not erred:  # its attempts were made before attempts were kept (schema 5)
+            echo(
+                f"\n--- step {node.step_name!r}: {node.status.value}, attempt "
+                f"{node.attempt}/{node.max_attempts}, worker {node.lease_owner or '-'} ---"
+            )
+            echo(node.error or "")
+        for attempt in erred:
+            echo(
+                f"\n--- step {node.step_name!r}: attempt {attempt.attempt}/{node.max_attempts} "
+                f"{_outcome_cell(attempt).text}, worker {attempt.worker_id or '-'} ---"
+            )
+            echo(attempt.error or "")
 
 
 def _show(snapshot: Snapshot, wide: bool, show_traceback: bool) -> None:
@@ -228,6 +276,8 @@ def _show(snapshot: Snapshot, wide: bool, show_traceback: bool) -> None:
     echo_unreadable(f"run {snapshot.flow.tracking_id!r}", snapshot.flow)
     for node in snapshot.nodes:
         echo_unreadable(f"step {node.step_name!r}", node)
+        for attempt in node.attempts:
+            echo_unreadable(f"step {node.step_name!r}, attempt {attempt.attempt}", attempt)
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -240,7 +290,7 @@ def _show(snapshot: Snapshot, wide: bool, show_traceback: bool) -> None:
     "--traceback",
     "show_traceback",
     is_flag=True,
-    help="Also print the full error text (the traceback) of every failed or retried step.",
+    help="Also print the full error text (the traceback) of every failed or retried attempt.",
 )
 @click.option(
     "--watch",
@@ -271,8 +321,10 @@ def status(
     Times are relative to the database clock ("3m05s ago"); a run enqueued
     with a delay says when it starts, a step waiting to be retried when ("in
     25s"). Steps of the plan the run has not reached yet are listed as "(not
-    reached)". The table fits 100 columns, worker ids cut to 8 characters:
-    --wide shows every cell whole, with UTC times. A stored value that cannot
+    reached)". A step that ran more than once (retried, rescued, released) has
+    each attempt listed below the steps: outcome, start, duration, worker, error
+    (--traceback: in full). The tables fit 100 columns, worker ids cut to 8
+    characters: --wide shows every cell whole, with UTC times. A stored value that cannot
     be read is shown as UNREADABLE, with why on stderr (null with --json).
     Inputs and outputs are read only with --json, whose times are ISO-8601.
 

@@ -12,7 +12,15 @@ tested on its own (tests/test_progress.py):
 * ``end_of_over_run``: what a run that is over does to a node that would run;
 * ``cancellable``, ``ENDED_BY_CANCEL``: a cancel; ``RESUMED_ON_RETRY``,
   ``max_attempts_on_retry``: a retry of a FAILED run;
-* the errors written into rows, each defined once.
+* the errors written into rows, each defined once;
+* ``Retry.superseded_as`` and ``attempts_of``: an attempt's history (below).
+
+Attempt history. A node's row describes its latest attempt. When the node
+runs again without having ended (every Retry: a failure retried, a lost
+worker, a release, a failed subflow), the attempt it leaves behind is recorded
+apart, as ``Retry.superseded_as`` says, in the transaction of the write that
+retries it. A step that succeeds at once records nothing apart; ``attempts_of``
+merges what was recorded with what the node's row says.
 
 The decision about a stage needs statuses only, never payloads: finishing one
 sibling of a wide parallel group must not read every sibling's input and output.
@@ -32,7 +40,14 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from flowsmith_worker.plan import Plan, PlannedStep
-from flowsmith_worker.storage.base import RESCUE_ERROR, FlowStatus, NodeStatus
+from flowsmith_worker.storage.base import (
+    RESCUE_ERROR,
+    AttemptOutcome,
+    AttemptRecord,
+    FlowStatus,
+    NodeRecord,
+    NodeStatus,
+)
 
 DONE = frozenset({NodeStatus.COMPLETED, NodeStatus.SKIPPED})
 
@@ -135,6 +150,8 @@ class Retry:
     # Not the step's fault (a release, a lost worker): the attempt keeps its
     # number, the fencing token, but does not count against max_attempts.
     gives_back_attempt: bool = False
+    # How the attempt this retry leaves behind is recorded (with ``error``).
+    superseded_as: AttemptOutcome = AttemptOutcome.FAILED
 
     status: ClassVar[NodeStatus] = NodeStatus.PENDING
 
@@ -222,7 +239,9 @@ def after_release(run: str) -> Fate:
     That is not the step's fault: its attempt is given back. A node of a run
     that is over is handed to no one.
     """
-    return end_of_over_run(run) or Retry(gives_back_attempt=True)
+    return end_of_over_run(run) or Retry(
+        gives_back_attempt=True, superseded_as=AttemptOutcome.RELEASED
+    )
 
 
 def after_lost_lease(run: str, *, step_name: str, rescues: int, max_rescues: int) -> Fate:
@@ -238,7 +257,9 @@ def after_lost_lease(run: str, *, step_name: str, rescues: int, max_rescues: int
     if rescues >= max_rescues:
         error = rescue_limit_error(step_name, rescues + 1, max_rescues)
         return End(Ending.FAILED, error, fails_run=not is_over(run))
-    return end_of_over_run(run, RESCUE_ERROR) or Retry(RESCUE_ERROR, gives_back_attempt=True)
+    return end_of_over_run(run, RESCUE_ERROR) or Retry(
+        RESCUE_ERROR, gives_back_attempt=True, superseded_as=AttemptOutcome.RESCUED
+    )
 
 
 def rescue_limit_error(step_name: str, lost: int, max_rescues: int) -> str:
@@ -291,3 +312,59 @@ def max_attempts_on_retry(attempt: int, planned: PlannedStep | None) -> int:
     attempts already made (``attempt`` keeps counting up: it is the fencing
     token). A step no longer in the run's plan gets one attempt."""
     return attempt + (planned.max_attempts if planned is not None else 1)
+
+
+# -- the history of a node's attempts ---------------------------------------------
+
+# What the node's row says of its latest attempt, by the node's status. PENDING
+# is absent: a node waiting to run again left its attempt to the history.
+_OUTCOME_OF_STATUS = {
+    NodeStatus.RUNNING: AttemptOutcome.RUNNING,
+    NodeStatus.WAITING: AttemptOutcome.WAITING,
+    NodeStatus.COMPLETED: AttemptOutcome.COMPLETED,
+    NodeStatus.SKIPPED: AttemptOutcome.SKIPPED,
+    NodeStatus.FAILED: AttemptOutcome.FAILED,
+    NodeStatus.CANCELLED: AttemptOutcome.CANCELLED,
+}
+_ENDED_WITH_ERROR = frozenset({NodeStatus.FAILED, NodeStatus.CANCELLED})
+
+
+def attempts_of(node: NodeRecord, recorded: Sequence[AttemptRecord]) -> tuple[AttemptRecord, ...]:
+    """Every attempt of ``node``, oldest first: the ``recorded`` ones (superseded), then
+    the latest, as the node's row describes it, unless it was recorded too."""
+    ordered = sorted(recorded, key=lambda a: a.attempt)
+    latest = unrecorded_attempt(node, ordered)
+    return tuple(ordered) if latest is None else (*ordered, latest)
+
+
+def unrecorded_attempt(node: NodeRecord, recorded: Sequence[AttemptRecord]) -> AttemptRecord | None:
+    """The attempt the node's row describes, unless ``recorded`` (oldest first) holds it.
+
+    None too if the node never started an attempt, or waits to run again
+    (PENDING): its latest attempt is then in the history. The row keeps the
+    error of an earlier attempt until a later one writes its own: a FAILED
+    attempt always writes its own (the same text as the attempt before, if the
+    step failed the same way), a CANCELLED one may not (a cancel while it waited
+    for its subflow), so its error is the row's unless that is the error kept
+    for the attempt before. A running or successful attempt has no error.
+    """
+    outcome = _OUTCOME_OF_STATUS.get(node.status)
+    if outcome is None or node.attempt < 1 or node.started_at is None:
+        return None
+    if any(a.attempt == node.attempt for a in recorded):
+        return None
+    error = node.error if node.status in _ENDED_WITH_ERROR else None
+    if node.status == NodeStatus.CANCELLED and recorded and error == recorded[-1].error:
+        error = None
+    running = node.status in (NodeStatus.RUNNING, NodeStatus.WAITING)
+    return AttemptRecord(
+        node_id=node.id,
+        flow_id=node.flow_id,
+        step_name=node.step_name,
+        attempt=node.attempt,
+        worker_id=node.lease_owner,
+        started_at=node.started_at,
+        ended_at=None if running else node.finished_at,
+        outcome=outcome,
+        error=error,
+    )

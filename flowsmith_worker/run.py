@@ -43,7 +43,8 @@ class FlowRun:
         return self.record(with_payloads=False).status
 
     def trace(self) -> list[NodeRecord]:
-        """Every step of the run: status, attempts, input, output, error, timings, worker."""
+        """Every step of the run: status, input, output, error, timings, worker, and each
+        of its attempts (``NodeRecord.attempts``: start, end, worker, outcome, error)."""
         return self.storage.list_nodes(flow_id=self.record(with_payloads=False).id)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:

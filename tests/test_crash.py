@@ -31,7 +31,13 @@ import sqlalchemy as sa
 from flowsmith_worker import Flow
 from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.storage import create_storage
-from flowsmith_worker.storage.base import RESCUE_ERROR, FlowStatus, NodeStatus, Storage
+from flowsmith_worker.storage.base import (
+    RESCUE_ERROR,
+    AttemptOutcome,
+    FlowStatus,
+    NodeStatus,
+    Storage,
+)
 from tests.conftest import database_url
 from tests.worker_process import WorkerProcess
 
@@ -307,7 +313,8 @@ def check_rescued(
     killed_mid_step: list[dict[str, Any]],
     survivors: list[WorkerProcess],
 ) -> None:
-    """Each step the killed worker was inside was rescued, and its record says so.
+    """Each step the killed worker was inside was rescued, and its record and its
+    attempts (trace) say so.
 
     And only those: the killed worker held at most CONCURRENCY leases, and a
     live worker (heartbeating every lease/3) never has its lease taken, so no
@@ -319,6 +326,12 @@ def check_rescued(
         assert node.rescues >= 1, (e, node)
         assert node.attempt > e["attempt"], (e, node)
         assert node.error is not None and RESCUE_ERROR in node.error, (e, node)
+        # Its history shows the lost attempt as rescued, on the dead worker, and the
+        # attempt that completed it on another.
+        [lost] = [a for a in node.attempts if a.attempt == e["attempt"]]
+        assert (lost.outcome, lost.error) == (AttemptOutcome.RESCUED, RESCUE_ERROR), (e, node)
+        last = node.attempts[-1]
+        assert last.outcome == AttemptOutcome.COMPLETED and last.worker_id != lost.worker_id
     rescued = {key: node.rescues for key, node in nodes.items() if node.rescues}
     assert sum(rescued.values()) <= CONCURRENCY, f"live workers' steps were rescued: {rescued}"
     for worker in survivors:

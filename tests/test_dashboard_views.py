@@ -10,6 +10,8 @@ from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.storage.base import (
     RESCUE_ERROR,
     ActivitySlice,
+    AttemptOutcome,
+    AttemptRecord,
     FlowRecord,
     FlowStatus,
     NodeRecord,
@@ -88,18 +90,46 @@ def test_the_timeline_keeps_plan_order_with_siblings_side_by_side() -> None:
     assert pay.node is None and pay.bar is None and pay.subflows == [child]
 
 
-def test_attempts_show_the_last_in_full_and_count_the_earlier_ones() -> None:
-    """Three attempts, one of them rescued: two earlier ones known only by number, the
-    last with its worker, times and error; the step counts one retry and one rescue."""
+def attempt(number: int, outcome: AttemptOutcome, error: str | None = None) -> AttemptRecord:
+    return AttemptRecord(
+        node_id=10,
+        flow_id=1,
+        step_name="fetch",
+        attempt=number,
+        worker_id=f"worker-{number}",
+        started_at=100.0 + number,
+        ended_at=100.5 + number,
+        outcome=outcome,
+        error=error,
+    )
+
+
+def test_every_kept_attempt_is_shown_in_full_and_rescues_are_marked() -> None:
+    """Three attempts kept (failed, rescued, failed): each with its own worker, times
+    and error, the rescued one marked; the step counts one retry and one rescue. A
+    node whose attempts were not kept (made before schema 5) lists them by number."""
+    kept = (
+        attempt(1, AttemptOutcome.FAILED, "Traceback\nValueError: first"),
+        attempt(2, AttemptOutcome.RESCUED, RESCUE_ERROR),
+        attempt(3, AttemptOutcome.FAILED, "Traceback\nValueError: no"),
+    )
     failed = node("fetch", 0, attempt=3, rescues=1, error="Traceback\nValueError: no")
-    attempts = views.attempts_of(failed)
-    assert [(a.number, a.known) for a in attempts] == [(1, False), (2, False), (3, True)]
-    assert attempts[-1].worker == "worker-1" and attempts[-1].error == failed.error
+    attempts = views.attempts_of(dataclasses.replace(failed, attempts=kept))
+    assert [(a.number, a.known, a.worker) for a in attempts] == [
+        (1, True, "worker-1"),
+        (2, True, "worker-2"),
+        (3, True, "worker-3"),
+    ]
+    assert [a.rescued for a in attempts] == [False, True, False]
+    assert attempts[0].error == kept[0].error and attempts[0].finished_at == 101.5
     step = views.timeline(dataclasses.replace(RUN, plan=Plan(stages=())), [failed], [], 200)
     assert step[0].steps[0].retries == 1
     assert views.attempts_of(node("fetch", 0, attempt=0)) == []
-    lost = views.attempts_of(node("fetch", 0, error=RESCUE_ERROR))
-    assert lost[-1].rescued
+    assert [(a.number, a.known) for a in views.attempts_of(failed)] == [
+        (1, False),
+        (2, False),
+        (3, False),
+    ]
 
 
 def test_activity_bars_share_one_scale() -> None:

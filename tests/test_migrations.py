@@ -1,6 +1,7 @@
 """Migrations: replaying every version builds exactly the schema the code expects; an
-existing version 2 database reaches version 3 with every row and id kept, and a version 3
-database reaches version 4 with every node's values (but its input copy) kept.
+existing version 2 database reaches version 3 with every row and id kept, a version 3
+database reaches version 4 with every node's values (but its input copy) kept, and a version 4
+database reaches version 5 with every row kept, each node's last attempt shown from its row.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flowsmith_worker.cli import main
 from flowsmith_worker.config import PoolSettings, parse_database_url
 from flowsmith_worker.flow import Flow
 from flowsmith_worker.storage import migrations, schema
+from flowsmith_worker.storage.base import AttemptOutcome, NodeRecord
 from flowsmith_worker.storage.dialects import dialect_of, identifier_collation
 from flowsmith_worker.storage.migrations import v1, v3
 from flowsmith_worker.storage.sql import SqlStorage
@@ -79,7 +81,7 @@ def describe(engine: sa.Engine) -> dict[str, Any]:
 def test_replaying_every_migration_builds_the_schema_the_code_expects(
     request: pytest.FixtureRequest, backend: str, tmp_path: Path
 ) -> None:
-    """Versions 1 to 4 applied to an empty database give the tables, columns, types,
+    """Versions 1 to 5 applied to an empty database give the tables, columns, types,
     indexes, unique keys and foreign keys that schema.metadata creates directly; on MySQL
     every name column has the NO PAD binary collation, on SQLite the id tables AUTOINCREMENT,
     on PostgreSQL fs_flows and fs_nodes carry the same autovacuum settings and the
@@ -251,7 +253,7 @@ def test_a_version_3_database_reaches_version_4_with_every_node_but_its_input_co
     write_old_run(storage.engine, flow.name, tid)
     before = all_rows(storage.engine, schema.flows, schema.nodes)
 
-    assert storage.migrate() == 4
+    assert storage.migrate() == schema.SCHEMA_VERSION  # through 4, and on
     storage.check_schema()
     assert all_rows(storage.engine, schema.flows, schema.nodes) == before
     columns = {c["name"] for c in sa.inspect(storage.engine).get_columns("fs_nodes")}
@@ -267,6 +269,94 @@ def test_a_version_3_database_reaches_version_4_with_every_node_but_its_input_co
     assert seen == [{"tid": tid, "a": 1}]
     assert storage.get_flow(tracking_id=tid).output == {"tid": tid, "a": 1, "b": 2}  # type: ignore[union-attr]
     storage.close()
+
+
+def write_v4_failed_run(engine: sa.Engine, flow_name: str, tracking_id: str) -> None:
+    """A FAILED run of one step as version 4 stored it: its second (and last) attempt
+    failed on worker old-w; the first left nothing behind (versions 1-4 kept no history)."""
+    plan = '{"stages": [[{"name": "a", "max_attempts": 2, "max_rescues": 3, "subflow": false}]]}'
+    with engine.begin() as conn:
+        flow_id = conn.execute(
+            sa.insert(schema.flows).values(
+                flow_name=flow_name,
+                tracking_id=tracking_id,
+                status="FAILED",
+                input="{}",
+                error="ValueError: second",
+                plan=plan,
+                queue="default",
+                priority=0,
+                created_at=1.0,
+                updated_at=3.0,
+                finished_at=3.0,
+            )
+        ).inserted_primary_key[0]
+        conn.execute(
+            sa.insert(schema.nodes).values(
+                flow_id=flow_id,
+                step_name="a",
+                position=0,
+                group_index=0,
+                status="FAILED",
+                queue="default",
+                priority=0,
+                attempt=2,
+                max_attempts=2,
+                rescues=0,
+                run_after=1.0,
+                lease_owner="old-w",
+                error="Traceback ...\nValueError: second",
+                created_at=1.0,
+                started_at=2.0,
+                finished_at=3.0,
+            )
+        )
+
+
+def test_a_version_4_database_reaches_version_5_with_its_rows_and_their_last_attempts(
+    sql_url: str, unique: Names
+) -> None:
+    """Migration 5 adds fs_attempts and changes no row: a run failed at version 4 shows
+    its step's last attempt (from the node's row) after it; retried, that attempt is kept
+    with its error and worker, and the new one follows it."""
+    storage = SqlStorage(parse_database_url(sql_url), PoolSettings())
+    with storage.engine.begin() as conn:
+        assert migrations.migrate(conn, storage.dialect, up_to=4) == 4
+    flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: 1)
+    tid = unique("t")
+    write_v4_failed_run(storage.engine, flow.name, tid)
+    before = all_rows(storage.engine, schema.flows, schema.nodes)
+
+    assert storage.migrate() == 5
+    storage.check_schema()
+    assert all_rows(storage.engine, schema.flows, schema.nodes) == before
+    assert all_rows(storage.engine, schema.attempts) == {"fs_attempts": []}
+    [node] = _trace(storage, tid)
+    [old] = node.attempts
+    assert (old.attempt, old.outcome, old.worker_id, old.started_at, old.ended_at) == (
+        2,
+        AttemptOutcome.FAILED,
+        "old-w",
+        2.0,
+        3.0,
+    )
+    assert old.error == "Traceback ...\nValueError: second"
+
+    storage.resume_flow(tracking_id=tid)
+    Worker(storage=storage, poll_interval=0.05).run_until_idle(timeout=20)
+    [node] = _trace(storage, tid)
+    assert [(a.attempt, a.outcome) for a in node.attempts] == [
+        (2, AttemptOutcome.FAILED),
+        (3, AttemptOutcome.COMPLETED),
+    ]
+    assert (node.attempts[0].error, node.attempts[0].worker_id) == (old.error, "old-w")
+    storage.close()
+
+
+def _trace(storage: SqlStorage, tracking_id: str) -> list[NodeRecord]:
+    record = storage.get_flow(tracking_id=tracking_id)
+    assert record is not None
+    return storage.list_nodes(flow_id=record.id)
 
 
 def test_a_mysql_server_without_the_binary_collation_is_told_what_it_needs(

@@ -27,6 +27,7 @@ from flowsmith_worker.progress import (
     after_stage,
     after_subflow_failed,
     attempts_left,
+    attempts_of,
     cancellable,
     chained_step,
     context_data,
@@ -37,7 +38,14 @@ from flowsmith_worker.progress import (
     subflow_cancelled_error,
     subflow_failed_error,
 )
-from flowsmith_worker.storage.base import RESCUE_ERROR, FlowStatus, NodeStatus
+from flowsmith_worker.storage.base import (
+    RESCUE_ERROR,
+    AttemptOutcome,
+    AttemptRecord,
+    FlowStatus,
+    NodeRecord,
+    NodeStatus,
+)
 
 A, B, C, D = (PlannedStep(name, 1) for name in "abcd")
 # a, then the parallel group (b, c), then d
@@ -182,28 +190,34 @@ def test_a_run_that_is_over_ends_its_node(run: str, error: str | None, expected:
     assert expected.status == NodeStatus.CANCELLED and expected.run_error is None
 
 
+# Retries that give the attempt back, and keep it as released or rescued.
+RELEASED = Retry(gives_back_attempt=True, superseded_as=AttemptOutcome.RELEASED)
+RESCUED = Retry(RESCUE_ERROR, gives_back_attempt=True, superseded_as=AttemptOutcome.RESCUED)
+
+
 @pytest.mark.parametrize(
     ("run", "expected"),
     [
-        (FlowStatus.PENDING, Retry(gives_back_attempt=True)),
-        (FlowStatus.RUNNING, Retry(gives_back_attempt=True)),
-        (UNKNOWN, Retry(gives_back_attempt=True)),
+        (FlowStatus.PENDING, RELEASED),
+        (FlowStatus.RUNNING, RELEASED),
+        (UNKNOWN, RELEASED),
         (FlowStatus.CANCELLED, End(Ending.CANCELLED)),
         (FlowStatus.FAILED, End(Ending.STOPPED)),
     ],
 )
 def test_after_release(run: str, expected: object) -> None:
     """A node its stopping worker hands back runs again at once with its attempt given
-    back and its error kept, unless its run is over: then it is handed to no one."""
+    back (and kept as RELEASED) and its error kept, unless its run is over: then it is
+    handed to no one."""
     assert after_release(run) == expected
 
 
 @pytest.mark.parametrize(
     ("run", "rescues", "max_rescues", "expected"),
     [
-        (FlowStatus.RUNNING, 0, 3, Retry(RESCUE_ERROR, gives_back_attempt=True)),
-        (FlowStatus.RUNNING, 2, 3, Retry(RESCUE_ERROR, gives_back_attempt=True)),
-        (UNKNOWN, 0, 3, Retry(RESCUE_ERROR, gives_back_attempt=True)),
+        (FlowStatus.RUNNING, 0, 3, RESCUED),
+        (FlowStatus.RUNNING, 2, 3, RESCUED),
+        (UNKNOWN, 0, 3, RESCUED),
         (
             FlowStatus.RUNNING,
             3,
@@ -225,7 +239,8 @@ def test_after_release(run: str, expected: object) -> None:
     ],
 )
 def test_after_lost_lease(run: str, rescues: int, max_rescues: int, expected: object) -> None:
-    """A node whose worker was lost runs again without using up a retry, up to
+    """A node whose worker was lost runs again (the lost attempt kept as RESCUED)
+    without using up a retry, up to
     max_rescues times, then fails its run; in a run that is over it ends as that run's
     nodes end, recording the lost worker."""
     fate = after_lost_lease(run, step_name="s", rescues=rescues, max_rescues=max_rescues)
@@ -322,3 +337,117 @@ def test_context_data() -> None:
     data = context_data(run_input, [("a", {"x": 1}), ("b", None)])
     assert data == {"order": 1, "a": {"x": 1}, "b": None}
     assert run_input == {"order": 1, "a": "input"}
+
+
+# -- the history of a node's attempts -----------------------------------------------
+
+
+def node(status: NodeStatus, attempt: int, error: str | None = None) -> NodeRecord:
+    """A node whose latest attempt, number ``attempt``, started at 10 and (unless it
+    runs) finished at 20, on worker w."""
+    return NodeRecord(
+        id=7,
+        flow_id=3,
+        step_name="s",
+        position=0,
+        group_index=0,
+        status=status,
+        attempt=attempt,
+        max_attempts=5,
+        rescues=0,
+        run_after=0.0,
+        lease_owner="w",
+        lease_expires_at=None,
+        input={},
+        output=None,
+        error=error,
+        started_at=10.0 if attempt else None,
+        finished_at=20.0,
+    )
+
+
+def kept(attempt: int, outcome: AttemptOutcome, error: str | None) -> AttemptRecord:
+    return AttemptRecord(7, 3, "s", attempt, "w0", 1.0, 2.0, outcome, error)
+
+
+def latest(attempt: int, outcome: AttemptOutcome, error: str | None = None) -> AttemptRecord:
+    ended = None if outcome in (AttemptOutcome.RUNNING, AttemptOutcome.WAITING) else 20.0
+    return AttemptRecord(7, 3, "s", attempt, "w", 10.0, ended, outcome, error)
+
+
+FAILED_1 = kept(1, AttemptOutcome.FAILED, "e1")
+
+
+@pytest.mark.parametrize(
+    ("the_node", "recorded", "expected"),
+    [
+        # Never started, or waiting to run again: the row describes no attempt.
+        (node(NodeStatus.PENDING, 0), [], []),
+        (node(NodeStatus.PENDING, 1, "e1"), [FAILED_1], [FAILED_1]),
+        # A step that succeeds at once keeps nothing apart: its row is its one attempt.
+        (node(NodeStatus.COMPLETED, 1), [], [latest(1, AttemptOutcome.COMPLETED)]),
+        # The row keeps the earlier attempt's error: not the latest attempt's own.
+        (
+            node(NodeStatus.RUNNING, 2, "e1"),
+            [FAILED_1],
+            [FAILED_1, latest(2, AttemptOutcome.RUNNING)],
+        ),
+        (
+            node(NodeStatus.COMPLETED, 2, "e1"),
+            [FAILED_1],
+            [FAILED_1, latest(2, AttemptOutcome.COMPLETED)],
+        ),
+        (
+            node(NodeStatus.CANCELLED, 2, "e1"),
+            [FAILED_1],
+            [FAILED_1, latest(2, AttemptOutcome.CANCELLED)],
+        ),
+        (node(NodeStatus.WAITING, 1), [], [latest(1, AttemptOutcome.WAITING)]),
+        # A latest attempt that failed with an error of its own shows it.
+        (
+            node(NodeStatus.FAILED, 2, "e2"),
+            [FAILED_1],
+            [FAILED_1, latest(2, AttemptOutcome.FAILED, "e2")],
+        ),
+        (node(NodeStatus.FAILED, 1, "e1"), [], [latest(1, AttemptOutcome.FAILED, "e1")]),
+        # A FAILED attempt wrote its error, even the same text as the attempt before.
+        (
+            node(NodeStatus.FAILED, 2, "e1"),
+            [FAILED_1],
+            [FAILED_1, latest(2, AttemptOutcome.FAILED, "e1")],
+        ),
+        # A node stopped while waiting to run again: its latest attempt is the kept one.
+        (node(NodeStatus.CANCELLED, 1, "e1\nstopped"), [FAILED_1], [FAILED_1]),
+        # Kept attempts come oldest first, however they were read.
+        (
+            node(NodeStatus.SKIPPED, 3),
+            [kept(2, AttemptOutcome.RESCUED, RESCUE_ERROR), FAILED_1],
+            [
+                FAILED_1,
+                kept(2, AttemptOutcome.RESCUED, RESCUE_ERROR),
+                latest(3, AttemptOutcome.SKIPPED),
+            ],
+        ),
+    ],
+)
+def test_attempts_of(
+    the_node: NodeRecord, recorded: list[AttemptRecord], expected: list[AttemptRecord]
+) -> None:
+    """A node's attempts: those kept apart, then the one its row describes (its times,
+    its worker, its status as outcome) unless that one was kept, or never began."""
+    assert list(attempts_of(the_node, recorded)) == expected
+
+
+def test_each_retry_says_how_its_superseded_attempt_is_kept() -> None:
+    """A failure retried is kept FAILED with its error; a release RELEASED; a rescue
+    RESCUED with the rescue's error; a failed subflow FAILED with the child's error."""
+    retried = after_failure(
+        FlowStatus.RUNNING, error="e", attempt=1, max_attempts=2, retry_delay=0.0
+    )
+    assert isinstance(retried, Retry)
+    assert (retried.superseded_as, retried.error) == (AttemptOutcome.FAILED, "e")
+    subflow = after_subflow_failed(FlowStatus.RUNNING, error="c", attempt=1, max_attempts=2)
+    assert isinstance(subflow, Retry)
+    assert (subflow.superseded_as, subflow.error) == (AttemptOutcome.FAILED, "c")
+    assert after_release(FlowStatus.RUNNING) == RELEASED
+    assert after_lost_lease(FlowStatus.RUNNING, step_name="s", rescues=0, max_rescues=1) == RESCUED

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowsmith_worker.storage.base import (
-    RESCUE_ERROR,
     ActivitySlice,
+    AttemptOutcome,
+    AttemptRecord,
     FlowRecord,
     NodeRecord,
     RunLink,
@@ -25,12 +26,8 @@ MAX_SHOWN_CHARS = 64 * 1024
 
 @dataclass(frozen=True)
 class Attempt:
-    """One attempt of a step, as the page lists it.
-
-    Today the trace keeps the last attempt in full and only counts the earlier
-    ones, so those have ``known=False``; once every attempt is recorded, each
-    gets its own worker, times and error.
-    """
+    """One attempt of a step, as the page lists it. Attempts made before every
+    attempt was kept (schema 5) are counted only: ``known=False``."""
 
     number: int
     known: bool
@@ -42,20 +39,23 @@ class Attempt:
 
 
 def attempts_of(node: NodeRecord) -> list[Attempt]:
-    """The attempts of ``node``, first to last, from what its row records."""
-    earlier = [Attempt(number=n, known=False) for n in range(1, node.attempt)]
-    if node.attempt == 0:
-        return earlier
-    last = Attempt(
-        number=node.attempt,
+    """The attempts of ``node``, first to last, as the storage keeps them."""
+    kept = {attempt.attempt: attempt for attempt in node.attempts}
+    return [_attempt(number, kept.get(number)) for number in range(1, node.attempt + 1)]
+
+
+def _attempt(number: int, kept: AttemptRecord | None) -> Attempt:
+    if kept is None:
+        return Attempt(number=number, known=False)
+    return Attempt(
+        number=number,
         known=True,
-        worker=node.lease_owner,
-        started_at=node.started_at,
-        finished_at=node.finished_at,
-        error=node.error,
-        rescued=node.error == RESCUE_ERROR,
+        worker=kept.worker_id,
+        started_at=kept.started_at,
+        finished_at=kept.ended_at,
+        error=kept.error,
+        rescued=kept.outcome == AttemptOutcome.RESCUED,
     )
-    return [*earlier, last]
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,19 @@ class NodeStatus(StrEnum):
     CANCELLED = "CANCELLED"
 
 
+class AttemptOutcome(StrEnum):
+    """How one attempt of a step ended (or RUNNING / WAITING: it has not yet)."""
+
+    RUNNING = "RUNNING"
+    WAITING = "WAITING"  # a subflow step's attempt, waiting for its child run
+    COMPLETED = "COMPLETED"
+    SKIPPED = "SKIPPED"
+    FAILED = "FAILED"  # the step raised, timed out, or its subflow failed
+    CANCELLED = "CANCELLED"
+    RESCUED = "RESCUED"  # its worker was lost (the lease expired); the step ran again
+    RELEASED = "RELEASED"  # its worker handed it back unfinished as it stopped
+
+
 DEFAULT_QUEUE = "default"
 RESCUE_ERROR = "lease expired: worker lost"
 
@@ -191,6 +204,26 @@ class FlowSummary:
 
 
 @dataclass(frozen=True)
+class AttemptRecord:
+    """One attempt of one step: when, on which worker, how it ended, with what error.
+
+    ``ended_at`` is None while the attempt runs (or waits for its subflow).
+    ``error`` is the attempt's own error text, with its traceback.
+    """
+
+    node_id: int
+    flow_id: int
+    step_name: str
+    attempt: int
+    worker_id: str | None
+    started_at: float
+    ended_at: float | None
+    outcome: AttemptOutcome
+    error: str | None
+    unreadable: Mapping[str, str] = field(default_factory=dict)  # as FlowRecord's
+
+
+@dataclass(frozen=True)
 class NodeRecord:
     id: int
     flow_id: int
@@ -210,6 +243,11 @@ class NodeRecord:
     started_at: float | None
     finished_at: float | None
     unreadable: Mapping[str, str] = field(default_factory=dict)  # as FlowRecord's
+    # Every attempt of the step so far, oldest first: those superseded (a retried
+    # failure, a lost worker, a release) and the one the node's own columns
+    # describe. Filled by list_nodes; attempts made before schema version 5
+    # were not kept, only the node's last one.
+    attempts: tuple[AttemptRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -373,7 +411,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def list_nodes(self, *, flow_id: int, with_payloads: bool = True) -> list[NodeRecord]:
-        """Every node of a run, in plan order (``with_payloads`` as for get_flow)."""
+        """Every node of a run, in plan order, with its attempts (``with_payloads`` as
+        for get_flow)."""
 
     @abc.abstractmethod
     def runnable_backlog(self, *, queues: Sequence[str]) -> dict[str, QueueBacklog]:
@@ -402,7 +441,7 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def prune_flows(self, *, older_than_seconds: float, batch_size: int = 500) -> int:
-        """Delete finished runs (and their nodes) older than that, in small batches."""
+        """Delete finished runs (their nodes and attempts) older than that, in small batches."""
 
     @abc.abstractmethod
     def count_prunable_flows(self, *, older_than_seconds: float) -> int:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.compiler import compiles
 
 from flowsmith_worker.storage.dialects import identifier_collation
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = sa.MetaData()
 
@@ -193,4 +193,27 @@ queues = sa.Table(
     metadata,
     sa.Column("name", Identifier(100), primary_key=True),
     sa.Column("max_running", sa.Integer),
+)
+
+# Version 5 ------------------------------------------------------------------
+
+# The attempts a node left behind: a failure that was retried, a lost worker
+# (rescued), a release at shutdown, a failed subflow. A node's row describes its
+# latest attempt; a row is written here only when a write makes the node run
+# again, in that write's transaction, so a step that succeeds at once writes
+# nothing here (see progress.py). Deleted with the run (prune).
+attempts = sa.Table(
+    "fs_attempts",
+    metadata,
+    sa.Column("node_id", Id, sa.ForeignKey("fs_nodes.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("flow_id", Id, nullable=False),
+    # Shown, never compared as a name: no byte-for-byte collation needed.
+    sa.Column("worker_id", sa.String(64)),
+    sa.Column("started_at", Seconds, nullable=False),
+    sa.Column("ended_at", Seconds, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("error", LongText),
+    # A run's attempts, for its trace and its prune.
+    sa.Index("fs_attempts_flow", "flow_id"),
 )

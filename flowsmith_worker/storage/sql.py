@@ -36,7 +36,7 @@ from flowsmith_worker.errors import (
 )
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
-from flowsmith_worker.storage import schema, sql_claim, sql_context
+from flowsmith_worker.storage import schema, sql_attempts, sql_claim, sql_context
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     Chain,
@@ -53,7 +53,15 @@ from flowsmith_worker.storage.base import (
     Storage,
     Written,
 )
-from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, dumps, flow_record
+from flowsmith_worker.storage.sql_base import (
+    FLOW_STATE,
+    F,
+    N,
+    columns_but,
+    dumps,
+    flow_record,
+    node_record,
+)
 from flowsmith_worker.storage.sql_context import RunPayloads
 from flowsmith_worker.storage.sql_enqueue import SqlEnqueue, stage_rows
 from flowsmith_worker.storage.sql_finish import LOCK_RUNS_PG, FinishBatch, Move
@@ -255,11 +263,13 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             return False
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
         failed = conn.execute(
-            sa.select(N.c.id, N.c.step_name, N.c.attempt).where(
+            sa.select(*columns_but(N, "output")).where(
                 N.c.flow_id == flow_row.id,
                 N.c.status.in_(progress.RESUMED_ON_RETRY),
             )
         ).all()
+        # Their rows are about to describe new attempts: keep the ones they describe now.
+        sql_attempts.keep_latest(conn, self.dialect, [node_record(row, {}) for row in failed])
         for node in failed:
             conn.execute(
                 sa.update(N)
@@ -789,17 +799,20 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             if flow_row is None:
                 return None  # the run was pruned while this step ran
             # The run is locked, so the node's allowance cannot change before the write.
-            max_attempts = conn.execute(sa.select(N.c.max_attempts).where(*_held(lease))).scalar()
-            if max_attempts is None:
+            node = conn.execute(
+                sa.select(N.c.max_attempts, N.c.started_at).where(*_held(lease))
+            ).first()
+            if node is None:
                 return None  # the lease was lost
             fate = progress.after_failure(
                 flow_row.status,
                 error=error,
                 attempt=lease.attempt,
-                max_attempts=max_attempts,
+                max_attempts=node.max_attempts,
                 retry_delay=retry_delay,
             )
-            return self._carry_out(conn, self._fenced(lease), flow_row, fate)
+            ended = _ended_attempt(lease, node.started_at)
+            return self._carry_out(conn, self._fenced(lease), flow_row, fate, ended)
 
         return self._transact(work)
 
@@ -810,7 +823,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                 return None  # the run was pruned while this step ran
             ended = progress.end_of_over_run(flow_row.status)
             if ended is not None:  # the run is over: no child now
-                return self._carry_out(conn, self._fenced(lease), flow_row, ended)
+                return self._carry_out(conn, self._fenced(lease), flow_row, ended, None)
             parked = conn.execute(
                 self._fenced(lease).values(status=NodeStatus.WAITING, lease_expires_at=None)
             ).rowcount
@@ -940,7 +953,11 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         if parent_flow is None:
             return
         waiting = (N.c.id == parent_node_id, N.c.status == NodeStatus.WAITING)
-        node = conn.execute(sa.select(N.c.attempt, N.c.max_attempts).where(*waiting)).first()
+        node = conn.execute(
+            sa.select(N.c.attempt, N.c.max_attempts, N.c.lease_owner, N.c.started_at).where(
+                *waiting
+            )
+        ).first()
         if node is None:
             return  # the node is no longer waiting for this child
         fate = progress.after_subflow_failed(
@@ -949,15 +966,29 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             attempt=node.attempt,
             max_attempts=node.max_attempts,
         )
-        self._carry_out(conn, sa.update(N).where(*waiting), parent_flow, fate)
+        ended = sql_attempts.EndedAttempt(
+            parent_node_id, parent_flow.id, node.attempt, node.lease_owner, node.started_at
+        )
+        self._carry_out(conn, sa.update(N).where(*waiting), parent_flow, fate, ended)
 
     def _carry_out(
-        self, conn: Connection, update: sa.Update, flow_row: Row[Any], fate: progress.Fate
+        self,
+        conn: Connection,
+        update: sa.Update,
+        flow_row: Row[Any],
+        fate: progress.Fate,
+        ended: sql_attempts.EndedAttempt | None,
     ) -> NodeStatus | None:
         """Apply a node's decided fate with ``update``, the write fenced as the caller
-        needs; fail its run if the fate says so. None if the fence matched nothing."""
+        needs; fail its run if the fate says so. None if the fence matched nothing.
+
+        A Retry leaves the attempt ``ended`` behind: it is kept in fs_attempts
+        (``ended`` is None only where the fate cannot be a Retry).
+        """
         if not conn.execute(update.values(**self._fate_values(fate))).rowcount:
             return None
+        if isinstance(fate, progress.Retry) and ended is not None:
+            sql_attempts.record(conn, self.dialect, ended, fate)
         if isinstance(fate, progress.End) and fate.run_error is not None:
             self._fail_flow(conn, flow_row, fate.run_error)
         return fate.status
@@ -1078,19 +1109,19 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             fates: dict[progress.Fate, list[int]] = {}
             for run in conn.execute(self.dialect.for_update(runs)).all():
                 fates.setdefault(progress.after_release(run.status), []).append(run.id)
-            mine = sa.update(N).where(
+            mine = (
                 N.c.id.in_(list(node_ids)),
                 N.c.lease_owner == worker_id,
                 N.c.status == NodeStatus.RUNNING,
             )
             released = 0
             for fate, of_runs in fates.items():
+                fence = (*mine, N.c.flow_id.in_(of_runs))
                 values = self._fate_values(fate)
                 if isinstance(fate, progress.Retry):
+                    sql_attempts.record_matching(conn, self.dialect, fence, fate)
                     values.update(lease_owner=None)  # handed back: no one holds it now
-                released += conn.execute(
-                    mine.where(N.c.flow_id.in_(of_runs)).values(**values)
-                ).rowcount
+                released += conn.execute(sa.update(N).where(*fence).values(**values)).rowcount
             return released
 
         return self._transact(work)
@@ -1111,6 +1142,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                     N.c.attempt,
                     N.c.rescues,
                     N.c.step_name,
+                    N.c.started_at,
                     F.c.tracking_id,
                     F.c.flow_name,
                 )
@@ -1124,7 +1156,11 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         for c in candidates:
             lease = Lease(c.id, c.flow_id, c.lease_owner, c.attempt)
             rescue = functools.partial(
-                self._rescue_one, lease=lease, step_name=c.step_name, rescues=c.rescues
+                self._rescue_one,
+                lease=lease,
+                step_name=c.step_name,
+                rescues=c.rescues,
+                started_at=c.started_at,
             )
             ended = self._transact(rescue)
             if ended is not None:
@@ -1142,12 +1178,20 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         return rescued
 
     def _rescue_one(
-        self, conn: Connection, *, lease: Lease, step_name: str, rescues: int
+        self,
+        conn: Connection,
+        *,
+        lease: Lease,
+        step_name: str,
+        rescues: int,
+        started_at: float | None,
     ) -> NodeStatus | None:
         """Re-queue (or end) one node whose lease expired; None if it was not ours to rescue.
 
-        ``rescues`` was read with the lease, and the fence matches that exact
-        attempt, so it is still the node's count when the update applies.
+        ``rescues`` and ``started_at`` were read with the lease, and the fence
+        matches that exact attempt, so they are still the node's when the update
+        applies. The fence includes the expiry, which the lost worker may still
+        push back: the lost attempt is kept only once the update matched.
         """
         flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
         if flow_row is None:
@@ -1159,7 +1203,8 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             max_rescues=_max_rescues(flow_row, step_name),
         )
         fenced = self._fenced(lease).where(N.c.lease_expires_at < self._now())
-        return self._carry_out(conn, fenced.values(rescues=N.c.rescues + 1), flow_row, fate)
+        update = fenced.values(rescues=N.c.rescues + 1)
+        return self._carry_out(conn, update, flow_row, fate, _ended_attempt(lease, started_at))
 
 
 def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
@@ -1169,6 +1214,13 @@ def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
         N.c.status == NodeStatus.RUNNING,
         N.c.lease_owner == lease.worker_id,
         N.c.attempt == lease.attempt,
+    )
+
+
+def _ended_attempt(lease: Lease, started_at: float | None) -> sql_attempts.EndedAttempt:
+    """The attempt of ``lease``, which a fenced write ends."""
+    return sql_attempts.EndedAttempt(
+        lease.node_id, lease.flow_id, lease.attempt, lease.worker_id, started_at
     )
 
 

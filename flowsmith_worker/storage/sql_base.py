@@ -24,6 +24,8 @@ from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, Sch
 from flowsmith_worker.plan import Plan
 from flowsmith_worker.storage import migrations, notify, schema, sql_prepared
 from flowsmith_worker.storage.base import (
+    AttemptOutcome,
+    AttemptRecord,
     FlowRecord,
     FlowStatus,
     FlowSummary,
@@ -56,6 +58,11 @@ _DEADLOCK_RETRY = dict(
     wait=tenacity.wait_random(0.005, 0.1),
     reraise=True,
 )
+
+
+def columns_but(table: sa.Table, *skipped: str) -> list[sa.Column[Any]]:
+    """The table's columns but ``skipped`` (payloads a reader does not show)."""
+    return [c for c in table.c if c.name not in skipped]
 
 
 def dumps(value: Any) -> str:
@@ -299,5 +306,22 @@ def node_record(row: Row[Any], input: dict[str, Any]) -> NodeRecord:
         error=row.error,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        unreadable=values.unreadable,
+    )
+
+
+def attempt_record(row: Row[Any]) -> AttemptRecord:
+    """An attempt of fs_attempts (with its node's step_name)."""
+    values = _TolerantRow(row)
+    return AttemptRecord(
+        node_id=row.node_id,
+        flow_id=row.flow_id,
+        step_name=row.step_name,
+        attempt=row.attempt,
+        worker_id=row.worker_id,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        outcome=values.read("outcome", AttemptOutcome, AttemptOutcome.FAILED),
+        error=row.error,
         unreadable=values.unreadable,
     )

@@ -13,8 +13,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
+from flowsmith_worker import progress
 from flowsmith_worker.errors import CorruptRow
-from flowsmith_worker.storage import schema, sql_context, sql_dashboard
+from flowsmith_worker.storage import schema, sql_attempts, sql_context, sql_dashboard
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     FailureGroup,
@@ -35,19 +36,16 @@ from flowsmith_worker.storage.sql_base import (
     F,
     N,
     SqlBase,
+    columns_but,
     flow_record,
     flow_summary,
     node_record,
 )
 
-W, Q = schema.workers, schema.queues
+W, Q, A = schema.workers, schema.queues, schema.attempts
 
 # What is not read unless shown: an input or output can be megabytes.
 _PAYLOADS = ("input", "output")
-
-
-def _columns_but(table: sa.Table, *skipped: str) -> list[sa.Column[Any]]:
-    return [c for c in table.c if c.name not in skipped]
 
 
 class SqlOperators(SqlBase):
@@ -57,7 +55,7 @@ class SqlOperators(SqlBase):
         """The run; a COMPLETED run's output (its final ctx.data) is rebuilt from its nodes."""
 
         def work(conn: Connection) -> FlowRecord | None:
-            columns = F.c if with_payloads else _columns_but(F, *_PAYLOADS)
+            columns = F.c if with_payloads else columns_but(F, *_PAYLOADS)
             row = conn.execute(sa.select(*columns).where(F.c.tracking_id == tracking_id)).first()
             if row is None:
                 return None
@@ -73,21 +71,28 @@ class SqlOperators(SqlBase):
         return self._read(work)
 
     def list_nodes(self, *, flow_id: int, with_payloads: bool = True) -> list[NodeRecord]:
-        """Every node, with the ctx.data it started with rebuilt from the run's payloads."""
+        """Every node, with its attempts, and with the ctx.data it started with rebuilt
+        from the run's payloads."""
 
         def work(conn: Connection) -> list[NodeRecord]:
             skipped = () if with_payloads else ("output",)
             rows = conn.execute(
-                sa.select(*_columns_but(N, *skipped))
+                sa.select(*columns_but(N, *skipped))
                 .where(N.c.flow_id == flow_id)
                 .order_by(N.c.position, N.c.group_index)
             ).all()
-            if not with_payloads:
-                return [node_record(row, {}) for row in rows]
-            run = conn.execute(
-                sa.select(F.c.tracking_id, F.c.input).where(F.c.id == flow_id)
-            ).first()
-            return _with_inputs(run, rows)
+            if with_payloads:
+                run = conn.execute(
+                    sa.select(F.c.tracking_id, F.c.input).where(F.c.id == flow_id)
+                ).first()
+                records = _with_inputs(run, rows)
+            else:
+                records = [node_record(row, {}) for row in rows]
+            recorded = sql_attempts.recorded_attempts(conn, A.c.flow_id == flow_id)
+            return [
+                dataclasses.replace(n, attempts=progress.attempts_of(n, recorded.get(n.id, [])))
+                for n in records
+            ]
 
         return self._read(work)
 
@@ -171,7 +176,7 @@ class SqlOperators(SqlBase):
     def list_flows(self, *, where: FlowFilter) -> list[FlowSummary]:
         query = (
             # Nor the plan: a listing shows none of them.
-            sa.select(*_columns_but(F, *_PAYLOADS, "plan"))
+            sa.select(*columns_but(F, *_PAYLOADS, "plan"))
             .order_by(F.c.created_at.desc(), F.c.id.desc())
             .limit(where.limit)
         )
@@ -288,7 +293,9 @@ class SqlOperators(SqlBase):
         ids = list(conn.execute(query).scalars())
         ids += self._finished_subflows(conn, ids)
         if ids:
-            # Nodes first: not every SQLite connection enforces ON DELETE CASCADE.
+            # Attempts and nodes first: not every SQLite connection enforces ON
+            # DELETE CASCADE.
+            conn.execute(sa.delete(A).where(A.c.flow_id.in_(ids)))
             conn.execute(sa.delete(N).where(N.c.flow_id.in_(ids)))
             conn.execute(sa.delete(F).where(F.c.id.in_(ids)))
         return len(ids)

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.dialects import Dialect
-from flowsmith_worker.storage.migrations import v1, v2, v3, v4
+from flowsmith_worker.storage.migrations import v1, v2, v3, v4, v5
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "create fs_workers and fs_queues; index runs by age", v2.apply),
     Migration(3, "names compare byte for byte; ids never reused", v3.apply),
     Migration(4, "drop fs_nodes.input; vacuum the queue tables often", v4.apply),
+    Migration(5, "create fs_attempts, every attempt a step left behind", v5.apply),
 )
 assert MIGRATIONS[-1].version == schema.SCHEMA_VERSION
 
