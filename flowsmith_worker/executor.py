@@ -400,8 +400,11 @@ def _attempt(spec: StepSpec, ctx: Context, bound: Any) -> tuple[bool, Any]:
 
 
 def _condition_and_call(spec: StepSpec, ctx: Context, _deadline: float | None) -> tuple[bool, Any]:
-    if spec.condition is not None and not _verdict(spec, spec.condition(ctx)):
-        return False, None
+    condition = spec.condition
+    if condition is not None:
+        verdict = condition(ctx)
+        if verdict is not True and not _verdict(spec, verdict):
+            return False, None
     return True, spec.fn(ctx)
 
 
