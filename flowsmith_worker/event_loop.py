@@ -65,6 +65,9 @@ class EventLoopThread:
         cancelled and, once it has ended, DeadlinePassed is raised. Whatever
         the coroutine raises is raised here.
         """
+        if threading.current_thread() is self._thread:
+            # The loop would wait for itself forever.
+            raise RuntimeError("EventLoopThread.run() was called from its own loop: await instead")
         waiting = _awaited(call, deadline)
         try:
             future = asyncio.run_coroutine_threadsafe(waiting, self._running_loop())
@@ -98,14 +101,8 @@ class EventLoopThread:
 
 
 async def _awaited(call: Callable[[], Awaitable[T]], deadline: float | None) -> T:
-    # loop.time() is time.monotonic() on every platform asyncio supports, so the
-    # caller's deadline is one this loop can keep.
-    when = (
-        None
-        if deadline is None
-        else asyncio.get_running_loop().time() + (deadline - time.monotonic())
-    )
-    scope = asyncio.timeout_at(when)
+    # What is left of the caller's deadline (already past: it expires at once).
+    scope = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
     try:
         async with scope:
             result = await call()
