@@ -514,6 +514,7 @@ def _child_request(spec: StepSpec, ctx: Context, result: Any) -> NewFlow:
     if isinstance(flow, str):
         flow = registry.lookup(flow)
     if not isinstance(flow, Flow) or not isinstance(result.get("tracking_id"), str):
+        _refuse_awaitable(spec, "function", result)
         raise TypeError(
             f"subflow step {spec.name!r} must return {{'flow': Flow, 'tracking_id': str}} "
             f"(and optionally 'data': dict), not {result!r}"

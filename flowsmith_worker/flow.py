@@ -142,6 +142,11 @@ class Flow:
         """
 
         child = getattr(child, "flow", child)  # a @workflow object stands for its Flow
+        if event_loop.is_async(tracking_id):
+            raise TypeError(
+                f"subflow {name!r}: tracking_id={tracking_id!r} is an async function; "
+                "make it a plain function of ctx (or a format string)"
+            )
 
         def start_child(ctx: Context) -> dict[str, Any]:
             return {"flow": child, "tracking_id": _child_tracking_id(tracking_id, ctx, name)}

@@ -234,7 +234,8 @@ def test_a_sync_function_returning_a_coroutine_fails_at_once_and_closes_it(
 ) -> None:
     """A plain function that returns a coroutine (a lambda calling an async function)
     fails its step at once, retries left unused, saying to declare it `async def`; its
-    coroutine is closed, so no "never awaited" warning. The same for a condition."""
+    coroutine is closed, so no "never awaited" warning. The same for a condition and
+    for a subflow step's function."""
     storage = InMemoryStorage()
     flow = Flow(unique("not_awaited"), storage=storage)
     flow.step("fetch", lambda ctx: fetch_price(ctx), retries=3)
@@ -242,6 +243,17 @@ def test_a_sync_function_returning_a_coroutine_fails_at_once_and_closes_it(
     guarded = Flow(unique("not_awaited_condition"), storage=storage)
     guarded.step("g", lambda ctx: "ran", retries=3, condition=lambda ctx: is_big(ctx))
     guarded_run = guarded.run({"fetch": {"price": 1}}, tracking_id="condition")
+
+    async def child_request(ctx: Context) -> dict[str, Any]:
+        return {"flow": flow, "tracking_id": "never"}
+
+    @workflow(unique("not_awaited_subflow"), storage=storage)
+    def starts_child() -> None:
+        @subflow(retries=3)
+        def start(ctx: Context) -> Any:
+            return child_request(ctx)  # an async function's coroutine, not awaited
+
+    subflow_run = starts_child({}, tracking_id="subflow")
     drain(storage)
 
     with pytest.raises(StepFailed, match="async def") as failed:
@@ -250,6 +262,21 @@ def test_a_sync_function_returning_a_coroutine_fails_at_once_and_closes_it(
     with pytest.raises(StepFailed, match="condition of step 'g'") as failed:
         guarded_run.wait(timeout=5)
     assert failed.value.attempts == 1
+    with pytest.raises(StepFailed, match="function of step 'start'") as failed:
+        subflow_run.wait(timeout=5)
+    assert failed.value.attempts == 1
+
+
+def test_an_async_subflow_tracking_id_function_is_refused_at_definition(unique: Names) -> None:
+    """Flow.subflow(tracking_id=<async function>) raises when the flow is defined: the
+    child's tracking_id is computed where nothing awaits, and would be a coroutine's repr."""
+    child = Flow(unique("child"), storage=InMemoryStorage()).step("s", lambda ctx: None)
+
+    async def child_id(ctx: Context) -> str:
+        return "child-1"
+
+    with pytest.raises(TypeError, match="is an async function"):
+        Flow(unique("parent")).subflow("start", child, tracking_id=child_id)
 
 
 def test_an_async_step_raising_system_exit_fails_its_attempt_and_the_loop_goes_on(
