@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from flowsmith_worker import (
     Context,
@@ -135,7 +135,8 @@ class Shop:
         self.storage.migrate()
         self.checkout = define_checkout(flow_name, self.storage)
         async_url = sa.make_url(url).set(drivername="postgresql+asyncpg", query={})
-        self.app = make_app(self.checkout, async_url.render_as_string(hide_password=False))
+        self.async_url = async_url.render_as_string(hide_password=False)
+        self.app = make_app(self.checkout, self.async_url)
         self.worker = Worker(storage=self.storage, poll_interval=0.1)
         self.worker_thread = threading.Thread(target=self.worker.run, name="example-worker")
 
@@ -209,3 +210,25 @@ def test_an_unknown_tracking_id_is_a_404(shop: Shop) -> None:
     with TestClient(shop.app) as client:
         assert client.get("/orders/order-404").status_code == 404
         assert client.get("/orders/order-404/result").status_code == 404
+
+
+def test_run_async_takes_an_async_session_and_its_transaction(shop: Shop) -> None:
+    """connection= may also be an ORM AsyncSession: the run joins the session's
+    transaction, committed with it or rolled back with it."""
+
+    async def enqueue_twice() -> None:
+        engine = create_async_engine(shop.async_url)
+        try:
+            async with AsyncSession(engine) as session, session.begin():
+                await shop.checkout.run_async({"quantity": 1}, "kept", connection=session)
+            async with AsyncSession(engine) as session:
+                await session.begin()
+                await shop.checkout.run_async({"quantity": 1}, "dropped", connection=session)
+                await session.rollback()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(enqueue_twice())
+    assert shop.checkout.get_run("kept").status() == "PENDING"
+    with pytest.raises(FlowNotFound):
+        shop.checkout.get_run("dropped")
