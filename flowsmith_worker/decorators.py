@@ -184,6 +184,11 @@ def _build(
 ) -> Workflow:
     if not callable(body):
         raise TypeError(f"@workflow({name!r}) decorates a function, not {body!r}")
+    if event_loop.is_async(body):
+        raise TypeError(
+            f"@workflow({name!r}) on an async function: its body runs once, now, to declare "
+            "the steps; make it a plain def (its steps may be async def)"
+        )
     flow = Flow(name, storage, queue=queue, priority=priority)
     token = _building.set(flow)
     try:
