@@ -15,6 +15,8 @@ import gc
 import os
 import signal
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from flowsmith_worker import (
     create_storage,
 )
 from flowsmith_worker.decorators import step, subflow, workflow
+from flowsmith_worker.executor import Executor, Outcome
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import database_url, eventually
 from tests.worker_process import WorkerProcess
@@ -302,6 +305,39 @@ def test_an_async_step_raising_system_exit_fails_its_attempt_and_the_loop_goes_o
     run = after.run({"qty": 1}, tracking_id="after")
     drain(storage)
     assert run.wait(timeout=5)["fetch"] == {"price": 3}
+
+
+def test_an_async_step_that_lost_its_lease_cannot_overwrite_the_newer_attempt(
+    storage: Storage, unique: Names
+) -> None:
+    """Fencing holds for coroutines: an async attempt whose lease expired while it was
+    awaited (rescued, claimed and completed by another worker meanwhile) has its
+    outcome refused when it finally returns; the newer attempt's output stays."""
+    go_on = threading.Event()
+
+    async def slow(ctx: Context) -> str:
+        while not go_on.is_set():
+            await asyncio.sleep(0.01)
+        return f"stale attempt {ctx.attempt}"
+
+    flow = Flow(unique("async_fenced"), storage=storage).step("slow", slow, retries=2)
+    flow.run({}, tracking_id="fenced")
+    [old] = storage.claim_nodes(worker_id="old", limit=1, lease_seconds=0.2, queues=["default"])
+    outcome: list[Outcome] = []
+    running = threading.Thread(target=lambda: outcome.append(Executor(storage, "old").execute(old)))
+    running.start()
+    try:
+        time.sleep(0.4)  # past the old lease
+        assert [r.attempt for r in storage.rescue_expired()] == [1]
+        [new] = storage.claim_nodes(worker_id="new", limit=1, lease_seconds=30, queues=["default"])
+        assert storage.complete_node(lease=new.lease, output="fresh")
+    finally:
+        go_on.set()
+        running.join(timeout=10)
+    assert outcome == [Outcome.LEASE_LOST]
+    record = storage.get_flow(tracking_id="fenced")
+    assert record is not None and record.status == FlowStatus.COMPLETED
+    assert record.output == {"slow": "fresh"}
 
 
 # -- a real `flowsmith worker` process -------------------------------------------------
