@@ -11,6 +11,7 @@ collected, fails the test too).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import signal
@@ -102,6 +103,29 @@ def test_async_steps_and_conditions_of_the_builder_run_on_every_backend(
     assert small.wait(timeout=5) == {"qty": 2, "fetch": {"price": 6}, "total": 6}
     skipped = nodes_of(storage, "small")
     assert skipped["discount"].status == skipped["label"].status == NodeStatus.SKIPPED
+
+
+class Pricer:
+    """A callable object whose ``__call__`` is ``async def``."""
+
+    async def __call__(self, ctx: Context) -> int:
+        await asyncio.sleep(0)
+        return int(ctx.data["qty"]) * 7
+
+
+async def scaled(factor: int, ctx: Context) -> int:
+    return int(ctx.data["qty"]) * factor
+
+
+def test_partials_and_objects_with_an_async_call_are_awaited_too(unique: Names) -> None:
+    """A functools.partial of an async function and an object with an `async def
+    __call__` are async steps as well (not plain functions returning a coroutine)."""
+    storage = InMemoryStorage()
+    flow = Flow(unique("async_callables"), storage=storage)
+    flow.step("object", Pricer()).step("partial", functools.partial(scaled, 10))
+    run = flow.run({"qty": 2})
+    drain(storage)
+    assert run.wait(timeout=5) == {"qty": 2, "object": 14, "partial": 20}
 
 
 def test_async_steps_subflows_and_conditions_of_the_decorators_run_on_every_backend(
