@@ -37,7 +37,7 @@ from flowsmith_worker.payload import PayloadLimits
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Storage
 from flowsmith_worker.storage.sql import SqlStorage
-from flowsmith_worker.storage.sql_enqueue import MAX_ROWS_PER_STATEMENT
+from flowsmith_worker.storage.sql_enqueue import ENQUEUE_NEW_RUNS_PG, MAX_ROWS_PER_STATEMENT
 from tests.conftest import database_url
 from tests.servers import DatabaseServer, LocalServer
 
@@ -63,10 +63,13 @@ def node_count(storage: Storage) -> int:
 
 @contextmanager
 def statements(storage: Storage) -> Iterator[list[str]]:
-    """The SQL statements sent to the driver meanwhile (an executemany counts once)."""
+    """The SQL statements sent to the driver meanwhile (an executemany counts once; the
+    prepared enqueue of PostgreSQL as its text, not as EXECUTE)."""
     sent: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        if ENQUEUE_NEW_RUNS_PG.sent_as(statement):
+            statement = ENQUEUE_NEW_RUNS_PG.text
         sent.append(" ".join(statement.split()))
 
     engine = sql_storage(storage).engine
@@ -491,7 +494,8 @@ def test_a_new_run_in_the_callers_transaction_takes_as_few_statements(
     sql_url: str, unique: Names
 ) -> None:
     """With connection= the new run is written by the caller's connection: one statement
-    on PostgreSQL (the same CTE, inside the caller's transaction), two elsewhere."""
+    on PostgreSQL (the same CTE, inside the caller's transaction, not prepared: the
+    caller's session is not ours), two elsewhere."""
     storage = create_storage(sql_url)
     storage.migrate()
     flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: 1)
@@ -545,9 +549,9 @@ def server_statements(server: LocalServer, database: str, action: Callable[[], A
 def test_flow_run_on_postgresql_is_one_statement_without_begin_or_commit(
     postgres_server: DatabaseServer, unique: Names
 ) -> None:
-    """The server's statement log: a new run is one statement (a data-modifying CTE,
-    in autocommit); no BEGIN, no COMMIT, no SET (a ping, were the connection idle long
-    enough to get one, is left aside)."""
+    """The server's statement log: a new run is one statement (the prepared
+    data-modifying CTE, in autocommit); no BEGIN, no COMMIT, no SET (a ping, were the
+    connection idle long enough to get one, is left aside)."""
     if not isinstance(postgres_server, LocalServer):
         pytest.skip("needs the statement log of a server the tests started")
     name = f"t_{uuid.uuid4().hex[:12]}"
@@ -562,7 +566,7 @@ def test_flow_run_on_postgresql_is_one_statement_without_begin_or_commit(
         sent = server_statements(postgres_server, name, lambda: flow.run({}, tracking_id="one"))
         beside_the_ping = [s for s in sent if s != "SELECT 1"]
         assert len(beside_the_ping) == 1, sent
-        assert beside_the_ping[0].startswith("WITH clock AS"), sent
+        assert beside_the_ping[0].startswith("EXECUTE fs_enqueue_runs"), sent
         assert storage.get_flow(tracking_id="one") is not None
     finally:
         storage.close()

@@ -93,6 +93,21 @@ def test_one_prepared_batch_write_serves_every_batch_size(pg: SqlStorage, unique
     assert {n.step_name for n in claim(pg, 10)} == {"s1"}
 
 
+def test_enqueues_run_one_prepared_statement_and_survive_losing_it(
+    pg: SqlStorage, unique: Names
+) -> None:
+    """Each new run (flow.run's one-statement path) is one EXECUTE of the prepared
+    enqueue; after DEALLOCATE ALL the next enqueue runs again on a new connection
+    instead of failing, and every run was written once."""
+    enqueue(pg, unique, runs=3)
+    assert prepared(pg)["fs_enqueue_runs"] == 3
+    with pg.engine.connect() as conn:
+        conn.exec_driver_sql("DEALLOCATE ALL")
+    enqueue(pg, unique, runs=1)
+    assert prepared(pg) == {"fs_enqueue_runs": 1}
+    assert len(claim(pg, 10)) == 4
+
+
 def test_claims_of_several_queues_have_their_own_prepared_statement(
     pg: SqlStorage, unique: Names
 ) -> None:

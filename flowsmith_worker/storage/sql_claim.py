@@ -158,6 +158,12 @@ def sqlite_precheck(dialect: Dialect) -> sa.Select[Any]:
 # The one `guard` row makes the statement answer even when it claims nothing.
 # One queue compares with `=`, so the index hands the rows over in claim order;
 # `= ANY(...)` of several queues makes PostgreSQL sort the due rows first.
+# The claimed nodes and their runs are read by key, `= ANY(ARRAY(SELECT ...))`,
+# not joined: the plan PostgreSQL keeps for a prepared statement (the generic
+# one, once it looks no dearer than planning each time, as on small tables)
+# estimates LIMIT %(limit)s as a tenth of the due rows, and for thousands it
+# chose a hash join over all of fs_nodes and a merge join over all of fs_flows
+# (tests/test_claim_plans.py); an array of keys is an index lookup whatever its size.
 _NOW_PG = "extract(epoch FROM now())::float8"
 _CLAIM_PG = """
 WITH guard AS MATERIALIZED (
@@ -176,7 +182,7 @@ WITH guard AS MATERIALIZED (
     SET status = 'RUNNING', lease_owner = %(worker_id)s, attempt = n.attempt + 1,
         lease_expires_at = {now} + %(lease_seconds)s, started_at = {now},
         finished_at = NULL
-    FROM picked p WHERE n.id = p.id
+    WHERE n.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING n.id, n.flow_id, n.step_name, n.attempt, n.max_attempts, n.position,
               n.priority, n.run_after
 ), started AS (
@@ -188,7 +194,9 @@ SELECT g.capped, c.id, c.flow_id, c.step_name, c.attempt, c.max_attempts, c.posi
        CASE WHEN row_number() OVER (PARTITION BY c.flow_id ORDER BY c.id) = 1
             THEN f.input END AS run_input
 FROM guard g
-LEFT JOIN (claimed c JOIN fs_flows f ON f.id = c.flow_id) ON true
+LEFT JOIN (
+    claimed c JOIN fs_flows f ON f.id = c.flow_id AND f.id = ANY(ARRAY(SELECT flow_id FROM claimed))
+) ON true
 ORDER BY c.priority, c.run_after, c.id
 """
 # Prepared once per connection (sql_prepared.py), as the claim is sent at every poll.

@@ -32,6 +32,7 @@ from flowsmith_worker.storage.dialects import (
     is_stale_connection,
 )
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, SqlBase, dumps
+from flowsmith_worker.storage.sql_prepared import PreparedStatement
 
 T = TypeVar("T")
 # Rows per INSERT or per IN (...) list: big enough that a statement's round trip
@@ -48,18 +49,20 @@ MAX_ROWS_PER_STATEMENT = 1000
 # or not the final SELECT reads them; the nodes' foreign key is checked at the
 # end of the statement, when the runs exist. pg_notify is sent once per
 # inserted run and PostgreSQL folds the repeats into one at commit. Times are
-# the database's, as everywhere (see dialects.Dialect.now).
-_ENQUEUE_NEW_RUNS = sa.text(
+# the database's, as everywhere (see dialects.Dialect.now). Prepared once per
+# connection (sql_prepared.py): a single flow.run is then bind, execute, commit.
+ENQUEUE_NEW_RUNS_PG = PreparedStatement(
+    "fs_enqueue_runs",
     f"""
 WITH clock AS (
     SELECT CAST(extract(epoch FROM now()) AS DOUBLE PRECISION) AS now
 ), new_runs AS (
     INSERT INTO fs_flows (flow_name, tracking_id, status, input, plan, queue, priority,
                           created_at, updated_at)
-    SELECT :flow_name, v.tracking_id, '{FlowStatus.PENDING}', v.input, :plan, :queue, :priority,
-           clock.now, clock.now
+    SELECT %(flow_name)s, v.tracking_id, '{FlowStatus.PENDING}', v.input, %(plan)s, %(queue)s,
+           %(priority)s, clock.now, clock.now
     FROM clock
-    CROSS JOIN unnest(CAST(:tracking_ids AS TEXT[]), CAST(:inputs AS TEXT[]))
+    CROSS JOIN unnest(CAST(%(tracking_ids)s AS TEXT[]), CAST(%(inputs)s AS TEXT[]))
          AS v(tracking_id, input)
     ON CONFLICT DO NOTHING
     RETURNING id, tracking_id, queue, priority, created_at
@@ -68,15 +71,27 @@ WITH clock AS (
                           attempt, max_attempts, rescues, run_after, created_at)
     SELECT r.id, s.step_name, 0, CAST(s.ordinality AS INTEGER) - 1, '{NodeStatus.PENDING}',
            r.queue, r.priority, 0, s.max_attempts, 0,
-           CASE WHEN CAST(:run_at AS DOUBLE PRECISION) IS NULL THEN r.created_at + :delay
-                ELSE GREATEST(r.created_at, CAST(:run_at AS DOUBLE PRECISION)) END,
+           CASE WHEN CAST(%(run_at)s AS DOUBLE PRECISION) IS NULL THEN r.created_at + %(delay)s
+                ELSE GREATEST(r.created_at, CAST(%(run_at)s AS DOUBLE PRECISION)) END,
            r.created_at
     FROM new_runs r
-    CROSS JOIN unnest(CAST(:step_names AS TEXT[]), CAST(:max_attempts AS INTEGER[]))
+    CROSS JOIN unnest(CAST(%(step_names)s AS TEXT[]), CAST(%(max_attempts)s AS INTEGER[]))
          WITH ORDINALITY AS s(step_name, max_attempts, ordinality)
 )
 SELECT id, tracking_id, pg_notify('{NOTIFY_CHANNEL}', queue) FROM new_runs
-"""
+""",
+    {
+        "flow_name": "text",
+        "plan": "text",
+        "queue": "text",
+        "priority": "int",
+        "delay": "float8",
+        "run_at": "float8",
+        "tracking_ids": "text[]",
+        "inputs": "text[]",
+        "step_names": "text[]",
+        "max_attempts": "int[]",
+    },
 )
 
 
@@ -170,7 +185,7 @@ class SqlEnqueue(SqlBase):
         inputs: dict[str, str],
         plans: _PlanTexts,
     ) -> dict[str, int]:
-        """_insert_new_runs with _ENQUEUE_NEW_RUNS: one statement per chunk of runs alike."""
+        """_insert_new_runs with ENQUEUE_NEW_RUNS_PG: one statement per chunk of runs alike."""
         created: dict[str, int] = {}
         for group in _runs_alike(flows):
             for chunk in chunks(group, lambda flow: len(inputs[flow.tracking_id])):
@@ -247,7 +262,7 @@ class SqlEnqueue(SqlBase):
         inputs: dict[str, str],
         plans: _PlanTexts,
     ) -> dict[str, int]:
-        """_ENQUEUE_NEW_RUNS for runs alike (see _runs_alike); tracking_id -> new id."""
+        """ENQUEUE_NEW_RUNS_PG for runs alike (see _runs_alike); tracking_id -> new id."""
         first = flows[0]
         stage = first.plan.stage(0)
         parameters = {
@@ -262,7 +277,10 @@ class SqlEnqueue(SqlBase):
             "step_names": [step.name for step in stage],
             "max_attempts": [step.max_attempts for step in stage],
         }
-        rows = conn.execute(_ENQUEUE_NEW_RUNS, parameters)
+        # Never prepared on a caller's connection (connection=): its session is not
+        # ours to leave statements in, nor is its pool ours to replace one that lost them.
+        prepare = self.prepares and conn.engine is self.engine
+        rows = ENQUEUE_NEW_RUNS_PG.execute(conn, parameters, prepare=prepare)
         return {tracking_id: int(new_id) for new_id, tracking_id, _ in rows}
 
     def _enqueue_in_one_statement(self, flow: NewFlow) -> int | None:
@@ -305,7 +323,7 @@ class _PlanTexts:
 
 
 def _runs_alike(flows: Sequence[NewFlow]) -> list[list[NewFlow]]:
-    """``flows`` grouped by what _ENQUEUE_NEW_RUNS takes once for all its runs (run_many:
+    """``flows`` grouped by what ENQUEUE_NEW_RUNS_PG takes once for all its runs (run_many:
     one group), each group in the order given."""
     groups: dict[tuple[Any, ...], list[NewFlow]] = {}
     for flow in flows:

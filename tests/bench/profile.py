@@ -1,16 +1,18 @@
-"""Where a step's CPU goes: `flowsmith worker` processes draining 10-step no-op flows on PostgreSQL.
+"""Where a step's CPU goes: `flowsmith worker` processes draining 10-step no-op flows.
 
     .venv/bin/python -m tests.bench.profile [--flows 300] [--workers 2] [--py-spy PATH]
                                             [--engine CHECKOUT --engine OTHER] [--repeat 2]
+                                            [--backend postgresql|mysql]
 
-It starts a durable PostgreSQL (as `make bench` does), enqueues ``--flows``
+It starts a durable PostgreSQL or MariaDB (as `make bench` does), enqueues ``--flows``
 10-step runs, holds them back until ``--workers`` processes are ready, releases
 them and measures, over the drain:
 
 * steps/s (the bench's steady window);
 * CPU seconds per step of the worker processes (utime + stime from /proc, every
-  thread) and of the PostgreSQL server (the postmaster's children, live ones
-  read directly, exited ones through the postmaster's cutime/cstime);
+  thread) and of the database server (PostgreSQL: the postmaster's children, live
+  ones read directly, exited ones through the postmaster's cutime/cstime;
+  MariaDB: its one process, every thread);
 * with ``--py-spy`` (a py-spy binary: ``python -m venv /tmp/spy &&
   /tmp/spy/bin/pip install py-spy``; never a dependency of the package), a
   sampling profile of each worker, summarised as CPU per step by category.
@@ -77,6 +79,7 @@ def _leaf(*parts: str) -> Callable[[list[str]], bool]:
 RULES: list[Rule] = [
     ("logging (structlog, log.py, redaction)", _anywhere("structlog/", "flowsmith_worker/log.py")),
     ("driver (psycopg2 execute/fetch, in C)", _leaf("do_execute", "fetchall (", "fetchone (")),
+    ("driver (mysql-connector, in Python)", _anywhere("mysql/connector/")),
     ("SQLAlchemy (execute path, pool, results)", _anywhere("sqlalchemy/")),
     ("storage (FlowSmith's SQL code)", _anywhere("flowsmith_worker/storage/")),
     ("ctx copy (copy.deepcopy)", _anywhere("copy.py")),
@@ -183,8 +186,12 @@ class WorkerUsage:
         )
 
 
-def server_cpu_seconds(postmaster: int) -> float:
-    """The PostgreSQL server's CPU: the postmaster, its live children, and its exited ones."""
+def server_cpu_seconds(target: Target, pid: int) -> float:
+    """The server's CPU: MariaDB's process (its threads); PostgreSQL's postmaster, its
+    live children, and its exited ones."""
+    if target.backend != "postgresql":
+        return cpu_seconds(pid)
+    postmaster = pid
     total = cpu_seconds(postmaster, children=True)
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -197,11 +204,11 @@ def server_cpu_seconds(postmaster: int) -> float:
     return total
 
 
-def postmaster_pid(target: Target) -> int:
+def server_pid(target: Target) -> int:
     assert target.server is not None
     pid = target.server._pid()  # the test harness's own server handle
     if pid is None:
-        raise SystemExit("the PostgreSQL server is not running")
+        raise SystemExit(f"the {target.backend} server is not running")
     return pid
 
 
@@ -277,18 +284,18 @@ def drain(target: Target, args: argparse.Namespace, engine: Path, logs: Path) ->
         storage.close()
     hold_backlog(target.engine)
     target.checkpoint()
-    postmaster = postmaster_pid(target)
+    server = server_pid(target)
     pool = EnginePool(target.url, args.workers, logs, engine=engine)
     try:
         pool.start()
         pids = [proc.pid for proc in pool.procs]
         with sampling(args.py_spy, pids, args.raw or logs) as outputs:
             worker_before = WorkerUsage.of(pids)
-            server_before = server_cpu_seconds(postmaster)
+            server_before = server_cpu_seconds(target, server)
             released_at = release_backlog(target.engine)
             wait_completed(target.engine, pool, args.flows)
             worker = WorkerUsage.of(pids) - worker_before
-            server_cpu = server_cpu_seconds(postmaster) - server_before
+            server_cpu = server_cpu_seconds(target, server) - server_before
     finally:
         pool.stop()
     window = steady_window(target.engine, released_at)
@@ -308,13 +315,13 @@ def drain(target: Target, args: argparse.Namespace, engine: Path, logs: Path) ->
     )
 
 
-def report(drained: Drained, engine: Path) -> str:
+def report(drained: Drained, engine: Path, backend: str) -> str:
     lines = [
         f"engine {engine}: {drained.steps} steps in {drained.wall:.2f} s, "
         f"{drained.steps_per_second:,.0f} steps/s",
         f"CPU per step: workers {drained.per_step_us(drained.worker.cpu):.0f} µs "
         f"(user {drained.per_step_us(drained.worker.user):.0f}), "
-        f"PostgreSQL server {drained.per_step_us(drained.server_cpu):.0f} µs, "
+        f"{backend} server {drained.per_step_us(drained.server_cpu):.0f} µs, "
         f"together {drained.per_step_us(drained.worker.cpu + drained.server_cpu):.0f} µs "
         f"(2 cores give {2e6 / drained.steps_per_second:.0f} µs per step at this rate); "
         f"worker context switches per step {drained.worker.switches / drained.steps:.1f}",
@@ -367,6 +374,9 @@ def _arguments() -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=1, help="rounds over the engines")
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks in this folder")
+    parser.add_argument(
+        "--backend", choices=["postgresql", "mysql"], default="postgresql", help="the server"
+    )
     args = parser.parse_args()
     args.engine = [path.resolve() for path in args.engine or [REPO]]
     return args
@@ -376,13 +386,13 @@ def main() -> None:
     args = _arguments()
     with tempfile.TemporaryDirectory(prefix="flowsmith-profile-") as tmp:
         base = Path(tmp)
-        with open_targets(["postgresql"], base) as targets:
+        with open_targets([args.backend], base) as targets:
             if not targets:
-                raise SystemExit("PostgreSQL could not start: see the message above")
+                raise SystemExit(f"{args.backend} could not start: see the message above")
             for _ in range(args.repeat):
                 for engine in args.engine:  # alternating: A, B, A, B on one server
                     drained = drain(targets[0], args, engine, base)
-                    print(report(drained, engine), "\n", flush=True)
+                    print(report(drained, engine, args.backend), "\n", flush=True)
 
 
 if __name__ == "__main__":
