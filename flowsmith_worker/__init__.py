@@ -17,6 +17,7 @@ from flowsmith_worker.errors import (
     FlowSmithNotConfigured,
     InvalidDatabaseURL,
     InvalidIdentifier,
+    NotAwaited,
     PayloadNotJSON,
     PayloadRejected,
     PayloadTooDeep,
@@ -36,7 +37,7 @@ from flowsmith_worker.errors import (
 from flowsmith_worker.flow import Flow
 from flowsmith_worker.rescue import start_watchdog
 from flowsmith_worker.retry import exponential, fixed
-from flowsmith_worker.run import FlowRun
+from flowsmith_worker.run import FlowRun, get_run
 from flowsmith_worker.storage import InMemoryStorage, create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from flowsmith_worker.version import __version__
@@ -62,6 +63,7 @@ __all__ = [
     "InvalidDatabaseURL",
     "InvalidIdentifier",
     "NodeStatus",
+    "NotAwaited",
     "PayloadNotJSON",
     "PayloadRejected",
     "PayloadTooDeep",
@@ -83,5 +85,6 @@ __all__ = [
     "create_storage",
     "exponential",
     "fixed",
+    "get_run",
     "start_watchdog",
 ]

@@ -41,6 +41,8 @@ Decisions, written down:
 
 * ``@step``, ``@parallel`` and ``@subflow`` return the function unchanged, so
   a step can still be unit-tested by calling it with a Context.
+* ``@step`` and ``@subflow`` functions and conditions may be ``async def``:
+  the worker awaits them on its event loop (see event_loop.py).
 * A step is named after its function unless ``name=`` says otherwise; a
   ``@workflow`` with no name is named after its function.
 * ``@parallel`` and ``@subflow`` work bare or called (``@parallel()``,
@@ -67,7 +69,7 @@ from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, TypeVar, overload
 
-from flowsmith_worker import registry
+from flowsmith_worker import event_loop, registry
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.flow import Condition, Flow, StepSpec
@@ -111,6 +113,23 @@ class Workflow:
         )
 
     run = __call__
+
+    async def run_async(
+        self,
+        ctx: Context | dict[str, Any] | None = None,
+        tracking_id: str | None = None,
+        delay: float | None = None,
+        connection: Any = None,
+        run_at: datetime | None = None,
+    ) -> FlowRun:
+        """``run`` for async code: the event loop goes on meanwhile (see ``Flow.run_async``)."""
+        return await self.flow.run_async(
+            ctx, tracking_id=tracking_id, delay=delay, connection=connection, run_at=run_at
+        )
+
+    def get_run(self, tracking_id: str) -> FlowRun:
+        """The handle of this workflow's run with that tracking_id (see ``Flow.get_run``)."""
+        return self.flow.get_run(tracking_id)
 
 
 @overload
@@ -165,6 +184,11 @@ def _build(
 ) -> Workflow:
     if not callable(body):
         raise TypeError(f"@workflow({name!r}) decorates a function, not {body!r}")
+    if event_loop.is_async(body):
+        raise TypeError(
+            f"@workflow({name!r}) on an async function: its body runs once, now, to declare "
+            "the steps; make it a plain def (its steps may be async def)"
+        )
     flow = Flow(name, storage, queue=queue, priority=priority)
     token = _building.set(flow)
     try:
@@ -198,14 +222,18 @@ def _current(decorator: str, target: Callable[..., Any]) -> Flow:
 
 
 def _check_callable(decorator: str, target: object, *args: object) -> None:
-    """A plain function callable as the engine will call it: (ctx) for steps, () for blocks."""
+    """A function callable as the engine will call it: (ctx) for steps, () for blocks.
+
+    Steps may be ``async def`` (see event_loop.py); blocks (``@parallel``) may not,
+    since they run once, now, while the workflow is defined.
+    """
     if not callable(target):
         raise TypeError(f"{decorator} decorates a function, not {target!r}")
     where = getattr(target, "__qualname__", repr(target))
-    if inspect.iscoroutinefunction(target):
+    if not args and event_loop.is_async(target):
         raise TypeError(
-            f"{decorator} on async function {where!r}: steps run in worker threads and "
-            "must be plain functions (call asyncio.run() inside)"
+            f"{decorator} on async function {where!r}: the block runs once, while the "
+            "workflow is defined; make it a plain def (its steps may be async def)"
         )
     try:
         signature = inspect.signature(target)
@@ -249,7 +277,8 @@ def step(
 
     ``retries=N`` allows N + 1 attempts; ``timeout`` is in seconds; ``backoff`` is
     seconds or a tenacity wait strategy; ``condition(ctx)`` False skips the step
-    (it leaves no output and the flow goes on), and raising fails it.
+    (it leaves no output and the flow goes on), and raising fails it. The step
+    and its condition may be ``async def``; past its timeout a coroutine is cancelled.
     ``max_rescues`` bounds the re-runs after its worker was lost (not retries).
     """
 
@@ -363,11 +392,10 @@ def subflow(
 
 
 def _child_starter(target: Callable[[Context], Any], step_name: str) -> Callable[[Context], Any]:
-    """The user's subflow function, with its answer put in the executor's terms."""
+    """The user's subflow function, with its answer put in the executor's terms; ``async
+    def`` if the function is, so the executor awaits it."""
 
-    @functools.wraps(target)
-    def start_child(ctx: Context) -> Any:
-        result = target(ctx)
+    def answer_of(ctx: Context, result: Any) -> Any:
         if not isinstance(result, dict):
             return result  # the executor rejects it with the expected shape
         answer = dict(result)
@@ -376,5 +404,17 @@ def _child_starter(target: Callable[[Context], Any], step_name: str) -> Callable
         if answer.get("tracking_id") is None:
             answer["tracking_id"] = f"{ctx.tracking_id}:{step_name}"
         return answer
+
+    if event_loop.is_async(target):
+
+        @functools.wraps(target)
+        async def start_child_async(ctx: Context) -> Any:
+            return answer_of(ctx, await target(ctx))
+
+        return start_child_async
+
+    @functools.wraps(target)
+    def start_child(ctx: Context) -> Any:
+        return answer_of(ctx, target(ctx))
 
     return start_child

@@ -81,6 +81,10 @@ class StepTimeout(FlowSmithError):
     """The step ran longer than its timeout."""
 
 
+class NotAwaited(FlowSmithError):
+    """A step or condition that is not ``async def`` returned a coroutine: declare it async."""
+
+
 class PayloadRejected(FlowSmithError):
     """A value cannot be stored: it is not standard JSON, too large or nested too deeply."""
 

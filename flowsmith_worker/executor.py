@@ -16,34 +16,43 @@ timeout in a child process that can be killed, was not chosen: a step is any
 callable of the application (closures, open clients, module state), which a
 child process cannot in general receive, and killing it mid-write leaves the
 application's side effects as broken as a stuck thread does.
+
+``async def`` steps and conditions are awaited on the process's event loop
+(event_loop.py) while the slot thread waits for them, so they keep the slot,
+the lease and the fencing of a sync step. They can be stopped: past its
+timeout the coroutine is cancelled, and once it has ended the attempt fails
+with StepTimeout, as above.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import tenacity
 
-from flowsmith_worker import payload, registry
+from flowsmith_worker import event_loop, payload, registry
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
     CorruptRow,
     DatabaseUnavailable,
     FlowCancelled,
+    NotAwaited,
     PayloadNotJSON,
     PayloadRejected,
     StepOutputNotJSON,
     StepTimeout,
     SubflowCycle,
 )
+from flowsmith_worker.event_loop import DeadlinePassed
 from flowsmith_worker.flow import Flow, StepSpec
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.progress import attempts_left, context_data
@@ -354,28 +363,33 @@ class _StopWhen(tenacity.stop.stop_base):
 def _attempt(spec: StepSpec, ctx: Context, bound: Any) -> tuple[bool, Any]:
     """Evaluate the condition, then call the step: (False, None) when the condition is false.
 
-    Both run in this thread, under one timeout (see the module docstring): past
-    it a timer logs ``step.timed_out`` and the call goes on; when it returns, its
-    result (or error) is dropped and StepTimeout raised instead.
+    Both run under one timeout (see the module docstring): past it a timer logs
+    ``step.timed_out``; a sync call goes on, a coroutine is cancelled; when the
+    call has ended, its result (or error) is dropped and StepTimeout raised instead.
     """
+    call = _condition_and_await if spec.awaits else _condition_and_call
     if spec.timeout is None:
-        return _condition_and_call(spec, ctx)
+        return call(spec, ctx, None)
     started = time.monotonic()
     timer = threading.Timer(
         spec.timeout,
         lambda: bound.warning(
             "step.timed_out",
             timeout=spec.timeout,
-            action="waiting for the call to return; the retry waits for it",
+            action=(
+                "cancelling the coroutine; the retry waits for it to end"
+                if spec.awaits
+                else "waiting for the call to return; the retry waits for it"
+            ),
         ),
     )
     timer.name = f"flowsmith-timeout-{spec.name}"
     timer.daemon = True
     timer.start()
     try:
-        outcome = _condition_and_call(spec, ctx)
+        outcome = call(spec, ctx, started + spec.timeout)
     except BaseException as exc:
-        if time.monotonic() - started <= spec.timeout:
+        if time.monotonic() - started <= spec.timeout and not isinstance(exc, DeadlinePassed):
             raise
         raise _timed_out(spec, started) from exc
     finally:
@@ -385,10 +399,53 @@ def _attempt(spec: StepSpec, ctx: Context, bound: Any) -> tuple[bool, Any]:
     return outcome
 
 
-def _condition_and_call(spec: StepSpec, ctx: Context) -> tuple[bool, Any]:
-    if spec.condition is not None and not spec.condition(ctx):
-        return False, None
+def _condition_and_call(spec: StepSpec, ctx: Context, _deadline: float | None) -> tuple[bool, Any]:
+    condition = spec.condition
+    if condition is not None:
+        verdict = condition(ctx)
+        if verdict is not True and not _verdict(spec, verdict):
+            return False, None
     return True, spec.fn(ctx)
+
+
+def _condition_and_await(spec: StepSpec, ctx: Context, deadline: float | None) -> tuple[bool, Any]:
+    """_condition_and_call where the condition, the step or both are ``async def``: each
+    of those is awaited on the event loop (cancelled at ``deadline``), the others are
+    called in this thread, as always."""
+    condition = spec.condition
+    if condition is not None:
+        verdict = (
+            event_loop.run(lambda: cast(Awaitable[bool], condition(ctx)), deadline)
+            if spec.condition_is_async
+            else condition(ctx)
+        )
+        if not _verdict(spec, verdict):
+            return False, None
+    if spec.fn_is_async:
+        return True, event_loop.run(lambda: spec.fn(ctx), deadline)
+    return True, spec.fn(ctx)
+
+
+def _verdict(spec: StepSpec, verdict: Any) -> bool:
+    """A condition's answer as a bool; a coroutine from a condition that is not ``async
+    def`` (a lambda calling an async function) is refused, not taken as true."""
+    if verdict is True or verdict is False:  # the usual case, checked first and cheaply
+        return verdict
+    _refuse_awaitable(spec, "condition", verdict)
+    return bool(verdict)
+
+
+def _refuse_awaitable(spec: StepSpec, what: str, value: Any) -> None:
+    """A sync function that returned a coroutine: close it (no "never awaited" warning) and
+    fail the attempt for good, since running it again returns one again."""
+    if not inspect.isawaitable(value):
+        return
+    if inspect.iscoroutine(value):
+        value.close()
+    raise NotAwaited(
+        f"the {what} of step {spec.name!r} returned {type(value).__name__} without being an "
+        f"async function: declare it `async def` (FlowSmith awaits those) or await inside it"
+    )
 
 
 def _timed_out(spec: StepSpec, started: float) -> StepTimeout:
@@ -421,6 +478,7 @@ def _encode_output(spec: StepSpec, result: Any) -> str:
             result, what=f"step {spec.name!r} returned a {type(result).__name__}, which"
         )
     except PayloadNotJSON as exc:
+        _refuse_awaitable(spec, "function", result)  # checked only once it is not JSON
         raise StepOutputNotJSON(str(exc)) from None
 
 
@@ -444,10 +502,10 @@ def _failure_written(status: NodeStatus | None) -> bool | Outcome:
 
 
 def _retryable(exc: BaseException) -> bool:
-    # A cancelled child stays cancelled, a subflow cycle stays a cycle, and a
-    # value over the payload limits is refused again: running the step again
-    # cannot help.
-    return not isinstance(exc, FlowCancelled | SubflowCycle | PayloadRejected)
+    # A cancelled child stays cancelled, a subflow cycle stays a cycle, a value
+    # over the payload limits is refused again, and a sync function returns its
+    # coroutine again: running the step again cannot help.
+    return not isinstance(exc, FlowCancelled | SubflowCycle | PayloadRejected | NotAwaited)
 
 
 def _child_request(spec: StepSpec, ctx: Context, result: Any) -> NewFlow:
@@ -456,6 +514,7 @@ def _child_request(spec: StepSpec, ctx: Context, result: Any) -> NewFlow:
     if isinstance(flow, str):
         flow = registry.lookup(flow)
     if not isinstance(flow, Flow) or not isinstance(result.get("tracking_id"), str):
+        _refuse_awaitable(spec, "function", result)
         raise TypeError(
             f"subflow step {spec.name!r} must return {{'flow': Flow, 'tracking_id': str}} "
             f"(and optionally 'data': dict), not {result!r}"

@@ -2,36 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from flowsmith_worker import payload, registry
+from flowsmith_worker import event_loop, payload, registry
 from flowsmith_worker.config import default_storage
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.identifiers import (
+    MAX_TRACKING_ID_LENGTH as MAX_TRACKING_ID_LENGTH,  # re-exported: callers import it here
+)
 from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
-from flowsmith_worker.run import FlowRun
+from flowsmith_worker.run import FlowRun, find_run
 from flowsmith_worker.schedule import instant_of, validate_cron
 from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
 
+# A step or condition is a plain function of ctx or an ``async def`` one.
 StepFunction = Callable[[Context], Any]
-Condition = Callable[[Context], bool]
+Condition = Callable[[Context], bool] | Callable[[Context], Awaitable[bool]]
 TrackingIdSource = str | Callable[[Context], str] | None
 
 log = get_logger(__name__)
-# The widths of fs_flows.tracking_id, fs_flows.flow_name and fs_nodes.step_name:
-# checked here so the caller gets our message rather than a driver error (and
-# because SQLite would store a longer value than the other databases accept).
-MAX_TRACKING_ID_LENGTH = 255
+# The widths of fs_flows.flow_name and fs_nodes.step_name (and of
+# fs_flows.tracking_id, MAX_TRACKING_ID_LENGTH): checked here so the caller gets
+# our message rather than a driver error (and because SQLite would store a
+# longer value than the other databases accept).
 MAX_NAME_LENGTH = 200
 MAX_QUEUE_LENGTH = 100  # fs_flows.queue and fs_nodes.queue
 
@@ -48,6 +54,19 @@ class StepSpec:
     subflow: bool = False
     # Re-runs after a lost worker, counted apart from retries (see plan.py).
     max_rescues: int = DEFAULT_MAX_RESCUES
+    # Whether fn, the condition, or either is ``async def`` (awaited on the
+    # process's event loop, see event_loop.py): decided once here, so running a
+    # sync step costs one attribute read more, not an inspection per attempt.
+    fn_is_async: bool = field(init=False, repr=False)
+    condition_is_async: bool = field(init=False, repr=False)
+    awaits: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        fn_is_async = event_loop.is_async(self.fn)
+        condition_is_async = event_loop.is_async(self.condition)
+        object.__setattr__(self, "fn_is_async", fn_is_async)
+        object.__setattr__(self, "condition_is_async", condition_is_async)
+        object.__setattr__(self, "awaits", fn_is_async or condition_is_async)
 
     @property
     def max_attempts(self) -> int:
@@ -97,6 +116,9 @@ class Flow:
     ) -> Flow:
         """Add a step; ``retries=N`` allows N + 1 attempts in all.
 
+        ``fn`` and ``condition`` may be ``async def`` functions: the worker awaits
+        them on its event loop, and cancels a coroutine past ``timeout`` seconds.
+
         ``max_rescues`` bounds the re-runs after the step's worker was lost
         (killed, out of memory, past its lease): they do not use up ``retries``.
         """
@@ -120,6 +142,11 @@ class Flow:
         """
 
         child = getattr(child, "flow", child)  # a @workflow object stands for its Flow
+        if event_loop.is_async(tracking_id):
+            raise TypeError(
+                f"subflow {name!r}: tracking_id={tracking_id!r} is an async function; "
+                "make it a plain function of ctx (or a format string)"
+            )
 
         def start_child(ctx: Context) -> dict[str, Any]:
             return {"flow": child, "tracking_id": _child_tracking_id(tracking_id, ctx, name)}
@@ -224,6 +251,45 @@ class Flow:
             status=str(result.status),
         )
         return FlowRun(storage, self.name, request.tracking_id)
+
+    async def run_async(
+        self,
+        ctx: Context | dict[str, Any] | None = None,
+        tracking_id: str | None = None,
+        delay: float | None = None,
+        connection: Any = None,
+        run_at: datetime | None = None,
+    ) -> FlowRun:
+        """``run`` for async code (FastAPI, Starlette, aiohttp): the event loop goes on meanwhile.
+
+        The enqueue is blocking database work, so it runs in a thread
+        (asyncio.to_thread), as does ``connection`` when it is a SQLAlchemy
+        Connection. An AsyncConnection or AsyncSession (SQLAlchemy's asyncio
+        extension) is used through its own ``run_sync``, on its own driver: the
+        run commits or rolls back with it.
+        """
+        enqueue = functools.partial(self.run, ctx, tracking_id, delay, run_at=run_at)
+        if not _uses_asyncio_extension(connection):
+            return await asyncio.to_thread(enqueue, connection=connection)
+        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession  # imported by the caller
+
+        if isinstance(connection, AsyncSession):  # the connection of its transaction
+            connection = await connection.connection()
+        if not isinstance(connection, AsyncConnection):
+            raise TypeError(
+                f"connection={connection!r}: give an AsyncConnection or AsyncSession "
+                "(or a sync Connection)"
+            )
+        run: FlowRun = await connection.run_sync(lambda sync: enqueue(connection=sync))
+        return run
+
+    def get_run(self, tracking_id: str) -> FlowRun:
+        """The handle of this flow's run with that tracking_id, as ``run`` returned it.
+
+        For a process other than the one that enqueued it (a web request asking
+        how its order is doing). FlowNotFound if no run of this flow has it.
+        """
+        return find_run(tracking_id, self.storage or default_storage(), flow_name=self.name)
 
     def run_many(
         self,
@@ -352,6 +418,12 @@ def _start_instant(delay: float | None, run_at: datetime | None) -> float | None
         raise ValueError("give delay= or run_at=, not both")
     # run_at stays an instant: the database compares it with its own clock.
     return None if run_at is None else instant_of(run_at)
+
+
+def _uses_asyncio_extension(connection: Any) -> bool:
+    """Whether ``connection`` comes from SQLAlchemy's asyncio extension, told without
+    importing it (and greenlet) for the applications that do not use it."""
+    return type(connection).__module__.startswith("sqlalchemy.ext.asyncio")
 
 
 def _child_tracking_id(source: TrackingIdSource, ctx: Context, step: str) -> str:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from flowsmith_worker.errors import InvalidIdentifier
 
+MAX_TRACKING_ID_LENGTH = 255  # the width of fs_flows.tracking_id
+
 
 def check_identifier(what: str, value: object, max_length: int) -> str:
     """``value`` if it is a usable ``what`` (e.g. "tracking_id"); InvalidIdentifier if not."""

@@ -1,11 +1,14 @@
-"""FlowRun: the handle flow.run() returns."""
+"""FlowRun: the handle flow.run() returns, and get_run() finds again by tracking_id."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
+from flowsmith_worker.config import default_storage
 from flowsmith_worker.errors import FlowCancelled, FlowNotFound, StepFailed, UnreadableRow
+from flowsmith_worker.identifiers import MAX_TRACKING_ID_LENGTH, check_identifier
 from flowsmith_worker.storage.base import FlowRecord, FlowStatus, NodeRecord, NodeStatus, Storage
 
 _FIRST_POLL_SECONDS = 0.01
@@ -47,6 +50,24 @@ class FlowRun:
         of its attempts (``NodeRecord.attempts``: start, end, worker, outcome, error)."""
         return self.storage.list_nodes(flow_id=self.record(with_payloads=False).id)
 
+    def cancel(self) -> None:
+        """Cancel the run, as `flowsmith cancel` does: its pending steps never start.
+
+        A step already running finishes, but the run goes no further; its
+        subflows are cancelled too, and cancelling a cancelled run again does
+        nothing. RunNotCancellable if the run has COMPLETED or FAILED.
+        """
+        self.storage.cancel_flow(tracking_id=self.tracking_id)
+
+    def retry(self) -> None:
+        """Resume a FAILED run, as `flowsmith retry` does: its failed step(s) run again.
+
+        Completed steps keep their outputs; each failed step, and each parallel
+        sibling its failure stopped, gets a fresh allowance of attempts.
+        RunNotRetryable if the run is not FAILED (or another retry came first).
+        """
+        self.storage.resume_flow(tracking_id=self.tracking_id)
+
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until the run ends; return the final ctx.data.
 
@@ -55,23 +76,22 @@ class FlowRun:
         Each poll reads only the run's status (its input can be megabytes); the
         final ctx.data is read once, when the run has completed.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = _FIRST_POLL_SECONDS
-        while True:
-            record = self.record(with_payloads=False)
-            if record.status == FlowStatus.COMPLETED:
-                return dict(self.record().output or {})
-            if record.status == FlowStatus.FAILED:
-                raise self._failure(record)
-            if record.status == FlowStatus.CANCELLED:
-                raise FlowCancelled(f"flow run {self.tracking_id!r} was cancelled")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"flow run {self.tracking_id!r} is still {record.status} after {timeout} s"
-                )
-            wait = pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic()))
-            time.sleep(wait)
-            pause = min(pause * 2, _MAX_POLL_SECONDS)
+        waiting = _Waiting(self, timeout)
+        while (pause := waiting.poll()) is not None:
+            time.sleep(pause)
+        return waiting.data
+
+    async def wait_async(self, timeout: float | None = None) -> dict[str, Any]:
+        """``wait`` for async code: the event loop goes on while the run is not over.
+
+        Each poll is a blocking database read, so it runs in a thread
+        (asyncio.to_thread); between polls it sleeps with asyncio.sleep, holding
+        no thread, and cancelling the awaiting task (a client gone) stops it.
+        """
+        waiting = _Waiting(self, timeout)
+        while (pause := await asyncio.to_thread(waiting.poll)) is not None:
+            await asyncio.sleep(pause)
+        return waiting.data
 
     def _failure(self, record: FlowRecord) -> StepFailed:
         """The failure of the step that failed the run.
@@ -90,3 +110,67 @@ class FlowRun:
             min(failed, key=lambda n: (n.finished_at is None, n.finished_at or 0.0)),
         )
         return StepFailed(node.step_name, node.attempt, node.error or "", self.tracking_id)
+
+
+class _Waiting:
+    """The polls of one wait for a run to end, shared by ``wait`` and ``wait_async``
+    (which differ only in how they sleep between polls)."""
+
+    def __init__(self, run: FlowRun, timeout: float | None) -> None:
+        self.run = run
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.pause = _FIRST_POLL_SECONDS
+        self.data: dict[str, Any] = {}
+
+    def poll(self) -> float | None:
+        """Read the run's status: None once it has completed (``data`` holds its final
+        ctx.data), else the seconds to sleep before the next poll. Raises when the run
+        failed or was cancelled, or the timeout has passed."""
+        run = self.run
+        record = run.record(with_payloads=False)
+        if record.status == FlowStatus.COMPLETED:
+            self.data = dict(run.record().output or {})
+            return None
+        if record.status == FlowStatus.FAILED:
+            raise run._failure(record)
+        if record.status == FlowStatus.CANCELLED:
+            raise FlowCancelled(f"flow run {run.tracking_id!r} was cancelled")
+        if self.deadline is None:
+            pause = self.pause
+        else:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"flow run {run.tracking_id!r} is still {record.status} after {self.timeout} s"
+                )
+            pause = min(self.pause, left)
+        self.pause = min(self.pause * 2, _MAX_POLL_SECONDS)
+        return pause
+
+
+def find_run(tracking_id: str, storage: Storage, flow_name: str | None = None) -> FlowRun:
+    """The handle of the stored run with that tracking_id (of flow ``flow_name``, if given).
+
+    FlowNotFound if there is none (never committed, or pruned), or it is a run
+    of another flow.
+    """
+    check_identifier("tracking_id", tracking_id, MAX_TRACKING_ID_LENGTH)
+    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
+    if record is None:
+        raise FlowNotFound(
+            f"no flow run has tracking_id {tracking_id!r} (it was never committed, "
+            "or it was pruned); `flowsmith flows` lists the runs there are"
+        )
+    if flow_name is not None and record.flow_name != flow_name:
+        raise FlowNotFound(
+            f"tracking_id {tracking_id!r} is a run of flow {record.flow_name!r}, not of "
+            f"{flow_name!r}: ask that flow, or flowsmith_worker.get_run(), for it"
+        )
+    return FlowRun(storage, record.flow_name, tracking_id)
+
+
+def get_run(tracking_id: str, storage: Storage | None = None) -> FlowRun:
+    """The handle of the run with that tracking_id, whatever its flow, as ``flow.run``
+    returned it; ``storage`` defaults to the configured one. FlowNotFound if none has it."""
+    return find_run(tracking_id, storage or default_storage())

@@ -247,17 +247,23 @@ def test_decorators_outside_a_workflow_body_raise(decorator: str) -> None:
 def test_functions_that_cannot_be_called_as_steps_are_refused(
     unique: Callable[[str], str],
 ) -> None:
-    """An `async def` step (it would return a coroutine no worker awaits), a step or
-    subflow not taking ctx, and a @parallel block that takes arguments are refused when
-    the module is imported, not when a worker first runs them.
+    """An `async def` @parallel block or @workflow body (each runs once, at definition,
+    where nothing would await it), a step or subflow not taking ctx, and a @parallel
+    block that takes arguments are refused when the module is imported, not when a
+    worker first runs them.
     """
     name = unique("bad_signature")
     with pytest.raises(TypeError, match="async function"):
 
         @workflow(name)
-        def async_step() -> None:
-            @step
-            async def fetch(ctx: Context) -> None: ...
+        def async_block() -> None:
+            @parallel
+            async def group() -> None: ...
+
+    with pytest.raises(TypeError, match="on an async function"):
+
+        @workflow(name)
+        async def async_body() -> None: ...
 
     with pytest.raises(TypeError, match="must take one argument, ctx"):
 

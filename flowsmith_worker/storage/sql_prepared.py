@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, CursorResult, Engine, ExceptionContext
 
@@ -57,6 +58,9 @@ class PreparedStatement:
     types: Mapping[str, str]
     _prepare: str = field(init=False)
     _execute: str = field(init=False)
+    # The plain statement with :name binds, for a caller's connection on a driver
+    # whose placeholders are not %(name)s (asyncpg's $1, pg8000's %s).
+    _portable: sa.TextClause = field(init=False)
 
     def __post_init__(self) -> None:
         order = list(self.types)
@@ -68,6 +72,7 @@ class PreparedStatement:
         object.__setattr__(self, "_prepare", f"PREPARE {self.name} ({signature}) AS {body}")
         arguments = ", ".join(f"%({name})s" for name in order)
         object.__setattr__(self, "_execute", f"EXECUTE {self.name} ({arguments})")
+        object.__setattr__(self, "_portable", sa.text(_PARAMETER.sub(r":\1", self.text)))
 
     def sent_as(self, statement: str) -> bool:
         """Whether ``statement``, as it reached the driver, is this one (prepared or plain)."""
@@ -78,7 +83,11 @@ class PreparedStatement:
     ) -> CursorResult[*tuple[Any, ...]]:
         """Run it in ``conn``'s transaction; prepared on this connection first if need be."""
         if not prepare:
-            return conn.exec_driver_sql(self.text, dict(values))
+            if conn.dialect.paramstyle == "pyformat":  # psycopg2 or psycopg: as written
+                return conn.exec_driver_sql(self.text, dict(values))
+            # A caller's connection= on another driver (an AsyncConnection on
+            # asyncpg, from run_async): SQLAlchemy renders that driver's placeholders.
+            return conn.execute(self._portable, dict(values))
         held: set[str] = conn.connection.info.setdefault(_INFO_KEY, set())
         if self.name in held:
             return conn.exec_driver_sql(self._execute, dict(values))
