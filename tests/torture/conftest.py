@@ -1,0 +1,19 @@
+"""Hypothesis profiles for the model checker (tests/torture/test_model.py).
+
+By default a quick pass (well under a minute); ``--hypothesis-profile=model-long``
+runs many more examples, before a release or after a change to progress.py,
+worker.py or a storage. A failing example is printed with its shape, and
+hypothesis replays it first on the next run.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+
+# No deadline: an example's time is the worker's polling and a busy machine's,
+# not what is under test.
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("model-quick", max_examples=150, **_COMMON)
+settings.register_profile("model-long", max_examples=3000, **_COMMON)
+if settings.get_current_profile_name() == "default":  # no --hypothesis-profile given
+    settings.load_profile("model-quick")

@@ -1,0 +1,95 @@
+"""Runs a model FlowShape on the real engine and reads back how it ended."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flowsmith_worker import Context, Flow, registry
+from flowsmith_worker.run import FlowRun
+from flowsmith_worker.storage.base import FlowStatus, Storage
+from flowsmith_worker.worker import Worker
+from tests.torture.model import FlowShape, NodeEnd, StepShape
+
+# A retry is runnable at once: no example waits for a backoff.
+NO_BACKOFF = 0.0
+POLL_SECONDS = 0.005
+TIMEOUT_SECONDS = 30.0
+
+
+class ScheduledFailure(RuntimeError):
+    """What a step raises on an attempt its failure schedule names."""
+
+
+@dataclass(frozen=True)
+class Observed:
+    status: FlowStatus
+    nodes: dict[str, NodeEnd]
+    data: dict[str, Any] | None = None  # ctx.data at the end of a COMPLETED run
+
+
+def step_function(step: StepShape) -> Callable[[Context], dict[str, Any]]:
+    def body(ctx: Context) -> dict[str, Any]:
+        if ctx.attempt in step.fails_on:
+            raise ScheduledFailure(f"{step.name}: attempt {ctx.attempt} is scheduled to fail")
+        return {"attempt": ctx.attempt, "saw": sorted(ctx.data)}
+
+    return body
+
+
+def condition_on(key: str) -> Callable[[Context], bool]:
+    return lambda ctx: bool(ctx.data.get(key))
+
+
+def add_step(flow: Flow, step: StepShape) -> None:
+    condition = None if step.condition is None else condition_on(step.condition)
+    flow.step(step.name, step_function(step), step.retries, backoff=NO_BACKOFF, condition=condition)
+
+
+def build(shape: FlowShape) -> Flow:
+    flow = Flow(f"model_{uuid.uuid4().hex[:12]}")
+    for stage in shape.stages:
+        if len(stage) == 1:
+            add_step(flow, stage[0])
+            continue
+        with flow.parallel():
+            for step in stage:
+                add_step(flow, step)
+    return flow
+
+
+def run_on(storage: Storage, shape: FlowShape, concurrency: int = 4) -> Observed:
+    """Run ``shape`` to its end with an in-process worker; how its run and nodes ended."""
+    flow = build(shape)
+    try:
+        request = flow.new_run(dict(shape.input), None)
+        storage.enqueue_flow(flow=request)
+        worker = Worker(
+            storage=storage, concurrency=concurrency, poll_interval=POLL_SECONDS, listen=False
+        )
+        try:
+            worker.run_until_idle(timeout=TIMEOUT_SECONDS)
+        finally:
+            worker.shutdown()
+        return observe(storage, flow.name, request.tracking_id)
+    finally:
+        registry.unregister(flow.name)
+
+
+def observe(storage: Storage, flow_name: str, tracking_id: str) -> Observed:
+    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
+    assert record is not None
+    nodes = storage.list_nodes(flow_id=record.id, with_payloads=True)
+    ends = {
+        node.step_name: NodeEnd(
+            node.status, node.attempt, tuple(a.outcome for a in node.attempts), node.output
+        )
+        for node in nodes
+    }
+    status = FlowStatus(record.status)
+    # ctx.data as the caller of a run gets it.
+    completed = status is FlowStatus.COMPLETED
+    data = FlowRun(storage, flow_name, tracking_id).wait(timeout=0) if completed else None
+    return Observed(status, ends, data)

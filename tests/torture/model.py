@@ -1,0 +1,141 @@
+"""A small pure reference model of what a run of a flow does (issue 11, point 3).
+
+A flow shape is stages of steps (a stage of several steps is a parallel
+group); each step has a retry allowance, a failure schedule (which of its
+attempts raise) and maybe a condition (a key of ctx.data that must be truthy).
+The model says, without any engine code, how the run ends, what ctx.data it
+ends with, and how each node ends after how many attempts. tests/torture/
+test_model.py runs generated shapes on the real worker and compares.
+
+What a step returns is what it saw: its attempt number and the keys of
+ctx.data, so a wrong attempt count or a leaked sibling output shows up in the
+outputs themselves.
+
+The rules, as the README and progress.py state them:
+
+* stages run in order; a stage starts once every node of the one before is
+  COMPLETED or SKIPPED;
+* ctx.data is the run's input plus the output of every step COMPLETED in an
+  earlier stage (a sibling's output is not seen; a SKIPPED step leaves none);
+* a step whose condition is false is SKIPPED at its first attempt;
+* a step runs attempts 1, 2, ... up to retries + 1: the first that does not
+  raise COMPLETES it, and if all raise it FAILS, failing its run;
+* when a run fails, the nodes of the failing stage may be caught anywhere in
+  their own course (a sibling still queued is stopped, one running finishes
+  its attempt), and no later stage runs (see ``may_end_as``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
+
+
+@dataclass(frozen=True)
+class StepShape:
+    name: str
+    retries: int = 0
+    fails_on: frozenset[int] = frozenset()  # the attempt numbers that raise
+    condition: str | None = None  # runs only if ctx.data[condition] is truthy
+
+    @property
+    def max_attempts(self) -> int:
+        return self.retries + 1
+
+
+Stage = tuple[StepShape, ...]
+
+
+@dataclass(frozen=True)
+class FlowShape:
+    stages: tuple[Stage, ...]
+    input: Mapping[str, Any]
+
+    def steps(self) -> list[StepShape]:
+        return [step for stage in self.stages for step in stage]
+
+
+@dataclass(frozen=True)
+class NodeEnd:
+    """How one node ends: its status, its last attempt's number, every attempt's outcome."""
+
+    status: NodeStatus
+    attempt: int
+    attempts: tuple[AttemptOutcome, ...]
+    output: Any = None
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How a run ends. ``failed_stage``: the index of the stage that failed it, if any.
+
+    ``nodes`` holds the end of every step of the stages that ran; for the
+    failed stage, the end each of its steps would reach left alone (its
+    ``fate``), which ``may_end_as`` widens."""
+
+    status: FlowStatus
+    data: dict[str, Any]
+    nodes: dict[str, NodeEnd]
+    failed_stage: int | None = None
+
+
+def output_of(attempt: int, data: Mapping[str, Any]) -> dict[str, Any]:
+    """What every step of the model returns: what it saw."""
+    return {"attempt": attempt, "saw": sorted(data)}
+
+
+def fate(step: StepShape, data: Mapping[str, Any]) -> NodeEnd:
+    """How ``step`` ends when it runs on ``data`` and nothing stops it."""
+    if step.condition is not None and not data.get(step.condition):
+        return NodeEnd(NodeStatus.SKIPPED, 1, (AttemptOutcome.SKIPPED,))
+    for attempt in range(1, step.max_attempts + 1):
+        if attempt not in step.fails_on:
+            failed = (AttemptOutcome.FAILED,) * (attempt - 1)
+            done = (*failed, AttemptOutcome.COMPLETED)
+            return NodeEnd(NodeStatus.COMPLETED, attempt, done, output_of(attempt, data))
+    every = (AttemptOutcome.FAILED,) * step.max_attempts
+    return NodeEnd(NodeStatus.FAILED, step.max_attempts, every)
+
+
+def run(shape: FlowShape) -> RunEnd:
+    """The end of a run of ``shape``: stage after stage until one fails or none is left."""
+    data = dict(shape.input)
+    nodes: dict[str, NodeEnd] = {}
+    for index, stage in enumerate(shape.stages):
+        ends = {step.name: fate(step, data) for step in stage}
+        nodes.update(ends)
+        if any(end.status is NodeStatus.FAILED for end in ends.values()):
+            return RunEnd(FlowStatus.FAILED, data, nodes, failed_stage=index)
+        # Outputs join ctx.data only once the whole stage is done: siblings never see them.
+        data.update({name: end.output for name, end in ends.items() if end.output is not None})
+    return RunEnd(FlowStatus.COMPLETED, data, nodes)
+
+
+def cut_short(expected: NodeEnd) -> list[NodeEnd]:
+    """The ends a node of the stage that failed its run may reach, its fate included.
+
+    A sibling's failure can reach it at any point of its own course: before its
+    first attempt or while a retry waits (the node is stopped: CANCELLED, its
+    last attempt kept as it ended), or while an attempt runs (the attempt still
+    ends as scheduled, but a failed one is no longer retried). A SKIPPED or
+    COMPLETED fate can also be stopped before it, never changed.
+    """
+    ends = [expected, NodeEnd(NodeStatus.CANCELLED, 0, ())]
+    failed = AttemptOutcome.FAILED
+    for attempt in range(1, len(expected.attempts)):  # after each failed attempt but the last
+        before = expected.attempts[:attempt]
+        ends.append(NodeEnd(NodeStatus.CANCELLED, attempt, before))
+        ends.append(NodeEnd(NodeStatus.FAILED, attempt, before))
+    assert all(a is failed for a in expected.attempts[:-1])
+    return ends
+
+
+def stage_of(shape: FlowShape, name: str) -> int:
+    return next(i for i, stage in enumerate(shape.stages) if any(s.name == name for s in stage))
+
+
+def names(stage: Sequence[StepShape]) -> list[str]:
+    return [step.name for step in stage]
