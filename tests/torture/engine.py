@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flowsmith_worker import Context, Flow, registry
@@ -28,10 +29,26 @@ class Observed:
     status: FlowStatus
     nodes: dict[str, NodeEnd]
     data: dict[str, Any] | None = None  # ctx.data at the end of a COMPLETED run
+    # The attempt numbers each step's function was called with, in call order, as
+    # the functions themselves wrote them down: a journal apart from the engine's.
+    calls: dict[str, list[int]] = field(default_factory=dict)
 
 
-def step_function(step: StepShape) -> Callable[[Context], dict[str, Any]]:
+class Journal:
+    """The calls of the step functions of one run, thread-safe (a worker has slots)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: dict[str, list[int]] = {}
+
+    def record(self, step_name: str, attempt: int) -> None:
+        with self._lock:
+            self.calls.setdefault(step_name, []).append(attempt)
+
+
+def step_function(step: StepShape, journal: Journal) -> Callable[[Context], dict[str, Any]]:
     def body(ctx: Context) -> dict[str, Any]:
+        journal.record(step.name, ctx.attempt)
         if ctx.attempt in step.fails_on:
             raise ScheduledFailure(f"{step.name}: attempt {ctx.attempt} is scheduled to fail")
         return {"attempt": ctx.attempt, "saw": sorted(ctx.data)}
@@ -43,26 +60,28 @@ def condition_on(key: str) -> Callable[[Context], bool]:
     return lambda ctx: bool(ctx.data.get(key))
 
 
-def add_step(flow: Flow, step: StepShape) -> None:
+def add_step(flow: Flow, step: StepShape, journal: Journal) -> None:
     condition = None if step.condition is None else condition_on(step.condition)
-    flow.step(step.name, step_function(step), step.retries, backoff=NO_BACKOFF, condition=condition)
+    body = step_function(step, journal)
+    flow.step(step.name, body, step.retries, backoff=NO_BACKOFF, condition=condition)
 
 
-def build(shape: FlowShape) -> Flow:
+def build(shape: FlowShape, journal: Journal) -> Flow:
     flow = Flow(f"model_{uuid.uuid4().hex[:12]}")
     for stage in shape.stages:
         if len(stage) == 1:
-            add_step(flow, stage[0])
+            add_step(flow, stage[0], journal)
             continue
         with flow.parallel():
             for step in stage:
-                add_step(flow, step)
+                add_step(flow, step, journal)
     return flow
 
 
 def run_on(storage: Storage, shape: FlowShape, concurrency: int = 4) -> Observed:
     """Run ``shape`` to its end with an in-process worker; how its run and nodes ended."""
-    flow = build(shape)
+    journal = Journal()
+    flow = build(shape, journal)
     try:
         request = flow.new_run(dict(shape.input), None)
         storage.enqueue_flow(flow=request)
@@ -73,7 +92,7 @@ def run_on(storage: Storage, shape: FlowShape, concurrency: int = 4) -> Observed
             worker.run_until_idle(timeout=TIMEOUT_SECONDS)
         finally:
             worker.shutdown()
-        return observe(storage, flow.name, request.tracking_id)
+        return replace(observe(storage, flow.name, request.tracking_id), calls=journal.calls)
     finally:
         registry.unregister(flow.name)
 

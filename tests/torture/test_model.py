@@ -9,11 +9,14 @@ what tests/torture/model.py says. Profiles: tests/torture/conftest.py.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from flowsmith_worker.storage import InMemoryStorage
-from flowsmith_worker.storage.base import FlowStatus, NodeStatus
+from flowsmith_worker.storage import InMemoryStorage, create_storage
+from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus, Storage
 from tests.torture import model
 from tests.torture.engine import Observed, run_on
 from tests.torture.model import FlowShape, RunEnd, StepShape
@@ -22,6 +25,9 @@ FLAGS = ("flag_a", "flag_b")
 MAX_STAGES = 4
 MAX_WIDTH = 3
 MAX_RETRIES = 2
+MAX_CONCURRENCY = 4
+# The outcomes of an attempt that called the step's function.
+CALLED = frozenset({AttemptOutcome.FAILED, AttemptOutcome.COMPLETED})
 
 
 @st.composite
@@ -51,6 +57,7 @@ def flow_shapes(draw: st.DrawFn) -> FlowShape:
 def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
     """The engine's end of a run of ``shape`` is one the model allows."""
     assert observed.status == expected.status
+    assert observed.calls == calls_of(observed.nodes), "the trace and the journal disagree"
     if expected.failed_stage is None:
         assert observed.nodes == expected.nodes
         assert observed.data == expected.data
@@ -69,23 +76,48 @@ def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
     )
 
 
+def calls_of(nodes: dict[str, model.NodeEnd]) -> dict[str, list[int]]:
+    """The calls of the step functions that the nodes' attempt histories account for:
+    each attempt but a skipped one called its function once (a step that completed
+    never ran again, no attempt ran twice)."""
+    calls = {
+        name: [number for number, outcome in enumerate(end.attempts, 1) if outcome in CALLED]
+        for name, end in nodes.items()
+    }
+    return {name: numbers for name, numbers in calls.items() if numbers}
+
+
 def is_failure(expected: RunEnd, name: str) -> bool:
     return expected.nodes[name].status is NodeStatus.FAILED
 
 
-@given(flow_shapes())
-def test_the_engine_ends_every_run_as_the_model_says(shape: FlowShape) -> None:
+@pytest.fixture(scope="module", params=["memory", "sqlite"])
+def shared_storage(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Storage]:
+    """One storage for every example of a test: each run has its own flow name and
+    tracking_id, and the runs before it are over, so they cannot mix (a fresh database
+    per example would spend the time on migrations)."""
+    if request.param == "memory":
+        made: Storage = InMemoryStorage()
+    else:
+        made = create_storage(f"sqlite:///{tmp_path_factory.mktemp('model') / 'model.db'}")
+    made.migrate()
+    yield made
+    made.close()
+
+
+@given(shape=flow_shapes(), concurrency=st.integers(1, MAX_CONCURRENCY))
+def test_the_engine_ends_every_run_as_the_model_says(
+    shared_storage: Storage, shape: FlowShape, concurrency: int
+) -> None:
     """Any flow of stages, parallel groups, conditions and retries, under any failure
     schedule, ends (status, ctx.data, every node's status, attempts and output) as the
-    reference model says, on the in-memory storage with a 4-slot worker."""
-    storage = InMemoryStorage()
-    storage.migrate()
-    try:
-        expected = model.run(shape)
-        event(f"run {expected.status}")  # shown by --hypothesis-show-statistics
-        check(shape, expected, run_on(storage, shape))
-    finally:
-        storage.close()
+    reference model says, with an in-process worker of 1 to 4 slots, on the in-memory
+    storage and on SQLite."""
+    expected = model.run(shape)
+    event(f"run {expected.status}")  # shown by --hypothesis-show-statistics
+    check(shape, expected, run_on(shared_storage, shape, concurrency))
 
 
 def test_the_checker_catches_a_wrong_attempt_count() -> None:
