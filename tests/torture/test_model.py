@@ -9,7 +9,8 @@ what tests/torture/model.py says. Profiles: tests/torture/conftest.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 from hypothesis import event, given
@@ -19,7 +20,7 @@ from flowsmith_worker.storage import InMemoryStorage, create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus, Storage
 from tests.torture import model
 from tests.torture.engine import Observed, run_on
-from tests.torture.model import FlowShape, RunEnd, StepShape
+from tests.torture.model import FlowShape, NodeEnd, RunEnd, StepShape
 
 FLAGS = ("flag_a", "flag_b")
 MAX_STAGES = 4
@@ -120,15 +121,128 @@ def test_the_engine_ends_every_run_as_the_model_says(
     check(shape, expected, run_on(shared_storage, shape, concurrency))
 
 
-def test_the_checker_catches_a_wrong_attempt_count() -> None:
-    """The comparison is not vacuous: an engine end with one attempt too many is refused."""
-    shape = FlowShape(((StepShape("only", 1, frozenset({1})),),), {})
-    expected = model.run(shape)
-    node = expected.nodes["only"]
-    wrong = model.NodeEnd(node.status, node.attempt + 1, node.attempts, node.output)
-    observed = Observed(FlowStatus.COMPLETED, {"only": wrong}, expected.data)
-    try:
-        check(shape, expected, observed)
-    except AssertionError:
-        return
-    raise AssertionError("check accepted a wrong attempt count")
+# -- the model and the checker, on flows worked out by hand ------------------------
+
+F, C, S = AttemptOutcome.FAILED, AttemptOutcome.COMPLETED, AttemptOutcome.SKIPPED
+# Stage 0: "a" fails once then completes, beside "b", skipped (flag_a is false).
+# Stage 1: "c" runs only if "b" left an output (it did not): skipped. Stage 2: "d".
+HAND_MADE = FlowShape(
+    (
+        (StepShape("a", 1, frozenset({1})), StepShape("b", condition="flag_a")),
+        (StepShape("c", condition="b"),),
+        (StepShape("d", 2),),
+    ),
+    {"flag_a": False},
+)
+# Stage 0: "a" fails both its attempts, beside "b", which fails its first of three.
+FAILING = FlowShape(
+    ((StepShape("a", 1, frozenset({1, 2})), StepShape("b", 2, frozenset({1}))), (StepShape("c"),)),
+    {},
+)
+
+
+def test_the_model_on_a_flow_worked_out_by_hand() -> None:
+    """The model says what the README says: retries, skips, and ctx.data with the
+    outputs of earlier stages only (not a sibling's, not a skipped step's)."""
+    a_output = {"attempt": 2, "saw": ["flag_a"]}
+    d_output = {"attempt": 1, "saw": ["a", "flag_a"]}
+    assert model.run(HAND_MADE) == RunEnd(
+        FlowStatus.COMPLETED,
+        {"flag_a": False, "a": a_output, "d": d_output},
+        {
+            "a": NodeEnd(NodeStatus.COMPLETED, 2, (F, C), a_output),
+            "b": NodeEnd(NodeStatus.SKIPPED, 1, (S,)),
+            "c": NodeEnd(NodeStatus.SKIPPED, 1, (S,)),
+            "d": NodeEnd(NodeStatus.COMPLETED, 1, (C,), d_output),
+        },
+    )
+
+
+def test_the_model_of_a_failed_run_worked_out_by_hand() -> None:
+    """A step failing all its attempts fails the run in its stage; no later stage
+    runs; a sibling may be caught anywhere in its course."""
+    expected = model.run(FAILING)
+    assert (expected.status, expected.failed_stage, set(expected.nodes)) == (
+        FlowStatus.FAILED,
+        0,
+        {"a", "b"},
+    )
+    b_output = {"attempt": 2, "saw": []}
+    assert model.cut_short(expected.nodes["b"]) == [
+        NodeEnd(NodeStatus.COMPLETED, 2, (F, C), b_output),
+        NodeEnd(NodeStatus.CANCELLED, 0, ()),  # stopped before its first attempt
+        NodeEnd(NodeStatus.CANCELLED, 1, (F,)),  # stopped while its retry waited
+        NodeEnd(NodeStatus.FAILED, 1, (F,)),  # its attempt failed after the run had
+    ]
+
+
+def as_observed(expected: RunEnd) -> Observed:
+    """What an engine that behaves exactly as the model says would report."""
+    return Observed(expected.status, expected.nodes, expected.data, calls_of(expected.nodes))
+
+
+def one_attempt_too_many(seen: Observed) -> Observed:
+    a = seen.nodes["a"]
+    nodes = {**seen.nodes, "a": replace(a, attempt=a.attempt + 1)}
+    return replace(seen, nodes=nodes)
+
+
+def a_sibling_output_seen(seen: Observed) -> Observed:
+    d = seen.nodes["d"]
+    nodes = {**seen.nodes, "d": replace(d, output={"attempt": 1, "saw": ["a", "b", "flag_a"]})}
+    return replace(seen, nodes=nodes)
+
+
+def a_completed_step_run_again(seen: Observed) -> Observed:
+    return replace(seen, calls={**seen.calls, "d": [1, 1]})
+
+
+def a_skipped_output_in_data(seen: Observed) -> Observed:
+    return replace(seen, data={**(seen.data or {}), "b": None})
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        one_attempt_too_many,
+        a_sibling_output_seen,
+        a_completed_step_run_again,
+        a_skipped_output_in_data,
+    ],
+)
+def test_the_checker_refuses_a_completed_run_the_model_does_not_allow(
+    mutation: Callable[[Observed], Observed],
+) -> None:
+    """The comparison is not vacuous: it accepts the model's own end of HAND_MADE and
+    refuses each way an engine could get it wrong."""
+    expected = model.run(HAND_MADE)
+    check(HAND_MADE, expected, as_observed(expected))
+    with pytest.raises(AssertionError):
+        check(HAND_MADE, expected, mutation(as_observed(expected)))
+
+
+def a_later_stage_started(seen: Observed) -> Observed:
+    return replace(seen, nodes={**seen.nodes, "c": NodeEnd(NodeStatus.CANCELLED, 0, ())})
+
+
+def the_failing_step_cut_short(seen: Observed) -> Observed:
+    stopped = NodeEnd(NodeStatus.CANCELLED, 1, (F,))
+    return replace(seen, nodes={**seen.nodes, "a": stopped}, calls={**seen.calls, "a": [1]})
+
+
+def a_failed_attempt_out_of_schedule(seen: Observed) -> Observed:
+    return replace(seen, nodes={**seen.nodes, "b": NodeEnd(NodeStatus.FAILED, 2, (F, F))})
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [a_later_stage_started, the_failing_step_cut_short, a_failed_attempt_out_of_schedule],
+)
+def test_the_checker_refuses_a_failed_run_the_model_does_not_allow(
+    mutation: Callable[[Observed], Observed],
+) -> None:
+    """As above, for a failed run, whose failing stage the model allows some leeway."""
+    expected = model.run(FAILING)
+    check(FAILING, expected, as_observed(expected))
+    with pytest.raises(AssertionError):
+        check(FAILING, expected, mutation(as_observed(expected)))
