@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 # No deadline: an example's time is the worker's polling and a busy machine's,
 # not what is under test.
 _COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("model-quick", _COMMON, max_examples=300)
+settings.register_profile("model-quick", _COMMON, max_examples=200)
 settings.register_profile("model-long", _COMMON, max_examples=5000)
 if settings.get_current_profile_name() == "default":  # no --hypothesis-profile given
     settings.load_profile("model-quick")

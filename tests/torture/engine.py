@@ -78,27 +78,40 @@ def build(shape: FlowShape, journal: Journal) -> Flow:
     return flow
 
 
-def run_on(storage: Storage, shape: FlowShape, concurrency: int = 4) -> Observed:
-    """Run ``shape`` to its end with an in-process worker; how its run and nodes ended."""
+def run_on(
+    storage: Storage, shape: FlowShape, concurrency: int = 4, retries_of_run: int = 0
+) -> list[Observed]:
+    """Run ``shape`` to its end with an in-process worker, and retry the run (as
+    `flowsmith retry` does) while it FAILED, up to ``retries_of_run`` times: how the
+    run and its nodes ended each time."""
     journal = Journal()
     flow = build(shape, journal)
     try:
         request = flow.new_run(dict(shape.input), None)
         storage.enqueue_flow(flow=request)
-        worker = Worker(
-            storage=storage, concurrency=concurrency, poll_interval=POLL_SECONDS, listen=False
-        )
-        try:
-            worker.run_until_idle(timeout=TIMEOUT_SECONDS)
-        finally:
-            worker.shutdown()
-        return replace(observe(storage, flow.name, request.tracking_id), calls=journal.calls)
+        handle = FlowRun(storage, flow.name, request.tracking_id)
+        ends = [run_until_idle(storage, handle, journal, concurrency)]
+        while ends[-1].status is FlowStatus.FAILED and len(ends) <= retries_of_run:
+            handle.retry()
+            ends.append(run_until_idle(storage, handle, journal, concurrency))
+        return ends
     finally:
         registry.unregister(flow.name)
 
 
-def observe(storage: Storage, flow_name: str, tracking_id: str) -> Observed:
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
+def run_until_idle(storage: Storage, run: FlowRun, journal: Journal, concurrency: int) -> Observed:
+    worker = Worker(
+        storage=storage, concurrency=concurrency, poll_interval=POLL_SECONDS, listen=False
+    )
+    try:
+        worker.run_until_idle(timeout=TIMEOUT_SECONDS)
+    finally:
+        worker.shutdown()
+    return replace(observe(storage, run), calls={k: list(v) for k, v in journal.calls.items()})
+
+
+def observe(storage: Storage, run: FlowRun) -> Observed:
+    record = storage.get_flow(tracking_id=run.tracking_id, with_payloads=False)
     assert record is not None
     nodes = storage.list_nodes(flow_id=record.id, with_payloads=True)
     ends = {
@@ -110,5 +123,5 @@ def observe(storage: Storage, flow_name: str, tracking_id: str) -> Observed:
     status = FlowStatus(record.status)
     # ctx.data as the caller of a run gets it.
     completed = status is FlowStatus.COMPLETED
-    data = FlowRun(storage, flow_name, tracking_id).wait(timeout=0) if completed else None
+    data = run.wait(timeout=0) if completed else None
     return Observed(status, ends, data)

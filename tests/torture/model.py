@@ -22,13 +22,15 @@ The rules, as the README and progress.py state them:
   raise COMPLETES it, and if all raise it FAILS, failing its run;
 * when a run fails, the nodes of the failing stage may be caught anywhere in
   their own course (a sibling still queued is stopped, one running finishes
-  its attempt), and no later stage runs (see ``may_end_as``).
+  its attempt), and no later stage runs (see ``cut_short``);
+* a retry of a FAILED run runs its FAILED and stopped nodes again, attempt
+  numbers counting on, each with its allowance of attempts afresh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
@@ -74,12 +76,13 @@ class RunEnd:
 
     ``nodes`` holds the end of every step of the stages that ran; for the
     failed stage, the end each of its steps would reach left alone (its
-    ``fate``), which ``may_end_as`` widens."""
+    ``fate``), which ``cut_short`` widens."""
 
     status: FlowStatus
     data: dict[str, Any]
     nodes: dict[str, NodeEnd]
     failed_stage: int | None = None
+    start: Mapping[str, NodeEnd] = field(default_factory=dict)  # see ``run``
 
 
 def output_of(attempt: int, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,55 +90,67 @@ def output_of(attempt: int, data: Mapping[str, Any]) -> dict[str, Any]:
     return {"attempt": attempt, "saw": sorted(data)}
 
 
-def fate(step: StepShape, data: Mapping[str, Any]) -> NodeEnd:
-    """How ``step`` ends when it runs on ``data`` and nothing stops it."""
+DONE = frozenset({NodeStatus.COMPLETED, NodeStatus.SKIPPED})
+NOT_STARTED = NodeEnd(NodeStatus.CANCELLED, 0, ())  # also a node stopped before its first attempt
+
+
+def fate(step: StepShape, data: Mapping[str, Any], start: NodeEnd = NOT_STARTED) -> NodeEnd:
+    """How ``step`` ends when it runs on ``data`` from ``start`` and nothing stops it.
+
+    ``start`` is where an earlier run of it ended (a retry of a FAILED run runs
+    its FAILED and stopped nodes again, with attempt numbers counting on and a
+    fresh allowance of attempts); a node done is done for good.
+    """
+    if start.status in DONE:
+        return start
+    first = start.attempt + 1
     if step.condition is not None and not data.get(step.condition):
-        return NodeEnd(NodeStatus.SKIPPED, 1, (AttemptOutcome.SKIPPED,))
-    for attempt in range(1, step.max_attempts + 1):
+        return NodeEnd(NodeStatus.SKIPPED, first, (*start.attempts, AttemptOutcome.SKIPPED))
+    last = start.attempt + step.max_attempts
+    for attempt in range(first, last + 1):
         if attempt not in step.fails_on:
-            failed = (AttemptOutcome.FAILED,) * (attempt - 1)
-            done = (*failed, AttemptOutcome.COMPLETED)
+            failed = (AttemptOutcome.FAILED,) * (attempt - first)
+            done = (*start.attempts, *failed, AttemptOutcome.COMPLETED)
             return NodeEnd(NodeStatus.COMPLETED, attempt, done, output_of(attempt, data))
-    every = (AttemptOutcome.FAILED,) * step.max_attempts
-    return NodeEnd(NodeStatus.FAILED, step.max_attempts, every)
+    every = (*start.attempts, *(AttemptOutcome.FAILED,) * step.max_attempts)
+    return NodeEnd(NodeStatus.FAILED, last, every)
 
 
-def run(shape: FlowShape) -> RunEnd:
-    """The end of a run of ``shape``: stage after stage until one fails or none is left."""
+def run(shape: FlowShape, start: Mapping[str, NodeEnd] | None = None) -> RunEnd:
+    """The end of a run of ``shape``: stage after stage until one fails or none is left.
+
+    ``start``: the nodes of the FAILED run this one retries (none: a new run).
+    """
+    start = start or {}
     data = dict(shape.input)
     nodes: dict[str, NodeEnd] = {}
     for index, stage in enumerate(shape.stages):
-        ends = {step.name: fate(step, data) for step in stage}
+        ends = {step.name: fate(step, data, start.get(step.name, NOT_STARTED)) for step in stage}
         nodes.update(ends)
         if any(end.status is NodeStatus.FAILED for end in ends.values()):
-            return RunEnd(FlowStatus.FAILED, data, nodes, failed_stage=index)
+            return RunEnd(FlowStatus.FAILED, data, nodes, failed_stage=index, start=start)
         # Outputs join ctx.data only once the whole stage is done: siblings never see them.
         data.update({name: end.output for name, end in ends.items() if end.output is not None})
-    return RunEnd(FlowStatus.COMPLETED, data, nodes)
+    return RunEnd(FlowStatus.COMPLETED, data, nodes, start=start)
 
 
-def cut_short(expected: NodeEnd) -> list[NodeEnd]:
+def cut_short(expected: NodeEnd, start: NodeEnd = NOT_STARTED) -> list[NodeEnd]:
     """The ends a node of the stage that failed its run may reach, its fate included.
 
-    A sibling's failure can reach it at any point of its own course: before its
-    first attempt or while a retry waits (the node is stopped: CANCELLED, its
-    last attempt kept as it ended), or while an attempt runs (the attempt still
-    ends as scheduled, but a failed one is no longer retried). A SKIPPED or
-    COMPLETED fate can also be stopped before it, never changed.
+    A sibling's failure can reach it at any point of its own course from
+    ``start``: before its first attempt or while a retry waits (the node is
+    stopped: CANCELLED, its last attempt kept as it ended), or while an attempt
+    runs (the attempt still ends as scheduled, but a failed one is no longer
+    retried). A SKIPPED or COMPLETED fate can also be stopped before it, never
+    changed; a node done before is left alone.
     """
-    ends = [expected, NodeEnd(NodeStatus.CANCELLED, 0, ())]
-    failed = AttemptOutcome.FAILED
-    for attempt in range(1, len(expected.attempts)):  # after each failed attempt but the last
-        before = expected.attempts[:attempt]
+    if start.status in DONE:
+        return [expected]
+    made = len(start.attempts)
+    ends = [expected, replace(start, status=NodeStatus.CANCELLED)]
+    # After each failed attempt of this run but its last:
+    for attempt in range(start.attempt + 1, expected.attempt):
+        before = expected.attempts[: made + attempt - start.attempt]
         ends.append(NodeEnd(NodeStatus.CANCELLED, attempt, before))
         ends.append(NodeEnd(NodeStatus.FAILED, attempt, before))
-    assert all(a is failed for a in expected.attempts[:-1])
     return ends
-
-
-def stage_of(shape: FlowShape, name: str) -> int:
-    return next(i for i, stage in enumerate(shape.stages) if any(s.name == name for s in stage))
-
-
-def names(stage: Sequence[StepShape]) -> list[str]:
-    return [step.name for step in stage]

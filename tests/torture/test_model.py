@@ -27,6 +27,7 @@ MAX_STAGES = 4
 MAX_WIDTH = 3
 MAX_RETRIES = 2
 MAX_CONCURRENCY = 4
+MAX_RETRIES_OF_RUN = 2  # `flowsmith retry` of a FAILED run
 # The outcomes of an attempt that called the step's function.
 CALLED = frozenset({AttemptOutcome.FAILED, AttemptOutcome.COMPLETED})
 
@@ -36,8 +37,12 @@ def step_shapes(draw: st.DrawFn, name: str, keys: list[str]) -> StepShape:
     """A step: its retries, which of its attempts raise, and maybe a condition on
     an input flag or on an earlier step's output (absent when that step was skipped)."""
     retries = draw(st.integers(0, MAX_RETRIES))
-    attempts = st.integers(1, retries + 1)
-    fails_on = draw(st.just(frozenset[int]()) | st.frozensets(attempts))
+    allowance = retries + 1
+    first_run = st.frozensets(st.integers(1, allowance))
+    # Attempts past the allowance are those of the retries of a FAILED run.
+    retried = st.frozensets(st.integers(allowance + 1, allowance * (1 + MAX_RETRIES_OF_RUN)))
+    no_failure = st.just(frozenset[int]())
+    fails_on = draw(no_failure | first_run) | draw(no_failure | retried)
     condition = draw(st.none() | st.sampled_from(keys))
     return StepShape(name, retries, fails_on, condition)
 
@@ -69,7 +74,9 @@ def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
     for step in (step for stage in shape.stages[:failed] for step in stage):
         assert observed.nodes[step.name] == expected.nodes[step.name], step.name
     for step in shape.stages[failed]:
-        allowed = model.cut_short(expected.nodes[step.name])
+        allowed = model.cut_short(
+            expected.nodes[step.name], expected.start.get(step.name, model.NOT_STARTED)
+        )
         assert observed.nodes[step.name] in allowed, step.name
     failing = [step.name for step in shape.stages[failed] if is_failure(expected, step.name)]
     assert any(observed.nodes[name] == expected.nodes[name] for name in failing), (
@@ -108,17 +115,24 @@ def shared_storage(
     made.close()
 
 
-@given(shape=flow_shapes(), concurrency=st.integers(1, MAX_CONCURRENCY))
+@given(
+    shape=flow_shapes(),
+    concurrency=st.integers(1, MAX_CONCURRENCY),
+    retries_of_run=st.integers(0, MAX_RETRIES_OF_RUN),
+)
 def test_the_engine_ends_every_run_as_the_model_says(
-    shared_storage: Storage, shape: FlowShape, concurrency: int
+    shared_storage: Storage, shape: FlowShape, concurrency: int, retries_of_run: int
 ) -> None:
     """Any flow of stages, parallel groups, conditions and retries, under any failure
     schedule, ends (status, ctx.data, every node's status, attempts and output) as the
-    reference model says, with an in-process worker of 1 to 4 slots, on the in-memory
-    storage and on SQLite."""
-    expected = model.run(shape)
-    event(f"run {expected.status}")  # shown by --hypothesis-show-statistics
-    check(shape, expected, run_on(shared_storage, shape, concurrency))
+    reference model says, and so does each retry of it while it FAILED; with an
+    in-process worker of 1 to 4 slots, on the in-memory storage and on SQLite."""
+    start: dict[str, NodeEnd] = {}
+    for number, observed in enumerate(run_on(shared_storage, shape, concurrency, retries_of_run)):
+        expected = model.run(shape, start)
+        event(f"run {number}: {expected.status}")  # shown by --hypothesis-show-statistics
+        check(shape, expected, observed)
+        start = observed.nodes  # checked: the next retry of the run starts from there
 
 
 # -- the model and the checker, on flows worked out by hand ------------------------
@@ -174,6 +188,25 @@ def test_the_model_of_a_failed_run_worked_out_by_hand() -> None:
         NodeEnd(NodeStatus.CANCELLED, 1, (F,)),  # stopped while its retry waited
         NodeEnd(NodeStatus.FAILED, 1, (F,)),  # its attempt failed after the run had
     ]
+
+
+def test_the_model_of_a_retried_run_worked_out_by_hand() -> None:
+    """A retry of a FAILED run runs its failed and stopped nodes again, attempt numbers
+    counting on with a fresh allowance, and keeps what completed."""
+    b_output = {"attempt": 2, "saw": []}
+    stopped = NodeEnd(NodeStatus.CANCELLED, 1, (F,))
+    failed = model.run(FAILING)
+    first = {"a": failed.nodes["a"], "b": stopped}
+    retried = model.run(FAILING, first)
+    assert retried.status is FlowStatus.COMPLETED
+    assert retried.nodes["a"] == NodeEnd(
+        NodeStatus.COMPLETED, 3, (F, F, C), {"attempt": 3, "saw": []}
+    )
+    assert retried.nodes["b"] == NodeEnd(NodeStatus.COMPLETED, 2, (F, C), b_output)
+    assert retried.nodes["c"].output == {"attempt": 1, "saw": ["a", "b"]}
+    # A node done before stays as it was, whatever the retry of its stage meets.
+    done = {"a": failed.nodes["a"], "b": retried.nodes["b"]}
+    assert model.cut_short(retried.nodes["b"], done["b"]) == [retried.nodes["b"]]
 
 
 def as_observed(expected: RunEnd) -> Observed:
