@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flowsmith_worker import Context, Flow, registry
+from flowsmith_worker.flow import Condition, StepFunction
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage.base import FlowStatus, Storage
 from flowsmith_worker.worker import Worker
-from tests.torture.model import FlowShape, NodeEnd, StepShape
+from tests.torture.model import FlowShape, NodeEnd, StepShape, output_of
 
 # A retry is runnable at once: no example waits for a backoff.
 NO_BACKOFF = 0.0
@@ -46,23 +46,39 @@ class Journal:
             self.calls.setdefault(step_name, []).append(attempt)
 
 
-def step_function(step: StepShape, journal: Journal) -> Callable[[Context], dict[str, Any]]:
+def step_function(step: StepShape, journal: Journal) -> StepFunction:
+    """The step's function: it writes its call down, raises if its schedule says so,
+    and returns what it saw. ``async def`` if the step is async: the worker then
+    runs it (and its condition) on its event loop, another path to the same ends."""
+
     def body(ctx: Context) -> dict[str, Any]:
         journal.record(step.name, ctx.attempt)
         if ctx.attempt in step.fails_on:
             raise ScheduledFailure(f"{step.name}: attempt {ctx.attempt} is scheduled to fail")
-        return {"attempt": ctx.attempt, "saw": sorted(ctx.data)}
+        return output_of(ctx.attempt, ctx.data)
 
-    return body
+    async def async_body(ctx: Context) -> dict[str, Any]:
+        return body(ctx)
+
+    return async_body if step.is_async else body
 
 
-def condition_on(key: str) -> Callable[[Context], bool]:
-    return lambda ctx: bool(ctx.data.get(key))
+def condition_function(step: StepShape) -> Condition | None:
+    key = step.condition
+    if key is None:
+        return None
+
+    def holds(ctx: Context) -> bool:
+        return bool(ctx.data.get(key))
+
+    async def async_holds(ctx: Context) -> bool:
+        return holds(ctx)
+
+    return async_holds if step.is_async else holds
 
 
 def add_step(flow: Flow, step: StepShape, journal: Journal) -> None:
-    condition = None if step.condition is None else condition_on(step.condition)
-    body = step_function(step, journal)
+    body, condition = step_function(step, journal), condition_function(step)
     flow.step(step.name, body, step.retries, backoff=NO_BACKOFF, condition=condition)
 
 

@@ -42,6 +42,8 @@ class StepShape:
     retries: int = 0
     fails_on: frozenset[int] = frozenset()  # the attempt numbers that raise
     condition: str | None = None  # runs only if ctx.data[condition] is truthy
+    # Its function and condition are ``async def``: the same semantics, another path.
+    is_async: bool = False
 
     @property
     def max_attempts(self) -> int:

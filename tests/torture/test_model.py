@@ -34,8 +34,8 @@ CALLED = frozenset({AttemptOutcome.FAILED, AttemptOutcome.COMPLETED})
 
 @st.composite
 def step_shapes(draw: st.DrawFn, name: str, keys: list[str]) -> StepShape:
-    """A step: its retries, which of its attempts raise, and maybe a condition on
-    an input flag or on an earlier step's output (absent when that step was skipped)."""
+    """A step: its retries, which of its attempts raise, maybe a condition on an input
+    flag or on an earlier step's output (absent when that step was skipped), sync or async."""
     retries = draw(st.integers(0, MAX_RETRIES))
     allowance = retries + 1
     first_run = st.frozensets(st.integers(1, allowance))
@@ -44,7 +44,7 @@ def step_shapes(draw: st.DrawFn, name: str, keys: list[str]) -> StepShape:
     no_failure = st.just(frozenset[int]())
     fails_on = draw(no_failure | first_run) | draw(no_failure | retried)
     condition = draw(st.none() | st.sampled_from(keys))
-    return StepShape(name, retries, fails_on, condition)
+    return StepShape(name, retries, fails_on, condition, draw(st.booleans()))
 
 
 @st.composite
