@@ -24,11 +24,17 @@ class ScheduledFailure(RuntimeError):
     """What a step raises on an attempt its failure schedule names."""
 
 
+def scheduled_failure(step_name: str, attempt: int) -> str:
+    """The message of the ScheduledFailure of that attempt."""
+    return f"{step_name}: attempt {attempt} is scheduled to fail"
+
+
 @dataclass(frozen=True)
 class Observed:
     status: FlowStatus
     nodes: dict[str, NodeEnd]
     data: dict[str, Any] | None = None  # ctx.data at the end of a COMPLETED run
+    error: str | None = None  # the run's
     # The attempt numbers each step's function was called with, in call order, as
     # the functions themselves wrote them down: a journal apart from the engine's.
     calls: dict[str, list[int]] = field(default_factory=dict)
@@ -54,7 +60,7 @@ def step_function(step: StepShape, journal: Journal) -> StepFunction:
     def body(ctx: Context) -> dict[str, Any]:
         journal.record(step.name, ctx.attempt)
         if ctx.attempt in step.fails_on:
-            raise ScheduledFailure(f"{step.name}: attempt {ctx.attempt} is scheduled to fail")
+            raise ScheduledFailure(scheduled_failure(step.name, ctx.attempt))
         return output_of(ctx.attempt, ctx.data)
 
     async def async_body(ctx: Context) -> dict[str, Any]:
@@ -140,4 +146,4 @@ def observe(storage: Storage, run: FlowRun) -> Observed:
     # ctx.data as the caller of a run gets it.
     completed = status is FlowStatus.COMPLETED
     data = run.wait(timeout=0) if completed else None
-    return Observed(status, ends, data)
+    return Observed(status, ends, data, record.error)

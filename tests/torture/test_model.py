@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from flowsmith_worker.storage import InMemoryStorage, create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus, Storage
 from tests.torture import model
-from tests.torture.engine import Observed, run_on
+from tests.torture.engine import Observed, run_on, scheduled_failure
 from tests.torture.model import FlowShape, NodeEnd, RunEnd, StepShape
 
 FLAGS = ("flag_a", "flag_b")
@@ -67,6 +67,7 @@ def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
     if expected.failed_stage is None:
         assert observed.nodes == expected.nodes
         assert observed.data == expected.data
+        assert observed.error is None, "a COMPLETED run kept an error"
         return
     failed = expected.failed_stage
     ran = {step.name for stage in shape.stages[: failed + 1] for step in stage}
@@ -79,8 +80,14 @@ def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
         )
         assert observed.nodes[step.name] in allowed, step.name
     failing = [step.name for step in shape.stages[failed] if is_failure(expected, step.name)]
-    assert any(observed.nodes[name] == expected.nodes[name] for name in failing), (
-        "no step failed the run as scheduled"
+    failed_as_scheduled = [
+        scheduled_failure(name, observed.nodes[name].attempt)
+        for name in failing
+        if observed.nodes[name] == expected.nodes[name]
+    ]
+    assert failed_as_scheduled, "no step failed the run as scheduled"
+    assert any(message in (observed.error or "") for message in failed_as_scheduled), (
+        f"the run's error is not that of a step that failed it: {observed.error!r}"
     )
 
 
@@ -211,7 +218,10 @@ def test_the_model_of_a_retried_run_worked_out_by_hand() -> None:
 
 def as_observed(expected: RunEnd) -> Observed:
     """What an engine that behaves exactly as the model says would report."""
-    return Observed(expected.status, expected.nodes, expected.data, calls_of(expected.nodes))
+    failing = [n for n, end in expected.nodes.items() if end.status is NodeStatus.FAILED]
+    error = scheduled_failure(failing[0], expected.nodes[failing[0]].attempt) if failing else None
+    calls = calls_of(expected.nodes)
+    return Observed(expected.status, expected.nodes, expected.data, error, calls)
 
 
 def one_attempt_too_many(seen: Observed) -> Observed:
@@ -267,9 +277,18 @@ def a_failed_attempt_out_of_schedule(seen: Observed) -> Observed:
     return replace(seen, nodes={**seen.nodes, "b": NodeEnd(NodeStatus.FAILED, 2, (F, F))})
 
 
+def the_run_error_of_another_step(seen: Observed) -> Observed:
+    return replace(seen, error=scheduled_failure("b", 1))
+
+
 @pytest.mark.parametrize(
     "mutation",
-    [a_later_stage_started, the_failing_step_cut_short, a_failed_attempt_out_of_schedule],
+    [
+        a_later_stage_started,
+        the_failing_step_cut_short,
+        a_failed_attempt_out_of_schedule,
+        the_run_error_of_another_step,
+    ],
 )
 def test_the_checker_refuses_a_failed_run_the_model_does_not_allow(
     mutation: Callable[[Observed], Observed],
