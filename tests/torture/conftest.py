@@ -1,9 +1,13 @@
 """Hypothesis profiles for the model checker (tests/torture/test_model.py).
 
-By default a quick pass (well under a minute); ``--hypothesis-profile=model-long``
-runs many more examples, before a release or after a change to progress.py,
-worker.py or a storage. A failing example is printed with its shape, and
-hypothesis replays it first on the next run.
+By default a quick pass (200 examples a backend, about 15 s in all). Before a
+release, or after a change to progress.py, the worker or a storage, run many more
+(several minutes a backend, so past pytest-timeout's 300 s):
+
+    .venv/bin/python -m pytest tests/torture --hypothesis-profile=model-long --timeout=0
+
+A failing example is printed (shrunk) with its shape, and hypothesis replays it
+first on the next run (from .hypothesis/, which it keeps out of git itself).
 """
 
 from __future__ import annotations
