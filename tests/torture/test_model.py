@@ -68,16 +68,20 @@ def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
         assert observed.nodes == expected.nodes
         assert observed.data == expected.data
         assert observed.error is None, "a COMPLETED run kept an error"
-        return
-    failed = expected.failed_stage
+    else:
+        check_failed(shape, expected, observed, expected.failed_stage)
+
+
+def check_failed(shape: FlowShape, expected: RunEnd, observed: Observed, failed: int) -> None:
+    """A FAILED run: the stages before ``failed`` as the model says, no stage after it
+    started, each node of it somewhere in its course, and one that failed the run."""
     ran = {step.name for stage in shape.stages[: failed + 1] for step in stage}
     assert set(observed.nodes) == ran, "a stage after the failed one was started"
     for step in (step for stage in shape.stages[:failed] for step in stage):
         assert observed.nodes[step.name] == expected.nodes[step.name], step.name
     for step in shape.stages[failed]:
-        allowed = model.cut_short(
-            expected.nodes[step.name], expected.start.get(step.name, model.NOT_STARTED)
-        )
+        start = expected.start.get(step.name, model.NOT_STARTED)
+        allowed = model.cut_short(expected.nodes[step.name], start)
         assert observed.nodes[step.name] in allowed, step.name
     failing = [step.name for step in shape.stages[failed] if is_failure(expected, step.name)]
     failed_as_scheduled = [
