@@ -58,9 +58,6 @@ class FlowShape:
     stages: tuple[Stage, ...]
     input: Mapping[str, Any]
 
-    def steps(self) -> list[StepShape]:
-        return [step for stage in self.stages for step in stage]
-
 
 @dataclass(frozen=True)
 class NodeEnd:
