@@ -22,7 +22,7 @@ import pytest
 from flowsmith_worker import Flow
 from tests.servers import REQUIRE_ENV, ServerUnavailable, find_mariadb, find_postgres
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICK_WORKERS = 2
 QUICK_LATENCY_SAMPLES = 5
 

@@ -38,7 +38,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kv_utils
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 SYSTEMD_DIR = DEPLOY / "systemd"
 K8S_DIR = DEPLOY / "kubernetes"

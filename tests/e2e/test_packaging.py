@@ -14,7 +14,7 @@ import pytest
 
 from flowsmith_worker import __version__
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def container_build_sources() -> list[str]:

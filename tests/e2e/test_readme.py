@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 FILE_HEADER = re.compile(r"#\s*([\w/]+\.py)\s*\n")

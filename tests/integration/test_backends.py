@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +66,6 @@ def test_plain_scheme_urls_reach_the_real_server_with_the_pool_settings(
 
 
 # -- NOTIFY -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStorage]:
-    storage = create_storage(database_url(request, "postgresql", tmp_path))
-    assert isinstance(storage, SqlStorage)
-    storage.migrate()
-    yield storage
-    storage.close()
 
 
 def start_worker(storage: Storage, **kw: Any) -> tuple[Worker, threading.Thread]:

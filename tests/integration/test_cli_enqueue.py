@@ -18,7 +18,8 @@ import pytest
 
 from flowsmith_worker import Worker, registry
 from flowsmith_worker.storage.base import FlowFilter, FlowStatus
-from tests.test_cli_ops import Db, _migrated, cli, cli_json, flow_of
+from tests.integration.conftest import Db, migrated
+from tests.integration.test_cli_ops import cli, cli_json, flow_of
 
 Names = Callable[[str], str]
 
@@ -78,14 +79,14 @@ def app(
     sql_url: str, tmp_path: Path, unique: Names, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[App]:
     """The flows module and a migrated database on each SQL backend."""
-    for db in _migrated(sql_url):
+    for db in migrated(sql_url):
         yield from _app(db, tmp_path, unique, monkeypatch)
 
 
 @pytest.fixture
 def sqlite_app(tmp_path: Path, unique: Names, monkeypatch: pytest.MonkeyPatch) -> Iterator[App]:
     """The flows module and a migrated SQLite database."""
-    for db in _migrated(f"sqlite:///{tmp_path / 'enqueue.db'}"):
+    for db in migrated(f"sqlite:///{tmp_path / 'enqueue.db'}"):
         yield from _app(db, tmp_path, unique, monkeypatch)
 
 

@@ -14,8 +14,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from flowsmith_worker import Context, Flow, Worker
 from flowsmith_worker.cli import main
 from flowsmith_worker.cli_format import format_duration, format_table, format_time
 from flowsmith_worker.cli_params import parse_duration, parse_when
-from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
     FlowFilter,
     FlowRecord,
@@ -38,6 +36,7 @@ from flowsmith_worker.storage.base import (
 )
 from flowsmith_worker.storage.sql_operators import SqlOperators
 from tests.conftest import eventually
+from tests.integration.conftest import Db
 
 Names = Callable[[str], str]
 
@@ -52,31 +51,6 @@ OPERATOR_COMMANDS = [
     "workers",
     "queue-limit",
 ]
-
-
-@dataclass
-class Db:
-    url: str
-    storage: Storage
-
-
-def _migrated(url: str) -> Iterator[Db]:
-    storage = create_storage(url)
-    storage.migrate()
-    yield Db(url, storage)
-    storage.close()
-
-
-@pytest.fixture
-def db(sql_url: str) -> Iterator[Db]:
-    """A migrated database on each SQL backend, and the URL the commands get."""
-    yield from _migrated(sql_url)
-
-
-@pytest.fixture
-def sqlite_db(tmp_path: Path) -> Iterator[Db]:
-    """A migrated SQLite database, for tests where the backend does not matter."""
-    yield from _migrated(f"sqlite:///{tmp_path / 'ops.db'}")
 
 
 def cli(url: str, *args: str) -> Result:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import click
 import pytest
@@ -30,9 +29,8 @@ from flowsmith_worker.cli_format import (
     iso_time,
 )
 from flowsmith_worker.storage.base import Lease, Storage
-from tests.test_cli_ops import (
-    Db,
-    _migrated,
+from tests.integration.conftest import Db
+from tests.integration.test_cli_ops import (
     cli,
     cli_json,
     doomed,
@@ -43,18 +41,6 @@ from tests.test_cli_ops import (
 )
 
 Names = Callable[[str], str]
-
-
-@pytest.fixture
-def db(sql_url: str) -> Iterator[Db]:
-    """A migrated database on each SQL backend, and the URL the commands get."""
-    yield from _migrated(sql_url)
-
-
-@pytest.fixture
-def sqlite_db(tmp_path: Path) -> Iterator[Db]:
-    """A migrated SQLite database, for tests where the backend does not matter."""
-    yield from _migrated(f"sqlite:///{tmp_path / 'status.db'}")
 
 
 def claim(storage: Storage, step: str) -> Lease:

@@ -28,7 +28,7 @@ from flowsmith_worker.storage.base import Storage
 from flowsmith_worker.storage.lent import lend
 from tests.servers import DatabaseServer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ORDERS_TABLE = "CREATE TABLE orders (id VARCHAR(40) PRIMARY KEY)"
 
 

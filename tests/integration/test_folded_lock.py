@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,16 +27,10 @@ from flowsmith_worker.storage.base import (
     Written,
 )
 from flowsmith_worker.storage.sql import SqlStorage
-from tests.conftest import database_url
 
 Names = Callable[[str], str]
 CHAIN = Chain("w1", lease_seconds=60)
 Snapshot = tuple[str, list[tuple[str, str, str | None]]]
-
-
-@pytest.fixture
-def pg_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return database_url(request, "postgresql", tmp_path)
 
 
 @pytest.fixture

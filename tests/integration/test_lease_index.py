@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,10 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from flowsmith_worker.flow import Flow
-from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.worker import Worker
-from tests.conftest import database_url
 
 Names = Callable[[str], str]
 # schema.py's "status IN ('PENDING', 'RUNNING')", as PostgreSQL prints it back.
@@ -42,16 +39,6 @@ WHERE n.status = 'COMPLETED' AND n.ctid IN (
     WHERE s.type = 'l'
 )
 """
-
-
-@pytest.fixture
-def pg_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStorage]:
-    """A PostgreSQL database brought to the newest version by the migrations."""
-    storage = create_storage(database_url(request, "postgresql", tmp_path))
-    assert isinstance(storage, SqlStorage)
-    storage.migrate()
-    yield storage
-    storage.close()
 
 
 def run_three_steps(storage: SqlStorage, unique: Names) -> None:

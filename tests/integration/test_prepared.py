@@ -22,15 +22,9 @@ from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import ClaimedNode, Finished, NewFlow, NodeStatus
 from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.storage.sql_prepared import SWITCH_ENV
-from tests.conftest import database_url
 
 Names = Callable[[str], str]
 ONE_CONNECTION = PoolSettings(pool_min=1, pool_max=1)
-
-
-@pytest.fixture
-def pg_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
-    return database_url(request, "postgresql", tmp_path)  # type: ignore[arg-type]
 
 
 @pytest.fixture

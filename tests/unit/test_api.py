@@ -35,7 +35,7 @@ from flowsmith_worker.storage.sql import SqlStorage
 from tests.conftest import eventually
 
 Names = Callable[[str], str]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # -- configuration ----------------------------------------------------------------------
