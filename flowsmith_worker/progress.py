@@ -3,7 +3,7 @@
 A storage locks the run, reads the plain values a decision needs (statuses,
 counts), asks one of these functions, and carries out the answer with fenced
 writes. Nothing here touches a database, so each rule has one definition, unit
-tested on its own (tests/test_progress.py):
+tested on its own (tests/unit/test_progress.py):
 
 * ``after_stage`` and ``chained_step``: what comes after a stage, and whether
   the worker that finished it runs the next step itself (chaining);

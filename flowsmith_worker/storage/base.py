@@ -2,7 +2,7 @@
 
 One implementation, SqlStorage, serves SQLite, PostgreSQL and MySQL/MariaDB;
 InMemoryStorage is the same class on a private temporary SQLite database. The
-contract suite (tests/test_contract.py) runs over all of them. The words used
+contract suite (tests/contract/test_contract.py) runs over all of them. The words used
 here name the log events and the tests too.
 """
 

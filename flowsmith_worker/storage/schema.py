@@ -8,7 +8,7 @@ and every backend stores exactly the same bytes. Names (tracking_id, flow, step,
 queue and worker ids) are Identifier columns: compared byte for byte everywhere.
 
 This is the schema of the newest version; migrations/ builds it step by step,
-and tests/test_migrations.py checks that the two agree.
+and tests/integration/test_migrations.py checks that the two agree.
 """
 
 from __future__ import annotations

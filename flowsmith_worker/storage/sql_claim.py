@@ -163,7 +163,7 @@ def sqlite_precheck(dialect: Dialect) -> sa.Select[Any]:
 # one, once it looks no dearer than planning each time, as on small tables)
 # estimates LIMIT %(limit)s as a tenth of the due rows, and for thousands it
 # chose a hash join over all of fs_nodes and a merge join over all of fs_flows
-# (tests/test_claim_plans.py); an array of keys is an index lookup whatever its size.
+# (tests/integration/test_claim_plans.py); an array of keys is an index lookup whatever its size.
 _NOW_PG = "extract(epoch FROM now())::float8"
 _CLAIM_PG = """
 WITH guard AS MATERIALIZED (

@@ -368,7 +368,7 @@ def test_an_async_step_that_lost_its_lease_cannot_overwrite_the_newer_attempt(
 
 ASYNC_FLOWS_MODULE = textwrap.dedent(
     '''
-    """Async flows for tests/test_async_steps.py."""
+    """Async flows for tests/contract/test_async_steps.py."""
     import asyncio
     import os
 

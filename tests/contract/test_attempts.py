@@ -4,8 +4,8 @@ A node's row describes its latest attempt; the attempt a node leaves behind when
 it runs again (a failure retried, a timeout, a lost worker, a release, a failed
 subflow, a retry of its failed run) is kept apart, in the same fenced write.
 trace() and `flowsmith status` show them merged; prune deletes them with the run.
-The real SIGKILLed worker is in tests/test_crash.py (check_rescued), the v4 to
-v5 migration in tests/test_migrations.py.
+The real SIGKILLed worker is in tests/e2e/test_crash.py (check_rescued), the v4 to
+v5 migration in tests/integration/test_migrations.py.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def test_a_step_that_succeeds_at_once_writes_no_attempt_row(
 ) -> None:
     """The success path is unchanged: claims, completions and chaining of steps that
     succeed at their first attempt send no statement about fs_attempts (while a retry
-    does, in the same listener). tests/test_group_commit.py counts the batch's statements."""
+    does, in the same listener). tests/contract/test_group_commit.py counts the batch's statements."""
     engine = storage.engine  # type: ignore[attr-defined]
     ok = Flow(unique("ok"), storage=storage).step("a", lambda ctx: 1).step("b", lambda ctx: 2)
     with ok.parallel() as group:

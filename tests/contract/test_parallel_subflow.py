@@ -41,7 +41,7 @@ POLL = 0.02
 # The module the worker processes import (cwd on sys.path), written per test with
 # unique flow names. The test process imports the same file to enqueue runs.
 FLOWS_MODULE = '''
-"""Flows for tests/test_parallel_subflow.py, written by the test."""
+"""Flows for tests/contract/test_parallel_subflow.py, written by the test."""
 import json
 import os
 import time

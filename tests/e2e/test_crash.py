@@ -61,7 +61,7 @@ WORKER_ARGS = (
 
 FLOWS_MODULE = textwrap.dedent(
     '''
-    """Flows for tests/test_crash.py: every execution is recorded, nothing else."""
+    """Flows for tests/e2e/test_crash.py: every execution is recorded, nothing else."""
     import json
     import os
     import random

@@ -43,7 +43,7 @@ ALL_VERSIONS = list(range(1, schema.SCHEMA_VERSION + 1))
 
 FLOWS_MODULE = textwrap.dedent(
     '''
-    """Flows for tests/test_cli.py."""
+    """Flows for tests/integration/test_cli.py."""
     import json
     import os
     import time
@@ -608,7 +608,7 @@ def test_a_step_calling_os_exit_0_ends_the_worker_with_status_0(sqlite_app: App)
     """os._exit(0) in a step ends the process with status 0: nothing in-process can stop it.
 
     No handler, finally block or atexit hook runs. This is why the systemd units
-    restart always (tests/test_deploy.py checks Restart=always), not only on failure.
+    restart always (tests/e2e/test_deploy.py checks Restart=always), not only on failure.
     """
     app = sqlite_app
     run = mirror(app.name + "_exits", app.storage, ("exits", 0)).run({})

@@ -24,7 +24,7 @@ from tests.integration.test_cli_ops import cli, cli_json, flow_of
 Names = Callable[[str], str]
 
 FLOWS = '''
-"""Flows for tests/test_cli_enqueue.py."""
+"""Flows for tests/integration/test_cli_enqueue.py."""
 from flowsmith_worker import Flow
 
 

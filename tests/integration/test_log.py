@@ -36,7 +36,7 @@ ERROR = "card \x1b[2J\x1b]0;pwned\x07 declined\u202e\x9b31m"
 
 FLOWS_MODULE = textwrap.dedent(
     f'''
-    """Flows for tests/test_log.py."""
+    """Flows for tests/integration/test_log.py."""
     import os
 
     from flowsmith_worker import Flow

@@ -35,7 +35,7 @@ Names = Callable[[str], str]
 # (a line in FS_STARTED), then waits until the test creates FS_RELEASE (60 s at most).
 FLOWS_MODULE = textwrap.dedent(
     '''
-    """Flows for tests/test_worker_health.py."""
+    """Flows for tests/integration/test_worker_health.py."""
     import os
     import time
 

@@ -4,7 +4,7 @@
 lock (dialects.migration_lock) so concurrent runs from several processes are
 safe. It creates only fs_* tables and touches nothing else of the user's.
 Each version is its own module holding the literal tables it created, frozen:
-a fresh install replays them all, and tests/test_migrations.py checks that the
+a fresh install replays them all, and tests/integration/test_migrations.py checks that the
 result is the schema.py of today.
 """
 
