@@ -301,7 +301,8 @@ def test_a_step_that_succeeds_at_once_writes_no_attempt_row(
 ) -> None:
     """The success path is unchanged: claims, completions and chaining of steps that
     succeed at their first attempt send no statement about fs_attempts (while a retry
-    does, in the same listener). tests/contract/test_group_commit.py counts the batch's statements."""
+    does, in the same listener). tests/contract/test_group_commit.py counts the batch's
+    statements."""
     engine = storage.engine  # type: ignore[attr-defined]
     ok = Flow(unique("ok"), storage=storage).step("a", lambda ctx: 1).step("b", lambda ctx: 2)
     with ok.parallel() as group:

@@ -380,7 +380,8 @@ def test_snapshots_written_by_older_versions_are_ignored(storage: Storage, uniqu
     """Rows from before schema 3's code kept the final data in fs_flows.output; it is
     ignored: ctx.data, the trace and the run's output are always rebuilt from the run's
     input and completed outputs (which never change, so for real old rows the two agree).
-    The per-node snapshots of fs_nodes.input went with schema 4 (tests/integration/test_migrations.py)."""
+    The per-node snapshots of fs_nodes.input went with schema 4
+    (tests/integration/test_migrations.py)."""
     seen: list[dict[str, Any]] = []
     flow = Flow(unique("f"), storage=storage).step("a", lambda ctx: "A")
     flow.step("b", lambda ctx: seen.append(dict(ctx.data)) or "B")
