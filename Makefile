@@ -75,10 +75,10 @@ db-up: $(DEV_STAMP) ## PostgreSQL 16 + MySQL 8 via compose if Docker answers, el
 	@if docker info >/dev/null 2>&1; then docker compose up -d postgres mysql && \
 	  echo "FLOWSMITH_TEST_POSTGRES_URL=postgresql://flowsmith:flowsmith@127.0.0.1:5432/flowsmith" && \
 	  echo "FLOWSMITH_TEST_MYSQL_URL=mysql://flowsmith:flowsmith@127.0.0.1:3306/flowsmith"; \
-	else $(BIN)/python tests/servers.py up; fi
+	else $(BIN)/python -m tests.servers up; fi
 
 db-down: $(DEV_STAMP) ## stop what db-up started
-	@if docker info >/dev/null 2>&1; then docker compose down; else $(BIN)/python tests/servers.py down; fi
+	@if docker info >/dev/null 2>&1; then docker compose down; else $(BIN)/python -m tests.servers down; fi
 
 migrate-postgres: $(STAMP) ## flowsmith migrate on $$FLOWSMITH_TEST_POSTGRES_URL
 	$(BIN)/flowsmith migrate --url "$$FLOWSMITH_TEST_POSTGRES_URL"

@@ -1,7 +1,9 @@
-"""Fixtures shared by the suite.
+"""Fixtures shared by every tier of the suite (tests/README.md says which test goes where).
 
 ``storage`` runs a test on every backend: memory, sqlite, and the real
-PostgreSQL and MariaDB servers that tests/servers.py starts once per session.
+PostgreSQL and MariaDB servers that tests/servers/ starts once per session;
+``sql_url`` and ``database_url`` give a fresh database of one SQL backend. A
+fixture only one tier uses lives in that tier's conftest.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from flowsmith_worker import config, registry
 from flowsmith_worker.log import LogEvent
 from flowsmith_worker.storage import InMemoryStorage, create_storage
 from flowsmith_worker.storage.base import Storage
-from tests.servers import DatabaseServer, mysql_server, postgres_server  # noqa: F401 - fixtures
+from tests.servers import DatabaseServer
+from tests.servers.fixtures import mysql_server, postgres_server  # noqa: F401 - fixtures
 
 BACKENDS = ["memory", "sqlite", "postgresql", "mysql"]
 SQL_BACKENDS = ["sqlite", "postgresql", "mysql"]

@@ -1,6 +1,6 @@
 """The databases measured: one per backend, on servers started with durable settings.
 
-PostgreSQL and MariaDB are started by tests/servers.py with fsync on (its
+PostgreSQL and MariaDB are started by tests/servers/ with fsync on (its
 ``fast=False``), as production runs them; SQLite is a file in the benchmark's
 temporary directory, with FlowSmith's own settings (WAL, synchronous=NORMAL).
 One database serves every phase of a backend and is emptied between phases:

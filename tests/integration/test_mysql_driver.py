@@ -20,7 +20,7 @@ from flowsmith_worker.flow import Flow
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.sql import SqlStorage
 from tests.conftest import database_url
-from tests.servers import _kill_mysql_sessions
+from tests.servers.admin import kill_mysql_sessions
 
 Names = Callable[[str], str]
 
@@ -107,7 +107,7 @@ def test_a_connection_the_server_dropped_is_replaced_without_an_error(
             "SELECT count(*) FROM information_schema.processlist "
             "WHERE db = DATABASE() AND id <> CONNECTION_ID()"
         ).scalar()
-        _kill_mysql_sessions(conn, str(url.database))
+        kill_mysql_sessions(conn, str(url.database))
     admin.dispose()
     assert alive
     run = flow.run({}, tracking_id=unique("t"))
