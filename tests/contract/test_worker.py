@@ -7,6 +7,7 @@ whole lease writes no outcome (the node may be running elsewhere by then).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 
 from flowsmith_worker import Flow, FlowStatus, NodeStatus, Worker
 from flowsmith_worker.storage import schema
-from flowsmith_worker.storage.base import Storage
+from flowsmith_worker.storage.base import Storage, WorkerRecord
 from tests.conftest import eventually
 
 Names = Callable[[str], str]
@@ -164,3 +165,40 @@ def test_a_stopped_worker_in_process_leaves_a_running_step_to_its_lease(
     assert taken == []
     release.set()
     assert run.wait(timeout=10) == {"slow": True}
+
+
+def test_workers_register_heartbeat_and_dead_ones_are_removed(storage: Storage) -> None:
+    """fs_workers keeps each worker's identity and in-flight count; a worker silent for
+    three of its leases is removed, a live one stays until it unregisters."""
+    record = WorkerRecord("w-dead", "host-a", 41, "0.1.0", ("default",), 4, 0.2, 0, 0.0, 0.0)
+    storage.register_worker(worker=record)
+    storage.register_worker(
+        worker=WorkerRecord("w-live", "host-b", 42, "0.1.0", ("a", "b"), 8, 60, 0, 0.0, 0.0)
+    )
+    storage.worker_heartbeat(worker_id="w-live", in_flight=3)
+    time.sleep(0.8)  # three leases of w-dead (0.2 s) pass without its heartbeat
+    assert storage.remove_dead_workers() == 1
+    [live] = storage.list_workers()
+    assert (live.id, live.host, live.pid, live.queues, live.in_flight) == (
+        "w-live",
+        "host-b",
+        42,
+        ("a", "b"),
+        3,
+    )
+    assert live.heartbeat_at >= live.started_at > 0
+    storage.unregister_worker(worker_id="w-live")
+    assert storage.list_workers() == []
+
+
+def test_a_running_worker_is_listed_and_gone_after_a_clean_stop(storage: Storage) -> None:
+    """A Worker run in a thread lists itself with this process's pid and unregisters when
+    it stops cleanly."""
+    worker = Worker(storage=storage, poll_interval=0.05)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    [listed] = eventually(storage.list_workers, timeout=10)
+    assert (listed.id, listed.pid) == (worker.id, os.getpid())
+    worker.stop()
+    thread.join(30)
+    assert storage.list_workers() == []

@@ -1,4 +1,5 @@
-"""`flowsmith demo` on a terminal: its progress bar, its estimate, its closing hints."""
+"""`flowsmith demo`: every order completed despite the killed workers, and on a terminal
+its progress bar, its estimate, its closing hints."""
 
 from __future__ import annotations
 
@@ -100,3 +101,30 @@ def test_the_time_left_comes_from_the_steps_pace_not_from_the_start_up() -> None
     assert pace.seconds_left(2.6, 220) == pytest.approx(980 / 200)
     assert pace.seconds_left(3.6, 420) == pytest.approx(780 / 200)
     assert pace.seconds_left(9.0, 1200) == 0
+
+
+def test_the_demo_completes_every_order_and_rescues_the_killed_workers_steps(
+    tmp_path: Path,
+) -> None:
+    """`flowsmith demo` (what `make demo` runs) ends with every flow completed."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowsmith_worker",
+            "demo",
+            "--flows",
+            "60",
+            "--db",
+            str(tmp_path / "demo.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SIGKILL -> worker 1" in done.stdout
+    assert "flows completed   60" in done.stdout
+    assert "steps completed   240" in done.stdout
+    assert time.monotonic() - started < 60

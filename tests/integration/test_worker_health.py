@@ -1,8 +1,8 @@
 """Health and metrics that mean what they say, and a graceful stop however it is asked.
 
 The backlog gauges on every backend (one worker per queue reports them); real
-`flowsmith worker` processes for /readyz while draining and for Ctrl-C through
-a pipe whose reader dies with it.
+`flowsmith worker` processes for /readyz while draining, for Ctrl-C through
+a pipe whose reader dies with it, and for --metrics-port and --metrics-host.
 """
 
 from __future__ import annotations
@@ -181,10 +181,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _probe(port: int, path: str) -> tuple[int, str]:
+def _probe(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
     """The status and body of GET path; (0, "") while nothing listens."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -333,3 +333,74 @@ def _accept_connections(server: DatabaseServer, name: str, *, accept: bool) -> N
                 ),
                 {"n": name},
             )
+
+
+def test_worker_serves_metrics_and_healthz(tmp_path: Path, unique: Names) -> None:
+    """A real `flowsmith worker --metrics-port` counts the steps it ran and reports healthy,
+    on 127.0.0.1 only by default (another address of this machine, 127.0.0.2, is refused)."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    storage = create_storage(url)
+    storage.migrate()
+    name = unique("metered")
+    (tmp_path / "meteredflows.py").write_text(
+        "from flowsmith_worker import Flow\n"
+        f"flow = Flow({name!r}).step('one', lambda ctx: 1).step('two', lambda ctx: 2)\n"
+    )
+    flow = Flow(name, storage=storage).step("one", lambda ctx: 1).step("two", lambda ctx: 2)
+    for i in range(3):
+        flow.run({}, tracking_id=f"{name}-{i}")
+    port = _free_port()
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowsmith_worker",
+            "worker",
+            "meteredflows",
+            "--url",
+            url,
+            "--metrics-port",
+            str(port),
+            "--poll-interval",
+            "0.05",
+            "--log-format",
+            "json",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        eventually(lambda: _probe(port, "/healthz")[0] == 200, timeout=20)
+        line = f'flowsmith_steps_completed_total{{flow="{name}",queue="default",step="two"}} 3.0'
+        eventually(lambda: line in _probe(port, "/metrics")[1], timeout=20)
+        assert "flowsmith_step_duration_seconds_bucket" in _probe(port, "/metrics")[1]
+        assert _probe(port, "/healthz", host="127.0.0.2")[0] == 0
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert worker.returncode == 0
+
+
+def test_worker_metrics_host_option_opens_every_interface(tmp_path: Path) -> None:
+    """`flowsmith worker --metrics-host 0.0.0.0` (what a container needs) answers
+    /healthz on another address of this machine too."""
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    storage = create_storage(url)
+    storage.migrate()
+    storage.close()
+    (tmp_path / "noflows.py").write_text("")
+    port = _free_port()
+    command = ["worker", "noflows", "--url", url, "--metrics-port", str(port)]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flowsmith_worker", *command, "--metrics-host", "0.0.0.0"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        eventually(lambda: _probe(port, "/healthz", host="127.0.0.2")[0] == 200, timeout=20)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert worker.returncode == 0
