@@ -18,6 +18,10 @@ turn to lead). Each wake-up is a plain lock released, not a Future's condition.
 A step's slot stays taken until its outcome has committed: a crash before
 then leaves the node RUNNING, and it is rescued when its lease expires. So a
 finished step is never lost and never runs twice because of the batching.
+
+Must never answer a writer before its outcome has committed (or failed), write one
+batch in more than one transaction, wait on a timer, or let one item its run cannot
+take fail the others (the batch is then written item by item).
 """
 
 from __future__ import annotations

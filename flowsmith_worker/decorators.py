@@ -58,6 +58,10 @@ Decisions, written down:
 * A mistake in the definition (a decorator outside a ``@workflow`` body, a
   workflow or ``@parallel`` block without steps, an exception in the body)
   raises at import time, and an aborted definition is not left registered.
+
+Owns only the spelling. Must never write to a storage or keep state beyond the flow
+being built: every definition ends in the Flow builder, so both APIs give the same
+plan and run on the same engine.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ application's side effects as broken as a stuck thread does.
 the lease and the fencing of a sync step. They can be stopped: past its
 timeout the coroutine is cancelled, and once it has ended the attempt fails
 with StepTimeout, as above.
+
+Owns one attempt, from its step's call to its written outcome. Must never let
+anything a step does escape to the worker, never write an outcome without its
+lease's fence or once the lease may have lapsed (``lease_held``), and never decide
+what the run does next: the storage does, with progress.py.
 """
 
 from __future__ import annotations

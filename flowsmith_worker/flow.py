@@ -1,4 +1,11 @@
-"""Flow definitions: steps, parallel groups, subflows, and running them."""
+"""Flow definitions: steps, parallel groups, subflows, and running them.
+
+Owns a flow's definition (its stages, each step checked as it is added), its Plan,
+and the enqueue request: input, tracking_id and start time are checked here, so a bad
+run is refused before anything is written. Must never run a step or decide how a run
+moves on: ``run`` hands the storage one NewFlow and returns a FlowRun at once; the
+workers run the steps, and progress.py decides what comes next.
+"""
 
 from __future__ import annotations
 

@@ -11,6 +11,10 @@ What it cannot do: run while a step holds the GIL in one long C call. Then
 nothing of the process runs, and the lease can expire; ``LeaseTimes`` lets the
 worker notice afterwards and keep quiet rather than write an outcome for a node
 that may already run elsewhere.
+
+Must never renew a lease this process cannot be sure it still holds
+(``LeaseTimes.held``), nor give up after a failed renewal: it tries again every
+RETRY_SECONDS, never later than the next lease/3.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ A plan is stored with every run (fs_flows.plan) so that a deploy which adds,
 removes or reorders steps does not derail runs already in flight. A stage is
 one step, or the steps of one parallel group; stage ``i`` starts only when every
 step of stage ``i - 1`` is done.
+
+Owns the frozen Plan and its JSON form. A plan holds names and counts, never step
+functions, so any process can read any stored plan; it is written once with its run
+and must never be rewritten (a retry changes nodes, not the plan).
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ know is a run that is not over, as the storages always treated it.
 
 ``context_data`` is the one definition of ctx.data: the run's input plus the
 outputs of the steps that completed before, in plan order.
+
+Must never do I/O: no database, no clock, no log, no randomness. Every input is a
+plain value passed in, so each rule is one pure function that a table of cases pins.
 """
 
 from __future__ import annotations

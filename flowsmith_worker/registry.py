@@ -2,6 +2,9 @@
 
 A worker never runs a name read from a row: it looks the name up here, and a
 name that is not here fails the attempt with a message saying what to import.
+
+Owns this process's map of names to Flows (thread-safe). Must never import a module
+or build a flow itself: what a worker can run is exactly what its process imported.
 """
 
 from __future__ import annotations

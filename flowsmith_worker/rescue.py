@@ -4,6 +4,11 @@ A node whose worker died (or lost the database for longer than its lease)
 stays RUNNING until its lease expires; then any rescuer puts it back to
 PENDING without using up a retry, or fails it once the step's max_rescues
 is used up.
+
+Owns when to rescue (jittered, so workers started together do not rescue in step)
+and the log line of each rescue. What a rescue does is Storage.rescue_expired's,
+decided by progress.after_lost_lease on the database clock: this module must never
+judge a lease by this host's clock, nor let a failed pass end the watchdog thread.
 """
 
 from __future__ import annotations

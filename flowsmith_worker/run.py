@@ -1,4 +1,11 @@
-"""FlowRun: the handle flow.run() returns, and get_run() finds again by tracking_id."""
+"""FlowRun: the handle flow.run() returns, and get_run() finds again by tracking_id.
+
+Owns reading one run for its caller: status, trace, and wait (each poll reads the
+run's status only; its ctx.data is read once, at the end). Cancel and retry are the
+storage's: a FlowRun must never decide itself whether they are allowed, never keep
+state besides (storage, flow name, tracking_id), so a handle made in any process is
+the same, and never show an unreadable row's placeholders as the run's state.
+"""
 
 from __future__ import annotations
 

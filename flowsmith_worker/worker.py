@@ -6,6 +6,13 @@ leases of in-flight nodes, all in one statement; run every lease/3 by a thread
 of its own, see heartbeat.py) and ``rescue_once`` (the watchdog, folded into
 every worker). The loop around them is trivial: it sleeps on an event, so a
 freed slot, a NOTIFY or a stop signal wakes it at once.
+
+Owns its slots (never more steps in flight than ``concurrency``), the loop, the
+chain of a run's steps in one slot, and a graceful stop. Must never free a slot
+before its step's outcome has committed, never renew leases from the main loop (it
+may stall), never hand back a node whose call still runs in this process (only
+``release_unfinished``, right before the process exits), and never die of a failed
+turn: it backs off and tries again.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ One implementation, SqlStorage, serves SQLite, PostgreSQL and MySQL/MariaDB;
 InMemoryStorage is the same class on a private temporary SQLite database. The
 contract suite (tests/contract/test_contract.py) runs over all of them. The words used
 here name the log events and the tests too.
+
+Owns the interface and the value types every layer shares (statuses, Lease, the
+records). Must never hold a backend's code or a rule of the state machine (that is
+progress.py's), and never hand out a driver's row or connection.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ and set nothing on it (no type registrations, no isolation level), so the
 owner finds its connection as it left it. The first use of a driver in a
 process only reads the server's version and settings on it, as SQLAlchemy
 does on its first connection.
+
+Must never commit, roll back, close or reconfigure a connection it was lent: the
+run commits or rolls back with the caller's own writes, never on its own.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ storage's own; only where the rows live differs: a SQLite file in a private
 temporary directory (mode 0700), deleted by close() or when the object is
 garbage-collected. Nothing of it outlives the process, so, as the name says, it
 is for tests, examples and the REPL; a worker in another process cannot see it.
+
+Must never grow logic of its own: a storage that behaved otherwise than SqlStorage
+would make the contract suite prove nothing.
 """
 
 from __future__ import annotations

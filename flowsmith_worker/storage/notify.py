@@ -4,6 +4,9 @@ Polling stays on as the fallback: a notification only shortens a sleep. The
 listener holds one dedicated autocommit connection outside the pool; when it
 drops, the listener reconnects with backoff and re-listens, and wakes the
 worker once in case something was enqueued meanwhile.
+
+Must never be needed for correctness: a lost notification only delays a claim until
+the next poll, and the listener never shares the pool's connections.
 """
 
 from __future__ import annotations

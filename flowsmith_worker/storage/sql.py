@@ -8,6 +8,12 @@ exactly once. Two paths take locks in another order — a cancel walking down to
 a subflow, or a subflow step locking the child run it adopts, while the child's
 completion walks up to its parent — and may deadlock; the database then aborts
 one and _transact runs it again.
+
+Owns the state machine's writes: each operation, a batch of outcomes included, in
+one transaction (sql_base._transact), locking runs before nodes. Must never write
+about an attempt without its lease's fence, split an operation across transactions,
+read this host's clock (times are the database's: dialect.now()), or decide a rule
+itself: progress.py decides, this module carries the answer out.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ writes nothing here.
 Each insert leaves an attempt already kept alone, and a start that is unknown
 (a row changed by hand) is taken as the end: the write that makes a node run
 again must never fail on its history.
+
+Must never open a transaction of its own: every function takes the connection of the
+write it belongs to.
 """
 
 from __future__ import annotations

@@ -2,6 +2,11 @@
 
 SqlStorage (sql.py) builds on it with the engine's operations, and
 SqlOperators (sql_operators.py) with what operators ask.
+
+Owns the engine, the transactions (``_transact``: one per operation, run again after
+a deadlock, a serialization failure or a dead connection; ``_read``: no writer's turn,
+no write lock on SQLite) and the translation of driver errors into ours. Must never
+let a raw driver error, or a URL with its password, reach the caller.
 """
 
 from __future__ import annotations

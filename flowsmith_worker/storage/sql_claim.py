@@ -20,6 +20,10 @@ and remembers to go there first until no cap is left.
 Statuses are literals, never bound parameters: with a parameter a prepared
 (generic) plan on PostgreSQL cannot use the partial index fs_nodes_runnable,
 whose predicate is status = 'PENDING', and scans the table instead.
+
+Owns the statements, not their sending (SqlStorage.claim_nodes sends them). This is
+the hot path: a change here must never add a statement or a round trip to a claim or
+to an idle poll.
 """
 
 from __future__ import annotations

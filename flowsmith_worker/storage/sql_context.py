@@ -13,6 +13,9 @@ Schema version 4 dropped fs_nodes.input, where older versions kept that copy.
 Values are parsed here, never trusted: a value that does not parse (a row
 changed outside FlowSmith) raises CorruptRow naming the column and the run, so
 the engine fails that run instead of rolling back the same claim forever.
+
+Must never trust a stored value, and never write: it reads what sql.py and
+sql_finish.py wrote.
 """
 
 from __future__ import annotations

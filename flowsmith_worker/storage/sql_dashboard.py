@@ -2,6 +2,8 @@
 
 SqlOperators (sql_operators.py) runs them; what they answer is put together
 here too. None is on the hot path of claiming and completing.
+
+Must never write: every statement built here is a SELECT.
 """
 
 from __future__ import annotations

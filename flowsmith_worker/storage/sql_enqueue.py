@@ -13,6 +13,9 @@ idempotent-trigger rules); this module only inserts runs that are new:
 - one, on PostgreSQL, without a caller's connection: one statement, sent in
   autocommit (no BEGIN or COMMIT round trip), that inserts the run, its first
   stage and the NOTIFY together, or nothing when the tracking_id exists.
+
+Must never decide what a trigger does to an existing tracking_id (sql.py does), and
+never commit a batch in parts.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ Everything else (parallel groups, a subflow's last step, replays, a run of which
 a batch holds several nodes) takes the general path, statement by statement.
 MySQL/MariaDB, with neither, send the parts one statement each, the batch as
 one JSON parameter unpacked with JSON_TABLE (see the end of this module).
+
+Runs inside the one transaction of Storage.complete_batch and must never open one of
+its own, nor decide what comes next (the storage did, with progress.py): it applies
+the moves it is given, fenced per row.
 """
 
 from __future__ import annotations

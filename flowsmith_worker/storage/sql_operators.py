@@ -2,6 +2,10 @@
 workers and queue limits, and the dashboard's questions (pages of runs, activity,
 subflow links, failure groups). Nothing here is on the hot path of claiming and
 completing.
+
+Must never change a run in flight: its writes are fs_workers, queue limits and
+prune, which deletes only finished runs (in short transactions of a batch each), and
+never a subflow run whose parent run is still stored.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ does not exist" (or "already exists"): ``heal_lost_statements`` makes
 SQLAlchemy take that for a dead connection, so the transaction runs once more
 on a new one, as after a restart. Behind a pooler in transaction mode that can
 keep happening: FLOWSMITH_PG_PREPARE=off sends the plain statements instead.
+
+Must never change what a statement does, only how it is sent.
 """
 
 from __future__ import annotations
