@@ -7,6 +7,7 @@ root, so a system server or its configuration cannot interfere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import shutil
@@ -80,21 +81,13 @@ class PostgresServer(LocalServer):
     _stop_signal = signal.SIGINT  # "fast" shutdown: abort transactions, disconnect
     _process_names = ("postgres",)
 
-    def __init__(
-        self,
-        kind: str,
-        base_dir: Path,
-        data_dir: Path,
-        port: int,
-        fast: bool,
-        detached: bool,
-        settings: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(kind, base_dir, data_dir, port, fast, detached, settings)
-        self._spares = _SparePool(self)
-        # A benchmark turns this off: a spare's CREATE DATABASE in the background
-        # writes megabytes of WAL into whatever it is measuring.
-        self.keep_spares = True
+    # A benchmark turns this off: a spare's CREATE DATABASE in the background
+    # writes megabytes of WAL into whatever it is measuring.
+    keep_spares = True
+
+    @functools.cached_property
+    def _spares(self) -> _SparePool:
+        return _SparePool(self)
 
     @classmethod
     def initialize(
