@@ -1,4 +1,4 @@
-"""The operators' commands (flowsmith_worker/cli_ops.py): status, flows, retry, cancel,
+"""The operators' commands (flowsmith_worker/cli/ops.py): status, flows, retry, cancel,
 prune, stats, workers, queue-limit.
 
 Runs are real: flows enqueued on a real database and run by an in-process
@@ -25,8 +25,8 @@ from click.testing import CliRunner, Result
 
 from flowsmith_worker import Context, Flow, Worker
 from flowsmith_worker.cli import main
-from flowsmith_worker.cli_format import format_duration, format_table, format_time
-from flowsmith_worker.cli_params import parse_duration, parse_when
+from flowsmith_worker.cli.format import format_duration, format_table, format_time
+from flowsmith_worker.cli.params import parse_duration, parse_when
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
     FlowFilter,
@@ -36,7 +36,7 @@ from flowsmith_worker.storage.base import (
     Storage,
     WorkerRecord,
 )
-from flowsmith_worker.storage.sql_operators import SqlOperators
+from flowsmith_worker.storage.sql.operators import SqlOperators
 from tests.conftest import eventually
 
 Names = Callable[[str], str]

@@ -1,4 +1,4 @@
-"""The command line's own parameter types: durations, moments, queue names.
+"""The command line's own parameter types: durations, moments, queue names, --url.
 
 Each turns what a person types (45s, 2024-05-01, emails,default) into a value
 or a usage error saying what to type instead, before any command runs.
@@ -17,6 +17,16 @@ import click
 from flowsmith_worker.errors import InvalidIdentifier
 from flowsmith_worker.flow import MAX_QUEUE_LENGTH
 from flowsmith_worker.identifiers import check_identifier
+
+URL_HELP = (
+    "Database URL (postgresql://, mysql://, sqlite:///path). "
+    "Default: $FLOWSMITH_DATABASE_URL, then $DATABASE_URL, then sqlite:///flowsmith.db."
+)
+
+
+def url_option(fn: Any) -> Any:
+    return click.option("--url", metavar="URL", help=URL_HELP, default=None, show_default=False)(fn)
+
 
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")

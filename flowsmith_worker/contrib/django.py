@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from flowsmith_worker.storage.lent import lend
+from flowsmith_worker.storage.sql.lent import lend
 
 
 def is_django_connection(connection: Any) -> bool:

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from flowsmith_worker.cli_params import parse_duration, parse_when
+from flowsmith_worker.cli.params import parse_duration, parse_when
 from flowsmith_worker.errors import InvalidIdentifier
 from flowsmith_worker.flow import MAX_TRACKING_ID_LENGTH
 from flowsmith_worker.identifiers import check_identifier

@@ -27,7 +27,7 @@ def create_storage(
     parsed = parse_database_url(url)
     if parsed.drivername == "memory":
         return InMemoryStorage()
-    from flowsmith_worker.storage.sql import SqlStorage
+    from flowsmith_worker.storage.sql.storage import SqlStorage
 
     try:
         return SqlStorage(parsed, pool or PoolSettings(), sqlite_mode)

@@ -22,7 +22,7 @@ from flowsmith_worker import payload
 from flowsmith_worker.config import PoolSettings, redact, redact_url
 from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, SchemaNotMigrated
 from flowsmith_worker.plan import Plan
-from flowsmith_worker.storage import migrations, notify, schema, sql_prepared
+from flowsmith_worker.storage import migrations, schema
 from flowsmith_worker.storage.base import (
     AttemptOutcome,
     AttemptRecord,
@@ -43,6 +43,8 @@ from flowsmith_worker.storage.dialects import (
     is_transient,
     is_worth_running_again,
 )
+from flowsmith_worker.storage.sql import notify
+from flowsmith_worker.storage.sql import prepared as sql_prepared
 
 T = TypeVar("T")
 F, N = schema.flows, schema.nodes
@@ -139,7 +141,7 @@ class SqlBase:
         with self._errors():
             if connection is not None:
                 # Imported on first use: the worker and most enqueues never pass one.
-                from flowsmith_worker.storage.lent import callers_transaction
+                from flowsmith_worker.storage.sql.lent import callers_transaction
 
                 with callers_transaction(connection, self.dialect) as conn:
                     return work(conn)

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.dialects import Dialect
-from flowsmith_worker.storage.sql_prepared import PreparedStatement
+from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
 F, N, Q = schema.flows, schema.nodes, schema.queues
 

@@ -31,8 +31,8 @@ from flowsmith_worker.storage.dialects import (
     is_duplicate_key,
     is_stale_connection,
 )
-from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, SqlBase, dumps
-from flowsmith_worker.storage.sql_prepared import PreparedStatement
+from flowsmith_worker.storage.sql.base import FLOW_STATE, F, N, SqlBase, dumps
+from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
 T = TypeVar("T")
 # Rows per INSERT or per IN (...) list: big enough that a statement's round trip
