@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from flowsmith_worker.config import configure
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
     ConnectionNotUsable,
@@ -38,7 +37,7 @@ from flowsmith_worker.flow import Flow
 from flowsmith_worker.rescue import start_watchdog
 from flowsmith_worker.retry import exponential, fixed
 from flowsmith_worker.run import FlowRun, get_run
-from flowsmith_worker.storage import InMemoryStorage, create_storage
+from flowsmith_worker.storage import InMemoryStorage, configure, create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from flowsmith_worker.version import __version__
 from flowsmith_worker.worker import Worker

@@ -13,11 +13,11 @@ import click
 
 from flowsmith_worker import payload
 from flowsmith_worker.cli.params import QueueNames, url_option
-from flowsmith_worker.config import configure, resolve_database_url
+from flowsmith_worker.config import resolve_database_url
 from flowsmith_worker.log import LOG_LEVELS, flush_output, setup_logging
 from flowsmith_worker.metrics import DEFAULT_METRICS_HOST, serve
 from flowsmith_worker.signals import stop_on_signals
-from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage import configure, create_storage
 from flowsmith_worker.storage.base import DEFAULT_QUEUE
 from flowsmith_worker.worker import (
     DEFAULT_CONCURRENCY,
