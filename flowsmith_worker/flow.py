@@ -15,7 +15,7 @@ from typing import Any
 
 from flowsmith_worker import event_loop, payload, registry
 from flowsmith_worker.context import Context
-from flowsmith_worker.schedule import instant_of, validate_cron
+from flowsmith_worker.cron import instant_of, validate_cron
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.identifiers import (
     MAX_TRACKING_ID_LENGTH as MAX_TRACKING_ID_LENGTH,  # re-exported: callers import it here
