@@ -25,8 +25,15 @@ from click.testing import CliRunner, Result
 
 from flowsmith_worker import Context, Flow, Worker
 from flowsmith_worker.cli import main
-from flowsmith_worker.cli.format import format_duration, format_table, format_time
-from flowsmith_worker.cli.params import parse_duration, parse_when
+from flowsmith_worker.cli.format import (
+    format_table,
+)
+from flowsmith_worker.readable import (
+    format_duration,
+    format_time,
+    parse_duration,
+    parse_when,
+)
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
     FlowFilter,

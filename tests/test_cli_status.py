@@ -25,9 +25,11 @@ from flowsmith_worker.cli import status as cli_status
 from flowsmith_worker.cli.format import (
     TABLE_WIDTH,
     Styled,
+    format_table,
+)
+from flowsmith_worker.readable import (
     format_both,
     format_relative,
-    format_table,
     iso_time,
 )
 from flowsmith_worker.storage.base import Lease, Storage

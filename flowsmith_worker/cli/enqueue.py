@@ -19,11 +19,13 @@ from flowsmith_worker import registry
 from flowsmith_worker.cli.format import (
     echo,
     echo_json,
-    format_duration,
     json_option,
 )
 from flowsmith_worker.cli.ops import open_storage
-from flowsmith_worker.cli.params import Duration, url_option
+from flowsmith_worker.cli.params import (
+    Duration,
+    url_option,
+)
 from flowsmith_worker.cli.worker import MODULES_ENV_VAR, import_modules
 from flowsmith_worker.errors import (
     FlowNotDefined,
@@ -32,6 +34,9 @@ from flowsmith_worker.errors import (
     RunAlreadyEnqueued,
 )
 from flowsmith_worker.flow import Flow
+from flowsmith_worker.readable import (
+    format_duration,
+)
 from flowsmith_worker.storage.base import EnqueueResult
 
 _JSON_KINDS: dict[type, str] = {

@@ -1,19 +1,14 @@
 """The operators' commands: flows, retry, cancel, prune, stats, workers, queue-limit,
-and what they share with status (cli_status.py) and enqueue (cli_enqueue.py).
+and what they share with status (cli/status.py) and enqueue (cli/enqueue.py).
 
-They are defined on the `flowsmith` group of cli.py, which imports this module
-at its end. Each command opens its own storage, asks it one or two questions,
-closes it, and prints a table that fits 100 columns, times relative to the
-database clock ("3m05s ago"); --wide prints whole cells and UTC times, --json
-every field with ISO-8601 times. Colour only on a terminal, never under NO_COLOR.
+cli/app.py adds them to the `flowsmith` group. Each command opens its own
+storage, asks it one or two questions, closes it, and prints a table that fits
+100 columns, times relative to the database clock ("3m05s ago"); --wide prints
+whole cells and UTC times, --json every field with ISO-8601 times. Colour only
+on a terminal, never under NO_COLOR.
 
-Exit codes (also in every command's help and the group's):
-
-    0  success (status: the run is COMPLETED, RUNNING or PENDING)
-    1  status: the run FAILED or was CANCELLED; any command: an error or a refusal
-    2  usage error (click)
-    3  no flow run has that tracking_id (enqueue: no flow has that name)
-    4  enqueue: a run already has that tracking_id
+Exit codes: the group's help lists them (cli/app.py); an error's type carries
+its own (errors.py), so no command writes one.
 """
 
 from __future__ import annotations
@@ -28,21 +23,21 @@ import click
 
 from flowsmith_worker.cli.format import (
     TABLE_WIDTH,
-    UNREADABLE_CELL,
     Styled,
     echo,
     echo_json,
     echo_painted,
-    format_duration,
-    format_moment,
     format_table,
-    format_time,
     json_option,
     last_line,
-    short_worker,
     status_text,
 )
-from flowsmith_worker.cli.params import Ago, Duration, Since, url_option
+from flowsmith_worker.cli.params import (
+    Ago,
+    Duration,
+    Since,
+    url_option,
+)
 from flowsmith_worker.config import resolve_database_url
 from flowsmith_worker.errors import (
     FlowNotFound,
@@ -51,6 +46,13 @@ from flowsmith_worker.errors import (
 from flowsmith_worker.flow import MAX_TRACKING_ID_LENGTH
 from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.progress import RESUMED_ON_RETRY
+from flowsmith_worker.readable import (
+    UNREADABLE_CELL,
+    format_duration,
+    format_moment,
+    format_time,
+    short_worker,
+)
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
     AttemptRecord,

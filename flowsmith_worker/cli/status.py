@@ -16,23 +16,16 @@ import click
 
 from flowsmith_worker.cli.format import (
     TABLE_WIDTH,
-    UNREADABLE_CELL,
     Styled,
     clip,
     echo,
     echo_json,
     echo_painted,
-    format_both,
-    format_duration,
-    format_moment,
-    format_relative,
     format_table,
-    format_time,
     json_option,
     last_line,
     paint,
     printable,
-    short_worker,
     status_text,
 )
 from flowsmith_worker.cli.ops import (
@@ -44,7 +37,19 @@ from flowsmith_worker.cli.ops import (
     status_cell,
     wide_option,
 )
-from flowsmith_worker.cli.params import Duration, url_option
+from flowsmith_worker.cli.params import (
+    Duration,
+    url_option,
+)
+from flowsmith_worker.readable import (
+    UNREADABLE_CELL,
+    format_both,
+    format_duration,
+    format_moment,
+    format_relative,
+    format_time,
+    short_worker,
+)
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     AttemptRecord,

@@ -32,7 +32,6 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from flowsmith_worker import progress
-from flowsmith_worker.cli.format import format_duration, format_time, short_worker
 from flowsmith_worker.config import redact, resolve_database_url
 from flowsmith_worker.dashboard import forms, views
 from flowsmith_worker.dashboard.security import (
@@ -44,6 +43,11 @@ from flowsmith_worker.dashboard.security import (
     new_csrf_cookie,
 )
 from flowsmith_worker.errors import FlowNotFound, FlowSmithError, Refused
+from flowsmith_worker.readable import (
+    format_duration,
+    format_time,
+    short_worker,
+)
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowRecord, FlowStatus, Storage
 from flowsmith_worker.storage.sql.dashboard import error_message
