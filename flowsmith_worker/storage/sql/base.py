@@ -1,7 +1,7 @@
 """The plumbing every SQL operation shares: engine, transactions, errors, records.
 
 SqlStorage (sql.py) builds on it with the engine's operations, and
-SqlOperators (sql_operators.py) with what operators ask.
+SqlOperators (sql/operators.py) with what operators ask.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class SqlBase:
         self.dialect = dialect_of(self.engine)
         self.supports_notify = self.dialect.supports_notify
         self.url_for_display = redact_url(url.render_as_string(hide_password=False))
-        # The hot statements are PREPAREd on PostgreSQL (see sql_prepared.py).
+        # The hot statements are PREPAREd on PostgreSQL (see sql/prepared.py).
         self.prepares = self.dialect.name == "postgresql" and sql_prepared.wanted()
         if self.prepares:
             sql_prepared.heal_lost_statements(self.engine)

@@ -210,7 +210,7 @@ class SqlOperators(SqlBase):
             conditions.append(sql_dashboard.older_than(where.after))
         return conditions
 
-    # -- the dashboard (its statements: sql_dashboard.py) ----------------------------
+    # -- the dashboard (its statements: sql/dashboard.py) ----------------------------
 
     def overview(self, *, window_seconds: float, buckets: int, finished_within: float) -> Overview:
         def work(conn: Connection) -> Overview:

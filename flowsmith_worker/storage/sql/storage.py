@@ -366,7 +366,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
     ) -> list[ClaimedNode]:
         """Claim in the fewest statements; through the queues' caps only while one is set.
 
-        See sql_claim.py. The queue lists found capped are remembered, so their
+        See sql/claim.py. The queue lists found capped are remembered, so their
         claims go straight to the capped path until a claim there finds no cap.
         """
         if limit <= 0:
@@ -677,7 +677,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
     def _finish_in_one(
         self, conn: Connection, together: FinishBatch, chain: Chain | None
     ) -> list[Written | None]:
-        """Apply the moves of ``together`` set-based (sql_finish.py); the answers in its
+        """Apply the moves of ``together`` set-based (sql/finish.py); the answers in its
         order, None for an item deferred to the general path."""
         applied = together.apply(conn, self.dialect.name, chain, prepare=self.prepares)
         won = applied.won
