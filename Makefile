@@ -54,9 +54,10 @@ test-unit: $(DEV_STAMP) ## in-memory and SQLite tests only
 test-integration: $(DEV_STAMP) ## the tests on real PostgreSQL and MariaDB servers
 	$(BIN)/python -m pytest -m "postgres or mysql" $(PYTEST_ARGS)
 
-lint: $(DEV_STAMP) ## ruff and mypy --strict
+lint: $(DEV_STAMP) ## ruff, mypy --strict and the import layering (lint-imports)
 	$(BIN)/ruff check flowsmith_worker tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(DEV_STAMP) ## throughput, latency, per-step costs on every backend (durable settings; ~10 min)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)

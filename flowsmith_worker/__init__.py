@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from flowsmith_worker.config import configure
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
     ConnectionNotUsable,
@@ -12,6 +11,7 @@ from flowsmith_worker.errors import (
     DuplicateFlowName,
     FlowAlreadyCompleted,
     FlowCancelled,
+    FlowNotDefined,
     FlowNotFound,
     FlowSmithError,
     FlowSmithNotConfigured,
@@ -22,8 +22,11 @@ from flowsmith_worker.errors import (
     PayloadRejected,
     PayloadTooDeep,
     PayloadTooLarge,
+    Refused,
+    RunAlreadyEnqueued,
     RunNotCancellable,
     RunNotRetryable,
+    RunStatusUnreadable,
     SchemaNotMigrated,
     StepFailed,
     StepOutputNotJSON,
@@ -38,7 +41,7 @@ from flowsmith_worker.flow import Flow
 from flowsmith_worker.rescue import start_watchdog
 from flowsmith_worker.retry import exponential, fixed
 from flowsmith_worker.run import FlowRun, get_run
-from flowsmith_worker.storage import InMemoryStorage, create_storage
+from flowsmith_worker.storage import InMemoryStorage, configure, create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from flowsmith_worker.version import __version__
 from flowsmith_worker.worker import Worker
@@ -54,6 +57,7 @@ __all__ = [
     "Flow",
     "FlowAlreadyCompleted",
     "FlowCancelled",
+    "FlowNotDefined",
     "FlowNotFound",
     "FlowRun",
     "FlowSmithError",
@@ -68,8 +72,11 @@ __all__ = [
     "PayloadRejected",
     "PayloadTooDeep",
     "PayloadTooLarge",
+    "Refused",
+    "RunAlreadyEnqueued",
     "RunNotCancellable",
     "RunNotRetryable",
+    "RunStatusUnreadable",
     "SchemaNotMigrated",
     "StepFailed",
     "StepOutputNotJSON",

@@ -1,5 +1,5 @@
 """`python -m flowsmith_worker` is `flowsmith`."""
 
-from flowsmith_worker.cli import main
+from flowsmith_worker.cli.app import main
 
 main()

@@ -3,6 +3,8 @@
 The URL is looked up in this order: the ``database_url`` argument (or ``--url``),
 ``FLOWSMITH_DATABASE_URL``, ``DATABASE_URL``, then ``sqlite:///flowsmith.db`` in
 the working directory (configure() logs a warning when it falls back to that file).
+Pure settings only: the process-wide storage that configure() sets lives beside
+the storage factory (flowsmith_worker.storage), so this module imports none of it.
 Passwords never leave this module unredacted, and every password seen here is
 scrubbed from the text we print or log (``redact``).
 """
@@ -14,16 +16,11 @@ import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 
-from flowsmith_worker import payload
-from flowsmith_worker.errors import FlowSmithNotConfigured, InvalidDatabaseURL
-
-if TYPE_CHECKING:
-    from flowsmith_worker.storage.base import Storage
+from flowsmith_worker.errors import InvalidDatabaseURL
 
 DEFAULT_DATABASE_URL = "sqlite:///flowsmith.db"
 URL_ENV_VARS = ("FLOWSMITH_DATABASE_URL", "DATABASE_URL")
@@ -62,24 +59,11 @@ class PoolSettings:
 
 def resolve_database_url(explicit: str | None = None) -> str:
     """The URL to use: the argument, then the environment, then the SQLite default."""
-    return explicit or _url_from_environment() or DEFAULT_DATABASE_URL
+    return explicit or url_from_environment() or DEFAULT_DATABASE_URL
 
 
-def _url_from_environment() -> str | None:
+def url_from_environment() -> str | None:
     return next((os.environ[name] for name in URL_ENV_VARS if os.environ.get(name)), None)
-
-
-def _warn_of_the_default_database() -> None:
-    """An application whose environment lost its URL would otherwise enqueue into a
-    local file that no worker reads, without a word."""
-    from flowsmith_worker.log import get_logger  # log imports this module
-
-    get_logger(__name__).warning(
-        "database.default_used",
-        file=os.path.abspath(sa.make_url(DEFAULT_DATABASE_URL).database or ""),
-        hint=f"no database URL was given and {' and '.join(URL_ENV_VARS)} are unset: "
-        f"set {URL_ENV_VARS[0]} (or pass the URL) to use your database",
-    )
 
 
 # Query parameters and libpq keywords that carry a secret (?password=, password=...).
@@ -221,65 +205,3 @@ def parse_database_url(url: str) -> sa.URL:
             f"{redact_url(url)!r}; expected one of: {_SUPPORTED}"
         )
     return parsed
-
-
-_lock = threading.Lock()
-_default_storage: Storage | None = None
-
-
-def configure(
-    database_url: str | None = None,
-    *,
-    pool_min: int = DEFAULT_POOL_MIN,
-    pool_max: int = DEFAULT_POOL_MAX,
-    pool_timeout: float = DEFAULT_POOL_TIMEOUT,
-    max_payload_bytes: int | None = None,
-) -> Storage:
-    """Set the process-wide storage that flows and workers use by default.
-
-    ``max_payload_bytes`` sets the largest input or output stored, as JSON
-    (see flowsmith_worker.payload); None keeps the limit in force.
-    """
-    from flowsmith_worker.storage import create_storage
-
-    if max_payload_bytes is not None:
-        payload.set_limits(payload.PayloadLimits(max_bytes=max_payload_bytes))
-
-    url = database_url or _url_from_environment()
-    if url is None:
-        _warn_of_the_default_database()
-        url = DEFAULT_DATABASE_URL
-    storage = create_storage(
-        url, PoolSettings(pool_min=pool_min, pool_max=pool_max, pool_timeout=pool_timeout)
-    )
-    global _default_storage
-    with _lock:
-        old, _default_storage = _default_storage, storage
-    if old is not None:
-        old.close()
-    return storage
-
-
-def default_storage() -> Storage:
-    """The configured storage; configured from the environment if a URL is set there."""
-    with _lock:
-        storage = _default_storage
-    if storage is not None:
-        return storage
-    if any(os.environ.get(name) for name in URL_ENV_VARS):
-        return configure()
-    raise FlowSmithNotConfigured(
-        "FlowSmith is not configured: call flowsmith.configure(database_url=...) "
-        "or set FLOWSMITH_DATABASE_URL (configure() with no URL uses "
-        f"{DEFAULT_DATABASE_URL})"
-    )
-
-
-def reset() -> None:
-    """Forget the configured storage and payload limit (tests)."""
-    payload.set_limits(None)
-    global _default_storage
-    with _lock:
-        old, _default_storage = _default_storage, None
-    if old is not None:
-        old.close()

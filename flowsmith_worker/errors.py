@@ -2,13 +2,24 @@
 
 One base, ``FlowSmithError``; each subclass's docstring is its default message.
 Driver errors are wrapped with ``raise ... from`` so the cause stays visible.
+Each type carries the exit code `flowsmith` ends with when a command meets it:
+the engine raises the type where its rule lives, and the command line maps
+types to output in one place (cli/app.py), never re-checking the rule.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+EXIT_ERROR = 1  # any error, and any refusal that is not one of those below
+EXIT_NOT_FOUND = 3  # no run has that tracking_id (enqueue: no flow has that name)
+EXIT_TAKEN = 4  # enqueue: a run already has that tracking_id; nothing was enqueued
+
 
 class FlowSmithError(Exception):
     """FlowSmith Worker failed."""
+
+    exit_code: ClassVar[int] = EXIT_ERROR
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
@@ -54,8 +65,22 @@ class DuplicateFlowName(FlowSmithError):
 class FlowNotFound(FlowSmithError):
     """No flow run has that tracking_id."""
 
+    exit_code = EXIT_NOT_FOUND
 
-class FlowAlreadyCompleted(FlowSmithError):
+
+class FlowNotDefined(FlowSmithError):
+    """No flow of that name is defined in this process: import the module that defines it."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class RunAlreadyEnqueued(FlowSmithError):
+    """A run already has that tracking_id: nothing was enqueued."""
+
+    exit_code = EXIT_TAKEN
+
+
+class FlowAlreadyCompleted(RunAlreadyEnqueued):
     """A flow with this tracking_id has already completed; it will not run again."""
 
     @classmethod
@@ -66,7 +91,7 @@ class FlowAlreadyCompleted(FlowSmithError):
         )
 
 
-class TrackingIdTaken(FlowSmithError):
+class TrackingIdTaken(RunAlreadyEnqueued):
     """The tracking_id belongs to a run of another flow."""
 
     @classmethod
@@ -132,7 +157,24 @@ class UnreadableRow(FlowSmithError):
     not JSON, e.g. written by hand or by a newer version): `flowsmith status` shows which."""
 
 
-class RunNotRetryable(FlowSmithError):
+class Refused(FlowSmithError):
+    """The run's state does not allow this: nothing was done."""
+
+
+class RunStatusUnreadable(Refused):
+    """The run's stored status cannot be read: nothing is done to it until it is fixed."""
+
+    @classmethod
+    def for_run(cls, tracking_id: str, flow_name: str, why: str) -> RunStatusUnreadable:
+        statuses = "PENDING, RUNNING, COMPLETED, FAILED, CANCELLED"
+        return cls(
+            f"flow run {tracking_id!r} ({flow_name}) has a stored status that cannot be read "
+            f"({why}): nothing done; set fs_flows.status to one of {statuses} by hand, "
+            "or delete the run"
+        )
+
+
+class RunNotRetryable(Refused):
     """Only a FAILED run can be retried."""
 
     @classmethod
@@ -155,7 +197,7 @@ class RunNotRetryable(FlowSmithError):
         )
 
 
-class RunNotCancellable(FlowSmithError):
+class RunNotCancellable(Refused):
     """Only a pending or running run can be cancelled."""
 
     @classmethod

@@ -21,8 +21,8 @@ from datetime import datetime
 from typing import Any
 
 from flowsmith_worker import event_loop, payload, registry
-from flowsmith_worker.config import default_storage
 from flowsmith_worker.context import Context
+from flowsmith_worker.cron import instant_of, validate_cron
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.identifiers import (
     MAX_TRACKING_ID_LENGTH as MAX_TRACKING_ID_LENGTH,  # re-exported: callers import it here
@@ -32,7 +32,7 @@ from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
 from flowsmith_worker.run import FlowRun, find_run
-from flowsmith_worker.schedule import instant_of, validate_cron
+from flowsmith_worker.storage import default_storage
 from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
 
 # A step or condition is a plain function of ctx or an ``async def`` one.

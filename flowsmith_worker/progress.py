@@ -43,7 +43,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from flowsmith_worker.plan import Plan, PlannedStep
-from flowsmith_worker.storage.base import (
+from flowsmith_worker.records import (
     RESCUE_ERROR,
     AttemptOutcome,
     AttemptRecord,

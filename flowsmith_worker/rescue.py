@@ -17,9 +17,9 @@ import random
 import threading
 import time
 
-from flowsmith_worker.config import default_storage
 from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.log import get_logger
+from flowsmith_worker.storage import default_storage
 from flowsmith_worker.storage.base import RescuedNode, Storage
 
 log = get_logger(__name__)

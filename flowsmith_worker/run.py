@@ -13,9 +13,9 @@ import asyncio
 import time
 from typing import Any
 
-from flowsmith_worker.config import default_storage
 from flowsmith_worker.errors import FlowCancelled, FlowNotFound, StepFailed, UnreadableRow
 from flowsmith_worker.identifiers import MAX_TRACKING_ID_LENGTH, check_identifier
+from flowsmith_worker.storage import default_storage
 from flowsmith_worker.storage.base import FlowRecord, FlowStatus, NodeRecord, NodeStatus, Storage
 
 _FIRST_POLL_SECONDS = 0.01

@@ -1,6 +1,6 @@
 """Text from rows and steps made safe to show on a terminal.
 
-Shared by the CLI's human output (cli_format) and the worker's console logs
+Shared by the CLI's human output (cli/format.py) and the worker's console logs
 (log): both print tracking ids, names and errors that anyone who can enqueue a
 flow or raise in a step chose.
 """

@@ -32,7 +32,6 @@ from typing import TypeVar
 import tenacity
 
 from flowsmith_worker.batcher import CompletionBatcher
-from flowsmith_worker.config import default_storage
 from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.executor import Executed, Executor, Outcome
 from flowsmith_worker.health import Health
@@ -42,6 +41,7 @@ from flowsmith_worker.metrics import WorkerMetrics, queues_to_report
 from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.schedule import Scheduler
+from flowsmith_worker.storage import default_storage
 from flowsmith_worker.storage.base import (
     DEFAULT_QUEUE,
     Chain,

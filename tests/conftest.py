@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from flowsmith_worker import config, registry
+from flowsmith_worker import registry
 from flowsmith_worker.log import LogEvent
 from flowsmith_worker.storage import InMemoryStorage, create_storage
+from flowsmith_worker.storage import reset as reset_default_storage
 from flowsmith_worker.storage.base import Storage
 from tests.servers import DatabaseServer
 from tests.servers.fixtures import mysql_server, postgres_server  # noqa: F401 - fixtures
@@ -101,7 +102,7 @@ def unique() -> Callable[[str], str]:
 def _no_default_storage() -> Iterator[None]:
     """No test leaks its configure() into the next one."""
     yield
-    config.reset()
+    reset_default_storage()
 
 
 class _CapturedEvents(logging.Handler):

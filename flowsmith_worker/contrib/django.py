@@ -25,10 +25,6 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy.engine import Connection
-
-from flowsmith_worker.storage.lent import lend
-
 
 def is_django_connection(connection: Any) -> bool:
     """Whether ``connection`` is a Django database connection (or django.db.connection)."""
@@ -41,8 +37,10 @@ def is_django_connection(connection: Any) -> bool:
 
 
 @contextlib.contextmanager
-def transaction_of(connection: Any) -> Iterator[Connection]:
-    """A SQLAlchemy Connection in the transaction of Django's ``connection``.
+def transaction_of(connection: Any) -> Iterator[Any]:
+    """The DBAPI connection of Django's ``connection``, in its transaction; the
+    storage lends it to SQLAlchemy (storage/sql/lent.py), so this module needs
+    nothing of ours.
 
     ``atomic(savepoint=False)``: inside the caller's atomic block it joins that
     block's transaction; outside one it is a transaction of its own.
@@ -51,5 +49,4 @@ def transaction_of(connection: Any) -> Iterator[Connection]:
 
     with transaction.atomic(using=connection.alias, savepoint=False):
         connection.ensure_connection()
-        with lend(connection.connection) as conn:
-            yield conn
+        yield connection.connection

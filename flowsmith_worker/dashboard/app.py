@@ -32,7 +32,6 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from flowsmith_worker import progress
-from flowsmith_worker.cli_format import format_duration, format_time, short_worker
 from flowsmith_worker.config import redact, resolve_database_url
 from flowsmith_worker.dashboard import forms, views
 from flowsmith_worker.dashboard.security import (
@@ -43,15 +42,15 @@ from flowsmith_worker.dashboard.security import (
     SecurityHeaders,
     new_csrf_cookie,
 )
-from flowsmith_worker.errors import (
-    FlowNotFound,
-    FlowSmithError,
-    RunNotCancellable,
-    RunNotRetryable,
+from flowsmith_worker.errors import FlowNotFound, FlowSmithError, Refused
+from flowsmith_worker.readable import (
+    format_duration,
+    format_time,
+    short_worker,
 )
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowRecord, FlowStatus, Storage
-from flowsmith_worker.storage.sql_dashboard import error_message
+from flowsmith_worker.storage.sql.dashboard import error_message
 
 HERE = Path(__file__).parent
 DEFAULT_REFRESH_SECONDS = 5.0
@@ -306,11 +305,9 @@ class Dashboard:
         return await self._act(request, "cancelled", self._cancel)
 
     def _retry(self, tracking_id: str) -> None:
-        _refuse_unreadable_status(self._flow(tracking_id, False))
         self.storage.resume_flow(tracking_id=tracking_id)
 
     def _cancel(self, tracking_id: str) -> None:
-        _refuse_unreadable_status(self._flow(tracking_id, False))
         self.storage.cancel_flow(tracking_id=tracking_id)
 
     async def _act(self, request: Request, notice: str, action: Callable[[str], None]) -> Response:
@@ -358,7 +355,7 @@ class Dashboard:
     def refused(self, request: Request, exc: Exception) -> Response:
         """The storage's refusals and failures as a page: what happened, what to do."""
         status = 503
-        if isinstance(exc, RunNotRetryable | RunNotCancellable):
+        if isinstance(exc, Refused):
             status = 409
         elif isinstance(exc, FlowNotFound):
             status = 404
@@ -381,16 +378,6 @@ _TITLES = {
     413: "Too large",
     503: "Database problem",
 }
-
-
-def _refuse_unreadable_status(flow: FlowRecord) -> None:
-    """The storage would take an unreadable status at its word (see cli_ops): refuse."""
-    if "status" in flow.unreadable:
-        raise HTTPException(
-            409,
-            f"flow run {flow.tracking_id!r} has a stored status that cannot be read "
-            f"({flow.unreadable['status']}): nothing done; fix fs_flows.status by hand",
-        )
 
 
 def _host_time() -> float:

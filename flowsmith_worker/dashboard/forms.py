@@ -13,10 +13,13 @@ from urllib.parse import parse_qs
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from flowsmith_worker.cli_params import parse_duration, parse_when
 from flowsmith_worker.errors import InvalidIdentifier
 from flowsmith_worker.flow import MAX_TRACKING_ID_LENGTH
 from flowsmith_worker.identifiers import check_identifier
+from flowsmith_worker.readable import (
+    parse_duration,
+    parse_when,
+)
 from flowsmith_worker.storage.base import FlowFilter, FlowStatus, FlowSummary, RunCursor
 
 PAGE_SIZE = 50

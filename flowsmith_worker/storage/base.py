@@ -14,293 +14,74 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from flowsmith_worker.plan import Plan
+from flowsmith_worker.records import (
+    DEFAULT_QUEUE,
+    FINISHED_FLOW_STATUSES,
+    RESCUE_ERROR,
+    ActivitySlice,
+    AttemptOutcome,
+    AttemptRecord,
+    Chain,
+    ChainedNode,
+    ClaimedNode,
+    EnqueueResult,
+    FailureGroup,
+    Finished,
+    FlowFilter,
+    FlowRecord,
+    FlowStatus,
+    FlowSummary,
+    Lease,
+    NewFlow,
+    NodeRecord,
+    NodeStatus,
+    Overview,
+    QueueBacklog,
+    RescuedNode,
+    RunCursor,
+    RunLink,
+    Stats,
+    SubflowLinks,
+    WorkerRecord,
+    Written,
+)
 
-
-class FlowStatus(StrEnum):
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-
-class NodeStatus(StrEnum):
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    SKIPPED = "SKIPPED"
-    WAITING = "WAITING"  # a subflow node waiting for its child flow
-    CANCELLED = "CANCELLED"
-
-
-class AttemptOutcome(StrEnum):
-    """How one attempt of a step ended (or RUNNING / WAITING: it has not yet)."""
-
-    RUNNING = "RUNNING"
-    WAITING = "WAITING"  # a subflow step's attempt, waiting for its child run
-    COMPLETED = "COMPLETED"
-    SKIPPED = "SKIPPED"
-    FAILED = "FAILED"  # the step raised, timed out, or its subflow failed
-    CANCELLED = "CANCELLED"
-    RESCUED = "RESCUED"  # its worker was lost (the lease expired); the step ran again
-    RELEASED = "RELEASED"  # its worker handed it back unfinished as it stopped
-
-
-DEFAULT_QUEUE = "default"
-RESCUE_ERROR = "lease expired: worker lost"
-
-
-@dataclass(frozen=True)
-class NewFlow:
-    """A flow run to enqueue."""
-
-    flow_name: str
-    tracking_id: str
-    input: dict[str, Any]
-    plan: Plan
-    queue: str = DEFAULT_QUEUE
-    priority: int = 0
-    delay_seconds: float = 0.0
-    # Not before this instant (seconds since the epoch), compared with the
-    # database clock: a host clock that is off cannot move it.
-    run_at: float | None = None
-
-
-@dataclass(frozen=True)
-class EnqueueResult:
-    flow_id: int
-    tracking_id: str
-    status: FlowStatus
-    created: bool  # a new run was inserted
-    resumed: bool  # a FAILED run was re-queued at its failed step(s)
-
-
-@dataclass(frozen=True)
-class Lease:
-    """The fencing token of one attempt: every write about it must match all of it."""
-
-    node_id: int
-    flow_id: int
-    worker_id: str
-    attempt: int
-
-
-@dataclass(frozen=True)
-class ClaimedNode:
-    lease: Lease
-    flow_name: str
-    tracking_id: str
-    step_name: str
-    max_attempts: int
-    input: dict[str, Any]
-
-    @property
-    def attempt(self) -> int:
-        return self.lease.attempt
-
-    @property
-    def node_id(self) -> int:
-        return self.lease.node_id
-
-
-@dataclass(frozen=True)
-class Finished:
-    """An attempt that ended well, to be written by complete_batch.
-
-    ``output`` is the step's output already encoded as JSON (None for SKIPPED):
-    encoded once, by the executor, which had to check it could be stored anyway.
-    ``replay`` marks a write sent again because the answer to an earlier send
-    was lost: if that send committed, the node is already this attempt's, which
-    is then a success, not a lost lease.
-    """
-
-    lease: Lease
-    status: NodeStatus  # COMPLETED or SKIPPED
-    output: str | None
-    replay: bool = False
-    # The node's step, when the caller knows it: a step alone in its stage then
-    # moves the run on without reading the stage's nodes.
-    step_name: str | None = None
-
-
-@dataclass(frozen=True)
-class Chain:
-    """Ask complete_batch to lease each run's next step to this worker in the same
-    transaction (chaining): the worker runs it without a claim round trip."""
-
-    worker_id: str
-    lease_seconds: float
-
-
-@dataclass(frozen=True)
-class ChainedNode:
-    """The next step of a run, created RUNNING and leased to the completing worker."""
-
-    lease: Lease
-    step_name: str
-    max_attempts: int
-
-
-@dataclass(frozen=True)
-class Written:
-    """complete_batch's answer for one Finished: ``won`` is False if the lease was lost."""
-
-    won: bool
-    chained: ChainedNode | None = None
-
-
-@dataclass(frozen=True)
-class RescuedNode:
-    node_id: int
-    flow_name: str
-    tracking_id: str
-    step_name: str
-    attempt: int
-    worker_id: str
-    failed: bool  # its max_rescues was used up: the node and its flow are FAILED
-
-
-@dataclass(frozen=True)
-class FlowRecord:
-    id: int
-    flow_name: str
-    tracking_id: str
-    status: FlowStatus
-    input: dict[str, Any]
-    output: dict[str, Any] | None
-    error: str | None
-    plan: Plan
-    queue: str
-    priority: int
-    parent_node_id: int | None
-    created_at: float
-    updated_at: float
-    finished_at: float | None
-    # Stored values that could not be read (an unknown status, text that is not
-    # JSON): column -> why. Such a field holds a placeholder (FAILED, {}, None, an
-    # empty plan) that nobody should act on; FlowRun refuses the record.
-    unreadable: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FlowSummary:
-    """A run as `flowsmith flows` lists it: no input, output or plan is read."""
-
-    id: int
-    flow_name: str
-    tracking_id: str
-    status: FlowStatus
-    queue: str
-    priority: int
-    parent_node_id: int | None
-    error: str | None
-    created_at: float
-    updated_at: float
-    finished_at: float | None
-    unreadable: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    """One attempt of one step: when, on which worker, how it ended, with what error.
-
-    ``ended_at`` is None while the attempt runs (or waits for its subflow).
-    ``error`` is the attempt's own error text, with its traceback.
-    """
-
-    node_id: int
-    flow_id: int
-    step_name: str
-    attempt: int
-    worker_id: str | None
-    started_at: float
-    ended_at: float | None
-    outcome: AttemptOutcome
-    error: str | None
-    unreadable: Mapping[str, str] = field(default_factory=dict)  # as FlowRecord's
-
-
-@dataclass(frozen=True)
-class NodeRecord:
-    id: int
-    flow_id: int
-    step_name: str
-    position: int
-    group_index: int
-    status: NodeStatus
-    attempt: int
-    max_attempts: int
-    rescues: int
-    run_after: float
-    lease_owner: str | None
-    lease_expires_at: float | None
-    input: dict[str, Any]
-    output: Any
-    error: str | None
-    started_at: float | None
-    finished_at: float | None
-    unreadable: Mapping[str, str] = field(default_factory=dict)  # as FlowRecord's
-    # Every attempt of the step so far, oldest first: those superseded (a retried
-    # failure, a lost worker, a release) and the one the node's own columns
-    # describe. Filled by list_nodes; attempts made before schema version 5
-    # were not kept, only the node's last one.
-    attempts: tuple[AttemptRecord, ...] = ()
-
-
-@dataclass(frozen=True)
-class WorkerRecord:
-    """A live (or recently dead) worker process, for `flowsmith workers`."""
-
-    id: str
-    host: str
-    pid: int
-    version: str
-    queues: tuple[str, ...]
-    concurrency: int
-    lease_seconds: float
-    in_flight: int
-    started_at: float
-    heartbeat_at: float
-
-
-@dataclass(frozen=True)
-class QueueBacklog:
-    """A queue's steps runnable now: how many, and how long the oldest has waited."""
-
-    runnable: int = 0
-    oldest_age_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class RunCursor:
-    """Where a page of runs ended: the (created_at, id) of its last run (keyset paging)."""
-
-    created_at: float
-    id: int
-
-
-@dataclass(frozen=True)
-class FlowFilter:
-    """Which runs `flowsmith flows` and the dashboard list, newest first."""
-
-    status: FlowStatus | None = None
-    flow_name: str | None = None
-    since: float | None = None  # created at or after, seconds since the epoch
-    created_within: float | None = None  # created in the last N seconds of the database clock
-    limit: int = 50
-    until: float | None = None  # created before, seconds since the epoch
-    tracking_id_prefix: str | None = None  # compared byte for byte, as tracking_ids are
-    after: RunCursor | None = None  # only runs older than this one: the next page
-
-
-FINISHED_FLOW_STATUSES = (FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED)
+# The records live in flowsmith_worker.records; imported from here too, as ever.
+__all__ = [
+    "DEFAULT_QUEUE",
+    "FINISHED_FLOW_STATUSES",
+    "RESCUE_ERROR",
+    "ActivitySlice",
+    "AttemptOutcome",
+    "AttemptRecord",
+    "Chain",
+    "ChainedNode",
+    "ClaimedNode",
+    "EnqueueResult",
+    "FailureGroup",
+    "Finished",
+    "FlowFilter",
+    "FlowRecord",
+    "FlowStatus",
+    "FlowSummary",
+    "Lease",
+    "NewFlow",
+    "NodeRecord",
+    "NodeStatus",
+    "Overview",
+    "QueueBacklog",
+    "RescuedNode",
+    "RunCursor",
+    "RunLink",
+    "Stats",
+    "Storage",
+    "SubflowLinks",
+    "WorkerRecord",
+    "Written",
+]
 
 
 class Storage(abc.ABC):
@@ -513,67 +294,3 @@ class Storage(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional: storages without connections keep it
         """Release connections."""
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Counts for `flowsmith stats` and the demo's summary."""
-
-    flows_by_status: dict[str, int]
-    nodes_by_status: dict[str, int]
-    nodes_by_queue: dict[str, dict[str, int]]  # queue -> status -> count
-    in_flight_by_worker: dict[str, int]
-    attempts: int  # every attempt ever started, retries and rescues included
-    rescues: int
-    oldest_runnable_age: float | None  # seconds the oldest runnable node has waited
-
-
-@dataclass(frozen=True)
-class ActivitySlice:
-    """Runs that ended in one slice of time: ``start`` and ``end`` in seconds since the epoch."""
-
-    start: float
-    end: float
-    completed: int
-    failed: int
-
-
-@dataclass(frozen=True)
-class Overview:
-    """The dashboard's overview; times by the database clock."""
-
-    now: float
-    runs_by_status: dict[str, int]  # PENDING and RUNNING: all; the others: finished_within
-    finished_within: float
-    open_steps_by_queue: dict[str, dict[str, int]]  # queue -> PENDING/RUNNING -> count
-    runnable_by_queue: dict[str, int]  # steps PENDING and due now
-    oldest_runnable_age: float | None  # seconds the longest-waiting runnable step has waited
-    slices: tuple[ActivitySlice, ...]  # runs completed and failed, oldest slice first
-
-
-@dataclass(frozen=True)
-class RunLink:
-    """Another run, as a link: its tracking_id, and the step that started the subflow."""
-
-    tracking_id: str
-    flow_name: str
-    step_name: str
-
-
-@dataclass(frozen=True)
-class SubflowLinks:
-    parent: RunLink | None  # the run whose step started this one
-    children: tuple[RunLink, ...]  # runs started by this run's steps (step_name: this run's)
-
-
-@dataclass(frozen=True)
-class FailureGroup:
-    """Failed steps with the same flow, step and error message (the error's last line)."""
-
-    flow_name: str
-    step_name: str
-    message: str
-    count: int
-    first_at: float  # when the oldest of them finished (seconds since the epoch)
-    last_at: float
-    tracking_ids: tuple[str, ...]  # a few of the runs, newest first

@@ -19,7 +19,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from flowsmith_worker.config import PoolSettings
-from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql.storage import SqlStorage
 
 DISPLAY_URL = "memory://"
 

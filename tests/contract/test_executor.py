@@ -52,7 +52,7 @@ class Executions:
 
 @pytest.fixture
 def small_payload_limit() -> Iterator[int]:
-    """A 64 KiB payload limit for this test (config.reset() restores the default)."""
+    """A 64 KiB payload limit for this test (the storage reset() restores the default)."""
     limit = 64 * 1024
     payload_module.set_limits(PayloadLimits(max_bytes=limit))
     yield limit

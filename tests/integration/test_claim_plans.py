@@ -18,8 +18,9 @@ import pytest
 
 from flowsmith_worker.config import PoolSettings
 from flowsmith_worker.flow import Flow
-from flowsmith_worker.storage import create_storage, sql_claim
+from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql import claim as sql_claim
 from tests.bench import explain
 from tests.conftest import database_url
 

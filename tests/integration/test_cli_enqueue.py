@@ -1,4 +1,4 @@
-"""`flowsmith enqueue` (flowsmith_worker/cli_enqueue.py): a run started from a shell.
+"""`flowsmith enqueue` (flowsmith_worker/cli/enqueue.py): a run started from a shell.
 
 The flows live in a real module written for each test and imported by the
 command, as a worker imports it; the runs go to a real database, and an

@@ -1,4 +1,4 @@
-"""The operators' commands (flowsmith_worker/cli_ops.py): status, flows, retry, cancel,
+"""The operators' commands (flowsmith_worker/cli/ops.py): status, flows, retry, cancel,
 prune, stats, workers, queue-limit.
 
 Runs are real: flows enqueued on a real database and run by an in-process
@@ -24,8 +24,15 @@ from click.testing import CliRunner, Result
 
 from flowsmith_worker import Context, Flow, Worker
 from flowsmith_worker.cli import main
-from flowsmith_worker.cli_format import format_duration, format_table, format_time
-from flowsmith_worker.cli_params import parse_duration, parse_when
+from flowsmith_worker.cli.format import (
+    format_table,
+)
+from flowsmith_worker.readable import (
+    format_duration,
+    format_time,
+    parse_duration,
+    parse_when,
+)
 from flowsmith_worker.storage.base import (
     FlowFilter,
     FlowRecord,
@@ -34,7 +41,7 @@ from flowsmith_worker.storage.base import (
     Storage,
     WorkerRecord,
 )
-from flowsmith_worker.storage.sql_operators import SqlOperators
+from flowsmith_worker.storage.sql.operators import SqlOperators
 from tests.conftest import eventually
 from tests.integration.conftest import Db
 

@@ -1,4 +1,4 @@
-"""`flowsmith status` (flowsmith_worker/cli_status.py) and what the listings share with it:
+"""`flowsmith status` (flowsmith_worker/cli/status.py) and what the listings share with it:
 --watch, relative times, delayed starts, tables within 100 columns, --wide, colour.
 
 Runs are real, on real databases; the commands run through click's CliRunner.
@@ -18,14 +18,17 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from flowsmith_worker import Flow, cli_status
+from flowsmith_worker import Flow
 from flowsmith_worker.cli import main
-from flowsmith_worker.cli_format import (
+from flowsmith_worker.cli import status as cli_status
+from flowsmith_worker.cli.format import (
     TABLE_WIDTH,
     Styled,
+    format_table,
+)
+from flowsmith_worker.readable import (
     format_both,
     format_relative,
-    format_table,
     iso_time,
 )
 from flowsmith_worker.storage.base import Lease, Storage

@@ -25,7 +25,7 @@ from django.db import connections, transaction
 from flowsmith_worker import ConnectionNotUsable, Flow, FlowAlreadyCompleted, Worker
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Storage
-from flowsmith_worker.storage.lent import lend
+from flowsmith_worker.storage.sql.lent import lend
 from tests.servers import DatabaseServer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -37,7 +37,7 @@ from flowsmith_worker.payload import PayloadLimits
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Storage
 from flowsmith_worker.storage.sql import SqlStorage
-from flowsmith_worker.storage.sql_enqueue import ENQUEUE_NEW_RUNS_PG, MAX_ROWS_PER_STATEMENT
+from flowsmith_worker.storage.sql.enqueue import ENQUEUE_NEW_RUNS_PG, MAX_ROWS_PER_STATEMENT
 from tests.conftest import database_url
 from tests.servers import DatabaseServer, LocalServer
 

@@ -21,7 +21,7 @@ from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import ClaimedNode, Finished, NewFlow, NodeStatus
 from flowsmith_worker.storage.sql import SqlStorage
-from flowsmith_worker.storage.sql_prepared import SWITCH_ENV
+from flowsmith_worker.storage.sql.prepared import SWITCH_ENV
 
 Names = Callable[[str], str]
 ONE_CONNECTION = PoolSettings(pool_min=1, pool_max=1)

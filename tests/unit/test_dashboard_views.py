@@ -18,7 +18,7 @@ from flowsmith_worker.storage.base import (
     NodeStatus,
     RunLink,
 )
-from flowsmith_worker.storage.sql_dashboard import error_message, successor
+from flowsmith_worker.storage.sql.dashboard import error_message, successor
 
 PLAN = Plan(
     stages=(

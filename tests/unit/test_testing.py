@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from flowsmith_worker import Context, Flow, FlowSmithNotConfigured, InMemoryStorage, StepFailed
-from flowsmith_worker.config import default_storage
 from flowsmith_worker.decorators import step, workflow
 from flowsmith_worker.retry import fixed
+from flowsmith_worker.storage import default_storage
 from flowsmith_worker.testing import run_flow
 
 

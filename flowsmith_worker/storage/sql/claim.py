@@ -36,7 +36,7 @@ import sqlalchemy as sa
 
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.dialects import Dialect
-from flowsmith_worker.storage.sql_prepared import PreparedStatement
+from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
 F, N, Q = schema.flows, schema.nodes, schema.queues
 
@@ -203,7 +203,7 @@ LEFT JOIN (
 ) ON true
 ORDER BY c.priority, c.run_after, c.id
 """
-# Prepared once per connection (sql_prepared.py), as the claim is sent at every poll.
+# Prepared once per connection (sql/prepared.py), as the claim is sent at every poll.
 _CLAIM_TYPES = {"queues": "text[]", "limit": "int", "worker_id": "text", "lease_seconds": "float8"}
 CLAIM_PG_ONE_QUEUE = PreparedStatement(
     "fs_claim_one_queue",

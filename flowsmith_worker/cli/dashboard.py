@@ -1,6 +1,6 @@
 """`flowsmith dashboard`: serve the web dashboard with uvicorn.
 
-Registered on the `flowsmith` group by cli.py. Starlette, Jinja2 and uvicorn
+Registered on the `flowsmith` group by cli/app.py. Starlette, Jinja2 and uvicorn
 are imported only when the command runs: they are the ``dashboard`` extra.
 """
 
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import click
 
-from flowsmith_worker.cli import url_option
-from flowsmith_worker.cli_params import Duration
+from flowsmith_worker.cli.params import Duration, url_option
 from flowsmith_worker.config import resolve_database_url
 from flowsmith_worker.storage import create_storage
 

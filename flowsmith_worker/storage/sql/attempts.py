@@ -28,7 +28,7 @@ from flowsmith_worker import progress
 from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import AttemptRecord, NodeRecord
 from flowsmith_worker.storage.dialects import Dialect
-from flowsmith_worker.storage.sql_base import attempt_record
+from flowsmith_worker.storage.sql.base import attempt_record
 
 A, N = schema.attempts, schema.nodes
 

@@ -1,4 +1,4 @@
-"""The command line's own parameter types: durations, moments, queue names.
+"""The command line's own parameter types: durations, moments, queue names, --url.
 
 Each turns what a person types (45s, 2024-05-01, emails,default) into a value
 or a usage error saying what to type instead, before any command runs.
@@ -7,9 +7,7 @@ or a usage error saying what to type instead, before any command runs.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -17,34 +15,19 @@ import click
 from flowsmith_worker.errors import InvalidIdentifier
 from flowsmith_worker.flow import MAX_QUEUE_LENGTH
 from flowsmith_worker.identifiers import check_identifier
+from flowsmith_worker.readable import parse_duration, parse_when
 
-_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
+URL_HELP = (
+    "Database URL (postgresql://, mysql://, sqlite:///path). "
+    "Default: $FLOWSMITH_DATABASE_URL, then $DATABASE_URL, then sqlite:///flowsmith.db."
+)
+
+
+def url_option(fn: Any) -> Any:
+    return click.option("--url", metavar="URL", help=URL_HELP, default=None, show_default=False)(fn)
+
+
 _DURATION_HINT = "use a number and a unit: 45s, 30m, 2h, 7d, 2w (or 1h30m)"
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds in '45s', '30m', '2h', '7d', '2w' or '1h30m'; None if it is not a duration."""
-    cleaned = text.strip().lower()
-    if not _DURATION.fullmatch(cleaned):
-        return None
-    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(cleaned))
-
-
-def parse_when(text: str) -> float | None:
-    """Seconds since the epoch for an ISO date/datetime (UTC if naive); None if it is not one.
-
-    A duration ago ('2h') is not resolved here: Since leaves it to the database
-    clock (Ago), as this host's may be off.
-    """
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,30 +14,21 @@ from dataclasses import dataclass
 
 import click
 
-from flowsmith_worker.cli import main, url_option
-from flowsmith_worker.cli_format import (
+from flowsmith_worker.cli.format import (
     TABLE_WIDTH,
-    UNREADABLE_CELL,
     Styled,
     clip,
     echo,
     echo_json,
     echo_painted,
-    format_both,
-    format_duration,
-    format_moment,
-    format_relative,
     format_table,
-    format_time,
     json_option,
     last_line,
     paint,
     printable,
-    short_worker,
     status_text,
 )
-from flowsmith_worker.cli_ops import (
-    EXIT_FLOW_FAILED,
+from flowsmith_worker.cli.ops import (
     checked_tracking_id,
     echo_unreadable,
     elapsed,
@@ -46,7 +37,19 @@ from flowsmith_worker.cli_ops import (
     status_cell,
     wide_option,
 )
-from flowsmith_worker.cli_params import Duration
+from flowsmith_worker.cli.params import (
+    Duration,
+    url_option,
+)
+from flowsmith_worker.readable import (
+    UNREADABLE_CELL,
+    format_both,
+    format_duration,
+    format_moment,
+    format_relative,
+    format_time,
+    short_worker,
+)
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     AttemptRecord,
@@ -58,6 +61,7 @@ from flowsmith_worker.storage.base import (
 )
 
 DEFAULT_WATCH_INTERVAL = "2s"
+EXIT_FLOW_FAILED = 1  # the run FAILED or was CANCELLED: a script can test it
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
 LABEL_WIDTH = 10  # "Finished  " in the run's lines
 
@@ -283,7 +287,7 @@ def _show(snapshot: Snapshot, wide: bool, show_traceback: bool) -> None:
 # -- the command ----------------------------------------------------------------------------
 
 
-@main.command()
+@click.command()
 @click.argument("tracking_id", callback=checked_tracking_id)
 @url_option
 @click.option(

@@ -1,19 +1,14 @@
 """The operators' commands: flows, retry, cancel, prune, stats, workers, queue-limit,
-and what they share with status (cli_status.py) and enqueue (cli_enqueue.py).
+and what they share with status (cli/status.py) and enqueue (cli/enqueue.py).
 
-They are defined on the `flowsmith` group of cli.py, which imports this module
-at its end. Each command opens its own storage, asks it one or two questions,
-closes it, and prints a table that fits 100 columns, times relative to the
-database clock ("3m05s ago"); --wide prints whole cells and UTC times, --json
-every field with ISO-8601 times. Colour only on a terminal, never under NO_COLOR.
+cli/app.py adds them to the `flowsmith` group. Each command opens its own
+storage, asks it one or two questions, closes it, and prints a table that fits
+100 columns, times relative to the database clock ("3m05s ago"); --wide prints
+whole cells and UTC times, --json every field with ISO-8601 times. Colour only
+on a terminal, never under NO_COLOR.
 
-Exit codes (also in every command's help and the group's):
-
-    0  success (status: the run is COMPLETED, RUNNING or PENDING)
-    1  status: the run FAILED or was CANCELLED; any command: an error or a refusal
-    2  usage error (click)
-    3  no flow run has that tracking_id (enqueue: no flow has that name)
-    4  enqueue: a run already has that tracking_id
+Exit codes: the group's help lists them (cli/app.py); an error's type carries
+its own (errors.py), so no command writes one.
 """
 
 from __future__ import annotations
@@ -26,35 +21,38 @@ from typing import Any
 
 import click
 
-from flowsmith_worker.cli import main, url_option
-from flowsmith_worker.cli_format import (
+from flowsmith_worker.cli.format import (
     TABLE_WIDTH,
-    UNREADABLE_CELL,
     Styled,
     echo,
     echo_json,
     echo_painted,
-    format_duration,
-    format_moment,
     format_table,
-    format_time,
     json_option,
     last_line,
-    printable,
-    short_worker,
     status_text,
 )
-from flowsmith_worker.cli_params import Ago, Duration, Since
+from flowsmith_worker.cli.params import (
+    Ago,
+    Duration,
+    Since,
+    url_option,
+)
 from flowsmith_worker.config import resolve_database_url
 from flowsmith_worker.errors import (
     FlowNotFound,
     InvalidIdentifier,
-    RunNotCancellable,
-    RunNotRetryable,
 )
 from flowsmith_worker.flow import MAX_TRACKING_ID_LENGTH
 from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.progress import RESUMED_ON_RETRY
+from flowsmith_worker.readable import (
+    UNREADABLE_CELL,
+    format_duration,
+    format_moment,
+    format_time,
+    short_worker,
+)
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
     AttemptRecord,
@@ -66,13 +64,6 @@ from flowsmith_worker.storage.base import (
     NodeStatus,
     Storage,
 )
-
-EXIT_OK = 0
-EXIT_FLOW_FAILED = 1
-EXIT_REFUSED = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_TAKEN = 4
 
 DEFAULT_FLOWS_LIMIT = 50
 
@@ -90,29 +81,6 @@ def checked_tracking_id(_ctx: click.Context, _param: click.Parameter, value: str
 MAX_FLOWS_LIMIT = 100_000
 UNREADABLE = UNREADABLE_CELL  # the STATUS cell of a row whose stored status is unknown
 DEFAULT_PRUNE_BATCH = 500
-
-EXIT_CODES_HELP = """\b
-Exit codes:
-  0  success (status: the run is COMPLETED, RUNNING or PENDING)
-  1  status: the run FAILED or was CANCELLED; any command: error or refusal
-  2  usage error
-  3  no flow run has that tracking_id (enqueue: no flow has that name)
-  4  enqueue: a run already has that tracking_id; nothing was enqueued"""
-
-# The group's help gains the exit codes of the operator commands (cli.py owns its docstring).
-main.epilog = EXIT_CODES_HELP.replace("Exit codes:", "Exit codes of the operator commands:")
-
-
-class FlowRunNotFound(click.ClickException):
-    """No flow run has the tracking_id given: exit code 3."""
-
-    exit_code = EXIT_NOT_FOUND
-
-
-class Refused(click.ClickException):
-    """The storage refused the command (e.g. retry of a run that is not FAILED): exit code 1."""
-
-    exit_code = EXIT_REFUSED
 
 
 def wide_option(fn: Any) -> Any:
@@ -137,11 +105,6 @@ def open_storage(url: str | None, *, read_only: bool = False) -> Iterator[Storag
     storage = create_storage(resolve_database_url(url), sqlite_mode="ro" if read_only else "rw")
     try:
         yield storage
-    except FlowNotFound as exc:  # pruned between our read and our write
-        raise FlowRunNotFound(printable(str(exc))) from None
-    except (RunNotRetryable, RunNotCancellable) as exc:
-        # The storage decides under the run's lock, and its message says why.
-        raise Refused(printable(str(exc))) from None
     finally:
         storage.close()
 
@@ -149,7 +112,7 @@ def open_storage(url: str | None, *, read_only: bool = False) -> Iterator[Storag
 def get_flow_or_exit(storage: Storage, tracking_id: str, with_payloads: bool = False) -> FlowRecord:
     flow = storage.get_flow(tracking_id=tracking_id, with_payloads=with_payloads)
     if flow is None:
-        raise FlowRunNotFound(
+        raise FlowNotFound(
             f"no flow run has tracking_id {tracking_id!r} "
             "(it was never enqueued, or it was pruned); `flowsmith flows` lists the runs"
         )
@@ -204,7 +167,7 @@ def flows_table(found: Sequence[FlowRecord | FlowSummary], now: float, wide: boo
 # -- commands -------------------------------------------------------------------
 
 
-@main.command()
+@click.command()
 @click.option(
     "--status",
     "status_",
@@ -281,7 +244,7 @@ def flows(
         echo(f"(the newest {limit}; --limit shows more)")
 
 
-@main.command()
+@click.command()
 @click.argument("tracking_id", callback=checked_tracking_id)
 @url_option
 @json_option
@@ -307,7 +270,6 @@ def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
     """
     with open_storage(url) as storage:
         flow = get_flow_or_exit(storage, tracking_id)
-        _refuse_unreadable_status(flow)
         requeued = [
             n.step_name
             for n in storage.list_nodes(flow_id=flow.id, with_payloads=False)
@@ -324,7 +286,7 @@ def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
     )
 
 
-@main.command()
+@click.command()
 @click.argument("tracking_id", callback=checked_tracking_id)
 @url_option
 @json_option
@@ -349,7 +311,6 @@ def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:
     """
     with open_storage(url) as storage:
         flow = get_flow_or_exit(storage, tracking_id)
-        _refuse_unreadable_status(flow)
         already = flow.status == FlowStatus.CANCELLED
         record = flow if already else storage.cancel_flow(tracking_id=tracking_id)
         nodes = storage.list_nodes(flow_id=record.id, with_payloads=False)
@@ -377,21 +338,7 @@ def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:
         echo(f"Still running, will finish, and the run goes no further: {names}.")
 
 
-def _refuse_unreadable_status(flow: FlowRecord) -> None:
-    """Do nothing to a run whose stored status is unknown: the storage would take it at
-    its word (a cancel would overwrite it, a retry would call it not FAILED)."""
-    if "status" not in flow.unreadable:
-        return
-    raise Refused(
-        printable(
-            f"flow run {flow.tracking_id!r} ({flow.flow_name}) has a stored status that cannot "
-            f"be read ({flow.unreadable['status']}): nothing done; set fs_flows.status to one "
-            f"of {', '.join(s.value for s in FlowStatus)} by hand, or delete the run"
-        )
-    )
-
-
-@main.command()
+@click.command()
 @click.option(
     "--older-than",
     "older_than",
@@ -465,7 +412,7 @@ def _count_by_status(by_status: dict[str, int], column: str) -> int:
     return by_status.get(column, 0)
 
 
-@main.command()
+@click.command()
 @url_option
 @json_option
 def stats(url: str | None, as_json: bool) -> None:
@@ -540,7 +487,7 @@ def stats(url: str | None, as_json: bool) -> None:
         echo("(no step running)")
 
 
-@main.command()
+@click.command()
 @url_option
 @wide_option
 @json_option
@@ -593,7 +540,7 @@ def workers(url: str | None, wide: bool, as_json: bool) -> None:
     echo_painted(table)
 
 
-@main.command("queue-limit")
+@click.command("queue-limit")
 @click.argument("queue")
 @click.argument("limit", metavar="N")
 @url_option

@@ -138,13 +138,20 @@ def callers_transaction(connection: Any, storage_dialect: Dialect) -> Iterator[C
 def _as_sqlalchemy(connection: Any) -> contextlib.AbstractContextManager[Connection]:
     if isinstance(connection, Connection):
         return contextlib.nullcontext(connection)
-    # Here, not at the top: contrib.django imports this module (for lend).
+    # Here, not at the top: only a caller that passes a Django connection needs it.
     from flowsmith_worker.contrib import django
 
     if django.is_django_connection(connection):
-        return django.transaction_of(connection)
+        return _lent_in(django.transaction_of(connection))
     raise ConnectionNotUsable(
         f"connection= takes the SQLAlchemy Connection of your transaction, or a Django "
         f"connection (django.db.connection, connections[alias]), not "
         f"{type(connection).__module__}.{type(connection).__qualname__}"
     )
+
+
+@contextlib.contextmanager
+def _lent_in(transaction: contextlib.AbstractContextManager[Any]) -> Iterator[Connection]:
+    """A SQLAlchemy Connection on the DBAPI connection ``transaction`` yields, inside it."""
+    with transaction as dbapi_connection, lend(dbapi_connection) as conn:
+        yield conn

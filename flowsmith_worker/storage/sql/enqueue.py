@@ -34,8 +34,8 @@ from flowsmith_worker.storage.dialects import (
     is_duplicate_key,
     is_stale_connection,
 )
-from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, SqlBase, dumps
-from flowsmith_worker.storage.sql_prepared import PreparedStatement
+from flowsmith_worker.storage.sql.base import FLOW_STATE, F, N, SqlBase, dumps
+from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
 T = TypeVar("T")
 # Rows per INSERT or per IN (...) list: big enough that a statement's round trip
@@ -53,7 +53,7 @@ MAX_ROWS_PER_STATEMENT = 1000
 # end of the statement, when the runs exist. pg_notify is sent once per
 # inserted run and PostgreSQL folds the repeats into one at commit. Times are
 # the database's, as everywhere (see dialects.Dialect.now). Prepared once per
-# connection (sql_prepared.py): a single flow.run is then bind, execute, commit.
+# connection (sql/prepared.py): a single flow.run is then bind, execute, commit.
 ENQUEUE_NEW_RUNS_PG = PreparedStatement(
     "fs_enqueue_runs",
     f"""
@@ -240,7 +240,7 @@ class SqlEnqueue(SqlBase):
         ``delay_seconds`` from now or at ``run_at``, whichever the request gives.
 
         One multi-row INSERT per chunk and per distinct start (run_many: one);
-        their ctx.data is rebuilt when they are claimed (sql_context).
+        their ctx.data is rebuilt when they are claimed (sql/context.py).
         """
         by_start: dict[tuple[float, float | None], list[dict[str, Any]]] = {}
         for flow_id, flow in runs:

@@ -36,13 +36,14 @@ from flowsmith_worker.errors import (
     FlowNotFound,
     RunNotCancellable,
     RunNotRetryable,
+    RunStatusUnreadable,
     SubflowCycle,
     SubflowTaken,
     TrackingIdTaken,
 )
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
-from flowsmith_worker.storage import schema, sql_attempts, sql_claim, sql_context
+from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     Chain,
@@ -59,7 +60,10 @@ from flowsmith_worker.storage.base import (
     Storage,
     Written,
 )
-from flowsmith_worker.storage.sql_base import (
+from flowsmith_worker.storage.sql import attempts as sql_attempts
+from flowsmith_worker.storage.sql import claim as sql_claim
+from flowsmith_worker.storage.sql import context as sql_context
+from flowsmith_worker.storage.sql.base import (
     FLOW_STATE,
     F,
     N,
@@ -68,10 +72,10 @@ from flowsmith_worker.storage.sql_base import (
     flow_record,
     node_record,
 )
-from flowsmith_worker.storage.sql_context import RunPayloads
-from flowsmith_worker.storage.sql_enqueue import SqlEnqueue, stage_rows
-from flowsmith_worker.storage.sql_finish import LOCK_RUNS_PG, FinishBatch, Move
-from flowsmith_worker.storage.sql_operators import SqlOperators
+from flowsmith_worker.storage.sql.context import RunPayloads
+from flowsmith_worker.storage.sql.enqueue import SqlEnqueue, stage_rows
+from flowsmith_worker.storage.sql.finish import LOCK_RUNS_PG, FinishBatch, Move
+from flowsmith_worker.storage.sql.operators import SqlOperators
 
 Q = schema.queues
 T = TypeVar("T")
@@ -224,6 +228,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             row = conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
             if row is None:
                 raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
+            _refuse_unreadable_status(row)
             if row.status != FlowStatus.FAILED:
                 raise RunNotRetryable.for_run(tracking_id, row.status)
             if not self._resume(conn, row):
@@ -367,7 +372,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
     ) -> list[ClaimedNode]:
         """Claim in the fewest statements; through the queues' caps only while one is set.
 
-        See sql_claim.py. The queue lists found capped are remembered, so their
+        See sql/claim.py. The queue lists found capped are remembered, so their
         claims go straight to the capped path until a claim there finds no cap.
         """
         if limit <= 0:
@@ -678,7 +683,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
     def _finish_in_one(
         self, conn: Connection, together: FinishBatch, chain: Chain | None
     ) -> list[Written | None]:
-        """Apply the moves of ``together`` set-based (sql_finish.py); the answers in its
+        """Apply the moves of ``together`` set-based (sql/finish.py); the answers in its
         order, None for an item deferred to the general path."""
         applied = together.apply(conn, self.dialect.name, chain, prepare=self.prepares)
         won = applied.won
@@ -1050,6 +1055,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             row = self._lock_flow(conn, F.c.tracking_id == tracking_id)
             if row is None:
                 raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
+            _refuse_unreadable_status(row)
             if not progress.cancellable(row.status):
                 raise RunNotCancellable.for_run(tracking_id, row.status)
             self._cancel(conn, row.id)
@@ -1291,3 +1297,14 @@ def _refuse_other_flow(flow: NewFlow, row: Row[Any]) -> None:
 def _refuse_completed(flow: NewFlow, row: Row[Any], status: str | None = None) -> None:
     if (status or row.status) == FlowStatus.COMPLETED:
         raise FlowAlreadyCompleted.for_run(row.flow_name, flow.tracking_id)
+
+
+def _refuse_unreadable_status(row: Row[Any]) -> None:
+    """A run whose stored status this version cannot read is not taken at its word:
+    a cancel would overwrite the status, a retry would call it not FAILED."""
+    try:
+        FlowStatus(row.status)
+    except ValueError:
+        raise RunStatusUnreadable.for_run(
+            row.tracking_id, row.flow_name, repr(row.status)
+        ) from None

@@ -16,7 +16,7 @@ unpacking the batch from JSON with json_each):
 * ``completed``: the runs whose last step it was.
 
 Only the rows ``done`` wrote move their runs on, so a lost lease moves nothing.
-Statuses are literals (see sql_claim.py on generic plans and partial indexes).
+Statuses are literals (see sql/claim.py on generic plans and partial indexes).
 
 On PostgreSQL FINISH_PG also locks the batch's runs (``runs``, in id order,
 all of them before any node is written: the count(*) InitPlan), so that when the
@@ -49,8 +49,8 @@ from sqlalchemy.engine import Connection
 from flowsmith_worker import progress
 from flowsmith_worker.storage.base import Chain, Finished, NodeStatus
 from flowsmith_worker.storage.dialects import MYSQL_UTC_EPOCH_SQL
-from flowsmith_worker.storage.sql_base import FLOW_STATE
-from flowsmith_worker.storage.sql_prepared import PreparedStatement
+from flowsmith_worker.storage.sql.base import FLOW_STATE
+from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
 _NOW = "CAST(EXTRACT(epoch FROM now()) AS DOUBLE PRECISION)"
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
@@ -120,7 +120,7 @@ LEFT JOIN ready rd ON rd.node_id = item.node_id
 LEFT JOIN done ON done.id = item.node_id
 LEFT JOIN started ON started.flow_id = item.flow_id
 """
-# Prepared once per connection (sql_prepared.py): one text whatever the batch's size.
+# Prepared once per connection (sql/prepared.py): one text whatever the batch's size.
 FINISH_PG_PREPARED = PreparedStatement(
     "fs_finish",
     FINISH_PG,

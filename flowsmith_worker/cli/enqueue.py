@@ -16,23 +16,27 @@ from typing import Any
 import click
 
 from flowsmith_worker import registry
-from flowsmith_worker.cli import MODULES_ENV_VAR, import_modules, main, url_option
-from flowsmith_worker.cli_format import (
+from flowsmith_worker.cli.format import (
     echo,
     echo_json,
-    format_duration,
     json_option,
-    printable,
 )
-from flowsmith_worker.cli_ops import EXIT_NOT_FOUND, EXIT_TAKEN, open_storage
-from flowsmith_worker.cli_params import Duration
+from flowsmith_worker.cli.ops import open_storage
+from flowsmith_worker.cli.params import (
+    Duration,
+    url_option,
+)
+from flowsmith_worker.cli.worker import MODULES_ENV_VAR, import_modules
 from flowsmith_worker.errors import (
-    FlowAlreadyCompleted,
+    FlowNotDefined,
     InvalidIdentifier,
     PayloadRejected,
-    TrackingIdTaken,
+    RunAlreadyEnqueued,
 )
 from flowsmith_worker.flow import Flow
+from flowsmith_worker.readable import (
+    format_duration,
+)
 from flowsmith_worker.storage.base import EnqueueResult
 
 _JSON_KINDS: dict[type, str] = {
@@ -43,19 +47,7 @@ _JSON_KINDS: dict[type, str] = {
 }
 
 
-class FlowUnknown(click.ClickException):
-    """No flow of that name is defined in the modules imported: exit code 3."""
-
-    exit_code = EXIT_NOT_FOUND
-
-
-class TrackingIdInUse(click.ClickException):
-    """A run already has the tracking_id given, so nothing was enqueued: exit code 4."""
-
-    exit_code = EXIT_TAKEN
-
-
-@main.command()
+@click.command()
 @click.argument("flow_name", metavar="FLOW")
 @click.option(
     "--input",
@@ -127,15 +119,13 @@ def enqueue(
     with open_storage(url) as storage:
         try:
             result = storage.enqueue_flow(flow=request)
-        except (TrackingIdTaken, FlowAlreadyCompleted) as exc:
-            raise TrackingIdInUse(printable(f"{exc}: nothing was enqueued")) from None
+        except RunAlreadyEnqueued as exc:
+            raise type(exc)(f"{exc}: nothing was enqueued") from None
     follow = f"flowsmith status {shlex.quote(result.tracking_id)}"
     if not (result.created or result.resumed):
-        raise TrackingIdInUse(
-            printable(
-                f"flow run {result.tracking_id!r} ({flow.name}) already exists and is "
-                f"{result.status.value}: nothing was enqueued; `{follow}` shows it"
-            )
+        raise RunAlreadyEnqueued(
+            f"flow run {result.tracking_id!r} ({flow.name}) already exists and is "
+            f"{result.status.value}: nothing was enqueued; `{follow}` shows it"
         )
     if as_json:
         echo_json({**_described(result), "flow_name": flow.name, "queue": flow.queue})
@@ -168,11 +158,9 @@ def _registered_flow(name: str, modules: Sequence[str]) -> Flow:
     where = f"in {', '.join(modules)}" if modules else "(no --module was given)"
     defined = registry.names()
     listing = f"; the flows defined are {', '.join(defined)}" if defined else ""
-    raise FlowUnknown(
-        printable(
-            f"no flow named {name!r} is defined {where}{listing}: give the module that "
-            f"defines it with --module (or ${MODULES_ENV_VAR})"
-        )
+    raise FlowNotDefined(
+        f"no flow named {name!r} is defined {where}{listing}: give the module that "
+        f"defines it with --module (or ${MODULES_ENV_VAR})"
     )
 
 

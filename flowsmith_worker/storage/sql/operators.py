@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker import progress
 from flowsmith_worker.errors import CorruptRow
-from flowsmith_worker.storage import schema, sql_attempts, sql_context, sql_dashboard
+from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     FailureGroup,
@@ -36,7 +36,10 @@ from flowsmith_worker.storage.base import (
     SubflowLinks,
     WorkerRecord,
 )
-from flowsmith_worker.storage.sql_base import (
+from flowsmith_worker.storage.sql import attempts as sql_attempts
+from flowsmith_worker.storage.sql import context as sql_context
+from flowsmith_worker.storage.sql import dashboard as sql_dashboard
+from flowsmith_worker.storage.sql.base import (
     F,
     N,
     SqlBase,
@@ -211,7 +214,7 @@ class SqlOperators(SqlBase):
             conditions.append(sql_dashboard.older_than(where.after))
         return conditions
 
-    # -- the dashboard (its statements: sql_dashboard.py) ----------------------------
+    # -- the dashboard (its statements: sql/dashboard.py) ----------------------------
 
     def overview(self, *, window_seconds: float, buckets: int, finished_within: float) -> Overview:
         def work(conn: Connection) -> Overview:

@@ -1,6 +1,6 @@
 """The statements behind the dashboard's questions, each with the index that serves it.
 
-SqlOperators (sql_operators.py) runs them; what they answer is put together
+SqlOperators (sql/operators.py) runs them; what they answer is put together
 here too. None is on the hot path of claiming and completing.
 
 Must never write: every statement built here is a SELECT.

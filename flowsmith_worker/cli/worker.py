@@ -1,4 +1,4 @@
-"""The `flowsmith` command: it parses, validates and calls the library, nothing more."""
+"""`flowsmith migrate`, `flowsmith worker` and `flowsmith demo`: set up and run the workers."""
 
 from __future__ import annotations
 
@@ -10,19 +10,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
-import sqlalchemy as sa
 
 from flowsmith_worker import payload
-from flowsmith_worker.cli_format import printable
-from flowsmith_worker.cli_params import QueueNames
-from flowsmith_worker.config import configure, redact, resolve_database_url
-from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.cli.params import QueueNames, url_option
+from flowsmith_worker.config import resolve_database_url
 from flowsmith_worker.log import LOG_LEVELS, flush_output, setup_logging
 from flowsmith_worker.metrics import DEFAULT_METRICS_HOST, serve
 from flowsmith_worker.signals import stop_on_signals
-from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage import configure, create_storage
 from flowsmith_worker.storage.base import DEFAULT_QUEUE
-from flowsmith_worker.version import __version__
 from flowsmith_worker.worker import (
     DEFAULT_CONCURRENCY,
     DEFAULT_LEASE_SECONDS,
@@ -30,32 +26,6 @@ from flowsmith_worker.worker import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     Worker,
 )
-
-URL_HELP = (
-    "Database URL (postgresql://, mysql://, sqlite:///path). "
-    "Default: $FLOWSMITH_DATABASE_URL, then $DATABASE_URL, then sqlite:///flowsmith.db."
-)
-
-
-class _Group(click.Group):
-    """Turns our errors into a one-line message and exit code 1, never a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except FlowSmithError as exc:
-            # Messages quote names and errors read from rows: shown, never obeyed.
-            raise click.ClickException(printable(redact(str(exc)))) from None
-        except sa.exc.SQLAlchemyError as exc:
-            # Unforeseen database errors still get one line, not a traceback, and
-            # without any password the driver quotes back.
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise click.ClickException(f"database error: {printable(redact(first))}") from None
-
-
-def url_option(fn: Any) -> Any:
-    return click.option("--url", metavar="URL", help=URL_HELP, default=None, show_default=False)(fn)
-
 
 ENV_PREFIX = "FLOWSMITH_"
 # Read from the environment by our own code, with its own fallbacks (see URL_HELP).
@@ -94,20 +64,7 @@ def unique_queues(
     return tuple(dict.fromkeys(name for names in values for name in names))
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="flowsmith")
-def main() -> None:
-    """FlowSmith Worker: durable workflows on the database you already have.
-
-    \b
-    Examples:
-      flowsmith migrate --url postgresql://app@db/app
-      flowsmith worker myapp.flows --concurrency 8
-      flowsmith demo
-    """
-
-
-@main.command()
+@click.command()
 @url_option
 def migrate(url: str | None) -> None:
     """Create or upgrade the FlowSmith tables (fs_*); safe to run twice, or concurrently.
@@ -125,7 +82,7 @@ def migrate(url: str | None) -> None:
     click.echo(f"FlowSmith schema at version {version} on {storage.url_for_display}")
 
 
-@main.command(cls=EnvironmentCommand)
+@click.command(cls=EnvironmentCommand)
 @click.argument("modules", nargs=-1, required=True, envvar=MODULES_ENV_VAR)
 @url_option
 @click.option(
@@ -281,7 +238,7 @@ def worker(
     _exit_abandoning_steps()
 
 
-@main.command()
+@click.command()
 @click.option("--flows", "flow_count", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--workers", "worker_count", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option(
@@ -334,11 +291,3 @@ def _exit_abandoning_steps() -> None:
     flush_output()
     if any(t.name.startswith("flowsmith-step") and t.is_alive() for t in threading.enumerate()):
         os._exit(0)
-
-
-__all__ = ["main"]
-# Last: these modules define their commands on `main`.
-from flowsmith_worker import cli_enqueue, cli_ops, cli_status  # noqa: E402,F401
-from flowsmith_worker.dashboard.command import dashboard  # noqa: E402
-
-main.add_command(dashboard)

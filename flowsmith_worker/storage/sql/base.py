@@ -1,7 +1,7 @@
 """The plumbing every SQL operation shares: engine, transactions, errors, records.
 
-SqlStorage (sql.py) builds on it with the engine's operations, and
-SqlOperators (sql_operators.py) with what operators ask.
+SqlStorage (sql/storage.py) builds on it with the engine's operations, and
+SqlOperators (sql/operators.py) with what operators ask.
 
 Owns the engine, the transactions (``_transact``: one per operation, run again after
 a deadlock, a serialization failure or a dead connection; ``_read``: no writer's turn,
@@ -27,7 +27,7 @@ from flowsmith_worker import payload
 from flowsmith_worker.config import PoolSettings, redact, redact_url
 from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, SchemaNotMigrated
 from flowsmith_worker.plan import Plan
-from flowsmith_worker.storage import migrations, notify, schema, sql_prepared
+from flowsmith_worker.storage import migrations, schema
 from flowsmith_worker.storage.base import (
     AttemptOutcome,
     AttemptRecord,
@@ -48,6 +48,8 @@ from flowsmith_worker.storage.dialects import (
     is_transient,
     is_worth_running_again,
 )
+from flowsmith_worker.storage.sql import notify
+from flowsmith_worker.storage.sql import prepared as sql_prepared
 
 T = TypeVar("T")
 F, N = schema.flows, schema.nodes
@@ -88,7 +90,7 @@ class SqlBase:
         self.dialect = dialect_of(self.engine)
         self.supports_notify = self.dialect.supports_notify
         self.url_for_display = redact_url(url.render_as_string(hide_password=False))
-        # The hot statements are PREPAREd on PostgreSQL (see sql_prepared.py).
+        # The hot statements are PREPAREd on PostgreSQL (see sql/prepared.py).
         self.prepares = self.dialect.name == "postgresql" and sql_prepared.wanted()
         if self.prepares:
             sql_prepared.heal_lost_statements(self.engine)
@@ -144,7 +146,7 @@ class SqlBase:
         with self._errors():
             if connection is not None:
                 # Imported on first use: the worker and most enqueues never pass one.
-                from flowsmith_worker.storage.lent import callers_transaction
+                from flowsmith_worker.storage.sql.lent import callers_transaction
 
                 with callers_transaction(connection, self.dialect) as conn:
                     return work(conn)

@@ -1,0 +1,11 @@
+"""The SQL backend: one SqlStorage for SQLite, PostgreSQL and MySQL/MariaDB.
+
+Its modules, each a part of that one class: storage (the Storage methods),
+base (engine, connections, retries), enqueue, claim, finish (the batch write),
+operators, context, attempts, dashboard (the read side), prepared (server-side
+prepared statements), notify (LISTEN/NOTIFY), lent (a caller's transaction).
+"""
+
+from flowsmith_worker.storage.sql.storage import SqlStorage
+
+__all__ = ["SqlStorage"]
