@@ -26,11 +26,7 @@ from sqlalchemy.engine import Connection, Row
 from flowsmith_worker import payload
 from flowsmith_worker.plan import PlannedStep
 from flowsmith_worker.storage.base import FlowStatus, NewFlow, NodeStatus
-from flowsmith_worker.storage.dialects import (
-    NOTIFY_CHANNEL,
-    is_duplicate_key,
-    is_stale_connection,
-)
+from flowsmith_worker.storage.dialects import NOTIFY_CHANNEL, DbError, is_stale_connection
 from flowsmith_worker.storage.sql_base import FLOW_STATE, F, N, SqlBase, dumps
 from flowsmith_worker.storage.sql_prepared import PreparedStatement
 
@@ -208,7 +204,7 @@ class SqlEnqueue(SqlBase):
         try:
             conn.execute(sa.insert(F).values(created_at=now, updated_at=now), rows)
         except sa.exc.IntegrityError as exc:
-            if not is_duplicate_key(exc):
+            if self.dialect.classify(exc) is not DbError.UNIQUE_VIOLATION:
                 raise
             return self._insert_run_rows_one_by_one(conn, rows)
         query = sa.select(F.c.id, F.c.tracking_id).where(
