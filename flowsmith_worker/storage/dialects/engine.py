@@ -1,8 +1,8 @@
 """The engine of each database, with what a worker pool needs.
 
 The settings shared by the server databases (a LIFO pool, a ping only after
-idling, the driver's refusals in our words, a connection lost told by its
-code) are here; each backend's own are in its module.
+idling, the driver's refusals in our words) are here; each backend's own are
+in its module.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.engine.interfaces import ExceptionContext
 
 from flowsmith_worker.config import PoolSettings, redact_url
 from flowsmith_worker.errors import InvalidDatabaseURL
@@ -71,7 +70,6 @@ def create_engine(url: sa.URL, pool: PoolSettings, sqlite_mode: SqliteMode = "rw
     engine = sa.create_engine(url, **kwargs)
     _refuse_bad_arguments_cleanly(engine)
     _ping_after_idle(engine)
-    _lost_connection_by_code(engine, dialect_of(engine))
     if mysqlconnector:
         tune_mysql_connector(engine)
     return engine
@@ -123,19 +121,3 @@ def _refuse_bad_arguments_cleanly(engine: Engine) -> None:
         except (AttributeError, TypeError, ValueError) as exc:
             raise InvalidDatabaseURL(f"the driver refused the URL {shown}: {exc}") from None
 
-
-def _lost_connection_by_code(engine: Engine, dialect: Dialect) -> None:
-    """A connection the server closed counts as a disconnect, whatever language it spoke.
-
-    SQLAlchemy's psycopg2 dialect tells a disconnect by the English words of
-    the message ("terminating connection ..."); a server set to report in
-    another language would leave the dead connection in the pool and the
-    transaction not run again. Its code (57P01 ...) says the same in any language.
-    Runs only when a statement has failed.
-    """
-
-    @event.listens_for(engine, "handle_error")
-    def _lost(context: ExceptionContext) -> None:
-        error = context.original_exception
-        if not context.is_disconnect and dialect.classify(error) is DbError.CONNECTION_LOST:
-            context.is_disconnect = True
