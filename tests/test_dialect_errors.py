@@ -5,8 +5,9 @@ violation, a missing table or column, a deadlock between two threads, a lock
 wait timeout, a serialization failure, a killed connection, a refused
 connection, an account's connection limit, a read-only transaction, SQLite's
 "database is locked". MariaDB is asked to speak German (lc_messages) where
-the English words would have been what the old classification read. The codes no server gives cheaply are built as each driver
-builds its exceptions, with the code set and a message in another language.
+the English words would have been what the old classification read. The codes
+no server gives cheaply are built as each driver builds its exceptions, with
+the code set and a message in another language.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ from sqlalchemy.engine import Connection
 
 # The execution option that marks a transaction of reads only.
 READ_ONLY_OPTION = "flowsmith_read_only"
+# The largest code point, and the UTF-16 surrogates, which no UTF-8 text holds.
+_MAX_CODE_POINT = 0x10FFFF
+_SURROGATES = range(0xD800, 0xE000)
 
 
 class DbError(enum.Enum):
@@ -160,6 +163,19 @@ class Dialect(ABC):
         """Wake listening workers when this transaction commits (where NOTIFY exists)."""
         return  # no NOTIFY here: workers poll
 
+    def starts_with(self, column: sa.ColumnElement[str], prefix: str) -> sa.ColumnElement[bool]:
+        """Names in ``column`` that start with ``prefix``, byte for byte, through its index.
+
+        SQLite's and MySQL's name columns order strings as their code points
+        (BINARY, utf8mb4 *_bin, see schema.Identifier), so those names are exactly
+        the range from the prefix up to its successor, an index range scan.
+        (SQLite's LIKE would ignore case.)
+        """
+        upper = successor(prefix)
+        if upper is None:  # only U+10FFFF characters: no name sorts above
+            return column >= prefix
+        return sa.and_(column >= prefix, column < upper)
+
     # -- errors ---------------------------------------------------------------
 
     def classify(self, error: BaseException) -> DbError | None:
@@ -205,3 +221,16 @@ def is_stale_connection(error: BaseException) -> bool:
     again takes a new one.
     """
     return isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated
+
+
+def successor(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix``, in code point
+    order; None if there is none."""
+    while prefix and ord(prefix[-1]) == _MAX_CODE_POINT:
+        prefix = prefix[:-1]
+    if not prefix:
+        return None
+    following = ord(prefix[-1]) + 1
+    if following in _SURROGATES:
+        following = _SURROGATES.stop
+    return prefix[:-1] + chr(following)

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from flowsmith_worker.config import PoolSettings, redact_url
 from flowsmith_worker.errors import InvalidDatabaseURL
-from flowsmith_worker.storage.dialects.base import DbError, Dialect
+from flowsmith_worker.storage.dialects.base import Dialect
 from flowsmith_worker.storage.dialects.mysql import MYSQL, tune_mysql_connector
 from flowsmith_worker.storage.dialects.postgresql import POSTGRESQL
 from flowsmith_worker.storage.dialects.sqlite import SQLITE, SqliteMode, create_sqlite_engine
@@ -120,4 +120,3 @@ def _refuse_bad_arguments_cleanly(engine: Engine) -> None:
             raise  # SQLAlchemy and SqlStorage translate these
         except (AttributeError, TypeError, ValueError) as exc:
             raise InvalidDatabaseURL(f"the driver refused the URL {shown}: {exc}") from None
-

@@ -63,6 +63,13 @@ class PostgresDialect(Dialect):
     def notify(self, conn: Connection, payload: str) -> None:
         conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, payload)))
 
+    def starts_with(self, column: sa.ColumnElement[str], prefix: str) -> sa.ColumnElement[bool]:
+        """LIKE 'prefix%', escaped. PostgreSQL's default collation may be a language's,
+        whose order puts some of those names outside the code point range: LIKE is
+        exact under any collation, and the planner turns it into that range under "C".
+        """
+        return column.startswith(prefix, autoescape=True)
+
     def classify_driver_error(self, error: BaseException) -> DbError | None:
         # psycopg2 calls the SQLSTATE pgcode, psycopg (3) sqlstate (Django's connections).
         code = getattr(error, "pgcode", None) or getattr(error, "sqlstate", None)
