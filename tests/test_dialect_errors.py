@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from flowsmith_worker.config import PoolSettings
 from flowsmith_worker.errors import DatabaseUnavailable, SchemaNotMigrated
-from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage import create_storage, sql_prepared
 from flowsmith_worker.storage.dialects import DbError, Dialect, create_engine, dialect_of
 from flowsmith_worker.storage.dialects.mysql import MYSQL
 from flowsmith_worker.storage.dialects.postgresql import POSTGRESQL
@@ -509,3 +509,13 @@ def test_english_words_with_another_code_are_not_misread(
     error = build()
     assert dialect.classify(error) is kind
     assert not dialect.is_conflict(error)
+
+
+def test_a_changed_plan_of_a_prepared_statement_is_known_by_its_code() -> None:
+    """0A000 on EXECUTE of one of our prepared statements, in German ("gecachter Plan
+    darf den Ergebnistyp nicht ändern"), is a lost statement to prepare afresh; the
+    same code on a PREPARE of ours (a fresh plan) or on another statement is not."""
+    error = _psycopg2_error("0A000", "gecachter Plan darf den Ergebnistyp nicht ändern").orig
+    assert sql_prepared.is_lost_statement(error, "EXECUTE fs_claim(1)")
+    assert not sql_prepared.is_lost_statement(error, "PREPARE fs_claim AS SELECT 1")
+    assert not sql_prepared.is_lost_statement(error, "SELECT 1")

@@ -285,7 +285,7 @@ class SqlEnqueue(SqlBase):
         Autocommit: the statement is its own transaction, so no BEGIN or COMMIT
         travels. The new run's id, or None when the tracking_id exists (nothing
         was written). A pooled connection the server dropped (a restart: pooled
-        connections are not pinged, see dialects._ping_after_idle) fails the
+        connections are not pinged, see dialects.engine._ping_after_idle) fails the
         statement, which runs once more on a new one: it inserts nothing twice,
         so if the first did commit, the second finds the run and returns None.
         """
