@@ -33,6 +33,7 @@ from flowsmith_worker.storage.base import (
     NodeStatus,
 )
 from flowsmith_worker.storage.dialects import (
+    MISSING_SCHEMA,
     READ_ONLY_OPTION,
     DbError,
     SqliteMode,
@@ -60,8 +61,8 @@ _DEADLOCK_RETRY = dict(
 _UNAVAILABLE_HINTS: dict[DbError | None, str] = {
     DbError.READ_ONLY: ": it takes no writes (a standby, or read-only set): point FlowSmith "
     "at the primary",
-    DbError.TOO_MANY_CONNECTIONS: ": the server's connection limit is reached: raise it, "
-    "or lower the workers' pool size (pool_max)",
+    DbError.TOO_MANY_CONNECTIONS: ": its connection limit is reached: raise it "
+    "(max_connections), or open fewer (fewer workers, a lower --concurrency or pool_max)",
 }
 
 
@@ -115,7 +116,7 @@ class SqlBase:
                     f"database {self.url_for_display} is unavailable: {sql_prepared.POOLER_HINT}"
                 ) from exc
             kind = self.dialect.classify(exc)
-            if kind is DbError.UNDEFINED_TABLE or kind is DbError.UNDEFINED_COLUMN:
+            if kind in MISSING_SCHEMA:
                 what = "missing" if kind is DbError.UNDEFINED_TABLE else "older than this code"
                 raise SchemaNotMigrated(
                     f"the FlowSmith tables are {what} in {self.url_for_display}: "
