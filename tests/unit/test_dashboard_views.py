@@ -18,7 +18,8 @@ from flowsmith_worker.storage.base import (
     NodeStatus,
     RunLink,
 )
-from flowsmith_worker.storage.sql.dashboard import error_message, successor
+from flowsmith_worker.storage.dialects.base import successor
+from flowsmith_worker.storage.sql.dashboard import error_message
 
 PLAN = Plan(
     stages=(

@@ -38,15 +38,13 @@ from flowsmith_worker.storage.base import (
     NodeStatus,
 )
 from flowsmith_worker.storage.dialects import (
+    MISSING_SCHEMA,
     READ_ONLY_OPTION,
+    DbError,
     SqliteMode,
     create_engine,
     dialect_of,
-    is_conflict,
-    is_missing_table,
     is_stale_connection,
-    is_transient,
-    is_worth_running_again,
 )
 from flowsmith_worker.storage.sql import notify
 from flowsmith_worker.storage.sql import prepared as sql_prepared
@@ -65,6 +63,14 @@ _DEADLOCK_RETRY = dict(
     wait=tenacity.wait_random(0.005, 0.1),
     reraise=True,
 )
+
+# What to do about an unavailable database, where its cause says more than "later".
+_UNAVAILABLE_HINTS: dict[DbError | None, str] = {
+    DbError.READ_ONLY: ": it takes no writes (a standby, or read-only set): point FlowSmith "
+    "at the primary",
+    DbError.TOO_MANY_CONNECTIONS: ": its connection limit is reached: raise it "
+    "(max_connections), or open fewer (fewer workers, a lower --concurrency or pool_max)",
+}
 
 
 def columns_but(table: sa.Table, *skipped: str) -> list[sa.Column[Any]]:
@@ -91,7 +97,7 @@ class SqlBase:
         self.supports_notify = self.dialect.supports_notify
         self.url_for_display = redact_url(url.render_as_string(hide_password=False))
         # The hot statements are PREPAREd on PostgreSQL (see sql/prepared.py).
-        self.prepares = self.dialect.name == "postgresql" and sql_prepared.wanted()
+        self.prepares = self.dialect.prepares_statements and sql_prepared.wanted()
         if self.prepares:
             sql_prepared.heal_lost_statements(self.engine)
         # SQLite has one write lock per file, and a thread that misses it sleeps
@@ -116,25 +122,28 @@ class SqlBase:
                 raise DatabaseUnavailable(
                     f"database {self.url_for_display} is unavailable: {sql_prepared.POOLER_HINT}"
                 ) from exc
-            if is_missing_table(exc):
+            kind = self.dialect.classify(exc)
+            if kind in MISSING_SCHEMA:
+                what = "missing" if kind is DbError.UNDEFINED_TABLE else "older than this code"
                 raise SchemaNotMigrated(
-                    f"the FlowSmith tables are missing in {self.url_for_display}: "
+                    f"the FlowSmith tables are {what} in {self.url_for_display}: "
                     "run `flowsmith migrate` (or `flowsmith migrate --url URL`)"
                 ) from exc
-            if exc.statement is None and not is_transient(exc):
+            if exc.statement is None and not self.dialect.is_transient(exc):
                 # Raised while connecting, not by a statement: the URL itself is wrong.
                 raise InvalidDatabaseURL(
                     f"cannot connect to {self.url_for_display}: {_first_line(exc.orig or exc)}"
                 ) from exc
-            if is_conflict(exc):
+            if self.dialect.is_conflict(exc):
                 raise DatabaseUnavailable(
                     f"transaction conflict on {self.url_for_display} "
                     f"({_first_line(exc.orig or exc)}): retry the transaction"
                 ) from exc
-            if is_transient(exc):
+            if self.dialect.is_transient(exc):
                 raise DatabaseUnavailable(
                     f"database {self.url_for_display} is unavailable: "
                     f"{type(exc.orig).__name__}: {_first_line(exc.orig or exc)}"
+                    f"{_UNAVAILABLE_HINTS.get(kind, '')}"
                 ) from exc
             raise
 
@@ -154,11 +163,11 @@ class SqlBase:
                 with self._writer_turn, self.engine.begin() as conn:
                     return work(conn)
             except sa.exc.DBAPIError as exc:
-                if not is_worth_running_again(exc):
+                if not self.dialect.is_worth_running_again(exc):
                     raise
                 time.sleep(random.uniform(0.005, 0.1))  # let the other transaction finish
             for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception(is_worth_running_again),
+                retry=tenacity.retry_if_exception(self.dialect.is_worth_running_again),
                 **_DEADLOCK_RETRY,  # type: ignore[arg-type]
             ):
                 with attempt, self._writer_turn, self.engine.begin() as conn:

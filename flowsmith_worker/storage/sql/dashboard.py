@@ -24,7 +24,6 @@ from flowsmith_worker.storage.base import (
     Overview,
     RunCursor,
 )
-from flowsmith_worker.storage.dialects import Dialect
 
 F, N = schema.flows, schema.nodes
 
@@ -34,9 +33,6 @@ OPEN_RUNS = (FlowStatus.PENDING, FlowStatus.RUNNING)
 OPEN_STEPS = (NodeStatus.PENDING, NodeStatus.RUNNING)
 # How many runs a failure group names.
 FAILURE_SAMPLES = 5
-# The largest code point, and the UTF-16 surrogates, which no UTF-8 text holds.
-_MAX_CODE_POINT = 0x10FFFF
-_SURROGATES = range(0xD800, 0xE000)
 
 
 # -- pages of runs (fs_flows_created; the tracking_id search: fs_flows_tracking_id_key) --
@@ -52,38 +48,6 @@ def older_than(cursor: RunCursor) -> sa.ColumnElement[bool]:
         F.c.created_at <= cursor.created_at,
         sa.or_(F.c.created_at < cursor.created_at, F.c.id < cursor.id),
     )
-
-
-def tracking_id_starts_with(dialect: Dialect, prefix: str) -> sa.ColumnElement[bool]:
-    """Runs whose tracking_id starts with ``prefix``, byte for byte, through its index.
-
-    SQLite's and MySQL's name columns order strings as their code points (BINARY,
-    utf8mb4 *_bin, see schema.Identifier), so those names are exactly the range
-    from the prefix up to its successor, an index range scan. (SQLite's LIKE would
-    ignore case.) PostgreSQL's default collation may be a language's, whose order
-    puts some of them outside that range: LIKE there is exact under any
-    collation, and its planner turns it into the same range under "C".
-    """
-    column = F.c.tracking_id
-    if dialect.name == "postgresql":
-        return column.startswith(prefix, autoescape=True)  # LIKE 'prefix%', escaped
-    upper = successor(prefix)
-    if upper is None:  # only U+10FFFF characters: no name sorts above
-        return column >= prefix
-    return sa.and_(column >= prefix, column < upper)
-
-
-def successor(prefix: str) -> str | None:
-    """The least string above every string that starts with ``prefix``, in code point
-    order; None if there is none."""
-    while prefix and ord(prefix[-1]) == _MAX_CODE_POINT:
-        prefix = prefix[:-1]
-    if not prefix:
-        return None
-    following = ord(prefix[-1]) + 1
-    if following in _SURROGATES:
-        following = _SURROGATES.stop
-    return prefix[:-1] + chr(following)
 
 
 # -- the overview -------------------------------------------------------------------

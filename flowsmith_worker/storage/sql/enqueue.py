@@ -29,11 +29,7 @@ from sqlalchemy.engine import Connection, Row
 from flowsmith_worker import payload
 from flowsmith_worker.plan import PlannedStep
 from flowsmith_worker.storage.base import FlowStatus, NewFlow, NodeStatus
-from flowsmith_worker.storage.dialects import (
-    NOTIFY_CHANNEL,
-    is_duplicate_key,
-    is_stale_connection,
-)
+from flowsmith_worker.storage.dialects import NOTIFY_CHANNEL, DbError, is_stale_connection
 from flowsmith_worker.storage.sql.base import FLOW_STATE, F, N, SqlBase, dumps
 from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
@@ -211,7 +207,7 @@ class SqlEnqueue(SqlBase):
         try:
             conn.execute(sa.insert(F).values(created_at=now, updated_at=now), rows)
         except sa.exc.IntegrityError as exc:
-            if not is_duplicate_key(exc):
+            if self.dialect.classify(exc) is not DbError.UNIQUE_VIOLATION:
                 raise
             return self._insert_run_rows_one_by_one(conn, rows)
         query = sa.select(F.c.id, F.c.tracking_id).where(
@@ -292,7 +288,7 @@ class SqlEnqueue(SqlBase):
         Autocommit: the statement is its own transaction, so no BEGIN or COMMIT
         travels. The new run's id, or None when the tracking_id exists (nothing
         was written). A pooled connection the server dropped (a restart: pooled
-        connections are not pinged, see dialects._ping_after_idle) fails the
+        connections are not pinged, see dialects.engine._ping_after_idle) fails the
         statement, which runs once more on a new one: it inserts nothing twice,
         so if the first did commit, the second finds the run and returns None.
         """

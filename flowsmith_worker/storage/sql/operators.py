@@ -207,9 +207,7 @@ class SqlOperators(SqlBase):
         if where.until is not None:
             conditions.append(F.c.created_at < where.until)
         if where.tracking_id_prefix:
-            conditions.append(
-                sql_dashboard.tracking_id_starts_with(self.dialect, where.tracking_id_prefix)
-            )
+            conditions.append(self.dialect.starts_with(F.c.tracking_id, where.tracking_id_prefix))
         if where.after is not None:
             conditions.append(sql_dashboard.older_than(where.after))
         return conditions

@@ -1,0 +1,36 @@
+"""Everything that differs between SQLite, PostgreSQL and MySQL/MariaDB.
+
+One Dialect subclass per backend (sqlite.py, postgresql.py, mysql.py, on the
+shared base.py), and the engine each needs (engine.py). The SQL storage asks its
+dialect how to do a thing, and what an error means, never which database it is on.
+"""
+
+from flowsmith_worker.storage.dialects.base import (
+    CONFLICTS,
+    MISSING_SCHEMA,
+    READ_ONLY_OPTION,
+    UNAVAILABLE,
+    DbError,
+    Dialect,
+    is_stale_connection,
+)
+from flowsmith_worker.storage.dialects.engine import create_engine, dialect_of
+from flowsmith_worker.storage.dialects.mysql import MYSQL_UTC_EPOCH_SQL, identifier_collation
+from flowsmith_worker.storage.dialects.postgresql import NOTIFY_CHANNEL
+from flowsmith_worker.storage.dialects.sqlite import SqliteMode
+
+__all__ = [
+    "CONFLICTS",
+    "MISSING_SCHEMA",
+    "MYSQL_UTC_EPOCH_SQL",
+    "NOTIFY_CHANNEL",
+    "READ_ONLY_OPTION",
+    "UNAVAILABLE",
+    "DbError",
+    "Dialect",
+    "SqliteMode",
+    "create_engine",
+    "dialect_of",
+    "identifier_collation",
+    "is_stale_connection",
+]
