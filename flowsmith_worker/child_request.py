@@ -35,6 +35,15 @@ class ChildRequest:
     tracking_id: str
     data: Mapping[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        # Made in user code at run time: a wrong flow fails the step with this
+        # message rather than an AttributeError deep in the executor.
+        if not callable(getattr(self.flow, "new_run", None)):
+            raise TypeError(
+                f"ChildRequest(flow={self.flow!r}): the flow must be a Flow "
+                "(for a @workflow, its .flow)"
+            )
+
     def new_run(self, parent_data: Mapping[str, Any]) -> NewFlow:
         """The child's enqueue request, validated by its flow."""
         data = parent_data if self.data is None else self.data

@@ -133,3 +133,24 @@ def test_a_subflow_function_answering_no_child_request_fails_naming_the_shape(
     drain(storage)
     with pytest.raises(StepFailed, match=r"must return .*'flow': Flow.* or a ChildRequest"):
         run.wait(timeout=5)
+
+
+def test_a_child_request_of_something_not_a_flow_is_refused_naming_what_it_needs(
+    unique: Names,
+) -> None:
+    """ChildRequest(flow=<a @workflow object or a name>) fails its step saying the flow
+    must be a Flow (a @workflow's .flow), instead of an AttributeError in the executor."""
+    storage = InMemoryStorage()
+
+    @workflow(unique("child"), storage=storage)
+    def child() -> None:
+        @step
+        def c(ctx: Context) -> int:
+            return 3
+
+    parent = Flow(unique("parent"), storage=storage)
+    parent.subflow_from("start", lambda ctx: ChildRequest(child, "kid"))  # type: ignore[arg-type]
+    run = parent.run({}, tracking_id=unique("t"))
+    drain(storage)
+    with pytest.raises(StepFailed, match=r"must be a Flow \(for a @workflow, its \.flow\)"):
+        run.wait(timeout=5)
