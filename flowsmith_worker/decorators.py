@@ -394,7 +394,7 @@ def _child_starter(target: Callable[[Context], Any], step_name: str) -> Callable
     def`` if the function is, so the executor awaits it."""
 
     def answer_of(ctx: Context, result: Any) -> Any:
-        return _child_request(result, f"{ctx.tracking_id}:{step_name}")
+        return _as_child_request(result, f"{ctx.tracking_id}:{step_name}")
 
     if event_loop.is_async(target):
 
@@ -411,7 +411,7 @@ def _child_starter(target: Callable[[Context], Any], step_name: str) -> Callable
     return start_child
 
 
-def _child_request(answer: Any, default_tracking_id: str) -> Any:
+def _as_child_request(answer: Any, default_tracking_id: str) -> Any:
     """A @subflow function's answer as a ChildRequest: ``{"flow", "tracking_id"[,
     "data"]}``, the flow a Flow, a @workflow object or a registered flow's name. Any
     other answer is returned as it is, for the executor to refuse with the shape
