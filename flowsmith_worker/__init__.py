@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
     ConnectionNotUsable,
@@ -48,6 +49,7 @@ from flowsmith_worker.worker import Worker
 
 __all__ = [
     "AttemptOutcome",
+    "ChildRequest",
     "ConnectionNotUsable",
     "Context",
     "CorruptRow",

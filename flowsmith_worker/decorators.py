@@ -74,11 +74,12 @@ from datetime import datetime
 from typing import Any, TypeVar, overload
 
 from flowsmith_worker import event_loop, registry
+from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import FlowSmithError
-from flowsmith_worker.flow import Condition, Flow, StepSpec
+from flowsmith_worker.flow import Condition, Flow
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES
-from flowsmith_worker.retry import Backoff, as_wait_strategy
+from flowsmith_worker.retry import Backoff
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage.base import DEFAULT_QUEUE, Storage
 
@@ -364,7 +365,8 @@ def subflow(
 ) -> StepFn | Callable[[StepFn], StepFn]:
     """Declare a step that runs a child flow; the child's final data is its output.
 
-    The function returns ``{"flow": child, "tracking_id": str[, "data": dict]}``.
+    The function returns ``{"flow": child, "tracking_id": str[, "data": dict]}``
+    (or a ChildRequest, as ``Flow.subflow_from``'s functions do).
     The parent's node waits for the child without holding a worker slot; a
     failed child fails this step, and resuming the parent resumes that child.
     ``retries`` apply to the function raising and to the child failing: a retry
@@ -376,17 +378,13 @@ def subflow(
         flow = _current("@subflow", target)
         _check_callable("@subflow", target, None)
         step_name = name or target.__name__
-        flow._add(
-            StepSpec(
-                step_name,
-                _child_starter(target, step_name),
-                retries,
-                None,
-                as_wait_strategy(backoff),
-                condition,
-                subflow=True,
-                max_rescues=max_rescues,
-            )
+        flow.subflow_from(
+            step_name,
+            _child_starter(target, step_name),
+            retries,
+            backoff,
+            condition,
+            max_rescues,
         )
         return target
 
@@ -400,14 +398,7 @@ def _child_starter(target: Callable[[Context], Any], step_name: str) -> Callable
     def`` if the function is, so the executor awaits it."""
 
     def answer_of(ctx: Context, result: Any) -> Any:
-        if not isinstance(result, dict):
-            return result  # the executor rejects it with the expected shape
-        answer = dict(result)
-        if isinstance(answer.get("flow"), Workflow):
-            answer["flow"] = answer["flow"].flow
-        if answer.get("tracking_id") is None:
-            answer["tracking_id"] = f"{ctx.tracking_id}:{step_name}"
-        return answer
+        return _as_child_request(result, f"{ctx.tracking_id}:{step_name}")
 
     if event_loop.is_async(target):
 
@@ -422,3 +413,23 @@ def _child_starter(target: Callable[[Context], Any], step_name: str) -> Callable
         return answer_of(ctx, target(ctx))
 
     return start_child
+
+
+def _as_child_request(answer: Any, default_tracking_id: str) -> Any:
+    """A @subflow function's answer as a ChildRequest: ``{"flow", "tracking_id"[,
+    "data"]}``, the flow a Flow, a @workflow object or a registered flow's name. Any
+    other answer is returned as it is, for the executor to refuse with the shape
+    expected (or as a coroutine a sync function returned)."""
+    if not isinstance(answer, dict):
+        return answer
+    flow = answer.get("flow")
+    if isinstance(flow, Workflow):
+        flow = flow.flow
+    elif isinstance(flow, str):
+        flow = registry.lookup(flow)
+    tracking_id = answer.get("tracking_id")
+    if tracking_id is None:
+        tracking_id = default_tracking_id
+    if not isinstance(flow, Flow) or not isinstance(tracking_id, str):
+        return answer
+    return ChildRequest(flow, tracking_id, answer.get("data"))

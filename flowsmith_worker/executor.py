@@ -45,6 +45,7 @@ from typing import Any, TypeVar, cast
 import tenacity
 
 from flowsmith_worker import event_loop, payload, registry
+from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
     CorruptRow,
@@ -514,18 +515,15 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _child_request(spec: StepSpec, ctx: Context, result: Any) -> NewFlow:
-    """The child run a subflow step asked for: {"flow", "tracking_id"[, "data"]}."""
-    flow = result.get("flow") if isinstance(result, dict) else None
-    if isinstance(flow, str):
-        flow = registry.lookup(flow)
-    if not isinstance(flow, Flow) or not isinstance(result.get("tracking_id"), str):
+    """The child run a subflow step asked for: a ChildRequest (Flow.subflow_from), which
+    @subflow makes of its function's dict."""
+    if not isinstance(result, ChildRequest):
         _refuse_awaitable(spec, "function", result)
         raise TypeError(
             f"subflow step {spec.name!r} must return {{'flow': Flow, 'tracking_id': str}} "
-            f"(and optionally 'data': dict), not {result!r}"
+            f"(and optionally 'data': dict) or a ChildRequest, not {result!r}"
         )
-    data = result.get("data", ctx.data)
-    return flow.new_run(dict(data), result["tracking_id"])
+    return result.new_run(ctx.data)
 
 
 def _describe(exc: BaseException) -> str:

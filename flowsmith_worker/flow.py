@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from flowsmith_worker import event_loop, payload, registry
+from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.cron import instant_of, validate_cron
 from flowsmith_worker.errors import FlowSmithError
@@ -57,7 +58,7 @@ class StepSpec:
     timeout: float | None = None
     backoff: WaitStrategy = field(default_factory=lambda: as_wait_strategy(None))
     condition: Condition | None = None
-    # A subflow step's fn returns {"flow": Flow, "tracking_id": str[, "data": dict]}.
+    # A subflow step's fn returns a ChildRequest (see Flow.subflow_from).
     subflow: bool = False
     # Re-runs after a lost worker, counted apart from retries (see plan.py).
     max_rescues: int = DEFAULT_MAX_RESCUES
@@ -155,21 +156,35 @@ class Flow:
                 "make it a plain function of ctx (or a format string)"
             )
 
-        def start_child(ctx: Context) -> dict[str, Any]:
-            return {"flow": child, "tracking_id": _child_tracking_id(tracking_id, ctx, name)}
+        def start_child(ctx: Context) -> ChildRequest:
+            return ChildRequest(child, _child_tracking_id(tracking_id, ctx, name))
 
-        return self._add(
-            StepSpec(
-                name,
-                start_child,
-                retries,
-                None,
-                as_wait_strategy(None),
-                condition,
-                True,
-                max_rescues,
-            )
+        return self.subflow_from(
+            name, start_child, retries, condition=condition, max_rescues=max_rescues
         )
+
+    def subflow_from(
+        self,
+        name: str,
+        start: Callable[[Context], ChildRequest] | Callable[[Context], Awaitable[ChildRequest]],
+        retries: int = 0,
+        backoff: Backoff | None = None,
+        condition: Condition | None = None,
+        max_rescues: int = DEFAULT_MAX_RESCUES,
+    ) -> Flow:
+        """Add a subflow step whose child run ``start(ctx)`` decides, each time it runs.
+
+        ``start`` (a plain or ``async def`` function) returns a ChildRequest: the
+        child flow, its tracking_id and optionally its input. ``retries`` apply to
+        ``start`` raising and to the child failing; a retry calls ``start`` again,
+        and the same tracking_id resumes the same child run. ``Flow.subflow`` and
+        the ``@subflow`` decorator both add their steps through here.
+        """
+        wait = as_wait_strategy(backoff)
+        spec = StepSpec(
+            name, start, retries, None, wait, condition, subflow=True, max_rescues=max_rescues
+        )
+        return self._add(spec)
 
     @contextlib.contextmanager
     def parallel(self) -> Iterator[Flow]:

@@ -8,7 +8,9 @@ and every backend stores exactly the same bytes. Names (tracking_id, flow, step,
 queue and worker ids) are Identifier columns: compared byte for byte everywhere.
 
 This is the schema of the newest version; migrations/ builds it step by step,
-and tests/integration/test_migrations.py checks that the two agree.
+each version from tables of its own (never from these), and tests/integration/
+test_migrations.py checks that the two agree. Change a table here only with a
+new migration that makes the same change.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def _identifier_on_mysql(type_: Identifier, compiler: Any, **_kw: Any) -> str:
 # down long before that. Vacuum after 1 % and unthrottled (created by migration 4).
 AUTOVACUUM_OFTEN = {"autovacuum_vacuum_scale_factor": 0.01, "autovacuum_vacuum_cost_delay": 0}
 
+# The versions applied, one row each; every migrate creates it first (migrations/v0.py).
 schema_version = sa.Table(
     "fs_schema_version",
     metadata,

@@ -18,6 +18,7 @@ import pytest
 import tenacity
 
 from flowsmith_worker import (
+    ChildRequest,
     Context,
     DuplicateFlowName,
     Flow,
@@ -192,7 +193,7 @@ def test_parallel_subflow_and_workflow_bare_and_called(unique: Callable[[str], s
         )
         assert retry_delay(side.backoff, 1) == 0.5
         asked = side.fn(Context({"x": 1}, tracking_id="parent-1", step="side"))
-        assert asked == {"flow": child.flow, "tracking_id": "parent-1:side", "data": {"k": 1}}
+        assert asked == ChildRequest(child.flow, "parent-1:side", {"k": 1})
     finally:
         registry.unregister("bare_workflow_of_test_decorators")
 

@@ -21,7 +21,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from flowsmith_worker.errors import UnsupportedDatabase
-from flowsmith_worker.storage.dialects import identifier_collation
+
+# The NO PAD binary collations this version gave the name columns, kept here
+# rather than read from dialects.py: were schema.Identifier ever to move to
+# another collation, version 3 would still build what it built, and tests/
+# test_migrations.py would ask for the version that converts the columns.
+MARIADB_COLLATION = "utf8mb4_nopad_bin"
+MYSQL_COLLATION = "utf8mb4_0900_bin"
 
 # table -> (column, length, nullable) of every name column.
 NAME_COLUMNS: dict[str, tuple[tuple[str, int, bool], ...]] = {
@@ -40,7 +46,7 @@ def apply(conn: Connection) -> None:
 
 
 def _binary_names(conn: Connection) -> None:
-    collation = identifier_collation(conn.dialect)
+    collation = MARIADB_COLLATION if getattr(conn.dialect, "is_mariadb", False) else MYSQL_COLLATION
     known = conn.execute(
         sa.text("SELECT 1 FROM information_schema.collations WHERE collation_name = :name"),
         {"name": collation},
