@@ -1,0 +1,201 @@
+"""A PgBouncer in transaction pooling mode in front of the session's PostgreSQL.
+
+Why this exists: operators put PgBouncer (transaction mode) between workers and
+PostgreSQL, where each transaction may run on another server connection and
+nothing set on a session (PREPARE, LISTEN, SET) survives it. Debian 12's
+PgBouncer 1.18 has no prepared-statement support in that mode, so it shows
+exactly what such a pooler does to the engine.
+
+The bouncer runs from the distribution package (``apt-get install pgbouncer``)
+on a free loopback port, with its ini and auth files in a temporary directory
+removed at the end. Its ``*`` database entry forwards every database name to
+the test server, so a database created there is reachable through the bouncer
+under the same name. Missing binaries skip the tests, or fail them when
+FLOWSMITH_REQUIRE_DATABASES=1 (CI).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.servers import (
+    PASSWORD,
+    REQUIRE_ENV,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    USER,
+    DatabaseNotTestedWarning,
+    DatabaseServer,
+    ServerStartError,
+    ServerUnavailable,
+    _answers,
+    _die_with_parent,
+    _free_port,
+    _log_tail,
+)
+
+INSTALL_HINT = "apt-get install pgbouncer"
+# PgBouncer refuses to run as root; Debian's package runs it as ``postgres``.
+_RUN_AS = "postgres"
+# More than a few workers' pools at once, fewer than the server's 300 connections.
+_SERVER_POOL_SIZE = 40
+
+_INI = """\
+[databases]
+* = host=127.0.0.1 port={server_port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {auth_file}
+pool_mode = transaction
+default_pool_size = {pool_size}
+max_client_conn = 1000
+pidfile = {pid_file}
+"""
+
+
+def find_pgbouncer() -> Path:
+    """The pgbouncer binary (Debian puts it in /usr/sbin, off a normal user's PATH)."""
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if found is None:
+        raise ServerUnavailable(f"pgbouncer not found: {INSTALL_HINT}")
+    return Path(found)
+
+
+class PgBouncer:
+    """A pgbouncer process in transaction mode, forwarding to ``server``."""
+
+    def __init__(self, server: DatabaseServer, binary: Path) -> None:
+        if server.port is None:
+            raise ValueError("the PostgreSQL server has no known port")
+        self.server = server
+        self.binary = binary
+        self.port = _free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="flowsmith-pgbouncer-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._write_config(server.port)
+
+    @property
+    def log_path(self) -> Path:
+        """PgBouncer's own log; its tail goes into startup errors."""
+        return self.dir / "pgbouncer.log"
+
+    def url_for(self, name: str) -> str:
+        """The URL of database ``name`` of the server, reached through the bouncer."""
+        url = make_url(self.server.url_for(name)).set(host="127.0.0.1", port=self.port)
+        return url.render_as_string(hide_password=False)
+
+    def start(self) -> None:
+        """Start pgbouncer and wait until a login through it reaches the server."""
+        user = _RUN_AS if os.geteuid() == 0 else None
+        # Its output goes to our log file, opened by us: the bouncer's user need not write here.
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [str(self.binary), str(self.dir / "pgbouncer.ini")],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+                start_new_session=True,
+                user=user,
+                group=user,
+                extra_groups=[] if user else None,
+                preexec_fn=_die_with_parent(signal.SIGTERM),
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        admin = self.url_for(make_url(self.server.admin_url).database or "postgres")
+        while not _answers(admin, "postgresql"):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ServerStartError(
+                    f"pgbouncer on port {self.port} did not start.\n"
+                    f"Last lines of {self.log_path}:\n{_log_tail(self.log_path)}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Immediate shutdown (SIGTERM in PgBouncer 1.18): clients are cut off."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+        self._proc = None
+
+    def destroy(self) -> None:
+        """Stop and remove the config, auth file and log."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _write_config(self, server_port: int) -> None:
+        auth_file = self.dir / "users.txt"
+        # A plain password lets PgBouncer answer the client's SCRAM and run its own
+        # SCRAM exchange with the server.
+        auth_file.write_text(f'"{USER}" "{PASSWORD}"\n')
+        (self.dir / "pgbouncer.ini").write_text(
+            _INI.format(
+                server_port=server_port,
+                port=self.port,
+                auth_file=auth_file,
+                pool_size=_SERVER_POOL_SIZE,
+                pid_file=self.dir / "pgbouncer.pid",
+            )
+        )
+        if os.geteuid() == 0:
+            for path in (self.dir, auth_file, self.dir / "pgbouncer.ini"):
+                shutil.chown(path, _RUN_AS, _RUN_AS)
+            auth_file.chmod(0o600)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres_server: DatabaseServer) -> Iterator[PgBouncer]:
+    """One PgBouncer in transaction mode per session, in front of ``postgres_server``."""
+    try:
+        binary = find_pgbouncer()
+    except ServerUnavailable as exc:
+        reason = exc.reason
+    else:
+        bouncer = PgBouncer(postgres_server, binary)
+        try:
+            bouncer.start()
+            yield bouncer
+        finally:
+            bouncer.destroy()
+        return
+    _skip_or_fail(reason)  # outside `except`: no chained traceback in the report
+
+
+@pytest.fixture
+def bouncer_database(request: pytest.FixtureRequest, pgbouncer: PgBouncer) -> tuple[str, str]:
+    """A fresh database for this test: (URL through the bouncer, direct URL)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    direct = pgbouncer.server.create_database(name)
+    request.addfinalizer(lambda: pgbouncer.server.drop_database(name))
+    return pgbouncer.url_for(name), direct
+
+
+def _skip_or_fail(reason: str) -> None:
+    message = f"PGBOUNCER TESTS NOT RUN: {reason}"
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{message}; {REQUIRE_ENV}=1 requires it", pytrace=False)
+    warnings.warn(DatabaseNotTestedWarning(message), stacklevel=2)
+    pytest.skip(message)

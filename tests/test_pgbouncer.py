@@ -1,0 +1,172 @@
+"""The hot path through PgBouncer in transaction pooling mode (Debian 12's 1.18).
+
+In that mode each transaction may run on another server connection, so
+nothing a session holds survives it: with FLOWSMITH_PG_PREPARE=off (plain
+statements) and ``--no-listen`` (polling) enqueue, claim, the group-commit
+batch write with chaining, and a real ``flowsmith worker`` process work through
+it. With prepared statements on, two clients sharing the bouncer's server
+connections fail with DatabaseUnavailable naming the switch, not with a
+confusing "prepared statement does not exist".
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from flowsmith_worker import Flow
+from flowsmith_worker.config import PoolSettings
+from flowsmith_worker.errors import DatabaseUnavailable
+from flowsmith_worker.plan import Plan, PlannedStep
+from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage.base import Chain, Finished, NewFlow, NodeStatus
+from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql_prepared import SWITCH_ENV
+from tests.pgbouncer import bouncer_database, pgbouncer  # noqa: F401 - fixtures
+from tests.worker_process import WorkerProcess
+
+Names = Callable[[str], str]
+STEPS = 10
+POOL = PoolSettings(pool_min=1, pool_max=4)
+
+FLOWS_MODULE = textwrap.dedent(
+    """
+    import os
+
+    from flowsmith_worker import Flow
+
+    flow = Flow(os.environ["FS_FLOW_NAME"])
+    for _i in range({steps}):
+        flow.step(f"s{{_i}}", lambda ctx, i=_i: i * ctx.data["n"])
+    """
+).format(steps=STEPS)
+
+
+@pytest.fixture
+def unprepared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process sends plain statements, as the README says to behind such a pooler."""
+    monkeypatch.setenv(SWITCH_ENV, "off")
+
+
+@pytest.fixture
+def bounced(bouncer_database: tuple[str, str], unprepared: None) -> Iterator[SqlStorage]:
+    """A migrated storage whose every statement goes through the bouncer."""
+    storage = create_storage(bouncer_database[0], POOL)
+    assert isinstance(storage, SqlStorage)
+    storage.migrate()
+    yield storage
+    storage.close()
+
+
+def new_flows(unique: Names, runs: int, steps: int) -> list[NewFlow]:
+    plan = Plan(stages=tuple((PlannedStep(f"s{i}", 1),) for i in range(steps)))
+    return [NewFlow("raw", unique("t"), {"n": 1}, plan) for _ in range(runs)]
+
+
+def test_enqueue_claim_and_batch_write_through_pgbouncer(
+    bounced: SqlStorage, bouncer_database: tuple[str, str], unique: Names
+) -> None:
+    """Unprepared, two workers' storages behind one PgBouncer in transaction mode (so
+    they share its server connections): runs enqueued one by one and as a batch are
+    claimed by both, each worker writes its first steps as one group-commit batch that
+    chains the runs' next steps to it, then writes the chained steps' outcomes, fenced
+    by the leases the chain gave. (Prepared, the second worker's claim would meet the
+    first one's statement on the shared server connection and fail.)"""
+    for flow in new_flows(unique, runs=2, steps=3):
+        bounced.enqueue_flow(flow=flow)
+    bounced.enqueue_flows(flows=new_flows(unique, runs=4, steps=3))
+    other = create_storage(bouncer_database[0], POOL)
+    try:
+        workers = {"w1": bounced, "w2": other}
+        claimed = {
+            w: s.claim_nodes(worker_id=w, limit=3, lease_seconds=60, queues=["default"])
+            for w, s in workers.items()
+        }
+        for worker_id, storage in workers.items():
+            nodes = claimed[worker_id]
+            assert sorted(n.step_name for n in nodes) == ["s0"] * 3
+            chain = Chain(worker_id=worker_id, lease_seconds=60)
+            written = storage.complete_batch(
+                finished=[done(n.lease, n.step_name) for n in nodes], chain=chain
+            )
+            assert [w.won for w in written] == [True] * 3
+            chained = [w.chained for w in written if w.chained is not None]
+            assert sorted(c.step_name for c in chained) == ["s1"] * 3
+            again = storage.complete_batch(finished=[done(c.lease, c.step_name) for c in chained])
+            assert [w.won for w in again] == [True] * 3
+    finally:
+        other.close()
+    # Nothing left behind the chains: every run's third step waits for a claim.
+    rest = bounced.claim_nodes(worker_id="w3", limit=10, lease_seconds=60, queues=["default"])
+    assert sorted(n.step_name for n in rest) == ["s2"] * 6
+
+
+def done(lease: object, step_name: str) -> Finished:
+    return Finished(lease, NodeStatus.COMPLETED, "1", step_name=step_name)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_a_worker_process_drains_ten_step_runs_through_pgbouncer(
+    bounced: SqlStorage, bouncer_database: tuple[str, str], tmp_path: Path, unique: Names
+) -> None:
+    """Two real `flowsmith worker --no-listen` processes with FLOWSMITH_PG_PREPARE=off,
+    connected only through one PgBouncer in transaction mode, run a few 10-step runs
+    to the end (claims, chaining, batch writes, heartbeats all through the bouncer)
+    and stop cleanly on SIGTERM."""
+    url = bouncer_database[0]
+    name = unique("bounced")
+    (tmp_path / "bouncedflows.py").write_text(FLOWS_MODULE)
+    env = dict(os.environ, FS_FLOW_NAME=name, **{SWITCH_ENV: "off"})
+    flow = Flow(name, storage=bounced)
+    for i in range(STEPS):
+        flow.step(f"s{i}", _not_here)
+    handles = [flow.run({"n": n}) for n in range(1, 6)]
+    args = ("--no-listen", "--poll-interval", "0.1", "--concurrency", "4")
+    workers = [WorkerProcess(tmp_path, url, env, *args, module="bouncedflows") for _ in "ab"]
+    try:
+        for worker in workers:
+            worker.wait_started()
+        for n, handle in enumerate(handles, start=1):
+            expected = {"n": n, **{f"s{i}": i * n for i in range(STEPS)}}
+            assert handle.wait(timeout=60) == expected, workers[0].output()[-3000:]
+        for worker in workers:
+            worker.signal(signal.SIGTERM)
+        for worker in workers:
+            assert worker.wait(30) == 0, worker.output()[-3000:]
+    finally:
+        for worker in workers:
+            worker.cleanup()
+
+
+def _not_here(_ctx: object) -> None:
+    raise AssertionError("steps run in the worker process, not in the test")
+
+
+def test_prepared_statements_through_pgbouncer_fail_with_what_to_do(
+    bouncer_database: tuple[str, str], unique: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With prepared statements on (the default), two clients behind one PgBouncer in
+    transaction mode share its server connections, so one meets the other's PREPAREd
+    statements (or misses its own): after running the transaction again on a new
+    connection it fails with DatabaseUnavailable naming FLOWSMITH_PG_PREPARE=off."""
+    monkeypatch.delenv(SWITCH_ENV, raising=False)
+    url, direct = bouncer_database
+    migrator = create_storage(direct)
+    migrator.migrate()
+    migrator.close()
+    first, second = create_storage(url, POOL), create_storage(url, POOL)
+    try:
+        with pytest.raises(DatabaseUnavailable, match=f"{SWITCH_ENV}=off"):
+            # One round is enough when the bouncer has one idle server connection;
+            # a few more make the meeting certain with several.
+            for _ in range(5):
+                for storage in (first, second):
+                    storage.enqueue_flow(flow=new_flows(unique, runs=1, steps=1)[0])
+    finally:
+        first.close()
+        second.close()
