@@ -19,6 +19,7 @@ from flowsmith_worker import config, registry
 from flowsmith_worker.log import LogEvent
 from flowsmith_worker.storage import InMemoryStorage, create_storage
 from flowsmith_worker.storage.base import Storage
+from tests.pgbouncer import bouncer_database, pgbouncer  # noqa: F401 - fixtures
 from tests.servers import DatabaseServer, mysql_server, postgres_server  # noqa: F401 - fixtures
 
 BACKENDS = ["memory", "sqlite", "postgresql", "mysql"]

@@ -16,6 +16,7 @@ FLOWSMITH_REQUIRE_DATABASES=1 (CI).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -26,9 +27,12 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from tests.servers import (
     PASSWORD,
@@ -69,6 +73,9 @@ pidfile = {pid_file}
 """
 
 
+_PREPARED_HERE = "SELECT pg_backend_pid(), ARRAY(SELECT name::text FROM pg_prepared_statements)"
+
+
 def find_pgbouncer() -> Path:
     """The pgbouncer binary (Debian puts it in /usr/sbin, off a normal user's PATH)."""
     found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
@@ -99,6 +106,34 @@ class PgBouncer:
         """The URL of database ``name`` of the server, reached through the bouncer."""
         url = make_url(self.server.url_for(name)).set(host="127.0.0.1", port=self.port)
         return url.render_as_string(hide_password=False)
+
+    def prepared_statements(self, name: str) -> dict[int, list[str]]:
+        """What every server connection the bouncer holds to database ``name`` has
+        PREPAREd, by backend pid.
+
+        pg_prepared_statements shows only the asking session's own, so one
+        transaction per server connection is held open through the bouncer at the
+        same time: each then runs on another of them, idle ones first.
+        """
+        with self.server.admin_engine().connect() as admin:
+            backends = set(
+                admin.execute(
+                    sa.text("SELECT pid FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+                ).scalars()
+            )
+        engine = sa.create_engine(self.url_for(name), poolclass=NullPool)
+        try:
+            with contextlib.ExitStack() as stack:
+                held: dict[int, list[str]] = {}
+                for _ in backends:
+                    conn = stack.enter_context(engine.connect())
+                    pid, names = conn.execute(sa.text(_PREPARED_HERE)).one()
+                    held[int(pid)] = sorted(names)
+        finally:
+            engine.dispose()
+        if set(held) != backends:
+            raise AssertionError(f"reached backends {sorted(held)}, not all of {sorted(backends)}")
+        return held
 
     def start(self) -> None:
         """Start pgbouncer and wait until a login through it reaches the server."""
@@ -184,13 +219,21 @@ def pgbouncer(postgres_server: DatabaseServer) -> Iterator[PgBouncer]:
     _skip_or_fail(reason)  # outside `except`: no chained traceback in the report
 
 
+class BouncedDatabase(NamedTuple):
+    """A test's database, reached through the bouncer (``url``) or not (``direct_url``)."""
+
+    name: str
+    url: str
+    direct_url: str
+
+
 @pytest.fixture
-def bouncer_database(request: pytest.FixtureRequest, pgbouncer: PgBouncer) -> tuple[str, str]:
-    """A fresh database for this test: (URL through the bouncer, direct URL)."""
+def bouncer_database(request: pytest.FixtureRequest, pgbouncer: PgBouncer) -> BouncedDatabase:
+    """A fresh database for this test, dropped at its end."""
     name = f"t_{uuid.uuid4().hex[:12]}"
-    direct = pgbouncer.server.create_database(name)
+    direct_url = pgbouncer.server.create_database(name)
     request.addfinalizer(lambda: pgbouncer.server.drop_database(name))
-    return pgbouncer.url_for(name), direct
+    return BouncedDatabase(name, pgbouncer.url_for(name), direct_url)
 
 
 def _skip_or_fail(reason: str) -> None:

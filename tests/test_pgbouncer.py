@@ -24,10 +24,10 @@ from flowsmith_worker.config import PoolSettings
 from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.storage import create_storage
-from flowsmith_worker.storage.base import Chain, Finished, NewFlow, NodeStatus
+from flowsmith_worker.storage.base import Chain, Finished, Lease, NewFlow, NodeStatus
 from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.storage.sql_prepared import SWITCH_ENV
-from tests.pgbouncer import bouncer_database, pgbouncer  # noqa: F401 - fixtures
+from tests.pgbouncer import BouncedDatabase, PgBouncer
 from tests.worker_process import WorkerProcess
 
 Names = Callable[[str], str]
@@ -54,9 +54,9 @@ def unprepared(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def bounced(bouncer_database: tuple[str, str], unprepared: None) -> Iterator[SqlStorage]:
+def bounced(bouncer_database: BouncedDatabase, unprepared: None) -> Iterator[SqlStorage]:
     """A migrated storage whose every statement goes through the bouncer."""
-    storage = create_storage(bouncer_database[0], POOL)
+    storage = create_storage(bouncer_database.url, POOL)
     assert isinstance(storage, SqlStorage)
     storage.migrate()
     yield storage
@@ -69,18 +69,17 @@ def new_flows(unique: Names, runs: int, steps: int) -> list[NewFlow]:
 
 
 def test_enqueue_claim_and_batch_write_through_pgbouncer(
-    bounced: SqlStorage, bouncer_database: tuple[str, str], unique: Names
+    bounced: SqlStorage, bouncer_database: BouncedDatabase, pgbouncer: PgBouncer, unique: Names
 ) -> None:
     """Unprepared, two workers' storages behind one PgBouncer in transaction mode (so
     they share its server connections): runs enqueued one by one and as a batch are
     claimed by both, each worker writes its first steps as one group-commit batch that
     chains the runs' next steps to it, then writes the chained steps' outcomes, fenced
-    by the leases the chain gave. (Prepared, the second worker's claim would meet the
-    first one's statement on the shared server connection and fail.)"""
+    by the leases the chain gave; and no PREPARE reached the server."""
     for flow in new_flows(unique, runs=2, steps=3):
         bounced.enqueue_flow(flow=flow)
     bounced.enqueue_flows(flows=new_flows(unique, runs=4, steps=3))
-    other = create_storage(bouncer_database[0], POOL)
+    other = create_storage(bouncer_database.url, POOL)
     try:
         workers = {"w1": bounced, "w2": other}
         claimed = {
@@ -104,21 +103,35 @@ def test_enqueue_claim_and_batch_write_through_pgbouncer(
     # Nothing left behind the chains: every run's third step waits for a claim.
     rest = bounced.claim_nodes(worker_id="w3", limit=10, lease_seconds=60, queues=["default"])
     assert sorted(n.step_name for n in rest) == ["s2"] * 6
+    assert_nothing_prepared(pgbouncer, bouncer_database.name)
 
 
-def done(lease: object, step_name: str) -> Finished:
-    return Finished(lease, NodeStatus.COMPLETED, "1", step_name=step_name)  # type: ignore[arg-type]
+def assert_nothing_prepared(pgbouncer: PgBouncer, name: str) -> None:
+    """No server connection behind the bouncer holds a statement of ours. (Prepared, a
+    lost statement only costs a reconnect, so the work above could succeed anyway.)"""
+    held = pgbouncer.prepared_statements(name)
+    assert held, "the work above went through no server connection"
+    assert held == {pid: [] for pid in held}
+
+
+def done(lease: Lease, step_name: str) -> Finished:
+    """The attempt holding ``lease`` ended well (output 1)."""
+    return Finished(lease, NodeStatus.COMPLETED, "1", step_name=step_name)
 
 
 @pytest.mark.slow
 def test_a_worker_process_drains_ten_step_runs_through_pgbouncer(
-    bounced: SqlStorage, bouncer_database: tuple[str, str], tmp_path: Path, unique: Names
+    bounced: SqlStorage,
+    bouncer_database: BouncedDatabase,
+    pgbouncer: PgBouncer,
+    tmp_path: Path,
+    unique: Names,
 ) -> None:
     """Two real `flowsmith worker --no-listen` processes with FLOWSMITH_PG_PREPARE=off,
     connected only through one PgBouncer in transaction mode, run a few 10-step runs
     to the end (claims, chaining, batch writes, heartbeats all through the bouncer)
-    and stop cleanly on SIGTERM."""
-    url = bouncer_database[0]
+    and stop cleanly on SIGTERM; no PREPARE reached the server."""
+    url = bouncer_database.url
     name = unique("bounced")
     (tmp_path / "bouncedflows.py").write_text(FLOWS_MODULE)
     env = dict(os.environ, FS_FLOW_NAME=name, **{SWITCH_ENV: "off"})
@@ -141,6 +154,7 @@ def test_a_worker_process_drains_ten_step_runs_through_pgbouncer(
     finally:
         for worker in workers:
             worker.cleanup()
+    assert_nothing_prepared(pgbouncer, bouncer_database.name)
 
 
 def _not_here(_ctx: object) -> None:
@@ -148,14 +162,14 @@ def _not_here(_ctx: object) -> None:
 
 
 def test_prepared_statements_through_pgbouncer_fail_with_what_to_do(
-    bouncer_database: tuple[str, str], unique: Names, monkeypatch: pytest.MonkeyPatch
+    bouncer_database: BouncedDatabase, unique: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With prepared statements on (the default), two clients behind one PgBouncer in
     transaction mode share its server connections, so one meets the other's PREPAREd
     statements (or misses its own): after running the transaction again on a new
     connection it fails with DatabaseUnavailable naming FLOWSMITH_PG_PREPARE=off."""
     monkeypatch.delenv(SWITCH_ENV, raising=False)
-    url, direct = bouncer_database
+    url, direct = bouncer_database.url, bouncer_database.direct_url
     migrator = create_storage(direct)
     migrator.migrate()
     migrator.close()
