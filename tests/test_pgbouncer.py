@@ -27,6 +27,7 @@ from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Chain, Finished, Lease, NewFlow, NodeStatus
 from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.storage.sql_prepared import SWITCH_ENV
+from tests import test_crash as crash
 from tests.pgbouncer import BouncedDatabase, PgBouncer
 from tests.worker_process import WorkerProcess
 
@@ -153,6 +154,41 @@ def test_a_worker_process_drains_ten_step_runs_through_pgbouncer(
             assert worker.wait(30) == 0, worker.output()[-3000:]
     finally:
         for worker in workers:
+            worker.cleanup()
+    assert_nothing_prepared(pgbouncer, bouncer_database.name)
+
+
+@pytest.mark.slow
+def test_a_worker_sigkilled_mid_step_behind_pgbouncer_loses_nothing(
+    bounced: SqlStorage,
+    bouncer_database: BouncedDatabase,
+    pgbouncer: PgBouncer,
+    tmp_path: Path,
+    unique: Names,
+) -> None:
+    """Two `flowsmith worker --no-listen` processes through PgBouncer in transaction
+    mode, one SIGKILLed inside a step (its client connections to the bouncer die,
+    perhaps inside a transaction): as on a direct connection (tests/test_crash.py),
+    all 20 runs of 3 steps complete, the dead worker's steps are rescued and run
+    again by the survivor, no COMPLETED step runs again, no node's executions
+    overlap, and the survivor stops cleanly."""
+    name = unique("crash_bounced")
+    workdir, events_path, env = crash.prepare(tmp_path, name, 0.05, 0.15)
+    env[SWITCH_ENV] = "off"
+    tracking_ids = crash.enqueue(bounced, name, 20)
+    started: list[WorkerProcess] = []
+
+    def spawn(workdir: Path, url: str, env: dict[str, str], *args: str) -> WorkerProcess:
+        started.append(WorkerProcess(workdir, url, env, *args, "--no-listen", module="crashflows"))
+        return started[-1]
+
+    url = bouncer_database.url
+    try:
+        crash.kill_one_of_two(
+            bounced, url, spawn, workdir, events_path, env, tracking_ids, 60, after_starts=10
+        )
+    finally:
+        for worker in started:
             worker.cleanup()
     assert_nothing_prepared(pgbouncer, bouncer_database.name)
 
