@@ -1,7 +1,9 @@
 """Fixtures shared by the suite.
 
 ``storage`` runs a test on every backend: memory, sqlite, and the real
-PostgreSQL and MariaDB servers that tests/servers.py starts once per session.
+PostgreSQL and MariaDB servers that tests/servers.py starts once per session
+(through PgBouncer in transaction mode with FLOWSMITH_TEST_THROUGH_PGBOUNCER=1,
+see tests/pgbouncer.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from flowsmith_worker import config, registry
 from flowsmith_worker.log import LogEvent
 from flowsmith_worker.storage import InMemoryStorage, create_storage
 from flowsmith_worker.storage.base import Storage
-from tests.pgbouncer import bouncer_database, pgbouncer  # noqa: F401 - fixtures
+from tests.pgbouncer import bouncer_database, pgbouncer, through_pgbouncer  # noqa: F401 - fixtures
 from tests.servers import DatabaseServer, mysql_server, postgres_server  # noqa: F401 - fixtures
 
 BACKENDS = ["memory", "sqlite", "postgresql", "mysql"]
@@ -53,6 +55,8 @@ def database_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -
     name = f"t_{uuid.uuid4().hex[:12]}"
     url = server.create_database(name)
     request.addfinalizer(lambda: server.drop_database(name))
+    if backend == "postgresql" and through_pgbouncer():
+        return str(request.getfixturevalue("pgbouncer").url_for(name))
     return url
 
 

@@ -12,6 +12,16 @@ removed at the end. Its ``*`` database entry forwards every database name to
 the test server, so a database created there is reachable through the bouncer
 under the same name. Missing binaries skip the tests, or fail them when
 FLOWSMITH_REQUIRE_DATABASES=1 (CI).
+
+With FLOWSMITH_TEST_THROUGH_PGBOUNCER=1 every PostgreSQL database the suite's
+fixtures hand out (``storage``, ``sql_url``, ``database_url``) is reached
+through the bouncer, so any part of the suite can be run through it::
+
+    FLOWSMITH_TEST_THROUGH_PGBOUNCER=1 FLOWSMITH_PG_PREPARE=off \
+        .venv/bin/python -m pytest -k postgresql tests/test_contract.py
+
+Tests about session state (prepared statements, session advisory locks,
+pg_terminate_backend of the storage's own sessions) fail there by design.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from tests.servers import (
 )
 
 INSTALL_HINT = "apt-get install pgbouncer"
+THROUGH_ENV = "FLOWSMITH_TEST_THROUGH_PGBOUNCER"
 # PgBouncer refuses to run as root; Debian's package runs it as ``postgres``.
 _RUN_AS = "postgres"
 # More than a few workers' pools at once, fewer than the server's 300 connections.
@@ -74,6 +85,11 @@ pidfile = {pid_file}
 
 
 _PREPARED_HERE = "SELECT pg_backend_pid(), ARRAY(SELECT name::text FROM pg_prepared_statements)"
+
+
+def through_pgbouncer() -> bool:
+    """Whether FLOWSMITH_TEST_THROUGH_PGBOUNCER=1 asks to reach PostgreSQL through the bouncer."""
+    return os.environ.get(THROUGH_ENV) == "1"
 
 
 def find_pgbouncer() -> Path:
