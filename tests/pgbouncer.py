@@ -45,11 +45,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from tests.servers import (
-    PASSWORD,
     REQUIRE_ENV,
     START_TIMEOUT,
     STOP_TIMEOUT,
-    USER,
     DatabaseNotTestedWarning,
     DatabaseServer,
     ServerStartError,
@@ -69,7 +67,7 @@ _SERVER_POOL_SIZE = 40
 
 _INI = """\
 [databases]
-* = host=127.0.0.1 port={server_port}
+* = host={server_host} port={server_port}
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -104,14 +102,12 @@ class PgBouncer:
     """A pgbouncer process in transaction mode, forwarding to ``server``."""
 
     def __init__(self, server: DatabaseServer, binary: Path) -> None:
-        if server.port is None:
-            raise ValueError("the PostgreSQL server has no known port")
         self.server = server
         self.binary = binary
         self.port = _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="flowsmith-pgbouncer-"))
         self._proc: subprocess.Popen[bytes] | None = None
-        self._write_config(server.port)
+        self._write_config()
 
     @property
     def log_path(self) -> Path:
@@ -153,10 +149,27 @@ class PgBouncer:
 
     def start(self) -> None:
         """Start pgbouncer and wait until a login through it reaches the server."""
+        for attempt in range(3):
+            self._proc = self._spawn()
+            if self._wait_ready(self._proc):
+                return
+            self.stop()
+            log = self.log_path.read_text(errors="replace")
+            if attempt == 2 or "Address already in use" not in log:
+                break
+            # Somebody took the port between _free_port() and pgbouncer's bind().
+            self.port = _free_port()
+            self._write_config()
+        raise ServerStartError(
+            f"pgbouncer on port {self.port} did not start.\n"
+            f"Last lines of {self.log_path}:\n{_log_tail(self.log_path)}"
+        )
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         user = _RUN_AS if os.geteuid() == 0 else None
         # Its output goes to our log file, opened by us: the bouncer's user need not write here.
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
+        with self.log_path.open("wb") as log:
+            return subprocess.Popen(
                 [str(self.binary), str(self.dir / "pgbouncer.ini")],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -168,16 +181,17 @@ class PgBouncer:
                 extra_groups=[] if user else None,
                 preexec_fn=_die_with_parent(signal.SIGTERM),
             )
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> bool:
+        """Poll with real logins through the bouncer until one succeeds (True), or the
+        bouncer exits or time is up (False)."""
         deadline = time.monotonic() + START_TIMEOUT
         admin = self.url_for(make_url(self.server.admin_url).database or "postgres")
         while not _answers(admin, "postgresql"):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise ServerStartError(
-                    f"pgbouncer on port {self.port} did not start.\n"
-                    f"Last lines of {self.log_path}:\n{_log_tail(self.log_path)}"
-                )
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
             time.sleep(0.05)
+        return True
 
     def stop(self) -> None:
         """Immediate shutdown (SIGTERM in PgBouncer 1.18): clients are cut off."""
@@ -197,14 +211,17 @@ class PgBouncer:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _write_config(self, server_port: int) -> None:
+    def _write_config(self) -> None:
+        # The server's own login (ours, or the one in $FLOWSMITH_TEST_POSTGRES_URL).
+        login = make_url(self.server.admin_url)
         auth_file = self.dir / "users.txt"
         # A plain password lets PgBouncer answer the client's SCRAM and run its own
         # SCRAM exchange with the server.
-        auth_file.write_text(f'"{USER}" "{PASSWORD}"\n')
+        auth_file.write_text(f'"{login.username}" "{login.password}"\n')
         (self.dir / "pgbouncer.ini").write_text(
             _INI.format(
-                server_port=server_port,
+                server_host=login.host or "127.0.0.1",
+                server_port=login.port or 5432,
                 port=self.port,
                 auth_file=auth_file,
                 pool_size=_SERVER_POOL_SIZE,
