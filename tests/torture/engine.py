@@ -1,0 +1,149 @@
+"""Runs a model FlowShape on the real engine and reads back how it ended."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from flowsmith_worker import Context, Flow, registry
+from flowsmith_worker.flow import Condition, StepFunction
+from flowsmith_worker.run import FlowRun
+from flowsmith_worker.storage.base import FlowStatus, Storage
+from flowsmith_worker.worker import Worker
+from tests.torture.model import FlowShape, NodeEnd, StepShape, output_of
+
+# A retry is runnable at once: no example waits for a backoff.
+NO_BACKOFF = 0.0
+POLL_SECONDS = 0.005
+TIMEOUT_SECONDS = 30.0
+
+
+class ScheduledFailure(RuntimeError):
+    """What a step raises on an attempt its failure schedule names."""
+
+
+def scheduled_failure(step_name: str, attempt: int) -> str:
+    """The message of the ScheduledFailure of that attempt."""
+    return f"{step_name}: attempt {attempt} is scheduled to fail"
+
+
+@dataclass(frozen=True)
+class Observed:
+    status: FlowStatus
+    nodes: dict[str, NodeEnd]
+    data: dict[str, Any] | None = None  # ctx.data at the end of a COMPLETED run
+    error: str | None = None  # the run's
+    # The attempt numbers each step's function was called with, in call order, as
+    # the functions themselves wrote them down: a journal apart from the engine's.
+    calls: dict[str, list[int]] = field(default_factory=dict)
+
+
+class Journal:
+    """The calls of the step functions of one run, thread-safe (a worker has slots)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: dict[str, list[int]] = {}
+
+    def record(self, step_name: str, attempt: int) -> None:
+        with self._lock:
+            self.calls.setdefault(step_name, []).append(attempt)
+
+
+def step_function(step: StepShape, journal: Journal) -> StepFunction:
+    """The step's function: it writes its call down, raises if its schedule says so,
+    and returns what it saw. ``async def`` if the step is async: the worker then
+    runs it (and its condition) on its event loop, another path to the same ends."""
+
+    def body(ctx: Context) -> dict[str, Any]:
+        journal.record(step.name, ctx.attempt)
+        if ctx.attempt in step.fails_on:
+            raise ScheduledFailure(scheduled_failure(step.name, ctx.attempt))
+        return output_of(ctx.attempt, ctx.data)
+
+    async def async_body(ctx: Context) -> dict[str, Any]:
+        return body(ctx)
+
+    return async_body if step.is_async else body
+
+
+def condition_function(step: StepShape) -> Condition | None:
+    key = step.condition
+    if key is None:
+        return None
+
+    def holds(ctx: Context) -> bool:
+        return bool(ctx.data.get(key))
+
+    async def async_holds(ctx: Context) -> bool:
+        return holds(ctx)
+
+    return async_holds if step.is_async else holds
+
+
+def add_step(flow: Flow, step: StepShape, journal: Journal) -> None:
+    body, condition = step_function(step, journal), condition_function(step)
+    flow.step(step.name, body, step.retries, backoff=NO_BACKOFF, condition=condition)
+
+
+def build(shape: FlowShape, journal: Journal) -> Flow:
+    flow = Flow(f"model_{uuid.uuid4().hex[:12]}")
+    for stage in shape.stages:
+        if len(stage) == 1:
+            add_step(flow, stage[0], journal)
+            continue
+        with flow.parallel():
+            for step in stage:
+                add_step(flow, step, journal)
+    return flow
+
+
+def run_on(
+    storage: Storage, shape: FlowShape, concurrency: int = 4, retries_of_run: int = 0
+) -> list[Observed]:
+    """Run ``shape`` to its end with an in-process worker, and retry the run (as
+    `flowsmith retry` does) while it FAILED, up to ``retries_of_run`` times: how the
+    run and its nodes ended each time."""
+    journal = Journal()
+    flow = build(shape, journal)
+    try:
+        request = flow.new_run(dict(shape.input), None)
+        storage.enqueue_flow(flow=request)
+        handle = FlowRun(storage, flow.name, request.tracking_id)
+        ends = [run_until_idle(storage, handle, journal, concurrency)]
+        while ends[-1].status is FlowStatus.FAILED and len(ends) <= retries_of_run:
+            handle.retry()
+            ends.append(run_until_idle(storage, handle, journal, concurrency))
+        return ends
+    finally:
+        registry.unregister(flow.name)
+
+
+def run_until_idle(storage: Storage, run: FlowRun, journal: Journal, concurrency: int) -> Observed:
+    worker = Worker(
+        storage=storage, concurrency=concurrency, poll_interval=POLL_SECONDS, listen=False
+    )
+    try:
+        worker.run_until_idle(timeout=TIMEOUT_SECONDS)
+    finally:
+        worker.shutdown()
+    return replace(observe(storage, run), calls={k: list(v) for k, v in journal.calls.items()})
+
+
+def observe(storage: Storage, run: FlowRun) -> Observed:
+    record = storage.get_flow(tracking_id=run.tracking_id, with_payloads=False)
+    assert record is not None
+    nodes = storage.list_nodes(flow_id=record.id, with_payloads=True)
+    ends = {
+        node.step_name: NodeEnd(
+            node.status, node.attempt, tuple(a.outcome for a in node.attempts), node.output
+        )
+        for node in nodes
+    }
+    status = FlowStatus(record.status)
+    # ctx.data as the caller of a run gets it.
+    completed = status is FlowStatus.COMPLETED
+    data = run.wait(timeout=0) if completed else None
+    return Observed(status, ends, data, record.error)
