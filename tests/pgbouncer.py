@@ -17,11 +17,12 @@ With FLOWSMITH_TEST_THROUGH_PGBOUNCER=1 every PostgreSQL database the suite's
 fixtures hand out (``storage``, ``sql_url``, ``database_url``) is reached
 through the bouncer, so any part of the suite can be run through it::
 
-    FLOWSMITH_TEST_THROUGH_PGBOUNCER=1 FLOWSMITH_PG_PREPARE=off \
+    FLOWSMITH_TEST_THROUGH_PGBOUNCER=1 FLOWSMITH_PG_POOLER=transaction \
         .venv/bin/python -m pytest -k postgresql tests/test_contract.py
 
 Tests about session state (prepared statements, session advisory locks,
-pg_terminate_backend of the storage's own sessions) fail there by design.
+pg_terminate_backend of the storage's own sessions) skip there
+(``skip_through_pgbouncer``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ pidfile = {pid_file}
 
 
 _PREPARED_HERE = "SELECT pg_backend_pid(), ARRAY(SELECT name::text FROM pg_prepared_statements)"
+_LISTENING_HERE = "SELECT pg_backend_pid(), ARRAY(SELECT pg_listening_channels()::text)"
 
 
 def through_pgbouncer() -> bool:
@@ -121,11 +123,22 @@ class PgBouncer:
 
     def prepared_statements(self, name: str) -> dict[int, list[str]]:
         """What every server connection the bouncer holds to database ``name`` has
-        PREPAREd, by backend pid.
+        PREPAREd, by backend pid."""
+        return self.ask_every_server_connection(name, _PREPARED_HERE)
 
-        pg_prepared_statements shows only the asking session's own, so one
-        transaction per server connection is held open through the bouncer at the
-        same time: each then runs on another of them, idle ones first.
+    def listening_channels(self, name: str) -> dict[int, list[str]]:
+        """The channels every server connection the bouncer holds to database ``name``
+        LISTENs on, by backend pid."""
+        return self.ask_every_server_connection(name, _LISTENING_HERE)
+
+    def ask_every_server_connection(self, name: str, query: str) -> dict[int, list[str]]:
+        """``query`` (which returns the backend's pid and a list of names) run on every
+        server connection the bouncer holds to database ``name``.
+
+        Session state (pg_prepared_statements, pg_listening_channels) shows only
+        the asking session's own, so one transaction per server connection is held
+        open through the bouncer at the same time: each then runs on another of
+        them, idle ones first.
         """
         with self.server.admin_engine().connect() as admin:
             backends = set(
@@ -139,7 +152,7 @@ class PgBouncer:
                 held: dict[int, list[str]] = {}
                 for _ in backends:
                     conn = stack.enter_context(engine.connect())
-                    pid, names = conn.execute(sa.text(_PREPARED_HERE)).one()
+                    pid, names = conn.execute(sa.text(query)).one()
                     held[int(pid)] = sorted(names)
         finally:
             engine.dispose()
@@ -275,3 +288,12 @@ def _skip_or_fail(reason: str) -> None:
         pytest.fail(f"{message}; {REQUIRE_ENV}=1 requires it", pytrace=False)
     warnings.warn(DatabaseNotTestedWarning(message), stacklevel=2)
     pytest.skip(message)
+
+
+def skip_through_pgbouncer(what: str) -> pytest.MarkDecorator:
+    """Skip a test about session state when FLOWSMITH_TEST_THROUGH_PGBOUNCER=1: in
+    transaction mode the bouncer hands each transaction any server connection."""
+    return pytest.mark.skipif(
+        through_pgbouncer(),
+        reason=f"{what}: session state, which PgBouncer in transaction mode does not keep",
+    )

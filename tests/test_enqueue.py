@@ -39,6 +39,7 @@ from flowsmith_worker.storage.base import Storage
 from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.storage.sql_enqueue import ENQUEUE_NEW_RUNS_PG, MAX_ROWS_PER_STATEMENT
 from tests.conftest import database_url
+from tests.pgbouncer import skip_through_pgbouncer
 from tests.servers import DatabaseServer, LocalServer
 
 Names = Callable[[str], str]
@@ -546,6 +547,7 @@ def server_statements(server: LocalServer, database: str, action: Callable[[], A
     return [s.strip() for s in found[:-1]]  # the last is the end marker's own
 
 
+@skip_through_pgbouncer("the enqueue sent as EXECUTE of a prepared statement")
 def test_flow_run_on_postgresql_is_one_statement_without_begin_or_commit(
     postgres_server: DatabaseServer, unique: Names
 ) -> None:

@@ -23,7 +23,9 @@ from flowsmith_worker.storage.base import ClaimedNode, Finished, NewFlow, NodeSt
 from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.storage.sql_prepared import SWITCH_ENV
 from tests.conftest import database_url
+from tests.pgbouncer import skip_through_pgbouncer
 
+pytestmark = skip_through_pgbouncer("prepared statements held by a connection")
 Names = Callable[[str], str]
 ONE_CONNECTION = PoolSettings(pool_min=1, pool_max=1)
 
