@@ -12,7 +12,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from flowsmith_worker import payload
+from flowsmith_worker import connections, payload
 from flowsmith_worker.cli_format import printable
 from flowsmith_worker.cli_params import QueueNames
 from flowsmith_worker.config import configure, redact, resolve_database_url
@@ -174,6 +174,14 @@ def migrate(url: str | None) -> None:
     help="Do not LISTEN for NOTIFY (PgBouncer in transaction mode); poll only.",
 )
 @click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Refuse to start if these settings could open more than N database connections "
+    "(--concurrency + 5, and 1 for LISTEN on PostgreSQL).",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(1, 65535),
     default=None,
@@ -220,6 +228,7 @@ def worker(
     queues: Sequence[str],
     shutdown_timeout: float,
     no_listen: bool,
+    max_connections: int | None,
     metrics_port: int | None,
     metrics_host: str,
     max_payload_bytes: int | None,
@@ -244,14 +253,17 @@ def worker(
     """
     setup_logging(log_format, log_level)  # type: ignore[arg-type]
     _check_payload_limit_setting()
+    if max_connections is not None:  # before anything connects
+        listens = connections.listens(resolve_database_url(url), listen=not no_listen)
+        connections.refuse_above(max_connections, concurrency, listens)
     import_modules(modules)
     # Every slot, the loop and the heartbeat thread may each hold a connection
-    # at once, and the heartbeat must never wait for one; opening one per step
-    # instead costs more than the step. (LISTEN uses a connection outside the pool.)
+    # at once (see connections.py); opening one per step costs more than the step.
+    pool = connections.worker_pool(concurrency)
     storage = configure(
         url,
-        pool_min=concurrency + 3,
-        pool_max=concurrency + 5,
+        pool_min=pool.pool_min,
+        pool_max=pool.pool_max,
         max_payload_bytes=max_payload_bytes,
     )
     worker = Worker(
