@@ -22,6 +22,7 @@ from flowsmith_worker.storage.base import Storage
 from flowsmith_worker.storage.schema import SCHEMA_VERSION
 from flowsmith_worker.storage.sql import SqlStorage
 from tests.conftest import database_url, eventually
+from tests.pgbouncer import skip_through_pgbouncer
 from tests.servers import DatabaseServer
 
 Names = Callable[[str], str]
@@ -90,6 +91,7 @@ def stop_worker(worker: Worker, thread: threading.Thread) -> None:
     assert not thread.is_alive()
 
 
+@skip_through_pgbouncer("LISTEN on a connection of its own")
 def test_notify_wakes_an_idle_worker_long_before_its_next_poll(
     pg_storage: SqlStorage, unique: Names, logs: list[dict[str, Any]]
 ) -> None:
