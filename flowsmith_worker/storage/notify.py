@@ -62,6 +62,10 @@ def listen_for_work(
     engine: Engine, on_notify: Callable[[str], None], stop: threading.Event
 ) -> None:
     """Call ``on_notify(queue)`` for each NOTIFY until ``stop`` is set."""
+    if pooler.transaction_pooling():
+        # A LISTEN would register some server connection of the pooler's, not ours.
+        log.info("listen.off", reason=f"{pooler.POOLER_ENV}={pooler.TRANSACTION}")
+        return
     failures = 0
     while not stop.is_set():
         conn = None

@@ -22,7 +22,7 @@ from flowsmith_worker import payload
 from flowsmith_worker.config import PoolSettings, redact, redact_url
 from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, SchemaNotMigrated
 from flowsmith_worker.plan import Plan
-from flowsmith_worker.storage import migrations, notify, pooler, schema, sql_prepared
+from flowsmith_worker.storage import migrations, notify, schema, sql_prepared
 from flowsmith_worker.storage.base import (
     AttemptOutcome,
     AttemptRecord,
@@ -204,10 +204,6 @@ class SqlBase:
     def listen_for_work(self, *, on_notify: Callable[[str], None], stop: threading.Event) -> None:
         if not self.supports_notify:
             raise NotImplementedError(f"{self.url_for_display} has no NOTIFY; poll instead")
-        if pooler.transaction_pooling():
-            # A LISTEN would register some server connection of the pooler's, not ours.
-            notify.log.info("listen.off", reason=f"{pooler.POOLER_ENV}={pooler.TRANSACTION}")
-            return
         notify.listen_for_work(self.engine, on_notify, stop)
 
     def close(self) -> None:
