@@ -171,7 +171,7 @@ def migrate(url: str | None) -> None:
 @click.option(
     "--no-listen",
     is_flag=True,
-    help="Do not LISTEN for NOTIFY (PgBouncer in transaction mode); poll only.",
+    help="Do not LISTEN for NOTIFY; poll only (FLOWSMITH_PG_POOLER=transaction implies it).",
 )
 @click.option(
     "--max-connections",

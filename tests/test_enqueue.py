@@ -423,6 +423,7 @@ def test_run_many_commits_or_rolls_back_with_the_callers_transaction(
     storage.close()
 
 
+@skip_through_pgbouncer("LISTEN on a connection of its own")
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_run_many_wakes_an_idle_listening_worker(
     request: pytest.FixtureRequest, backend: str, tmp_path: Path, unique: Names
