@@ -18,7 +18,7 @@ fixtures hand out (``storage``, ``sql_url``, ``database_url``) is reached
 through the bouncer, so any part of the suite can be run through it::
 
     FLOWSMITH_TEST_THROUGH_PGBOUNCER=1 FLOWSMITH_PG_POOLER=transaction \
-        .venv/bin/python -m pytest -k postgresql tests/test_contract.py
+        .venv/bin/python -m pytest -m postgres tests/
 
 Tests about session state (prepared statements, session advisory locks,
 pg_terminate_backend of the storage's own sessions) skip there
