@@ -45,6 +45,10 @@ class InvalidDatabaseURL(FlowSmithError):
     """The database URL is not one FlowSmith can use."""
 
 
+class InvalidSetting(FlowSmithError):
+    """A FLOWSMITH_* setting of the environment has a value FlowSmith does not know."""
+
+
 class DatabaseNotFound(InvalidDatabaseURL):
     """The URL names a SQLite file that does not exist, and it was not to be created."""
 

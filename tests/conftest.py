@@ -3,7 +3,9 @@
 ``storage`` runs a test on every backend: memory, sqlite, and the real
 PostgreSQL and MariaDB servers that tests/servers/ starts once per session;
 ``sql_url`` and ``database_url`` give a fresh database of one SQL backend. A
-fixture only one tier uses lives in that tier's conftest.py.
+fixture only one tier uses lives in that tier's conftest.py. With
+FLOWSMITH_TEST_THROUGH_PGBOUNCER=1 every PostgreSQL database is reached through
+PgBouncer in transaction mode (tests/servers/pgbouncer.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from flowsmith_worker.storage import reset as reset_default_storage
 from flowsmith_worker.storage.base import Storage
 from tests.servers import DatabaseServer
 from tests.servers.fixtures import mysql_server, postgres_server  # noqa: F401 - fixtures
+from tests.servers.pgbouncer import bouncer_database, pgbouncer, through_pgbouncer  # noqa: F401 - fixtures
 
 BACKENDS = ["memory", "sqlite", "postgresql", "mysql"]
 SQL_BACKENDS = ["sqlite", "postgresql", "mysql"]
@@ -56,6 +59,8 @@ def database_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -
     name = f"t_{uuid.uuid4().hex[:12]}"
     url = server.create_database(name)
     request.addfinalizer(lambda: server.drop_database(name))
+    if backend == "postgresql" and through_pgbouncer():
+        return str(request.getfixturevalue("pgbouncer").url_for(name))
     return url
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from flowsmith_worker import payload
+from flowsmith_worker import connections, payload
 from flowsmith_worker.cli.params import QueueNames, url_option
 from flowsmith_worker.config import resolve_database_url
 from flowsmith_worker.log import LOG_LEVELS, flush_output, setup_logging
@@ -128,7 +128,15 @@ def migrate(url: str | None) -> None:
 @click.option(
     "--no-listen",
     is_flag=True,
-    help="Do not LISTEN for NOTIFY (PgBouncer in transaction mode); poll only.",
+    help="Do not LISTEN for NOTIFY; poll only (FLOWSMITH_PG_POOLER=transaction implies it).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Refuse to start if these settings could open more than N database connections "
+    "(--concurrency + 5, and 1 for LISTEN on PostgreSQL).",
 )
 @click.option(
     "--metrics-port",
@@ -177,6 +185,7 @@ def worker(
     queues: Sequence[str],
     shutdown_timeout: float,
     no_listen: bool,
+    max_connections: int | None,
     metrics_port: int | None,
     metrics_host: str,
     max_payload_bytes: int | None,
@@ -201,14 +210,17 @@ def worker(
     """
     setup_logging(log_format, log_level)  # type: ignore[arg-type]
     _check_payload_limit_setting()
+    if max_connections is not None:  # before anything connects
+        listens = connections.listens(resolve_database_url(url), listen=not no_listen)
+        connections.refuse_above(max_connections, concurrency, listens)
     import_modules(modules)
     # Every slot, the loop and the heartbeat thread may each hold a connection
-    # at once, and the heartbeat must never wait for one; opening one per step
-    # instead costs more than the step. (LISTEN uses a connection outside the pool.)
+    # at once (see connections.py); opening one per step costs more than the step.
+    pool = connections.worker_pool(concurrency)
     storage = configure(
         url,
-        pool_min=concurrency + 3,
-        pool_max=concurrency + 5,
+        pool_min=pool.pool_min,
+        pool_max=pool.pool_max,
         max_payload_bytes=max_payload_bytes,
     )
     worker = Worker(

@@ -23,6 +23,7 @@ from flowsmith_worker.storage.schema import SCHEMA_VERSION
 from flowsmith_worker.storage.sql import SqlStorage
 from tests.conftest import database_url, eventually
 from tests.servers import DatabaseServer
+from tests.servers.pgbouncer import skip_through_pgbouncer
 
 Names = Callable[[str], str]
 
@@ -81,6 +82,7 @@ def stop_worker(worker: Worker, thread: threading.Thread) -> None:
     assert not thread.is_alive()
 
 
+@skip_through_pgbouncer("LISTEN on a connection of its own")
 def test_notify_wakes_an_idle_worker_long_before_its_next_poll(
     pg_storage: SqlStorage, unique: Names, logs: list[dict[str, Any]]
 ) -> None:

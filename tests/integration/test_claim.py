@@ -23,6 +23,7 @@ from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.worker import Worker
 from tests.conftest import database_url
+from tests.servers.pgbouncer import skip_through_pgbouncer
 
 Names = Callable[[str], str]
 
@@ -172,6 +173,7 @@ def test_transactions_do_not_ping_their_connection(
     assert pings == []
 
 
+@skip_through_pgbouncer("pg_terminate_backend of the storage's own server sessions")
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_a_connection_the_server_dropped_is_replaced_without_an_error(
     request: pytest.FixtureRequest, backend: str, tmp_path: Path, unique: Names

@@ -40,6 +40,7 @@ from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.storage.sql.enqueue import ENQUEUE_NEW_RUNS_PG, MAX_ROWS_PER_STATEMENT
 from tests.conftest import database_url
 from tests.servers import DatabaseServer, LocalServer
+from tests.servers.pgbouncer import skip_through_pgbouncer
 
 Names = Callable[[str], str]
 
@@ -422,6 +423,7 @@ def test_run_many_commits_or_rolls_back_with_the_callers_transaction(
     storage.close()
 
 
+@skip_through_pgbouncer("LISTEN on a connection of its own")
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_run_many_wakes_an_idle_listening_worker(
     request: pytest.FixtureRequest, backend: str, tmp_path: Path, unique: Names
@@ -546,6 +548,7 @@ def server_statements(server: LocalServer, database: str, action: Callable[[], A
     return [s.strip() for s in found[:-1]]  # the last is the end marker's own
 
 
+@skip_through_pgbouncer("the enqueue sent as EXECUTE of a prepared statement")
 def test_flow_run_on_postgresql_is_one_statement_without_begin_or_commit(
     postgres_server: DatabaseServer, unique: Names
 ) -> None:

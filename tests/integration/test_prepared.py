@@ -22,7 +22,9 @@ from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import ClaimedNode, Finished, NewFlow, NodeStatus
 from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.storage.sql.prepared import SWITCH_ENV
+from tests.servers.pgbouncer import skip_through_pgbouncer
 
+pytestmark = skip_through_pgbouncer("prepared statements held by a connection")
 Names = Callable[[str], str]
 ONE_CONNECTION = PoolSettings(pool_min=1, pool_max=1)
 

@@ -25,6 +25,7 @@ from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import ClaimedNode, NewFlow, NodeRecord, Storage
 from flowsmith_worker.storage.sql import SqlStorage
 from tests.conftest import database_url, eventually
+from tests.servers.pgbouncer import through_pgbouncer
 
 Names = Callable[[str], str]
 ADVISORY_KEY = 4242
@@ -94,6 +95,8 @@ def updates_of_run_held(storage: SqlStorage, flow_id: int) -> Iterator[None]:
     updating transaction has locked the row and decided what to write, and
     cannot commit yet.
     """
+    if through_pgbouncer():
+        pytest.skip("the holder's session advisory lock does not outlive its transaction there")
     with storage.engine.connect() as holder:
         holder.execute(sa.select(sa.func.pg_advisory_lock(ADVISORY_KEY)))
         holder.commit()

@@ -7,26 +7,51 @@ worker once in case something was enqueued meanwhile.
 
 Must never be needed for correctness: a lost notification only delays a claim until
 the next poll, and the listener never shares the pool's connections.
+
+Before it listens, each new connection checks that a NOTIFY sent through the
+pool reaches it, on a channel of its own: behind a pooler in transaction mode
+(PgBouncer) the LISTEN registers whichever server connection ran it, and that
+one's notifications go to whichever client uses it next, never to the listener
+(and pile up unread in those clients' connections). Unheard, the worker says
+what to set and only polls, instead of listening to nothing.
 """
 
 from __future__ import annotations
 
 import select
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy as sa
 import tenacity
 from sqlalchemy.engine import Engine
 
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.storage.dialects import NOTIFY_CHANNEL
+from flowsmith_worker.storage.sql import pooler
 
 log = get_logger(__name__)
 _RECONNECT_BACKOFF = tenacity.wait_exponential_jitter(multiplier=0.2, max=10.0)
 # How often the listener looks at its stop event while nothing arrives.
 _SELECT_TIMEOUT_SECONDS = 1.0
+# A NOTIFY reaches a direct listener within milliseconds of its commit; this
+# leaves room for a loaded server. Waited once per (re)connection, off the hot path.
+PROBE_TIMEOUT_SECONDS = 5.0
+UNHEARD_HINT = (
+    f"a NOTIFY sent through the pool did not reach the LISTEN connection within "
+    f"{PROBE_TIMEOUT_SECONDS:g} s: behind a connection pooler in transaction mode "
+    f"(PgBouncer), set {pooler.POOLER_ENV}={pooler.TRANSACTION} (or pass --no-listen)"
+)
+
+
+class Unheard(Exception):
+    """The listener's own test NOTIFY never reached it."""
+
+
 # Detect a server that vanished without closing the socket.
 _KEEPALIVES = {
     "keepalives": 1,
@@ -40,16 +65,24 @@ def listen_for_work(
     engine: Engine, on_notify: Callable[[str], None], stop: threading.Event
 ) -> None:
     """Call ``on_notify(queue)`` for each NOTIFY until ``stop`` is set."""
+    if pooler.transaction_pooling():
+        # A LISTEN would register some server connection of the pooler's, not ours.
+        log.info("listen.off", reason=f"{pooler.POOLER_ENV}={pooler.TRANSACTION}")
+        return
     failures = 0
     while not stop.is_set():
         conn = None
         try:
             conn = _connect(engine)
+            _listen(conn, engine)
             log.info("listen.started", channel=NOTIFY_CHANNEL, reconnect=failures > 0)
             if failures:
                 on_notify("")  # anything enqueued while we were away
             failures = 0
             _pump(conn, on_notify, stop)
+        except Unheard:
+            log.warning("listen.unheard", action="polling only", hint=UNHEARD_HINT)
+            return
         except Exception as exc:
             failures += 1
             log.warning(
@@ -65,9 +98,34 @@ def _connect(engine: Engine) -> Any:
     cargs, cparams = engine.dialect.create_connect_args(engine.url)
     conn = engine.dialect.loaded_dbapi.connect(*cargs, **{**_KEEPALIVES, **cparams})
     conn.autocommit = True
-    with conn.cursor() as cursor:
-        cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
     return conn
+
+
+def _listen(conn: Any, engine: Engine) -> None:
+    """LISTEN on ``conn``, once a NOTIFY sent through the pool was seen to reach it."""
+    probe = f"{NOTIFY_CHANNEL}_probe_{uuid.uuid4().hex}"
+    with conn.cursor() as cursor:
+        cursor.execute(f"LISTEN {probe}")
+    with engine.begin() as sender:
+        sender.execute(sa.select(sa.func.pg_notify(probe, "")))
+    if not _heard(conn, probe):
+        raise Unheard(probe)
+    with conn.cursor() as cursor:
+        cursor.execute(f"UNLISTEN {probe}")
+        cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
+
+
+def _heard(conn: Any, channel: str) -> bool:
+    """Whether a notification on ``channel`` arrives within PROBE_TIMEOUT_SECONDS."""
+    deadline = time.monotonic() + PROBE_TIMEOUT_SECONDS
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([conn], [], [], left)
+        if readable:
+            conn.poll()  # raises when the connection is gone
+            if any(n.channel == channel for n in conn.notifies):
+                conn.notifies.clear()
+                return True
+    return False
 
 
 def _pump(conn: Any, on_notify: Callable[[str], None], stop: threading.Event) -> None:

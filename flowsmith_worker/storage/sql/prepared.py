@@ -16,7 +16,8 @@ transaction another server connection) fails with "prepared statement ...
 does not exist" (or "already exists"): ``heal_lost_statements`` makes
 SQLAlchemy take that for a dead connection, so the transaction runs once more
 on a new one, as after a restart. Behind a pooler in transaction mode that can
-keep happening: FLOWSMITH_PG_PREPARE=off sends the plain statements instead.
+keep happening: FLOWSMITH_PG_POOLER=transaction (see sql/pooler.py), or
+FLOWSMITH_PG_PREPARE=off alone, sends the plain statements instead.
 
 Must never change what a statement does, only how it is sent.
 """
@@ -33,6 +34,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, CursorResult, Engine, ExceptionContext
 
+from flowsmith_worker.storage.sql import pooler
+
 SWITCH_ENV = "FLOWSMITH_PG_PREPARE"
 _OFF = ("off", "0", "false", "no")
 _INFO_KEY = "flowsmith_prepared"
@@ -42,8 +45,11 @@ _PARAMETER = re.compile(r"%\((\w+)\)s")
 
 
 def wanted() -> bool:
-    """Whether to prepare: on unless FLOWSMITH_PG_PREPARE says off (e.g. behind
-    PgBouncer in transaction mode, which does not keep SQL-level PREPAREs)."""
+    """Whether to prepare: on unless FLOWSMITH_PG_PREPARE says off or
+    FLOWSMITH_PG_POOLER says transaction (PgBouncer in transaction mode does not
+    keep SQL-level PREPAREs)."""
+    if pooler.transaction_pooling():
+        return False
     return os.environ.get(SWITCH_ENV, "on").strip().lower() not in _OFF
 
 
@@ -136,5 +142,6 @@ def is_lost_statement(error: BaseException | None, statement: str | None) -> boo
 
 POOLER_HINT = (
     "the connection lost FlowSmith's prepared statements: behind a connection pooler "
-    f"in transaction mode (PgBouncer), set {SWITCH_ENV}=off"
+    f"in transaction mode (PgBouncer), set {pooler.POOLER_ENV}={pooler.TRANSACTION} "
+    f"(no prepared statements, no LISTEN; {SWITCH_ENV}=off turns off only the first)"
 )
