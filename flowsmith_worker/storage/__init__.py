@@ -29,7 +29,7 @@ from flowsmith_worker.log import get_logger
 from flowsmith_worker.storage.base import Storage
 
 if TYPE_CHECKING:
-    from flowsmith_worker.storage.dialects import SqliteMode
+    from flowsmith_worker.storage.sql.dialects import SqliteMode
 
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from flowsmith_worker.storage.dialects import Dialect
 from flowsmith_worker.storage.sql import claim as sql_claim
+from flowsmith_worker.storage.sql.dialects import Dialect
 
 # The rescue's candidate read (SqlStorage.rescue_expired) is built per call, so
 # it is recognised by what it reads rather than by identity.

@@ -17,8 +17,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from flowsmith_worker.storage import schema
-from flowsmith_worker.storage.dialects import dialect_of
+from flowsmith_worker.storage.sql import schema
+from flowsmith_worker.storage.sql.dialects import dialect_of
 
 F, N = schema.flows, schema.nodes
 # MariaDB stops a recursive CTE after max_recursive_iterations rows (1,000 on

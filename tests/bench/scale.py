@@ -43,9 +43,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from flowsmith_worker.log import setup_logging
-from flowsmith_worker.storage import create_storage, schema
+from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import DEFAULT_QUEUE
-from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql import SqlStorage, schema
 from flowsmith_worker.worker import Worker
 from tests.bench import explain, prefill
 from tests.bench.targets import BACKENDS, Target, open_targets

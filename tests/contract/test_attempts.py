@@ -22,7 +22,6 @@ from click.testing import CliRunner
 from flowsmith_worker import Context, Flow
 from flowsmith_worker.cli import main
 from flowsmith_worker.plan import Plan, PlannedStep
-from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     RESCUE_ERROR,
     AttemptOutcome,
@@ -31,6 +30,7 @@ from flowsmith_worker.storage.base import (
     NodeRecord,
     Storage,
 )
+from flowsmith_worker.storage.sql import schema
 from flowsmith_worker.worker import Worker
 
 Names = Callable[[str], str]

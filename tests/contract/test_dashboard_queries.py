@@ -13,9 +13,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from flowsmith_worker import Context, Flow, Worker
-from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import FlowFilter, FlowStatus, Overview, RunCursor, Storage
-from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql import SqlStorage, schema
 
 Names = Callable[[str], str]
 

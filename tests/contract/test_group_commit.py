@@ -327,7 +327,7 @@ def test_one_unreadable_run_fails_alone_not_its_whole_batch(
 def _corrupt_plan(storage: Storage, tracking_id: str) -> None:
     import sqlalchemy as sa
 
-    from flowsmith_worker.storage import schema
+    from flowsmith_worker.storage.sql import schema
 
     engine = storage.engine  # type: ignore[attr-defined]
     with engine.begin() as conn:
@@ -599,7 +599,7 @@ def test_a_batch_stores_each_output_exactly_as_encoded(
     (not the text 'null'), and a JSON null output stays the text 'null'."""
     import sqlalchemy as sa
 
-    from flowsmith_worker.storage import schema
+    from flowsmith_worker.storage.sql import schema
 
     for i in range(len(EXACT_OUTPUTS)):
         storage.enqueue_flow(flow=sequential(unique(f"t{i}"), ["only", "next"]))

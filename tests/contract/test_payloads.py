@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 from flowsmith_worker import Context, Flow, FlowStatus, NodeStatus, Worker
 from flowsmith_worker.cli import main
-from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import ClaimedNode, Storage
+from flowsmith_worker.storage.sql import schema
 
 Names = Callable[[str], str]
 F, N = schema.flows, schema.nodes

@@ -23,7 +23,6 @@ from flowsmith_worker.errors import RunNotCancellable, RunNotRetryable, SubflowT
 from flowsmith_worker.executor import Executor, Outcome
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
 from flowsmith_worker.progress import STOPPED_BY_FAILURE
-from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     RESCUE_ERROR,
     ClaimedNode,
@@ -32,7 +31,7 @@ from flowsmith_worker.storage.base import (
     NodeRecord,
     Storage,
 )
-from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql import SqlStorage, schema
 from tests.conftest import eventually
 
 Names = Callable[[str], str]

@@ -16,8 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from flowsmith_worker import Flow, FlowStatus, NodeStatus, Worker
-from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import Storage, WorkerRecord
+from flowsmith_worker.storage.sql import schema
 from tests.conftest import eventually
 
 Names = Callable[[str], str]

@@ -116,7 +116,7 @@ def test_the_wheel_says_what_it_is(built: tuple[Path, str]) -> None:
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert {"postgres", "mysql", "dev"} <= set(metadata.get_all("Provides-Extra") or [])
     assert "flowsmith_worker/py.typed" in names
-    assert "flowsmith_worker/storage/migrations/v4.py" in names
+    assert "flowsmith_worker/storage/sql/migrations/v4.py" in names
     assert "project.license" not in output  # setuptools' deprecation of the TOML-table form
 
 

@@ -19,8 +19,8 @@ from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL
 from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Storage
-from flowsmith_worker.storage.schema import SCHEMA_VERSION
 from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql.schema import SCHEMA_VERSION
 from tests.conftest import database_url, eventually
 from tests.servers import DatabaseServer
 from tests.servers.pgbouncer import skip_through_pgbouncer

@@ -28,15 +28,16 @@ from sqlalchemy.pool import NullPool
 from flowsmith_worker import Flow, SchemaNotMigrated
 from flowsmith_worker.cli import main
 from flowsmith_worker.config import parse_database_url
-from flowsmith_worker.storage import create_storage, schema
+from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Storage
+from flowsmith_worker.storage.sql import schema
 from tests.conftest import database_url, eventually
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow
 
 # The brief named fs_flows, fs_nodes and fs_schema_version; later migrations may add
-# more tables, all of them fs_*, all of them declared in storage/schema.py.
+# more tables, all of them fs_*, all of them declared in storage/sql/schema.py.
 FS_CORE_TABLES = {"fs_flows", "fs_nodes", "fs_schema_version"}
 FS_TABLES = set(schema.metadata.tables)
 ALL_VERSIONS = list(range(1, schema.SCHEMA_VERSION + 1))

@@ -24,8 +24,9 @@ from flowsmith_worker.cli import main
 from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.errors import UnreadableRow
 from flowsmith_worker.run import FlowRun
-from flowsmith_worker.storage import create_storage, schema
+from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, Storage
+from flowsmith_worker.storage.sql import schema
 
 Names = Callable[[str], str]
 F, N = schema.flows, schema.nodes

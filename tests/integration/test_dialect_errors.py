@@ -1,4 +1,4 @@
-"""Database errors are told apart by their code, never by their words (storage/dialects/).
+"""Database errors are told apart by their code, never by their words (storage/sql/dialects/).
 
 Each kind is provoked on the real servers where that is cheap: a unique
 violation, a missing table or column, a deadlock between two threads, a lock
@@ -32,12 +32,12 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from flowsmith_worker.config import PoolSettings
 from flowsmith_worker.errors import DatabaseUnavailable, SchemaNotMigrated
 from flowsmith_worker.storage import create_storage
-from flowsmith_worker.storage.dialects import DbError, Dialect, create_engine, dialect_of
-from flowsmith_worker.storage.dialects.mysql import MYSQL
-from flowsmith_worker.storage.dialects.postgresql import POSTGRESQL
-from flowsmith_worker.storage.dialects.sqlite import SQLITE
 from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.storage.sql import prepared as sql_prepared
+from flowsmith_worker.storage.sql.dialects import DbError, Dialect, create_engine, dialect_of
+from flowsmith_worker.storage.sql.dialects.mysql import MYSQL
+from flowsmith_worker.storage.sql.dialects.postgresql import POSTGRESQL
+from flowsmith_worker.storage.sql.dialects.sqlite import SQLITE
 from tests.conftest import database_url
 from tests.servers import DatabaseServer
 

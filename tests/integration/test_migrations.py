@@ -26,11 +26,10 @@ from click.testing import CliRunner
 from flowsmith_worker.cli import main
 from flowsmith_worker.config import PoolSettings, parse_database_url
 from flowsmith_worker.flow import Flow
-from flowsmith_worker.storage import migrations, schema
 from flowsmith_worker.storage.base import AttemptOutcome, FlowFilter, FlowStatus, NodeRecord
-from flowsmith_worker.storage.dialects import dialect_of, identifier_collation
-from flowsmith_worker.storage.migrations import MIGRATIONS, v0, v1, v3
-from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql import SqlStorage, migrations, schema
+from flowsmith_worker.storage.sql.dialects import dialect_of, identifier_collation
+from flowsmith_worker.storage.sql.migrations import MIGRATIONS, v0, v1, v3
 from flowsmith_worker.worker import Worker
 from tests.conftest import SQL_BACKENDS, database_url
 

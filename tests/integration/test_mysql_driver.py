@@ -1,4 +1,4 @@
-"""mysql-connector without its extra round trips (storage/dialects/mysql.py).
+"""mysql-connector without its extra round trips (storage/sql/dialects/mysql.py).
 
 The driver's cursor() sends a COM_PING and waits for the answer, and SQLAlchemy
 opens a cursor per statement (_no_ping_per_statement); and the pool's reset sent

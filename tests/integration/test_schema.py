@@ -23,9 +23,9 @@ from click.testing import CliRunner
 from flowsmith_worker import Flow
 from flowsmith_worker.cli import main
 from flowsmith_worker.config import parse_database_url
-from flowsmith_worker.storage import create_storage, schema
+from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowFilter, Storage
-from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql import SqlStorage, schema
 from tests.conftest import database_url
 from tests.servers import DatabaseServer, require_restart
 

@@ -22,9 +22,9 @@ import pytest
 import sqlalchemy as sa
 
 from flowsmith_worker import Flow, Worker
-from flowsmith_worker.storage import create_storage, schema
+from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Storage
-from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql import SqlStorage, schema
 from tests.conftest import eventually
 from tests.servers import DatabaseServer
 from tests.worker_process import WorkerProcess

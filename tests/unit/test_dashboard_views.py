@@ -18,8 +18,8 @@ from flowsmith_worker.storage.base import (
     NodeStatus,
     RunLink,
 )
-from flowsmith_worker.storage.dialects.base import successor
 from flowsmith_worker.storage.sql.dashboard import error_message
+from flowsmith_worker.storage.sql.dialects.base import successor
 
 PLAN = Plan(
     stages=(

@@ -25,10 +25,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from flowsmith_worker import progress
-from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import AttemptRecord, NodeRecord
-from flowsmith_worker.storage.dialects import Dialect
+from flowsmith_worker.storage.sql import schema
 from flowsmith_worker.storage.sql.base import attempt_record
+from flowsmith_worker.storage.sql.dialects import Dialect
 
 A, N = schema.attempts, schema.nodes
 

@@ -27,7 +27,6 @@ from flowsmith_worker import payload
 from flowsmith_worker.config import PoolSettings, redact, redact_url
 from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, SchemaNotMigrated
 from flowsmith_worker.plan import Plan
-from flowsmith_worker.storage import migrations, schema
 from flowsmith_worker.storage.base import (
     AttemptOutcome,
     AttemptRecord,
@@ -37,7 +36,9 @@ from flowsmith_worker.storage.base import (
     NodeRecord,
     NodeStatus,
 )
-from flowsmith_worker.storage.dialects import (
+from flowsmith_worker.storage.sql import migrations, notify, schema
+from flowsmith_worker.storage.sql import prepared as sql_prepared
+from flowsmith_worker.storage.sql.dialects import (
     MISSING_SCHEMA,
     READ_ONLY_OPTION,
     DbError,
@@ -46,8 +47,6 @@ from flowsmith_worker.storage.dialects import (
     dialect_of,
     is_stale_connection,
 )
-from flowsmith_worker.storage.sql import notify
-from flowsmith_worker.storage.sql import prepared as sql_prepared
 
 T = TypeVar("T")
 F, N = schema.flows, schema.nodes

@@ -34,8 +34,8 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 
-from flowsmith_worker.storage import schema
-from flowsmith_worker.storage.dialects import Dialect
+from flowsmith_worker.storage.sql import schema
+from flowsmith_worker.storage.sql.dialects import Dialect
 from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
 F, N, Q = schema.flows, schema.nodes, schema.queues

@@ -34,8 +34,8 @@ from sqlalchemy.engine import Connection
 from flowsmith_worker import progress
 from flowsmith_worker.errors import CorruptRow
 from flowsmith_worker.plan import Plan
-from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import NodeStatus
+from flowsmith_worker.storage.sql import schema
 
 F, N = schema.flows, schema.nodes
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     ActivitySlice,
@@ -24,6 +23,7 @@ from flowsmith_worker.storage.base import (
     Overview,
     RunCursor,
 )
+from flowsmith_worker.storage.sql import schema
 
 F, N = schema.flows, schema.nodes
 

@@ -29,8 +29,8 @@ from sqlalchemy.engine import Connection, Row
 from flowsmith_worker import payload
 from flowsmith_worker.plan import PlannedStep
 from flowsmith_worker.storage.base import FlowStatus, NewFlow, NodeStatus
-from flowsmith_worker.storage.dialects import NOTIFY_CHANNEL, DbError, is_stale_connection
 from flowsmith_worker.storage.sql.base import FLOW_STATE, F, N, SqlBase, dumps
+from flowsmith_worker.storage.sql.dialects import NOTIFY_CHANNEL, DbError, is_stale_connection
 from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
 T = TypeVar("T")

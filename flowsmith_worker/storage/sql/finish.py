@@ -48,8 +48,8 @@ from sqlalchemy.engine import Connection
 
 from flowsmith_worker import progress
 from flowsmith_worker.storage.base import Chain, Finished, NodeStatus
-from flowsmith_worker.storage.dialects import MYSQL_UTC_EPOCH_SQL
 from flowsmith_worker.storage.sql.base import FLOW_STATE
+from flowsmith_worker.storage.sql.dialects import MYSQL_UTC_EPOCH_SQL
 from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
 _NOW = "CAST(EXTRACT(epoch FROM now()) AS DOUBLE PRECISION)"

@@ -30,7 +30,7 @@ from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import Connection, Engine
 
 from flowsmith_worker.errors import ConnectionNotUsable
-from flowsmith_worker.storage.dialects import Dialect, dialect_of
+from flowsmith_worker.storage.sql.dialects import Dialect, dialect_of
 
 # The DBAPI connection lent to the current thread (or task): what the engines'
 # pools "connect" to.

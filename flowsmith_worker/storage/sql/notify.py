@@ -31,8 +31,8 @@ from sqlalchemy.engine import Engine
 
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.retry import retry_delay
-from flowsmith_worker.storage.dialects import NOTIFY_CHANNEL
 from flowsmith_worker.storage.sql import pooler
+from flowsmith_worker.storage.sql.dialects import NOTIFY_CHANNEL
 
 log = get_logger(__name__)
 _RECONNECT_BACKOFF = tenacity.wait_exponential_jitter(multiplier=0.2, max=10.0)

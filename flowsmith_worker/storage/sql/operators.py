@@ -19,7 +19,6 @@ from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker import progress
 from flowsmith_worker.errors import CorruptRow
-from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     FailureGroup,
@@ -39,6 +38,7 @@ from flowsmith_worker.storage.base import (
 from flowsmith_worker.storage.sql import attempts as sql_attempts
 from flowsmith_worker.storage.sql import context as sql_context
 from flowsmith_worker.storage.sql import dashboard as sql_dashboard
+from flowsmith_worker.storage.sql import schema
 from flowsmith_worker.storage.sql.base import (
     F,
     N,

@@ -1,7 +1,7 @@
 """The tables, in one place.
 
 Times are stored as seconds since the epoch (DOUBLE), taken from the database
-clock (see storage/dialects/): one representation on three databases, compared and
+clock (see storage/sql/dialects/): one representation on three databases, compared and
 added to without dialect date functions, and no host clock ever decides a lease.
 JSON values are stored as text we encode ourselves, so a row can never run code
 and every backend stores exactly the same bytes. Names (tracking_id, flow, step,
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.compiler import compiles
 
-from flowsmith_worker.storage.dialects import identifier_collation
+from flowsmith_worker.storage.sql.dialects import identifier_collation
 
 SCHEMA_VERSION = 5
 

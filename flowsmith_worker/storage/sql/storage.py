@@ -43,7 +43,6 @@ from flowsmith_worker.errors import (
 )
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
-from flowsmith_worker.storage import schema
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     Chain,
@@ -63,6 +62,7 @@ from flowsmith_worker.storage.base import (
 from flowsmith_worker.storage.sql import attempts as sql_attempts
 from flowsmith_worker.storage.sql import claim as sql_claim
 from flowsmith_worker.storage.sql import context as sql_context
+from flowsmith_worker.storage.sql import schema
 from flowsmith_worker.storage.sql.base import (
     FLOW_STATE,
     F,

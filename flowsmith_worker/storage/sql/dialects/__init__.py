@@ -5,7 +5,7 @@ shared base.py), and the engine each needs (engine.py). The SQL storage asks its
 dialect how to do a thing, and what an error means, never which database it is on.
 """
 
-from flowsmith_worker.storage.dialects.base import (
+from flowsmith_worker.storage.sql.dialects.base import (
     CONFLICTS,
     MISSING_SCHEMA,
     READ_ONLY_OPTION,
@@ -14,10 +14,10 @@ from flowsmith_worker.storage.dialects.base import (
     Dialect,
     is_stale_connection,
 )
-from flowsmith_worker.storage.dialects.engine import create_engine, dialect_of
-from flowsmith_worker.storage.dialects.mysql import MYSQL_UTC_EPOCH_SQL, identifier_collation
-from flowsmith_worker.storage.dialects.postgresql import NOTIFY_CHANNEL
-from flowsmith_worker.storage.dialects.sqlite import SqliteMode
+from flowsmith_worker.storage.sql.dialects.engine import create_engine, dialect_of
+from flowsmith_worker.storage.sql.dialects.mysql import MYSQL_UTC_EPOCH_SQL, identifier_collation
+from flowsmith_worker.storage.sql.dialects.postgresql import NOTIFY_CHANNEL
+from flowsmith_worker.storage.sql.dialects.sqlite import SqliteMode
 
 __all__ = [
     "CONFLICTS",

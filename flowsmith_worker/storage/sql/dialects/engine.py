@@ -16,10 +16,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from flowsmith_worker.config import PoolSettings, redact_url
 from flowsmith_worker.errors import InvalidDatabaseURL
-from flowsmith_worker.storage.dialects.base import Dialect
-from flowsmith_worker.storage.dialects.mysql import MYSQL, tune_mysql_connector
-from flowsmith_worker.storage.dialects.postgresql import POSTGRESQL
-from flowsmith_worker.storage.dialects.sqlite import SQLITE, SqliteMode, create_sqlite_engine
+from flowsmith_worker.storage.sql.dialects.base import Dialect
+from flowsmith_worker.storage.sql.dialects.mysql import MYSQL, tune_mysql_connector
+from flowsmith_worker.storage.sql.dialects.postgresql import POSTGRESQL
+from flowsmith_worker.storage.sql.dialects.sqlite import SQLITE, SqliteMode, create_sqlite_engine
 
 # A pooled connection idle for longer than this is tested before use.
 PING_AFTER_IDLE_SECONDS = 10.0

@@ -12,7 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
-from flowsmith_worker.storage.dialects.base import DbError, Dialect
+from flowsmith_worker.storage.sql.dialects.base import DbError, Dialect
 
 MIGRATION_LOCK_NAME = "flowsmith_migrate"
 # MySQL's clock as UTC epoch seconds. UNIX_TIMESTAMP(NOW(6)) would pass through

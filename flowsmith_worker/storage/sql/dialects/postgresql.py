@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
-from flowsmith_worker.storage.dialects.base import DbError, Dialect
+from flowsmith_worker.storage.sql.dialects.base import DbError, Dialect
 
 # pg_advisory_xact_lock takes a bigint; any constant of ours will do.
 MIGRATION_LOCK_KEY = 0x666C6F77736D  # "flowsm"

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from flowsmith_worker.config import URL_ENV_VARS
 from flowsmith_worker.errors import DatabaseNotFound
-from flowsmith_worker.storage.dialects.base import READ_ONLY_OPTION, DbError, Dialect
+from flowsmith_worker.storage.sql.dialects.base import READ_ONLY_OPTION, DbError, Dialect
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 # Between tries at switching a file to WAL while another connection switches it.

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from flowsmith_worker.storage import schema
-from flowsmith_worker.storage.dialects import Dialect
-from flowsmith_worker.storage.migrations import v0, v1, v2, v3, v4, v5
+from flowsmith_worker.storage.sql import schema
+from flowsmith_worker.storage.sql.dialects import Dialect
+from flowsmith_worker.storage.sql.migrations import v0, v1, v2, v3, v4, v5
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from flowsmith_worker.errors import (
     RunStatusUnreadable,
     TrackingIdTaken,
 )
-from flowsmith_worker.storage import create_storage, schema
+from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import Storage
-from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql import SqlStorage, schema
 
 Names = Callable[[str], str]
 
