@@ -56,7 +56,7 @@ class Caught:
     rescue: Sent | None = None
 
 
-# PostgreSQL's claim is one prepared statement (sql_prepared.py), sent as
+# PostgreSQL's claim is one prepared statement (storage/sql/prepared.py), sent as
 # EXECUTE: it is recognised by its text and explained as its plain text.
 _PG_CLAIMS = {
     "claim (one statement, one queue)": sql_claim.CLAIM_PG_ONE_QUEUE,

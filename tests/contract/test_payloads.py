@@ -1,7 +1,7 @@
 """Payloads on every backend: each stored once, read only where needed, never trusted.
 
 The run's input and each step's output are stored once; a step's ctx.data is
-rebuilt when its node is claimed (storage/sql_context.py). A stored value that
+rebuilt when its node is claimed (storage/sql/context.py). A stored value that
 does not parse (a row changed outside FlowSmith) fails its own run with an error
 naming the column, and every other run on the queue goes on. Rows are corrupted
 with SQL on the real tables; the runs are driven by in-process workers.

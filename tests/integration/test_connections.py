@@ -42,7 +42,7 @@ GREEDY_MODULE = textwrap.dedent(
     from pathlib import Path
 
     from flowsmith_worker import Flow
-    from flowsmith_worker.config import default_storage
+    from flowsmith_worker.storage import default_storage
 
     def _hold(release):
         with default_storage().engine.connect():

@@ -45,19 +45,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from tests.servers import (
+from tests.servers.admin import (
     REQUIRE_ENV,
     START_TIMEOUT,
     STOP_TIMEOUT,
-    DatabaseNotTestedWarning,
     DatabaseServer,
     ServerStartError,
     ServerUnavailable,
-    _answers,
-    _die_with_parent,
-    _free_port,
-    _log_tail,
+    answers,
 )
+from tests.servers.fixtures import DatabaseNotTestedWarning
+from tests.servers.process import die_with_parent, free_port, log_tail
 
 INSTALL_HINT = "apt-get install pgbouncer"
 THROUGH_ENV = "FLOWSMITH_TEST_THROUGH_PGBOUNCER"
@@ -106,7 +104,7 @@ class PgBouncer:
     def __init__(self, server: DatabaseServer, binary: Path) -> None:
         self.server = server
         self.binary = binary
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="flowsmith-pgbouncer-"))
         self._proc: subprocess.Popen[bytes] | None = None
         self._write_config()
@@ -170,12 +168,12 @@ class PgBouncer:
             log = self.log_path.read_text(errors="replace")
             if attempt == 2 or "Address already in use" not in log:
                 break
-            # Somebody took the port between _free_port() and pgbouncer's bind().
-            self.port = _free_port()
+            # Somebody took the port between free_port() and pgbouncer's bind().
+            self.port = free_port()
             self._write_config()
         raise ServerStartError(
             f"pgbouncer on port {self.port} did not start.\n"
-            f"Last lines of {self.log_path}:\n{_log_tail(self.log_path)}"
+            f"Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
         )
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -192,7 +190,7 @@ class PgBouncer:
                 user=user,
                 group=user,
                 extra_groups=[] if user else None,
-                preexec_fn=_die_with_parent(signal.SIGTERM),
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> bool:
@@ -200,7 +198,7 @@ class PgBouncer:
         bouncer exits or time is up (False)."""
         deadline = time.monotonic() + START_TIMEOUT
         admin = self.url_for(make_url(self.server.admin_url).database or "postgres")
-        while not _answers(admin, "postgresql"):
+        while not answers(admin, "postgresql"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 return False
             time.sleep(0.05)

@@ -47,7 +47,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+def die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
     """A preexec hook making the kernel signal the server when the test process dies.
 
     atexit does not run on SIGKILL or a hard crash; PR_SET_PDEATHSIG does. It
@@ -83,7 +83,7 @@ def _process_alive(pid: int, names: tuple[str, ...]) -> bool:
     return any(name.encode() in cmdline for name in names)
 
 
-def _log_tail(path: Path, lines: int = 30) -> str:
+def log_tail(path: Path, lines: int = 30) -> str:
     """The end of a server log, for error messages that explain themselves."""
     try:
         text = path.read_text(errors="replace")
@@ -284,7 +284,7 @@ class LocalServer(DatabaseServer):
                 user=user,
                 group=user,
                 extra_groups=[] if user else None,
-                preexec_fn=None if self.detached else _die_with_parent(self._stop_signal),
+                preexec_fn=None if self.detached else die_with_parent(self._stop_signal),
             )
 
     def _wait_ready(self, deadline: float) -> None:
@@ -301,7 +301,7 @@ class LocalServer(DatabaseServer):
     def _fail(self, what: str) -> NoReturn:
         raise ServerStartError(
             f"{self.kind} server on port {self.port} {what}.\n"
-            f"Last lines of {self.log_path}:\n{_log_tail(self.log_path)}"
+            f"Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
         )
 
     def _lost_port_race(self, offset: int) -> bool:

@@ -14,8 +14,8 @@ Values are parsed here, never trusted: a value that does not parse (a row
 changed outside FlowSmith) raises CorruptRow naming the column and the run, so
 the engine fails that run instead of rolling back the same claim forever.
 
-Must never trust a stored value, and never write: it reads what sql.py and
-sql_finish.py wrote.
+Must never trust a stored value, and never write: it reads what storage.py and
+finish.py wrote.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Enqueue's writes: new runs and their first stages, in as few statements as each database allows.
 
-SqlStorage (sql.py) decides what a trigger does to each tracking_id (the
+SqlStorage (storage.py) decides what a trigger does to each tracking_id (the
 idempotent-trigger rules); this module only inserts runs that are new:
 
 - many at once (``Flow.run_many``): multi-row INSERTs of the runs and of their
@@ -14,7 +14,7 @@ idempotent-trigger rules); this module only inserts runs that are new:
   autocommit (no BEGIN or COMMIT round trip), that inserts the run, its first
   stage and the NOTIFY together, or nothing when the tracking_id exists.
 
-Must never decide what a trigger does to an existing tracking_id (sql.py does), and
+Must never decide what a trigger does to an existing tracking_id (storage.py does), and
 never commit a batch in parts.
 """
 
