@@ -32,6 +32,7 @@ from flowsmith_worker.health import Health
 from flowsmith_worker.heartbeat import Heartbeat, LeaseTimes
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.metrics import WorkerMetrics, queues_to_report
+from flowsmith_worker.outage import DatabaseOutage
 from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.schedule import Scheduler
@@ -115,6 +116,9 @@ class Worker:
         self.hard_stop = threading.Event()  # stop now; release what is in flight
         self.wakeup = threading.Event()
         self.lease_times = LeaseTimes(lease_seconds)
+        # Every part below that calls the database tells it when the database is
+        # away and when it answers again: the log says so once, /readyz meanwhile.
+        self.outage = DatabaseOutage(self.id, on_back=self.wakeup.set)
         # Group commit: every finished step's outcome waits for the next batch.
         self.batcher = CompletionBatcher(self.storage, chain=self._chain)
         self.executor = Executor(
@@ -124,9 +128,13 @@ class Worker:
             give_up_after=lease_seconds,
             lease_held=self.lease_times.held,
             complete=self.batcher.write,
+            outage=self.outage,
         )
         self.heartbeat = Heartbeat(
-            self.heartbeat_once, self.settings.heartbeat_interval, worker_id=self.id
+            self.heartbeat_once,
+            self.settings.heartbeat_interval,
+            worker_id=self.id,
+            outage=self.outage,
         )
         self.rescuer = Rescuer(
             self.storage, interval=_rescue_interval(self.settings), rescuer_id=self.id
@@ -144,7 +152,9 @@ class Worker:
         self.metrics = WorkerMetrics(self.id, self.host, __version__)
         # Stale after a few of the loop's longest waits: a poll, or the database backoff.
         # Not ready from the moment it stops claiming.
-        self.health = Health(stale_after=max(60.0, 3 * poll_interval), draining=self.stopping)
+        self.health = Health(
+            stale_after=max(60.0, 3 * poll_interval), draining=self.stopping, database=self.outage
+        )
 
     # -- the parts --------------------------------------------------------------
 
@@ -332,12 +342,15 @@ class Worker:
         failures = 0
         while not self.stopping.is_set():
             self.health.loop_ticked()
+            # With every slot taken and no rescue due, a turn asks the database
+            # nothing: its success must not end an outage the others still meet.
+            asks_database = self.free_slots > 0 or self.rescuer.seconds_until_due() == 0
             try:
                 claimed = self.run_once()
                 self.scheduler.run_once()
                 self.health.turn_succeeded()
-                if failures:
-                    self.log.info("database.reconnected", after_failures=failures)
+                if asks_database:
+                    self.outage.answered()
                 failures = 0
             except Exception as exc:
                 # The database away, or anything unforeseen: a worker that dies here
@@ -345,8 +358,7 @@ class Worker:
                 # off and tries again instead.
                 failures += 1
                 if isinstance(exc, DatabaseUnavailable):
-                    self.health.turn_failed(f"database unavailable: {exc}")
-                    self.log.warning("database.unavailable", error=str(exc), failures=failures)
+                    self.outage.failed(exc, noticed_by="loop")  # /readyz reads it too
                 else:
                     # The error's text stays in the log: a probe's answer may travel further.
                     self.health.turn_failed(f"loop failing: {type(exc).__name__} (see the log)")
