@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -46,11 +47,13 @@ import sqlalchemy as sa
 from flowsmith_worker import Flow
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, NodeStatus, Storage
+from flowsmith_worker.worker import Worker
 from tests.conftest import eventually
 from tests.servers import DatabaseServer, LocalServer, require_restart
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 STEPS = ("first", "second")
 STEP_SECONDS = 2.0
@@ -259,6 +262,46 @@ def test_a_worker_rides_out_an_outage_longer_than_the_lease(outage: Outage) -> N
     assert said["database.unavailable"] == said["database.reconnected"] == 1, said
 
 
+def test_a_worker_stays_unready_for_a_whole_outage_with_every_slot_busy(
+    postgres_server: DatabaseServer, unique: Callable[[str], str]
+) -> None:
+    """With its one slot running a step, most turns of the loop ask the database
+    nothing (no claim, no rescue due) and so meet no error; they must not count as
+    the database answering. From the first failure to the server's return the
+    worker stays unready (sampled for 3 s); then it is ready again, and the step,
+    which ran through the outage, is written as attempt 1 (the outage was shorter
+    than the lease). PostgreSQL only: what is tested is the worker's bookkeeping."""
+    require_restart(postgres_server)
+    name = f"t_{unique('b')[-12:]}"
+    storage = create_storage(postgres_server.create_database(name))
+    storage.migrate()
+    release = threading.Event()
+    flow = Flow(unique("busy"), storage=storage).step("hold", lambda ctx: release.wait(60))
+    run = flow.run({})
+    worker = Worker(storage, concurrency=1, poll_interval=0.05, lease_seconds=20)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: worker.in_flight(), timeout=20)
+        postgres_server.stop()
+        eventually(lambda: not worker.health.readiness()[0], timeout=20)
+        answers = _sample(worker.health.readiness, seconds=3.0)
+        assert not any(ready for ready, _why in answers), answers
+        postgres_server.start()
+        eventually(lambda: worker.health.readiness() == (True, "ok"), timeout=30)
+        release.set()
+        run.wait(timeout=30)
+    finally:
+        release.set()
+        if not postgres_server.is_running():
+            postgres_server.start()
+        worker.stop()
+        thread.join(30)
+    assert [(n.status, n.attempt) for n in run.trace()] == [(NodeStatus.COMPLETED, 1)]
+    storage.close()
+    postgres_server.drop_database(name)
+
+
 def crash_and_restart(server: LocalServer) -> None:
     """Crash the server as a power cut would, then start it on the same data.
 
@@ -302,10 +345,10 @@ def _assert_said_once(worker: WorkerProcess) -> Counter[str]:
     return said
 
 
-def _sample(probe: Callable[[], tuple[int, str]], seconds: float) -> list[tuple[int, str]]:
+def _sample(probe: Callable[[], T], seconds: float) -> list[T]:
     """``probe``'s answers, every 0.1 s for ``seconds``."""
     deadline = time.monotonic() + seconds
-    answers = []
+    answers: list[T] = []
     while time.monotonic() < deadline:
         answers.append(probe())
         time.sleep(0.1)
