@@ -268,14 +268,15 @@ class Worker:
 
         The slot stays taken until the chain ends: a run's steps go one after
         the other in this thread, with no claim between them. A chained step
-        not yet started when the worker begins to stop is handed back at once.
+        not yet started when the worker begins to stop is handed back at once,
+        and so is one whose lease may be over already (below).
         """
         while True:
             executed = self._execute(node)
             if executed.chained is None:
                 return executed.outcome
             node = self._move_slot(slot, node, executed)
-            if self.stopping.is_set():
+            if self.stopping.is_set() or self._lapsed_on_arrival(executed):
                 self._hand_back(node)
                 return executed.outcome
 
@@ -287,6 +288,25 @@ class Worker:
             node.flow_name, node.step_name, executed.outcome, time.monotonic() - started
         )
         return executed
+
+    def _lapsed_on_arrival(self, executed: Executed) -> bool:
+        """Whether the write that leased the chained step took longer than a lease.
+
+        Its lease counts from when the write was sent (the database may have
+        granted it at once), so it is not surely ours any more: run now, the step
+        would have its outcome withheld and be rescued, then run again. It is
+        handed back instead (a release uses up no attempt). A write that waited
+        so long met the database locked or away (SQLite's write lock held by
+        another process, a lost connection retried).
+        """
+        lapsed = time.monotonic() - executed.sent_at >= self.settings.lease_seconds
+        if lapsed:
+            self.log.warning(
+                "step.chain_lapsed",
+                step=executed.chained.step_name if executed.chained else None,
+                action="handing it back: its lease ran out while the write that chained it waited",
+            )
+        return lapsed
 
     def _move_slot(self, slot: _Slot, done: ClaimedNode, executed: Executed) -> ClaimedNode:
         """The slot goes on with the chained node: in flight (heartbeats, release) in its place."""

@@ -19,9 +19,10 @@ In both, the worker process lives on (no restart), /readyz says 503 naming the
 database (never its password) for as long as it is away and 200 after, and the log says
 what happened once per part of the worker, not once per poll.
 
-SQLite has no server to lose: its equivalent, the file's write lock held by
-another process for longer than the lease, is in test_worker.py's SQLite tests
-of busy files; see the module docstring of flowsmith_worker/health.py.
+SQLite has no server to lose. Its nearest equivalent, the file's write lock
+held by another process for longer than the lease, is a wait, not an error:
+the worker's transactions wait in SQLite's busy handler (up to 30 s) and go on
+when the lock is released; the last test shows that nothing is lost then.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import textwrap
 import threading
 import time
@@ -97,7 +99,6 @@ FLOWS_MODULE = textwrap.dedent(
 class Outage:
     """One test's database, flow, worker process and what its steps noted."""
 
-    server: LocalServer
     url: str
     storage: Storage
     flow: Flow
@@ -105,6 +106,13 @@ class Outage:
     events: Path
     env: dict[str, str]
     port: int
+    # The server the test takes away (None for SQLite).
+    database_server: LocalServer | None = None
+
+    @property
+    def server(self) -> LocalServer:
+        assert self.database_server is not None, "SQLite has no server"
+        return self.database_server
 
     def start_worker(self, lease: float) -> WorkerProcess:
         worker = WorkerProcess(
@@ -158,6 +166,18 @@ def outage(
     name = f"t_{unique('o')[-12:]}"
     url = server.create_database(name)
     _durable_commits(server, name)
+    prepared = _prepare(tmp_path, unique, url, server)
+    yield prepared
+    if not server.is_running():
+        server.start()  # a failed test must not leave the session's server down
+    prepared.storage.close()
+    server.drop_database(name)
+
+
+def _prepare(
+    tmp_path: Path, unique: Callable[[str], str], url: str, server: LocalServer | None
+) -> Outage:
+    """The migrated database at ``url``, the flows module, the steps' events file."""
     storage = create_storage(url)
     storage.migrate()
     workdir = tmp_path / "app"
@@ -176,11 +196,7 @@ def outage(
     flow = Flow(flow_name, storage=storage)
     for step in STEPS:
         flow.step(step, _never_here, retries=3)
-    yield Outage(server, url, storage, flow, workdir, events, env, _free_port())
-    if not server.is_running():
-        server.start()  # a failed test must not leave the session's server down
-    storage.close()
-    server.drop_database(name)
+    return Outage(url, storage, flow, workdir, events, env, _free_port(), server)
 
 
 def _never_here(_ctx: Any) -> None:
@@ -260,6 +276,47 @@ def test_a_worker_rides_out_an_outage_longer_than_the_lease(outage: Outage) -> N
                 assert (node.attempt, node.rescues) == (1, 0)
     said = _assert_said_once(worker)
     assert said["database.unavailable"] == said["database.reconnected"] == 1, said
+
+
+def test_a_worker_rides_out_its_sqlite_file_locked_for_longer_than_the_lease(
+    tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    """SQLite's nearest to the database going away: another process holds the
+    file's write lock (BEGIN EXCLUSIVE) for the lease (3 s) and 3 s more while
+    four steps run. The worker's transactions wait for it (SQLite's busy handler)
+    instead of failing; once it is released every run completes, each step in
+    flight then is written or rescued and run again (whichever got the lock
+    first), and the worker process lives on. No other step runs twice: the next
+    steps their writes chained, leased longer ago than a lease by then, are
+    handed back (RELEASED, not run) rather than run to have their outcome withheld."""
+    path = tmp_path / "locked.db"
+    outage = _prepare(tmp_path, unique, f"sqlite:///{path}", None)
+    runs = [outage.flow.run({}, tracking_id=f"lock-{i}") for i in range(2 * CONCURRENCY)]
+    worker = outage.start_worker(lease=3)
+    try:
+        eventually(lambda: len(outage.running()) == CONCURRENCY, timeout=30)
+        in_flight = outage.running()
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        time.sleep(6.0)
+        locker.rollback()
+        locker.close()
+        for run in runs:
+            assert run.wait(timeout=90) is not None
+        assert worker.proc.poll() is None, "the worker must survive without a restart"
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, worker.output()
+    finally:
+        worker.cleanup()
+        outage.storage.close()
+    started = outage.started()
+    assert {key for key, count in started.items() if count > 1} <= in_flight, started
+    for run in runs:
+        for node in run.trace():
+            outcomes = [a.outcome for a in node.attempts]
+            assert outcomes[-1] == AttemptOutcome.COMPLETED, (run.tracking_id, node.step_name)
+            ran = [o for o in outcomes if o != AttemptOutcome.RELEASED]
+            assert started[(run.tracking_id, node.step_name)] == len(ran)
 
 
 def test_a_worker_stays_unready_for_a_whole_outage_with_every_slot_busy(
