@@ -276,7 +276,7 @@ class Worker:
             if executed.chained is None:
                 return executed.outcome
             node = self._move_slot(slot, node, executed)
-            if self.stopping.is_set() or self._lapsed_on_arrival(executed):
+            if self.stopping.is_set() or self._lapsed_on_arrival(node, executed.sent_at):
                 self._hand_back(node)
                 return executed.outcome
 
@@ -289,8 +289,9 @@ class Worker:
         )
         return executed
 
-    def _lapsed_on_arrival(self, executed: Executed) -> bool:
-        """Whether the write that leased the chained step took longer than a lease.
+    def _lapsed_on_arrival(self, chained: ClaimedNode, sent_at: float) -> bool:
+        """Whether the write that leased ``chained`` (sent at ``sent_at``) took longer
+        than a lease.
 
         Its lease counts from when the write was sent (the database may have
         granted it at once), so it is not surely ours any more: run now, the step
@@ -299,11 +300,13 @@ class Worker:
         so long met the database locked or away (SQLite's write lock held by
         another process, a lost connection retried).
         """
-        lapsed = time.monotonic() - executed.sent_at >= self.settings.lease_seconds
+        lapsed = time.monotonic() - sent_at >= self.settings.lease_seconds
         if lapsed:
             self.log.warning(
                 "step.chain_lapsed",
-                step=executed.chained.step_name if executed.chained else None,
+                flow=chained.flow_name,
+                tracking_id=chained.tracking_id,
+                step=chained.step_name,
                 action="handing it back: its lease ran out while the write that chained it waited",
             )
         return lapsed

@@ -170,6 +170,10 @@ def outage(
     yield prepared
     if not server.is_running():
         server.start()  # a failed test must not leave the session's server down
+    if server.kind == "mysql" and server.fast:
+        # Fast again for the tests after this one (a start sets it; a failed test may not).
+        with server.admin_engine().connect() as conn:
+            conn.execute(sa.text("SET GLOBAL innodb_flush_log_at_trx_commit = 0"))
     prepared.storage.close()
     server.drop_database(name)
 
@@ -207,8 +211,8 @@ def test_a_worker_rides_out_a_crash_and_restart_of_its_database(outage: Outage) 
     """PostgreSQL restarted in immediate mode, MariaDB SIGKILLed and restarted, while
     four steps run: the worker process lives on, writes their outcomes once the
     server is back, and every step of every run ran exactly once (the lease, 30 s,
-    outlasts the restart). /readyz is 200 again afterwards; the log says
-    "database.unavailable" at most once per part of the worker, not per poll."""
+    outlasts the restart; the server commits durably, see _durable_commits). /readyz
+    is 200 again afterwards; nothing about the outage is said more than once."""
     runs = [outage.flow.run({}, tracking_id=f"crash-{i}") for i in range(2 * CONCURRENCY)]
     worker = outage.start_worker(lease=30)
     try:
