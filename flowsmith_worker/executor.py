@@ -61,6 +61,7 @@ from flowsmith_worker.errors import (
 from flowsmith_worker.event_loop import DeadlinePassed
 from flowsmith_worker.flow import Flow, StepSpec
 from flowsmith_worker.log import get_logger
+from flowsmith_worker.outage import DatabaseOutage
 from flowsmith_worker.progress import attempts_left, context_data
 from flowsmith_worker.retry import DEFAULT_BACKOFF, retry_delay
 from flowsmith_worker.storage.base import (
@@ -120,6 +121,7 @@ class Executor:
         give_up_after: float = DEFAULT_GIVE_UP_SECONDS,
         lease_held: Callable[[Lease], bool] = lambda _lease: True,
         complete: Callable[[Finished], Written] | None = None,
+        outage: DatabaseOutage | None = None,
     ) -> None:
         self.storage = storage
         # Writes a finished attempt; the worker passes its CompletionBatcher's
@@ -135,6 +137,10 @@ class Executor:
         # Past the lease, the node is being rescued and our write would be refused
         # anyway; and an error that only looks transient must not retry forever.
         self.give_up_after = give_up_after
+        # Told when a write meets the database away, and when one gets through
+        # after that: the worker's other parts meet the same outage, and it is
+        # said once for all of them, not once per step and retry.
+        self.outage = outage or DatabaseOutage(worker_id)
 
     def execute(self, node: ClaimedNode) -> Outcome:
         return self.run(node).outcome
@@ -275,7 +281,7 @@ class Executor:
         if not self.lease_held(node.lease):
             return self._withhold(bound, outcome)
         try:
-            written = self._with_db_retry(node.lease, write, bound)
+            written = self._with_db_retry(node.lease, write)
         except DatabaseUnavailable as exc:
             # The node stays RUNNING without heartbeats: it is rescued when its
             # lease expires and the attempt counted, so nothing is lost.
@@ -313,20 +319,19 @@ class Executor:
         )
         return Outcome.LEASE_LOST
 
-    def _with_db_retry(self, lease: Lease, write: Callable[[], T], bound: Any) -> T:
+    def _with_db_retry(self, lease: Lease, write: Callable[[], T]) -> T:
         try:
             return write()  # the usual case: no retry machinery built for it
         except DatabaseUnavailable as exc:
+            self.outage.failed(exc, noticed_by="a step's outcome write")
             if self.stop_retrying.is_set() or not self.lease_held(lease):
                 raise
-            bound.warning("database.unavailable", error=str(exc))
             self.stop_retrying.wait(_FIRST_RETRY_WAIT)
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
-            bound.warning(
-                "database.unavailable",
-                error=str(state.outcome.exception()) if state.outcome else "",
-            )
+            error = state.outcome.exception() if state.outcome else None
+            if error is not None:
+                self.outage.failed(error, noticed_by="a step's outcome write")
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(DatabaseUnavailable),
@@ -339,7 +344,9 @@ class Executor:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return retrying(write)
+        written = retrying(write)
+        self.outage.answered()
+        return written
 
     def _unknown_flow(self, node: ClaimedNode) -> str:
         record = self.storage.get_flow(tracking_id=node.tracking_id, with_payloads=False)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 
 from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.log import get_logger
+from flowsmith_worker.outage import DatabaseOutage
 from flowsmith_worker.storage.base import Lease
 
 log = get_logger(__name__)
@@ -87,10 +88,19 @@ class LeaseTimes:
 class Heartbeat:
     """Calls ``beat`` every ``interval`` seconds on a daemon thread, until stop()."""
 
-    def __init__(self, beat: Callable[[], object], interval: float, worker_id: str) -> None:
+    def __init__(
+        self,
+        beat: Callable[[], object],
+        interval: float,
+        worker_id: str,
+        outage: DatabaseOutage | None = None,
+    ) -> None:
         self.beat = beat
         self.interval = interval
         self.log = log.bind(worker_id=worker_id)
+        # Told of the database going away and coming back; it says so once for
+        # the whole worker (this thread retries every RETRY_SECONDS meanwhile).
+        self.outage = outage or DatabaseOutage(worker_id)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -124,14 +134,16 @@ class Heartbeat:
         while not stopped.wait(delay):
             try:
                 self.beat()
-            except Exception as exc:
-                failures += 1
-                if isinstance(exc, DatabaseUnavailable):
-                    self.log.warning("heartbeat.failed", error=str(exc), failures=failures)
-                else:
-                    self.log.exception("heartbeat.failed", failures=failures)
+            except DatabaseUnavailable as exc:
+                self.outage.failed(exc, noticed_by="heartbeat")
                 delay = min(self.interval, RETRY_SECONDS)
                 continue
+            except Exception:
+                failures += 1
+                self.log.exception("heartbeat.failed", failures=failures)
+                delay = min(self.interval, RETRY_SECONDS)
+                continue
+            self.outage.answered()
             if failures:
                 self.log.info("heartbeat.recovered", after_failures=failures)
             failures = 0

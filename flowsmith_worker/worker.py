@@ -38,6 +38,7 @@ from flowsmith_worker.health import Health
 from flowsmith_worker.heartbeat import Heartbeat, LeaseTimes
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.metrics import WorkerMetrics, queues_to_report
+from flowsmith_worker.outage import DatabaseOutage
 from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.schedule import Scheduler
@@ -122,6 +123,9 @@ class Worker:
         self.hard_stop = threading.Event()  # stop now; release what is in flight
         self.wakeup = threading.Event()
         self.lease_times = LeaseTimes(lease_seconds)
+        # Every part below that calls the database tells it when the database is
+        # away and when it answers again: the log says so once, /readyz meanwhile.
+        self.outage = DatabaseOutage(self.id, on_back=self.wakeup.set)
         # Group commit: every finished step's outcome waits for the next batch.
         self.batcher = CompletionBatcher(self.storage, chain=self._chain)
         self.executor = Executor(
@@ -131,9 +135,13 @@ class Worker:
             give_up_after=lease_seconds,
             lease_held=self.lease_times.held,
             complete=self.batcher.write,
+            outage=self.outage,
         )
         self.heartbeat = Heartbeat(
-            self.heartbeat_once, self.settings.heartbeat_interval, worker_id=self.id
+            self.heartbeat_once,
+            self.settings.heartbeat_interval,
+            worker_id=self.id,
+            outage=self.outage,
         )
         self.rescuer = Rescuer(
             self.storage, interval=_rescue_interval(self.settings), rescuer_id=self.id
@@ -151,7 +159,9 @@ class Worker:
         self.metrics = WorkerMetrics(self.id, self.host, __version__)
         # Stale after a few of the loop's longest waits: a poll, or the database backoff.
         # Not ready from the moment it stops claiming.
-        self.health = Health(stale_after=max(60.0, 3 * poll_interval), draining=self.stopping)
+        self.health = Health(
+            stale_after=max(60.0, 3 * poll_interval), draining=self.stopping, database=self.outage
+        )
 
     # -- the parts --------------------------------------------------------------
 
@@ -265,14 +275,15 @@ class Worker:
 
         The slot stays taken until the chain ends: a run's steps go one after
         the other in this thread, with no claim between them. A chained step
-        not yet started when the worker begins to stop is handed back at once.
+        not yet started when the worker begins to stop is handed back at once,
+        and so is one whose lease may be over already (below).
         """
         while True:
             executed = self._execute(node)
             if executed.chained is None:
                 return executed.outcome
             node = self._move_slot(slot, node, executed)
-            if self.stopping.is_set():
+            if self.stopping.is_set() or self._lapsed_on_arrival(node, executed.sent_at):
                 self._hand_back(node)
                 return executed.outcome
 
@@ -284,6 +295,28 @@ class Worker:
             node.flow_name, node.step_name, executed.outcome, time.monotonic() - started
         )
         return executed
+
+    def _lapsed_on_arrival(self, chained: ClaimedNode, sent_at: float) -> bool:
+        """Whether the write that leased ``chained`` (sent at ``sent_at``) took longer
+        than a lease.
+
+        Its lease counts from when the write was sent (the database may have
+        granted it at once), so it is not surely ours any more: run now, the step
+        would have its outcome withheld and be rescued, then run again. It is
+        handed back instead (a release uses up no attempt). A write that waited
+        so long met the database locked or away (SQLite's write lock held by
+        another process, a lost connection retried).
+        """
+        lapsed = time.monotonic() - sent_at >= self.settings.lease_seconds
+        if lapsed:
+            self.log.warning(
+                "step.chain_lapsed",
+                flow=chained.flow_name,
+                tracking_id=chained.tracking_id,
+                step=chained.step_name,
+                action="handing it back: its lease ran out while the write that chained it waited",
+            )
+        return lapsed
 
     def _move_slot(self, slot: _Slot, done: ClaimedNode, executed: Executed) -> ClaimedNode:
         """The slot goes on with the chained node: in flight (heartbeats, release) in its place."""
@@ -339,12 +372,15 @@ class Worker:
         failures = 0
         while not self.stopping.is_set():
             self.health.loop_ticked()
+            # With every slot taken and no rescue due, a turn asks the database
+            # nothing: its success must not end an outage the others still meet.
+            asks_database = self.free_slots > 0 or self.rescuer.seconds_until_due() == 0
             try:
                 claimed = self.run_once()
                 self.scheduler.run_once()
                 self.health.turn_succeeded()
-                if failures:
-                    self.log.info("database.reconnected", after_failures=failures)
+                if asks_database:
+                    self.outage.answered()
                 failures = 0
             except Exception as exc:
                 # The database away, or anything unforeseen: a worker that dies here
@@ -352,8 +388,7 @@ class Worker:
                 # off and tries again instead.
                 failures += 1
                 if isinstance(exc, DatabaseUnavailable):
-                    self.health.turn_failed(f"database unavailable: {exc}")
-                    self.log.warning("database.unavailable", error=str(exc), failures=failures)
+                    self.outage.failed(exc, noticed_by="loop")  # /readyz reads it too
                 else:
                     # The error's text stays in the log: a probe's answer may travel further.
                     self.health.turn_failed(f"loop failing: {type(exc).__name__} (see the log)")

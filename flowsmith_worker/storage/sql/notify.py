@@ -85,7 +85,8 @@ def listen_for_work(
             return
         except Exception as exc:
             failures += 1
-            log.warning(
+            # Said once; the reconnects that fail while the database is away, at DEBUG.
+            (log.warning if failures == 1 else log.debug)(
                 "listen.lost", error=f"{type(exc).__name__}: {exc}".strip(), failures=failures
             )
             stop.wait(retry_delay(_RECONNECT_BACKOFF, failures))
