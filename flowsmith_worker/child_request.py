@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from flowsmith_worker.storage.base import NewFlow
+from flowsmith_worker.records import NewFlow
 
 
 class ChildFlow(Protocol):
