@@ -1,0 +1,191 @@
+"""What bounds a PostgreSQL drain: the workers' wait events, and who used the CPU.
+
+* Wait events: every SAMPLE_INTERVAL, from a connection of its own to the
+  server's admin database (so the benchmark database's counters stay the
+  workers' alone), one read of pg_stat_activity for the backends named
+  routes.WORKER_APPLICATION. Each backend in each sample counts once under
+  its state: "CPU" when active with no wait event (running), the wait event
+  when active and waiting (IO:WALSync = commits, Lock:* = locks, LWLock:* =
+  contention inside the server), "idle: ..." when it waits for its worker (the
+  server is then not what bounds the drain).
+* CPU: utime + stime from /proc of the server (postmaster and children), the
+  worker processes and PgBouncer, and the whole machine's busy time from
+  /proc/stat, each as cores used over the drain's wall-clock time. "other" is
+  the machine's busy time nobody here used: the load of whoever shares it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from tests.bench.routes import WORKER_APPLICATION
+
+SAMPLE_INTERVAL = 0.1
+TOP_EVENTS = 6
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+_ACTIVITY = sa.text(
+    "SELECT state, wait_event_type, wait_event FROM pg_stat_activity"
+    " WHERE datname = :database AND application_name = :application"
+)
+
+
+def _label(state: str | None, kind: str | None, event: str | None) -> str:
+    waiting = f"{kind}:{event}" if event else "CPU"
+    return waiting if state == "active" else f"{state or 'unknown'}: {waiting}"
+
+
+class WaitSampler:
+    """A thread reading the workers' backends' wait events until stop()."""
+
+    def __init__(self, admin_url: str, database: str) -> None:
+        self._engine = sa.create_engine(admin_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        self._parameters = {"database": database, "application": WORKER_APPLICATION}
+        self._events: Counter[str] = Counter()
+        self._samples = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wait-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        """Stop sampling; the events' shares of all backend samples, most frequent first."""
+        self._stopping.set()
+        self._thread.join()
+        self._engine.dispose()
+        backend_samples = sum(self._events.values())
+        top = self._events.most_common(TOP_EVENTS)
+        return {
+            "interval_seconds": SAMPLE_INTERVAL,
+            "samples": self._samples,
+            "mean_backends": backend_samples / self._samples if self._samples else 0.0,
+            "top": [{"event": event, "share": count / backend_samples} for event, count in top],
+        }
+
+    def _run(self) -> None:
+        with self._engine.connect() as conn:
+            # One last sample after stop(): however short the drain, it has samples.
+            while True:
+                last = self._stopping.is_set()
+                self._sample(conn)
+                if last:
+                    return
+                self._stopping.wait(SAMPLE_INTERVAL)
+
+    def _sample(self, conn: sa.Connection) -> None:
+        rows = conn.execute(_ACTIVITY, self._parameters).all()  # autocommit: a fresh view
+        self._samples += 1
+        self._events.update(_label(*row) for row in rows)
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+def _process_times() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, utime + stime in ticks) of every process we may read."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # The command name may hold spaces and parentheses: fields follow the last ")".
+        fields = stat[stat.rindex(")") + 2 :].split()
+        yield int(entry.name), int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def _machine_busy_ticks() -> int:
+    """Ticks all CPUs spent on anything but idle and iowait since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values[:8]) - idle
+
+
+@dataclass(frozen=True)
+class Processes:
+    """A group of processes to meter: these pids, and their children if ``children``
+    (the postmaster's backends, which come and go with connections)."""
+
+    pids: frozenset[int]
+    children: bool = False
+
+    def select(self, processes: list[tuple[int, int, int]]) -> dict[int, int]:
+        """Ticks of this group's processes, by pid."""
+        return {
+            pid: ticks
+            for pid, parent, ticks in processes
+            if pid in self.pids or (self.children and parent in self.pids)
+        }
+
+
+@dataclass
+class _Snapshot:
+    at: float
+    machine: int
+    groups: dict[str, dict[int, int]]  # group -> pid -> ticks
+
+
+class CpuMeter:
+    """CPU used by named groups of processes between start() and stop()."""
+
+    def __init__(self, groups: dict[str, Processes]) -> None:
+        self._groups = groups
+        self._start: _Snapshot | None = None
+
+    def start(self) -> None:
+        self._start = self._snapshot()
+
+    def stop(self) -> dict[str, Any]:
+        """Cores used by each group, the machine, and "other" (busy, none of ours)."""
+        if self._start is None:
+            raise RuntimeError("CpuMeter.stop() before start()")
+        end = self._snapshot()
+        seconds = end.at - self._start.at
+        cores: dict[str, Any] = {}
+        for name, pids in end.groups.items():
+            before = self._start.groups[name]
+            # A process born meanwhile counts from zero; one gone meanwhile is lost.
+            ticks = sum(t - before.get(pid, 0) for pid, t in pids.items())
+            cores[f"{name}_cores"] = ticks / _TICKS_PER_SECOND / seconds
+        machine = (end.machine - self._start.machine) / _TICKS_PER_SECOND / seconds
+        cores["other_cores"] = max(0.0, machine - sum(cores.values()))
+        cores["machine_busy_cores"] = machine
+        cores["cpus"] = os.cpu_count()
+        cores["seconds"] = seconds
+        return cores
+
+    def _snapshot(self) -> _Snapshot:
+        at = time.monotonic()
+        processes = list(_process_times())
+        groups = {name: group.select(processes) for name, group in self._groups.items()}
+        return _Snapshot(at, _machine_busy_ticks(), groups)
+
+
+@contextmanager
+def observed(
+    admin_url: str, database: str, groups: dict[str, Processes]
+) -> Iterator[dict[str, Any]]:
+    """Sample wait events and meter CPU while the block runs; the figures land in the
+    yielded dict (``waits``, ``cpu``) when it ends."""
+    figures: dict[str, Any] = {}
+    sampler = WaitSampler(admin_url, database)
+    meter = CpuMeter(groups)
+    meter.start()
+    sampler.start()
+    try:
+        yield figures
+    finally:
+        figures["waits"] = sampler.stop()
+        figures["cpu"] = meter.stop()
