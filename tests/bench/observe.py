@@ -3,11 +3,14 @@
 * Wait events: every SAMPLE_INTERVAL, from a connection of its own to the
   server's admin database (so the benchmark database's counters stay the
   workers' alone), one read of pg_stat_activity for the backends named
-  routes.WORKER_APPLICATION. Each backend in each sample counts once under
-  its state: "CPU" when active with no wait event (running), the wait event
-  when active and waiting (IO:WALSync = commits, Lock:* = locks, LWLock:* =
-  contention inside the server), "idle: ..." when it waits for its worker (the
-  server is then not what bounds the drain).
+  routes.WORKER_APPLICATION. Each backend in each sample counts once: "CPU"
+  when active with no wait event (running), the wait event when active and
+  waiting (IO:WALSync = commits, Lock:* = locks, LWLock:* = contention inside
+  the server), "in transaction: waiting for the worker" when its worker holds
+  a transaction open between statements (the worker's Python and the round
+  trip), "idle" between transactions. A worker keeps idle connections (its
+  listener, its pool's spares), so what bounds the drain is read from the
+  backends in a transaction: ``in_transaction_top`` gives their shares alone.
 * CPU: utime + stime from /proc of the server (postmaster and children), the
   worker processes and PgBouncer, and the whole machine's busy time from
   /proc/stat, each as cores used over the drain's wall-clock time. "other" is
@@ -40,9 +43,21 @@ _ACTIVITY = sa.text(
 )
 
 
+IDLE = "idle"
+_LABELS = {"idle": IDLE, "idle in transaction": "in transaction: waiting for the worker"}
+
+
 def _label(state: str | None, kind: str | None, event: str | None) -> str:
     waiting = f"{kind}:{event}" if event else "CPU"
-    return waiting if state == "active" else f"{state or 'unknown'}: {waiting}"
+    if state == "active":
+        return waiting
+    return _LABELS.get(state or "", f"{state}: {waiting}")
+
+
+def _shares(events: Counter[str]) -> list[dict[str, Any]]:
+    """The most frequent events with their share of all of ``events``."""
+    total = sum(events.values())
+    return [{"event": e, "share": count / total} for e, count in events.most_common(TOP_EVENTS)]
 
 
 class WaitSampler:
@@ -60,17 +75,20 @@ class WaitSampler:
         self._thread.start()
 
     def stop(self) -> dict[str, Any]:
-        """Stop sampling; the events' shares of all backend samples, most frequent first."""
+        """Stop sampling; the events' shares (of all backend samples, and of those in a
+        transaction), most frequent first, and the mean number of backends of each kind."""
         self._stopping.set()
         self._thread.join()
         self._engine.dispose()
-        backend_samples = sum(self._events.values())
-        top = self._events.most_common(TOP_EVENTS)
+        in_transaction = Counter({e: n for e, n in self._events.items() if e != IDLE})
+        samples = max(1, self._samples)
         return {
             "interval_seconds": SAMPLE_INTERVAL,
             "samples": self._samples,
-            "mean_backends": backend_samples / self._samples if self._samples else 0.0,
-            "top": [{"event": event, "share": count / backend_samples} for event, count in top],
+            "mean_backends": self._events.total() / samples,
+            "mean_in_transaction": in_transaction.total() / samples,
+            "top": _shares(self._events),
+            "in_transaction_top": _shares(in_transaction),
         }
 
     def _run(self) -> None:
