@@ -11,8 +11,11 @@ running: "CPU"), commits (IO:WALSync, LWLock:WALWrite), locks (Lock:*), or
 the workers (backends idle, waiting for their next statement).
 
 The machine may be shared and noisy: "other" is the CPU its other users
-took meanwhile. Compare ratios within one run (to pgbench's ceiling, and to
-the route's smallest worker count), not absolutes across runs.
+took meanwhile. The routes of one worker count are drained one after the
+other, so they see the same weather; --rounds N repeats everything N times
+and keeps each drain's median. Compare ratios within one run (to pgbench's
+ceiling, to the route's smallest worker count, to the direct route's), not
+absolutes across runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -30,7 +34,7 @@ from flowsmith_worker.log import setup_logging
 from flowsmith_worker.version import __version__
 from tests.bench import ceilings, throughput
 from tests.bench.__main__ import progress
-from tests.bench.routes import ROUTES, Route, parse_routes
+from tests.bench.routes import DIRECT, ROUTES, Route, parse_routes
 from tests.bench.targets import Target, open_targets
 from tests.bench.workload import CONCURRENCY, REPO
 
@@ -49,6 +53,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--workers", default="1,2,4,8", help="worker processes (%(default)s)")
     parser.add_argument("--routes", default=",".join(ROUTES), help="%(default)s")
     parser.add_argument("--flows", type=int, help=f"10-step runs per drain ({DEFAULT_FLOWS})")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure each drain N times (median shown)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs (CI)")
     parser.add_argument(
         "--json", type=Path, default=Path("bench-curve-results.json"), help="%(default)s"
@@ -59,8 +66,8 @@ def _arguments() -> argparse.Namespace:
         args.workers = [int(count) for count in args.workers.split(",")]
     except ValueError as exc:
         parser.error(str(exc))
-    if min(args.workers) < 1 or (args.flows is not None and args.flows < 1):
-        parser.error("--workers and --flows take whole numbers of at least 1")
+    if min(args.workers) < 1 or args.rounds < 1 or (args.flows is not None and args.flows < 1):
+        parser.error("--workers, --rounds and --flows take whole numbers of at least 1")
     return args
 
 
@@ -82,11 +89,14 @@ def main() -> None:
         logs.mkdir()
         progress("pgbench ceiling")
         ceiling = ceilings.pgbench_commits_per_second(target, CEILING_SECONDS[args.quick])
-        runs = [
+        routes = _available(args.routes, target)
+        measured = [
             _drain(target, logs, route, count, flows)
-            for route in _available(args.routes, target)
+            for _ in range(args.rounds)
             for count in args.workers
+            for route in routes
         ]
+    runs = medians(measured, routes)
     add_ratios(runs, ceiling)
     document = {
         "meta": _meta(flows, load_before),
@@ -117,14 +127,36 @@ def _drain(target: Target, logs: Path, route: Route, workers: int, flows: int) -
     )
 
 
+def medians(measured: list[dict[str, Any]], routes: list[Route]) -> list[dict[str, Any]]:
+    """Per route and worker count (in that order), the drain of median steps/s, with
+    every round's rate in ``rounds_steps_per_second``."""
+    runs = []
+    for route in routes:
+        for workers in sorted({run["workers"] for run in measured}):
+            rounds = [r for r in measured if (r["route"], r["workers"]) == (route.key, workers)]
+            rates = [r["steps_per_second"] for r in rounds]
+            median = min(
+                rounds, key=lambda r: abs(r["steps_per_second"] - statistics.median(rates))
+            )
+            runs.append({**median, "rounds_steps_per_second": rates})
+    return runs
+
+
 def add_ratios(runs: list[dict[str, Any]], ceiling: float) -> None:
-    """Each rate / pgbench's (``ratio``), and / its route's fewest workers' (``speedup``)."""
-    first: dict[str, float] = {}
+    """Each rate / pgbench's (``ratio``), / its route's with the fewest workers
+    (``speedup``) and / the direct route's with as many workers (``vs_direct``)."""
+    fewest: dict[str, float] = {}
+    direct = {r["workers"]: r["steps_per_second"] for r in runs if r["route"] == DIRECT.key}
     for run in sorted(runs, key=lambda r: r["workers"]):
-        first.setdefault(run["route"], run["steps_per_second"])
-        run["ratio"] = run["steps_per_second"] / ceiling
-        base = first[run["route"]]
-        run["speedup"] = run["steps_per_second"] / base if base else 0.0
+        rate = run["steps_per_second"]
+        fewest.setdefault(run["route"], rate)
+        run["ratio"] = rate / ceiling
+        run["speedup"] = _ratio(rate, fewest[run["route"]])
+        run["vs_direct"] = _ratio(rate, direct.get(run["workers"]))
+
+
+def _ratio(rate: float, base: float | None) -> float | None:
+    return rate / base if base else None
 
 
 def _meta(flows: int, load_before: tuple[float, float, float]) -> dict[str, Any]:
@@ -148,7 +180,7 @@ def _meta(flows: int, load_before: tuple[float, float, float]) -> dict[str, Any]
 # --------------------------------------------------------------------------- report
 
 _HEADER = (
-    f"{'route':<26}{'workers':>8}{'steps/s':>9}{'(pgb)':>7}{'speedup':>9}{'server':>8}"
+    f"{'route':<26}{'workers':>8}{'steps/s':>9}{'(pgb)':>7}{'speedup':>9}{'/direct':>8}{'server':>8}"
     f"{'workers':>8}{'pgbnc':>7}{'other':>7}{'free':>6}{'in txn':>8}"
     "  what the workers' backends in a transaction wait on"
 )
@@ -173,21 +205,27 @@ def _line(run: dict[str, Any]) -> str:
     free = cpu["cpus"] - cpu["machine_busy_cores"]
     return (
         f"{ROUTES[run['route']].label:<26}{run['workers']:>8}{run['steps_per_second']:>9,.0f}"
-        f"{run['ratio']:>7.2f}{run['speedup']:>9.2f}{cpu['server_cores']:>8.2f}"
-        f"{cpu['workers_cores']:>8.2f}{'-' if bouncer is None else f'{bouncer:.2f}':>7}"
+        f"{run['ratio']:>7.2f}{_fixed(run['speedup']):>9}{_fixed(run['vs_direct']):>8}"
+        f"{cpu['server_cores']:>8.2f}"
+        f"{cpu['workers_cores']:>8.2f}{_fixed(bouncer):>7}"
         f"{cpu['other_cores']:>7.2f}{free:>6.2f}{waits['mean_in_transaction']:>8.1f}  {events}"
     )
 
 
+def _fixed(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 NOTES = """\
 (pgb) = steps/s / pgbench's commits/s; speedup = steps/s / the same route's with the fewest
-workers. server / workers / pgbnc / other: CPU cores used during the drain (from /proc) by
-PostgreSQL, the worker processes, PgBouncer, and the rest of the machine (other users; the
-benchmark's own process is in the JSON as bench_cores); free = cores left idle. in txn = the
-workers' backends in a transaction, on average, in the 100 ms samples of pg_stat_activity;
-then their shares: "CPU" = running, IO:WALSync / LWLock:WALWrite = commits, Lock:* = locks,
-"waiting for the worker" = between two statements of a transaction. The JSON has every
-backend's shares too (idle ones included)."""
+workers; /direct = steps/s / the direct route's with as many workers. server / workers /
+pgbnc / other: CPU cores used during the drain (from /proc) by PostgreSQL, the worker
+processes, PgBouncer, and the rest of the machine (other users; the benchmark's own process
+is in the JSON as bench_cores); free = cores left idle. in txn = the workers' backends in a
+transaction, on average, in the 100 ms samples of pg_stat_activity; then their shares:
+"CPU" = running, IO:WALSync / LWLock:WALWrite = commits, Lock:* = locks, "waiting for the
+worker" = between two statements of a transaction. The JSON has every backend's shares too
+(idle ones included)."""
 
 
 if __name__ == "__main__":
