@@ -234,5 +234,5 @@ def test_quick_curve_reports_rates_waits_and_cpu_per_route(tmp_path: Path) -> No
         assert 0 < sum(top["share"] for top in waits["top"]) <= 1 + 1e-9, waits
         assert 0 <= waits["mean_in_transaction"] <= waits["mean_backends"], waits
         cpu = run["cpu"]
-        for party in ("server", "workers", "pgbouncer", "bench", "other", "machine_busy"):
+        for party in ("server", "workers", "pgbouncer", "bench", "other", "machine_busy", "free"):
             assert cpu[f"{party}_cores"] >= 0, cpu

@@ -202,13 +202,12 @@ def _line(run: dict[str, Any]) -> str:
         f"{top['event']} {top['share']:.0%}"
         for top in waits["in_transaction_top"][:TOP_EVENTS_SHOWN]
     )
-    free = cpu["cpus"] - cpu["machine_busy_cores"]
     return (
         f"{ROUTES[run['route']].label:<26}{run['workers']:>8}{run['steps_per_second']:>9,.0f}"
         f"{run['ratio']:>7.2f}{_fixed(run['speedup']):>9}{_fixed(run['vs_direct']):>8}"
-        f"{cpu['server_cores']:>8.2f}"
-        f"{cpu['workers_cores']:>8.2f}{_fixed(bouncer):>7}"
-        f"{cpu['other_cores']:>7.2f}{free:>6.2f}{waits['mean_in_transaction']:>8.1f}  {events}"
+        f"{cpu['server_cores']:>8.2f}{cpu['workers_cores']:>8.2f}{_fixed(bouncer):>7}"
+        f"{cpu['other_cores']:>7.2f}{cpu['free_cores']:>6.2f}"
+        f"{waits['mean_in_transaction']:>8.1f}  {events}"
     )
 
 

@@ -166,7 +166,7 @@ class CpuMeter:
         self._start = self._snapshot()
 
     def stop(self) -> dict[str, Any]:
-        """Cores used by each group, the machine, and "other" (busy, none of ours)."""
+        """Cores used by each group, the machine, "other" (busy, none of ours) and "free"."""
         if self._start is None:
             raise RuntimeError("CpuMeter.stop() before start()")
         end = self._snapshot()
@@ -180,7 +180,10 @@ class CpuMeter:
         machine = (end.machine - self._start.machine) / _TICKS_PER_SECOND / seconds
         cores["other_cores"] = max(0.0, machine - sum(cores.values()))
         cores["machine_busy_cores"] = machine
-        cores["cpus"] = os.cpu_count()
+        cpus = os.cpu_count() or 1
+        # Ticks are read a moment apart from the clock: never report a negative rest.
+        cores["free_cores"] = max(0.0, cpus - machine)
+        cores["cpus"] = cpus
         cores["seconds"] = seconds
         return cores
 
