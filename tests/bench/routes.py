@@ -22,6 +22,8 @@ from tests.servers import LocalServer, ServerUnavailable
 # Every worker connection carries this name, so pg_stat_activity tells the
 # workers' backends (also those PgBouncer opens for them) from the benchmark's own.
 WORKER_APPLICATION = "flowsmith-bench-worker"
+# Each route says it, so a FLOWSMITH_PG_PREPARE in the caller's environment changes none.
+_PREPARE = {"FLOWSMITH_PG_PREPARE": "on"}
 _NO_PREPARE = {"FLOWSMITH_PG_PREPARE": "off"}
 
 
@@ -36,7 +38,7 @@ class Route:
     bounced: bool = False
 
 
-DIRECT = Route("direct", "direct")
+DIRECT = Route("direct", "direct", _PREPARE)
 ROUTES = {
     route.key: route
     for route in (
