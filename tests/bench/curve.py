@@ -128,17 +128,16 @@ def _drain(target: Target, logs: Path, route: Route, workers: int, flows: int) -
 
 
 def medians(measured: list[dict[str, Any]], routes: list[Route]) -> list[dict[str, Any]]:
-    """Per route and worker count (in that order), the drain of median steps/s, with
-    every round's rate in ``rounds_steps_per_second``."""
+    """Per route and worker count (in that order), the drain of median steps/s (the
+    lower of the middle two for an even count), with every round's rate in
+    ``rounds_steps_per_second``."""
     runs = []
     for route in routes:
         for workers in sorted({run["workers"] for run in measured}):
             rounds = [r for r in measured if (r["route"], r["workers"]) == (route.key, workers)]
             rates = [r["steps_per_second"] for r in rounds]
-            median = min(
-                rounds, key=lambda r: abs(r["steps_per_second"] - statistics.median(rates))
-            )
-            runs.append({**median, "rounds_steps_per_second": rates})
+            median = rates.index(statistics.median_low(rates))
+            runs.append({**rounds[median], "rounds_steps_per_second": rates})
     return runs
 
 

@@ -2,15 +2,17 @@
 
 * Wait events: every SAMPLE_INTERVAL, from a connection of its own to the
   server's admin database (so the benchmark database's counters stay the
-  workers' alone), one read of pg_stat_activity for the backends named
-  routes.WORKER_APPLICATION. Each backend in each sample counts once: "CPU"
-  when active with no wait event (running), the wait event when active and
-  waiting (IO:WALSync = commits, Lock:* = locks, LWLock:* = contention inside
-  the server), "in transaction: waiting for the worker" when its worker holds
-  a transaction open between statements (the worker's Python and the round
-  trip), "idle" between transactions. A worker keeps idle connections (its
-  listener, its pool's spares), so what bounds the drain is read from the
-  backends in a transaction: ``in_transaction_top`` gives their shares alone.
+  workers' alone), one read of pg_stat_activity for the backends named with
+  the drain's application_name (routes.drain_application): the workers' own,
+  not the idle ones PgBouncer keeps from earlier drains. Each backend in each
+  sample counts once: "CPU" when active with no wait event (running), the
+  wait event when active and waiting (IO:WALSync = commits, Lock:* = locks,
+  LWLock:* = contention inside the server), "in transaction: waiting for the
+  worker" when its worker holds a transaction open between statements (the
+  worker's Python and the round trip), "idle" between transactions. A worker
+  keeps idle connections (its listener, its pool's spares), so what bounds
+  the drain is read from the backends in a transaction: ``in_transaction_top``
+  gives their shares alone.
 * CPU: utime + stime from /proc of the server (postmaster and children), the
   worker processes and PgBouncer, and the whole machine's busy time from
   /proc/stat, each as cores used over the drain's wall-clock time. "other" is
@@ -31,8 +33,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
-
-from tests.bench.routes import WORKER_APPLICATION
 
 SAMPLE_INTERVAL = 0.1
 TOP_EVENTS = 6
@@ -63,9 +63,9 @@ def _shares(events: Counter[str]) -> list[dict[str, Any]]:
 class WaitSampler:
     """A thread reading the workers' backends' wait events until stop()."""
 
-    def __init__(self, admin_url: str, database: str) -> None:
+    def __init__(self, admin_url: str, database: str, application: str) -> None:
         self._engine = sa.create_engine(admin_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-        self._parameters = {"database": database, "application": WORKER_APPLICATION}
+        self._parameters = {"database": database, "application": application}
         self._events: Counter[str] = Counter()
         self._samples = 0
         self._stopping = threading.Event()
@@ -196,12 +196,12 @@ class CpuMeter:
 
 @contextmanager
 def observed(
-    admin_url: str, database: str, groups: dict[str, Processes]
+    admin_url: str, database: str, application: str, groups: dict[str, Processes]
 ) -> Iterator[dict[str, Any]]:
-    """Sample wait events and meter CPU while the block runs; the figures land in the
-    yielded dict (``waits``, ``cpu``) when it ends."""
+    """Sample the wait events of ``application``'s backends and meter CPU while the block
+    runs; the figures land in the yielded dict (``waits``, ``cpu``) when it ends."""
     figures: dict[str, Any] = {}
-    sampler = WaitSampler(admin_url, database)
+    sampler = WaitSampler(admin_url, database, application)
     meter = CpuMeter(groups)
     meter.start()
     sampler.start()

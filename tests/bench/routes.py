@@ -11,6 +11,7 @@ costs). The bouncer is tests/pgbouncer.py's, started once per benchmark.
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,8 +20,9 @@ import sqlalchemy as sa
 from tests.pgbouncer import PgBouncer, find_pgbouncer
 from tests.servers import LocalServer, ServerUnavailable
 
-# Every worker connection carries this name, so pg_stat_activity tells the
-# workers' backends (also those PgBouncer opens for them) from the benchmark's own.
+# The workers' connections carry this name and a drain's own suffix (application_name), so
+# pg_stat_activity tells a drain's backends (also those PgBouncer opens for them) from the
+# benchmark's own and from those the bouncer keeps open, idle, after earlier drains.
 WORKER_APPLICATION = "flowsmith-bench-worker"
 # Each route says it, so a FLOWSMITH_PG_PREPARE in the caller's environment changes none.
 _PREPARE = {"FLOWSMITH_PG_PREPARE": "on"}
@@ -76,9 +78,17 @@ def start_bouncer(server: LocalServer) -> PgBouncer | None:
     return bouncer
 
 
-def worker_url(url: str, database: str, route: Route, bouncer: PgBouncer | None) -> str:
+def drain_application() -> str:
+    """A new application_name for one drain's workers."""
+    return f"{WORKER_APPLICATION}-{uuid.uuid4().hex[:8]}"
+
+
+def worker_url(
+    url: str, database: str, route: Route, bouncer: PgBouncer | None, application: str
+) -> str:
     """The URL the workers of ``route`` get: the bouncer's for a bounced route, named
-    WORKER_APPLICATION on PostgreSQL (the driver passes URL query keys on)."""
+    ``application`` on PostgreSQL (the driver passes URL query keys on; PgBouncer sets
+    the name on whichever server connection it lends)."""
     if route.bounced:
         if bouncer is None:
             raise ValueError("the PgBouncer route needs a running bouncer")
@@ -86,5 +96,5 @@ def worker_url(url: str, database: str, route: Route, bouncer: PgBouncer | None)
     parsed = sa.make_url(url)
     if parsed.get_backend_name() != "postgresql":
         return url
-    named = parsed.update_query_dict({"application_name": WORKER_APPLICATION})
+    named = parsed.update_query_dict({"application_name": application})
     return named.render_as_string(hide_password=False)

@@ -54,9 +54,9 @@ class Target:
     def database(self) -> str:
         return str(sa.make_url(self.url).database)
 
-    def worker_url(self, route: Route) -> str:
-        """The URL the workers of ``route`` connect with."""
-        return worker_url(self.url, self.database, route, self.bouncer)
+    def worker_url(self, route: Route, application: str) -> str:
+        """The URL the workers of ``route`` connect with, named ``application``."""
+        return worker_url(self.url, self.database, route, self.bouncer, application)
 
     def wipe(self) -> None:
         """Delete every run, node and worker row, so the next phase starts empty."""

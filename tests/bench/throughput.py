@@ -19,7 +19,7 @@ from flowsmith_worker.storage import create_storage
 from flowsmith_worker.worker import Worker
 from tests.bench import counters
 from tests.bench.observe import Processes, observed
-from tests.bench.routes import DIRECT, Route
+from tests.bench.routes import DIRECT, Route, drain_application
 from tests.bench.targets import Target
 from tests.bench.workload import (
     CONCURRENCY,
@@ -90,10 +90,11 @@ def drain(
     server = counters.ServerCounters(target) if counted else None
     if server is not None:
         server.start()
-    url = target.worker_url(route)
+    application = drain_application()
+    url = target.worker_url(route, application)
     with (
         running_workers(url, workers, logs, env=route.env, options=route.worker_options) as pool,
-        _observing(target, pool) if observe else contextlib.nullcontext({}) as watched,
+        _observing(target, pool, application) if observe else contextlib.nullcontext({}) as watched,
     ):
         released_at = release_backlog(target.engine)
         monitor_queries = wait_completed(target.engine, pool, flows) + 1
@@ -118,8 +119,9 @@ def drain(
 
 
 @contextlib.contextmanager
-def _observing(target: Target, pool: WorkerPool) -> Iterator[dict[str, Any]]:
-    """The workers' wait events and everybody's CPU while the block runs (PostgreSQL)."""
+def _observing(target: Target, pool: WorkerPool, application: str) -> Iterator[dict[str, Any]]:
+    """The wait events of the workers (named ``application``) and everybody's CPU while
+    the block runs (PostgreSQL)."""
     if target.server is None or target.backend != "postgresql":
         raise ValueError(f"wait events are PostgreSQL's: cannot observe {target.backend}")
     groups = {
@@ -129,7 +131,7 @@ def _observing(target: Target, pool: WorkerPool) -> Iterator[dict[str, Any]]:
     }
     if target.bouncer is not None:
         groups["pgbouncer"] = Processes(frozenset({_pid_in(target.bouncer.dir / "pgbouncer.pid")}))
-    with observed(target.server.admin_url, target.database, groups) as figures:
+    with observed(target.server.admin_url, target.database, application, groups) as figures:
         yield figures
 
 
