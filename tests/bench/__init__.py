@@ -4,7 +4,9 @@ Modules by concept: workload (the flows, enqueueing, worker processes),
 targets (the databases: servers with durable settings), ceilings (each
 database's own single-row-commit rate), counters (round trips, statements and
 commits per step), footprint (bytes written per step), latency (pickup from
-enqueue to first step), report (the table and the JSON), peers and peer_apps
+enqueue to first step), report (the table and the JSON), routes (the workers
+directly or through PgBouncer), observe (wait events and CPU during a drain),
+curve (steps/s of 1 to 8 workers: `make bench-curve`), peers and peer_apps
 (the same work on PgQueuer, Procrastinate and DBOS).
 
 Nothing here asserts a speed: the numbers are printed, compared as ratios
