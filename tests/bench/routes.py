@@ -5,7 +5,7 @@ server, where nothing set on a session survives a transaction: the workers
 then run with FLOWSMITH_PG_PREPARE=off and --no-listen. Two routes beside the
 direct one separate the costs: "no-prepare" is direct without PREPARE (what
 not preparing costs), "pgbouncer" adds the pooler on top (what the pooler
-costs). The bouncer is tests/pgbouncer.py's, started once per benchmark.
+costs). The bouncer is tests/servers/pgbouncer.py's, started once per benchmark.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from tests.pgbouncer import PgBouncer, find_pgbouncer
 from tests.servers import LocalServer, ServerUnavailable
+from tests.servers.pgbouncer import PgBouncer, find_pgbouncer
 
 # The workers' connections carry this name and a drain's own suffix (application_name), so
 # pg_stat_activity tells a drain's backends (also those PgBouncer opens for them) from the

@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from flowsmith_worker.storage import create_storage
 from tests.bench.routes import Route, start_bouncer, worker_url
 from tests.bench.workload import monitor_engine
-from tests.pgbouncer import PgBouncer
 from tests.servers import LocalServer, ServerUnavailable, start_mariadb, start_postgres
+from tests.servers.pgbouncer import PgBouncer
 
 BACKENDS = ("sqlite", "postgresql", "mysql")
 # Per-statement counts (counters.py) need the extension loaded at server start.

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from flowsmith_worker import Flow
-from tests.pgbouncer import find_pgbouncer
 from tests.servers import REQUIRE_ENV, ServerUnavailable, find_mariadb, find_postgres
+from tests.servers.pgbouncer import find_pgbouncer
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_WORKERS = 2
