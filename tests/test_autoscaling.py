@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,17 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from flowsmith_worker import Flow, Worker
+from flowsmith_worker.context import Context
 from flowsmith_worker.metrics import WorkerMetrics
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage import schema as s
-from flowsmith_worker.storage.base import DEFAULT_QUEUE
+from flowsmith_worker.storage.base import DEFAULT_QUEUE, Storage
 from flowsmith_worker.storage.dialects import MYSQL_UTC_EPOCH_SQL
 from flowsmith_worker.storage.sql import SqlStorage
-from tests.conftest import database_url
+from tests.conftest import database_url, eventually
 from tests.test_deploy import CHECKED_K8S_VERSIONS, K8S_DIR, _docs, _one, _validate_k8s
+from tests.test_worker_health import _enqueue
 
 AUTOSCALING = K8S_DIR / "autoscaling"
 COMPONENTS = ("keda-postgresql", "keda-mysql", "hpa")
@@ -214,6 +218,44 @@ def test_keda_mysql_query_reads_the_database_clock_in_utc() -> None:
     compare it with the engine's own expression for "now", not NOW() in the
     session's time zone (which would scale on steps hours early or late)."""
     assert MYSQL_UTC_EPOCH_SQL in " ".join(_trigger("mysql")["query"].split())
+
+
+# --- the backlog gauge the HPA reads ------------------------------------------------
+
+
+def test_a_draining_worker_keeps_its_backlog_gauge_current(
+    storage: Storage, unique: Callable[[str], str], logs: list[dict[str, Any]]
+) -> None:
+    """A worker draining after SIGTERM still heartbeats, so the others still leave
+    its queues' backlog to it: it must keep its gauge current for as long as it
+    drains (up to --shutdown-timeout), not freeze it at its value of the moment
+    it stopped claiming, which an autoscaler would read all that time."""
+    queue = unique("draining")
+    started, release = threading.Event(), threading.Event()
+
+    def slow(_ctx: Context) -> str:
+        started.set()
+        release.wait(30)
+        return "done"
+
+    Flow(f"{queue}_slow", queue=queue, storage=storage).step("slow", slow).run({})
+    worker = Worker(storage, queues=[queue], lease_seconds=2.0, shutdown_timeout=30)
+    thread = threading.Thread(target=worker.run, name="draining-worker")
+    thread.start()
+    try:
+        assert started.wait(15), "the step never started"
+        worker.stop()  # as SIGTERM does: no more claims, the step runs on
+        eventually(lambda: any(e["event"] == "worker.stopping" for e in logs), timeout=15)
+        _enqueue(storage, queue, 3)
+        gauge = "flowsmith_runnable_backlog"
+        eventually(
+            lambda: worker.metrics.registry.get_sample_value(gauge, {"queue": queue}) == 3,
+            timeout=15,
+        )
+        assert thread.is_alive(), "the worker should still be draining"
+    finally:
+        release.set()
+        thread.join(30)
 
 
 # --- the manifests -----------------------------------------------------------------
