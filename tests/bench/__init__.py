@@ -10,7 +10,7 @@ curve (steps/s of 1 to 8 workers: `make bench-curve`), peers and peer_apps
 (the same work on PgQueuer, Procrastinate and DBOS).
 
 Nothing here asserts a speed: the numbers are printed, compared as ratios
-between rows of one run, and tests/test_bench.py only proves the run completes
+between rows of one run, and tests/e2e/test_bench.py only proves the run completes
 with every figure present. This file stays free of imports: the peers' venv
 imports tests.bench.peer_apps, which has neither SQLAlchemy nor flowsmith.
 """

@@ -65,7 +65,7 @@ OUTAGE_EVENTS = ("database.unavailable", "heartbeat.failed", "listen.lost")
 
 FLOWS_MODULE = textwrap.dedent(
     '''
-    """Flows for tests/test_database_outage.py: each step notes its start and end."""
+    """Flows for tests/integration/test_database_outage.py: each step notes its start and end."""
     import json
     import os
     import time
