@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
 
@@ -47,7 +47,6 @@ from tests.integration.test_cli import ALL_VERSIONS, FS_TABLES, schema_versions,
 from tests.integration.test_run_races import Background, lock_waits
 
 Names = Callable[[str], str]
-T = TypeVar("T")
 
 ROUNDS = int(os.environ.get("FLOWSMITH_RACE_ROUNDS", "20"))
 # Random pause before each racer: up to 2 ms, longer than a round trip to the local
@@ -76,7 +75,7 @@ def nodes_of(storage: Storage, tracking_id: str) -> dict[str, NodeRecord]:
     return {n.step_name: n for n in storage.list_nodes(flow_id=record.id)}
 
 
-def race(round_no: int, *racers: Callable[[], T]) -> list[T | Exception]:
+def race(round_no: int, *racers: Callable[[], Any]) -> list[Any]:
     """Run the racers in threads released together, each after its own random pause.
 
     Returns what each returned or raised, in the racers' order.
@@ -84,7 +83,7 @@ def race(round_no: int, *racers: Callable[[], T]) -> list[T | Exception]:
     dice = random.Random(round_no)
     pauses = [dice.uniform(0, JITTER) for _ in racers]
     barrier = threading.Barrier(len(racers))
-    outcomes: list[T | Exception] = [RuntimeError("never ran")] * len(racers)
+    outcomes: list[Any] = [RuntimeError("never ran")] * len(racers)
 
     def run(index: int) -> None:
         barrier.wait()
@@ -182,7 +181,7 @@ def test_two_rescuers_of_one_expired_lease_make_one_retry(storage: Storage, uniq
             storage.enqueue_flow(flow=raw_flow(tid := unique("t"), (PlannedStep("only", 1),)))
             claim(storage, tid, lease=-1)  # its worker is lost: the lease has expired
             found = race(round_no, storage.rescue_expired, rival.rescue_expired)
-            assert sum(len(rescued) for rescued in found) == 1, found  # type: ignore[arg-type]
+            assert sum(len(rescued) for rescued in found) == 1, found
             node = nodes_of(storage, tid)["only"]
             assert (node.status, node.rescues) == (NodeStatus.PENDING, 1), node
             assert [a.outcome for a in node.attempts] == [AttemptOutcome.RESCUED]
@@ -261,7 +260,7 @@ TWO_STEPS = ((PlannedStep("a", 1),), (PlannedStep("b", 1),))
 def finish_chained(storage: Storage, lease: Lease, step_name: str) -> list[str]:
     """The worker's side: complete ``step_name`` chaining the next step, and that one
     too, as the worker does; the steps it wrote (a lost lease ends the chain)."""
-    written = []
+    written: list[str] = []
     chain = Chain(worker_id=lease.worker_id, lease_seconds=60)
     while True:
         finished = Finished(lease, NodeStatus.COMPLETED, STEP_DONE, step_name=step_name)
@@ -370,6 +369,48 @@ def test_resume_trigger_and_cancel_of_a_failed_run_leave_one_consistent_end(
             assert assert_consistent(storage, tid) == FlowStatus.COMPLETED
 
 
+def finish_all(storage: Storage) -> None:
+    """The worker's side after a race: run every runnable step to the end."""
+    while claimed := storage.claim_nodes(
+        worker_id="w", limit=10, lease_seconds=60, queues=["default"]
+    ):
+        for node in claimed:
+            finish_chained(storage, node.lease, node.step_name)
+
+
+def test_resume_cancel_and_completion_of_one_run_at_once_leave_one_consistent_end(
+    storage: Storage, unique: Names
+) -> None:
+    """A run of a parallel pair `a`, `b` then `c`: `a` failed the run while `b` still runs.
+    At the same moment `b`'s worker completes it, an operator retries the run, and
+    another cancels it. A cancel before the retry is refused (the run is FAILED); one
+    after it cancels the run with `a`. Once the worker has run what is left, the run is
+    COMPLETED with every step, or CANCELLED with nothing pending or running; `b` ran
+    once and its completion was kept either way.
+    """
+    stages = ((PlannedStep("a", 1), PlannedStep("b", 1)), (PlannedStep("c", 1),))
+    for round_no in range(ROUNDS):
+        storage.enqueue_flow(flow=raw_flow(tid := unique("t"), *stages))
+        claimed = storage.claim_nodes(worker_id="w", limit=10, lease_seconds=60, queues=["default"])
+        a, b = sorted(claimed, key=lambda n: n.step_name)
+        assert storage.fail_node(lease=a.lease, error="boom", retry_delay=None)
+        wrote, retry, cancel = race(
+            round_no,
+            functools.partial(finish_chained, storage, b.lease, "b"),
+            functools.partial(storage.resume_flow, tracking_id=tid),
+            functools.partial(storage.cancel_flow, tracking_id=tid),
+        )
+        assert wrote == ["b"] and retry.resumed, (wrote, retry)
+        assert not isinstance(cancel, Exception) or isinstance(cancel, RunNotCancellable), cancel
+        finish_all(storage)
+        end = assert_consistent(storage, tid)
+        assert end == (
+            FlowStatus.COMPLETED if isinstance(cancel, Exception) else FlowStatus.CANCELLED
+        )
+        node_b = nodes_of(storage, tid)["b"]
+        assert [t.outcome for t in node_b.attempts] == [AttemptOutcome.COMPLETED], node_b
+
+
 # -- 5. a step completing exactly as its lease expires -----------------------------------
 
 
@@ -393,7 +434,7 @@ def test_a_step_completing_as_its_lease_expires_is_counted_once(
                 functools.partial(storage.complete_batch, finished=[finished]),
                 rival.rescue_expired,
             )
-            won = written[0].won  # type: ignore[index]
+            won = written[0].won
             assert won != bool(rescued), (written, rescued)
             node = nodes_of(storage, tid)["only"]
             if won:
