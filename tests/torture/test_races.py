@@ -417,17 +417,19 @@ def test_resume_cancel_and_completion_of_one_run_at_once_leave_one_consistent_en
 def test_a_step_completing_as_its_lease_expires_is_counted_once(
     storage: Storage, unique: Names
 ) -> None:
-    """A step's lease has just expired as its worker writes its outcome (the hot path's
+    """A step's lease expires as its worker writes its outcome (the hot path's
     complete_batch) while another worker's watchdog rescues it, released together on a
-    barrier with varied timing. Exactly one wins: either the outcome is written and the
-    rescue finds nothing, or the write is fenced out and the step is rescued for a retry
-    -- never both, never neither.
+    barrier with varied timing: in odd rounds the lease has lapsed already, in even
+    ones it lapses within a few milliseconds of the release. Exactly one wins: either
+    the outcome is written and the rescue finds nothing, or the write is fenced out and
+    the step is rescued for a retry -- never both, never neither.
     """
     rival = rival_storage(storage)
     try:
         for round_no in range(ROUNDS):
             storage.enqueue_flow(flow=raw_flow(tid := unique("t"), (PlannedStep("only", 1),)))
-            step = claim(storage, tid, lease=-1)
+            lapsing = random.Random(round_no).uniform(0, 3 * JITTER)
+            step = claim(storage, tid, lease=-1 if round_no % 2 else lapsing)
             finished = Finished(step.lease, NodeStatus.COMPLETED, STEP_DONE, step_name="only")
             written, rescued = race(
                 round_no,
