@@ -93,30 +93,6 @@ def test_same_tracking_id_while_pending_returns_the_existing_run(
     assert second.wait(5) == {"a": 1, "only": 1}
 
 
-def test_twenty_threads_triggering_one_tracking_id_create_one_run(
-    storage: Storage, unique: Names
-) -> None:
-    """Concurrent triggers race on the unique key; exactly one inserts, all get the run."""
-    request = new_flow(unique("t"))
-    barrier = threading.Barrier(20)
-    results: list[Any] = []
-
-    def trigger() -> None:
-        barrier.wait()
-        results.append(storage.enqueue_flow(flow=request))
-
-    threads = [threading.Thread(target=trigger) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert len(results) == 20
-    assert sum(r.created for r in results) == 1
-    assert len({r.flow_id for r in results}) == 1
-    record = storage.get_flow(tracking_id=request.tracking_id)
-    assert record is not None and len(storage.list_nodes(flow_id=record.id)) == 1
-
-
 def test_failed_flow_resumes_at_the_failed_step_only(storage: Storage, unique: Names) -> None:
     """Re-triggering a FAILED run re-runs the failed step, never the completed ones."""
     calls = {"a": 0, "b": 0}
