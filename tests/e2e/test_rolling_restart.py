@@ -11,7 +11,7 @@ finish within the grace period), so every stop hands a step back. Two orders:
 - maxSurge 0: the old one gets SIGTERM and exits before the new one starts.
 
 Checked: every run completes; no COMPLETED step runs again and every execution
-has its own attempt (tests/e2e/test_crash.py's check_outcome, over the journal the
+has its own attempt (tests/support/crash.py's check_outcome, over the journal the
 steps append to, outside the engine's tables); the steps are allowed one
 attempt, their history shows only releases and completions (no lost lease, no
 failure), and each release gave its attempt back; each stopped worker released
@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -37,15 +36,16 @@ from flowsmith_worker import Flow
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, Storage
 from tests.conftest import database_url, eventually
-from tests.e2e.test_crash import (
+from tests.support.crash import (
     STEPS,
     check_outcome,
     open_steps,
     read_events,
     wait_all_finished,
 )
-from tests.e2e.test_deploy import MIN_STOP_MARGIN
-from tests.integration.test_worker_health import _free_port, _probe
+from tests.support.deploy import MIN_STOP_MARGIN
+from tests.support.http import free_port, probe
+from tests.support.steps import never_here
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -115,7 +115,7 @@ class Enqueuer(threading.Thread):
         super().__init__(name="enqueuer", daemon=True)
         self.flow = Flow(flow_name, storage=storage)
         for step in STEPS:  # the plan stored with each run: no retries, as the workers'
-            self.flow.step(step, _never_here)
+            self.flow.step(step, never_here)
         self.tracking_ids: list[str] = []
         self.halt = threading.Event()
         self.error: Exception | None = None
@@ -136,12 +136,8 @@ class Enqueuer(threading.Thread):
         return list(self.tracking_ids)
 
 
-def _never_here(_ctx: Any) -> None:
-    raise AssertionError("steps run in the worker processes, not in the test")
-
-
 def _wait_ready(port: int) -> None:
-    eventually(lambda: _probe(port, "/readyz")[0] == 200, timeout=30)
+    eventually(lambda: probe(port, "/readyz")[0] == 200, timeout=30)
 
 
 class Cluster:
@@ -170,7 +166,7 @@ class Cluster:
         readiness probe sees it)."""
         workers = []
         for _ in range(count):
-            port = _free_port()
+            port = free_port()
             worker = WorkerProcess(
                 self.workdir, self.url, self.env, *WORKER_ARGS, "--metrics-port", str(port),
                 module=MODULE,
