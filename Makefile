@@ -12,7 +12,7 @@ SCALE_ARGS ?=
 CURVE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev dist demo test test-unit test-integration lint bench bench-curve bench-scale bench-peers db-up db-down migrate-postgres migrate-mysql clean
+.PHONY: help install dev dist demo test test-pgbouncer test-unit test-integration lint bench bench-curve bench-scale bench-peers db-up db-down migrate-postgres migrate-mysql clean
 
 # Each target's text after "## "; make's "$$" (a literal "$") is shown as "$".
 help: ## list the targets
@@ -46,8 +46,17 @@ dist: $(STAMP) ## build the sdist and the wheel into dist/
 demo: $(STAMP) ## run the demo on SQLite: flaky APIs, a worker SIGKILLed mid-run
 	$(BIN)/flowsmith demo
 
-test: $(DEV_STAMP) ## the whole suite (starts local PostgreSQL and MariaDB servers when installed)
+test: $(DEV_STAMP) ## the whole suite (starts local PostgreSQL and MariaDB servers when installed), then test-pgbouncer
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-pgbouncer
+
+# Every PostgreSQL database the fixtures hand out is reached through PgBouncer in
+# transaction mode (tests/servers/pgbouncer.py): the contract suite and the SIGKILL
+# crash run on PostgreSQL, where no session state survives a transaction. Tests about
+# session state skip there with the reason (skip_through_pgbouncer).
+test-pgbouncer: $(DEV_STAMP) ## the contract suite and a SIGKILL crash on PostgreSQL through PgBouncer (transaction mode)
+	FLOWSMITH_TEST_THROUGH_PGBOUNCER=1 FLOWSMITH_PG_POOLER=transaction \
+		$(BIN)/python -m pytest -m postgres tests/contract tests/e2e/test_crash.py $(PYTEST_ARGS)
 
 test-unit: $(DEV_STAMP) ## in-memory and SQLite tests only
 	$(BIN)/python -m pytest -m "not postgres and not mysql" $(PYTEST_ARGS)

@@ -19,9 +19,7 @@ its backend's ceiling), not absolutes across runs.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from flowsmith_worker.log import setup_logging
-from flowsmith_worker.version import __version__
 from tests.bench import ceilings, footprint, latency, report, throughput
 from tests.bench.routes import DIRECT, ROUTES, Route, parse_routes
 from tests.bench.targets import BACKENDS, Target, open_targets
-from tests.bench.workload import CONCURRENCY, POLL_INTERVAL, REPO
+from tests.bench.workload import POLL_INTERVAL, run_meta
 
 
 @dataclass(frozen=True)
@@ -181,37 +178,18 @@ def _other_routes(
         if route.bounced and target.bouncer is None:
             continue
         progress(f"{target.backend}: {flows} 10-step flows, {workers} worker(s), {route.label}")
-        runs.append(
-            throughput.drain(
-                target,
-                logs,
-                steps_per_flow=10,
-                workers=workers,
-                flows=flows,
-                counted=False,
-                route=route,
-            )
-        )
+        runs.append(throughput.drain_by_route(target, logs, route, workers, flows))
     return runs
 
 
 def _meta(sizes: Sizes, workers: list[int], seconds: float) -> dict[str, Any]:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "flowsmith_version": __version__,
-        "git_commit": commit or None,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "load_average_at_end": list(os.getloadavg()),
-        "sizes": sizes.__dict__,
-        "workers": workers,
-        "concurrency": CONCURRENCY,
-        "poll_interval_seconds": POLL_INTERVAL,
-        "durable": True,
-        "seconds": seconds,
-    }
+    return run_meta(
+        python=platform.python_version(),
+        sizes=sizes.__dict__,
+        workers=workers,
+        poll_interval_seconds=POLL_INTERVAL,
+        seconds=seconds,
+    )
 
 
 if __name__ == "__main__":

@@ -24,19 +24,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from flowsmith_worker.log import setup_logging
-from flowsmith_worker.version import __version__
 from tests.bench import ceilings, throughput
 from tests.bench.__main__ import progress
 from tests.bench.routes import DIRECT, ROUTES, Route, parse_routes
 from tests.bench.targets import Target, open_targets
-from tests.bench.workload import CONCURRENCY, REPO
+from tests.bench.workload import run_meta
 
 DEFAULT_FLOWS = 300
 QUICK_FLOWS = 3
@@ -115,16 +113,7 @@ def _available(routes: list[Route], target: Target) -> list[Route]:
 
 def _drain(target: Target, logs: Path, route: Route, workers: int, flows: int) -> dict[str, Any]:
     progress(f"{flows} 10-step flows, {workers} worker(s), {route.label}")
-    return throughput.drain(
-        target,
-        logs,
-        steps_per_flow=10,
-        workers=workers,
-        flows=flows,
-        counted=False,
-        route=route,
-        observe=True,
-    )
+    return throughput.drain_by_route(target, logs, route, workers, flows, observe=True)
 
 
 def medians(measured: list[dict[str, Any]], routes: list[Route]) -> list[dict[str, Any]]:
@@ -159,21 +148,12 @@ def _ratio(rate: float, base: float | None) -> float | None:
 
 
 def _meta(flows: int, load_before: tuple[float, float, float]) -> dict[str, Any]:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "flowsmith_version": __version__,
-        "git_commit": commit or None,
-        "cpus": os.cpu_count(),
-        "load_average_at_start": list(load_before),
-        "load_average_at_end": list(os.getloadavg()),
-        "flows": flows,
-        "steps_per_flow": 10,
-        "concurrency": CONCURRENCY,
-        "durable": True,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return run_meta(
+        load_average_at_start=list(load_before),
+        flows=flows,
+        steps_per_flow=10,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 # --------------------------------------------------------------------------- report

@@ -135,6 +135,23 @@ def _observing(target: Target, pool: WorkerPool, application: str) -> Iterator[d
         yield figures
 
 
+def drain_by_route(
+    target: Target, logs: Path, route: Route, workers: int, flows: int, *, observe: bool = False
+) -> dict[str, Any]:
+    """The 10-step drain by ``workers`` processes connected by ``route``, without the
+    server counters (those are read on the direct route's counted drain alone)."""
+    return drain(
+        target,
+        logs,
+        steps_per_flow=10,
+        workers=workers,
+        flows=flows,
+        counted=False,
+        route=route,
+        observe=observe,
+    )
+
+
 def _pid_in(pid_file: Path) -> int:
     """The pid on the first line of a server's pid file."""
     return int(pid_file.read_text().split()[0])

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from flowsmith_worker import Context, Flow
 from flowsmith_worker.storage.base import Storage
+from flowsmith_worker.version import __version__
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER_MODULE = "tests.bench.workload"
@@ -304,3 +305,19 @@ def steady_window(engine: sa.Engine, released_at: float) -> Window:
     with engine.connect() as conn:
         steps, last = conn.execute(query, {"released": released_at}).one()
     return Window(int(steps), float(last) - released_at if last is not None else 0.0)
+
+
+def run_meta(**extra: Any) -> dict[str, Any]:
+    """What every benchmark document records about the run it measured, and ``extra``."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "flowsmith_version": __version__,
+        "git_commit": commit or None,
+        "cpus": os.cpu_count(),
+        "load_average_at_end": list(os.getloadavg()),
+        "concurrency": CONCURRENCY,
+        "durable": True,
+        **extra,
+    }

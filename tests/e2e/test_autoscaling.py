@@ -37,8 +37,8 @@ from flowsmith_worker.storage.sql import SqlStorage
 from flowsmith_worker.storage.sql import schema as s
 from flowsmith_worker.storage.sql.dialects import MYSQL_UTC_EPOCH_SQL
 from tests.conftest import database_url, eventually
-from tests.e2e.test_deploy import CHECKED_K8S_VERSIONS, K8S_DIR, _docs, _one, _validate_k8s
-from tests.integration.test_worker_health import _enqueue
+from tests.support.backlog import enqueue_runs
+from tests.support.deploy import CHECKED_K8S_VERSIONS, K8S_DIR, one_object, validate_k8s, yaml_docs
 
 AUTOSCALING = K8S_DIR / "autoscaling"
 COMPONENTS = ("keda-postgresql", "keda-mysql", "hpa")
@@ -125,7 +125,7 @@ KEDA_SCHEMA: dict[str, Any] = {
 
 def _scaler(backend: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ScaledObject and its TriggerAuthentication for that backend's KEDA scaler."""
-    docs = {doc["kind"]: doc for doc in _docs(SCALER_FILE[backend])}
+    docs = {doc["kind"]: doc for doc in yaml_docs(SCALER_FILE[backend])}
     assert set(docs) == {"ScaledObject", "TriggerAuthentication"}, set(docs)
     return docs["ScaledObject"], docs["TriggerAuthentication"]
 
@@ -246,7 +246,7 @@ def test_a_draining_worker_keeps_its_backlog_gauge_current(
         assert started.wait(15), "the step never started"
         worker.stop()  # as SIGTERM does: no more claims, the step runs on
         eventually(lambda: any(e["event"] == "worker.stopping" for e in logs), timeout=15)
-        _enqueue(storage, queue, 3)
+        enqueue_runs(storage, queue, 3)
         gauge = "flowsmith_runnable_backlog"
         eventually(
             lambda: worker.metrics.registry.get_sample_value(gauge, {"queue": queue}) == 3,
@@ -273,7 +273,7 @@ def test_keda_manifests_use_only_known_fields(backend: str) -> None:
     hpa = _hpa()
     hpa["spec"]["behavior"] = behavior
     for version in CHECKED_K8S_VERSIONS:
-        _validate_k8s(hpa, version)
+        validate_k8s(hpa, version)
 
 
 def test_keda_strict_schema_rejects_unknown_fields() -> None:
@@ -295,12 +295,12 @@ def test_keda_scaler_targets_the_workers_with_the_workers_secret(backend: str) -
     through the TriggerAuthentication beside it, and that reads a key the example
     Secret has; targets are positive numbers; it never scales to zero."""
     scaled, auth = _scaler(backend)
-    deployment = _one("Deployment")
+    deployment = one_object("Deployment")
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     trigger = scaled["spec"]["triggers"][0]
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
-    secret = _one("Secret")
+    secret = one_object("Secret")
     (ref,) = auth["spec"]["secretTargetRef"]
     assert ref["parameter"] == {"postgresql": "connection", "mysql": "connectionString"}[backend]
     assert ref["name"] == secret["metadata"]["name"]
@@ -311,19 +311,19 @@ def test_keda_scaler_targets_the_workers_with_the_workers_secret(backend: str) -
 
 
 def _hpa() -> dict[str, Any]:
-    (hpa,) = _docs(AUTOSCALING / "hpa" / "hpa.yaml")
+    (hpa,) = yaml_docs(AUTOSCALING / "hpa" / "hpa.yaml")
     return hpa
 
 
 @pytest.mark.parametrize("version", CHECKED_K8S_VERSIONS)
 def test_hpa_matches_openapi_schema_strictly(version: str) -> None:
     for path in (AUTOSCALING / "hpa" / "hpa.yaml", AUTOSCALING / "prometheus-adapter-rules.yaml"):
-        for doc in _docs(path):
-            _validate_k8s(doc, version)
+        for doc in yaml_docs(path):
+            validate_k8s(doc, version)
 
 
 def _adapter_rule() -> dict[str, Any]:
-    (config_map,) = _docs(AUTOSCALING / "prometheus-adapter-rules.yaml")
+    (config_map,) = yaml_docs(AUTOSCALING / "prometheus-adapter-rules.yaml")
     config = yaml.safe_load(config_map["data"]["config.yaml"])
     (rule,) = config["externalRules"]
     assert isinstance(rule, dict)
@@ -335,7 +335,7 @@ def test_hpa_reads_the_backlog_the_workers_export_through_the_adapter_rule() -> 
     gauge the workers export, per queue, with max() so that two workers reporting
     the same queue during a handover do not double it."""
     hpa = _hpa()
-    assert hpa["spec"]["scaleTargetRef"]["name"] == _one("Deployment")["metadata"]["name"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == one_object("Deployment")["metadata"]["name"]
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "External"
     assert metric["external"]["metric"]["name"] == BACKLOG_METRIC
@@ -389,7 +389,7 @@ def test_each_autoscaling_component_renders_with_the_base(tmp_path: Path, compon
         if doc["apiVersion"].startswith("keda.sh/"):
             jsonschema.validate(doc, KEDA_SCHEMA)
         else:
-            _validate_k8s(doc, CHECKED_K8S_VERSIONS[-1])
+            validate_k8s(doc, CHECKED_K8S_VERSIONS[-1])
 
 
 def test_the_base_kustomization_names_the_components() -> None:

@@ -28,7 +28,6 @@ import stat
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,21 @@ import dockerfile
 import kubernetes_validate
 import pytest
 import yaml
-from kubernetes_validate import utils as kv_utils
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
+from tests.support.deploy import (
+    CHECKED_K8S_VERSIONS,
+    DEPLOY,
+    K8S_DIR,
+    MIN_STOP_MARGIN,
+    REPO,
+    k8s_files,
+    k8s_objects,
+    one_object,
+    validate_k8s,
+    yaml_docs,
+)
+
 SYSTEMD_DIR = DEPLOY / "systemd"
-K8S_DIR = DEPLOY / "kubernetes"
 CONTAINERFILE = DEPLOY / "Containerfile"
 COMPOSE = REPO / "compose.yml"
 
@@ -50,9 +58,6 @@ TEMPLATE = "flowsmith-worker@.service"
 INSTANCE = "flowsmith-worker@1.service"
 EXEC_PATH = "/opt/flowsmith/venv/bin/flowsmith"
 ENV_FILE = "/etc/flowsmith/worker.env"
-# A grace period must leave at least this much after --shutdown-timeout for
-# the interpreter to exit once the last step is done.
-MIN_STOP_MARGIN = 5
 # The uid the image runs as and the manifests ask for.
 IMAGE_UID = 10001
 
@@ -362,40 +367,6 @@ def test_worker_env_example() -> None:
 
 # --- Kubernetes -------------------------------------------------------------------
 
-K8S_VERSIONS = sorted(set(kv_utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
-# The oldest and the newest Kubernetes that kubernetes-validate has schemas for.
-CHECKED_K8S_VERSIONS = sorted({K8S_VERSIONS[0], K8S_VERSIONS[-1]})
-
-
-def _k8s_files() -> list[Path]:
-    return sorted(p for p in K8S_DIR.glob("*.yaml") if p.name != "kustomization.yaml")
-
-
-def _docs(path: Path) -> list[dict[str, Any]]:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    assert docs, f"{path} holds no document"
-    return docs
-
-
-def _k8s_objects() -> Iterator[tuple[Path, dict[str, Any]]]:
-    for path in _k8s_files():
-        for doc in _docs(path):
-            yield path, doc
-
-
-def _one(kind: str) -> dict[str, Any]:
-    found = [doc for _, doc in _k8s_objects() if doc.get("kind") == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
-    return found[0]
-
-
-def _validate_k8s(doc: dict[str, Any], version: str) -> None:
-    try:
-        kubernetes_validate.validate(doc, version, strict=True)
-    except kubernetes_validate.ValidationError as e:
-        path = ".".join(str(p) for p in e.path)
-        pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (k8s {version}): {path}: {e.message}")
-
 
 def test_k8s_expected_files() -> None:
     names = {p.name for p in K8S_DIR.glob("*.yaml")}
@@ -407,15 +378,15 @@ def test_k8s_expected_files() -> None:
 
 
 @pytest.mark.parametrize("version", CHECKED_K8S_VERSIONS)
-@pytest.mark.parametrize("path", _k8s_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", k8s_files(), ids=lambda p: p.name)
 def test_k8s_manifest_matches_openapi_schema_strictly(path: Path, version: str) -> None:
-    for doc in _docs(path):
-        _validate_k8s(doc, version)
+    for doc in yaml_docs(path):
+        validate_k8s(doc, version)
 
 
 def test_k8s_strict_validation_rejects_unknown_fields() -> None:
     """Strict mode is on: a misspelt field is an error, not silently dropped."""
-    doc = json.loads(json.dumps(_one("Deployment")))
+    doc = json.loads(json.dumps(one_object("Deployment")))
     doc["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = doc["spec"]["template"][
         "spec"
     ]["containers"][0]["readinessProbe"]
@@ -431,12 +402,12 @@ def test_kustomization_lists_the_manifests() -> None:
     for resource in resources:
         assert (K8S_DIR / resource).is_file(), f"{resource} listed but missing"
     # Every manifest but the example Secret, which must never overwrite the real one.
-    wanted = {p.name for p in _k8s_files()} - {"secret.example.yaml"}
+    wanted = {p.name for p in k8s_files()} - {"secret.example.yaml"}
     assert set(resources) == wanted
     images = {image["name"] for image in kustomization.get("images", [])}
     used = {
         container["image"]
-        for _, doc in _k8s_objects()
+        for _, doc in k8s_objects()
         if doc["kind"] in ("Deployment", "Job")
         for container in doc["spec"]["template"]["spec"]["containers"]
     }
@@ -456,7 +427,7 @@ def test_kustomize_build_renders_valid_manifests() -> None:
     rendered = [d for d in yaml.safe_load_all(proc.stdout) if d]
     assert sorted(d["kind"] for d in rendered) == ["Deployment", "Job", "PodDisruptionBudget"]
     for doc in rendered:
-        _validate_k8s(doc, CHECKED_K8S_VERSIONS[-1])
+        validate_k8s(doc, CHECKED_K8S_VERSIONS[-1])
         if doc["kind"] in ("Deployment", "Job"):
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 assert "/" in container["image"] and ":" in container["image"], container
@@ -499,7 +470,7 @@ def _assert_locked_down(pod_spec: dict[str, Any], container: dict[str, Any]) -> 
 
 
 def _assert_database_url_from_secret(container: dict[str, Any]) -> None:
-    secret = _one("Secret")
+    secret = one_object("Secret")
     data = {**secret.get("stringData", {}), **secret.get("data", {})}
     refs = {
         env["name"]: env["valueFrom"]["secretKeyRef"]
@@ -513,7 +484,7 @@ def _assert_database_url_from_secret(container: dict[str, Any]) -> None:
 
 
 def test_worker_deployment() -> None:
-    deployment = _one("Deployment")
+    deployment = one_object("Deployment")
     spec = deployment["spec"]
     pod = spec["template"]["spec"]
     container = _worker_container(deployment)
@@ -529,7 +500,7 @@ def test_worker_deployment() -> None:
 
 
 def test_worker_deployment_grace_period_exceeds_shutdown_timeout() -> None:
-    deployment = _one("Deployment")
+    deployment = one_object("Deployment")
     shutdown = float(_option(_k8s_argv(_worker_container(deployment)), "--shutdown-timeout"))
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= shutdown + MIN_STOP_MARGIN, (
@@ -543,7 +514,7 @@ def test_worker_deployment_grace_period_exceeds_shutdown_timeout() -> None:
 
 
 def test_worker_deployment_probes_and_scrape_use_metrics_port() -> None:
-    deployment = _one("Deployment")
+    deployment = one_object("Deployment")
     container = _worker_container(deployment)
     port = int(_option(_k8s_argv(container), "--metrics-port"))
     # Probes and scrapes come to the pod's IP: the default 127.0.0.1 would refuse them.
@@ -562,7 +533,7 @@ def test_worker_deployment_probes_and_scrape_use_metrics_port() -> None:
 
 
 def test_migrate_job() -> None:
-    job = _one("Job")
+    job = one_object("Job")
     spec = job["spec"]
     pod = spec["template"]["spec"]
     containers = pod["containers"]
@@ -573,17 +544,17 @@ def test_migrate_job() -> None:
     assert pod["restartPolicy"] in ("Never", "OnFailure")
     _assert_locked_down(pod, containers[0])
     _assert_database_url_from_secret(containers[0])
-    deployment = _one("Deployment")
+    deployment = one_object("Deployment")
     assert containers[0]["image"] == _worker_container(deployment)["image"]
 
 
 def test_pod_disruption_budget_selects_the_workers() -> None:
-    pdb = _one("PodDisruptionBudget")
-    deployment = _one("Deployment")
+    pdb = one_object("PodDisruptionBudget")
+    deployment = one_object("Deployment")
     assert pdb["apiVersion"] == "policy/v1"
     selector = pdb["spec"]["selector"]["matchLabels"]
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
-    job_labels = _one("Job")["spec"]["template"]["metadata"].get("labels", {})
+    job_labels = one_object("Job")["spec"]["template"]["metadata"].get("labels", {})
     assert not selector.items() <= job_labels.items(), "the PDB also selects migrate pods"
     assert ("minAvailable" in pdb["spec"]) != ("maxUnavailable" in pdb["spec"])
     if "minAvailable" in pdb["spec"]:

@@ -32,6 +32,7 @@ from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Storage
 from flowsmith_worker.storage.sql import schema
 from tests.conftest import database_url, eventually
+from tests.support.steps import never_here
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -212,12 +213,8 @@ def mirror(name: str, storage: Storage, *steps: tuple[str, int]) -> Flow:
     """The flow of the workers' module, as far as enqueueing needs: names and retries."""
     flow = Flow(name, storage=storage)
     for step, retries in steps:
-        flow.step(step, _never_here, retries=retries)
+        flow.step(step, never_here, retries=retries)
     return flow
-
-
-def _never_here(_ctx: Any) -> None:
-    raise AssertionError("steps run in the worker processes, not in the test")
 
 
 # --------------------------------------------------------------------------- migrate

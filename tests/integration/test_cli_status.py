@@ -33,7 +33,7 @@ from flowsmith_worker.readable import (
 )
 from flowsmith_worker.storage.base import Lease, Storage
 from tests.integration.conftest import Db
-from tests.integration.test_cli_ops import (
+from tests.support.cli import (
     cli,
     cli_json,
     doomed,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from tests.dashboard_support import (  # noqa: F401 - the *_fixture: fixtures
     status_of,
     zoo_fixture,
 )
+from tests.support.http import free_port
 
 CREDENTIALS = Credentials("ops", "correct horse")
 AUTH = ("ops", "correct horse")
@@ -353,15 +353,9 @@ def test_an_unreachable_database_gets_a_page_without_its_password() -> None:
     assert "s3cret-pw" not in page.text and "Traceback" not in page.text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_flowsmith_dashboard_serves_until_interrupted(db_url: str, zoo: Zoo) -> None:
     """`flowsmith dashboard --url ... --port N` serves the pages; Ctrl+C stops it cleanly."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,

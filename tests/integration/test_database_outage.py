@@ -30,13 +30,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import textwrap
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,6 +49,8 @@ from flowsmith_worker.storage.base import AttemptOutcome, NodeStatus, Storage
 from flowsmith_worker.worker import Worker
 from tests.conftest import eventually
 from tests.servers import DatabaseServer, LocalServer, require_restart
+from tests.support.http import free_port, probe
+from tests.support.steps import never_here
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -150,7 +149,7 @@ class Outage:
         return open_
 
     def readyz(self) -> tuple[int, str]:
-        return _probe(self.port, "/readyz")
+        return probe(self.port, "/readyz")
 
 
 @pytest.fixture(params=["postgresql", "mysql"])
@@ -199,12 +198,8 @@ def _prepare(
     )
     flow = Flow(flow_name, storage=storage)
     for step in STEPS:
-        flow.step(step, _never_here, retries=3)
-    return Outage(url, storage, flow, workdir, events, env, _free_port(), server)
-
-
-def _never_here(_ctx: Any) -> None:
-    raise AssertionError("steps run in the worker process, not in the test")
+        flow.step(step, never_here, retries=3)
+    return Outage(url, storage, flow, workdir, events, env, free_port(), server)
 
 
 def test_a_worker_rides_out_a_crash_and_restart_of_its_database(outage: Outage) -> None:
@@ -253,7 +248,7 @@ def test_a_worker_rides_out_an_outage_longer_than_the_lease(outage: Outage) -> N
         why = outage.readyz()[1]
         assert "database" in why and str(outage.server.port) in why, why
         assert "flowsmith-secret" not in why
-        assert _probe(outage.port, "/livez") == (200, "ok\n")
+        assert probe(outage.port, "/livez") == (200, "ok\n")
         # Not ready for the whole outage, though the loop's turns with every slot
         # taken ask the database nothing (and so meet no error).
         answers = _sample(outage.readyz, seconds=lease + 4.0 - STEP_SECONDS)
@@ -414,20 +409,3 @@ def _sample(probe: Callable[[], T], seconds: float) -> list[T]:
         answers.append(probe())
         time.sleep(0.1)
     return answers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _probe(port: int, path: str) -> tuple[int, str]:
-    """The status and body of GET path; (0, "") while nothing listens."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except (urllib.error.URLError, ConnectionError):
-        return 0, ""

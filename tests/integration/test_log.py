@@ -23,6 +23,7 @@ from flowsmith_worker.log import get_logger, setup_logging
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, Storage
 from tests.conftest import eventually
+from tests.support.steps import never_here
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -51,10 +52,6 @@ FLOWS_MODULE = textwrap.dedent(
 )
 
 
-def _never_here(_ctx: object) -> None:
-    raise AssertionError("steps run in the worker process, not in the test")
-
-
 def test_console_logs_of_a_worker_show_escapes_escaped(
     tmp_path: Path, unique: Callable[[str], str]
 ) -> None:
@@ -78,7 +75,7 @@ def test_console_logs_of_a_worker_show_escapes_escaped(
         module="escflows",
     )
     try:
-        Flow(name, storage=storage).step("pay\x1b[8m", _never_here).run({}, tracking_id=TRACKING_ID)
+        Flow(name, storage=storage).step("pay\x1b[8m", never_here).run({}, tracking_id=TRACKING_ID)
         eventually(lambda: _status(storage, TRACKING_ID) == FlowStatus.FAILED, timeout=20)
         eventually(lambda: b"step.failed" in worker.log_path.read_bytes(), timeout=10)
         worker.signal()
@@ -251,7 +248,7 @@ def test_worker_log_level_warning_writes_warnings_and_errors_only(
         tmp_path, url, env, "--log-level", "warning", "--poll-interval", "0.1", module="escflows"
     )
     try:
-        Flow(name, storage=storage).step("pay\x1b[8m", _never_here).run({}, tracking_id="t-1")
+        Flow(name, storage=storage).step("pay\x1b[8m", never_here).run({}, tracking_id="t-1")
         eventually(lambda: _status(storage, "t-1") == FlowStatus.FAILED, timeout=20)
         eventually(lambda: b"step.failed" in worker.log_path.read_bytes(), timeout=10)
         worker.signal()

@@ -35,8 +35,8 @@ from flowsmith_worker.storage.sql.pooler import POOLER_ENV
 from flowsmith_worker.storage.sql.prepared import SWITCH_ENV
 from flowsmith_worker.worker import Worker
 from tests.conftest import eventually
-from tests.e2e import test_crash as crash
 from tests.servers.pgbouncer import BouncedDatabase, PgBouncer
+from tests.support import crash
 from tests.worker_process import WorkerProcess
 
 Names = Callable[[str], str]

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +24,9 @@ from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Storage
 from flowsmith_worker.storage.sql import SqlStorage, schema
 from tests.conftest import eventually
 from tests.servers import DatabaseServer
+from tests.support.backlog import enqueue_runs
+from tests.support.http import free_port, probe
+from tests.support.steps import never_here
 from tests.worker_process import WorkerProcess
 
 Names = Callable[[str], str]
@@ -57,17 +57,7 @@ FLOWS_MODULE = textwrap.dedent(
 )
 
 
-def _never_here(_ctx: object) -> None:
-    raise AssertionError("steps run in the worker processes, not in the test")
-
-
 # -- the backlog gauges ------------------------------------------------------------
-
-
-def _enqueue(storage: Storage, queue: str, runs: int, delay: float | None = None) -> list[str]:
-    """The tracking ids of ``runs`` new runs of a one-step flow on ``queue``."""
-    flow = Flow(f"{queue}_flow", queue=queue, storage=storage).step("one", _never_here)
-    return [flow.run({}, delay=delay).tracking_id for _ in range(runs)]
 
 
 def _due_since(storage: Storage, tracking_id: str, seconds: float) -> None:
@@ -88,10 +78,10 @@ def test_runnable_backlog_counts_each_queue_and_its_oldest(storage: Storage, uni
     the oldest has waited; a delayed run is not runnable yet, other queues and
     queues with nothing runnable are left out."""
     busy, delayed_only, other = unique("busy"), unique("delayed"), unique("other")
-    oldest, *_ = _enqueue(storage, busy, 4)
+    oldest, *_ = enqueue_runs(storage, busy, 4)
     _due_since(storage, oldest, 120)
-    _enqueue(storage, delayed_only, 2, delay=3600)
-    _enqueue(storage, other, 1)
+    enqueue_runs(storage, delayed_only, 2, delay=3600)
+    enqueue_runs(storage, other, 1)
     backlog = storage.runnable_backlog(queues=[busy, delayed_only])
     assert set(backlog) == {busy}
     assert backlog[busy].runnable == 4
@@ -104,7 +94,7 @@ def test_each_queue_backlog_is_reported_by_one_worker(storage: Storage, unique: 
     backlog (not twice it), and no queue goes unreported."""
     shared, emails, reports = unique("shared"), unique("emails"), unique("reports")
     for queue, runs in ((shared, 4), (emails, 2), (reports, 1)):
-        _enqueue(storage, queue, runs)
+        enqueue_runs(storage, queue, runs)
     workers = [
         Worker(storage, queues=[shared, emails]),
         Worker(storage, queues=[shared]),
@@ -148,7 +138,7 @@ class App:
         )
         self.storage = create_storage(self.url)
         self.storage.migrate()
-        self.flow = Flow(name, storage=self.storage).step("slow", _never_here)
+        self.flow = Flow(name, storage=self.storage).step("slow", never_here)
 
     def step_started(self) -> bool:
         return bool(self.started_path.read_text())
@@ -175,28 +165,11 @@ def app(tmp_path: Path, unique: Names) -> Iterator[App]:
     made.storage.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _probe(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
-    """The status and body of GET path; (0, "") while nothing listens."""
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except (urllib.error.URLError, ConnectionError):
-        return 0, ""
-
-
 def test_readyz_fails_from_the_moment_draining_starts_livez_stays_up(app: App) -> None:
     """A worker running a step is ready; after SIGTERM (grace 20 s) it answers
     /readyz 503 "draining" while the step runs on, /livez (and /healthz) 200; the
     step completes and the worker exits 0."""
-    port = _free_port()
+    port = free_port()
     run = app.flow.run({})
     worker = WorkerProcess(
         app.dir,
@@ -213,13 +186,13 @@ def test_readyz_fails_from_the_moment_draining_starts_livez_stays_up(app: App) -
     try:
         worker.wait_started()
         eventually(app.step_started, timeout=15)
-        eventually(lambda: _probe(port, "/readyz") == (200, "ok\n"), timeout=10)
+        eventually(lambda: probe(port, "/readyz") == (200, "ok\n"), timeout=10)
         worker.signal(signal.SIGTERM)
-        eventually(lambda: _probe(port, "/readyz")[0] == 503, timeout=5)
+        eventually(lambda: probe(port, "/readyz")[0] == 503, timeout=5)
         assert worker.proc.poll() is None, "the step must still be running"
-        assert _probe(port, "/readyz")[1].startswith("draining"), worker.output()
-        assert _probe(port, "/livez") == (200, "ok\n")
-        assert _probe(port, "/healthz") == (200, "ok\n")
+        assert probe(port, "/readyz")[1].startswith("draining"), worker.output()
+        assert probe(port, "/livez") == (200, "ok\n")
+        assert probe(port, "/healthz") == (200, "ok\n")
         app.release_step()
         assert worker.wait(30) == 0, worker.output()
     finally:
@@ -293,7 +266,7 @@ def test_readyz_fails_during_a_database_outage_livez_does_not(
     would not bring the database back); once the database is back, /readyz is 200."""
     name = f"t_{unique('outage')[-12:]}"
     url = postgres_server.create_database(name)
-    port = _free_port()
+    port = free_port()
     app = App(tmp_path, unique("outage"), url)
     worker = WorkerProcess(
         app.dir,
@@ -307,13 +280,13 @@ def test_readyz_fails_during_a_database_outage_livez_does_not(
     )
     try:
         worker.wait_started()
-        eventually(lambda: _probe(port, "/readyz") == (200, "ok\n"), timeout=10)
+        eventually(lambda: probe(port, "/readyz") == (200, "ok\n"), timeout=10)
         _accept_connections(postgres_server, name, accept=False)
-        eventually(lambda: _probe(port, "/readyz")[0] == 503, timeout=20)
-        assert "database unavailable" in _probe(port, "/readyz")[1]
-        assert _probe(port, "/livez") == (200, "ok\n")
+        eventually(lambda: probe(port, "/readyz")[0] == 503, timeout=20)
+        assert "database unavailable" in probe(port, "/readyz")[1]
+        assert probe(port, "/livez") == (200, "ok\n")
         _accept_connections(postgres_server, name, accept=True)
-        eventually(lambda: _probe(port, "/readyz") == (200, "ok\n"), timeout=30)
+        eventually(lambda: probe(port, "/readyz") == (200, "ok\n"), timeout=30)
         worker.signal()
         assert worker.wait(30) == 0, worker.output()
     finally:
@@ -349,7 +322,7 @@ def test_worker_serves_metrics_and_healthz(tmp_path: Path, unique: Names) -> Non
     flow = Flow(name, storage=storage).step("one", lambda ctx: 1).step("two", lambda ctx: 2)
     for i in range(3):
         flow.run({}, tracking_id=f"{name}-{i}")
-    port = _free_port()
+    port = free_port()
     worker = subprocess.Popen(
         [
             sys.executable,
@@ -371,11 +344,11 @@ def test_worker_serves_metrics_and_healthz(tmp_path: Path, unique: Names) -> Non
         stderr=subprocess.STDOUT,
     )
     try:
-        eventually(lambda: _probe(port, "/healthz")[0] == 200, timeout=20)
+        eventually(lambda: probe(port, "/healthz")[0] == 200, timeout=20)
         line = f'flowsmith_steps_completed_total{{flow="{name}",queue="default",step="two"}} 3.0'
-        eventually(lambda: line in _probe(port, "/metrics")[1], timeout=20)
-        assert "flowsmith_step_duration_seconds_bucket" in _probe(port, "/metrics")[1]
-        assert _probe(port, "/healthz", host="127.0.0.2")[0] == 0
+        eventually(lambda: line in probe(port, "/metrics")[1], timeout=20)
+        assert "flowsmith_step_duration_seconds_bucket" in probe(port, "/metrics")[1]
+        assert probe(port, "/healthz", host="127.0.0.2")[0] == 0
     finally:
         worker.terminate()
         worker.wait(30)
@@ -390,7 +363,7 @@ def test_worker_metrics_host_option_opens_every_interface(tmp_path: Path) -> Non
     storage.migrate()
     storage.close()
     (tmp_path / "noflows.py").write_text("")
-    port = _free_port()
+    port = free_port()
     command = ["worker", "noflows", "--url", url, "--metrics-port", str(port)]
     worker = subprocess.Popen(
         [sys.executable, "-m", "flowsmith_worker", *command, "--metrics-host", "0.0.0.0"],
@@ -399,7 +372,7 @@ def test_worker_metrics_host_option_opens_every_interface(tmp_path: Path) -> Non
         stderr=subprocess.DEVNULL,
     )
     try:
-        eventually(lambda: _probe(port, "/healthz", host="127.0.0.2")[0] == 200, timeout=20)
+        eventually(lambda: probe(port, "/healthz", host="127.0.0.2")[0] == 200, timeout=20)
     finally:
         worker.terminate()
         worker.wait(30)

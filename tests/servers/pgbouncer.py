@@ -55,7 +55,7 @@ from tests.servers.admin import (
     answers,
 )
 from tests.servers.fixtures import DatabaseNotTestedWarning
-from tests.servers.process import die_with_parent, free_port, log_tail
+from tests.servers.process import free_port, log_tail, spawn_server
 
 INSTALL_HINT = "apt-get install pgbouncer"
 THROUGH_ENV = "FLOWSMITH_TEST_THROUGH_PGBOUNCER"
@@ -177,21 +177,13 @@ class PgBouncer:
         )
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        user = _RUN_AS if os.geteuid() == 0 else None
-        # Its output goes to our log file, opened by us: the bouncer's user need not write here.
-        with self.log_path.open("wb") as log:
-            return subprocess.Popen(
-                [str(self.binary), str(self.dir / "pgbouncer.ini")],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd="/",
-                start_new_session=True,
-                user=user,
-                group=user,
-                extra_groups=[] if user else None,
-                preexec_fn=die_with_parent(signal.SIGTERM),
-            )
+        return spawn_server(
+            [str(self.binary), str(self.dir / "pgbouncer.ini")],
+            self.log_path,
+            user=_RUN_AS if os.geteuid() == 0 else None,
+            stop_with_parent=signal.SIGTERM,
+            append=False,  # each start's log alone: start() reads it for "Address already in use"
+        )
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> bool:
         """Poll with real logins through the bouncer until one succeeds (True), or the

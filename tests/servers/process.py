@@ -68,6 +68,33 @@ def die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
     return hook
 
 
+def spawn_server(
+    command: list[str],
+    log_path: Path,
+    *,
+    user: str | None,
+    stop_with_parent: signal.Signals | None,
+    append: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Launch a server in its own session, as ``user`` (None: as we are), its output
+    written to ``log_path`` (opened by us: the server's user need not write there).
+    ``stop_with_parent``: the signal the kernel sends it when the test process dies
+    (None for a server meant to outlive us)."""
+    with log_path.open("ab" if append else "wb") as log:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            start_new_session=True,
+            user=user,
+            group=user,
+            extra_groups=[] if user else None,
+            preexec_fn=die_with_parent(stop_with_parent) if stop_with_parent else None,
+        )
+
+
 def _process_alive(pid: int, names: tuple[str, ...]) -> bool:
     """True if ``pid`` runs one of ``names`` (a stale pid file may point elsewhere)."""
     try:
@@ -272,20 +299,12 @@ class LocalServer(DatabaseServer):
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         """Launch the server in its own session, output appended to the log."""
-        user = self._run_as()
-        with self.log_path.open("ab") as log:
-            return subprocess.Popen(
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd="/",
-                start_new_session=True,
-                user=user,
-                group=user,
-                extra_groups=[] if user else None,
-                preexec_fn=None if self.detached else die_with_parent(self._stop_signal),
-            )
+        return spawn_server(
+            self._command(),
+            self.log_path,
+            user=self._run_as(),
+            stop_with_parent=None if self.detached else self._stop_signal,
+        )
 
     def _wait_ready(self, deadline: float) -> None:
         """Poll with real logins until one succeeds, the process dies or time is up."""
