@@ -23,15 +23,14 @@ import click
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
-from sqlalchemy.pool import NullPool
 
 from flowsmith_worker import Flow, SchemaNotMigrated
 from flowsmith_worker.cli import main
-from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Storage
 from flowsmith_worker.storage.sql import schema
 from tests.conftest import database_url, eventually
+from tests.support.schema import ALL_VERSIONS, FS_TABLES, engine_for, schema_versions, table_names
 from tests.support.steps import never_here
 from tests.worker_process import WorkerProcess
 
@@ -40,8 +39,6 @@ pytestmark = pytest.mark.slow
 # The brief named fs_flows, fs_nodes and fs_schema_version; later migrations may add
 # more tables, all of them fs_*, all of them declared in storage/sql/schema.py.
 FS_CORE_TABLES = {"fs_flows", "fs_nodes", "fs_schema_version"}
-FS_TABLES = set(schema.metadata.tables)
-ALL_VERSIONS = list(range(1, schema.SCHEMA_VERSION + 1))
 
 FLOWS_MODULE = textwrap.dedent(
     '''
@@ -120,28 +117,6 @@ def assert_clean_failure(result: Result) -> None:
     assert result.exit_code != 0, result.output
     assert isinstance(result.exception, SystemExit), result.exc_info
     assert "Traceback" not in result.output, result.output
-
-
-def engine_for(url: str) -> sa.Engine:
-    return sa.create_engine(parse_database_url(url), poolclass=NullPool)
-
-
-def table_names(url: str) -> set[str]:
-    engine = engine_for(url)
-    try:
-        return set(sa.inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
-
-
-def schema_versions(url: str) -> list[int]:
-    engine = engine_for(url)
-    try:
-        with engine.connect() as conn:
-            query = sa.text("SELECT version FROM fs_schema_version ORDER BY version")
-            return list(conn.execute(query).scalars())
-    finally:
-        engine.dispose()
 
 
 def flowsmith(

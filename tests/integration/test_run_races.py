@@ -9,7 +9,6 @@ server's own lock tables; then the test lets go. No sleeps decide the order.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from flowsmith_worker.storage.base import ClaimedNode, NewFlow, NodeRecord, Stor
 from flowsmith_worker.storage.sql import SqlStorage
 from tests.conftest import database_url, eventually
 from tests.servers.pgbouncer import through_pgbouncer
+from tests.support.locks import Background, lock_waits
 
 Names = Callable[[str], str]
 ADVISORY_KEY = 4242
@@ -48,40 +48,6 @@ def sql_storage(request: pytest.FixtureRequest, backend: str, tmp_path: Path) ->
     storage.migrate()
     request.addfinalizer(storage.close)
     return storage
-
-
-def lock_waits(storage: SqlStorage, *, advisory: bool = False) -> int:
-    """Transactions of this server now waiting for a lock (advisory ones, or row locks)."""
-    if storage.dialect.name == "postgresql":
-        kind = "= 'advisory'" if advisory else "<> 'advisory'"
-        query = (
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            f"AND wait_event_type = 'Lock' AND wait_event {kind}"
-        )
-    else:
-        query = "SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
-    with storage.engine.connect() as conn:
-        return int(conn.execute(sa.text(query)).scalar_one())
-
-
-class Background:
-    """Run a call in a thread; keep its result or exception."""
-
-    def __init__(self, call: Callable[[], Any]) -> None:
-        self.outcome: Any = None
-        self.thread = threading.Thread(target=self._run, args=(call,), daemon=True)
-        self.thread.start()
-
-    def _run(self, call: Callable[[], Any]) -> None:
-        try:
-            self.outcome = call()
-        except Exception as exc:
-            self.outcome = exc
-
-    def result(self) -> Any:
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "the transaction never finished"
-        return self.outcome
 
 
 # -- PostgreSQL: adopting a top-level run while it ends, or while another parent adopts it --

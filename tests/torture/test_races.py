@@ -45,8 +45,8 @@ from flowsmith_worker.storage.base import (
 )
 from flowsmith_worker.storage.sql import SqlStorage, migrations, schema
 from tests.conftest import database_url, eventually
-from tests.integration.test_cli import ALL_VERSIONS, FS_TABLES, schema_versions, table_names
-from tests.integration.test_run_races import Background, lock_waits
+from tests.support.locks import Background, lock_waits
+from tests.support.schema import ALL_VERSIONS, FS_TABLES, schema_versions, table_names
 
 Names = Callable[[str], str]
 
