@@ -225,9 +225,7 @@ class Worker:
         extended = 0
         if leases:
             extended = self.storage.extend_leases(
-                worker_id=self.id,
-                node_ids=[lease.node_id for lease in leases],
-                lease_seconds=self.settings.lease_seconds,
+                leases=leases, lease_seconds=self.settings.lease_seconds
             )
             self.lease_times.renewed(leases, sent_at)
         alive = self.storage.worker_heartbeat(worker_id=self.id, in_flight=len(in_flight))
@@ -331,8 +329,12 @@ class Worker:
         return chained
 
     def _hand_back(self, node: ClaimedNode) -> None:
-        """Release a chained node that will not run here; the lease keeps it if that fails."""
-        self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=[node.node_id]))
+        """Release a chained node that will not run here; the lease keeps it if that fails.
+
+        By its exact lease: its node may have been rescued meanwhile and leased
+        again to this worker in another slot, where that attempt must run on.
+        """
+        self._try(lambda: self.storage.release_nodes(leases=[node.lease]))
 
     def _slot_freed(self, slot: _Slot, future: Future[Outcome]) -> None:
         lease = slot.lease
@@ -526,10 +528,10 @@ class Worker:
         before it exits): while this process lives, their calls run on, and a
         second attempt elsewhere would run at the same time.
         """
-        left = [n.node_id for n in self.in_flight()]
+        left = [n.lease for n in self.in_flight()]
         if not left:
             return 0
-        released = self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=left))
+        released = self._try(lambda: self.storage.release_nodes(leases=left))
         self.log.info("worker.released", released=released or 0, unfinished=len(left))
         return released or 0
 

@@ -6,8 +6,9 @@ contract suite (tests/contract/test_contract.py) runs over all of them. The word
 here name the log events and the tests too.
 
 Owns the interface; the value types every layer shares (statuses, Lease, the
-records) live in records.py and are re-exported here. Must never hold a backend's code or a rule of the state machine (that is
-progress.py's), and never hand out a driver's row or connection.
+records) live in records.py and are re-exported here. Must never hold a
+backend's code or a rule of the state machine (that is progress.py's), and never
+hand out a driver's row or connection.
 """
 
 from __future__ import annotations
@@ -164,14 +165,21 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def extend_leases(
-        self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float
-    ) -> int:
-        """Push back the lease expiry of the worker's in-flight nodes."""
+    def extend_leases(self, *, leases: Sequence[Lease], lease_seconds: float) -> int:
+        """Push back the lease expiry of these attempts, where each still holds its node.
+
+        Fenced by the whole lease (node, worker, attempt), like every write about
+        an attempt: a node rescued and leased again, even to the same worker, is
+        not extended by the old attempt's lease.
+        """
 
     @abc.abstractmethod
-    def release_nodes(self, *, worker_id: str, node_ids: Sequence[int]) -> int:
-        """Hand unfinished nodes back at once (shutdown).
+    def release_nodes(self, *, leases: Sequence[Lease]) -> int:
+        """Hand these attempts' nodes back at once (shutdown), where each still holds its node.
+
+        Fenced by the whole lease (node, worker, attempt): releasing an attempt
+        whose node was rescued and leased again, even to the same worker, leaves
+        the new attempt running.
 
         The interrupted attempt keeps its number (attempt numbers only grow: with
         the worker id they are the fencing token) but is given back to the step's
