@@ -38,7 +38,7 @@ from flowsmith_worker.health import Health
 from flowsmith_worker.heartbeat import Heartbeat, LeaseTimes
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.metrics import WorkerMetrics, queues_to_report
-from flowsmith_worker.outage import DatabaseOutage
+from flowsmith_worker.outage import LOOP, DatabaseOutage
 from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.schedule import Scheduler
@@ -382,7 +382,7 @@ class Worker:
                 self.scheduler.run_once()
                 self.health.turn_succeeded()
                 if asks_database:
-                    self.outage.answered()
+                    self.outage.answered(by=LOOP)
                 failures = 0
             except Exception as exc:
                 # The database away, or anything unforeseen: a worker that dies here
@@ -390,7 +390,7 @@ class Worker:
                 # off and tries again instead.
                 failures += 1
                 if isinstance(exc, DatabaseUnavailable):
-                    self.outage.failed(exc, noticed_by="loop")  # /readyz reads it too
+                    self.outage.failed(exc, noticed_by=LOOP)  # /readyz reads it too
                 else:
                     # The error's text stays in the log: a probe's answer may travel further.
                     self.health.turn_failed(f"loop failing: {type(exc).__name__} (see the log)")
@@ -540,7 +540,7 @@ class Worker:
         try:
             return call()
         except DatabaseUnavailable as exc:
-            self.log.warning("database.unavailable", error=str(exc))
+            self.outage.failed(exc, noticed_by="shutdown")  # said once, with the others
         except Exception:
             self.log.exception("worker.shutdown_step_failed")
         return None
