@@ -36,6 +36,7 @@ from flowsmith_worker.errors import (
     SubflowCycle,
     SubflowTaken,
     TrackingIdTaken,
+    TransactionConflict,
     UnreadableRow,
     UnsupportedDatabase,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "SubflowCycle",
     "SubflowTaken",
     "TrackingIdTaken",
+    "TransactionConflict",
     "UnreadableRow",
     "UnsupportedDatabase",
     "Worker",

@@ -41,6 +41,15 @@ class DatabaseUnavailable(FlowSmithError):
     """The database did not answer; check that it is running and the URL is right."""
 
 
+class TransactionConflict(DatabaseUnavailable):
+    """The database refused the transaction for a conflict (a deadlock, a serialization
+    failure); run it again.
+
+    A DatabaseUnavailable so that every retry of an unavailable database retries
+    it too; but the database answered, so it is no outage (see outage.py).
+    """
+
+
 class InvalidDatabaseURL(FlowSmithError):
     """The database URL is not one FlowSmith can use."""
 

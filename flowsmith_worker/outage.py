@@ -8,6 +8,13 @@ hundreds of lines saying one thing. They report here instead, and this says it
 once: ``database.unavailable`` when the first part fails, ``database.reconnected``
 when one gets an answer again, with how long it lasted. /readyz reads it too
 (see health.py): not ready while the database is away.
+
+The loop is the part that claims: while its calls fail, the worker does no new
+work, whatever the others meet. So an outage the loop met ends only when the
+loop gets an answer; the heartbeat's working renewals alone do not end it (a
+claim that keeps failing while renewals work, as behind a pooler that drops
+prepared statements, would otherwise log a new outage and flip /readyz on every
+turn). A transaction conflict is no outage at all: the database answered.
 """
 
 from __future__ import annotations
@@ -16,9 +23,13 @@ import threading
 import time
 from collections.abc import Callable
 
+from flowsmith_worker.errors import TransactionConflict
 from flowsmith_worker.log import get_logger
 
 log = get_logger(__name__)
+
+# The ``noticed_by`` of the worker's loop, the one part whose answer ends an outage it met.
+LOOP = "loop"
 
 
 class DatabaseOutage:
@@ -33,6 +44,8 @@ class DatabaseOutage:
         self._since: float | None = None
         self._why = ""
         self._failed_calls = 0
+        self._loop_failing = False  # the loop met this outage and has had no answer since
+        self._others_failing = False  # so has some other part
 
     @property
     def why(self) -> str | None:
@@ -42,11 +55,18 @@ class DatabaseOutage:
 
     def failed(self, error: BaseException, noticed_by: str) -> None:
         """A call to the database failed because it is away (DatabaseUnavailable)."""
+        if isinstance(error, TransactionConflict):  # it answered: retried, but no outage
+            self.log.debug("database.conflict", error=str(error), noticed_by=noticed_by)
+            return
         with self._lock:
             first = self._since is None
             if first:
                 self._since, self._why, self._failed_calls = time.monotonic(), str(error), 0
             self._failed_calls += 1
+            if noticed_by == LOOP:
+                self._loop_failing = True
+            else:
+                self._others_failing = True
             failed_calls = self._failed_calls
         if first:
             self.log.warning(
@@ -63,17 +83,29 @@ class DatabaseOutage:
                 failed_calls=failed_calls,
             )
 
-    def answered(self) -> None:
-        """A call to the database worked: an outage in progress is over."""
+    def answered(self, by: str = "") -> None:
+        """A call to the database by ``by`` worked: an outage in progress is over,
+        unless the loop met it and is still to get an answer."""
         if self._since is None:  # the usual case, read without the lock
             return
         with self._lock:
             since, failed_calls = self._since, self._failed_calls
-            self._since = None
-        if since is not None:  # another thread may have ended it meanwhile
+            if by == LOOP:
+                self._loop_failing = False
+            # Wake the loop when another part that failed gets an answer again
+            # (the loop may be in a backoff of seconds), but not at every answer
+            # of a part that never failed: that would undo the loop's backoff.
+            wake = by != LOOP and self._others_failing
+            if by != LOOP:
+                self._others_failing = False
+            over = since is not None and not self._loop_failing
+            if over:
+                self._since, self._others_failing = None, False
+        if since is not None and over:  # another thread may have ended it meanwhile
             self.log.info(
                 "database.reconnected",
                 seconds_away=round(time.monotonic() - since, 1),
                 failed_calls=failed_calls,
             )
+        if over or wake:
             self.on_back()

@@ -19,6 +19,7 @@ import time
 
 from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.log import get_logger
+from flowsmith_worker.outage import DatabaseOutage
 from flowsmith_worker.storage import default_storage
 from flowsmith_worker.storage.base import RescuedNode, Storage
 
@@ -67,6 +68,8 @@ class Watchdog(threading.Thread):
     def __init__(self, rescuer: Rescuer) -> None:
         super().__init__(name="flowsmith-watchdog", daemon=True)
         self.rescuer = rescuer
+        # Says an outage once, and when it ends, not at every failed turn.
+        self.outage = DatabaseOutage()
         self._stopped = threading.Event()
 
     def run(self) -> None:
@@ -74,9 +77,11 @@ class Watchdog(threading.Thread):
             try:
                 self.rescuer.run_once()
             except DatabaseUnavailable as exc:
-                log.warning("database.unavailable", error=str(exc))
+                self.outage.failed(exc, noticed_by="watchdog")
             except Exception:
                 log.exception("watchdog.failed")
+            else:
+                self.outage.answered()
             self._stopped.wait(self.rescuer.interval)
 
     def stop(self) -> None:

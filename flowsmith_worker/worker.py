@@ -38,7 +38,7 @@ from flowsmith_worker.health import Health
 from flowsmith_worker.heartbeat import Heartbeat, LeaseTimes
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.metrics import WorkerMetrics, queues_to_report
-from flowsmith_worker.outage import DatabaseOutage
+from flowsmith_worker.outage import LOOP, DatabaseOutage
 from flowsmith_worker.rescue import Rescuer
 from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.schedule import Scheduler
@@ -225,9 +225,7 @@ class Worker:
         extended = 0
         if leases:
             extended = self.storage.extend_leases(
-                worker_id=self.id,
-                node_ids=[lease.node_id for lease in leases],
-                lease_seconds=self.settings.lease_seconds,
+                leases=leases, lease_seconds=self.settings.lease_seconds
             )
             self.lease_times.renewed(leases, sent_at)
         alive = self.storage.worker_heartbeat(worker_id=self.id, in_flight=len(in_flight))
@@ -331,8 +329,12 @@ class Worker:
         return chained
 
     def _hand_back(self, node: ClaimedNode) -> None:
-        """Release a chained node that will not run here; the lease keeps it if that fails."""
-        self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=[node.node_id]))
+        """Release a chained node that will not run here; the lease keeps it if that fails.
+
+        By its exact lease: its node may have been rescued meanwhile and leased
+        again to this worker in another slot, where that attempt must run on.
+        """
+        self._try(lambda: self.storage.release_nodes(leases=[node.lease]))
 
     def _slot_freed(self, slot: _Slot, future: Future[Outcome]) -> None:
         lease = slot.lease
@@ -380,7 +382,7 @@ class Worker:
                 self.scheduler.run_once()
                 self.health.turn_succeeded()
                 if asks_database:
-                    self.outage.answered()
+                    self.outage.answered(by=LOOP)
                 failures = 0
             except Exception as exc:
                 # The database away, or anything unforeseen: a worker that dies here
@@ -388,7 +390,7 @@ class Worker:
                 # off and tries again instead.
                 failures += 1
                 if isinstance(exc, DatabaseUnavailable):
-                    self.outage.failed(exc, noticed_by="loop")  # /readyz reads it too
+                    self.outage.failed(exc, noticed_by=LOOP)  # /readyz reads it too
                 else:
                     # The error's text stays in the log: a probe's answer may travel further.
                     self.health.turn_failed(f"loop failing: {type(exc).__name__} (see the log)")
@@ -526,10 +528,10 @@ class Worker:
         before it exits): while this process lives, their calls run on, and a
         second attempt elsewhere would run at the same time.
         """
-        left = [n.node_id for n in self.in_flight()]
+        left = [n.lease for n in self.in_flight()]
         if not left:
             return 0
-        released = self._try(lambda: self.storage.release_nodes(worker_id=self.id, node_ids=left))
+        released = self._try(lambda: self.storage.release_nodes(leases=left))
         self.log.info("worker.released", released=released or 0, unfinished=len(left))
         return released or 0
 
@@ -538,7 +540,7 @@ class Worker:
         try:
             return call()
         except DatabaseUnavailable as exc:
-            self.log.warning("database.unavailable", error=str(exc))
+            self.outage.failed(exc, noticed_by="shutdown")  # said once, with the others
         except Exception:
             self.log.exception("worker.shutdown_step_failed")
         return None

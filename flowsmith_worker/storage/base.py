@@ -165,14 +165,21 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def extend_leases(
-        self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float
-    ) -> int:
-        """Push back the lease expiry of the worker's in-flight nodes."""
+    def extend_leases(self, *, leases: Sequence[Lease], lease_seconds: float) -> int:
+        """Push back the lease expiry of these attempts, where each still holds its node.
+
+        Fenced by the whole lease (node, worker, attempt), like every write about
+        an attempt: a node rescued and leased again, even to the same worker, is
+        not extended by the old attempt's lease.
+        """
 
     @abc.abstractmethod
-    def release_nodes(self, *, worker_id: str, node_ids: Sequence[int]) -> int:
-        """Hand unfinished nodes back at once (shutdown).
+    def release_nodes(self, *, leases: Sequence[Lease]) -> int:
+        """Hand these attempts' nodes back at once (shutdown), where each still holds its node.
+
+        Fenced by the whole lease (node, worker, attempt): releasing an attempt
+        whose node was rescued and leased again, even to the same worker, leaves
+        the new attempt running.
 
         The interrupted attempt keeps its number (attempt numbers only grow: with
         the worker id they are the fencing token) but is given back to the step's

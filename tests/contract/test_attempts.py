@@ -26,6 +26,7 @@ from flowsmith_worker.storage.base import (
     RESCUE_ERROR,
     AttemptOutcome,
     ClaimedNode,
+    Lease,
     NewFlow,
     NodeRecord,
     Storage,
@@ -193,9 +194,8 @@ def test_a_released_attempt_is_kept_as_released(storage: Storage, unique: Names)
     storage.enqueue_flow(flow=one_step(other := unique("t")))
     held = claim(storage, "stopping")
     not_mine = claim(storage, "busy")
-    released = storage.release_nodes(
-        worker_id="stopping", node_ids=[held.node_id, not_mine.node_id]
-    )
+    stale = Lease(not_mine.node_id, not_mine.lease.flow_id, "stopping", not_mine.attempt)
+    released = storage.release_nodes(leases=[held.lease, stale])
     assert released == 1
     claim(storage, "next")
 
@@ -215,7 +215,7 @@ def test_a_worker_that_lost_its_lease_records_nothing(storage: Storage, unique: 
     storage.rescue_expired()
     claim(storage, "new")
     assert storage.fail_node(lease=old.lease, error="late", retry_delay=0.0) is None
-    assert storage.release_nodes(worker_id="old", node_ids=[old.node_id]) == 0
+    assert storage.release_nodes(leases=[old.lease]) == 0
 
     [node] = nodes_of(storage, tid).values()
     assert outcomes(node) == [(1, AttemptOutcome.RESCUED), (2, AttemptOutcome.RUNNING)]

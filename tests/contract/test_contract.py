@@ -26,7 +26,7 @@ from flowsmith_worker import (
     start_watchdog,
 )
 from flowsmith_worker.plan import Plan, PlannedStep
-from flowsmith_worker.storage.base import RESCUE_ERROR, NewFlow, Storage
+from flowsmith_worker.storage.base import RESCUE_ERROR, ClaimedNode, NewFlow, Storage
 from tests.conftest import eventually
 
 Names = Callable[[str], str]
@@ -219,13 +219,53 @@ def test_a_worker_that_lost_its_lease_cannot_overwrite_the_newer_attempt(
     assert new.attempt == 2
     assert storage.complete_node(lease=old.lease, output="stale") is False
     assert storage.fail_node(lease=old.lease, error="stale", retry_delay=None) is None
-    assert storage.extend_leases(worker_id="old", node_ids=[new.node_id], lease_seconds=30) == 0
+    assert storage.extend_leases(leases=[old.lease], lease_seconds=30) == 0
     assert storage.complete_node(lease=new.lease, output="fresh") is True
     record = storage.get_flow(tracking_id=tid)
     assert record is not None and record.status == FlowStatus.COMPLETED
     assert record.output == {"n": 1, "only": "fresh"}
     [node] = storage.list_nodes(flow_id=record.id)
     assert (node.attempt, node.rescues, node.lease_owner) == (2, 1, "new")
+
+
+def relapsed(storage: Storage, tracking_id: str) -> tuple[ClaimedNode, ClaimedNode]:
+    """Attempt 1 of a node, its lease lapsed and rescued, and attempt 2 of it leased
+    again to the same worker (as another slot of that worker would claim it)."""
+    storage.enqueue_flow(flow=new_flow(tracking_id, max_attempts=3))
+    [old] = storage.claim_nodes(worker_id="w", limit=1, lease_seconds=-1.0, queues=["default"])
+    [rescued] = storage.rescue_expired()
+    assert rescued.node_id == old.node_id
+    [new] = storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=["default"])
+    assert (new.node_id, new.attempt) == (old.node_id, 2)
+    return old, new
+
+
+def test_a_stale_release_by_the_same_worker_leaves_the_newer_attempt_running(
+    storage: Storage, unique: Names
+) -> None:
+    """A hand-back of attempt 1 after its node was rescued and leased again to the same
+    worker (attempt 2, another slot) releases nothing: attempt 2 stays RUNNING, so no
+    other worker runs the step a second time beside it."""
+    old, new = relapsed(storage, tid := unique("t"))
+    assert storage.release_nodes(leases=[old.lease]) == 0
+    assert (
+        storage.claim_nodes(worker_id="other", limit=1, lease_seconds=30, queues=["default"]) == []
+    )
+    [node] = storage.list_nodes(flow_id=new.lease.flow_id)
+    assert (node.status, node.attempt, node.lease_owner) == (NodeStatus.RUNNING, 2, "w")
+    assert storage.complete_node(lease=new.lease, output="once") is True
+    record = storage.get_flow(tracking_id=tid)
+    assert record is not None and record.status == FlowStatus.COMPLETED
+
+
+def test_a_stale_heartbeat_by_the_same_worker_does_not_extend_the_newer_attempt(
+    storage: Storage, unique: Names
+) -> None:
+    """Extending attempt 1's lease after its node was leased again to the same worker
+    (attempt 2) extends nothing; attempt 2's own lease is extended."""
+    old, new = relapsed(storage, unique("t"))
+    assert storage.extend_leases(leases=[old.lease], lease_seconds=30) == 0
+    assert storage.extend_leases(leases=[old.lease, new.lease], lease_seconds=30) == 1
 
 
 def test_rescue_fails_the_flow_when_no_rescue_is_left(storage: Storage, unique: Names) -> None:
@@ -247,10 +287,7 @@ def test_heartbeat_keeps_a_long_step_from_being_rescued(storage: Storage, unique
     [node] = storage.claim_nodes(worker_id="alive", limit=1, lease_seconds=0.5, queues=["default"])
     for _ in range(4):
         time.sleep(0.25)
-        assert (
-            storage.extend_leases(worker_id="alive", node_ids=[node.node_id], lease_seconds=0.5)
-            == 1
-        )
+        assert storage.extend_leases(leases=[node.lease], lease_seconds=0.5) == 1
     assert storage.rescue_expired() == []
     assert storage.complete_node(lease=node.lease, output=1)
 
@@ -263,7 +300,7 @@ def test_released_nodes_are_claimable_at_once_without_using_up_a_retry(
     [node] = storage.claim_nodes(
         worker_id="leaving", limit=1, lease_seconds=300, queues=["default"]
     )
-    assert storage.release_nodes(worker_id="leaving", node_ids=[node.node_id]) == 1
+    assert storage.release_nodes(leases=[node.lease]) == 1
     [again] = storage.claim_nodes(worker_id="other", limit=1, lease_seconds=300, queues=["default"])
     assert again.node_id == node.node_id
     assert (again.attempt, again.max_attempts) == (2, 2)  # numbers grow; the retry is not spent
@@ -472,7 +509,7 @@ def test_a_released_node_of_a_cancelled_run_is_not_handed_on(
     storage.enqueue_flow(flow=new_flow(tid := unique("t")))
     [node] = storage.claim_nodes(worker_id="leaving", limit=1, lease_seconds=30, queues=["default"])
     storage.cancel_flow(tracking_id=tid)
-    assert storage.release_nodes(worker_id="leaving", node_ids=[node.node_id]) == 1
+    assert storage.release_nodes(leases=[node.lease]) == 1
     assert (
         storage.claim_nodes(worker_id="other", limit=1, lease_seconds=30, queues=["default"]) == []
     )

@@ -67,7 +67,7 @@ def test_a_batch_fences_each_outcome_by_its_own_lease(storage: Storage, unique: 
     nodes = claim_all(storage)
     assert len(nodes) == 3
     # The middle one was rescued and claimed again: its first lease is stale.
-    storage.release_nodes(worker_id="w1", node_ids=[nodes[1].node_id])
+    storage.release_nodes(leases=[nodes[1].lease])
     [again] = claim_all(storage, worker_id="w2")
     written = storage.complete_batch(finished=[completed(n) for n in nodes])
     assert [w.won for w in written] == [True, False, True]
@@ -91,7 +91,7 @@ def test_chaining_leases_the_next_step_to_the_completing_worker(
     assert statuses(storage, tracking_id)["b"] == (NodeStatus.RUNNING, "w1")
     assert claim_all(storage, worker_id="w2") == []
     # The chained lease is a real lease: it fences, it is extended, and it chains on.
-    assert storage.extend_leases(worker_id="w1", node_ids=[b.lease.node_id], lease_seconds=60)
+    assert storage.extend_leases(leases=[b.lease], lease_seconds=60)
     b_done = Finished(b.lease, NodeStatus.SKIPPED, None)
     [written] = storage.complete_batch(finished=[b_done], chain=CHAIN)
     assert written.chained is not None and written.chained.step_name == "c"
@@ -146,7 +146,7 @@ def test_a_replayed_batch_is_harmless(storage: Storage, unique: Names) -> None:
     other = unique("u")
     storage.enqueue_flow(flow=sequential(other))
     [u] = claim_all(storage)
-    storage.release_nodes(worker_id="w1", node_ids=[u.node_id])
+    storage.release_nodes(leases=[u.lease])
     assert storage.complete_batch(finished=[completed(u, replay=True)]) == [Written(False)]
 
 
@@ -534,8 +534,8 @@ def _mixed_batch(storage: Storage, unique: Names, each: int) -> tuple[list[str],
     nodes = {n.tracking_id: n for n in claim_all(storage, limit=4 * each)}
     for tracking_id in runs["cancelled"]:
         storage.cancel_flow(tracking_id=tracking_id)
-    lost = [nodes[t].node_id for t in runs["lost"]]
-    storage.release_nodes(worker_id="w1", node_ids=lost)
+    lost = [nodes[t].lease for t in runs["lost"]]
+    storage.release_nodes(leases=lost)
     assert len(claim_all(storage, worker_id="w2")) == each
     finished = [
         Finished(n.lease, NodeStatus.COMPLETED, '"x"', step_name=n.step_name)

@@ -225,7 +225,7 @@ def test_a_failed_run_ends_a_lost_or_released_sibling_instead_of_requeueing_it(
     storage.enqueue_flow(flow=raw_flow(tid := unique("t"), group))
     claimed = {n.step_name: n for n in claim(storage, lease=0.3)}
     assert storage.fail_node(lease=claimed["a"].lease, error="a: broken", retry_delay=None)
-    assert storage.release_nodes(worker_id="w", node_ids=[claimed["released"].node_id]) == 1
+    assert storage.release_nodes(leases=[claimed["released"].lease]) == 1
     time.sleep(0.4)
     [rescued] = storage.rescue_expired()
     assert (rescued.step_name, rescued.failed) == ("lost", False)

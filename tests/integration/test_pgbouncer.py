@@ -266,7 +266,8 @@ def test_a_worker_that_forgot_the_setting_is_told_and_polls(
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
-        eventually(lambda: any(line["event"] == "listen.unheard" for line in logs), timeout=15)
+        # UNHEARD_LIMIT probes of PROBE_TIMEOUT_SECONDS each, with backoff between.
+        eventually(lambda: any(line["event"] == "listen.unheard" for line in logs), timeout=40)
         assert flow.run({}, tracking_id=unique("t")).wait(timeout=10) == {"a": "done"}
     finally:
         worker.stop()

@@ -25,7 +25,12 @@ from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker import payload
 from flowsmith_worker.config import PoolSettings, redact, redact_url
-from flowsmith_worker.errors import DatabaseUnavailable, InvalidDatabaseURL, SchemaNotMigrated
+from flowsmith_worker.errors import (
+    DatabaseUnavailable,
+    InvalidDatabaseURL,
+    SchemaNotMigrated,
+    TransactionConflict,
+)
 from flowsmith_worker.plan import Plan
 from flowsmith_worker.storage.base import (
     AttemptOutcome,
@@ -134,7 +139,7 @@ class SqlBase:
                     f"cannot connect to {self.url_for_display}: {_first_line(exc.orig or exc)}"
                 ) from exc
             if self.dialect.is_conflict(exc):
-                raise DatabaseUnavailable(
+                raise TransactionConflict(
                     f"transaction conflict on {self.url_for_display} "
                     f"({_first_line(exc.orig or exc)}): retry the transaction"
                 ) from exc

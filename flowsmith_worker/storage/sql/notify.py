@@ -46,6 +46,10 @@ UNHEARD_HINT = (
     f"{PROBE_TIMEOUT_SECONDS:g} s: behind a connection pooler in transaction mode "
     f"(PgBouncer), set {pooler.POOLER_ENV}={pooler.TRANSACTION} (or pass --no-listen)"
 )
+# Probes unheard in a row (with backoff between) before concluding that a pooler
+# is in the way: one slow probe (a server busy for a few seconds) must not turn
+# LISTEN off for the life of the process.
+UNHEARD_LIMIT = 3
 
 
 class Unheard(Exception):
@@ -62,27 +66,38 @@ _KEEPALIVES = {
 
 
 def listen_for_work(
-    engine: Engine, on_notify: Callable[[str], None], stop: threading.Event
+    engine: Engine,
+    on_notify: Callable[[str], None],
+    stop: threading.Event,
+    probe_timeout: Callable[[int], float] = lambda _unheard: PROBE_TIMEOUT_SECONDS,
 ) -> None:
-    """Call ``on_notify(queue)`` for each NOTIFY until ``stop`` is set."""
+    """Call ``on_notify(queue)`` for each NOTIFY until ``stop`` is set.
+
+    ``probe_timeout(unheard)``: how long a probe waits after ``unheard`` probes in
+    a row went unheard (tests make a probe miss with it).
+    """
     if pooler.transaction_pooling():
         # A LISTEN would register some server connection of the pooler's, not ours.
         log.info("listen.off", reason=f"{pooler.POOLER_ENV}={pooler.TRANSACTION}")
         return
-    failures = 0
+    failures = unheard = 0
     while not stop.is_set():
         conn = None
         try:
             conn = _connect(engine)
-            _listen(conn, engine)
-            log.info("listen.started", channel=NOTIFY_CHANNEL, reconnect=failures > 0)
-            if failures:
+            _listen(conn, engine, probe_timeout(unheard))
+            log.info("listen.started", channel=NOTIFY_CHANNEL, reconnect=failures + unheard > 0)
+            if failures or unheard:
                 on_notify("")  # anything enqueued while we were away
-            failures = 0
+            failures = unheard = 0
             _pump(conn, on_notify, stop)
         except Unheard:
-            log.warning("listen.unheard", action="polling only", hint=UNHEARD_HINT)
-            return
+            unheard += 1
+            if unheard >= UNHEARD_LIMIT:
+                log.warning("listen.unheard", action="polling only", hint=UNHEARD_HINT)
+                return
+            log.info("listen.probe_unheard", unheard=unheard, action="probing again")
+            stop.wait(retry_delay(_RECONNECT_BACKOFF, unheard))
         except Exception as exc:
             failures += 1
             # Said once; the reconnects that fail while the database is away, at DEBUG.
@@ -102,23 +117,23 @@ def _connect(engine: Engine) -> Any:
     return conn
 
 
-def _listen(conn: Any, engine: Engine) -> None:
+def _listen(conn: Any, engine: Engine, probe_timeout: float) -> None:
     """LISTEN on ``conn``, once a NOTIFY sent through the pool was seen to reach it."""
     probe = f"{NOTIFY_CHANNEL}_probe_{uuid.uuid4().hex}"
     with conn.cursor() as cursor:
         cursor.execute(f"LISTEN {probe}")
     with engine.begin() as sender:
         sender.execute(sa.select(sa.func.pg_notify(probe, "")))
-    if not _heard(conn, probe):
+    if not _heard(conn, probe, probe_timeout):
         raise Unheard(probe)
     with conn.cursor() as cursor:
         cursor.execute(f"UNLISTEN {probe}")
         cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
 
 
-def _heard(conn: Any, channel: str) -> bool:
-    """Whether a notification on ``channel`` arrives within PROBE_TIMEOUT_SECONDS."""
-    deadline = time.monotonic() + PROBE_TIMEOUT_SECONDS
+def _heard(conn: Any, channel: str, timeout: float) -> bool:
+    """Whether a notification on ``channel`` arrives within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         readable, _, _ = select.select([conn], [], [], left)
         if readable:

@@ -1090,42 +1090,33 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
 
     # -- leases ---------------------------------------------------------------
 
-    def extend_leases(
-        self, *, worker_id: str, node_ids: Sequence[int], lease_seconds: float
-    ) -> int:
-        if not node_ids:
+    def extend_leases(self, *, leases: Sequence[Lease], lease_seconds: float) -> int:
+        if not leases:
             return 0
         return self._transact(
             lambda conn: (
                 conn.execute(
                     sa.update(N)
-                    .where(
-                        N.c.id.in_(list(node_ids)),
-                        N.c.lease_owner == worker_id,
-                        N.c.status == NodeStatus.RUNNING,
-                    )
+                    .where(*_held_any(leases))
                     .values(lease_expires_at=self._now() + lease_seconds)
                 ).rowcount
             )
         )
 
-    def release_nodes(self, *, worker_id: str, node_ids: Sequence[int]) -> int:
-        if not node_ids:
+    def release_nodes(self, *, leases: Sequence[Lease]) -> int:
+        if not leases:
             return 0
+        node_ids = [lease.node_id for lease in leases]
 
         def work(conn: Connection) -> int:
             # Lock the runs first, as every other write does, so that no cancel
             # commits between reading their statuses and the updates below.
-            flow_ids = sa.select(N.c.flow_id).where(N.c.id.in_(list(node_ids)))
+            flow_ids = sa.select(N.c.flow_id).where(N.c.id.in_(node_ids))
             runs = sa.select(F.c.id, F.c.status).where(F.c.id.in_(flow_ids)).order_by(F.c.id)
             fates: dict[progress.Fate, list[int]] = {}
             for run in conn.execute(self.dialect.for_update(runs)).all():
                 fates.setdefault(progress.after_release(run.status), []).append(run.id)
-            mine = (
-                N.c.id.in_(list(node_ids)),
-                N.c.lease_owner == worker_id,
-                N.c.status == NodeStatus.RUNNING,
-            )
+            mine = _held_any(leases)
             released = 0
             for fate, of_runs in fates.items():
                 fence = (*mine, N.c.flow_id.in_(of_runs))
@@ -1226,6 +1217,20 @@ def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
         N.c.status == NodeStatus.RUNNING,
         N.c.lease_owner == lease.worker_id,
         N.c.attempt == lease.attempt,
+    )
+
+
+def _held_any(leases: Sequence[Lease]) -> tuple[sa.ColumnElement[bool], ...]:
+    """The fence of a write about several attempts: each node still RUNNING under its lease.
+
+    The attempt must match too, not just the worker: a lapsed lease's node can be
+    rescued and leased again to this same worker (attempt + 1, another slot), and
+    a write meant for the old attempt must leave the new one alone. The plain
+    ``id IN`` keeps the primary-key index in use whatever the planner makes of the OR.
+    """
+    return (
+        N.c.id.in_([lease.node_id for lease in leases]),
+        sa.or_(*(sa.and_(*_held(lease)) for lease in leases)),
     )
 
 
