@@ -1,0 +1,426 @@
+"""The chaos run (issue 11, points 1 and 2): real workers, real servers, random harm.
+
+N `flowsmith worker` processes drain hundreds of runs of flows mixing sequential,
+parallel and conditional steps whose failures, timeouts and slow attempts are
+scripted per run (tests/torture/chaos_flows.py), while a chaos loop at random
+moments SIGKILLs workers (often mid-step) and starts new ones, SIGTERMs them (a
+graceful drain), crashes and restarts the database server (PostgreSQL's
+immediate shutdown, MariaDB SIGKILLed; SQLite: the worker holding the write
+lock SIGKILLed) and kills database connections from the server's side
+(pg_terminate_backend, MariaDB's KILL). Afterwards tests/torture/chaos_check.py
+compares the engine's trace with the steps' own journal and the reference model.
+
+    python -m tests.torture.chaos --backend postgresql --duration 600 [--seed N]
+
+The seed is printed first; the same seed replays the same flows, scripts and
+sequence of chaos actions (their exact moments against the workers' progress
+depend on the machine's timing, so a replay is close, not identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from flowsmith_worker import registry
+from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage.base import FlowStatus, Storage
+from tests.integration.test_database_outage import _durable_commits, crash_and_restart
+from tests.servers import LocalServer, start_mariadb, start_postgres
+from tests.servers.admin import kill_mysql_sessions
+from tests.torture.chaos_flows import (
+    JOURNAL_ENV,
+    PLAN_ENV,
+    FlowPlan,
+    StepPlan,
+    StepScript,
+    build,
+    save_plans,
+)
+from tests.worker_process import WorkerProcess
+
+REPO = Path(__file__).resolve().parents[2]
+BACKENDS = ("sqlite", "postgresql", "mysql")
+FLAGS = ("flag_a", "flag_b")
+# Longer than a database restart (so a restart alone rescues nothing), short enough
+# that the steps of a SIGKILLed worker are rescued within seconds.
+LEASE_SECONDS = 4.0
+CONCURRENCY = 3
+OVER = frozenset({FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED})
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int
+    backend: str
+    duration: float  # seconds of chaos at most (it stops earlier once every run is over)
+    runs: int
+    workers: int = 3
+    flows: int = 6
+
+
+@dataclass
+class Harm:
+    """One chaos action: what, to whom, from when to when (time.time())."""
+
+    action: str
+    target: str
+    start: float
+    end: float = 0.0
+
+
+@dataclass
+class Record:
+    """What the chaos did, for the checks: every harm, and each worker's fate."""
+
+    harms: list[Harm] = field(default_factory=list)
+    sigkilled: dict[int, float] = field(default_factory=dict)  # pid -> when it was dead
+    sigtermed: set[int] = field(default_factory=set)
+
+    def count(self, action: str) -> int:
+        return sum(1 for harm in self.harms if harm.action == action)
+
+    def outages(self) -> list[tuple[float, float]]:
+        """When the database (or a worker's connection) was away."""
+        away = ("restart database", "kill connections")
+        return [(h.start, h.end) for h in self.harms if h.action in away]
+
+
+# -- what runs: flows and their runs' scripts, from the seed ---------------------
+
+
+def make_plans(rng: random.Random, count: int, tag: str) -> list[FlowPlan]:
+    """``count`` flows of 1-4 stages of 1-3 steps: retries, conditions on an input
+    flag or an earlier step's output, sync or async (async steps have a timeout)."""
+    plans = []
+    for number in range(count):
+        keys = list(FLAGS)
+        stages = []
+        for position in range(rng.randint(1, 4)):
+            stage = tuple(
+                StepPlan(
+                    f"s{position}_{i}",
+                    rng.randint(0, 2),
+                    rng.choice([None, None, *keys]),
+                    rng.random() < 0.4,
+                )
+                for i in range(rng.randint(1, 3))
+            )
+            stages.append(stage)
+            keys += [step.name for step in stage]
+        plans.append(FlowPlan(f"chaos_{tag}_{number}", tuple(stages)))
+    return plans
+
+
+def make_input(rng: random.Random, plan: FlowPlan) -> dict[str, object]:
+    """A run's input: its flags, and the script of each step's attempts."""
+    script = {step.name: make_script(rng, step).to_json() for step in plan.steps()}
+    return {**{flag: rng.random() < 0.6 for flag in FLAGS}, "script": script}
+
+
+def make_script(rng: random.Random, step: StepPlan) -> StepScript:
+    """Mostly quick successes; some attempts fail, hang past the timeout or are slow.
+    Attempt numbers up to twice the allowance: a rescued attempt shifts the count."""
+    numbers = range(1, 2 * (step.retries + 1) + 1)
+    failing = {n for n in numbers if rng.random() < 0.25}
+    hang = {n for n in failing if step.is_async and rng.random() < 0.3}
+    pause = rng.choice([0.0, 0.02, 0.05, 0.1, 0.3])
+    return StepScript(frozenset(failing - hang), frozenset(hang), pause)
+
+
+# -- the database and what the chaos does to it ----------------------------------
+
+
+@dataclass
+class Database:
+    url: str
+    kind: str
+    server: LocalServer | None = None  # None for SQLite
+    name: str = ""
+    path: Path | None = None  # SQLite's file
+
+    def restart(self, record: Record, crew: Crew) -> str:
+        """Crash the server and start it again; SQLite: SIGKILL the write-lock holder."""
+        if self.server is None:
+            return crew.kill_lock_holder(self, record)
+        crash_and_restart(self.server)
+        if self.kind == "mysql" and self.server.fast:
+            _durable_commits(self.server, self.name)  # its start set the fast value again
+        return self.kind
+
+    def kill_connections(self) -> str:
+        """Every session on our database, killed by the server (SQLite has none)."""
+        assert self.server is not None
+        with self.server.admin_engine().connect() as conn:
+            if self.kind == "postgresql":
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :n AND pid <> pg_backend_pid()"
+                    ),
+                    {"n": self.name},
+                )
+            else:
+                kill_mysql_sessions(conn, self.name)
+        return self.name
+
+    def write_lock_holder(self) -> int | None:
+        """The pid holding SQLite's WAL write lock (byte 120 of the -shm file), if any."""
+        assert self.path is not None
+        try:
+            inode = os.stat(f"{self.path}-shm").st_ino
+        except FileNotFoundError:
+            return None
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            # e.g. "1: POSIX  ADVISORY  WRITE 4242 08:01:123456 120 120"
+            if len(fields) >= 8 and fields[3] == "WRITE" and fields[6] == "120":
+                if fields[5].rsplit(":", 1)[-1] == str(inode):
+                    return int(fields[4])
+        return None
+
+
+@contextlib.contextmanager
+def local_database(backend: str, workdir: Path) -> Iterator[Database]:
+    """For the command line: a durable private server (a crash loses no commit, as
+    in production), or a SQLite file, under ``workdir``."""
+    if backend == "sqlite":
+        path = workdir / "chaos.db"
+        yield Database(f"sqlite:///{path}", "sqlite", path=path)
+        return
+    start = start_postgres if backend == "postgresql" else start_mariadb
+    server = start(workdir / backend, False)
+    try:
+        url = server.create_database("chaos")
+        yield Database(url, backend, server, "chaos")
+    finally:
+        server.destroy()
+
+
+# -- the workers -------------------------------------------------------------------
+
+
+class Crew:
+    """The live worker processes; kills and replaces them."""
+
+    def __init__(self, workdir: Path, database: Database, env: dict[str, str], size: int):
+        self.workdir, self.database, self.env, self.size = workdir, database, env, size
+        self.live: list[WorkerProcess] = []
+        self.gone: list[WorkerProcess] = []
+
+    def fill(self) -> None:
+        while len(self.live) < self.size:
+            worker = WorkerProcess(
+                self.workdir,
+                self.database.url,
+                self.env,
+                "--lease",
+                str(LEASE_SECONDS),
+                "--poll-interval",
+                "0.1",
+                "--concurrency",
+                str(CONCURRENCY),
+                module="tests.torture.chaos_flows",
+            )
+            self.live.append(worker)
+
+    def sigkill(self, worker: WorkerProcess, record: Record) -> None:
+        worker.signal(signal.SIGKILL)
+        worker.proc.wait(30)
+        record.sigkilled[worker.pid] = time.time()  # dead by now: its steps end here
+        self._retire(worker)
+
+    def sigterm(self, worker: WorkerProcess, record: Record) -> None:
+        record.sigtermed.add(worker.pid)
+        worker.signal(signal.SIGTERM)
+        worker.wait(60)
+        self._retire(worker)
+
+    def kill_lock_holder(self, database: Database, record: Record, patience: float = 5.0) -> str:
+        """SIGKILL the worker caught holding SQLite's write lock (within ``patience`` s)."""
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            holder = database.write_lock_holder()
+            match = [w for w in self.live if w.pid == holder]
+            if match:
+                self.sigkill(match[0], record)
+                return f"pid {holder}"
+            time.sleep(0.002)
+        return "nobody caught holding it"
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        self.live.remove(worker)
+        self.gone.append(worker)
+
+    def stop(self) -> None:
+        """SIGTERM every worker and wait for it (a graceful end, journaled as such)."""
+        for worker in list(self.live):
+            worker.signal(signal.SIGTERM)
+        for worker in list(self.live):
+            worker.wait(60)
+            self._retire(worker)
+
+    def cleanup(self) -> None:
+        for worker in self.live + self.gone:
+            worker.cleanup()
+
+
+def chaos_step(rng: random.Random, database: Database, crew: Crew, record: Record) -> None:
+    """One random harm (the crew is refilled after it)."""
+    actions = ["sigkill", "sigkill", "sigterm", "restart database"]
+    if database.server is not None:
+        actions.append("kill connections")
+    action = rng.choice(actions)
+    harm = Harm(action, "", time.time())
+    if action == "sigkill":
+        victim = rng.choice(crew.live)
+        harm.target = f"pid {victim.pid}"
+        crew.sigkill(victim, record)
+    elif action == "sigterm":
+        victim = rng.choice(crew.live)
+        harm.target = f"pid {victim.pid}"
+        crew.sigterm(victim, record)
+    elif action == "restart database":
+        harm.target = database.restart(record, crew)
+    else:
+        harm.target = database.kill_connections()
+    harm.end = time.time()
+    record.harms.append(harm)
+    crew.fill()
+
+
+# -- a whole round -----------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    """A round's flows, runs (tracking_id -> (flow, input)) and what the chaos did."""
+
+    plans: dict[str, FlowPlan]
+    runs: dict[str, tuple[str, dict[str, object]]]
+    record: Record
+    journal: Path
+    seconds: float = 0.0
+
+
+def play(settings: Settings, database: Database, workdir: Path) -> Round:
+    """Enqueue the runs, start the workers, harm them until every run is over or the
+    duration passed, then let the workers finish undisturbed and stop them."""
+    rng = random.Random(settings.seed)
+    tag = f"{settings.seed}_{settings.backend}"[:30]
+    plans = make_plans(rng, settings.flows, tag)
+    plan_path, journal = workdir / "plan.json", workdir / "journal.jsonl"
+    save_plans(plans, plan_path)
+    journal.touch()
+    storage = create_storage(database.url)
+    storage.migrate()
+    flows = [build(plan, None, storage) for plan in plans]
+    runs: dict[str, tuple[str, dict[str, object]]] = {}
+    try:
+        for number in range(settings.runs):
+            index = rng.randrange(len(plans))
+            data = make_input(rng, plans[index])
+            tracking_id = flows[index].run(data, tracking_id=f"{tag}_r{number}").tracking_id
+            runs[tracking_id] = (plans[index].name, data)
+        record = Record()
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        env.update({PLAN_ENV: str(plan_path), JOURNAL_ENV: str(journal)})
+        crew = Crew(workdir, database, env, settings.workers)
+        started = time.monotonic()
+        try:
+            crew.fill()
+            deadline = started + settings.duration
+            while time.monotonic() < deadline and not all_over(storage, runs):
+                time.sleep(rng.uniform(0.2, 1.5))
+                chaos_step(rng, database, crew, record)
+            wait_all_over(storage, runs, timeout=120)
+            crew.stop()
+        finally:
+            crew.cleanup()
+        return Round(
+            {p.name: p for p in plans}, runs, record, journal, time.monotonic() - started
+        )
+    finally:
+        for flow in flows:
+            registry.unregister(flow.name)
+        storage.close()
+
+
+def all_over(storage: Storage, runs: dict[str, tuple[str, dict[str, object]]]) -> bool:
+    with contextlib.suppress(Exception):  # the database may be restarting
+        return all(status_of(storage, tracking_id) in OVER for tracking_id in runs)
+    return False
+
+
+def status_of(storage: Storage, tracking_id: str) -> FlowStatus | None:
+    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
+    return None if record is None else FlowStatus(record.status)
+
+
+def wait_all_over(
+    storage: Storage, runs: dict[str, tuple[str, dict[str, object]]], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not all_over(storage, runs):
+        if time.monotonic() > deadline:
+            left = [t for t in runs if status_of(storage, t) not in OVER]
+            raise AssertionError(f"{len(left)} runs not over {timeout} s after the chaos: {left}")
+        time.sleep(0.2)
+
+
+def summary(played: Round) -> str:
+    record = played.record
+    counts = ", ".join(
+        f"{record.count(action)} {action}"
+        for action in ("sigkill", "sigterm", "restart database", "kill connections")
+    )
+    return f"{len(played.runs)} runs in {played.seconds:.0f} s; chaos: {counts}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tests.torture.chaos_check import check_round  # noqa: PLC0415 (cycle-free at import)
+
+    parser = argparse.ArgumentParser(prog="python -m tests.torture.chaos", description=__doc__)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--backend", choices=BACKENDS, default="postgresql")
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds, all rounds")
+    parser.add_argument("--runs", type=int, default=200, help="runs a round")
+    parser.add_argument("--workers", type=int, default=3)
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
+    print(f"chaos seed {seed} (replay: make torture SEED={seed} BACKEND={args.backend})")
+    deadline = time.monotonic() + args.duration
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="flowsmith-chaos-") as tmp:
+        with local_database(args.backend, Path(tmp)) as database:
+            number = 0
+            while time.monotonic() < deadline:
+                round_seed = seed + number
+                workdir = Path(tmp) / f"round{number}"
+                workdir.mkdir()
+                left = max(10.0, deadline - time.monotonic())
+                settings = Settings(round_seed, args.backend, left, args.runs, args.workers)
+                played = play(settings, database, workdir)
+                problems = check_round(played, database.url)
+                print(f"round {number} (seed {round_seed}): {summary(played)}")
+                for problem in problems:
+                    print(f"  PROBLEM: {problem}")
+                failures += len(problems)
+                number += 1
+    print("no problem found" if not failures else f"{failures} problems found")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

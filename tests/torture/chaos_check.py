@@ -1,0 +1,304 @@
+"""The checks after a chaos round (issue 11, point 2): the engine against the journal.
+
+The steps' journal (tests/torture/chaos_flows.py) is written by the step
+functions themselves, outside the engine's tables. For every run:
+
+* it is over, and ended as the reference model (tests/torture/model.py) says for
+  its scripted failures: status, every node's status, attempts and output, and
+  ctx.data. An attempt lost to the chaos (RESCUED: its worker died or its lease
+  lapsed; RELEASED: handed back by a stopping worker) does not count against
+  the step's retries but does take an attempt number, so the model is asked
+  about the attempts that counted, renumbered 1, 2, ... (``Counted``);
+* every attempt the trace says called the step (FAILED, COMPLETED) is in the
+  journal exactly once, and every journaled attempt is in the trace; an attempt
+  lost before its first journal line is the exception, which the journal cannot
+  see; a journaled attempt the trace calls lost must have lost its worker (a
+  SIGKILL) or met a database outage (its lease could lapse);
+* the journal's end of an attempt agrees with the trace (completed/raised);
+* no step that had COMPLETED ran again;
+* no two attempts of one node overlapped in time: an attempt ends at its end
+  line, or when its SIGKILLed process was dead (waited for). The one overlap
+  allowed is a rescued attempt whose worker lived through a database outage:
+  its lease lapsed while it ran, which the engine documents
+  (test_database_outage.py) and fences (its outcome is never written);
+* nothing is left RUNNING, WAITING or PENDING once every worker is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowsmith_worker.records import AttemptRecord, NodeRecord
+from flowsmith_worker.run import FlowRun
+from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus, Storage
+from tests.torture import model
+from tests.torture.chaos import Record, Round
+from tests.torture.chaos_flows import FlowPlan, StepScript
+from tests.torture.engine import Observed, scheduled_failure
+from tests.torture.model import FlowShape, NodeEnd, StepShape
+from tests.torture.test_model import check
+
+LOST = frozenset({AttemptOutcome.RESCUED, AttemptOutcome.RELEASED})
+CALLED = frozenset({AttemptOutcome.FAILED, AttemptOutcome.COMPLETED})
+LEFT_OVER = frozenset({NodeStatus.RUNNING, NodeStatus.WAITING, NodeStatus.PENDING})
+Key = tuple[str, str, int]  # run, step, attempt
+
+
+@dataclass
+class Call:
+    """One call of a step function, as the journal saw it."""
+
+    pid: int
+    start: float
+    end: float | None = None
+    result: str | None = None  # "completed" or the exception's name
+
+
+def read_journal(path: Path) -> tuple[dict[Key, list[Call]], list[str]]:
+    """The calls by (run, step, attempt), and the problems of the file itself."""
+    calls: dict[Key, list[Call]] = defaultdict(list)
+    problems = []
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        key = (entry["run"], entry["step"], entry["attempt"])
+        if entry["event"] == "start":
+            calls[key].append(Call(entry["pid"], entry["t"]))
+            continue
+        open_ = [c for c in calls[key] if c.pid == entry["pid"] and c.end is None]
+        if not open_:
+            problems.append(f"{key}: an end without its start")
+            continue
+        open_[-1].end, open_[-1].result = entry["t"], entry["result"]
+    return calls, problems
+
+
+def check_round(played: Round, url: str) -> list[str]:
+    """Every problem found in ``played``; none if the engine kept every promise."""
+    calls, problems = read_journal(played.journal)
+    storage = create_storage(url)
+    try:
+        for tracking_id, (flow_name, data) in played.runs.items():
+            plan = played.plans[flow_name]
+            problems += [
+                f"{tracking_id}: {p}"
+                for p in check_run(storage, plan, tracking_id, data, calls, played.record)
+            ]
+    finally:
+        storage.close()
+    return problems
+
+
+def check_run(
+    storage: Storage,
+    plan: FlowPlan,
+    tracking_id: str,
+    data: dict[str, Any],
+    calls: dict[Key, list[Call]],
+    record: Record,
+) -> list[str]:
+    flow = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
+    if flow is None:
+        return ["the run is missing"]
+    status = FlowStatus(flow.status)
+    if status not in (FlowStatus.COMPLETED, FlowStatus.FAILED):
+        return [f"the run is {status}, not over"]
+    nodes = {n.step_name: n for n in storage.list_nodes(flow_id=flow.id, with_payloads=True)}
+    final = FlowRun(storage, plan.name, tracking_id).wait(timeout=0) if status is FlowStatus.COMPLETED else None
+    problems = []
+    for node in nodes.values():
+        if node.status in LEFT_OVER:
+            problems.append(f"{node.step_name} left {node.status} in a run that is over")
+        own = {k: v for k, v in calls.items() if k[:2] == (tracking_id, node.step_name)}
+        problems += [f"{node.step_name}: {p}" for p in check_node(node, own, record)]
+    problems += check_model(plan, data, status, nodes, final, flow.error, calls, tracking_id)
+    return problems
+
+
+def check_node(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -> list[str]:
+    """The journal and the trace of one node agree; no overlap; nothing after completion."""
+    problems = []
+    attempts = {a.attempt: a for a in node.attempts}
+    journaled = {number: made for (_run, _step, number), made in calls.items()}
+    for number, made in sorted(journaled.items()):
+        attempt = attempts.get(number)
+        if attempt is None:
+            problems.append(f"attempt {number} ran (journal) but is not in the trace")
+            continue
+        if len(made) > 1:
+            problems.append(f"attempt {number} called the step {len(made)} times")
+        problems += [f"attempt {number}: {p}" for p in agree(attempt, made[0], record)]
+        if node.status is NodeStatus.COMPLETED and number > node.attempt:
+            problems.append(f"attempt {number} ran after the step COMPLETED at {node.attempt}")
+    for attempt in node.attempts:
+        if attempt.outcome in CALLED and attempt.attempt not in journaled:
+            problems.append(f"attempt {attempt.attempt} ({attempt.outcome}) is not in the journal")
+    problems += overlaps(node, calls, record)
+    return problems
+
+
+def agree(attempt: AttemptRecord, call: Call, record: Record) -> list[str]:
+    """The trace's outcome of an attempt is what its call's journal lines allow."""
+    if attempt.outcome in LOST:
+        if call.pid in record.sigkilled or met_outage(call, record):
+            return []
+        if attempt.outcome is AttemptOutcome.RELEASED and call.pid in record.sigtermed:
+            return []
+        return [f"{attempt.outcome} though its worker {call.pid} was not lost"]
+    if call.end is None:
+        return [f"{attempt.outcome} in the trace, but its call never ended (journal)"]
+    completed = call.result == "completed"
+    if (attempt.outcome is AttemptOutcome.COMPLETED) != completed:
+        return [f"{attempt.outcome} in the trace, {call.result} in the journal"]
+    return []
+
+
+def end_of(call: Call, record: Record) -> float | None:
+    """When the call was over: its end line, or its SIGKILLed process's death."""
+    return call.end if call.end is not None else record.sigkilled.get(call.pid)
+
+
+def met_outage(call: Call, record: Record) -> bool:
+    end = end_of(call, record) or float("inf")
+    return any(start <= end and call.start <= stop for start, stop in record.outages())
+
+
+def overlaps(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -> list[str]:
+    """Two calls of the node at once, but a rescued one that met an outage."""
+    outcomes = {a.attempt: a.outcome for a in node.attempts}
+    made = sorted(
+        ((key[2], call) for key, each in calls.items() for call in each), key=lambda x: x[1].start
+    )
+    problems = []
+    for (number, earlier), (later_number, later) in zip(made, made[1:], strict=False):
+        end = end_of(earlier, record)
+        if end is not None and end <= later.start:
+            continue
+        lapsed = outcomes.get(number) is AttemptOutcome.RESCUED and met_outage(earlier, record)
+        if not lapsed:
+            problems.append(f"attempts {number} and {later_number} ran at the same time")
+    return problems
+
+
+# -- the reference model, on the attempts that counted ---------------------------
+
+
+@dataclass(frozen=True)
+class Counted:
+    """A node's attempts that counted against its retries, renumbered 1, 2, ..."""
+
+    actual: tuple[int, ...]  # the engine's attempt number of counted attempt 1, 2, ...
+    last: int  # the engine's last attempt number
+
+    @classmethod
+    def of(cls, node: NodeRecord | None) -> Counted:
+        if node is None:
+            return cls((), 0)
+        counted = tuple(a.attempt for a in node.attempts if a.outcome not in LOST)
+        return cls(counted, max((a.attempt for a in node.attempts), default=0))
+
+    def number(self, counted: int) -> int:
+        """The engine's number of counted attempt ``counted`` (past the trace: the next ones)."""
+        if counted <= len(self.actual):
+            return self.actual[counted - 1]
+        return self.last + counted - len(self.actual)
+
+    def renumbered(self, actual: int) -> int:
+        return self.actual.index(actual) + 1 if actual in self.actual else actual
+
+
+def effective_step(step_plan: Any, script: StepScript, counted: Counted) -> StepShape:
+    """The model's step: it fails on the counted attempts whose engine number is scripted to."""
+    allowance = step_plan.retries + 1
+    fails = frozenset(n for n in range(1, allowance + 1) if counted.number(n) in script.fails_on)
+    return StepShape(step_plan.name, step_plan.retries, fails, step_plan.condition)
+
+
+def renumbered_output(output: Any, counted: Counted) -> Any:
+    if isinstance(output, dict) and "attempt" in output:
+        return {**output, "attempt": counted.renumbered(output["attempt"])}
+    return output
+
+
+def check_model(
+    plan: FlowPlan,
+    data: dict[str, Any],
+    status: FlowStatus,
+    nodes: dict[str, NodeRecord],
+    final: dict[str, Any] | None,
+    error: str | None,
+    calls: dict[Key, list[Call]],
+    tracking_id: str,
+) -> list[str]:
+    """The run's end is one the model allows for its script, given the attempts lost."""
+    counted = {step.name: Counted.of(nodes.get(step.name)) for step in plan.steps()}
+    scripts = {name: StepScript.from_json(s) for name, s in data["script"].items()}
+    shape = FlowShape(
+        tuple(
+            tuple(effective_step(s, scripts[s.name], counted[s.name]) for s in stage)
+            for stage in plan.stages
+        ),
+        data,
+    )
+    ends = {name: node_end(node, counted[name]) for name, node in nodes.items()}
+    observed = Observed(
+        status,
+        ends,
+        renumbered_data(final, counted) if status is FlowStatus.COMPLETED else None,
+        renumbered_error(error, ends, counted),
+        journal_calls(calls, tracking_id, counted, nodes),
+    )
+    try:
+        check(shape, model.run(shape), observed)
+    except AssertionError as failure:
+        return [f"not as the model says: {failure}"]
+    return []
+
+
+def node_end(node: NodeRecord, counted: Counted) -> NodeEnd:
+    outcomes = tuple(a.outcome for a in node.attempts if a.outcome not in LOST)
+    output = renumbered_output(node.output, counted)
+    return NodeEnd(node.status, len(outcomes), outcomes, output)
+
+
+def renumbered_data(final: dict[str, Any] | None, counted: dict[str, Counted]) -> dict[str, Any]:
+    return {
+        key: renumbered_output(value, counted[key]) if key in counted else value
+        for key, value in (final or {}).items()
+    }
+
+
+def renumbered_error(
+    error: str | None, ends: dict[str, NodeEnd], counted: dict[str, Counted]
+) -> str | None:
+    """The run's error as the model words it: the failing step's counted attempt
+    (a timeout is the model's scheduled failure too)."""
+    if error is None:
+        return None
+    for name, end in ends.items():
+        if end.status is not NodeStatus.FAILED or not end.attempts:
+            continue
+        actual = counted[name].number(end.attempt)
+        model_words = scheduled_failure(name, end.attempt)
+        if scheduled_failure(name, actual) in error or f"step {name!r} ran " in error:
+            return f"{error}\n{model_words}"
+    return error
+
+
+def journal_calls(
+    calls: dict[Key, list[Call]],
+    tracking_id: str,
+    counted: dict[str, Counted],
+    nodes: dict[str, NodeRecord],
+) -> dict[str, list[int]]:
+    """The counted attempts the journal saw called, renumbered, in call order."""
+    seen: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for (run, step, number), made in calls.items():
+        if run != tracking_id or step not in counted or number not in counted[step].actual:
+            continue
+        seen[step] += [(call.start, counted[step].renumbered(number)) for call in made]
+    return {step: [n for _t, n in sorted(each)] for step, each in seen.items()}
