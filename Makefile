@@ -9,9 +9,13 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 PEERS_ARGS ?=
 SCALE_ARGS ?=
+# make torture: the seed (empty: a new one, printed), seconds, backend (sqlite, postgresql, mysql).
+SEED ?=
+DURATION ?= 600
+BACKEND ?= postgresql
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev dist demo test test-unit test-integration lint bench bench-scale bench-peers db-up db-down migrate-postgres migrate-mysql clean
+.PHONY: help install dev dist demo test test-unit test-integration lint torture bench bench-scale bench-peers db-up db-down migrate-postgres migrate-mysql clean
 
 # Each target's text after "## "; make's "$$" (a literal "$") is shown as "$".
 help: ## list the targets
@@ -58,6 +62,9 @@ lint: $(DEV_STAMP) ## ruff, mypy --strict and the import layering (lint-imports)
 	$(BIN)/ruff check flowsmith_worker tests
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+torture: $(DEV_STAMP) ## the chaos run: workers SIGKILLed, databases crashed (SEED= DURATION= BACKEND=)
+	$(BIN)/python -m tests.torture.chaos --backend $(BACKEND) --duration $(DURATION) $(if $(SEED),--seed $(SEED))
 
 bench: $(DEV_STAMP) ## throughput, latency, per-step costs on every backend (durable settings; ~10 min)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)

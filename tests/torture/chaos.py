@@ -185,9 +185,9 @@ class Database:
         for line in Path("/proc/locks").read_text().splitlines():
             fields = line.split()
             # e.g. "1: POSIX  ADVISORY  WRITE 4242 08:01:123456 120 120"
-            if len(fields) >= 8 and fields[3] == "WRITE" and fields[6] == "120":
-                if fields[5].rsplit(":", 1)[-1] == str(inode):
-                    return int(fields[4])
+            ours = len(fields) >= 8 and fields[5].rsplit(":", 1)[-1] == str(inode)
+            if ours and fields[3] == "WRITE" and fields[6] == "120":
+                return int(fields[4])
         return None
 
 
@@ -348,9 +348,7 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
             crew.stop()
         finally:
             crew.cleanup()
-        return Round(
-            {p.name: p for p in plans}, runs, record, journal, time.monotonic() - started
-        )
+        return Round({p.name: p for p in plans}, runs, record, journal, time.monotonic() - started)
     finally:
         for flow in flows:
             registry.unregister(flow.name)
@@ -389,7 +387,8 @@ def summary(played: Round) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.torture.chaos_check import check_round  # noqa: PLC0415 (cycle-free at import)
+    # Here, not at the top: chaos_check imports this module's Round.
+    from tests.torture.chaos_check import check_round, explain
 
     parser = argparse.ArgumentParser(prog="python -m tests.torture.chaos", description=__doc__)
     parser.add_argument("--seed", type=int, default=None)
@@ -402,22 +401,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chaos seed {seed} (replay: make torture SEED={seed} BACKEND={args.backend})")
     deadline = time.monotonic() + args.duration
     failures = 0
-    with tempfile.TemporaryDirectory(prefix="flowsmith-chaos-") as tmp:
-        with local_database(args.backend, Path(tmp)) as database:
-            number = 0
-            while time.monotonic() < deadline:
-                round_seed = seed + number
-                workdir = Path(tmp) / f"round{number}"
-                workdir.mkdir()
-                left = max(10.0, deadline - time.monotonic())
-                settings = Settings(round_seed, args.backend, left, args.runs, args.workers)
-                played = play(settings, database, workdir)
-                problems = check_round(played, database.url)
-                print(f"round {number} (seed {round_seed}): {summary(played)}")
-                for problem in problems:
-                    print(f"  PROBLEM: {problem}")
-                failures += len(problems)
-                number += 1
+    with (
+        tempfile.TemporaryDirectory(prefix="flowsmith-chaos-") as tmp,
+        local_database(args.backend, Path(tmp)) as database,
+    ):
+        number = 0
+        while time.monotonic() < deadline:
+            round_seed = seed + number
+            workdir = Path(tmp) / f"round{number}"
+            workdir.mkdir()
+            left = max(10.0, deadline - time.monotonic())
+            settings = Settings(round_seed, args.backend, left, args.runs, args.workers)
+            played = play(settings, database, workdir)
+            problems = check_round(played, database.url)
+            print(f"round {number} (seed {round_seed}): {summary(played)}", flush=True)
+            for problem in problems:
+                print(f"  PROBLEM: {problem}", flush=True)
+            for tracking_id in sorted({problem.split(":")[0] for problem in problems}):
+                print(explain(played, database.url, tracking_id), flush=True)
+            failures += len(problems)
+            number += 1
     print("no problem found" if not failures else f"{failures} problems found")
     return 1 if failures else 0
 

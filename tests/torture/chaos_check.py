@@ -26,6 +26,7 @@ functions themselves, outside the engine's tables. For every run:
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ from tests.torture.engine import Observed, scheduled_failure
 from tests.torture.model import FlowShape, NodeEnd, StepShape
 from tests.torture.test_model import check
 
-LOST = frozenset({AttemptOutcome.RESCUED, AttemptOutcome.RELEASED})
+# Attempts whose call's outcome the engine never got: its worker was lost (RESCUED;
+# CANCELLED if its run was over by the rescue) or handed it back (RELEASED).
+LOST = frozenset({AttemptOutcome.RESCUED, AttemptOutcome.RELEASED, AttemptOutcome.CANCELLED})
 CALLED = frozenset({AttemptOutcome.FAILED, AttemptOutcome.COMPLETED})
 LEFT_OVER = frozenset({NodeStatus.RUNNING, NodeStatus.WAITING, NodeStatus.PENDING})
 Key = tuple[str, str, int]  # run, step, attempt
@@ -108,7 +111,11 @@ def check_run(
     if status not in (FlowStatus.COMPLETED, FlowStatus.FAILED):
         return [f"the run is {status}, not over"]
     nodes = {n.step_name: n for n in storage.list_nodes(flow_id=flow.id, with_payloads=True)}
-    final = FlowRun(storage, plan.name, tracking_id).wait(timeout=0) if status is FlowStatus.COMPLETED else None
+    final = (
+        FlowRun(storage, plan.name, tracking_id).wait(timeout=0)
+        if status is FlowStatus.COMPLETED
+        else None
+    )
     problems = []
     for node in nodes.values():
         if node.status in LEFT_OVER:
@@ -125,6 +132,8 @@ def check_node(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -
     attempts = {a.attempt: a for a in node.attempts}
     journaled = {number: made for (_run, _step, number), made in calls.items()}
     for number, made in sorted(journaled.items()):
+        if node.status is NodeStatus.COMPLETED and number > node.attempt:
+            problems.append(f"attempt {number} ran after the step COMPLETED at {node.attempt}")
         attempt = attempts.get(number)
         if attempt is None:
             problems.append(f"attempt {number} ran (journal) but is not in the trace")
@@ -132,8 +141,6 @@ def check_node(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -
         if len(made) > 1:
             problems.append(f"attempt {number} called the step {len(made)} times")
         problems += [f"attempt {number}: {p}" for p in agree(attempt, made[0], record)]
-        if node.status is NodeStatus.COMPLETED and number > node.attempt:
-            problems.append(f"attempt {number} ran after the step COMPLETED at {node.attempt}")
     for attempt in node.attempts:
         if attempt.outcome in CALLED and attempt.attempt not in journaled:
             problems.append(f"attempt {attempt.attempt} ({attempt.outcome}) is not in the journal")
@@ -142,11 +149,15 @@ def check_node(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -
 
 
 def agree(attempt: AttemptRecord, call: Call, record: Record) -> list[str]:
-    """The trace's outcome of an attempt is what its call's journal lines allow."""
+    """The trace's outcome of an attempt is what its call's journal lines allow.
+
+    A call whose worker was lost (SIGKILLed, or its lease lapsed in a database
+    outage) has no outcome of its own: the engine records it RESCUED, or
+    CANCELLED when its run was over by the time the rescue came."""
+    lost = call.pid in record.sigkilled or met_outage(call, record)
     if attempt.outcome in LOST:
-        if call.pid in record.sigkilled or met_outage(call, record):
-            return []
-        if attempt.outcome is AttemptOutcome.RELEASED and call.pid in record.sigtermed:
+        released = attempt.outcome is AttemptOutcome.RELEASED and call.pid in record.sigtermed
+        if lost or released:
             return []
         return [f"{attempt.outcome} though its worker {call.pid} was not lost"]
     if call.end is None:
@@ -174,7 +185,7 @@ def overlaps(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -> 
         ((key[2], call) for key, each in calls.items() for call in each), key=lambda x: x[1].start
     )
     problems = []
-    for (number, earlier), (later_number, later) in zip(made, made[1:], strict=False):
+    for (number, earlier), (later_number, later) in itertools.pairwise(made):
         end = end_of(earlier, record)
         if end is not None and end <= later.start:
             continue
@@ -252,10 +263,14 @@ def check_model(
         renumbered_error(error, ends, counted),
         journal_calls(calls, tracking_id, counted, nodes),
     )
+    expected = model.run(shape)
     try:
-        check(shape, model.run(shape), observed)
+        check(shape, expected, observed)
     except AssertionError as failure:
-        return [f"not as the model says: {failure}"]
+        said = f"model: {expected.status} {expected.nodes} {expected.data}"
+        done = f"engine: {observed.status} {observed.nodes} {observed.data} {observed.error!r}"
+        done += f" journal: {observed.calls}"
+        return [f"not as the model says ({failure}); {said}; {done}"]
     return []
 
 
@@ -302,3 +317,27 @@ def journal_calls(
             continue
         seen[step] += [(call.start, counted[step].renumbered(number)) for call in made]
     return {step: [n for _t, n in sorted(each)] for step, each in seen.items()}
+
+
+def explain(played: Round, url: str, tracking_id: str) -> str:
+    """A run's trace and journal lines, to read when a check failed for it."""
+    lines = [f"trace and journal of {tracking_id}:"]
+    storage = create_storage(url)
+    try:
+        flow = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
+        assert flow is not None
+        lines.append(f"  run {flow.status} error={flow.error!r}")
+        for node in storage.list_nodes(flow_id=flow.id):
+            made = [(a.attempt, str(a.outcome), a.worker_id) for a in node.attempts]
+            lines.append(f"  {node.step_name} {node.status} {node.attempt} {made}")
+    finally:
+        storage.close()
+    lines += [
+        f"  journal {line}"
+        for line in played.journal.read_text().splitlines()
+        if f'"run": "{tracking_id}"' in line
+    ]
+    sigkilled, sigtermed = played.record.sigkilled, played.record.sigtermed
+    lines.append(f"  sigkilled {sigkilled} sigtermed {sigtermed}")
+    lines += [f"  harm {harm}" for harm in played.record.harms]
+    return "\n".join(lines)

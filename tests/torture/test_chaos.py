@@ -8,16 +8,20 @@ tests/torture/chaos_check.py. The long run is ``make torture``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from flowsmith_worker.records import AttemptRecord, NodeRecord
+from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from tests.integration.test_database_outage import _durable_commits
 from tests.servers import DatabaseServer, LocalServer, require_restart
-from tests.torture.chaos import Database, Settings, play, summary
-from tests.torture.chaos_check import check_round
+from tests.torture.chaos import Database, Record, Settings, play, summary
+from tests.torture.chaos_check import Call, Key, check_model, check_node, check_round
+from tests.torture.chaos_flows import FlowPlan, StepPlan, StepScript
+from tests.torture.model import output_of
 
-pytestmark = pytest.mark.slow
 SEED = 20261201
 RUNS = 60
 SECONDS = 20.0
@@ -42,6 +46,7 @@ def database(
     return Database(url, request.param, server, name)
 
 
+@pytest.mark.slow
 def test_a_short_chaos_run_keeps_every_promise(database: Database, tmp_path: Path) -> None:
     """60 runs under 20 s of SIGKILLs, SIGTERMs, database crashes and killed connections
     (fixed seed): every run ends as the model says for its script, the journal and the
@@ -50,4 +55,111 @@ def test_a_short_chaos_run_keeps_every_promise(database: Database, tmp_path: Pat
     played = play(Settings(SEED, database.kind, SECONDS, RUNS), database, tmp_path)
     print(summary(played))
     assert played.record.harms, "the chaos did nothing"
-    assert check_round(played, database.url) == []
+    problems = check_round(played, database.url)
+    assert not problems, "\n".join(problems)
+
+
+# -- the checks refuse what the engine must never do --------------------------------
+
+RUN, STEP, PID, OTHER_PID = "r1", "s0_0", 100, 200
+C, F, R = AttemptOutcome.COMPLETED, AttemptOutcome.FAILED, AttemptOutcome.RESCUED
+
+
+def node(status: NodeStatus, *outcomes: AttemptOutcome) -> NodeRecord:
+    """A node of step STEP whose attempts 1, 2, ... ended with ``outcomes``."""
+    attempts = tuple(
+        AttemptRecord(1, 1, STEP, number, "w", 0.0, 1.0, outcome, None)
+        for number, outcome in enumerate(outcomes, 1)
+    )
+    return NodeRecord(
+        1, 1, STEP, 0, 0, status, len(outcomes), 3, 0, 0.0, None, None, {}, None, None,
+        0.0, 1.0, attempts=attempts,
+    )  # fmt: skip
+
+
+def journal(*calls: tuple[int, int, float, float | None, str | None]) -> dict[Key, list[Call]]:
+    """(attempt, pid, start, end, result) calls of STEP in run RUN."""
+    made: dict[Key, list[Call]] = {}
+    for number, pid, start, end, result in calls:
+        made.setdefault((RUN, STEP, number), []).append(Call(pid, start, end, result))
+    return made
+
+
+FAILED_THEN_COMPLETED = (node(NodeStatus.COMPLETED, F, C), journal(
+    (1, PID, 0.0, 1.0, "ScheduledFailure"), (2, PID, 2.0, 3.0, "completed")
+))  # fmt: skip
+KILLED_THEN_RESCUED = (node(NodeStatus.COMPLETED, R, C), journal(
+    (1, PID, 0.0, None, None), (2, OTHER_PID, 6.0, 7.0, "completed")
+))  # fmt: skip
+
+
+def test_the_node_checks_accept_what_the_engine_may_do() -> None:
+    """A retried failure, and an attempt whose worker was SIGKILLed mid-call (no end
+    line) rescued and run again after its death: no problem."""
+    killed = Record(sigkilled={PID: 5.0})
+    assert check_node(*FAILED_THEN_COMPLETED, Record()) == []
+    assert check_node(*KILLED_THEN_RESCUED, killed) == []
+
+
+@pytest.mark.parametrize(
+    ("trace", "calls", "record", "problem"),
+    [
+        # A COMPLETED attempt the step function never saw.
+        (node(NodeStatus.COMPLETED, C), {}, Record(), "not in the journal"),
+        # A call the engine has no attempt for.
+        (node(NodeStatus.COMPLETED, C), journal(
+            (1, PID, 0.0, 1.0, "completed"), (2, PID, 2.0, 3.0, "completed")
+        ), Record(), "not in the trace"),
+        # One attempt called twice.
+        (node(NodeStatus.COMPLETED, C), journal(
+            (1, PID, 0.0, 1.0, "completed"), (1, OTHER_PID, 2.0, 3.0, "completed")
+        ), Record(), "called the step 2 times"),
+        # A step run again after it completed.
+        (node(NodeStatus.COMPLETED, C), journal(
+            (1, PID, 0.0, 1.0, "completed"), (2, PID, 2.0, 3.0, "completed")
+        ), Record(), "after the step COMPLETED"),
+        # The rescue ran while the lost worker still ran the first attempt.
+        (KILLED_THEN_RESCUED[0], KILLED_THEN_RESCUED[1], Record(sigkilled={PID: 9.0}),
+         "at the same time"),
+        # Rescued though its worker lived and the database never went away.
+        (KILLED_THEN_RESCUED[0], journal(
+            (1, PID, 0.0, 1.0, "completed"), (2, OTHER_PID, 6.0, 7.0, "completed")
+        ), Record(), "was not lost"),
+        # The journal saw a failure the engine recorded as a completion.
+        (node(NodeStatus.COMPLETED, C), journal((1, PID, 0.0, 1.0, "ScheduledFailure")),
+         Record(), "ScheduledFailure in the journal"),
+    ],
+)  # fmt: skip
+def test_the_node_checks_refuse_what_the_engine_must_never_do(
+    trace: NodeRecord, calls: dict[Key, list[Call]], record: Record, problem: str
+) -> None:
+    """Each promise checked from the journal is checked: breaking it is reported."""
+    problems = check_node(trace, calls, record)
+    assert any(problem in found for found in problems), problems
+
+
+ONE_STEP = FlowPlan("one", ((StepPlan(STEP, 1, None, False),),))
+
+
+def run_of_one_step(script: StepScript, *outcomes: AttemptOutcome) -> dict[str, object]:
+    """check_model's problems for ONE_STEP, run with ``script``, whose node's attempts
+    ended with ``outcomes`` and which COMPLETED with what its last attempt saw."""
+    data = {"script": {STEP: script.to_json()}}
+    output = output_of(len(outcomes), data)
+    trace = replace(node(NodeStatus.COMPLETED, *outcomes), output=output)
+    calls = journal(*((n, PID, n, n + 0.5, "x") for n, o in enumerate(outcomes, 1) if o in (F, C)))
+    final = {**data, STEP: output}
+    problems = check_model(
+        ONE_STEP, data, FlowStatus.COMPLETED, {STEP: trace}, final, None, calls, RUN
+    )
+    return {"problems": problems}
+
+
+def test_the_model_check_counts_rescued_attempts_out() -> None:
+    """A step scripted to fail its attempt 2: rescued at 1, failed at 2, completed at
+    3 is what the model allows (the rescue took a number, not a retry); completing at
+    2 is not, nor failing at 1 then completing at 2 (its attempt 1 was to succeed)."""
+    script = StepScript(fail=frozenset({2}))
+    assert run_of_one_step(script, R, F, C) == {"problems": []}
+    assert run_of_one_step(script, R, C)["problems"]
+    assert run_of_one_step(script, F, C)["problems"]
