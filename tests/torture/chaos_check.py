@@ -13,9 +13,10 @@ functions themselves, outside the engine's tables. For every run:
   journal exactly once, and every journaled attempt is in the trace; an attempt
   lost before its first journal line is the exception, which the journal cannot
   see; a journaled attempt the trace calls lost must have lost its worker (a
-  SIGKILL) or met a database outage (its lease could lapse);
+  SIGKILL), or the database must have been away between its start and its
+  rescue (its outcome's write could wait past the lease: at least once);
 * the journal's end of an attempt agrees with the trace (completed/raised);
-* no step that had COMPLETED ran again;
+* no step that had COMPLETED (committed so) ran again;
 * no two attempts of one node overlapped in time: an attempt ends at its end
   line, or when its SIGKILLed process was dead (waited for). The one overlap
   allowed is a rescued attempt whose worker lived through a database outage:
@@ -154,7 +155,7 @@ def agree(attempt: AttemptRecord, call: Call, record: Record) -> list[str]:
     A call whose worker was lost (SIGKILLed, or its lease lapsed in a database
     outage) has no outcome of its own: the engine records it RESCUED, or
     CANCELLED when its run was over by the time the rescue came."""
-    lost = call.pid in record.sigkilled or met_outage(call, record)
+    lost = call.pid in record.sigkilled or lease_could_lapse(call, attempt, record)
     if attempt.outcome in LOST:
         released = attempt.outcome is AttemptOutcome.RELEASED and call.pid in record.sigtermed
         if lost or released:
@@ -173,14 +174,17 @@ def end_of(call: Call, record: Record) -> float | None:
     return call.end if call.end is not None else record.sigkilled.get(call.pid)
 
 
-def met_outage(call: Call, record: Record) -> bool:
-    end = end_of(call, record) or float("inf")
+def lease_could_lapse(call: Call, attempt: AttemptRecord, record: Record) -> bool:
+    """Whether the database was away (restarted, connections killed) between the call's
+    start and the attempt's end in the trace (its rescue): an outcome not yet written
+    when the database went away may wait past the lease, so a living worker loses it."""
+    end = attempt.ended_at if attempt.ended_at is not None else float("inf")
     return any(start <= end and call.start <= stop for start, stop in record.outages())
 
 
 def overlaps(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -> list[str]:
     """Two calls of the node at once, but a rescued one that met an outage."""
-    outcomes = {a.attempt: a.outcome for a in node.attempts}
+    attempts = {a.attempt: a for a in node.attempts}
     made = sorted(
         ((key[2], call) for key, each in calls.items() for call in each), key=lambda x: x[1].start
     )
@@ -189,7 +193,12 @@ def overlaps(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -> 
         end = end_of(earlier, record)
         if end is not None and end <= later.start:
             continue
-        lapsed = outcomes.get(number) is AttemptOutcome.RESCUED and met_outage(earlier, record)
+        attempt = attempts.get(number)
+        lapsed = (
+            attempt is not None
+            and attempt.outcome is AttemptOutcome.RESCUED
+            and lease_could_lapse(earlier, attempt, record)
+        )
         if not lapsed:
             problems.append(f"attempts {number} and {later_number} ran at the same time")
     return problems
