@@ -57,6 +57,8 @@ FLAGS = ("flag_a", "flag_b")
 # that the steps of a SIGKILLed worker are rescued within seconds.
 LEASE_SECONDS = 4.0
 CONCURRENCY = 3
+LOCK_HOLDER = "kill write-lock holder"
+NOBODY = "nobody caught holding it"
 OVER = frozenset({FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED})
 
 
@@ -150,10 +152,9 @@ class Database:
     name: str = ""
     path: Path | None = None  # SQLite's file
 
-    def restart(self, record: Record, crew: Crew) -> str:
-        """Crash the server and start it again; SQLite: SIGKILL the write-lock holder."""
-        if self.server is None:
-            return crew.kill_lock_holder(self, record)
+    def restart(self) -> str:
+        """Crash the server and start it again."""
+        assert self.server is not None
         crash_and_restart(self.server)
         if self.kind == "mysql" and self.server.fast:
             _durable_commits(self.server, self.name)  # its start set the fast value again
@@ -257,7 +258,7 @@ class Crew:
                 self.sigkill(match[0], record)
                 return f"pid {holder}"
             time.sleep(0.002)
-        return "nobody caught holding it"
+        return NOBODY
 
     def _retire(self, worker: WorkerProcess) -> None:
         self.live.remove(worker)
@@ -278,9 +279,9 @@ class Crew:
 
 def chaos_step(rng: random.Random, database: Database, crew: Crew, record: Record) -> None:
     """One random harm (the crew is refilled after it)."""
-    actions = ["sigkill", "sigkill", "sigterm", "restart database"]
-    if database.server is not None:
-        actions.append("kill connections")
+    actions = ["sigkill", "sigkill", "sigterm"]
+    # SQLite's nearest to a database crash: its writer dies holding the lock.
+    actions += ["restart database", "kill connections"] if database.server else [LOCK_HOLDER]
     action = rng.choice(actions)
     harm = Harm(action, "", time.time())
     if action == "sigkill":
@@ -291,8 +292,10 @@ def chaos_step(rng: random.Random, database: Database, crew: Crew, record: Recor
         victim = rng.choice(crew.live)
         harm.target = f"pid {victim.pid}"
         crew.sigterm(victim, record)
+    elif action == LOCK_HOLDER:
+        harm.target = crew.kill_lock_holder(database, record)
     elif action == "restart database":
-        harm.target = database.restart(record, crew)
+        harm.target = database.restart()
     else:
         harm.target = database.kill_connections()
     harm.end = time.time()
@@ -381,8 +384,12 @@ def summary(played: Round) -> str:
     record = played.record
     counts = ", ".join(
         f"{record.count(action)} {action}"
-        for action in ("sigkill", "sigterm", "restart database", "kill connections")
+        for action in ("sigkill", "sigterm", "restart database", "kill connections", LOCK_HOLDER)
+        if record.count(action)
     )
+    missed = sum(1 for harm in record.harms if harm.target == NOBODY)
+    if missed:
+        counts += f" ({missed} times nobody held the write lock within 5 s)"
     return f"{len(played.runs)} runs in {played.seconds:.0f} s; chaos: {counts}"
 
 

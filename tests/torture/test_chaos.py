@@ -7,6 +7,10 @@ tests/torture/chaos_check.py. The long run is ``make torture``.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -175,3 +179,32 @@ def test_the_model_check_counts_rescued_attempts_out() -> None:
     assert run_of_one_step(script, R, F, C) == {"problems": []}
     assert run_of_one_step(script, R, C)["problems"]
     assert run_of_one_step(script, F, C)["problems"]
+
+
+HOLD_THE_WRITE_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("BEGIN IMMEDIATE")
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_chaos_finds_the_process_holding_sqlites_write_lock(tmp_path: Path) -> None:
+    """SQLite's "database crash" SIGKILLs the process holding its WAL write lock: the
+    chaos finds that process (and nobody when no one holds it)."""
+    path = tmp_path / "locked.db"
+    database = Database(f"sqlite:///{path}", "sqlite", path=path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+    assert database.write_lock_holder() is None
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_WRITE_LOCK, str(path)], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+        assert database.write_lock_holder() == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
