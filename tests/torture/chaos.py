@@ -45,7 +45,7 @@ from tests.torture.chaos_flows import (
     FlowPlan,
     StepPlan,
     StepScript,
-    build,
+    build_all,
     save_plans,
 )
 from tests.worker_process import WorkerProcess
@@ -57,6 +57,7 @@ FLAGS = ("flag_a", "flag_b")
 # that the steps of a SIGKILLed worker are rescued within seconds.
 LEASE_SECONDS = 4.0
 CONCURRENCY = 3
+CHILD_FLOWS = 2
 LOCK_HOLDER = "kill write-lock holder"
 NOBODY = "nobody caught holding it"
 OVER = frozenset({FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED})
@@ -103,31 +104,48 @@ class Record:
 
 
 def make_plans(rng: random.Random, count: int, tag: str) -> list[FlowPlan]:
-    """``count`` flows of 1-4 stages of 1-3 steps: retries, conditions on an input
-    flag or an earlier step's output, sync or async (async steps have a timeout)."""
-    plans = []
-    for number in range(count):
-        keys = list(FLAGS)
-        stages = []
-        for position in range(rng.randint(1, 4)):
-            stage = tuple(
-                StepPlan(
-                    f"s{position}_{i}",
-                    rng.randint(0, 2),
-                    rng.choice([None, None, *keys]),
-                    rng.random() < 0.4,
-                )
-                for i in range(rng.randint(1, 3))
-            )
-            stages.append(stage)
-            keys += [step.name for step in stage]
-        plans.append(FlowPlan(f"chaos_{tag}_{number}", tuple(stages)))
-    return plans
+    """CHILD_FLOWS child flows, then ``count`` flows of 1-4 stages of 1-3 steps: retries,
+    conditions on an input flag or an earlier step's output, sync or async (async
+    steps have a timeout), and now and then a subflow step running a child flow."""
+    children = [
+        FlowPlan(f"chaos_{tag}_child{k}", make_stages(rng, f"c{k}_", 2, subflows=()))
+        for k in range(CHILD_FLOWS)
+    ]
+    names = tuple(child.name for child in children)
+    parents = [
+        FlowPlan(f"chaos_{tag}_{number}", make_stages(rng, "s", 4, subflows=names))
+        for number in range(count)
+    ]
+    return children + parents
 
 
-def make_input(rng: random.Random, plan: FlowPlan) -> dict[str, object]:
-    """A run's input: its flags, and the script of each step's attempts."""
-    script = {step.name: make_script(rng, step).to_json() for step in plan.steps()}
+def make_stages(
+    rng: random.Random, prefix: str, most: int, subflows: tuple[str, ...]
+) -> tuple[tuple[StepPlan, ...], ...]:
+    keys = list(FLAGS)
+    stages = []
+    for position in range(rng.randint(1, most)):
+        width = rng.randint(1, 3)
+        stage = [make_step(rng, f"{prefix}{position}_{i}", keys) for i in range(width)]
+        if subflows and rng.random() < 0.3:
+            child = rng.choice(subflows)
+            condition = rng.choice([None, None, *keys])
+            stage[0] = StepPlan(stage[0].name, 0, condition, False, child=child)
+        stages.append(tuple(stage))
+        keys += [step.name for step in stage]
+    return tuple(stages)
+
+
+def make_step(rng: random.Random, name: str, keys: list[str]) -> StepPlan:
+    return StepPlan(name, rng.randint(0, 2), rng.choice([None, None, *keys]), rng.random() < 0.4)
+
+
+def make_input(rng: random.Random, plan: FlowPlan, plans: dict[str, FlowPlan]) -> dict[str, object]:
+    """A run's input: its flags, and the script of each step's attempts, its
+    children's steps included (a child's input is its parent's ctx.data)."""
+    steps = plan.steps()
+    steps += [s for step in plan.steps() if step.child for s in plans[step.child].steps()]
+    script = {step.name: make_script(rng, step).to_json() for step in steps if not step.child}
     return {**{flag: rng.random() < 0.6 for flag in FLAGS}, "script": script}
 
 
@@ -328,14 +346,16 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
     journal.touch()
     storage = create_storage(database.url)
     storage.migrate()
-    flows = [build(plan, None, storage) for plan in plans]
+    flows = build_all(plans, None, storage)
+    by_name = {plan.name: plan for plan in plans}
+    parents = plans[CHILD_FLOWS:]
     runs: dict[str, tuple[str, dict[str, object]]] = {}
     try:
         for number in range(settings.runs):
-            index = rng.randrange(len(plans))
-            data = make_input(rng, plans[index])
-            tracking_id = flows[index].run(data, tracking_id=f"{tag}_r{number}").tracking_id
-            runs[tracking_id] = (plans[index].name, data)
+            plan = rng.choice(parents)
+            data = make_input(rng, plan, by_name)
+            run = flows[plan.name].run(data, tracking_id=f"{tag}_r{number}")
+            runs[run.tracking_id] = (plan.name, data)
         record = Record()
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         env.update({PLAN_ENV: str(plan_path), JOURNAL_ENV: str(journal)})
@@ -351,10 +371,10 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
             crew.stop()
         finally:
             crew.cleanup()
-        return Round({p.name: p for p in plans}, runs, record, journal, time.monotonic() - started)
+        return Round(by_name, runs, record, journal, time.monotonic() - started)
     finally:
-        for flow in flows:
-            registry.unregister(flow.name)
+        for name in flows:
+            registry.unregister(name)
         storage.close()
 
 

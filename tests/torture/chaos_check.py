@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus, Storage
 from tests.torture import model
 from tests.torture.chaos import Record, Round
-from tests.torture.chaos_flows import FlowPlan, StepScript
+from tests.torture.chaos_flows import CHILD_STARTED, FlowPlan, StepPlan, StepScript
 from tests.torture.engine import Observed, scheduled_failure
 from tests.torture.model import FlowShape, NodeEnd, StepShape
 from tests.torture.test_model import check
@@ -86,31 +86,39 @@ def check_round(played: Round, url: str) -> list[str]:
     calls, problems = read_journal(played.journal)
     storage = create_storage(url)
     try:
-        for tracking_id, (flow_name, data) in played.runs.items():
+        for tracking_id, (flow_name, _data) in played.runs.items():
             plan = played.plans[flow_name]
-            problems += [
-                f"{tracking_id}: {p}"
-                for p in check_run(storage, plan, tracking_id, data, calls, played.record)
-            ]
+            judged = check_run(storage, played.plans, plan, tracking_id, calls, played.record)
+            problems += [f"{tracking_id}: {p}" for p in judged.problems]
     finally:
         storage.close()
     return problems
 
 
+@dataclass(frozen=True)
+class Judged:
+    """A run's problems, and what the model expects of it (for its parent, if a child)."""
+
+    problems: list[str]
+    expected: model.RunEnd | None = None
+    counted: dict[str, Counted] = field(default_factory=dict)
+
+
 def check_run(
     storage: Storage,
+    plans: dict[str, FlowPlan],
     plan: FlowPlan,
     tracking_id: str,
-    data: dict[str, Any],
     calls: dict[Key, list[Call]],
     record: Record,
-) -> list[str]:
-    flow = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
+) -> Judged:
+    """Check one run, and first the child run of each of its subflow steps."""
+    flow = storage.get_flow(tracking_id=tracking_id, with_payloads=True)
     if flow is None:
-        return ["the run is missing"]
+        return Judged(["the run is missing"])
     status = FlowStatus(flow.status)
     if status not in (FlowStatus.COMPLETED, FlowStatus.FAILED):
-        return [f"the run is {status}, not over"]
+        return Judged([f"the run is {status}, not over"])
     nodes = {n.step_name: n for n in storage.list_nodes(flow_id=flow.id, with_payloads=True)}
     final = (
         FlowRun(storage, plan.name, tracking_id).wait(timeout=0)
@@ -118,13 +126,21 @@ def check_run(
         else None
     )
     problems = []
+    children: dict[str, Judged] = {}
+    for step in plan.steps():
+        child_id = f"{tracking_id}:{step.name}"
+        if step.child and storage.get_flow(tracking_id=child_id, with_payloads=False):
+            child = check_run(storage, plans, plans[step.child], child_id, calls, record)
+            children[step.name] = child
+            problems += [f"its child {child_id}: {p}" for p in child.problems]
     for node in nodes.values():
         if node.status in LEFT_OVER:
             problems.append(f"{node.step_name} left {node.status} in a run that is over")
         own = {k: v for k, v in calls.items() if k[:2] == (tracking_id, node.step_name)}
         problems += [f"{node.step_name}: {p}" for p in check_node(node, own, record)]
-    problems += check_model(plan, data, status, nodes, final, flow.error, calls, tracking_id)
-    return problems
+    ran = Ran(flow.input, status, nodes, final, flow.error)
+    judged = check_model(plan, ran, calls, tracking_id, children)
+    return Judged(problems + judged.problems, judged.expected, judged.counted)
 
 
 def check_node(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -> list[str]:
@@ -163,6 +179,8 @@ def agree(attempt: AttemptRecord, call: Call, record: Record) -> list[str]:
         return [f"{attempt.outcome} though its worker {call.pid} was not lost"]
     if call.end is None:
         return [f"{attempt.outcome} in the trace, but its call never ended (journal)"]
+    if call.result == CHILD_STARTED:
+        return []  # a subflow step: its child run's end is its own
     completed = call.result == "completed"
     if (attempt.outcome is AttemptOutcome.COMPLETED) != completed:
         return [f"{attempt.outcome} in the trace, {call.result} in the journal"]
@@ -231,11 +249,23 @@ class Counted:
         return self.actual.index(actual) + 1 if actual in self.actual else actual
 
 
-def effective_step(step_plan: Any, script: StepScript, counted: Counted) -> StepShape:
-    """The model's step: it fails on the counted attempts whose engine number is scripted to."""
-    allowance = step_plan.retries + 1
+def effective_step(
+    step: StepPlan, scripts: dict[str, StepScript], counted: Counted, children: dict[str, Judged]
+) -> StepShape:
+    """The model's step: it fails on the counted attempts whose engine number is scripted
+    to; a subflow step (no retries) on its first if its child run is to fail."""
+    if step.child is not None:
+        child = children.get(step.name)
+        to_fail = (
+            child is not None
+            and child.expected is not None
+            and (child.expected.status is FlowStatus.FAILED)
+        )
+        return StepShape(step.name, 0, frozenset({1} if to_fail else ()), step.condition)
+    allowance = step.retries + 1
+    script = scripts[step.name]
     fails = frozenset(n for n in range(1, allowance + 1) if counted.number(n) in script.fails_on)
-    return StepShape(step_plan.name, step_plan.retries, fails, step_plan.condition)
+    return StepShape(step.name, step.retries, fails, step.condition)
 
 
 def renumbered_output(output: Any, counted: Counted) -> Any:
@@ -244,63 +274,100 @@ def renumbered_output(output: Any, counted: Counted) -> Any:
     return output
 
 
+@dataclass(frozen=True)
+class Ran:
+    """How the engine says a run went."""
+
+    input: dict[str, Any]
+    status: FlowStatus
+    nodes: dict[str, NodeRecord]
+    final: dict[str, Any] | None  # ctx.data of a COMPLETED run
+    error: str | None
+
+
 def check_model(
     plan: FlowPlan,
-    data: dict[str, Any],
-    status: FlowStatus,
-    nodes: dict[str, NodeRecord],
-    final: dict[str, Any] | None,
-    error: str | None,
+    ran: Ran,
     calls: dict[Key, list[Call]],
     tracking_id: str,
-) -> list[str]:
-    """The run's end is one the model allows for its script, given the attempts lost."""
-    counted = {step.name: Counted.of(nodes.get(step.name)) for step in plan.steps()}
+    children: dict[str, Judged],
+) -> Judged:
+    """The run's end is one the model allows for its script, given the attempts lost.
+
+    A subflow step is, to the model, a step that fails if its child run is to fail,
+    and whose output is the child's final ctx.data (the model's, for ``children``).
+    """
+    data = ran.input
+    counted = {step.name: Counted.of(ran.nodes.get(step.name)) for step in plan.steps()}
     scripts = {name: StepScript.from_json(s) for name, s in data["script"].items()}
     shape = FlowShape(
         tuple(
-            tuple(effective_step(s, scripts[s.name], counted[s.name]) for s in stage)
+            tuple(effective_step(s, scripts, counted[s.name], children) for s in stage)
             for stage in plan.stages
         ),
         data,
     )
-    ends = {name: node_end(node, counted[name]) for name, node in nodes.items()}
+    ends = {name: node_end(node, counted[name], children) for name, node in ran.nodes.items()}
+    final = renumbered_data(ran.final, counted, children)
     observed = Observed(
-        status,
+        ran.status,
         ends,
-        renumbered_data(final, counted) if status is FlowStatus.COMPLETED else None,
-        renumbered_error(error, ends, counted),
-        journal_calls(calls, tracking_id, counted, nodes),
+        final if ran.status is FlowStatus.COMPLETED else None,
+        renumbered_error(ran.error, ends, counted, set(children)),
+        journal_calls(calls, tracking_id, counted),
     )
-    expected = model.run(shape)
+    expected = with_children_data(model.run(shape), children)
     try:
         check(shape, expected, observed)
     except AssertionError as failure:
         said = f"model: {expected.status} {expected.nodes} {expected.data}"
         done = f"engine: {observed.status} {observed.nodes} {observed.data} {observed.error!r}"
         done += f" journal: {observed.calls}"
-        return [f"not as the model says ({failure}); {said}; {done}"]
-    return []
+        return Judged([f"not as the model says ({failure}); {said}; {done}"], expected, counted)
+    return Judged([], expected, counted)
 
 
-def node_end(node: NodeRecord, counted: Counted) -> NodeEnd:
+def with_children_data(expected: model.RunEnd, children: dict[str, Judged]) -> model.RunEnd:
+    """``expected`` with each completed subflow step's output the child's final data."""
+    nodes, data = dict(expected.nodes), dict(expected.data)
+    for name, child in children.items():
+        end = nodes.get(name)
+        if child.expected is None or end is None or end.status is not NodeStatus.COMPLETED:
+            continue
+        nodes[name] = replace(end, output=child.expected.data)
+        if name in data:
+            data[name] = child.expected.data
+    return replace(expected, nodes=nodes, data=data)
+
+
+def node_end(node: NodeRecord, counted: Counted, children: dict[str, Judged]) -> NodeEnd:
     outcomes = tuple(a.outcome for a in node.attempts if a.outcome not in LOST)
     output = renumbered_output(node.output, counted)
+    if node.step_name in children and isinstance(node.output, dict):
+        output = renumbered_data(node.output, children[node.step_name].counted, {})
     return NodeEnd(node.status, len(outcomes), outcomes, output)
 
 
-def renumbered_data(final: dict[str, Any] | None, counted: dict[str, Counted]) -> dict[str, Any]:
-    return {
-        key: renumbered_output(value, counted[key]) if key in counted else value
-        for key, value in (final or {}).items()
-    }
+def renumbered_data(
+    final: dict[str, Any] | None, counted: dict[str, Counted], children: dict[str, Judged]
+) -> dict[str, Any]:
+    """ctx.data with each step's output renumbered (a child's data, by its own steps)."""
+    renumbered = {}
+    for key, value in (final or {}).items():
+        if key in children and isinstance(value, dict):
+            renumbered[key] = renumbered_data(value, children[key].counted, {})
+        elif key in counted:
+            renumbered[key] = renumbered_output(value, counted[key])
+        else:
+            renumbered[key] = value
+    return renumbered
 
 
 def renumbered_error(
-    error: str | None, ends: dict[str, NodeEnd], counted: dict[str, Counted]
+    error: str | None, ends: dict[str, NodeEnd], counted: dict[str, Counted], subflows: set[str]
 ) -> str | None:
     """The run's error as the model words it: the failing step's counted attempt
-    (a timeout is the model's scheduled failure too)."""
+    (a timeout, or a subflow step's failed child, is the model's scheduled failure)."""
     if error is None:
         return None
     for name, end in ends.items():
@@ -308,16 +375,14 @@ def renumbered_error(
             continue
         actual = counted[name].number(end.attempt)
         model_words = scheduled_failure(name, end.attempt)
-        if scheduled_failure(name, actual) in error or f"step {name!r} ran " in error:
+        timed_out = f"step {name!r} ran " in error
+        if scheduled_failure(name, actual) in error or timed_out or name in subflows:
             return f"{error}\n{model_words}"
     return error
 
 
 def journal_calls(
-    calls: dict[Key, list[Call]],
-    tracking_id: str,
-    counted: dict[str, Counted],
-    nodes: dict[str, NodeRecord],
+    calls: dict[Key, list[Call]], tracking_id: str, counted: dict[str, Counted]
 ) -> dict[str, list[int]]:
     """The counted attempts the journal saw called, renumbered, in call order."""
     seen: dict[str, list[tuple[float, int]]] = defaultdict(list)

@@ -21,12 +21,13 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from flowsmith_worker import Context, Flow
+from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.flow import Condition, StepFunction
 from flowsmith_worker.storage.base import Storage
 from tests.torture.engine import ScheduledFailure, scheduled_failure
@@ -36,6 +37,8 @@ PLAN_ENV = "FS_CHAOS_PLAN"
 JOURNAL_ENV = "FS_CHAOS_JOURNAL"
 # A lost worker is the chaos, not the step's fault: never let rescues fail a run.
 MAX_RESCUES = 1000
+# What a subflow step's start journals as its end: its child run's end decides its own.
+CHILD_STARTED = "child started"
 STEP_TIMEOUT = 1.0  # of the async steps that may hang
 HANG_SECONDS = 3 * STEP_TIMEOUT
 
@@ -46,6 +49,7 @@ class StepPlan:
     retries: int
     condition: str | None  # a key of ctx.data that must be truthy
     is_async: bool  # async steps have a timeout, which a scripted hang trips
+    child: str | None = None  # a subflow step: the name of its child flow's plan
 
 
 @dataclass(frozen=True)
@@ -141,9 +145,21 @@ def step_function(step: StepPlan, journal: Journal | None) -> StepFunction:
     return async_body if step.is_async else sync_body
 
 
+def subflow_start(
+    step: StepPlan, child: Flow, journal: Journal | None
+) -> Callable[[Context], ChildRequest]:
+    """A subflow step's start: journaled like a step (its child's end decides its own)."""
+
+    def start(ctx: Context) -> ChildRequest:
+        with journaled(ctx, journal, CHILD_STARTED):
+            return ChildRequest(child, f"{ctx.tracking_id}:{step.name}")
+
+    return start
+
+
 @contextlib.contextmanager
-def journaled(ctx: Context, journal: Journal | None) -> Iterator[None]:
-    """A "start" line, then an "end" line saying how the call ended: "completed", or
+def journaled(ctx: Context, journal: Journal | None, done: str = "completed") -> Iterator[None]:
+    """A "start" line, then an "end" line saying how the call ended: ``done``, or
     the exception's name (a timeout's cancellation included). None: the driver's
     copy of the flows, which never runs a step."""
     if journal is None:
@@ -155,7 +171,7 @@ def journaled(ctx: Context, journal: Journal | None) -> Iterator[None]:
     except BaseException as error:
         journal.note(ctx, "end", type(error).__name__)
         raise
-    journal.note(ctx, "end", "completed")
+    journal.note(ctx, "end", done)
 
 
 def condition_function(step: StepPlan) -> Condition | None:
@@ -165,20 +181,39 @@ def condition_function(step: StepPlan) -> Condition | None:
     return lambda ctx: bool(ctx.data.get(key))
 
 
-def build(plan: FlowPlan, journal: Journal | None, storage: Storage | None = None) -> Flow:
+def build_all(
+    plans: list[FlowPlan], journal: Journal | None, storage: Storage | None = None
+) -> dict[str, Flow]:
+    """The flows of ``plans`` by name (a child's plan comes before its parents')."""
+    flows: dict[str, Flow] = {}
+    for plan in plans:
+        flows[plan.name] = build(plan, journal, flows, storage)
+    return flows
+
+
+def build(
+    plan: FlowPlan, journal: Journal | None, flows: Mapping[str, Flow], storage: Storage | None
+) -> Flow:
     """The flow of ``plan``; its steps journal their calls if ``journal`` is given."""
     flow = Flow(plan.name, storage=storage)
     for stage in plan.stages:
         if len(stage) == 1:
-            add_step(flow, stage[0], journal)
+            add_step(flow, stage[0], journal, flows)
             continue
         with flow.parallel():
             for step in stage:
-                add_step(flow, step, journal)
+                add_step(flow, step, journal, flows)
     return flow
 
 
-def add_step(flow: Flow, step: StepPlan, journal: Journal | None) -> None:
+def add_step(
+    flow: Flow, step: StepPlan, journal: Journal | None, flows: Mapping[str, Flow]
+) -> None:
+    if step.child is not None:
+        start = subflow_start(step, flows[step.child], journal)
+        condition = condition_function(step)
+        flow.subflow_from(step.name, start, condition=condition, max_rescues=MAX_RESCUES)
+        return
     timeout = STEP_TIMEOUT if step.is_async else None
     flow.step(
         step.name,
@@ -191,13 +226,12 @@ def add_step(flow: Flow, step: StepPlan, journal: Journal | None) -> None:
     )
 
 
-def _load_in_worker() -> list[Flow]:
+def _load_in_worker() -> dict[str, Flow]:
     """In a worker process: the plan's flows, journaling to $FS_CHAOS_JOURNAL."""
     plan_path = os.environ.get(PLAN_ENV)
     if not plan_path:
-        return []
-    journal = Journal(Path(os.environ[JOURNAL_ENV]))
-    return [build(plan, journal) for plan in load_plans(Path(plan_path))]
+        return {}
+    return build_all(load_plans(Path(plan_path)), Journal(Path(os.environ[JOURNAL_ENV])))
 
 
 FLOWS = _load_in_worker()

@@ -22,7 +22,7 @@ from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from tests.integration.test_database_outage import _durable_commits
 from tests.servers import DatabaseServer, LocalServer, require_restart
 from tests.torture.chaos import Database, Harm, Record, Settings, play, summary
-from tests.torture.chaos_check import Call, Key, check_model, check_node, check_round
+from tests.torture.chaos_check import Call, Key, Ran, check_model, check_node, check_round
 from tests.torture.chaos_flows import FlowPlan, StepPlan, StepScript
 from tests.torture.model import output_of
 
@@ -157,7 +157,7 @@ def test_the_node_checks_refuse_what_the_engine_must_never_do(
 ONE_STEP = FlowPlan("one", ((StepPlan(STEP, 1, None, False),),))
 
 
-def run_of_one_step(script: StepScript, *outcomes: AttemptOutcome) -> dict[str, object]:
+def run_of_one_step(script: StepScript, *outcomes: AttemptOutcome) -> list[str]:
     """check_model's problems for ONE_STEP, run with ``script``, whose node's attempts
     ended with ``outcomes`` and which COMPLETED with what its last attempt saw."""
     data = {"script": {STEP: script.to_json()}}
@@ -165,10 +165,8 @@ def run_of_one_step(script: StepScript, *outcomes: AttemptOutcome) -> dict[str, 
     trace = replace(node(NodeStatus.COMPLETED, *outcomes), output=output)
     calls = journal(*((n, PID, n, n + 0.5, "x") for n, o in enumerate(outcomes, 1) if o in (F, C)))
     final = {**data, STEP: output}
-    problems = check_model(
-        ONE_STEP, data, FlowStatus.COMPLETED, {STEP: trace}, final, None, calls, RUN
-    )
-    return {"problems": problems}
+    ran = Ran(data, FlowStatus.COMPLETED, {STEP: trace}, final, None)
+    return check_model(ONE_STEP, ran, calls, RUN, {}).problems
 
 
 def test_the_model_check_counts_rescued_attempts_out() -> None:
@@ -176,9 +174,9 @@ def test_the_model_check_counts_rescued_attempts_out() -> None:
     3 is what the model allows (the rescue took a number, not a retry); completing at
     2 is not, nor failing at 1 then completing at 2 (its attempt 1 was to succeed)."""
     script = StepScript(fail=frozenset({2}))
-    assert run_of_one_step(script, R, F, C) == {"problems": []}
-    assert run_of_one_step(script, R, C)["problems"]
-    assert run_of_one_step(script, F, C)["problems"]
+    assert run_of_one_step(script, R, F, C) == []
+    assert run_of_one_step(script, R, C)
+    assert run_of_one_step(script, F, C)
 
 
 HOLD_THE_WRITE_LOCK = """
