@@ -1,7 +1,7 @@
 """The chaos run (issue 11, points 1 and 2): real workers, real servers, random harm.
 
 N `flowsmith worker` processes drain hundreds of runs of flows mixing sequential,
-parallel and conditional steps whose failures, timeouts and slow attempts are
+parallel, conditional and subflow steps whose failures, timeouts and slow attempts are
 scripted per run (tests/torture/chaos_flows.py), while a chaos loop at random
 moments SIGKILLs workers (often mid-step) and starts new ones, SIGTERMs them (a
 graceful drain), crashes and restarts the database server (PostgreSQL's
