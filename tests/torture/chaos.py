@@ -58,7 +58,10 @@ FLAGS = ("flag_a", "flag_b")
 LEASE_SECONDS = 4.0
 CONCURRENCY = 3
 CHILD_FLOWS = 2
-LOCK_HOLDER = "kill write-lock holder"
+# The chaos's actions.
+SIGKILL, SIGTERM = "sigkill", "sigterm"  # a worker
+RESTART, KILL_CONNECTIONS = "restart database", "kill connections"  # the server
+LOCK_HOLDER = "kill write-lock holder"  # SQLite's nearest to a crash of its database
 NOBODY = "nobody caught holding it"
 OVER = frozenset({FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED})
 
@@ -96,7 +99,7 @@ class Record:
 
     def outages(self) -> list[tuple[float, float]]:
         """When the database (or a worker's connection) was away."""
-        away = ("restart database", "kill connections")
+        away = (RESTART, KILL_CONNECTIONS)
         return [(h.start, h.end) for h in self.harms if h.action in away]
 
 
@@ -297,22 +300,21 @@ class Crew:
 
 def chaos_step(rng: random.Random, database: Database, crew: Crew, record: Record) -> None:
     """One random harm (the crew is refilled after it)."""
-    actions = ["sigkill", "sigkill", "sigterm"]
-    # SQLite's nearest to a database crash: its writer dies holding the lock.
-    actions += ["restart database", "kill connections"] if database.server else [LOCK_HOLDER]
+    actions = [SIGKILL, SIGKILL, SIGTERM]
+    actions += [RESTART, KILL_CONNECTIONS] if database.server else [LOCK_HOLDER]
     action = rng.choice(actions)
     harm = Harm(action, "", time.time())
-    if action == "sigkill":
+    if action == SIGKILL:
         victim = rng.choice(crew.live)
         harm.target = f"pid {victim.pid}"
         crew.sigkill(victim, record)
-    elif action == "sigterm":
+    elif action == SIGTERM:
         victim = rng.choice(crew.live)
         harm.target = f"pid {victim.pid}"
         crew.sigterm(victim, record)
     elif action == LOCK_HOLDER:
         harm.target = crew.kill_lock_holder(database, record)
-    elif action == "restart database":
+    elif action == RESTART:
         harm.target = database.restart()
     else:
         harm.target = database.kill_connections()
@@ -404,7 +406,7 @@ def summary(played: Round) -> str:
     record = played.record
     counts = ", ".join(
         f"{record.count(action)} {action}"
-        for action in ("sigkill", "sigterm", "restart database", "kill connections", LOCK_HOLDER)
+        for action in (SIGKILL, SIGTERM, RESTART, KILL_CONNECTIONS, LOCK_HOLDER)
         if record.count(action)
     )
     missed = sum(1 for harm in record.harms if harm.target == NOBODY)

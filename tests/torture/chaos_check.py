@@ -43,12 +43,11 @@ from tests.torture.chaos import Record, Round
 from tests.torture.chaos_flows import CHILD_STARTED, FlowPlan, StepPlan, StepScript
 from tests.torture.engine import Observed, scheduled_failure
 from tests.torture.model import FlowShape, NodeEnd, StepShape
-from tests.torture.test_model import check
+from tests.torture.test_model import CALLED, check
 
 # Attempts whose call's outcome the engine never got: its worker was lost (RESCUED;
 # CANCELLED if its run was over by the rescue) or handed it back (RELEASED).
 LOST = frozenset({AttemptOutcome.RESCUED, AttemptOutcome.RELEASED, AttemptOutcome.CANCELLED})
-CALLED = frozenset({AttemptOutcome.FAILED, AttemptOutcome.COMPLETED})
 LEFT_OVER = frozenset({NodeStatus.RUNNING, NodeStatus.WAITING, NodeStatus.PENDING})
 Key = tuple[str, str, int]  # run, step, attempt
 

@@ -21,7 +21,7 @@ from flowsmith_worker.records import AttemptRecord, NodeRecord
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from tests.integration.test_database_outage import _durable_commits
 from tests.servers import DatabaseServer, LocalServer, require_restart
-from tests.torture.chaos import Database, Harm, Record, Settings, play, summary
+from tests.torture.chaos import RESTART, Database, Harm, Record, Settings, play, summary
 from tests.torture.chaos_check import Call, Key, Ran, check_model, check_node, check_round
 from tests.torture.chaos_flows import FlowPlan, StepPlan, StepScript
 from tests.torture.model import output_of
@@ -112,7 +112,7 @@ def test_the_node_checks_accept_a_rescue_after_an_outage_that_followed_the_call(
     trace = node(NodeStatus.COMPLETED, R, C)
     trace = replace(trace, attempts=(replace(trace.attempts[0], ended_at=20.0), trace.attempts[1]))
     calls = journal((1, PID, 0.0, 1.0, "completed"), (2, PID, 21.0, 22.0, "completed"))
-    outage = Record(harms=[Harm("restart database", "postgresql", 1.5, 17.0)])
+    outage = Record(harms=[Harm(RESTART, "postgresql", 1.5, 17.0)])
     assert check_node(trace, calls, outage) == []
     assert check_node(trace, calls, Record()) != []
 
