@@ -402,8 +402,7 @@ def wait_all_over(
         time.sleep(0.2)
 
 
-def summary(played: Round) -> str:
-    record = played.record
+def summary(record: Record, runs: int, seconds: float) -> str:
     counts = ", ".join(
         f"{record.count(action)} {action}"
         for action in (SIGKILL, SIGTERM, RESTART, KILL_CONNECTIONS, LOCK_HOLDER)
@@ -412,13 +411,40 @@ def summary(played: Round) -> str:
     missed = sum(1 for harm in record.harms if harm.target == NOBODY)
     if missed:
         counts += f" ({missed} times nobody held the write lock within 5 s)"
-    return f"{len(played.runs)} runs in {played.seconds:.0f} s; chaos: {counts}"
+    return f"{runs} runs in {seconds:.0f} s; chaos: {counts}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def play_rounds(seed: int, args: argparse.Namespace, tmp: Path, database: Database) -> int:
+    """Rounds of ``args.runs`` runs (seeds ``seed``, ``seed + 1``...) until the duration
+    passed, each checked at once; print what each did and found. Return the problems."""
     # Here, not at the top: chaos_check imports this module's Round.
     from tests.torture.chaos_check import check_round, explain
 
+    started = time.monotonic()
+    deadline = started + args.duration
+    total, runs, failures, number = Record(), 0, 0, 0
+    while time.monotonic() < deadline:
+        round_seed = seed + number
+        workdir = tmp / f"round{number}"
+        workdir.mkdir()
+        left = max(10.0, deadline - time.monotonic())
+        played = play(
+            Settings(round_seed, args.backend, left, args.runs, args.workers), database, workdir
+        )
+        problems = check_round(played, database.url)
+        said = summary(played.record, len(played.runs), played.seconds)
+        print(f"round {number} (seed {round_seed}): {said}", flush=True)
+        for problem in problems:
+            print(f"  PROBLEM: {problem}", flush=True)
+        for tracking_id in sorted({problem.split(":")[0] for problem in problems}):
+            print(explain(played, database.url, tracking_id), flush=True)
+        total.harms += played.record.harms
+        runs, failures, number = runs + len(played.runs), failures + len(problems), number + 1
+    print(f"in all, {number} rounds: {summary(total, runs, time.monotonic() - started)}")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.torture.chaos", description=__doc__)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--backend", choices=BACKENDS, default="postgresql")
@@ -428,28 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
     print(f"chaos seed {seed} (replay: make torture SEED={seed} BACKEND={args.backend})")
-    deadline = time.monotonic() + args.duration
-    failures = 0
     with (
         tempfile.TemporaryDirectory(prefix="flowsmith-chaos-") as tmp,
         local_database(args.backend, Path(tmp)) as database,
     ):
-        number = 0
-        while time.monotonic() < deadline:
-            round_seed = seed + number
-            workdir = Path(tmp) / f"round{number}"
-            workdir.mkdir()
-            left = max(10.0, deadline - time.monotonic())
-            settings = Settings(round_seed, args.backend, left, args.runs, args.workers)
-            played = play(settings, database, workdir)
-            problems = check_round(played, database.url)
-            print(f"round {number} (seed {round_seed}): {summary(played)}", flush=True)
-            for problem in problems:
-                print(f"  PROBLEM: {problem}", flush=True)
-            for tracking_id in sorted({problem.split(":")[0] for problem in problems}):
-                print(explain(played, database.url, tracking_id), flush=True)
-            failures += len(problems)
-            number += 1
+        failures = play_rounds(seed, args, Path(tmp), database)
     print("no problem found" if not failures else f"{failures} problems found")
     return 1 if failures else 0
 

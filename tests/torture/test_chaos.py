@@ -57,7 +57,7 @@ def test_a_short_chaos_run_keeps_every_promise(database: Database, tmp_path: Pat
     trace agree, no completed step ran again, no two attempts of a node overlapped,
     nothing is left running."""
     played = play(Settings(SEED, database.kind, SECONDS, RUNS), database, tmp_path)
-    print(summary(played))
+    print(summary(played.record, len(played.runs), played.seconds))
     assert played.record.harms, "the chaos did nothing"
     problems = check_round(played, database.url)
     assert not problems, "\n".join(problems)
