@@ -8,6 +8,7 @@ tests/torture/chaos_check.py. The long run is ``make torture``.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import subprocess
 import sys
@@ -206,3 +207,21 @@ def test_the_chaos_finds_the_process_holding_sqlites_write_lock(tmp_path: Path) 
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.slow
+def test_the_round_check_reports_a_call_the_engine_never_made(tmp_path: Path) -> None:
+    """A calm round (no chaos) on SQLite checks clean; a journal line of a call the
+    engine never made, in a parent run or in a subflow's child run, is reported."""
+    path = tmp_path / "calm.db"
+    database = Database(f"sqlite:///{path}", "sqlite", path=path)
+    played = play(Settings(SEED, "sqlite", 0.0, 20), database, tmp_path)
+    assert check_round(played, database.url) == []
+    lines = played.journal.read_text().splitlines()
+    child = next(line for line in lines if ":s" in json.loads(line)["run"])
+    for line in (lines[0], child):
+        entry = json.loads(line)
+        with played.journal.open("a") as journal_file:
+            journal_file.write(json.dumps({**entry, "attempt": entry["attempt"] + 50}) + "\n")
+        problems = check_round(played, database.url)
+        assert any(f"attempt {entry['attempt'] + 50} ran" in p for p in problems), problems
