@@ -9,13 +9,9 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 PEERS_ARGS ?=
 SCALE_ARGS ?=
-# make torture: the seed (empty: a new one, printed), seconds, backend (sqlite, postgresql, mysql).
-SEED ?=
-DURATION ?= 600
-BACKEND ?= postgresql
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev dist demo test test-unit test-integration lint torture bench bench-scale bench-peers db-up db-down migrate-postgres migrate-mysql clean
+.PHONY: help install dev dist demo test test-unit test-integration lint bench bench-scale bench-peers db-up db-down migrate-postgres migrate-mysql clean
 
 # Each target's text after "## "; make's "$$" (a literal "$") is shown as "$".
 help: ## list the targets
@@ -63,6 +59,11 @@ lint: $(DEV_STAMP) ## ruff, mypy --strict and the import layering (lint-imports)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# make torture: the seed (empty: a new one, printed), seconds, backend (sqlite, postgresql, mysql).
+SEED ?=
+DURATION ?= 600
+BACKEND ?= postgresql
+.PHONY: torture
 torture: $(DEV_STAMP) ## the chaos run: workers SIGKILLed, databases crashed (SEED= DURATION= BACKEND=)
 	$(BIN)/python -m tests.torture.chaos --backend $(BACKEND) --duration $(DURATION) $(if $(SEED),--seed $(SEED))
 
