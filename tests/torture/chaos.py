@@ -34,6 +34,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from flowsmith_worker import registry
+from flowsmith_worker.records import FlowFilter
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, Storage
 from tests.integration.test_database_outage import _durable_commits, crash_and_restart
@@ -63,7 +64,8 @@ SIGKILL, SIGTERM = "sigkill", "sigterm"  # a worker
 RESTART, KILL_CONNECTIONS = "restart database", "kill connections"  # the server
 LOCK_HOLDER = "kill write-lock holder"  # SQLite's nearest to a crash of its database
 NOBODY = "nobody caught holding it"
-OVER = frozenset({FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED})
+NOT_OVER = (FlowStatus.PENDING, FlowStatus.RUNNING)
+EVERY = 1_000_000  # a list_flows limit no round reaches
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,7 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
     duration passed, then let the workers finish undisturbed and stop them."""
     rng = random.Random(settings.seed)
     tag = f"{settings.seed}_{settings.backend}"[:30]
+    prefix = f"{tag}_r"  # the round's runs, and their children ("<parent>:<step>")
     plans = make_plans(rng, settings.flows, tag)
     plan_path, journal = workdir / "plan.json", workdir / "journal.jsonl"
     save_plans(plans, plan_path)
@@ -356,7 +359,7 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
         for number in range(settings.runs):
             plan = rng.choice(parents)
             data = make_input(rng, plan, by_name)
-            run = flows[plan.name].run(data, tracking_id=f"{tag}_r{number}")
+            run = flows[plan.name].run(data, tracking_id=f"{prefix}{number}")
             runs[run.tracking_id] = (plan.name, data)
         record = Record()
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
@@ -366,10 +369,10 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
         try:
             crew.fill()
             deadline = started + settings.duration
-            while time.monotonic() < deadline and not all_over(storage, runs):
+            while time.monotonic() < deadline and open_runs(storage, prefix) != 0:
                 time.sleep(rng.uniform(0.2, 1.5))
                 chaos_step(rng, database, crew, record)
-            wait_all_over(storage, runs, timeout=120)
+            wait_all_over(storage, prefix)
             crew.stop()
         finally:
             crew.cleanup()
@@ -380,25 +383,30 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
         storage.close()
 
 
-def all_over(storage: Storage, runs: dict[str, tuple[str, dict[str, object]]]) -> bool:
-    with contextlib.suppress(Exception):  # the database may be restarting
-        return all(status_of(storage, tracking_id) in OVER for tracking_id in runs)
-    return False
+def open_runs(storage: Storage, prefix: str) -> int | None:
+    """How many runs of the round (tracking_id ``prefix``..., subflows' children
+    included) are not over; None while the database does not answer."""
+    try:
+        return sum(
+            len(
+                storage.list_flows(where=FlowFilter(status, tracking_id_prefix=prefix, limit=EVERY))
+            )
+            for status in NOT_OVER
+        )
+    except Exception:  # the database restarting, a connection killed: ask again later
+        return None
 
 
-def status_of(storage: Storage, tracking_id: str) -> FlowStatus | None:
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
-    return None if record is None else FlowStatus(record.status)
-
-
-def wait_all_over(
-    storage: Storage, runs: dict[str, tuple[str, dict[str, object]]], timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not all_over(storage, runs):
-        if time.monotonic() > deadline:
-            left = [t for t in runs if status_of(storage, t) not in OVER]
-            raise AssertionError(f"{len(left)} runs not over {timeout} s after the chaos: {left}")
+def wait_all_over(storage: Storage, prefix: str, stall: float = 120.0) -> None:
+    """Wait until every run of the round is over: a child run of a parent that failed
+    meanwhile goes on to its end (its WAITING node waits for it). Fail if none ends
+    for ``stall`` seconds: a run stuck for good."""
+    last, since = None, time.monotonic()
+    while (left := open_runs(storage, prefix)) != 0:
+        if left != last:
+            last, since = left, time.monotonic()
+        elif time.monotonic() - since > stall:
+            raise AssertionError(f"{left} runs of {prefix}* stuck: none ended for {stall} s")
         time.sleep(0.2)
 
 

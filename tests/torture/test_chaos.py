@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from flowsmith_worker import Flow, registry
 from flowsmith_worker.records import AttemptRecord, NodeRecord
+from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from tests.integration.test_database_outage import _durable_commits
 from tests.servers import DatabaseServer, LocalServer, require_restart
-from tests.torture.chaos import RESTART, Database, Harm, Record, Settings, play, summary
+from tests.torture.chaos import RESTART, Database, Harm, Record, Settings, open_runs, play, summary
 from tests.torture.chaos_check import Call, Key, Ran, check_model, check_node, check_round
 from tests.torture.chaos_flows import FlowPlan, StepPlan, StepScript
 from tests.torture.model import output_of
@@ -225,3 +227,20 @@ def test_the_round_check_reports_a_call_the_engine_never_made(tmp_path: Path) ->
             journal_file.write(json.dumps({**entry, "attempt": entry["attempt"] + 50}) + "\n")
         problems = check_round(played, database.url)
         assert any(f"attempt {entry['attempt'] + 50} ran" in p for p in problems), problems
+
+
+def test_a_round_waits_for_the_child_runs_of_its_runs(tmp_path: Path) -> None:
+    """Found by the chaos run (seed 406211912, SQLite): a parent run that fails while its
+    subflow's child runs leaves that child to run to its end (its WAITING node waits
+    for it), so the round is over only once the children are too: they are counted."""
+    storage = create_storage(f"sqlite:///{tmp_path / 'open.db'}")
+    storage.migrate()
+    flow = Flow("open_runs_probe", storage=storage).step("only", lambda ctx: None)
+    try:
+        flow.run({}, tracking_id="t_r0")
+        flow.run({}, tracking_id="t_r0:s1_0")  # a child's tracking_id
+        flow.run({}, tracking_id="other_r0")
+        assert open_runs(storage, "t_r") == 2
+    finally:
+        registry.unregister(flow.name)
+        storage.close()
