@@ -9,9 +9,10 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 PEERS_ARGS ?=
 SCALE_ARGS ?=
+CURVE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev dist demo test test-unit test-integration lint bench bench-scale bench-peers db-up db-down migrate-postgres migrate-mysql clean
+.PHONY: help install dev dist demo test test-unit test-integration lint bench bench-curve bench-scale bench-peers db-up db-down migrate-postgres migrate-mysql clean
 
 # Each target's text after "## "; make's "$$" (a literal "$") is shown as "$".
 help: ## list the targets
@@ -69,6 +70,9 @@ torture: $(DEV_STAMP) ## the chaos run: workers SIGKILLed, databases crashed (SE
 
 bench: $(DEV_STAMP) ## throughput, latency, per-step costs on every backend (durable settings; ~10 min)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+bench-curve: $(DEV_STAMP) ## steps/s of 1, 2, 4, 8 workers on PostgreSQL, direct and via PgBouncer, with wait events and CPU
+	$(BIN)/python -m tests.bench.curve $(CURVE_ARGS)
 
 bench-scale: $(DEV_STAMP) ## the same drain on 1,000,000 finished nodes and a 100,000 backlog, with EXPLAINs
 	$(BIN)/python -m tests.bench.scale $(SCALE_ARGS)

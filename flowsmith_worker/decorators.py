@@ -73,11 +73,11 @@ from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, TypeVar, overload
 
-from flowsmith_worker import event_loop, registry
+from flowsmith_worker import event_loop
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import FlowSmithError
-from flowsmith_worker.flow import Condition, Flow
+from flowsmith_worker.flow import Condition, Flow, registry
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES
 from flowsmith_worker.retry import Backoff
 from flowsmith_worker.run import FlowRun

@@ -44,7 +44,7 @@ from typing import Any, TypeVar, cast
 
 import tenacity
 
-from flowsmith_worker import event_loop, payload, registry
+from flowsmith_worker import event_loop, payload
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
@@ -59,7 +59,7 @@ from flowsmith_worker.errors import (
     SubflowCycle,
 )
 from flowsmith_worker.event_loop import DeadlinePassed
-from flowsmith_worker.flow import Flow, StepSpec
+from flowsmith_worker.flow import Flow, StepSpec, registry
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.outage import DatabaseOutage
 from flowsmith_worker.progress import attempts_left, context_data

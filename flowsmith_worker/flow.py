@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from flowsmith_worker import event_loop, payload, registry
+from flowsmith_worker import event_loop, payload
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.cron import instant_of, validate_cron
@@ -31,6 +31,7 @@ from flowsmith_worker.identifiers import (
 from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
+from flowsmith_worker.registry import Registry
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
 from flowsmith_worker.run import FlowRun, find_run
 from flowsmith_worker.storage import default_storage
@@ -432,6 +433,10 @@ class Flow:
             raise ValueError(f"schedule input of flow {self.name!r} is not JSON: {exc}") from None
         self.cron, self.cron_input = expression, dict(input or {})
         return self
+
+
+# The process's flows by name: exactly what its workers may run (see registry.py).
+registry: Registry[Flow] = Registry()
 
 
 def _start_instant(delay: float | None, run_at: datetime | None) -> float | None:

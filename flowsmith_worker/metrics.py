@@ -29,8 +29,8 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
-from flowsmith_worker import registry
 from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.flow import registry
 from flowsmith_worker.health import Health, Verdict
 from flowsmith_worker.storage.base import QueueBacklog, WorkerRecord
 

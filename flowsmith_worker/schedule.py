@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 
 from croniter import croniter
 
-from flowsmith_worker import registry
 from flowsmith_worker.errors import DatabaseUnavailable, FlowAlreadyCompleted, FlowSmithError
+from flowsmith_worker.flow import registry
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.storage.base import Storage
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowsmith_worker import registry
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import StepFailed
-from flowsmith_worker.flow import Flow
+from flowsmith_worker.flow import Flow, registry
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage.memory import InMemoryStorage
 from flowsmith_worker.worker import Worker

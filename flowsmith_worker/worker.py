@@ -494,6 +494,10 @@ class Worker:
             self.heartbeat.start()  # the steps finishing keep their leases meanwhile
         while self.in_flight() and not self.hard_stop.is_set() and time.monotonic() < deadline:
             self.health.loop_ticked()  # alive while it drains: no probe may kill it now
+            if self.rescuer.seconds_until_due() == 0:
+                # Still live to the others (it heartbeats), so still the one to
+                # report its queues' backlog: an autoscaler reads it meanwhile.
+                self._try(self.rescue_once)
             self.wakeup.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             self.wakeup.clear()
         self.hard_stop.set()

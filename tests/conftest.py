@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from flowsmith_worker import registry
+from flowsmith_worker.flow import registry
 from flowsmith_worker.log import LogEvent
 from flowsmith_worker.storage import InMemoryStorage, create_storage
 from flowsmith_worker.storage import reset as reset_default_storage

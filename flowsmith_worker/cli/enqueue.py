@@ -15,7 +15,6 @@ from typing import Any
 
 import click
 
-from flowsmith_worker import registry
 from flowsmith_worker.cli.format import (
     echo,
     echo_json,
@@ -33,7 +32,7 @@ from flowsmith_worker.errors import (
     PayloadRejected,
     RunAlreadyEnqueued,
 )
-from flowsmith_worker.flow import Flow
+from flowsmith_worker.flow import Flow, registry
 from flowsmith_worker.readable import (
     format_duration,
 )

@@ -5,7 +5,11 @@ binaries with durable settings: fsync on): the database's single-row-commit
 ceiling, enqueue rates, steps/s of 1-step and 10-step no-op flows drained by
 1, 2 and 4 `flowsmith worker` processes (concurrency 8), pickup latency,
 round trips / statements / commits per step, bytes written per step, worker
-peak RSS. One table on stdout, progress on stderr, everything in a JSON file.
+peak RSS. On PostgreSQL the 10-step drains run once more for each other
+route (--routes): direct without PREPARE, and through a PgBouncer in
+transaction mode (no PREPARE, --no-listen) that the benchmark starts. The
+scaling curve (1 to 8 workers, wait events, CPU) is `make bench-curve`
+(tests/bench/curve.py). One table on stdout, progress on stderr, everything in a JSON file.
 
 It measures whatever engine is installed. The machine may be shared and
 noisy: compare ratios within one run (each rate is also shown as a ratio of
@@ -28,6 +32,7 @@ from typing import Any
 from flowsmith_worker.log import setup_logging
 from flowsmith_worker.version import __version__
 from tests.bench import ceilings, footprint, latency, report, throughput
+from tests.bench.routes import DIRECT, ROUTES, Route, parse_routes
 from tests.bench.targets import BACKENDS, Target, open_targets
 from tests.bench.workload import CONCURRENCY, POLL_INTERVAL, REPO
 
@@ -59,12 +64,21 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--backends", default=",".join(BACKENDS), help="%(default)s")
     parser.add_argument("--flows", type=int, help="10-step runs per drain (default 300)")
     parser.add_argument("--workers", default="1,2,4", help="worker processes per drain")
+    parser.add_argument(
+        "--routes",
+        default=",".join(ROUTES),
+        help="PostgreSQL's routes for the 10-step drains (%(default)s; direct always runs)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs (CI)")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="%(default)s")
     args = parser.parse_args()
     unknown = set(args.backends.split(",")) - set(BACKENDS)
     if unknown:
         parser.error(f"unknown backend(s) {sorted(unknown)}: choose from {','.join(BACKENDS)}")
+    try:
+        args.routes = [r for r in parse_routes(args.routes) if r != DIRECT]
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -83,12 +97,14 @@ def main() -> None:
     started = time.time()
     with (
         tempfile.TemporaryDirectory(prefix="flowsmith-bench-") as tmp,
-        open_targets(args.backends.split(","), Path(tmp)) as targets,
+        open_targets(
+            args.backends.split(","), Path(tmp), bouncer=any(r.bounced for r in args.routes)
+        ) as targets,
     ):
         for target in targets:
             logs = Path(tmp) / f"logs-{target.backend}"
             logs.mkdir()
-            results[target.backend] = bench_backend(target, logs, sizes, workers)
+            results[target.backend] = bench_backend(target, logs, sizes, workers, args.routes)
             report.add_ratios(results[target.backend])
     document = {"meta": _meta(sizes, workers, time.time() - started), "backends": results}
     report.write_json(document, args.json)
@@ -97,7 +113,9 @@ def main() -> None:
     print(f"JSON: {args.json.resolve()}")
 
 
-def bench_backend(target: Target, logs: Path, sizes: Sizes, workers: list[int]) -> dict[str, Any]:
+def bench_backend(
+    target: Target, logs: Path, sizes: Sizes, workers: list[int], routes: list[Route]
+) -> dict[str, Any]:
     """Every figure for one backend, in an order that keeps each phase's database quiet."""
     name = target.backend
     progress(f"{name}: commit ceilings")
@@ -129,6 +147,8 @@ def bench_backend(target: Target, logs: Path, sizes: Sizes, workers: list[int]) 
                     counted=steps == 10 and count == counted and name != "sqlite",
                 )
             )
+            if steps == 10:
+                runs += _other_routes(target, logs, routes, count, flows)
     progress(f"{name}: pickup latency")
     pickup = latency.measure(target, logs, sizes.latency_samples)
     progress(f"{name}: bytes written")
@@ -147,6 +167,32 @@ def bench_backend(target: Target, logs: Path, sizes: Sizes, workers: list[int]) 
         "bytes_written": bytes_written,
         "worker_peak_rss_mib": max(run["worker_peak_rss_mib"] for run in runs),
     }
+
+
+def _other_routes(
+    target: Target, logs: Path, routes: list[Route], workers: int, flows: int
+) -> list[dict[str, Any]]:
+    """The same 10-step drain by the workers connected by each of ``routes`` (PostgreSQL's;
+    the PgBouncer route only when pgbouncer is installed)."""
+    if target.backend != "postgresql":
+        return []
+    runs = []
+    for route in routes:
+        if route.bounced and target.bouncer is None:
+            continue
+        progress(f"{target.backend}: {flows} 10-step flows, {workers} worker(s), {route.label}")
+        runs.append(
+            throughput.drain(
+                target,
+                logs,
+                steps_per_flow=10,
+                workers=workers,
+                flows=flows,
+                counted=False,
+                route=route,
+            )
+        )
+    return runs
 
 
 def _meta(sizes: Sizes, workers: list[int], seconds: float) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.bench.routes import DIRECT, ROUTES
+
 Results = dict[str, Any]
 
 
@@ -59,12 +61,15 @@ def _rows(results: Results) -> list[tuple[str, Callable[[Results], str]]]:
         ("enqueue: flow.run, 1 thread, flows/s", _enqueue("single")),
         ("enqueue: Flow.run_many x1000, flows/s", _enqueue("run_many")),
     ]
+    routes = list(ROUTES)
     shapes = sorted(
-        {(r["steps_per_flow"], r["workers"]) for b in results.values() for r in b["throughput"]}
+        {_shape(run) for b in results.values() for run in b["throughput"]},
+        key=lambda shape: (shape[0], shape[1], routes.index(shape[2])),
     )
-    for steps, workers in shapes:
-        label = f"{steps}-step flows, {workers} worker(s) x 8, steps/s"
-        rows.append((label, _throughput(steps, workers)))
+    for steps, workers, route in shapes:
+        via = "" if route == DIRECT.key else f", {ROUTES[route].label}"
+        label = f"{steps}-step flows, {workers} worker(s) x 8{via}, steps/s"
+        rows.append((label, _throughput((steps, workers, route))))
     rows += [
         ("pickup latency p50 / p95 / p99, ms", _latency),
         ("round trips per step", _per_step("round_trips")),
@@ -92,10 +97,15 @@ def _enqueue(kind: str) -> Callable[[Results], str]:
     return cell
 
 
-def _throughput(steps: int, workers: int) -> Callable[[Results], str]:
+def _shape(run: Results) -> tuple[int, int, str]:
+    """A drain's flow size, worker count and route (older JSON: direct)."""
+    return run["steps_per_flow"], run["workers"], run.get("route", DIRECT.key)
+
+
+def _throughput(shape: tuple[int, int, str]) -> Callable[[Results], str]:
     def cell(b: Results) -> str:
         for run in b["throughput"]:
-            if (run["steps_per_flow"], run["workers"]) == (steps, workers):
+            if _shape(run) == shape:
                 return _rate(run["steps_per_second"], run["ratio"])
         return "-"
 
@@ -125,9 +135,10 @@ def _bytes(kind: str) -> Callable[[Results], str]:
 def table(results: Results) -> str:
     """Figures down, backends across; throughput cells show (ratio to the ceiling)."""
     backends = list(results)
-    width = 46
+    rows = _rows(results)
+    width = max(len(label) for label, _ in rows) + 2
     lines = [f"{'':<{width}}" + "".join(f"{name:>22}" for name in backends)]
-    for label, cell in _rows(results):
+    for label, cell in rows:
         cells = "".join(f"{cell(results[name]):>22}" for name in backends)
         lines.append(f"{label:<{width}}{cells}")
     return "\n".join(lines)
@@ -139,6 +150,8 @@ the Python loop elsewhere. Steps/s: from the backlog's release (all workers read
 the last step's end.
 Per-step counts: PostgreSQL pg_stat_statements / pg_stat_database (commits include
 read-only transactions) / pg_stat_wal, MariaDB SHOW GLOBAL STATUS (both: the 10-step,
-2-worker drain); SQLite: an in-process Worker, sqlite3 trace callback. The JSON's
+2-worker drain, direct); SQLite: an in-process Worker, sqlite3 trace callback. The JSON's
 per_step.breakdown lists the most frequent statements. Log bytes and flushes: PostgreSQL
-WAL, MariaDB InnoDB redo log; SQLite keeps no such count."""
+WAL, MariaDB InnoDB redo log; SQLite keeps no such count.
+PostgreSQL routes: "no PREPARE" = FLOWSMITH_PG_PREPARE=off, direct; "PgBouncer txn" =
+through PgBouncer in transaction mode, FLOWSMITH_PG_PREPARE=off and --no-listen."""

@@ -19,8 +19,10 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from flowsmith_worker.storage import create_storage
+from tests.bench.routes import Route, start_bouncer, worker_url
 from tests.bench.workload import monitor_engine
 from tests.servers import LocalServer, ServerUnavailable, start_mariadb, start_postgres
+from tests.servers.pgbouncer import PgBouncer
 
 BACKENDS = ("sqlite", "postgresql", "mysql")
 # Per-statement counts (counters.py) need the extension loaded at server start.
@@ -36,6 +38,8 @@ class Target:
     backend: str
     url: str
     server: LocalServer | None
+    # In front of the PostgreSQL server, when open_targets was asked for one.
+    bouncer: PgBouncer | None = None
     engine: sa.Engine = field(init=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +53,10 @@ class Target:
     @property
     def database(self) -> str:
         return str(sa.make_url(self.url).database)
+
+    def worker_url(self, route: Route, application: str) -> str:
+        """The URL the workers of ``route`` connect with, named ``application``."""
+        return worker_url(self.url, self.database, route, self.bouncer, application)
 
     def wipe(self) -> None:
         """Delete every run, node and worker row, so the next phase starts empty."""
@@ -71,6 +79,8 @@ class Target:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.bouncer is not None:
+            self.bouncer.destroy()
 
 
 def _run_tables(conn: sa.Connection) -> list[str]:
@@ -82,8 +92,11 @@ def _run_tables(conn: sa.Connection) -> list[str]:
 
 
 @contextlib.contextmanager
-def open_targets(backends: list[str], base: Path) -> Iterator[list[Target]]:
-    """A database per backend whose server could start; servers destroyed at the end."""
+def open_targets(
+    backends: list[str], base: Path, *, bouncer: bool = False
+) -> Iterator[list[Target]]:
+    """A database per backend whose server could start; servers destroyed at the end.
+    ``bouncer``: PostgreSQL's target gets a PgBouncer too, if pgbouncer is installed."""
     servers: list[LocalServer] = []
     targets: list[Target] = []
     try:
@@ -91,6 +104,8 @@ def open_targets(backends: list[str], base: Path) -> Iterator[list[Target]]:
             target = _open(backend, base, servers)
             if target is not None:
                 targets.append(target)
+                if bouncer and target.server is not None and backend == "postgresql":
+                    target.bouncer = start_bouncer(target.server)
         yield targets
     finally:
         for target in targets:

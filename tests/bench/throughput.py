@@ -9,12 +9,17 @@ Enqueue rates are measured here too, one `flow.run` at a time and through
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.worker import Worker
 from tests.bench import counters
+from tests.bench.observe import Processes, observed
+from tests.bench.routes import DIRECT, Route, drain_application
 from tests.bench.targets import Target
 from tests.bench.workload import (
     CONCURRENCY,
@@ -22,6 +27,7 @@ from tests.bench.workload import (
     ONE_STEP,
     POLL_INTERVAL,
     RUN_MANY_BATCH,
+    WorkerPool,
     enqueue_in_batches,
     enqueue_one_by_one,
     enqueue_quickly,
@@ -67,8 +73,11 @@ def drain(
     workers: int,
     flows: int,
     counted: bool,
+    route: Route = DIRECT,
+    observe: bool = False,
 ) -> dict[str, Any]:
-    """Steps/s of ``workers`` processes draining ``flows`` runs; server counters if ``counted``."""
+    """Steps/s of ``workers`` processes connected by ``route`` draining ``flows`` runs;
+    server counters if ``counted``; wait events and CPU (PostgreSQL) if ``observe``."""
     flow = NOOP_FLOWS[steps_per_flow]
     target.wipe()
     storage = create_storage(target.url)
@@ -81,7 +90,12 @@ def drain(
     server = counters.ServerCounters(target) if counted else None
     if server is not None:
         server.start()
-    with running_workers(target.url, workers, logs) as pool:
+    application = drain_application()
+    url = target.worker_url(route, application)
+    with (
+        running_workers(url, workers, logs, env=route.env, options=route.worker_options) as pool,
+        _observing(target, pool, application) if observe else contextlib.nullcontext({}) as watched,
+    ):
         released_at = release_backlog(target.engine)
         monitor_queries = wait_completed(target.engine, pool, flows) + 1
         rss = pool.peak_rss_mib()
@@ -89,6 +103,7 @@ def drain(
     result: dict[str, Any] = {
         "steps_per_flow": steps_per_flow,
         "workers": workers,
+        "route": route.key,
         "concurrency": CONCURRENCY,
         "flows": flows,
         "steps": flows * steps_per_flow,
@@ -96,10 +111,33 @@ def drain(
         "seconds": window.seconds,
         "steps_per_second": window.steps_per_second,
         "worker_peak_rss_mib": rss,
+        **watched,
     }
     if server is not None:
         result["per_step"] = server.counts(monitor_queries).per_step(flows * steps_per_flow)
     return result
+
+
+@contextlib.contextmanager
+def _observing(target: Target, pool: WorkerPool, application: str) -> Iterator[dict[str, Any]]:
+    """The wait events of the workers (named ``application``) and everybody's CPU while
+    the block runs (PostgreSQL)."""
+    if target.server is None or target.backend != "postgresql":
+        raise ValueError(f"wait events are PostgreSQL's: cannot observe {target.backend}")
+    groups = {
+        "server": Processes(frozenset({_pid_in(target.server.data_dir / "postmaster.pid")}), True),
+        "workers": Processes(pool.pids),
+        "bench": Processes(frozenset({os.getpid()})),  # this process: enqueue, monitor, sampler
+    }
+    if target.bouncer is not None:
+        groups["pgbouncer"] = Processes(frozenset({_pid_in(target.bouncer.dir / "pgbouncer.pid")}))
+    with observed(target.server.admin_url, target.database, application, groups) as figures:
+        yield figures
+
+
+def _pid_in(pid_file: Path) -> int:
+    """The pid on the first line of a server's pid file."""
+    return int(pid_file.read_text().split()[0])
 
 
 def sqlite_counts_in_process(target: Target, flows: int) -> dict[str, Any]:

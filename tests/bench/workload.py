@@ -13,9 +13,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,8 @@ class WorkerPool:
     concurrency: int = CONCURRENCY
     poll_interval: float = POLL_INTERVAL
     queues: tuple[str, ...] = ("default",)
+    env: Mapping[str, str] = field(default_factory=dict)  # on top of this process's
+    options: tuple[str, ...] = ()  # more `flowsmith worker` options (--no-listen)
 
     def __post_init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -150,6 +152,7 @@ class WorkerPool:
             "--log-format",
             "json",
             *(option for queue in self.queues for option in ("--queue", queue)),
+            *self.options,
         ]
 
     def _popen_options(self, log: Any) -> dict[str, Any]:
@@ -157,7 +160,7 @@ class WorkerPool:
             "cwd": REPO,
             "stdout": log,
             "stderr": subprocess.STDOUT,
-            "env": {**os.environ, "PYTHONPATH": str(REPO)},
+            "env": {**os.environ, **self.env, "PYTHONPATH": str(REPO)},
         }
 
     def check_alive(self) -> None:
@@ -166,6 +169,10 @@ class WorkerPool:
             if proc.poll() is not None:
                 tail = path.read_text(errors="replace")[-3000:]
                 raise SystemExit(f"a worker exited early ({proc.returncode}); its log:\n{tail}")
+
+    @property
+    def pids(self) -> frozenset[int]:
+        return frozenset(proc.pid for proc in self.procs)
 
     def peak_rss_mib(self) -> float:
         """The largest resident set (VmHWM) any of the processes reached so far, in MiB."""
@@ -192,10 +199,16 @@ def _peak_rss_kib(pid: int) -> int:
 
 @contextmanager
 def running_workers(
-    url: str, count: int, logs: Path, queues: tuple[str, ...] = ("default",)
+    url: str,
+    count: int,
+    logs: Path,
+    queues: tuple[str, ...] = ("default",),
+    *,
+    env: Mapping[str, str] | None = None,
+    options: tuple[str, ...] = (),
 ) -> Iterator[WorkerPool]:
     """Started workers (all of them ready) of ``queues``, stopped at the end whatever happens."""
-    pool = WorkerPool(url, count, logs, queues=queues)
+    pool = WorkerPool(url, count, logs, queues=queues, env=env or {}, options=options)
     try:
         pool.start()
         yield pool

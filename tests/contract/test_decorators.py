@@ -28,10 +28,10 @@ from flowsmith_worker import (
     NodeStatus,
     StepFailed,
     Worker,
-    registry,
 )
 from flowsmith_worker.decorators import Workflow, parallel, step, subflow, workflow
 from flowsmith_worker.executor import Executor, Outcome
+from flowsmith_worker.flow import registry
 from flowsmith_worker.retry import retry_delay
 from flowsmith_worker.storage.base import Storage
 

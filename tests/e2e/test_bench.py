@@ -21,6 +21,7 @@ import pytest
 
 from flowsmith_worker import Flow
 from tests.servers import REQUIRE_ENV, ServerUnavailable, find_mariadb, find_postgres
+from tests.servers.pgbouncer import find_pgbouncer
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_WORKERS = 2
@@ -29,7 +30,7 @@ QUICK_LATENCY_SAMPLES = 5
 
 def _require_binaries(backend: str) -> None:
     """Skip when the server binaries are missing, unless CI demands every database."""
-    finders = {"postgresql": find_postgres, "mysql": find_mariadb}
+    finders = {"postgresql": find_postgres, "mysql": find_mariadb, "pgbouncer": find_pgbouncer}
     if backend not in finders:
         return
     try:
@@ -76,10 +77,11 @@ def test_quick_bench_reports_every_figure(bench_backend: str, tmp_path: Path) ->
     """The quick benchmark on one backend exits 0, prints the table and writes a JSON
     file holding every figure of `make bench`: ceilings, enqueue rates (run_many's
     "n/a" only on an engine without it), steps/s of 1- and 10-step flows with every
-    step of the backlog counted, their ratios to the ceiling, pickup percentiles,
-    round trips / statements / commits per step with the statements behind them,
-    log flushes and bytes written per step (the log's only where the database counts
-    it) and worker RSS."""
+    step of the backlog counted (PostgreSQL's 10-step drains also without PREPARE and,
+    with pgbouncer installed, through PgBouncer), their ratios to the ceiling, pickup
+    percentiles, round trips / statements / commits per step with the statements behind
+    them, log flushes and bytes written per step (the log's only where the database
+    counts it) and worker RSS."""
     _require_binaries(bench_backend)
 
     stdout, document = _quick_bench(bench_backend, tmp_path)
@@ -96,6 +98,8 @@ def test_quick_bench_reports_every_figure(bench_backend: str, tmp_path: Path) ->
         assert figures["enqueue"]["run_many_flows_per_second"].startswith("n/a")
     shapes = {(run["steps_per_flow"], run["workers"]) for run in figures["throughput"]}
     assert shapes == {(1, QUICK_WORKERS), (10, QUICK_WORKERS)}
+    routes = [run["route"] for run in figures["throughput"] if run["steps_per_flow"] == 10]
+    assert routes == _expected_routes(bench_backend)
     for run in figures["throughput"]:
         _positive(run, "steps_per_second", "ratio", "python_ratio", "worker_peak_rss_mib")
         assert run["measured_steps"] == run["steps"]  # the backlog waited for every worker
@@ -114,6 +118,18 @@ def test_quick_bench_reports_every_figure(bench_backend: str, tmp_path: Path) ->
         _positive(written, "log_bytes_per_step", "log_ratio")
         assert written["log_breakdown"]  # where the log bytes went
     _positive(figures, "worker_peak_rss_mib")
+
+
+def _expected_routes(backend: str) -> list[str]:
+    """The 10-step drains' routes: PostgreSQL's also without PREPARE and (when pgbouncer
+    is installed) through PgBouncer."""
+    if backend != "postgresql":
+        return ["direct"]
+    try:
+        find_pgbouncer()
+    except ServerUnavailable:
+        return ["direct", "no-prepare"]
+    return ["direct", "no-prepare", "pgbouncer"]
 
 
 # tests/bench/scale.py's QUICK sizes, repeated here: the bench modules are not imported.
@@ -171,3 +187,55 @@ def test_quick_scale_bench_fills_the_tables_and_explains(
         assert all(plan["plan"] for plan in figures["plans"])
         if bench_backend == "postgresql":
             assert all("Execution Time" in plan["plan"][-1] for plan in figures["plans"])
+
+
+CURVE_WORKERS = (1, 2)
+# The no-prepare route runs in the quick bench above; here the two ends of the comparison.
+CURVE_ROUTES = ("direct", "pgbouncer")
+
+
+def test_quick_curve_reports_rates_waits_and_cpu_per_route(tmp_path: Path) -> None:
+    """`python -m tests.bench.curve --quick` (the scaling curve, `make bench-curve`) exits 0
+    and reports, for every worker count and every route asked for (direct, and through
+    PgBouncer in transaction mode): every step of the backlog drained, the rate with its
+    ratios to pgbench's ceiling and to the route's single worker, wait events sampled from
+    the workers' own backends (found by name: at least one per worker process when direct,
+    the bouncer's server connections through it) and the CPU used by the server, the
+    workers, PgBouncer and the rest of the machine."""
+    _require_binaries("postgresql")
+    _require_binaries("pgbouncer")
+    path = tmp_path / "curve.json"
+    command = ["-m", "tests.bench.curve", "--quick", "--json", str(path)]
+    options = ["--workers", ",".join(map(str, CURVE_WORKERS)), "--routes", ",".join(CURVE_ROUTES)]
+    result = subprocess.run(
+        [sys.executable, *command, *options],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert "wait on" in result.stdout
+    document = json.loads(path.read_text())
+    _positive(document, "pgbench_commits_per_second")
+    runs = document["runs"]
+    assert [(run["route"], run["workers"]) for run in runs] == [
+        (route, workers) for route in CURVE_ROUTES for workers in CURVE_WORKERS
+    ]
+    for run in runs:
+        _positive(run, "steps_per_second", "ratio", "speedup", "vs_direct")
+        assert run["measured_steps"] == run["steps"]
+        if run["workers"] == CURVE_WORKERS[0]:
+            assert run["speedup"] == 1.0
+        if run["route"] == "direct":
+            assert run["vs_direct"] == 1.0
+        waits = run["waits"]
+        least = 1 if run["route"] == "pgbouncer" else run["workers"]
+        assert waits["samples"] >= 1 and waits["mean_backends"] >= least, waits
+        assert 0 < sum(top["share"] for top in waits["top"]) <= 1 + 1e-9, waits
+        assert 0 <= waits["mean_in_transaction"] <= waits["mean_backends"], waits
+        cpu = run["cpu"]
+        for party in ("server", "workers", "pgbouncer", "bench", "other", "machine_busy", "free"):
+            assert cpu[f"{party}_cores"] >= 0, cpu

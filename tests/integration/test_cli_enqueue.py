@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from flowsmith_worker import Worker, registry
+from flowsmith_worker import Worker
+from flowsmith_worker.flow import registry
 from flowsmith_worker.storage.base import FlowFilter, FlowStatus
 from tests.integration.conftest import Db, migrated
 from tests.integration.test_cli_ops import cli, cli_json, flow_of

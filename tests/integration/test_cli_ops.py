@@ -538,7 +538,9 @@ def test_prune_dry_run_counts_what_prune_deletes_and_deletes_nothing(db: Db, uni
     bad.run(tracking_id=unique("old"))
     parked.run(tracking_id=unique("pending"))
     drain(db.storage)
-    time.sleep(1.3)
+    # The recent runs must stay younger than --older-than through five CLI calls,
+    # each a new process: a few seconds on a loaded CI machine, not one.
+    time.sleep(5.3)
     parent.run(tracking_id=unique("recent"))
     drain(db.storage)
 
@@ -546,16 +548,16 @@ def test_prune_dry_run_counts_what_prune_deletes_and_deletes_nothing(db: Db, uni
         return len(db.storage.list_flows(where=FlowFilter(limit=100)))
 
     assert stored() == 6  # old: parent, its child, bad; pending; recent: parent, its child
-    data = cli_json(db.url, "prune", "--older-than", "1s", "--dry-run")
-    assert data == {"would_prune": 3, "older_than_seconds": 1.0, "dry_run": True}
-    said = cli(db.url, "prune", "--older-than", "1s", "--dry-run")
+    data = cli_json(db.url, "prune", "--older-than", "5s", "--dry-run")
+    assert data == {"would_prune": 3, "older_than_seconds": 5.0, "dry_run": True}
+    said = cli(db.url, "prune", "--older-than", "5s", "--dry-run")
     assert said.exit_code == 0, said.output
     assert "Would prune 3 finished flow run(s)" in said.stdout
     assert "Nothing was deleted (--dry-run)" in said.stdout
     assert stored() == 6
-    assert cli_json(db.url, "prune", "--older-than", "1s")["pruned"] == 3
+    assert cli_json(db.url, "prune", "--older-than", "5s")["pruned"] == 3
     assert stored() == 3
-    assert cli_json(db.url, "prune", "--older-than", "1s", "--dry-run")["would_prune"] == 0
+    assert cli_json(db.url, "prune", "--older-than", "5s", "--dry-run")["would_prune"] == 0
 
 
 # -- stats, queue-limit, workers ---------------------------------------------------------------

@@ -189,7 +189,7 @@ def test_a_worker_sigkilled_mid_step_behind_pgbouncer_loses_nothing(
 ) -> None:
     """Two `flowsmith worker --no-listen` processes through PgBouncer in transaction
     mode, one SIGKILLed inside a step (its client connections to the bouncer die,
-    perhaps inside a transaction): as on a direct connection (tests/test_crash.py),
+    perhaps inside a transaction): as on a direct connection (tests/e2e/test_crash.py),
     all 20 runs of 3 steps complete, the dead worker's steps are rescued and run
     again by the survivor, no COMPLETED step runs again, no node's executions
     overlap, and the survivor stops cleanly."""

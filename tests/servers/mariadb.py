@@ -98,8 +98,14 @@ class MariaDBServer(LocalServer):
 
     def _options(self) -> list[str]:
         """Options shared by install-db and the server."""
+        # Its own tmpdir: in the shared /tmp, temporary tables of servers started at the
+        # same time (other sessions, benchmarks) collided ("Error on delete of
+        # '/tmp/#sql-temptable-...'"), failing mariadb-install-db now and then.
+        tmpdir = self.base_dir / "mariadb-tmp"
+        tmpdir.mkdir(exist_ok=True)
         options = [
             f"--datadir={self.data_dir}",
+            f"--tmpdir={tmpdir}",
             "--skip-name-resolve",  # 127.0.0.1 must not turn into ''@localhost
             "--character-set-server=utf8mb4",
             "--collation-server=utf8mb4_general_ci",

@@ -7,8 +7,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flowsmith_worker import Context, Flow, registry
-from flowsmith_worker.flow import Condition, StepFunction
+from flowsmith_worker import Context, Flow
+from flowsmith_worker.flow import Condition, StepFunction, registry
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage.base import FlowStatus, Storage
 from flowsmith_worker.worker import Worker

@@ -81,7 +81,7 @@ def test_the_same_definition_executed_again_replaces_the_old_one(unique: Names) 
     """A module imported twice (as __main__ and by name, or reloaded) is not a conflict."""
     name = unique("reloaded")
     flows = [Flow(name) for _ in range(2)]  # one source line: the same definition site
-    assert flowsmith.registry.lookup(name) is flows[1]
+    assert flowsmith.flow.registry.lookup(name) is flows[1]
 
 
 def test_a_flow_input_must_be_json(unique: Names) -> None:
