@@ -33,7 +33,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from flowsmith_worker import registry
+from flowsmith_worker.flow import registry
 from flowsmith_worker.records import FlowFilter
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, Storage

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from flowsmith_worker import Flow, registry
+from flowsmith_worker import Flow
+from flowsmith_worker.flow import registry
 from flowsmith_worker.records import AttemptRecord, NodeRecord
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
