@@ -69,6 +69,14 @@ lint: $(DEV_STAMP) ## ruff, mypy --strict and the import layering (lint-imports)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# make torture: the seed (empty: a new one, printed), seconds, backend (sqlite, postgresql, mysql).
+SEED ?=
+DURATION ?= 600
+BACKEND ?= postgresql
+.PHONY: torture
+torture: $(DEV_STAMP) ## the chaos run: workers SIGKILLed, databases crashed (SEED= DURATION= BACKEND=)
+	$(BIN)/python -m tests.torture.chaos --backend $(BACKEND) --duration $(DURATION) $(if $(SEED),--seed $(SEED))
+
 bench: $(DEV_STAMP) ## throughput, latency, per-step costs on every backend (durable settings; ~10 min)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 

@@ -1,0 +1,247 @@
+"""The chaos run's short fixed-seed pass (issue 11, point 5), one per backend.
+
+Real `flowsmith worker` processes, real servers, real SIGKILLs, SIGTERMs,
+database crashes and killed connections; then every check of
+tests/torture/chaos_check.py. The long run is ``make torture``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from flowsmith_worker import Flow
+from flowsmith_worker.flow import registry
+from flowsmith_worker.records import AttemptRecord, NodeRecord
+from flowsmith_worker.storage import create_storage
+from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
+from tests.integration.test_database_outage import _durable_commits
+from tests.servers import DatabaseServer, LocalServer, require_restart
+from tests.torture.chaos import RESTART, Database, Harm, Record, Settings, open_runs, play, summary
+from tests.torture.chaos_check import Call, Key, Ran, check_model, check_node, check_round
+from tests.torture.chaos_flows import FlowPlan, StepPlan, StepScript
+from tests.torture.model import output_of
+
+SEED = 20261201
+RUNS = 60
+SECONDS = 20.0
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def database(
+    request: pytest.FixtureRequest, tmp_path: Path, unique: Callable[[str], str]
+) -> Database:
+    """A fresh database; on a server, committing durably (a crash then loses nothing)."""
+    if request.param == "sqlite":
+        path = tmp_path / "chaos.db"
+        return Database(f"sqlite:///{path}", "sqlite", path=path)
+    server: DatabaseServer = request.getfixturevalue(
+        "postgres_server" if request.param == "postgresql" else "mysql_server"
+    )
+    require_restart(server)
+    assert isinstance(server, LocalServer)
+    name = f"t_{unique('c')[-12:]}"
+    url = server.create_database(name)
+    _durable_commits(server, name)
+    return Database(url, request.param, server, name)
+
+
+@pytest.mark.slow
+def test_a_short_chaos_run_keeps_every_promise(database: Database, tmp_path: Path) -> None:
+    """60 runs under 20 s of SIGKILLs, SIGTERMs, database crashes and killed connections
+    (fixed seed): every run ends as the model says for its script, the journal and the
+    trace agree, no completed step ran again, no two attempts of a node overlapped,
+    nothing is left running."""
+    played = play(Settings(SEED, database.kind, SECONDS, RUNS), database, tmp_path)
+    print(summary(played.record, len(played.runs), played.seconds))
+    assert played.record.harms, "the chaos did nothing"
+    problems = check_round(played, database.url)
+    assert not problems, "\n".join(problems)
+
+
+# -- the checks refuse what the engine must never do --------------------------------
+
+RUN, STEP, PID, OTHER_PID = "r1", "s0_0", 100, 200
+C, F, R = AttemptOutcome.COMPLETED, AttemptOutcome.FAILED, AttemptOutcome.RESCUED
+
+
+def node(status: NodeStatus, *outcomes: AttemptOutcome) -> NodeRecord:
+    """A node of step STEP whose attempts 1, 2, ... ended with ``outcomes``."""
+    attempts = tuple(
+        AttemptRecord(1, 1, STEP, number, "w", 0.0, 1.0, outcome, None)
+        for number, outcome in enumerate(outcomes, 1)
+    )
+    return NodeRecord(
+        1, 1, STEP, 0, 0, status, len(outcomes), 3, 0, 0.0, None, None, {}, None, None,
+        0.0, 1.0, attempts=attempts,
+    )  # fmt: skip
+
+
+def journal(*calls: tuple[int, int, float, float | None, str | None]) -> dict[Key, list[Call]]:
+    """(attempt, pid, start, end, result) calls of STEP in run RUN."""
+    made: dict[Key, list[Call]] = {}
+    for number, pid, start, end, result in calls:
+        made.setdefault((RUN, STEP, number), []).append(Call(pid, start, end, result))
+    return made
+
+
+FAILED_THEN_COMPLETED = (node(NodeStatus.COMPLETED, F, C), journal(
+    (1, PID, 0.0, 1.0, "ScheduledFailure"), (2, PID, 2.0, 3.0, "completed")
+))  # fmt: skip
+KILLED_THEN_RESCUED = (node(NodeStatus.COMPLETED, R, C), journal(
+    (1, PID, 0.0, None, None), (2, OTHER_PID, 6.0, 7.0, "completed")
+))  # fmt: skip
+
+
+def test_the_node_checks_accept_what_the_engine_may_do() -> None:
+    """A retried failure, and an attempt whose worker was SIGKILLed mid-call (no end
+    line) rescued and run again after its death: no problem."""
+    killed = Record(sigkilled={PID: 5.0})
+    assert check_node(*FAILED_THEN_COMPLETED, Record()) == []
+    assert check_node(*KILLED_THEN_RESCUED, killed) == []
+
+
+def test_the_node_checks_accept_a_rescue_after_an_outage_that_followed_the_call() -> None:
+    """Found by the chaos run (seed 64926166, PostgreSQL): a call that ended before
+    the database went away, its outcome's write waiting out three restarts longer
+    than the lease, is rescued with its worker alive (at least once, as documented)."""
+    trace = node(NodeStatus.COMPLETED, R, C)
+    trace = replace(trace, attempts=(replace(trace.attempts[0], ended_at=20.0), trace.attempts[1]))
+    calls = journal((1, PID, 0.0, 1.0, "completed"), (2, PID, 21.0, 22.0, "completed"))
+    outage = Record(harms=[Harm(RESTART, "postgresql", 1.5, 17.0)])
+    assert check_node(trace, calls, outage) == []
+    assert check_node(trace, calls, Record()) != []
+
+
+@pytest.mark.parametrize(
+    ("trace", "calls", "record", "problem"),
+    [
+        # A COMPLETED attempt the step function never saw.
+        (node(NodeStatus.COMPLETED, C), {}, Record(), "not in the journal"),
+        # A call the engine has no attempt for.
+        (node(NodeStatus.COMPLETED, C), journal(
+            (1, PID, 0.0, 1.0, "completed"), (2, PID, 2.0, 3.0, "completed")
+        ), Record(), "not in the trace"),
+        # One attempt called twice.
+        (node(NodeStatus.COMPLETED, C), journal(
+            (1, PID, 0.0, 1.0, "completed"), (1, OTHER_PID, 2.0, 3.0, "completed")
+        ), Record(), "called the step 2 times"),
+        # A step run again after it completed.
+        (node(NodeStatus.COMPLETED, C), journal(
+            (1, PID, 0.0, 1.0, "completed"), (2, PID, 2.0, 3.0, "completed")
+        ), Record(), "after the step COMPLETED"),
+        # The rescue ran while the lost worker still ran the first attempt.
+        (KILLED_THEN_RESCUED[0], KILLED_THEN_RESCUED[1], Record(sigkilled={PID: 9.0}),
+         "at the same time"),
+        # Rescued though its worker lived and the database never went away.
+        (KILLED_THEN_RESCUED[0], journal(
+            (1, PID, 0.0, 1.0, "completed"), (2, OTHER_PID, 6.0, 7.0, "completed")
+        ), Record(), "was not lost"),
+        # The journal saw a failure the engine recorded as a completion.
+        (node(NodeStatus.COMPLETED, C), journal((1, PID, 0.0, 1.0, "ScheduledFailure")),
+         Record(), "ScheduledFailure in the journal"),
+    ],
+)  # fmt: skip
+def test_the_node_checks_refuse_what_the_engine_must_never_do(
+    trace: NodeRecord, calls: dict[Key, list[Call]], record: Record, problem: str
+) -> None:
+    """Each promise checked from the journal is checked: breaking it is reported."""
+    problems = check_node(trace, calls, record)
+    assert any(problem in found for found in problems), problems
+
+
+ONE_STEP = FlowPlan("one", ((StepPlan(STEP, 1, None, False),),))
+
+
+def run_of_one_step(script: StepScript, *outcomes: AttemptOutcome) -> list[str]:
+    """check_model's problems for ONE_STEP, run with ``script``, whose node's attempts
+    ended with ``outcomes`` and which COMPLETED with what its last attempt saw."""
+    data = {"script": {STEP: script.to_json()}}
+    output = output_of(len(outcomes), data)
+    trace = replace(node(NodeStatus.COMPLETED, *outcomes), output=output)
+    calls = journal(*((n, PID, n, n + 0.5, "x") for n, o in enumerate(outcomes, 1) if o in (F, C)))
+    final = {**data, STEP: output}
+    ran = Ran(data, FlowStatus.COMPLETED, {STEP: trace}, final, None)
+    return check_model(ONE_STEP, ran, calls, RUN, {}).problems
+
+
+def test_the_model_check_counts_rescued_attempts_out() -> None:
+    """A step scripted to fail its attempt 2: rescued at 1, failed at 2, completed at
+    3 is what the model allows (the rescue took a number, not a retry); completing at
+    2 is not, nor failing at 1 then completing at 2 (its attempt 1 was to succeed)."""
+    script = StepScript(fail=frozenset({2}))
+    assert run_of_one_step(script, R, F, C) == []
+    assert run_of_one_step(script, R, C)
+    assert run_of_one_step(script, F, C)
+
+
+HOLD_THE_WRITE_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("BEGIN IMMEDIATE")
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_chaos_finds_the_process_holding_sqlites_write_lock(tmp_path: Path) -> None:
+    """SQLite's "database crash" SIGKILLs the process holding its WAL write lock: the
+    chaos finds that process (and nobody when no one holds it)."""
+    path = tmp_path / "locked.db"
+    database = Database(f"sqlite:///{path}", "sqlite", path=path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+    assert database.write_lock_holder() is None
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_WRITE_LOCK, str(path)], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+        assert database.write_lock_holder() == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_the_round_check_reports_a_call_the_engine_never_made(tmp_path: Path) -> None:
+    """A calm round (no chaos) on SQLite checks clean; a journal line of a call the
+    engine never made, in a parent run or in a subflow's child run, is reported."""
+    path = tmp_path / "calm.db"
+    database = Database(f"sqlite:///{path}", "sqlite", path=path)
+    played = play(Settings(SEED, "sqlite", 0.0, 20), database, tmp_path)
+    assert check_round(played, database.url) == []
+    lines = played.journal.read_text().splitlines()
+    child = next(line for line in lines if ":s" in json.loads(line)["run"])
+    for line in (lines[0], child):
+        entry = json.loads(line)
+        with played.journal.open("a") as journal_file:
+            journal_file.write(json.dumps({**entry, "attempt": entry["attempt"] + 50}) + "\n")
+        problems = check_round(played, database.url)
+        assert any(f"attempt {entry['attempt'] + 50} ran" in p for p in problems), problems
+
+
+def test_a_round_waits_for_the_child_runs_of_its_runs(tmp_path: Path) -> None:
+    """Found by the chaos run (seed 406211912, SQLite): a parent run that fails while its
+    subflow's child runs leaves that child to run to its end (its WAITING node waits
+    for it), so the round is over only once the children are too: they are counted."""
+    storage = create_storage(f"sqlite:///{tmp_path / 'open.db'}")
+    storage.migrate()
+    flow = Flow("open_runs_probe", storage=storage).step("only", lambda ctx: None)
+    try:
+        flow.run({}, tracking_id="t_r0")
+        flow.run({}, tracking_id="t_r0:s1_0")  # a child's tracking_id
+        flow.run({}, tracking_id="other_r0")
+        assert open_runs(storage, "t_r") == 2
+    finally:
+        registry.unregister(flow.name)
+        storage.close()
