@@ -50,6 +50,7 @@ from flowsmith_worker.worker import Worker
 from tests.conftest import eventually
 from tests.servers import DatabaseServer, LocalServer, require_restart
 from tests.support.http import free_port, probe
+from tests.support.outage import crash_and_restart, durable_commits
 from tests.support.steps import never_here
 from tests.worker_process import WorkerProcess
 
@@ -164,7 +165,7 @@ def outage(
     assert isinstance(server, LocalServer)
     name = f"t_{unique('o')[-12:]}"
     url = server.create_database(name)
-    _durable_commits(server, name)
+    durable_commits(server, name)
     prepared = _prepare(tmp_path, unique, url, server)
     yield prepared
     if not server.is_running():
@@ -206,7 +207,7 @@ def test_a_worker_rides_out_a_crash_and_restart_of_its_database(outage: Outage) 
     """PostgreSQL restarted in immediate mode, MariaDB SIGKILLed and restarted, while
     four steps run: the worker process lives on, writes their outcomes once the
     server is back, and every step of every run ran exactly once (the lease, 30 s,
-    outlasts the restart; the server commits durably, see _durable_commits). /readyz
+    outlasts the restart; the server commits durably, see durable_commits). /readyz
     is 200 again afterwards; nothing about the outage is said more than once."""
     runs = [outage.flow.run({}, tracking_id=f"crash-{i}") for i in range(2 * CONCURRENCY)]
     worker = outage.start_worker(lease=30)
@@ -356,40 +357,6 @@ def test_a_worker_stays_unready_for_a_whole_outage_with_every_slot_busy(
     assert [(n.status, n.attempt) for n in run.trace()] == [(NodeStatus.COMPLETED, 1)]
     storage.close()
     postgres_server.drop_database(name)
-
-
-def crash_and_restart(server: LocalServer) -> None:
-    """Crash the server as a power cut would, then start it on the same data.
-
-    PostgreSQL: SIGQUIT to the postmaster, its immediate shutdown (what
-    ``pg_ctl stop -m immediate`` sends): sessions killed at once, no
-    checkpoint, crash recovery at the next start. MariaDB: SIGKILL.
-    """
-    pid = server._pid()
-    assert pid is not None
-    server._before_stop()  # tests/servers/'s own background work, not the worker's
-    server._dispose_engine()
-    os.kill(pid, signal.SIGQUIT if server.kind == "postgresql" else signal.SIGKILL)
-    assert server._wait_exit(pid, 30), f"{server.kind} did not die"
-    server._proc = None
-    server.start()
-
-
-def _durable_commits(server: DatabaseServer, name: str) -> None:
-    """Make the commits on database ``name`` survive a crash of the server.
-
-    The test servers trade durability for speed (synchronous_commit=off,
-    innodb_flush_log_at_trx_commit=0): a crash then loses the last commits,
-    claims and outcomes included, and a step whose completion was lost runs
-    again. No worker can prevent that; production servers commit durably.
-    PostgreSQL: for this database only. MariaDB: the whole server, until its
-    next start (its command line sets the fast value again).
-    """
-    with server.admin_engine().connect() as conn:
-        if server.kind == "postgresql":
-            conn.execute(sa.text(f'ALTER DATABASE "{name}" SET synchronous_commit = on'))
-        else:
-            conn.execute(sa.text("SET GLOBAL innodb_flush_log_at_trx_commit = 1"))
 
 
 def _assert_said_once(worker: WorkerProcess) -> Counter[str]:

@@ -37,9 +37,9 @@ from flowsmith_worker.flow import registry
 from flowsmith_worker.records import FlowFilter
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, Storage
-from tests.integration.test_database_outage import _durable_commits, crash_and_restart
 from tests.servers import LocalServer, start_mariadb, start_postgres
 from tests.servers.admin import kill_mysql_sessions
+from tests.support.outage import crash_and_restart, durable_commits
 from tests.torture.chaos_flows import (
     JOURNAL_ENV,
     PLAN_ENV,
@@ -180,7 +180,7 @@ class Database:
         assert self.server is not None
         crash_and_restart(self.server)
         if self.kind == "mysql" and self.server.fast:
-            _durable_commits(self.server, self.name)  # its start set the fast value again
+            durable_commits(self.server, self.name)  # its start set the fast value again
         return self.kind
 
     def kill_connections(self) -> str:

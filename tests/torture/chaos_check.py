@@ -43,7 +43,7 @@ from tests.torture.chaos import Record, Round
 from tests.torture.chaos_flows import CHILD_STARTED, FlowPlan, StepPlan, StepScript
 from tests.torture.engine import Observed, scheduled_failure
 from tests.torture.model import FlowShape, NodeEnd, StepShape
-from tests.torture.test_model import CALLED, check
+from tests.torture.verdict import CALLED, check
 
 # Attempts whose call's outcome the engine never got: its worker was lost (RESCUED;
 # CANCELLED if its run was over by the rescue) or handed it back (RELEASED).

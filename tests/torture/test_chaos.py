@@ -23,8 +23,8 @@ from flowsmith_worker.flow import registry
 from flowsmith_worker.records import AttemptRecord, NodeRecord
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
-from tests.integration.test_database_outage import _durable_commits
 from tests.servers import DatabaseServer, LocalServer, require_restart
+from tests.support.outage import durable_commits
 from tests.torture.chaos import RESTART, Database, Harm, Record, Settings, open_runs, play, summary
 from tests.torture.chaos_check import Call, Key, Ran, check_model, check_node, check_round
 from tests.torture.chaos_flows import FlowPlan, StepPlan, StepScript
@@ -50,7 +50,7 @@ def database(
     assert isinstance(server, LocalServer)
     name = f"t_{unique('c')[-12:]}"
     url = server.create_database(name)
-    _durable_commits(server, name)
+    durable_commits(server, name)
     return Database(url, request.param, server, name)
 
 

@@ -21,6 +21,7 @@ from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from tests.torture import model
 from tests.torture.engine import Observed, run_on, scheduled_failure
 from tests.torture.model import FlowShape, NodeEnd, RunEnd, StepShape
+from tests.torture.verdict import calls_of, check
 
 FLAGS = ("flag_a", "flag_b")
 MAX_STAGES = 4
@@ -28,8 +29,6 @@ MAX_WIDTH = 3
 MAX_RETRIES = 2
 MAX_CONCURRENCY = 4
 MAX_RETRIES_OF_RUN = 2  # `flowsmith retry` of a FAILED run
-# The outcomes of an attempt that called the step's function.
-CALLED = frozenset({AttemptOutcome.FAILED, AttemptOutcome.COMPLETED})
 
 
 @st.composite
@@ -58,56 +57,6 @@ def flow_shapes(draw: st.DrawFn) -> FlowShape:
         stages.append(stage)
         keys += [step.name for step in stage]
     return FlowShape(tuple(stages), flags)
-
-
-def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
-    """The engine's end of a run of ``shape`` is one the model allows."""
-    assert observed.status == expected.status
-    assert observed.calls == calls_of(observed.nodes), "the trace and the journal disagree"
-    if expected.failed_stage is None:
-        assert observed.nodes == expected.nodes
-        assert observed.data == expected.data
-        assert observed.error is None, "a COMPLETED run kept an error"
-    else:
-        check_failed(shape, expected, observed, expected.failed_stage)
-
-
-def check_failed(shape: FlowShape, expected: RunEnd, observed: Observed, failed: int) -> None:
-    """A FAILED run: the stages before ``failed`` as the model says, no stage after it
-    started, each node of it somewhere in its course, and one that failed the run."""
-    ran = {step.name for stage in shape.stages[: failed + 1] for step in stage}
-    assert set(observed.nodes) == ran, "a stage after the failed one was started"
-    for step in (step for stage in shape.stages[:failed] for step in stage):
-        assert observed.nodes[step.name] == expected.nodes[step.name], step.name
-    for step in shape.stages[failed]:
-        start = expected.start.get(step.name, model.NOT_STARTED)
-        allowed = model.cut_short(expected.nodes[step.name], start)
-        assert observed.nodes[step.name] in allowed, step.name
-    failing = [step.name for step in shape.stages[failed] if is_failure(expected, step.name)]
-    failed_as_scheduled = [
-        scheduled_failure(name, observed.nodes[name].attempt)
-        for name in failing
-        if observed.nodes[name] == expected.nodes[name]
-    ]
-    assert failed_as_scheduled, "no step failed the run as scheduled"
-    assert any(message in (observed.error or "") for message in failed_as_scheduled), (
-        f"the run's error is not that of a step that failed it: {observed.error!r}"
-    )
-
-
-def calls_of(nodes: dict[str, model.NodeEnd]) -> dict[str, list[int]]:
-    """The calls of the step functions that the nodes' attempt histories account for:
-    each attempt but a skipped one called its function once (a step that completed
-    never ran again, no attempt ran twice)."""
-    calls = {
-        name: [number for number, outcome in enumerate(end.attempts, 1) if outcome in CALLED]
-        for name, end in nodes.items()
-    }
-    return {name: numbers for name, numbers in calls.items() if numbers}
-
-
-def is_failure(expected: RunEnd, name: str) -> bool:
-    return expected.nodes[name].status is NodeStatus.FAILED
 
 
 @pytest.fixture(scope="module", params=["memory", "sqlite"])

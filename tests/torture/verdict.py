@@ -1,0 +1,65 @@
+"""Whether an engine's end of a run is one the reference model allows.
+
+Shared by the model checker (test_model.py) and the chaos run's checks
+(chaos_check.py): the comparison of what the engine did with what model.py says.
+"""
+
+from __future__ import annotations
+
+from flowsmith_worker.storage.base import AttemptOutcome, NodeStatus
+from tests.torture import model
+from tests.torture.engine import Observed, scheduled_failure
+from tests.torture.model import FlowShape, RunEnd
+
+# The outcomes of an attempt that called the step's function.
+CALLED = frozenset({AttemptOutcome.FAILED, AttemptOutcome.COMPLETED})
+
+
+def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
+    """The engine's end of a run of ``shape`` is one the model allows."""
+    assert observed.status == expected.status
+    assert observed.calls == calls_of(observed.nodes), "the trace and the journal disagree"
+    if expected.failed_stage is None:
+        assert observed.nodes == expected.nodes
+        assert observed.data == expected.data
+        assert observed.error is None, "a COMPLETED run kept an error"
+    else:
+        check_failed(shape, expected, observed, expected.failed_stage)
+
+
+def check_failed(shape: FlowShape, expected: RunEnd, observed: Observed, failed: int) -> None:
+    """A FAILED run: the stages before ``failed`` as the model says, no stage after it
+    started, each node of it somewhere in its course, and one that failed the run."""
+    ran = {step.name for stage in shape.stages[: failed + 1] for step in stage}
+    assert set(observed.nodes) == ran, "a stage after the failed one was started"
+    for step in (step for stage in shape.stages[:failed] for step in stage):
+        assert observed.nodes[step.name] == expected.nodes[step.name], step.name
+    for step in shape.stages[failed]:
+        start = expected.start.get(step.name, model.NOT_STARTED)
+        allowed = model.cut_short(expected.nodes[step.name], start)
+        assert observed.nodes[step.name] in allowed, step.name
+    failing = [step.name for step in shape.stages[failed] if is_failure(expected, step.name)]
+    failed_as_scheduled = [
+        scheduled_failure(name, observed.nodes[name].attempt)
+        for name in failing
+        if observed.nodes[name] == expected.nodes[name]
+    ]
+    assert failed_as_scheduled, "no step failed the run as scheduled"
+    assert any(message in (observed.error or "") for message in failed_as_scheduled), (
+        f"the run's error is not that of a step that failed it: {observed.error!r}"
+    )
+
+
+def calls_of(nodes: dict[str, model.NodeEnd]) -> dict[str, list[int]]:
+    """The calls of the step functions that the nodes' attempt histories account for:
+    each attempt but a skipped one called its function once (a step that completed
+    never ran again, no attempt ran twice)."""
+    calls = {
+        name: [number for number, outcome in enumerate(end.attempts, 1) if outcome in CALLED]
+        for name, end in nodes.items()
+    }
+    return {name: numbers for name, numbers in calls.items() if numbers}
+
+
+def is_failure(expected: RunEnd, name: str) -> bool:
+    return expected.nodes[name].status is NodeStatus.FAILED
