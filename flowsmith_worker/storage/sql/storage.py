@@ -228,7 +228,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         def work(conn: Connection) -> EnqueueResult:
             row = conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
             if row is None:
-                raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
+                raise FlowNotFound.for_tracking_id(tracking_id)
             _refuse_unreadable_status(row)
             if row.status != FlowStatus.FAILED:
                 raise RunNotRetryable.for_run(tracking_id, row.status)
@@ -1055,7 +1055,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         def work(conn: Connection) -> FlowRecord:
             row = self._lock_flow(conn, F.c.tracking_id == tracking_id)
             if row is None:
-                raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
+                raise FlowNotFound.for_tracking_id(tracking_id)
             _refuse_unreadable_status(row)
             if not progress.cancellable(row.status):
                 raise RunNotCancellable.for_run(tracking_id, row.status)
