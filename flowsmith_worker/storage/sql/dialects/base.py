@@ -102,6 +102,7 @@ class Dialect(ABC):
     # where a writing transaction takes the whole database's one write lock
     # (SQLite), an empty poll then takes none and waits on no other writer.
     claim_reads_first: ClassVar[bool] = False
+    # How a batch of finished steps reaches the database (each backend sets its own).
     batch_write: ClassVar[BatchWrite]
     # The database clock, in seconds since the epoch (UTC, whatever the time
     # zones). Built once at import: building it afresh took 14 % of a step's
