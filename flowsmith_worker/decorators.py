@@ -76,7 +76,7 @@ from typing import Any, TypeVar, overload
 from flowsmith_worker import event_loop
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
-from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.errors import InvalidFlowDefinition
 from flowsmith_worker.flow import Condition, Flow, registry
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES
 from flowsmith_worker.retry import Backoff
@@ -199,7 +199,7 @@ def _build(
     try:
         body()
         if not flow.stages:
-            raise FlowSmithError(
+            raise InvalidFlowDefinition(
                 f"workflow {name!r} defines no steps: declare them inside its body "
                 "with @step, @parallel or @subflow"
             )
@@ -219,7 +219,7 @@ def _current(decorator: str, target: Callable[..., Any]) -> Flow:
     flow = _building.get()
     if flow is None:
         where = getattr(target, "__qualname__", repr(target))
-        raise FlowSmithError(
+        raise InvalidFlowDefinition(
             f"{decorator} on {where} is outside a @workflow body: define steps inside the "
             "function decorated with @workflow(...), or use Flow.step() to build a flow by hand"
         )
@@ -328,7 +328,7 @@ def parallel(fn: BlockFn | None = None, /) -> BlockFn | Callable[[BlockFn], Bloc
         with flow.parallel():
             target()
         if len(flow.stages) == before:
-            raise FlowSmithError(
+            raise InvalidFlowDefinition(
                 f"workflow {flow.name!r}: @parallel block {target.__name__!r} declares no steps"
             )
         return target

@@ -71,7 +71,12 @@ class ConnectionNotUsable(FlowSmithError, TypeError):
     of your transaction, on the database of the flow's storage. Nothing was written."""
 
 
-class DuplicateFlowName(FlowSmithError):
+class InvalidFlowDefinition(FlowSmithError):
+    """The flow's definition cannot run (no steps, a step name twice, nested parallel
+    groups, a step outside a @workflow body): fix the code that defines it."""
+
+
+class DuplicateFlowName(InvalidFlowDefinition):
     """Two different flows were defined with the same name."""
 
 
@@ -79,6 +84,13 @@ class FlowNotFound(FlowSmithError):
     """No flow run has that tracking_id."""
 
     exit_code = EXIT_NOT_FOUND
+
+    @classmethod
+    def for_tracking_id(cls, tracking_id: str) -> FlowNotFound:
+        return cls(
+            f"no flow run has tracking_id {tracking_id!r} (it was never enqueued, or it "
+            "was pruned); `flowsmith flows` lists the runs there are"
+        )
 
 
 class FlowNotDefined(FlowSmithError):

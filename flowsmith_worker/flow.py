@@ -24,7 +24,7 @@ from flowsmith_worker import event_loop, payload
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.cron import instant_of, validate_cron
-from flowsmith_worker.errors import FlowSmithError
+from flowsmith_worker.errors import InvalidFlowDefinition
 from flowsmith_worker.identifiers import (
     MAX_TRACKING_ID_LENGTH as MAX_TRACKING_ID_LENGTH,  # re-exported: callers import it here
 )
@@ -191,7 +191,7 @@ class Flow:
     def parallel(self) -> Iterator[Flow]:
         """Steps added inside run at the same time; the next step waits for all of them."""
         if self._group is not None:
-            raise FlowSmithError(f"flow {self.name!r}: parallel groups cannot nest")
+            raise InvalidFlowDefinition(f"flow {self.name!r}: parallel groups cannot nest")
         self._group = []
         try:
             yield self
@@ -205,7 +205,9 @@ class Flow:
         if self.get_step(spec.name) is not None or any(
             s.name == spec.name for s in self._group or []
         ):
-            raise FlowSmithError(f"flow {self.name!r} already has a step named {spec.name!r}")
+            raise InvalidFlowDefinition(
+                f"flow {self.name!r} already has a step named {spec.name!r}"
+            )
         if spec.retries < 0:
             raise ValueError(f"step {spec.name!r}: retries={spec.retries} cannot be negative")
         if isinstance(spec.max_rescues, bool) or not isinstance(spec.max_rescues, int):
@@ -378,9 +380,11 @@ class Flow:
 
     def _runnable_plan(self) -> Plan:
         if not self.stages:
-            raise FlowSmithError(f"flow {self.name!r} has no steps")
+            raise InvalidFlowDefinition(f"flow {self.name!r} has no steps")
         if self._group is not None:
-            raise FlowSmithError(f"flow {self.name!r}: run() inside its own parallel() block")
+            raise InvalidFlowDefinition(
+                f"flow {self.name!r}: run() inside its own parallel() block"
+            )
         return self.plan()
 
     def _request(

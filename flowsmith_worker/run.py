@@ -35,12 +35,7 @@ class FlowRun:
 
     def record(self, with_payloads: bool = True) -> FlowRecord:
         """The run as stored; ``with_payloads=False`` leaves its input and output unread."""
-        found = self.storage.get_flow(tracking_id=self.tracking_id, with_payloads=with_payloads)
-        if found is None:
-            raise FlowNotFound(
-                f"no flow run has tracking_id {self.tracking_id!r} "
-                "(it was never committed, or it was pruned)"
-            )
+        found = stored_run(self.storage, self.tracking_id, with_payloads=with_payloads)
         if found.unreadable:  # its placeholders must not pass for the run's state
             raise UnreadableRow(
                 f"flow run {self.tracking_id!r} cannot be read: "
@@ -156,6 +151,15 @@ class _Waiting:
         return pause
 
 
+def stored_run(storage: Storage, tracking_id: str, *, with_payloads: bool = True) -> FlowRecord:
+    """The run with that tracking_id as stored, its unreadable values marked (see
+    FlowRecord.unreadable); FlowNotFound if there is none (never committed, or pruned)."""
+    found = storage.get_flow(tracking_id=tracking_id, with_payloads=with_payloads)
+    if found is None:
+        raise FlowNotFound.for_tracking_id(tracking_id)
+    return found
+
+
 def find_run(tracking_id: str, storage: Storage, flow_name: str | None = None) -> FlowRun:
     """The handle of the stored run with that tracking_id (of flow ``flow_name``, if given).
 
@@ -163,12 +167,7 @@ def find_run(tracking_id: str, storage: Storage, flow_name: str | None = None) -
     of another flow.
     """
     check_identifier("tracking_id", tracking_id, MAX_TRACKING_ID_LENGTH)
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
-    if record is None:
-        raise FlowNotFound(
-            f"no flow run has tracking_id {tracking_id!r} (it was never committed, "
-            "or it was pruned); `flowsmith flows` lists the runs there are"
-        )
+    record = stored_run(storage, tracking_id, with_payloads=False)
     if flow_name is not None and record.flow_name != flow_name:
         raise FlowNotFound(
             f"tracking_id {tracking_id!r} is a run of flow {record.flow_name!r}, not of "

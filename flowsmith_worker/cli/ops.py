@@ -40,7 +40,6 @@ from flowsmith_worker.cli.params import (
 )
 from flowsmith_worker.config import resolve_database_url
 from flowsmith_worker.errors import (
-    FlowNotFound,
     InvalidIdentifier,
 )
 from flowsmith_worker.flow import MAX_TRACKING_ID_LENGTH
@@ -53,6 +52,7 @@ from flowsmith_worker.readable import (
     format_time,
     short_worker,
 )
+from flowsmith_worker.run import stored_run
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import (
     AttemptRecord,
@@ -107,16 +107,6 @@ def open_storage(url: str | None, *, read_only: bool = False) -> Iterator[Storag
         yield storage
     finally:
         storage.close()
-
-
-def get_flow_or_exit(storage: Storage, tracking_id: str, with_payloads: bool = False) -> FlowRecord:
-    flow = storage.get_flow(tracking_id=tracking_id, with_payloads=with_payloads)
-    if flow is None:
-        raise FlowNotFound(
-            f"no flow run has tracking_id {tracking_id!r} "
-            "(it was never enqueued, or it was pruned); `flowsmith flows` lists the runs"
-        )
-    return flow
 
 
 def elapsed(start: float | None, end: float | None) -> float | None:
@@ -269,7 +259,7 @@ def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
         | xargs -n1 flowsmith retry
     """
     with open_storage(url) as storage:
-        flow = get_flow_or_exit(storage, tracking_id)
+        flow = stored_run(storage, tracking_id, with_payloads=False)
         requeued = [
             n.step_name
             for n in storage.list_nodes(flow_id=flow.id, with_payloads=False)
@@ -310,7 +300,7 @@ def cancel(tracking_id: str, url: str | None, as_json: bool) -> None:
       flowsmith cancel order_123 --json | jq .running_steps
     """
     with open_storage(url) as storage:
-        flow = get_flow_or_exit(storage, tracking_id)
+        flow = stored_run(storage, tracking_id, with_payloads=False)
         already = flow.status == FlowStatus.CANCELLED
         record = flow if already else storage.cancel_flow(tracking_id=tracking_id)
         nodes = storage.list_nodes(flow_id=record.id, with_payloads=False)

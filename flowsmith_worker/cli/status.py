@@ -32,7 +32,6 @@ from flowsmith_worker.cli.ops import (
     checked_tracking_id,
     echo_unreadable,
     elapsed,
-    get_flow_or_exit,
     open_storage,
     status_cell,
     wide_option,
@@ -50,6 +49,7 @@ from flowsmith_worker.readable import (
     format_time,
     short_worker,
 )
+from flowsmith_worker.run import stored_run
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     AttemptRecord,
@@ -90,7 +90,7 @@ class Snapshot:
 
 
 def read_snapshot(storage: Storage, tracking_id: str, with_payloads: bool = False) -> Snapshot:
-    flow = get_flow_or_exit(storage, tracking_id, with_payloads=with_payloads)
+    flow = stored_run(storage, tracking_id, with_payloads=with_payloads)
     nodes = storage.list_nodes(flow_id=flow.id, with_payloads=with_payloads)
     return Snapshot(flow, nodes, storage.current_time())
 

@@ -66,8 +66,8 @@ _PG_CLAIMS = {
 
 def claim_roles(dialect: Dialect) -> dict[int, str]:
     """The prebuilt claim constructs of ``dialect`` (by identity), each with its role."""
-    if dialect.name == "postgresql":
-        return {}
+    if dialect.claims_in_one_statement:
+        return {}  # its claim is _PG_CLAIMS's one statement
     built = sql_claim.statements(dialect)
     return {
         id(built.sqlite_precheck): "claim: anything due? (SQLite)",

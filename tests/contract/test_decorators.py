@@ -23,8 +23,8 @@ from flowsmith_worker import (
     DuplicateFlowName,
     Flow,
     FlowRun,
-    FlowSmithError,
     FlowStatus,
+    InvalidFlowDefinition,
     NodeStatus,
     StepFailed,
     Worker,
@@ -228,7 +228,8 @@ def test_workflow_is_registered_when_its_module_is_imported(
 @pytest.mark.parametrize("decorator", ["step", "parallel", "subflow", "step(retries=1)"])
 def test_decorators_outside_a_workflow_body_raise(decorator: str) -> None:
     """`@step`, `@parallel` and `@subflow` outside a @workflow body raise a clear error
-    naming the decorator and the function, instead of silently doing nothing.
+    naming the decorator and the function (InvalidFlowDefinition), instead of
+    silently doing nothing.
     """
     decorators: dict[str, Callable[[Any], Any]] = {
         "step": step,
@@ -240,7 +241,7 @@ def test_decorators_outside_a_workflow_body_raise(decorator: str) -> None:
     def stray(ctx: Context) -> None:
         return None
 
-    with pytest.raises(FlowSmithError, match=r"outside a @workflow body") as raised:
+    with pytest.raises(InvalidFlowDefinition, match=r"outside a @workflow body") as raised:
         decorators[decorator](stray)
     assert "stray" in str(raised.value) and "@" + decorator.split("(")[0] in str(raised.value)
 
@@ -294,17 +295,18 @@ def test_definition_mistakes_raise_and_leave_nothing_registered(
     unique: Callable[[str], str],
 ) -> None:
     """A workflow without steps, an empty or nested @parallel, a duplicate step name, or
-    an exception in the body raises at definition, and the name stays free.
+    an exception in the body raises at definition (InvalidFlowDefinition for the
+    definition's own mistakes), and the name stays free.
     """
     name = unique("mistake")
 
-    with pytest.raises(FlowSmithError, match="defines no steps"):
+    with pytest.raises(InvalidFlowDefinition, match="defines no steps"):
 
         @workflow(name)
         def empty() -> None:
             pass
 
-    with pytest.raises(FlowSmithError, match="declares no steps"):
+    with pytest.raises(InvalidFlowDefinition, match="declares no steps"):
 
         @workflow(name)
         def empty_block() -> None:
@@ -315,7 +317,7 @@ def test_definition_mistakes_raise_and_leave_nothing_registered(
             def nothing() -> None:
                 pass
 
-    with pytest.raises(FlowSmithError, match="cannot nest"):
+    with pytest.raises(InvalidFlowDefinition, match="cannot nest"):
 
         @workflow(name)
         def nested() -> None:
@@ -326,7 +328,7 @@ def test_definition_mistakes_raise_and_leave_nothing_registered(
                     @step
                     def a(ctx: Context) -> None: ...
 
-    with pytest.raises(FlowSmithError, match="already has a step named 'a'"):
+    with pytest.raises(InvalidFlowDefinition, match="already has a step named 'a'"):
 
         @workflow(name)
         def duplicate() -> None:

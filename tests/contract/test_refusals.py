@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from flowsmith_worker import Context, Flow, FlowStatus, Worker
+from flowsmith_worker import Context, Flow, FlowStatus, Worker, get_run
 from flowsmith_worker.cli import main
 from flowsmith_worker.errors import (
     EXIT_ERROR,
@@ -196,3 +196,27 @@ def test_the_cli_prints_each_refusal_with_its_exit_code(
     assert result.exit_code == exit_code, result.output
     assert result.stderr.startswith("Error: ") and said in result.stderr, result.stderr
     assert "Traceback" not in result.output
+
+
+def test_an_unknown_tracking_id_is_said_in_the_same_words_everywhere(sqlite_url: str) -> None:
+    """The engine words FlowNotFound for an unknown tracking_id once: the storage's
+    retry and cancel, get_run, and `flowsmith status/retry/cancel` (exit code 3)
+    all say exactly FlowNotFound.for_tracking_id's message."""
+    said = str(FlowNotFound.for_tracking_id("nope"))
+    storage = create_storage(sqlite_url)
+    try:
+        for act in (storage.resume_flow, storage.cancel_flow, get_run_of(storage)):
+            with pytest.raises(FlowNotFound) as raised:
+                act(tracking_id="nope")
+            assert str(raised.value) == said
+    finally:
+        storage.close()
+    for command in ("status", "retry", "cancel"):
+        result = cli(sqlite_url, command, "nope")
+        assert result.exit_code == EXIT_NOT_FOUND, result.output
+        assert result.stderr == f"Error: {said}\n", result.stderr
+
+
+def get_run_of(storage: Storage) -> Callable[..., Any]:
+    """get_run on ``storage``, called as the storage's own methods are (tracking_id=)."""
+    return lambda tracking_id: get_run(tracking_id, storage)

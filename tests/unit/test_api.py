@@ -17,6 +17,7 @@ from flowsmith_worker import (
     Flow,
     FlowSmithNotConfigured,
     InMemoryStorage,
+    InvalidFlowDefinition,
     errors,
 )
 from flowsmith_worker.cli import main
@@ -75,6 +76,28 @@ def test_a_second_different_flow_of_the_same_name_is_an_error(unique: Names) -> 
     Flow(name)
     with pytest.raises(DuplicateFlowName, match=name):
         Flow(name)
+
+
+def test_mistakes_in_a_flow_built_by_hand_are_invalid_flow_definitions(unique: Names) -> None:
+    """Flow's builder refuses a definition that cannot run with InvalidFlowDefinition (a
+    FlowSmithError, exit code 1), saying which flow and what is wrong: a step name
+    twice, nested parallel groups, a run of a flow without steps, or a run started
+    inside the flow's own parallel() block. A duplicate flow name is one too."""
+    storage = InMemoryStorage()
+    flow = Flow(unique("by_hand"), storage=storage).step("a", lambda ctx: 1)
+    with pytest.raises(InvalidFlowDefinition, match="already has a step named 'a'") as raised:
+        flow.step("a", lambda ctx: 2)
+    assert raised.value.exit_code == 1
+    nested = pytest.raises(InvalidFlowDefinition, match="parallel groups cannot nest")
+    with nested, flow.parallel(), flow.parallel():
+        pass
+    inside = pytest.raises(InvalidFlowDefinition, match="inside its own parallel")
+    with inside, flow.parallel():
+        flow.step("b", lambda ctx: 2)
+        flow.run({})
+    with pytest.raises(InvalidFlowDefinition, match="has no steps"):
+        Flow(unique("empty"), storage=storage).run({})
+    assert issubclass(DuplicateFlowName, InvalidFlowDefinition)
 
 
 def test_the_same_definition_executed_again_replaces_the_old_one(unique: Names) -> None:

@@ -49,7 +49,7 @@ from sqlalchemy.engine import Connection
 from flowsmith_worker import progress
 from flowsmith_worker.storage.base import Chain, Finished, NodeStatus
 from flowsmith_worker.storage.sql.base import FLOW_STATE
-from flowsmith_worker.storage.sql.dialects import MYSQL_UTC_EPOCH_SQL
+from flowsmith_worker.storage.sql.dialects import MYSQL_UTC_EPOCH_SQL, BatchWrite
 from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
 _NOW = "CAST(EXTRACT(epoch FROM now()) AS DOUBLE PRECISION)"
@@ -257,15 +257,15 @@ class FinishBatch:
         self.finishes.append(move.finishes)
 
     def apply(
-        self, conn: Connection, dialect: str, chain: Chain | None, *, prepare: bool = True
+        self, conn: Connection, how: BatchWrite, chain: Chain | None, *, prepare: bool = True
     ) -> Applied:
-        """Write the batch (see Applied). ``prepare``: PostgreSQL sends FINISH_PG as
-        a prepared statement."""
+        """Write the batch (see Applied), the way the database unpacks it. ``prepare``:
+        PostgreSQL sends FINISH_PG as a prepared statement."""
         chained = {
             "chain_to": None if chain is None else chain.worker_id,
             "lease_seconds": None if chain is None else chain.lease_seconds,
         }
-        if dialect == "postgresql":
+        if how is BatchWrite.ARRAYS:
             values = {**vars(self), **chained}
             rows = FINISH_PG_PREPARED.execute(conn, values, prepare=prepare).all()
             won = {
@@ -274,7 +274,7 @@ class FinishBatch:
                 if row.won
             }
             return Applied(won, frozenset(row.node_id for row in rows if row.deferred))
-        if dialect == "mysql":
+        if how is BatchWrite.JSON_TABLE:
             return Applied(_apply_on_mysql(self, conn, chained))
         return Applied(self._apply_on_sqlite(conn, chained))
 

@@ -73,6 +73,7 @@ from flowsmith_worker.storage.sql.base import (
     node_record,
 )
 from flowsmith_worker.storage.sql.context import RunPayloads
+from flowsmith_worker.storage.sql.dialects import BatchWrite
 from flowsmith_worker.storage.sql.enqueue import SqlEnqueue, stage_rows
 from flowsmith_worker.storage.sql.finish import LOCK_RUNS_PG, FinishBatch, Move
 from flowsmith_worker.storage.sql.operators import SqlOperators
@@ -227,7 +228,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         def work(conn: Connection) -> EnqueueResult:
             row = conn.execute(sa.select(F).where(F.c.tracking_id == tracking_id)).first()
             if row is None:
-                raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
+                raise FlowNotFound.for_tracking_id(tracking_id)
             _refuse_unreadable_status(row)
             if row.status != FlowStatus.FAILED:
                 raise RunNotRetryable.for_run(tracking_id, row.status)
@@ -397,9 +398,9 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
 
     def _claim_uncapped(self, params: dict[str, Any]) -> _Claimed | None:
         """The claim when no queue of the worker is capped; None if one is."""
-        if self.dialect.name == "postgresql":
+        if self.dialect.claims_in_one_statement:
             return self._transact(lambda conn: self._claim_in_one(conn, params))
-        if self.dialect.name == "sqlite":
+        if self.dialect.claim_reads_first:
             # A plain BEGIN reads without the write lock: an empty poll takes none,
             # and another process writing does not make it wait.
             due = self._read(lambda conn: conn.execute(self._claims.sqlite_precheck, params).one())
@@ -608,7 +609,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
 
     def _lock_flows(self, conn: Connection, flow_ids: Sequence[int]) -> dict[int, Row[Any]]:
         """The runs' rows, locked in id order (as every batch locks them) until commit."""
-        if self.dialect.name == "postgresql":
+        if self.dialect.binds_arrays:
             values = {"flow_ids": list(flow_ids)}
             locked = LOCK_RUNS_PG.execute(conn, values, prepare=self.prepares).all()
             return {row.id: row for row in locked}
@@ -650,8 +651,8 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         parent when it completes) or over (the outcome recorded, nothing more,
         as _move_in_one does); it defers any other to the general path.
         """
-        if self.dialect.name != "postgresql":
-            return None
+        if self.dialect.batch_write is not BatchWrite.ARRAYS:
+            return None  # only that write checks each run itself
         moves = []
         for item in finished:
             plan = self._known_plans.get(item.lease.flow_id)
@@ -665,8 +666,8 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
 
     def _remember_plan(self, flow_id: int, plan: Plan) -> None:
         """A run's plan never changes once enqueued; its id is never reused."""
-        if self.dialect.name != "postgresql":
-            return
+        if self.dialect.batch_write is not BatchWrite.ARRAYS:
+            return  # no use: _moves_from_known_plans asks for none
         if len(self._known_plans) >= _KNOWN_PLANS:
             self._known_plans.clear()  # runs long finished make most of it
         self._known_plans[flow_id] = plan
@@ -685,7 +686,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
     ) -> list[Written | None]:
         """Apply the moves of ``together`` set-based (sql/finish.py); the answers in its
         order, None for an item deferred to the general path."""
-        applied = together.apply(conn, self.dialect.name, chain, prepare=self.prepares)
+        applied = together.apply(conn, self.dialect.batch_write, chain, prepare=self.prepares)
         won = applied.won
         answers: list[Written | None] = []
         for node_id, flow_id, finishes in zip(
@@ -1054,7 +1055,7 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
         def work(conn: Connection) -> FlowRecord:
             row = self._lock_flow(conn, F.c.tracking_id == tracking_id)
             if row is None:
-                raise FlowNotFound(f"no flow run has tracking_id {tracking_id!r}")
+                raise FlowNotFound.for_tracking_id(tracking_id)
             _refuse_unreadable_status(row)
             if not progress.cancellable(row.status):
                 raise RunNotCancellable.for_run(tracking_id, row.status)

@@ -2,7 +2,9 @@
 
 One Dialect subclass per backend (sqlite.py, postgresql.py, mysql.py, on the
 shared base.py), and the engine each needs (engine.py). The SQL storage asks its
-dialect how to do a thing, and what an error means, never which database it is on.
+dialect how to do a thing (its capabilities: claims_in_one_statement,
+batch_write, binds_arrays, ...), and what an error means, never which database
+it is on: a `name` is for messages and SQLAlchemy, not for branching.
 """
 
 from flowsmith_worker.storage.sql.dialects.base import (
@@ -10,6 +12,7 @@ from flowsmith_worker.storage.sql.dialects.base import (
     MISSING_SCHEMA,
     READ_ONLY_OPTION,
     UNAVAILABLE,
+    BatchWrite,
     DbError,
     Dialect,
     is_stale_connection,
@@ -26,6 +29,7 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "READ_ONLY_OPTION",
     "UNAVAILABLE",
+    "BatchWrite",
     "DbError",
     "Dialect",
     "SqliteMode",

@@ -62,6 +62,20 @@ UNAVAILABLE = frozenset(
 MISSING_SCHEMA = frozenset({DbError.UNDEFINED_TABLE, DbError.UNDEFINED_COLUMN})
 
 
+class BatchWrite(enum.Enum):
+    """How a batch of finished steps is written in a few statements (sql/finish.py):
+    the batch's items reach the database as one parameter, unpacked by the
+    database's own idiom."""
+
+    # PostgreSQL: arrays, unnest()ed by one data-modifying CTE that also locks
+    # each item's run and checks it is as the item's move assumes.
+    ARRAYS = "arrays"
+    # MySQL/MariaDB: JSON_TABLE over a JSON array, a statement per kind of write.
+    JSON_TABLE = "JSON_TABLE"
+    # SQLite: json_each over a JSON array, a statement per kind of write.
+    JSON_EACH = "json_each"
+
+
 class Dialect(ABC):
     """One database backend: its SQL idioms, and what its drivers' errors mean.
 
@@ -78,6 +92,18 @@ class Dialect(ABC):
     enqueues_in_one_statement: ClassVar[bool] = False
     # Whether the hot statements can be PREPAREd (see sql/prepared.py).
     prepares_statements: ClassVar[bool] = False
+    # Whether a list binds as one array parameter (`id = ANY(:ids)`): one
+    # statement text, and one prepared plan, whatever the list's length.
+    binds_arrays: ClassVar[bool] = False
+    # Whether a claim picks, leases and starts runs in one statement (a
+    # data-modifying CTE, see sql/claim.py); the others take several.
+    claims_in_one_statement: ClassVar[bool] = False
+    # Whether a claim first reads, without a write lock, whether anything is due:
+    # where a writing transaction takes the whole database's one write lock
+    # (SQLite), an empty poll then takes none and waits on no other writer.
+    claim_reads_first: ClassVar[bool] = False
+    # How a batch of finished steps reaches the database (each backend sets its own).
+    batch_write: ClassVar[BatchWrite]
     # The database clock, in seconds since the epoch (UTC, whatever the time
     # zones). Built once at import: building it afresh took 14 % of a step's
     # CPU, and an expression is immutable, so statements share it.

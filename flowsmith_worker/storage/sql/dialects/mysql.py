@@ -12,7 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
-from flowsmith_worker.storage.sql.dialects.base import DbError, Dialect
+from flowsmith_worker.storage.sql.dialects.base import BatchWrite, DbError, Dialect
 
 MIGRATION_LOCK_NAME = "flowsmith_migrate"
 # MySQL's clock as UTC epoch seconds. UNIX_TIMESTAMP(NOW(6)) would pass through
@@ -63,6 +63,7 @@ ERROR_NUMBERS = {
 
 class MysqlDialect(Dialect):
     name = "mysql"
+    batch_write = BatchWrite.JSON_TABLE
     _now: ClassVar[sa.ColumnElement[float]] = MYSQL_UTC_EPOCH
 
     def insert_if_absent(self, table: sa.Table) -> Any:

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
-from flowsmith_worker.storage.sql.dialects.base import DbError, Dialect
+from flowsmith_worker.storage.sql.dialects.base import BatchWrite, DbError, Dialect
 
 # pg_advisory_xact_lock takes a bigint; any constant of ours will do.
 MIGRATION_LOCK_KEY = 0x666C6F77736D  # "flowsm"
@@ -45,6 +45,9 @@ class PostgresDialect(Dialect):
     supports_notify = True
     enqueues_in_one_statement = True
     prepares_statements = True
+    binds_arrays = True
+    claims_in_one_statement = True
+    batch_write = BatchWrite.ARRAYS
     # now() is the transaction's start: our transactions are short, and a
     # stable value (unlike clock_timestamp()) can bound an index scan.
     _now: ClassVar[sa.ColumnElement[float]] = sa.cast(

@@ -16,7 +16,12 @@ from sqlalchemy.engine import Connection, Engine
 
 from flowsmith_worker.config import URL_ENV_VARS
 from flowsmith_worker.errors import DatabaseNotFound
-from flowsmith_worker.storage.sql.dialects.base import READ_ONLY_OPTION, DbError, Dialect
+from flowsmith_worker.storage.sql.dialects.base import (
+    READ_ONLY_OPTION,
+    BatchWrite,
+    DbError,
+    Dialect,
+)
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 # Between tries at switching a file to WAL while another connection switches it.
@@ -59,6 +64,8 @@ SQLITE_ERROR_MESSAGES = {
 class SqliteDialect(Dialect):
     name = "sqlite"
     has_row_locks = False
+    claim_reads_first = True
+    batch_write = BatchWrite.JSON_EACH
     _now: ClassVar[sa.ColumnElement[float]] = (sa.func.julianday("now") - 2440587.5) * 86400.0
 
     def greatest(self, *values: Any) -> sa.ColumnElement[float]:
