@@ -77,8 +77,9 @@ BACKEND ?= postgresql
 torture: $(DEV_STAMP) ## the chaos run: workers SIGKILLed, databases crashed (SEED= DURATION= BACKEND=)
 	$(BIN)/python -m tests.torture.chaos --backend $(BACKEND) --duration $(DURATION) $(if $(SEED),--seed $(SEED))
 
-bench: $(DEV_STAMP) ## throughput, latency, per-step costs on every backend (durable settings; ~10 min)
+bench: $(DEV_STAMP) ## throughput, latency, per-step costs on every backend, then the scaling curve (durable; ~12 min)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+	$(BIN)/python -m tests.bench.curve $(CURVE_ARGS)
 
 bench-curve: $(DEV_STAMP) ## steps/s of 1, 2, 4, 8 workers on PostgreSQL, direct and via PgBouncer, with wait events and CPU
 	$(BIN)/python -m tests.bench.curve $(CURVE_ARGS)
