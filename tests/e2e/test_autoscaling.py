@@ -29,6 +29,8 @@ import sqlalchemy as sa
 import yaml
 
 from flowsmith_worker import Flow, Worker
+from flowsmith_worker.cli.worker import worker as worker_command
+from flowsmith_worker.connections import most_per_worker
 from flowsmith_worker.context import Context
 from flowsmith_worker.metrics import WorkerMetrics
 from flowsmith_worker.storage import create_storage
@@ -307,7 +309,32 @@ def test_keda_scaler_targets_the_workers_with_the_workers_secret(backend: str) -
     assert ref["key"] in secret["stringData"]
     assert float(trigger["metadata"][SCALER_KEYS[backend][1]]) > 0
     spec = scaled["spec"]
-    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    assert spec["minReplicaCount"] >= 1, "with no worker, cron flows and rescues stop"
+    assert_fits_the_default_connection_limit(spec["maxReplicaCount"], backend)
+
+
+# What a role may open on a server left at its defaults: PostgreSQL's max_connections
+# 100 less its 3 superuser_reserved_connections; MariaDB's max_connections 151.
+DEFAULT_CONNECTION_LIMIT = {"postgresql": 97, "mysql": 151}
+
+
+def worker_concurrency() -> int:
+    """The Deployment's --concurrency, or the worker command's default."""
+    args = one_object("Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    if "--concurrency" in args:
+        return int(args[args.index("--concurrency") + 1])
+    (option,) = [p for p in worker_command.params if p.name == "concurrency"]
+    return int(option.default)
+
+
+def assert_fits_the_default_connection_limit(replicas: int, backend: str) -> None:
+    """The most replicas, each opening what connections.py says a worker may (with
+    LISTEN on PostgreSQL), stay under the server's default connection limit."""
+    per_worker = most_per_worker(worker_concurrency(), listens=backend == "postgresql")
+    limit = DEFAULT_CONNECTION_LIMIT[backend]
+    assert replicas * per_worker <= limit, (
+        f"{replicas} workers x {per_worker} connections exceed {backend}'s default {limit}"
+    )
 
 
 def _hpa() -> dict[str, Any]:
@@ -350,7 +377,9 @@ def test_hpa_reads_the_backlog_the_workers_export_through_the_adapter_rule() -> 
     assert query.startswith("max by (queue) ("), query
     assert "<<.LabelMatchers>>" in query, "the HPA's selector and namespace would be ignored"
     assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
-    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    assert hpa["spec"]["minReplicas"] >= 1, "with no worker, cron flows and rescues stop"
+    # The HPA reads a metric, not a database: size it for the tighter, PostgreSQL.
+    assert_fits_the_default_connection_limit(hpa["spec"]["maxReplicas"], "postgresql")
 
 
 def _kustomize_with(tmp_path: Path, component: str) -> list[dict[str, Any]]:
