@@ -10,6 +10,7 @@ from flowsmith_worker.errors import (
     DatabaseNotFound,
     DatabaseUnavailable,
     DuplicateFlowName,
+    EventRefused,
     FlowAlreadyCompleted,
     FlowCancelled,
     FlowNotDefined,
@@ -39,6 +40,7 @@ from flowsmith_worker.errors import (
     UnreadableRow,
     UnsupportedDatabase,
 )
+from flowsmith_worker.events import send_event
 from flowsmith_worker.flow import Flow
 from flowsmith_worker.rescue import start_watchdog
 from flowsmith_worker.retry import exponential, fixed
@@ -57,6 +59,7 @@ __all__ = [
     "DatabaseNotFound",
     "DatabaseUnavailable",
     "DuplicateFlowName",
+    "EventRefused",
     "Flow",
     "FlowAlreadyCompleted",
     "FlowCancelled",
@@ -97,5 +100,6 @@ __all__ = [
     "exponential",
     "fixed",
     "get_run",
+    "send_event",
     "start_watchdog",
 ]

@@ -30,7 +30,14 @@ from flowsmith_worker.identifiers import (
 )
 from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.log import get_logger
-from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
+from flowsmith_worker.plan import (
+    DEFAULT_MAX_RESCUES,
+    SLEEP,
+    STEP,
+    WAIT_FOR_EVENT,
+    Plan,
+    PlannedStep,
+)
 from flowsmith_worker.registry import Registry
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
 from flowsmith_worker.run import FlowRun, find_run
@@ -41,6 +48,10 @@ from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
 StepFunction = Callable[[Context], Any]
 Condition = Callable[[Context], bool] | Callable[[Context], Awaitable[bool]]
 TrackingIdSource = str | Callable[[Context], str] | None
+# When a sleep ends: a timezone-aware datetime computed from ctx.
+WakeTime = Callable[[Context], datetime]
+# A wait_for's on_timeout that fails the step (anything else is its output).
+FAIL = "fail"
 
 log = get_logger(__name__)
 # The widths of fs_flows.flow_name and fs_nodes.step_name (and of
@@ -49,6 +60,32 @@ log = get_logger(__name__)
 # longer value than the other databases accept).
 MAX_NAME_LENGTH = 200
 MAX_QUEUE_LENGTH = 100  # fs_flows.queue and fs_nodes.queue
+
+
+@dataclass(frozen=True)
+class Parking:
+    """What a sleep or a wait for an event waits for (see parking.py)."""
+
+    kind: str  # plan.SLEEP or plan.WAIT_FOR_EVENT
+    seconds: float | None = None  # a sleep's length, a wait's timeout; None: no limit
+    until: WakeTime | None = None  # a sleep's end, from ctx
+    on_timeout: Any = FAIL  # a wait's output when it times out, or FAIL
+
+    def wake_instant(self, ctx: Context) -> float | None:
+        """``until(ctx)`` as seconds since the epoch (None without ``until``)."""
+        if self.until is None:
+            return None
+        wake = self.until(ctx)
+        if not isinstance(wake, datetime):
+            raise TypeError(
+                f"sleep step {ctx.step!r}: until= returned {wake!r}, not a datetime; "
+                "return a timezone-aware datetime"
+            )
+        return instant_of(wake)
+
+
+def _never_called(_ctx: Context) -> None:
+    """The function of a sleep or wait step: the executor parks it instead of calling."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +100,8 @@ class StepSpec:
     subflow: bool = False
     # Re-runs after a lost worker, counted apart from retries (see plan.py).
     max_rescues: int = DEFAULT_MAX_RESCUES
+    # A sleep or a wait for an event: parked, never called (see parking.py).
+    parking: Parking | None = None
     # Whether fn, the condition, or either is ``async def`` (awaited on the
     # process's event loop, see event_loop.py): decided once here, so running a
     # sync step costs one attribute read more, not an inspection per attempt.
@@ -187,6 +226,52 @@ class Flow:
         )
         return self._add(spec)
 
+    def sleep(
+        self,
+        name: str,
+        *,
+        seconds: float | None = None,
+        until: WakeTime | None = None,
+    ) -> Flow:
+        """Add a step that waits ``seconds``, or until the datetime ``until(ctx)`` returns.
+
+        The run holds no worker slot or thread meanwhile: its node is parked in
+        the database, survives any worker restart, and runs on within a poll
+        interval of its time (by the database clock). Its output is None.
+        """
+        if (seconds is None) == (until is None):
+            raise ValueError(f"sleep {name!r}: give seconds= or until=, one of them")
+        if seconds is not None and (isinstance(seconds, bool) or not seconds >= 0):
+            raise ValueError(f"sleep {name!r}: seconds={seconds!r} must be a number >= 0")
+        if until is not None and (not callable(until) or event_loop.is_async(until)):
+            raise TypeError(
+                f"sleep {name!r}: until={until!r} must be a plain function of ctx "
+                "returning a timezone-aware datetime"
+            )
+        parking = Parking(SLEEP, seconds=seconds, until=until)
+        return self._add(StepSpec(name, _never_called, parking=parking))
+
+    def wait_for(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        on_timeout: Any = FAIL,
+    ) -> Flow:
+        """Add a step that waits for the event ``name``, sent with ``send_event``.
+
+        The event's payload becomes this step's output. An event sent before the
+        run gets here is kept and used when it does. After ``timeout`` seconds
+        (None: no limit) without it, the step fails (``on_timeout="fail"``) or
+        outputs ``on_timeout``. The run holds no slot or thread while it waits.
+        """
+        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+            raise ValueError(f"wait_for {name!r}: timeout={timeout!r} must be positive seconds")
+        if on_timeout != FAIL:
+            payload.encode(on_timeout, what=f"the on_timeout value of wait_for {name!r}")
+        parking = Parking(WAIT_FOR_EVENT, seconds=timeout, on_timeout=on_timeout)
+        return self._add(StepSpec(name, _never_called, parking=parking))
+
     @contextlib.contextmanager
     def parallel(self) -> Iterator[Flow]:
         """Steps added inside run at the same time; the next step waits for all of them."""
@@ -237,7 +322,16 @@ class Flow:
     def plan(self) -> Plan:
         return Plan(
             stages=tuple(
-                tuple(PlannedStep(s.name, s.max_attempts, s.subflow, s.max_rescues) for s in stage)
+                tuple(
+                    PlannedStep(
+                        s.name,
+                        s.max_attempts,
+                        s.subflow,
+                        s.max_rescues,
+                        s.parking.kind if s.parking else STEP,
+                    )
+                    for s in stage
+                )
                 for stage in self.stages
             ),
             module=self.module,

@@ -57,6 +57,8 @@ _COUNTER_FOR_OUTCOME = {
     "failed": "failed",  # failed for good: no attempt left
     "lease_lost": None,
     "stopped": None,
+    # A sleep or a wait parked: counted when it wakes and completes (or fails).
+    "parked": None,
 }
 
 

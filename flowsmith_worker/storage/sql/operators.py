@@ -301,6 +301,7 @@ class SqlOperators(SqlBase):
             # Attempts and nodes first: not every SQLite connection enforces ON
             # DELETE CASCADE.
             conn.execute(sa.delete(A).where(A.c.flow_id.in_(ids)))
+            conn.execute(sa.delete(schema.events).where(schema.events.c.flow_id.in_(ids)))
             conn.execute(sa.delete(N).where(N.c.flow_id.in_(ids)))
             conn.execute(sa.delete(F).where(F.c.id.in_(ids)))
         return len(ids)
