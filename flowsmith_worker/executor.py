@@ -265,7 +265,7 @@ class Executor:
         """A sleep or a wait for an event: complete it if it is over, else park it
         (see parking.py). Nothing of the application's runs but a sleep's ``until``."""
         try:
-            until = parking.wake_instant(ctx)
+            seconds, until = parking.wake_time(ctx)
         except Exception as exc:
             failure = _Failure(_describe(exc), retryable=False)
             return Executed(self._record_failure(node, spec, failure, bound))
@@ -276,7 +276,7 @@ class Executor:
                 self.storage.park_node(
                     lease=node.lease,
                     event=spec.name if parking.kind == WAIT_FOR_EVENT else None,
-                    seconds=parking.seconds,
+                    seconds=seconds,
                     until=until,
                 )
             )

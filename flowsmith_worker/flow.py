@@ -17,7 +17,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from flowsmith_worker import event_loop, payload
@@ -48,8 +48,9 @@ from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
 StepFunction = Callable[[Context], Any]
 Condition = Callable[[Context], bool] | Callable[[Context], Awaitable[bool]]
 TrackingIdSource = str | Callable[[Context], str] | None
-# When a sleep ends: a timezone-aware datetime computed from ctx.
-WakeTime = Callable[[Context], datetime]
+# When a sleep ends, from ctx: a timezone-aware datetime, or a timedelta or
+# seconds from when it begins.
+WakeTime = Callable[[Context], datetime | timedelta | float]
 # A wait_for's on_timeout that fails the step (anything else is its output).
 FAIL = "fail"
 
@@ -71,17 +72,26 @@ class Parking:
     until: WakeTime | None = None  # a sleep's end, from ctx
     on_timeout: Any = FAIL  # a wait's output when it times out, or FAIL
 
-    def wake_instant(self, ctx: Context) -> float | None:
-        """``until(ctx)`` as seconds since the epoch (None without ``until``)."""
+    def wake_time(self, ctx: Context) -> tuple[float | None, float | None]:
+        """(seconds, until) of this sleep or wait: ``until(ctx)`` decides, when given.
+
+        ``until`` may answer a timezone-aware datetime (the instant), or a
+        timedelta or a number of seconds (counted from when the node first parks,
+        by the database clock).
+        """
         if self.until is None:
-            return None
+            return self.seconds, None
         wake = self.until(ctx)
-        if not isinstance(wake, datetime):
-            raise TypeError(
-                f"sleep step {ctx.step!r}: until= returned {wake!r}, not a datetime; "
-                "return a timezone-aware datetime"
-            )
-        return instant_of(wake)
+        if isinstance(wake, datetime):
+            return None, instant_of(wake)
+        if isinstance(wake, timedelta):
+            return wake.total_seconds(), None
+        if isinstance(wake, int | float) and not isinstance(wake, bool):
+            return float(wake), None
+        raise TypeError(
+            f"sleep step {ctx.step!r} was told to wake at {wake!r}: return a "
+            "timezone-aware datetime, a timedelta or a number of seconds"
+        )
 
 
 def _never_called(_ctx: Context) -> None:
@@ -233,7 +243,8 @@ class Flow:
         seconds: float | None = None,
         until: WakeTime | None = None,
     ) -> Flow:
-        """Add a step that waits ``seconds``, or until the datetime ``until(ctx)`` returns.
+        """Add a step that waits ``seconds``, or until the datetime ``until(ctx)`` returns
+        (it may return a timedelta or seconds instead: counted from when the sleep begins).
 
         The run holds no worker slot or thread meanwhile: its node is parked in
         the database, survives any worker restart, and runs on within a poll
@@ -246,7 +257,7 @@ class Flow:
         if until is not None and (not callable(until) or event_loop.is_async(until)):
             raise TypeError(
                 f"sleep {name!r}: until={until!r} must be a plain function of ctx "
-                "returning a timezone-aware datetime"
+                "returning a timezone-aware datetime (or a timedelta, or seconds)"
             )
         parking = Parking(SLEEP, seconds=seconds, until=until)
         return self._add(StepSpec(name, _never_called, parking=parking))
