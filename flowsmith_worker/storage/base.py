@@ -247,7 +247,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def count_open_nodes(self, *, queues: Sequence[str]) -> int:
-        """Nodes PENDING or RUNNING on these queues (for run_until_idle)."""
+        """Nodes PENDING or RUNNING on these queues (for run_until_idle); a wait for an
+        event with no timeout is left out, as nothing but its event can end it."""
 
     # -- operators (flowsmith status/flows/retry/cancel/prune/stats/workers) --------
 

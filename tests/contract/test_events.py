@@ -216,6 +216,22 @@ def test_events_sent_while_waits_park_are_never_missed(storage: Storage, unique:
     assert [r.wait(5)["decide"] for r in runs] == list(range(12))
 
 
+def test_run_until_idle_returns_while_a_run_waits_for_its_event(
+    storage: Storage, unique: Names
+) -> None:
+    """A wait with no timeout is not work a worker can do: run_until_idle returns with
+    the run parked, and once the event is sent, a second one finishes the run."""
+    flow = approval_flow(storage, unique("f"))
+    tid = unique("t")
+    run = flow.run({}, tracking_id=tid)
+    worker = Worker(storage=storage, poll_interval=POLL)
+    worker.run_until_idle(timeout=10)
+    assert parked(storage, tid, "approval")
+    send_event(tid, "approval", "yes", storage=storage)
+    worker.run_until_idle(timeout=10)
+    assert run.wait(5)["decide"] == "yes"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
