@@ -17,7 +17,7 @@ import pytest
 
 from flowsmith_worker import Flow, FlowStatus, NodeStatus, Worker
 from flowsmith_worker.decorators import sleep, step, workflow
-from flowsmith_worker.records import AttemptOutcome, NodeRecord
+from flowsmith_worker.records import AttemptOutcome, Lease, NodeRecord, Parked
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
 
@@ -178,6 +178,39 @@ def test_a_sleep_parks_in_a_parallel_group_while_its_siblings_run(
     drive(worker, lambda: status_of(storage, tid) == FlowStatus.COMPLETED)
     assert run.wait(5)["after"] == ["nap", "work"]
     assert outcomes(nodes_of(storage, tid)["nap"])[0] == AttemptOutcome.PARKED
+
+
+def test_parking_is_fenced_by_the_lease(storage: Storage, unique: Names) -> None:
+    """park_node writes only under the attempt's lease: another worker's (a lost lease)
+    or a spent one (the node is parked already) writes nothing and answers None."""
+    Flow(unique("f"), storage=storage).sleep("nap", seconds=60).run({}, tracking_id=unique("t"))
+    [claimed] = storage.claim_nodes(worker_id="w1", limit=1, lease_seconds=60, queues=["default"])
+    lease = claimed.lease
+    other = Lease(lease.node_id, lease.flow_id, "w2", lease.attempt)
+    assert storage.park_node(lease=other, event=None, seconds=60, until=None) is None
+    [node] = storage.list_nodes(flow_id=lease.flow_id)
+    assert node.status == NodeStatus.RUNNING and node.wake_at is None
+
+    answer = storage.park_node(lease=lease, event=None, seconds=60, until=None)
+    assert isinstance(answer, Parked) and answer.status == NodeStatus.PENDING
+    [node] = storage.list_nodes(flow_id=lease.flow_id)
+    assert node.wake_at == answer.until and node.run_after == pytest.approx(answer.until)
+    assert storage.park_node(lease=lease, event=None, seconds=1, until=None) is None
+    [node] = storage.list_nodes(flow_id=lease.flow_id)
+    assert node.wake_at == answer.until
+
+
+def test_a_wake_time_that_cannot_be_computed_fails_the_step(
+    storage: Storage, unique: Names
+) -> None:
+    """until= raising, or returning something that is not a time, fails the sleep step
+    (and its run) with the error, as any step's error."""
+    flow = Flow(unique("f"), storage=storage).sleep("nap", until=lambda ctx: "tomorrow")
+    tid = unique("t")
+    flow.run({}, tracking_id=tid)
+    drive(Worker(storage=storage, poll_interval=POLL), lambda: status_of(storage, tid) == "FAILED")
+    error = nodes_of(storage, tid)["nap"].error
+    assert error is not None and "was told to wake at 'tomorrow'" in error
 
 
 @pytest.mark.parametrize(
