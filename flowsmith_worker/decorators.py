@@ -55,6 +55,11 @@ Decisions, written down:
   no ``tracking_id`` (or None) the child's is ``"<parent tracking_id>:<step>"``,
   the builder's default. Keep it a function of ctx.data: a resumed parent then
   resumes the same child run instead of starting a new one.
+* ``@sleep`` decorates a function of ctx that says when the sleep ends (a
+  timezone-aware datetime, or a timedelta or seconds from when it begins).
+  ``wait_for("name", timeout=..., on_timeout=...)`` is called in the body, not
+  applied: a wait has no function of its own. Both are ``Flow.sleep`` and
+  ``Flow.wait_for``: parked steps that hold no slot (see parking.py).
 * A mistake in the definition (a decorator outside a ``@workflow`` body, a
   workflow or ``@parallel`` block without steps, an exception in the body)
   raises at import time, and an aborted definition is not left registered.
