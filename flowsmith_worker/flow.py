@@ -252,7 +252,7 @@ class Flow:
         """
         if (seconds is None) == (until is None):
             raise ValueError(f"sleep {name!r}: give seconds= or until=, one of them")
-        if seconds is not None and (isinstance(seconds, bool) or not seconds >= 0):
+        if seconds is not None and not (_is_number(seconds) and seconds >= 0):
             raise ValueError(f"sleep {name!r}: seconds={seconds!r} must be a number >= 0")
         if until is not None and (not callable(until) or event_loop.is_async(until)):
             raise TypeError(
@@ -276,7 +276,7 @@ class Flow:
         (None: no limit) without it, the step fails (``on_timeout="fail"``) or
         outputs ``on_timeout``. The run holds no slot or thread while it waits.
         """
-        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+        if timeout is not None and not (_is_number(timeout) and timeout > 0):
             raise ValueError(f"wait_for {name!r}: timeout={timeout!r} must be positive seconds")
         if on_timeout != FAIL:
             payload.encode(on_timeout, what=f"the on_timeout value of wait_for {name!r}")
@@ -542,6 +542,10 @@ class Flow:
 
 # The process's flows by name: exactly what its workers may run (see registry.py).
 registry: Registry[Flow] = Registry()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _start_instant(delay: float | None, run_at: datetime | None) -> float | None:

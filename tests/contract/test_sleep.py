@@ -219,6 +219,7 @@ def test_a_wake_time_that_cannot_be_computed_fails_the_step(
         ({}, ValueError),
         ({"seconds": 1, "until": lambda ctx: datetime.now(UTC)}, ValueError),
         ({"seconds": -1}, ValueError),
+        ({"seconds": "5"}, ValueError),
         ({"until": "tomorrow"}, TypeError),
     ],
 )
