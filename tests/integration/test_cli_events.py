@@ -9,6 +9,8 @@ own storage as `flowsmith` does.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +19,7 @@ import sqlalchemy as sa
 
 from flowsmith_worker import Flow, FlowStatus, Worker, send_event
 from flowsmith_worker.config import parse_database_url
+from flowsmith_worker.records import Woken
 from flowsmith_worker.storage.base import Storage
 from tests.contract.test_sleep import POLL, drive, parked, status_of
 from tests.integration.conftest import Db
@@ -121,3 +124,33 @@ def test_send_event_commits_or_rolls_back_with_the_callers_transaction(
     expected = "from the request" if outcome == "commit" else "sent again"
     assert record.output["decide"] == expected
     assert json.dumps(record.output)  # the payload is stored JSON
+
+
+def test_a_wait_parking_while_its_event_is_being_sent_takes_it(db: Db, unique: Names) -> None:
+    """The race send_event and park_node settle with the run's lock: an event whose
+    transaction is still open when the claimed wait parks is seen by the park once it
+    commits. (Without the lock the park would read no event, park for ever, and the
+    send, finding the node still RUNNING, would wake nothing.)"""
+    flow = Flow(unique("f"), storage=db.storage).wait_for("approval")
+    tid = unique("t")
+    flow.run({}, tracking_id=tid)
+    [claimed] = db.storage.claim_nodes(
+        worker_id="w1", limit=1, lease_seconds=60, queues=["default"]
+    )
+    answers: list[object] = []
+
+    def park() -> None:
+        answers.append(
+            db.storage.park_node(lease=claimed.lease, event="approval", seconds=None, until=None)
+        )
+
+    app = sa.create_engine(parse_database_url(db.url))
+    parker = threading.Thread(target=park)
+    with app.connect() as conn:
+        send_event(tid, "approval", "raced", connection=conn, storage=db.storage)
+        parker.start()
+        time.sleep(0.3)  # the park's chance to go first, were it not held back
+        conn.commit()
+    parker.join(30)
+    app.dispose()
+    assert answers == [Woken(by_event=True, event_payload='"raced"')]
