@@ -40,7 +40,7 @@ from flowsmith_worker.errors import (
     UnreadableRow,
     UnsupportedDatabase,
 )
-from flowsmith_worker.events import send_event
+from flowsmith_worker.events import send_event, send_event_async
 from flowsmith_worker.flow import Flow
 from flowsmith_worker.rescue import start_watchdog
 from flowsmith_worker.retry import exponential, fixed
@@ -101,5 +101,6 @@ __all__ = [
     "fixed",
     "get_run",
     "send_event",
+    "send_event_async",
     "start_watchdog",
 ]

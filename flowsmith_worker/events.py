@@ -6,9 +6,11 @@ the storage stores it and wakes the wait in one transaction.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flowsmith_worker import payload as payloads
+from flowsmith_worker.async_calls import call_with_connection
 from flowsmith_worker.identifiers import MAX_TRACKING_ID_LENGTH, check_identifier
 from flowsmith_worker.records import EventSent
 from flowsmith_worker.storage import default_storage
@@ -50,3 +52,28 @@ def send_event(
         idempotency_key=idempotency_key,
         connection=connection,
     )
+
+
+async def send_event_async(
+    tracking_id: str,
+    name: str,
+    payload: Any = None,
+    *,
+    idempotency_key: str | None = None,
+    connection: Any = None,
+    storage: Storage | None = None,
+) -> EventSent:
+    """``send_event`` for async code (a FastAPI webhook): the event loop goes on meanwhile.
+
+    ``connection`` may also be an AsyncConnection or AsyncSession (SQLAlchemy's
+    asyncio extension): the event commits or rolls back with it, as for run_async.
+    """
+    send = functools.partial(
+        send_event,
+        tracking_id,
+        name,
+        payload,
+        idempotency_key=idempotency_key,
+        storage=storage,
+    )
+    return await call_with_connection(send, connection)

@@ -9,7 +9,6 @@ workers run the steps, and progress.py decides what comes next.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import inspect
@@ -21,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flowsmith_worker import event_loop, payload
+from flowsmith_worker.async_calls import call_with_connection
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.cron import instant_of, validate_cron
@@ -397,19 +397,7 @@ class Flow:
         run commits or rolls back with it.
         """
         enqueue = functools.partial(self.run, ctx, tracking_id, delay, run_at=run_at)
-        if not _uses_asyncio_extension(connection):
-            return await asyncio.to_thread(enqueue, connection=connection)
-        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession  # imported by the caller
-
-        if isinstance(connection, AsyncSession):  # the connection of its transaction
-            connection = await connection.connection()
-        if not isinstance(connection, AsyncConnection):
-            raise TypeError(
-                f"connection={connection!r}: give an AsyncConnection or AsyncSession "
-                "(or a sync Connection)"
-            )
-        run: FlowRun = await connection.run_sync(lambda sync: enqueue(connection=sync))
-        return run
+        return await call_with_connection(enqueue, connection)
 
     def get_run(self, tracking_id: str) -> FlowRun:
         """The handle of this flow's run with that tracking_id, as ``run`` returned it.
@@ -554,12 +542,6 @@ def _start_instant(delay: float | None, run_at: datetime | None) -> float | None
         raise ValueError("give delay= or run_at=, not both")
     # run_at stays an instant: the database compares it with its own clock.
     return None if run_at is None else instant_of(run_at)
-
-
-def _uses_asyncio_extension(connection: Any) -> bool:
-    """Whether ``connection`` comes from SQLAlchemy's asyncio extension, told without
-    importing it (and greenlet) for the applications that do not use it."""
-    return type(connection).__module__.startswith("sqlalchemy.ext.asyncio")
 
 
 def _child_tracking_id(source: TrackingIdSource, ctx: Context, step: str) -> str:

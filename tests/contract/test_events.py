@@ -9,6 +9,7 @@ threads, while the workers run.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from flowsmith_worker import (
     PayloadNotJSON,
     Worker,
     send_event,
+    send_event_async,
 )
 from flowsmith_worker.decorators import step, wait_for, workflow
 from flowsmith_worker.records import AttemptOutcome
@@ -214,6 +216,29 @@ def test_events_sent_while_waits_park_are_never_missed(storage: Storage, unique:
         for thread in threads:
             thread.join(10)
     assert [r.wait(5)["decide"] for r in runs] == list(range(12))
+
+
+def test_send_event_async_delivers_as_send_event(storage: Storage, unique: Names) -> None:
+    """send_event_async, awaited from async code (a webhook handler), stores and delivers
+    the event as send_event does; the same key again delivers nothing."""
+    flow = approval_flow(storage, unique("f"))
+    tid = unique("t")
+    run = flow.run({}, tracking_id=tid)
+
+    async def webhook() -> list[bool]:
+        sends = [
+            await send_event_async(
+                tid, "approval", {"via": "hook"}, idempotency_key="h", storage=storage
+            )
+            for _ in range(2)
+        ]
+        return [sent.delivered for sent in sends]
+
+    assert asyncio.run(webhook()) == [True, False]
+    drive(
+        Worker(storage=storage, poll_interval=POLL), lambda: status_of(storage, tid) == "COMPLETED"
+    )
+    assert run.wait(5)["decide"] == {"via": "hook"}
 
 
 def test_run_until_idle_returns_while_a_run_waits_for_its_event(

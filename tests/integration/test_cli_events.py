@@ -8,6 +8,7 @@ own storage as `flowsmith` does.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from flowsmith_worker import Flow, FlowStatus, Worker, send_event
+from flowsmith_worker import Flow, FlowStatus, Worker, send_event, send_event_async
 from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.records import Woken
 from flowsmith_worker.storage.base import Storage
@@ -124,6 +125,32 @@ def test_send_event_commits_or_rolls_back_with_the_callers_transaction(
     expected = "from the request" if outcome == "commit" else "sent again"
     assert record.output["decide"] == expected
     assert json.dumps(record.output)  # the payload is stored JSON
+
+
+def test_send_event_async_commits_or_rolls_back_with_a_sync_connection(
+    sqlite_db: Db, unique: Names
+) -> None:
+    """send_event_async(connection=<SQLAlchemy Connection>) sends inside the caller's
+    transaction: rolled back, the run still waits; committed, the event is its output."""
+    _flow, tid, worker = waiting_run(sqlite_db.storage, unique)
+    app = sa.create_engine(parse_database_url(sqlite_db.url))
+
+    async def send(payload: str, commit: bool) -> None:
+        with app.connect() as conn, conn.begin() as transaction:
+            await send_event_async(
+                tid, "approval", payload, connection=conn, storage=sqlite_db.storage
+            )
+            if not commit:
+                transaction.rollback()
+
+    asyncio.run(send("dropped", commit=False))
+    assert parked(sqlite_db.storage, tid, "approval")
+    asyncio.run(send("kept", commit=True))
+    app.dispose()
+    drive(worker, lambda: status_of(sqlite_db.storage, tid) == FlowStatus.COMPLETED)
+    record = sqlite_db.storage.get_flow(tracking_id=tid)
+    assert record is not None and record.output is not None
+    assert record.output["decide"] == "kept"
 
 
 def test_a_wait_parking_while_its_event_is_being_sent_takes_it(db: Db, unique: Names) -> None:
