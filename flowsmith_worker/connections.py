@@ -6,7 +6,8 @@ first use, never more than ``pool_max``):
 - one per slot (``--concurrency``): a step's thread writes a retry, starts a
   subflow, or leads a group-commit batch (the others queue without one);
 - the loop: claims, rescues, the backlog gauges, cron ticks, shutdown;
-- the heartbeat thread, which must never wait for one;
+- the heartbeat thread (it waits for one like any other user of the pool, so a
+  step that takes the whole pool through the worker's storage delays renewals);
 - one more kept open: the listener's test NOTIFY when it (re)connects, or a
   step's own thread enqueuing through the worker's storage;
 - two more opened only when all those are busy, closed when returned.

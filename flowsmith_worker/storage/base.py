@@ -5,8 +5,8 @@ InMemoryStorage is the same class on a private temporary SQLite database. The
 contract suite (tests/contract/test_contract.py) runs over all of them. The words used
 here name the log events and the tests too.
 
-Owns the interface and the value types every layer shares (statuses, Lease, the
-records). Must never hold a backend's code or a rule of the state machine (that is
+Owns the interface; the value types every layer shares (statuses, Lease, the
+records) live in records.py and are re-exported here. Must never hold a backend's code or a rule of the state machine (that is
 progress.py's), and never hand out a driver's row or connection.
 """
 

@@ -27,15 +27,15 @@ import jsonschema
 import pytest
 import sqlalchemy as sa
 import yaml
-from flowsmith_worker.storage.dialects import MYSQL_UTC_EPOCH_SQL
 
 from flowsmith_worker import Flow, Worker
 from flowsmith_worker.context import Context
 from flowsmith_worker.metrics import WorkerMetrics
 from flowsmith_worker.storage import create_storage
-from flowsmith_worker.storage import schema as s
 from flowsmith_worker.storage.base import DEFAULT_QUEUE, Storage
 from flowsmith_worker.storage.sql import SqlStorage
+from flowsmith_worker.storage.sql import schema as s
+from flowsmith_worker.storage.sql.dialects import MYSQL_UTC_EPOCH_SQL
 from tests.conftest import database_url, eventually
 from tests.e2e.test_deploy import CHECKED_K8S_VERSIONS, K8S_DIR, _docs, _one, _validate_k8s
 from tests.integration.test_worker_health import _enqueue

@@ -372,7 +372,7 @@ def crash_and_restart(server: LocalServer) -> None:
     """
     pid = server._pid()
     assert pid is not None
-    server._before_stop()  # tests/servers.py's own background work, not the worker's
+    server._before_stop()  # tests/servers/'s own background work, not the worker's
     server._dispose_engine()
     os.kill(pid, signal.SIGQUIT if server.kind == "postgresql" else signal.SIGKILL)
     assert server._wait_exit(pid, 30), f"{server.kind} did not die"

@@ -1,6 +1,6 @@
 """PostgreSQL: the hot statements PREPAREd once per connection, then only EXECUTEd.
 
-The batch write (sql_finish.FINISH_PG) and the claim (sql_claim.CLAIM_PG_*) are
+The batch write (finish.FINISH_PG) and the claim (claim.CLAIM_PG_*) are
 large data-modifying CTEs that a worker sends over and over. psycopg2 puts
 every value into the text it sends (an array becomes ARRAY[...]), so each
 batch was a new text to parse, analyse and plan: the server's CPU, on a

@@ -10,7 +10,7 @@ completion walks up to its parent — and may deadlock; the database then aborts
 one and _transact runs it again.
 
 Owns the state machine's writes: each operation, a batch of outcomes included, in
-one transaction (sql_base._transact), locking runs before nodes. Must never write
+one transaction (base.SqlBase._transact), locking runs before nodes. Must never write
 about an attempt without its lease's fence, split an operation across transactions,
 read this host's clock (times are the database's: dialect.now()), or decide a rule
 itself: progress.py decides, this module carries the answer out.
@@ -415,7 +415,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         return self._transact(lambda conn: self._claim_in_steps(conn, params))
 
     def _claim_in_one(self, conn: Connection, params: dict[str, Any]) -> _Claimed | None:
-        """PostgreSQL: pick, lease and start runs in one statement (sql_claim.CLAIM_PG)."""
+        """PostgreSQL: pick, lease and start runs in one statement (claim.CLAIM_PG_*)."""
         several = len(params["queues"]) > 1
         claim = sql_claim.CLAIM_PG_QUEUES if several else sql_claim.CLAIM_PG_ONE_QUEUE
         result = claim.execute(conn, params, prepare=self.prepares).all()

@@ -74,9 +74,9 @@ class Dialect(ABC):
     # the database's one write lock up front instead.
     has_row_locks: ClassVar[bool] = True
     # Whether new runs, their first nodes and the NOTIFY fit in one statement
-    # (a data-modifying CTE, see sql_enqueue); the others insert runs, then nodes.
+    # (a data-modifying CTE, see sql/enqueue.py); the others insert runs, then nodes.
     enqueues_in_one_statement: ClassVar[bool] = False
-    # Whether the hot statements can be PREPAREd (see sql_prepared.py).
+    # Whether the hot statements can be PREPAREd (see sql/prepared.py).
     prepares_statements: ClassVar[bool] = False
     # The database clock, in seconds since the epoch (UTC, whatever the time
     # zones). Built once at import: building it afresh took 14 % of a step's

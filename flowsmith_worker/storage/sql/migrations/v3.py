@@ -23,9 +23,10 @@ from sqlalchemy.engine import Connection
 from flowsmith_worker.errors import UnsupportedDatabase
 
 # The NO PAD binary collations this version gave the name columns, kept here
-# rather than read from dialects.py: were schema.Identifier ever to move to
-# another collation, version 3 would still build what it built, and tests/
-# test_migrations.py would ask for the version that converts the columns.
+# rather than read from the dialects: were schema.Identifier ever to move to
+# another collation, version 3 would still build what it built, and
+# tests/integration/test_migrations.py would ask for the version that converts
+# the columns.
 MARIADB_COLLATION = "utf8mb4_nopad_bin"
 MYSQL_COLLATION = "utf8mb4_0900_bin"
 
