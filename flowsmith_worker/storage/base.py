@@ -6,8 +6,9 @@ contract suite (tests/contract/test_contract.py) runs over all of them. The word
 here name the log events and the tests too.
 
 Owns the interface; the value types every layer shares (statuses, Lease, the
-records) live in records.py and are re-exported here. Must never hold a backend's code or a rule of the state machine (that is
-progress.py's), and never hand out a driver's row or connection.
+records) live in records.py and are re-exported here. Must never hold a backend's
+code or a rule of the state machine (that is progress.py's), and never hand out a
+driver's row or connection.
 """
 
 from __future__ import annotations
