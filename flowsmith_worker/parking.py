@@ -31,6 +31,13 @@ sleep of N seconds wakes N seconds after it began however often it is claimed;
 a retry of the run (``flowsmith retry``) clears it, so a wait that timed out
 waits afresh.
 
+Shown: `flowsmith status` says SLEEPING or AWAITING_EVENT with the wake time
+as due; run.trace() has ``NodeRecord.wake_at`` and the PARKED attempts.
+
+Not yet (next): the torture model (tests/torture/model.py) knows no parked
+step; the dashboard shows a parked node as PENDING; each parking gives its
+attempt back, so ATTEMPTS reads 1/2 for a step parked once.
+
 Must never do I/O (as progress.py): every input is a plain value.
 """
 
