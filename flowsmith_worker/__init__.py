@@ -10,6 +10,7 @@ from flowsmith_worker.errors import (
     DatabaseNotFound,
     DatabaseUnavailable,
     DuplicateFlowName,
+    EventRefused,
     FlowAlreadyCompleted,
     FlowCancelled,
     FlowNotDefined,
@@ -41,6 +42,7 @@ from flowsmith_worker.errors import (
     UnreadableRow,
     UnsupportedDatabase,
 )
+from flowsmith_worker.events import send_event, send_event_async
 from flowsmith_worker.flow import Flow
 from flowsmith_worker.rescue import start_watchdog
 from flowsmith_worker.retry import exponential, fixed
@@ -59,6 +61,7 @@ __all__ = [
     "DatabaseNotFound",
     "DatabaseUnavailable",
     "DuplicateFlowName",
+    "EventRefused",
     "Flow",
     "FlowAlreadyCompleted",
     "FlowCancelled",
@@ -101,5 +104,7 @@ __all__ = [
     "exponential",
     "fixed",
     "get_run",
+    "send_event",
+    "send_event_async",
     "start_watchdog",
 ]

@@ -55,6 +55,11 @@ Decisions, written down:
   no ``tracking_id`` (or None) the child's is ``"<parent tracking_id>:<step>"``,
   the builder's default. Keep it a function of ctx.data: a resumed parent then
   resumes the same child run instead of starting a new one.
+* ``@sleep`` decorates a function of ctx that says when the sleep ends (a
+  timezone-aware datetime, or a timedelta or seconds from when it begins).
+  ``wait_for("name", timeout=..., on_timeout=...)`` is called in the body, not
+  applied: a wait has no function of its own. Both are ``Flow.sleep`` and
+  ``Flow.wait_for``: parked steps that hold no slot (see parking.py).
 * A mistake in the definition (a decorator outside a ``@workflow`` body, a
   workflow or ``@parallel`` block without steps, an exception in the body)
   raises at import time, and an aborted definition is not left registered.
@@ -77,13 +82,13 @@ from flowsmith_worker import event_loop
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import InvalidFlowDefinition
-from flowsmith_worker.flow import Condition, Flow, registry
+from flowsmith_worker.flow import FAIL, Condition, Flow, WakeTime, registry
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES
 from flowsmith_worker.retry import Backoff
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage.base import DEFAULT_QUEUE, Storage
 
-__all__ = ["Workflow", "parallel", "step", "subflow", "workflow"]
+__all__ = ["Workflow", "parallel", "sleep", "step", "subflow", "wait_for", "workflow"]
 
 StepFn = TypeVar("StepFn", bound=Callable[[Context], Any])
 BlockFn = TypeVar("BlockFn", bound=Callable[[], Any])
@@ -304,6 +309,53 @@ def step(
     if fn is not None:
         return decorate(fn)
     return decorate
+
+
+SleepFn = TypeVar("SleepFn", bound=WakeTime)
+
+
+@overload
+def sleep(fn: SleepFn, /) -> SleepFn: ...
+
+
+@overload
+def sleep(*, name: str | None = None) -> Callable[[SleepFn], SleepFn]: ...
+
+
+def sleep(
+    fn: SleepFn | None = None, /, *, name: str | None = None
+) -> SleepFn | Callable[[SleepFn], SleepFn]:
+    """Declare a durable sleep: the function of ctx says when it ends.
+
+    It returns a timezone-aware datetime, or a timedelta or a number of
+    seconds counted from when the sleep begins. The run holds no slot or
+    thread while it sleeps (``Flow.sleep``); the step's output is None.
+    """
+
+    def decorate(target: SleepFn) -> SleepFn:
+        flow = _current("@sleep", target)
+        _check_callable("@sleep", target, None)
+        flow.sleep(name or target.__name__, until=target)
+        return target
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def wait_for(name: str, *, timeout: float | None = None, on_timeout: Any = FAIL) -> None:
+    """Declare, inside a @workflow body, a step that waits for the event ``name``.
+
+    Called, not a decorator (there is no function to run): ``Flow.wait_for``'s
+    rules apply, and the event's payload (``send_event``) is the step's output.
+    """
+    flow = _building.get()
+    if flow is None:
+        raise InvalidFlowDefinition(
+            f"wait_for({name!r}) is outside a @workflow body: call it inside the function "
+            "decorated with @workflow(...), or use Flow.wait_for() to build a flow by hand"
+        )
+    flow.wait_for(name, timeout=timeout, on_timeout=on_timeout)
 
 
 @overload

@@ -254,3 +254,33 @@ class SubflowCycle(FlowSmithError):
             f"subflow cycle {cycle}: run {tracking_ids[-1]!r} would wait for itself; give the "
             "subflow a tracking_id of its own (the default is '<parent tracking_id>:<step>')"
         )
+
+
+class EventRefused(Refused):
+    """The event was not sent: its run does not wait for it, or is over."""
+
+    @classmethod
+    def run_finished(cls, tracking_id: str, name: str, status: str) -> EventRefused:
+        hint = (
+            "`flowsmith retry` it first, then send the event"
+            if status == "FAILED"
+            else "a finished run waits for nothing more"
+        )
+        return cls(f"event {name!r} not sent: flow run {tracking_id!r} is {status} ({hint})")
+
+    @classmethod
+    def not_awaited(
+        cls, tracking_id: str, flow_name: str, name: str, waits: list[str]
+    ) -> EventRefused:
+        known = ", ".join(repr(w) for w in waits) or "none"
+        return cls(
+            f"event {name!r} not sent: flow {flow_name!r} (run {tracking_id!r}) has no "
+            f"wait_for step of that name (its waits: {known})"
+        )
+
+    @classmethod
+    def already_sent(cls, tracking_id: str, name: str) -> EventRefused:
+        return cls(
+            f"event {name!r} not sent: run {tracking_id!r} already has one (a wait takes one "
+            "event); to send the same event again safely, give both sends one idempotency key"
+        )

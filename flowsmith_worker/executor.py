@@ -59,9 +59,10 @@ from flowsmith_worker.errors import (
     SubflowCycle,
 )
 from flowsmith_worker.event_loop import DeadlinePassed
-from flowsmith_worker.flow import Flow, StepSpec, registry
+from flowsmith_worker.flow import FAIL, Flow, Parking, StepSpec, registry
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.outage import DatabaseOutage
+from flowsmith_worker.plan import WAIT_FOR_EVENT
 from flowsmith_worker.progress import attempts_left, context_data
 from flowsmith_worker.retry import DEFAULT_BACKOFF, retry_delay
 from flowsmith_worker.storage.base import (
@@ -70,7 +71,9 @@ from flowsmith_worker.storage.base import (
     Lease,
     NewFlow,
     NodeStatus,
+    Parked,
     Storage,
+    Woken,
     Written,
 )
 
@@ -92,6 +95,9 @@ class Outcome(StrEnum):
     RETRY = "retry_scheduled"
     FAILED = "failed"
     LEASE_LOST = "lease_lost"  # our write was refused: a newer attempt owns the node
+    PARKED = "parked"  # a sleep or a wait that is not over: back to PENDING until it is
+    # A sleep or a wait that is over, on its way to be completed: never an Executed's outcome.
+    WOKEN = "woken"
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,8 @@ class Executor:
             step=node.step_name,
             attempt=node.attempt,
         )
+        if spec.parking is not None:
+            return self._park_or_wake(node, spec, spec.parking, ctx, bound, started)
         try:
             proceed, result = _attempt(spec, ctx, bound)
             if not proceed:
@@ -244,6 +252,49 @@ class Executor:
             data,
         )
         return Executed(written, next_node, sent_at)
+
+    def _park_or_wake(
+        self,
+        node: ClaimedNode,
+        spec: StepSpec,
+        parking: Parking,
+        ctx: Context,
+        bound: Any,
+        started: float,
+    ) -> Executed:
+        """A sleep or a wait for an event: complete it if it is over, else park it
+        (see parking.py). Nothing of the application's runs but a sleep's ``until``."""
+        try:
+            seconds, until = parking.wake_time(ctx)
+        except Exception as exc:
+            failure = _Failure(_describe(exc), retryable=False)
+            return Executed(self._record_failure(node, spec, failure, bound))
+        answers: list[Woken | Parked | None] = []
+
+        def write() -> bool | Outcome:
+            answers.append(
+                self.storage.park_node(
+                    lease=node.lease,
+                    event=spec.name if parking.kind == WAIT_FOR_EVENT else None,
+                    seconds=seconds,
+                    until=until,
+                )
+            )
+            return _parking_written(answers[-1])
+
+        written = self._write(node, bound, Outcome.PARKED, write)
+        woken = answers[-1] if answers else None
+        if written != Outcome.WOKEN or not isinstance(woken, Woken):
+            return Executed(written)
+        if woken.by_event or parking.kind != WAIT_FOR_EVENT:
+            output = woken.event_payload or "null"  # a sleep's output is None
+        elif parking.on_timeout == FAIL:
+            failure = _Failure(_wait_timed_out(spec.name, parking.seconds), retryable=False)
+            return Executed(self._record_failure(node, spec, failure, bound))
+        else:
+            output = payload.encode(parking.on_timeout, what=f"on_timeout of {spec.name!r}")
+        completed = Finished(node.lease, NodeStatus.COMPLETED, output, step_name=spec.name)
+        return self._finish(node, bound, completed, started)
 
     def _record_failure(
         self, node: ClaimedNode, spec: StepSpec | None, failure: _Failure, bound: Any
@@ -512,6 +563,24 @@ def _failure_written(status: NodeStatus | None) -> bool | Outcome:
         NodeStatus.PENDING: Outcome.RETRY,
         NodeStatus.FAILED: Outcome.FAILED,
     }.get(status, Outcome.STOPPED)
+
+
+def _parking_written(answer: Woken | Parked | None) -> bool | Outcome:
+    """What park_node's answer means for _write: a node whose run is over is not parked."""
+    if answer is None:
+        return False
+    if isinstance(answer, Woken):
+        return Outcome.WOKEN
+    return True if answer.status == NodeStatus.PENDING else Outcome.STOPPED
+
+
+def _wait_timed_out(name: str, timeout: float | None) -> str:
+    """The error of a wait_for step whose event did not come in time (on_timeout="fail")."""
+    return (
+        f"wait_for {name!r} timed out: no event {name!r} was sent to this run within "
+        f"{timeout} s; to go on, `flowsmith retry` the run (it waits afresh) and send the "
+        f"event (`flowsmith send-event TRACKING_ID {name} --data JSON`)"
+    )
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -9,7 +9,6 @@ workers run the steps, and progress.py decides what comes next.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import inspect
@@ -17,10 +16,11 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from flowsmith_worker import event_loop, payload
+from flowsmith_worker.async_calls import call_with_connection
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.cron import instant_of, validate_cron
@@ -30,7 +30,14 @@ from flowsmith_worker.identifiers import (
 )
 from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.log import get_logger
-from flowsmith_worker.plan import DEFAULT_MAX_RESCUES, Plan, PlannedStep
+from flowsmith_worker.plan import (
+    DEFAULT_MAX_RESCUES,
+    SLEEP,
+    STEP,
+    WAIT_FOR_EVENT,
+    Plan,
+    PlannedStep,
+)
 from flowsmith_worker.registry import Registry
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
 from flowsmith_worker.run import FlowRun, find_run
@@ -41,6 +48,11 @@ from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
 StepFunction = Callable[[Context], Any]
 Condition = Callable[[Context], bool] | Callable[[Context], Awaitable[bool]]
 TrackingIdSource = str | Callable[[Context], str] | None
+# When a sleep ends, from ctx: a timezone-aware datetime, or a timedelta or
+# seconds from when it begins.
+WakeTime = Callable[[Context], datetime | timedelta | float]
+# A wait_for's on_timeout that fails the step (anything else is its output).
+FAIL = "fail"
 
 log = get_logger(__name__)
 # The widths of fs_flows.flow_name and fs_nodes.step_name (and of
@@ -49,6 +61,41 @@ log = get_logger(__name__)
 # longer value than the other databases accept).
 MAX_NAME_LENGTH = 200
 MAX_QUEUE_LENGTH = 100  # fs_flows.queue and fs_nodes.queue
+
+
+@dataclass(frozen=True)
+class Parking:
+    """What a sleep or a wait for an event waits for (see parking.py)."""
+
+    kind: str  # plan.SLEEP or plan.WAIT_FOR_EVENT
+    seconds: float | None = None  # a sleep's length, a wait's timeout; None: no limit
+    until: WakeTime | None = None  # a sleep's end, from ctx
+    on_timeout: Any = FAIL  # a wait's output when it times out, or FAIL
+
+    def wake_time(self, ctx: Context) -> tuple[float | None, float | None]:
+        """(seconds, until) of this sleep or wait: ``until(ctx)`` decides, when given.
+
+        ``until`` may answer a timezone-aware datetime (the instant), or a
+        timedelta or a number of seconds (counted from when the node first parks,
+        by the database clock).
+        """
+        if self.until is None:
+            return self.seconds, None
+        wake = self.until(ctx)
+        if isinstance(wake, datetime):
+            return None, instant_of(wake)
+        if isinstance(wake, timedelta):
+            return wake.total_seconds(), None
+        if isinstance(wake, int | float) and not isinstance(wake, bool):
+            return float(wake), None
+        raise TypeError(
+            f"sleep step {ctx.step!r} was told to wake at {wake!r}: return a "
+            "timezone-aware datetime, a timedelta or a number of seconds"
+        )
+
+
+def _never_called(_ctx: Context) -> None:
+    """The function of a sleep or wait step: the executor parks it instead of calling."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +110,8 @@ class StepSpec:
     subflow: bool = False
     # Re-runs after a lost worker, counted apart from retries (see plan.py).
     max_rescues: int = DEFAULT_MAX_RESCUES
+    # A sleep or a wait for an event: parked, never called (see parking.py).
+    parking: Parking | None = None
     # Whether fn, the condition, or either is ``async def`` (awaited on the
     # process's event loop, see event_loop.py): decided once here, so running a
     # sync step costs one attribute read more, not an inspection per attempt.
@@ -187,6 +236,53 @@ class Flow:
         )
         return self._add(spec)
 
+    def sleep(
+        self,
+        name: str,
+        *,
+        seconds: float | None = None,
+        until: WakeTime | None = None,
+    ) -> Flow:
+        """Add a step that waits ``seconds``, or until the datetime ``until(ctx)`` returns
+        (it may return a timedelta or seconds instead: counted from when the sleep begins).
+
+        The run holds no worker slot or thread meanwhile: its node is parked in
+        the database, survives any worker restart, and runs on within a poll
+        interval of its time (by the database clock). Its output is None.
+        """
+        if (seconds is None) == (until is None):
+            raise ValueError(f"sleep {name!r}: give seconds= or until=, one of them")
+        if seconds is not None and not (_is_number(seconds) and seconds >= 0):
+            raise ValueError(f"sleep {name!r}: seconds={seconds!r} must be a number >= 0")
+        if until is not None and (not callable(until) or event_loop.is_async(until)):
+            raise TypeError(
+                f"sleep {name!r}: until={until!r} must be a plain function of ctx "
+                "returning a timezone-aware datetime (or a timedelta, or seconds)"
+            )
+        parking = Parking(SLEEP, seconds=seconds, until=until)
+        return self._add(StepSpec(name, _never_called, parking=parking))
+
+    def wait_for(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        on_timeout: Any = FAIL,
+    ) -> Flow:
+        """Add a step that waits for the event ``name``, sent with ``send_event``.
+
+        The event's payload becomes this step's output. An event sent before the
+        run gets here is kept and used when it does. After ``timeout`` seconds
+        (None: no limit) without it, the step fails (``on_timeout="fail"``) or
+        outputs ``on_timeout``. The run holds no slot or thread while it waits.
+        """
+        if timeout is not None and not (_is_number(timeout) and timeout > 0):
+            raise ValueError(f"wait_for {name!r}: timeout={timeout!r} must be positive seconds")
+        if on_timeout != FAIL:
+            payload.encode(on_timeout, what=f"the on_timeout value of wait_for {name!r}")
+        parking = Parking(WAIT_FOR_EVENT, seconds=timeout, on_timeout=on_timeout)
+        return self._add(StepSpec(name, _never_called, parking=parking))
+
     @contextlib.contextmanager
     def parallel(self) -> Iterator[Flow]:
         """Steps added inside run at the same time; the next step waits for all of them."""
@@ -239,7 +335,16 @@ class Flow:
     def plan(self) -> Plan:
         return Plan(
             stages=tuple(
-                tuple(PlannedStep(s.name, s.max_attempts, s.subflow, s.max_rescues) for s in stage)
+                tuple(
+                    PlannedStep(
+                        s.name,
+                        s.max_attempts,
+                        s.subflow,
+                        s.max_rescues,
+                        s.parking.kind if s.parking else STEP,
+                    )
+                    for s in stage
+                )
                 for stage in self.stages
             ),
             module=self.module,
@@ -294,19 +399,7 @@ class Flow:
         run commits or rolls back with it.
         """
         enqueue = functools.partial(self.run, ctx, tracking_id, delay, run_at=run_at)
-        if not _uses_asyncio_extension(connection):
-            return await asyncio.to_thread(enqueue, connection=connection)
-        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession  # imported by the caller
-
-        if isinstance(connection, AsyncSession):  # the connection of its transaction
-            connection = await connection.connection()
-        if not isinstance(connection, AsyncConnection):
-            raise TypeError(
-                f"connection={connection!r}: give an AsyncConnection or AsyncSession "
-                "(or a sync Connection)"
-            )
-        run: FlowRun = await connection.run_sync(lambda sync: enqueue(connection=sync))
-        return run
+        return await call_with_connection(enqueue, connection)
 
     def get_run(self, tracking_id: str) -> FlowRun:
         """The handle of this flow's run with that tracking_id, as ``run`` returned it.
@@ -443,18 +536,16 @@ class Flow:
 registry: Registry[Flow] = Registry()
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _start_instant(delay: float | None, run_at: datetime | None) -> float | None:
     """``run_at`` as seconds since the epoch (None without it), refused beside a delay."""
     if run_at is not None and delay is not None:
         raise ValueError("give delay= or run_at=, not both")
     # run_at stays an instant: the database compares it with its own clock.
     return None if run_at is None else instant_of(run_at)
-
-
-def _uses_asyncio_extension(connection: Any) -> bool:
-    """Whether ``connection`` comes from SQLAlchemy's asyncio extension, told without
-    importing it (and greenlet) for the applications that do not use it."""
-    return type(connection).__module__.startswith("sqlalchemy.ext.asyncio")
 
 
 def _child_tracking_id(source: TrackingIdSource, ctx: Context, step: str) -> str:

@@ -57,6 +57,10 @@ _COUNTER_FOR_OUTCOME = {
     "failed": "failed",  # failed for good: no attempt left
     "lease_lost": None,
     "stopped": None,
+    # A sleep or a wait parked: counted when it wakes and completes (or fails);
+    # woken is only on the way there, never an attempt's last outcome.
+    "parked": None,
+    "woken": None,
 }
 
 

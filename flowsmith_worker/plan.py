@@ -24,12 +24,20 @@ from typing import Any
 DEFAULT_MAX_RESCUES = 3
 
 
+# What a step is, besides a function's call: a sleep or a wait for an event
+# parks its node (see parking.py). Only those are written into the plan's JSON.
+STEP = "step"
+SLEEP = "sleep"
+WAIT_FOR_EVENT = "wait_for"
+
+
 @dataclass(frozen=True)
 class PlannedStep:
     name: str
     max_attempts: int
     subflow: bool = False
     max_rescues: int = DEFAULT_MAX_RESCUES
+    kind: str = STEP
 
 
 @dataclass(frozen=True)
@@ -67,18 +75,7 @@ class Plan:
         return json.dumps(
             {
                 "module": self.module,
-                "stages": [
-                    [
-                        {
-                            "name": s.name,
-                            "max_attempts": s.max_attempts,
-                            "subflow": s.subflow,
-                            "max_rescues": s.max_rescues,
-                        }
-                        for s in stage
-                    ]
-                    for stage in self.stages
-                ],
+                "stages": [[_step_json(s) for s in stage] for stage in self.stages],
             }
         )
 
@@ -93,9 +90,24 @@ class Plan:
                     bool(s.get("subflow", False)),
                     # Plans stored before max_rescues existed get the default.
                     int(s.get("max_rescues", DEFAULT_MAX_RESCUES)),
+                    str(s.get("kind", STEP)),
                 )
                 for s in stage
             )
             for stage in raw["stages"]
         )
         return cls(stages=stages, module=str(raw.get("module", "")))
+
+
+def _step_json(step: PlannedStep) -> dict[str, Any]:
+    """A step as stored; ``kind`` only when it is not a plain step, so the plans of
+    flows without sleeps or waits are stored exactly as before."""
+    stored: dict[str, Any] = {
+        "name": step.name,
+        "max_attempts": step.max_attempts,
+        "subflow": step.subflow,
+        "max_rescues": step.max_rescues,
+    }
+    if step.kind != STEP:
+        stored["kind"] = step.kind
+    return stored

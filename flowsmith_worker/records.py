@@ -45,6 +45,9 @@ class AttemptOutcome(StrEnum):
     CANCELLED = "CANCELLED"
     RESCUED = "RESCUED"  # its worker was lost (the lease expired); the step ran again
     RELEASED = "RELEASED"  # its worker handed it back unfinished as it stopped
+    # A sleep or a wait for an event that was not over: the node was parked
+    # PENDING until its wake time (see parking.py) and runs again then.
+    PARKED = "PARKED"
 
 
 DEFAULT_QUEUE = "default"
@@ -151,6 +154,35 @@ class Written:
 
 
 @dataclass(frozen=True)
+class Woken:
+    """park_node's answer when the sleep or wait is over: the node is still RUNNING
+    under its lease, and the attempt completes it as any step's."""
+
+    by_event: bool  # False: its time came (a sleep's end, a wait's timeout)
+    event_payload: str | None = None  # the event's payload as stored (JSON text)
+
+
+@dataclass(frozen=True)
+class Parked:
+    """park_node's answer when the node waits on: ``status`` is what it became
+    (PENDING until ``until``; CANCELLED if its run was over)."""
+
+    until: float
+    status: NodeStatus
+
+
+@dataclass(frozen=True)
+class EventSent:
+    """send_event's answer: ``delivered`` is False when the same idempotency key
+    had already sent it (nothing was written); ``woke`` when a parked wait was woken."""
+
+    tracking_id: str
+    name: str
+    delivered: bool
+    woke: bool
+
+
+@dataclass(frozen=True)
 class RescuedNode:
     node_id: int
     flow_name: str
@@ -241,6 +273,9 @@ class NodeRecord:
     started_at: float | None
     finished_at: float | None
     unreadable: Mapping[str, str] = field(default_factory=dict)  # as FlowRecord's
+    # A parked sleep or wait: when it wakes if nothing comes first (parking.FOREVER:
+    # a wait with no timeout). None for every other node.
+    wake_at: float | None = None
     # Every attempt of the step so far, oldest first: those superseded (a retried
     # failure, a lost worker, a release) and the one the node's own columns
     # describe. Filled by list_nodes; attempts made before schema version 5

@@ -2,8 +2,8 @@
 into one line and an exit code (the only place that does either).
 
 The commands live one group to a module, each with its help: worker.py (migrate,
-worker, demo), enqueue.py, status.py, ops.py (flows, retry, cancel, prune, stats,
-workers, queue-limit) and dashboard.py. They parse, validate and call the
+worker, demo), enqueue.py, events.py (send-event), status.py, ops.py (flows, retry,
+cancel, prune, stats, workers, queue-limit) and dashboard.py. They parse, validate and call the
 library; the library decides, and refuses with a FlowSmithError whose type
 carries the exit code.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from flowsmith_worker.cli import dashboard, enqueue, ops, status, worker
+from flowsmith_worker.cli import dashboard, enqueue, events, ops, status, worker
 from flowsmith_worker.cli.format import printable
 from flowsmith_worker.config import redact
 from flowsmith_worker.errors import FlowSmithError
@@ -69,6 +69,7 @@ for command in (
     worker.worker,
     worker.demo,
     enqueue.enqueue,
+    events.send_event,
     status.status,
     ops.flows,
     ops.retry,

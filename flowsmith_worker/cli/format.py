@@ -64,6 +64,10 @@ _STATUS_STYLES = {
     "FAILED": Styled("", fg="red", bold=True),
     "RUNNING": Styled("", fg="cyan"),
     "WAITING": Styled("", fg="blue"),
+    # A parked sleep or wait (cli/status.py parked_as), and its attempts left behind.
+    "SLEEPING": Styled("", fg="blue"),
+    "AWAITING_EVENT": Styled("", fg="blue"),
+    "PARKED": Styled("", fg="blue"),
     "PENDING": Styled("", fg="yellow"),
     "CANCELLED": Styled("", fg="magenta"),
     "SKIPPED": Styled("", dim=True),

@@ -40,6 +40,8 @@ from flowsmith_worker.cli.params import (
     Duration,
     url_option,
 )
+from flowsmith_worker.parking import FOREVER
+from flowsmith_worker.plan import WAIT_FOR_EVENT
 from flowsmith_worker.readable import (
     UNREADABLE_CELL,
     format_both,
@@ -153,7 +155,17 @@ def _due(node: NodeRecord, now: float) -> float | None:
         due = float(node.run_after)
     except (TypeError, ValueError):
         return None
-    return due if due > now else None
+    # A wait for an event with no timeout is due at parking.FOREVER: it has no due time.
+    return due if now < due < FOREVER else None
+
+
+def parked_as(flow: FlowRecord, node: NodeRecord) -> str | None:
+    """The STATUS of a parked node (see parking.py): SLEEPING, or AWAITING_EVENT for a
+    wait_for step; None for a node that is not parked. Its wake time shows as due."""
+    if node.status != NodeStatus.PENDING or node.wake_at is None:
+        return None
+    planned = flow.plan.step(node.step_name)
+    return "AWAITING_EVENT" if planned and planned.kind == WAIT_FOR_EVENT else "SLEEPING"
 
 
 STEP_HEADERS = ("#", "STEP", "STATUS", "ATTEMPTS", "START", "DURATION", "WORKER", "LAST_ERROR")
@@ -173,7 +185,7 @@ WIDE_STEP_HEADERS = (
 def _steps_table(snapshot: Snapshot, wide: bool) -> str:
     # One row per step; a step's attempts, once they are stored, can follow it
     # as rows of their own.
-    rows = [_step_row(node, snapshot.now, wide) for node in snapshot.nodes]
+    rows = [_step_row(snapshot.flow, node, snapshot.now, wide) for node in snapshot.nodes]
     for position, name in _not_reached(snapshot.flow, snapshot.nodes):
         blank = ["-"] * (len(WIDE_STEP_HEADERS if wide else STEP_HEADERS) - 3)
         rows.append([position + 1, name, Styled("(not reached)", dim=True), *blank])
@@ -185,8 +197,9 @@ def _steps_table(snapshot: Snapshot, wide: bool) -> str:
     )
 
 
-def _step_row(node: NodeRecord, now: float, wide: bool) -> list[object]:
+def _step_row(flow: FlowRecord, node: NodeRecord, now: float, wide: bool) -> list[object]:
     due = _due(node, now)
+    parked = parked_as(flow, node)
     if wide:
         started = f"due {format_time(due)}" if due else format_time(node.started_at)
         times = [started, format_time(node.finished_at)]
@@ -195,7 +208,7 @@ def _step_row(node: NodeRecord, now: float, wide: bool) -> list[object]:
     return [
         node.position + 1,
         node.step_name,
-        status_cell(node),
+        status_text(parked) if parked else status_cell(node),
         _attempts(node),
         *times,
         format_duration(elapsed(node.started_at, node.finished_at)),

@@ -29,6 +29,7 @@ from flowsmith_worker.records import (
     ChainedNode,
     ClaimedNode,
     EnqueueResult,
+    EventSent,
     FailureGroup,
     Finished,
     FlowFilter,
@@ -40,12 +41,14 @@ from flowsmith_worker.records import (
     NodeRecord,
     NodeStatus,
     Overview,
+    Parked,
     QueueBacklog,
     RescuedNode,
     RunCursor,
     RunLink,
     Stats,
     SubflowLinks,
+    Woken,
     WorkerRecord,
     Written,
 )
@@ -62,6 +65,7 @@ __all__ = [
     "ChainedNode",
     "ClaimedNode",
     "EnqueueResult",
+    "EventSent",
     "FailureGroup",
     "Finished",
     "FlowFilter",
@@ -73,6 +77,7 @@ __all__ = [
     "NodeRecord",
     "NodeStatus",
     "Overview",
+    "Parked",
     "QueueBacklog",
     "RescuedNode",
     "RunCursor",
@@ -80,6 +85,7 @@ __all__ = [
     "Stats",
     "Storage",
     "SubflowLinks",
+    "Woken",
     "WorkerRecord",
     "Written",
 ]
@@ -165,6 +171,42 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
+    def park_node(
+        self,
+        *,
+        lease: Lease,
+        event: str | None,
+        seconds: float | None,
+        until: float | None,
+    ) -> Woken | Parked | None:
+        """A claimed sleep or wait for ``event``: Woken if it is over, else park it.
+
+        Over: the event was sent, or the node's wake time has passed (set at its
+        first parking: ``until``, or ``seconds`` from then, or never). The node
+        then stays RUNNING under the lease for the attempt to complete. Parked:
+        the node is PENDING until its wake time (CANCELLED if its run is over).
+        None if the lease was lost. See parking.py.
+        """
+
+    @abc.abstractmethod
+    def send_event(
+        self,
+        *,
+        tracking_id: str,
+        name: str,
+        payload: str,
+        idempotency_key: str | None = None,
+        connection: Any = None,
+    ) -> EventSent:
+        """Store the event ``name`` (``payload``: JSON text) for the run's wait_for step,
+        waking it if it is parked; inside the caller's transaction with ``connection``.
+
+        FlowNotFound for an unknown run; EventRefused for a finished run, a name
+        the run does not wait for, or a second event of that name (unless it has
+        the first one's idempotency key: then nothing is written).
+        """
+
+    @abc.abstractmethod
     def extend_leases(self, *, leases: Sequence[Lease], lease_seconds: float) -> int:
         """Push back the lease expiry of these attempts, where each still holds its node.
 
@@ -213,7 +255,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def count_open_nodes(self, *, queues: Sequence[str]) -> int:
-        """Nodes PENDING or RUNNING on these queues (for run_until_idle)."""
+        """Nodes PENDING or RUNNING on these queues (for run_until_idle); a wait for an
+        event with no timeout is left out, as nothing but its event can end it."""
 
     # -- operators (flowsmith status/flows/retry/cancel/prune/stats/workers) --------
 

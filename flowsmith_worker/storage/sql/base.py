@@ -327,6 +327,7 @@ def node_record(row: Row[Any], input: dict[str, Any]) -> NodeRecord:
         started_at=row.started_at,
         finished_at=row.finished_at,
         unreadable=values.unreadable,
+        wake_at=getattr(row, "wake_at", None),
     )
 
 

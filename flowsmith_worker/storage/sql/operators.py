@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker import progress
 from flowsmith_worker.errors import CorruptRow
+from flowsmith_worker.parking import FOREVER
 from flowsmith_worker.storage.base import (
     FINISHED_FLOW_STATUSES,
     FailureGroup,
@@ -127,6 +128,8 @@ class SqlOperators(SqlBase):
                     sa.select(sa.func.count()).where(
                         N.c.status.in_([NodeStatus.PENDING, NodeStatus.RUNNING]),
                         N.c.queue.in_(list(queues)),
+                        # A wait for an event with no timeout: only a sender ends it.
+                        N.c.run_after < FOREVER,
                     )
                 ).scalar_one()
             )
@@ -301,6 +304,7 @@ class SqlOperators(SqlBase):
             # Attempts and nodes first: not every SQLite connection enforces ON
             # DELETE CASCADE.
             conn.execute(sa.delete(A).where(A.c.flow_id.in_(ids)))
+            conn.execute(sa.delete(schema.events).where(schema.events.c.flow_id.in_(ids)))
             conn.execute(sa.delete(N).where(N.c.flow_id.in_(ids)))
             conn.execute(sa.delete(F).where(F.c.id.in_(ids)))
         return len(ids)

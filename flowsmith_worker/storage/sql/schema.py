@@ -23,7 +23,7 @@ from sqlalchemy.ext.compiler import compiles
 
 from flowsmith_worker.storage.sql.dialects import identifier_collation
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 metadata = sa.MetaData()
 
@@ -115,6 +115,9 @@ nodes = sa.Table(
     sa.Column("created_at", Seconds, nullable=False),
     sa.Column("started_at", Seconds),
     sa.Column("finished_at", Seconds),
+    # A parked sleep or wait for an event: when it wakes (see parking.py); NULL
+    # for every other node. Added by migration 6.
+    sa.Column("wake_at", Seconds),
     sa.UniqueConstraint("flow_id", "step_name", name="fs_nodes_flow_step_key"),
     # A late completion is fenced by (node id, worker, attempt): a reused id could match.
     sqlite_autoincrement=True,
@@ -219,4 +222,20 @@ attempts = sa.Table(
     sa.Column("error", LongText),
     # A run's attempts, for its trace and its prune.
     sa.Index("fs_attempts_flow", "flow_id"),
+)
+
+# Version 6 ------------------------------------------------------------------
+
+# Events sent to runs (send_event), one per run and name: kept from the moment
+# it is sent, so an event sent before the run reaches its wait_for step is
+# there when it does; the step's output is its payload. ``idempotency_key``
+# lets a sender send again without a second delivery. Deleted with the run.
+events = sa.Table(
+    "fs_events",
+    metadata,
+    sa.Column("flow_id", Id, sa.ForeignKey("fs_flows.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", Identifier(200), primary_key=True),
+    sa.Column("payload", LongText, nullable=False),
+    sa.Column("idempotency_key", Identifier(255)),
+    sa.Column("created_at", Seconds, nullable=False),
 )

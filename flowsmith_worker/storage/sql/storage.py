@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from flowsmith_worker import payload, progress
+from flowsmith_worker import parking, payload, progress
 from flowsmith_worker.errors import (
     CorruptRow,
     DatabaseUnavailable,
@@ -55,8 +55,10 @@ from flowsmith_worker.storage.base import (
     Lease,
     NewFlow,
     NodeStatus,
+    Parked,
     RescuedNode,
     Storage,
+    Woken,
     Written,
 )
 from flowsmith_worker.storage.sql import attempts as sql_attempts
@@ -75,6 +77,7 @@ from flowsmith_worker.storage.sql.base import (
 from flowsmith_worker.storage.sql.context import RunPayloads
 from flowsmith_worker.storage.sql.dialects import BatchWrite
 from flowsmith_worker.storage.sql.enqueue import SqlEnqueue, stage_rows
+from flowsmith_worker.storage.sql.events import SqlEvents
 from flowsmith_worker.storage.sql.finish import LOCK_RUNS_PG, FinishBatch, Move
 from flowsmith_worker.storage.sql.operators import SqlOperators
 
@@ -88,7 +91,7 @@ _KNOWN_PLANS = 10_000
 log = get_logger(__name__)
 
 
-class SqlStorage(SqlEnqueue, SqlOperators, Storage):
+class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
     """The storage on SQLite, PostgreSQL and MySQL/MariaDB."""
 
     # -- enqueue --------------------------------------------------------------
@@ -296,6 +299,8 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
                     run_after=self._now(),
                     lease_expires_at=None,
                     finished_at=None,
+                    # A sleep or wait resumed starts its wait afresh (see parking.py).
+                    wake_at=None,
                 )
             )
         return True
@@ -854,6 +859,54 @@ class SqlStorage(SqlEnqueue, SqlOperators, Storage):
             return NodeStatus.WAITING
 
         return self._advancing(lease, work)
+
+    def park_node(
+        self,
+        *,
+        lease: Lease,
+        event: str | None,
+        seconds: float | None,
+        until: float | None,
+    ) -> Woken | Parked | None:
+        def work(conn: Connection) -> Woken | Parked | None:
+            # The run's lock orders this with send_event: an event is either
+            # seen here, or sent after the node is parked and wakes it.
+            flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+            if flow_row is None:
+                return None  # the run was pruned while this step ran
+            node = conn.execute(
+                sa.select(N.c.wake_at, N.c.started_at, self._now().label("now")).where(
+                    *_held(lease)
+                )
+            ).first()
+            if node is None:
+                return None  # the lease was lost
+            stored = None if event is None else self._event_payload(conn, lease.flow_id, event)
+            decision = parking.decide(
+                now=node.now,
+                wake_at=node.wake_at,
+                first_deadline=parking.deadline(node.now, seconds, until),
+                event_came=stored is not None,
+            )
+            if isinstance(decision, parking.Wake):
+                return Woken(decision.by_event, stored)
+            fate = parking.park(flow_row.status, now=node.now, until=decision.until)
+            parked = self._fenced(lease).values(wake_at=decision.until)
+            ended = _ended_attempt(lease, node.started_at)
+            status = self._carry_out(conn, parked, flow_row, fate, ended)
+            return None if status is None else Parked(decision.until, status)
+
+        return self._transact(work)
+
+    def _event_payload(self, conn: Connection, flow_id: int, name: str) -> str | None:
+        """The payload (JSON text) of the event ``name`` sent to the run; None if none was."""
+        E = schema.events
+        found: str | None = conn.execute(
+            self.dialect.for_latest(
+                sa.select(E.c.payload).where(E.c.flow_id == flow_id, E.c.name == name)
+            )
+        ).scalar()
+        return found
 
     # -- advancing and failing flows (inside the caller's transaction) --------
 
