@@ -98,7 +98,7 @@ def test_a_step_added_joins_the_runs_enqueued_after_not_those_before(
 ) -> None:
     """A run enqueued with steps a, c and one enqueued after b was added between them,
     both run by the new code: the first runs a and c only, the second a, b and c; each
-    run's stored plan has the version of the code that enqueued it."""
+    run's plan_version() is the version of the code that enqueued it."""
     calls: Counter[str] = Counter()
     name = unique("versioned")
     old = deploy(name, storage, calls, ["a", "c"])
@@ -111,8 +111,8 @@ def test_a_step_added_joins_the_runs_enqueued_after_not_those_before(
     assert after.wait(timeout=5) == {"a": "a", "b": "b", "c": "c"}
     assert [node.step_name for node in before.trace()] == ["a", "c"]
     assert calls == Counter(a=2, b=1, c=2)
-    assert before.record().plan.version == old.plan().version
-    assert after.record().plan.version == new.plan().version != old.plan().version
+    assert before.plan_version() == old.plan().version
+    assert after.plan_version() == new.plan().version != old.plan().version
 
 
 def test_retries_are_the_plans_not_the_codes(storage: Storage, unique: Names) -> None:

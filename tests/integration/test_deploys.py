@@ -1,9 +1,11 @@
-"""A run keeps its plan across deploys, seen from the outside: `flowsmith status` shows
-the plan's version, and real `flowsmith worker` processes on changed code fail a run
-whose step is gone until the old code is back and `flowsmith retry` resumes it.
+"""A run keeps its plan across deploys, seen from the outside: `flowsmith status` and
+the dashboard show the plan's version, and real `flowsmith worker` processes on
+changed code fail a run whose step is gone until the old code is back and
+`flowsmith retry` resumes it.
 
-On every SQL backend (the CLI reads a database); the same rules on every storage,
-in-process, are tests/contract/test_versioning.py.
+On every SQL backend (the CLI reads a database; the dashboard's page on SQLite: its
+queries are the status command's); the same rules on every storage, in-process, are
+tests/contract/test_versioning.py.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
 from flowsmith_worker import Flow, StepFailed
+from flowsmith_worker.dashboard import create_app
 from flowsmith_worker.storage.sql import schema
+from tests.dashboard_support import serving
 from tests.integration.conftest import Db
 from tests.integration.test_cli_ops import cli, ok, run_line
 from tests.integration.test_cli_untrusted_rows import execute
@@ -77,6 +82,16 @@ def test_an_unreadable_plan_has_no_version(db: Db, unique: Names) -> None:
     assert run_line(shown.stdout, "Plan") == "UNREADABLE"
     as_json = json.loads(cli(db.url, "status", run.tracking_id, "--json").stdout)
     assert as_json["plan_version"] is None
+
+
+def test_the_dashboard_shows_the_plan_version_of_a_run(sqlite_db: Db, unique: Names) -> None:
+    """The run page of the dashboard has the run's plan version beside its flow."""
+    flow = Flow(unique("seen"), storage=sqlite_db.storage).step("first", ok)
+    run = flow.run({})
+    with serving(create_app(sqlite_db.storage)) as base:
+        page = httpx.get(f"{base}/run", params={"tracking_id": run.tracking_id})
+    assert page.status_code == 200, page.text
+    assert f'<code class="plan-version">{flow.plan().version}</code> (1 step)' in page.text
 
 
 @pytest.mark.slow
