@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import shlex
 import threading
 import time
 import traceback
@@ -354,7 +355,7 @@ class Executor:
             f"enqueued with ({enqueued}) but not in this worker's code (plan version "
             f"{deployed.version}, steps: {', '.join(deployed.names()) or 'none'}); "
             f"deploy code that has step {node.step_name!r}, then "
-            f"`flowsmith retry {node.tracking_id}`"
+            f"`flowsmith retry {shlex.quote(node.tracking_id)}`"
         )
 
     def _stored_plan(self, node: ClaimedNode) -> Plan | None:
