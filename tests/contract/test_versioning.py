@@ -115,6 +115,28 @@ def test_a_step_added_joins_the_runs_enqueued_after_not_those_before(
     assert after.plan_version() == new.plan().version != old.plan().version
 
 
+def test_steps_reordered_in_the_code_run_in_the_order_of_the_runs_plan(
+    storage: Storage, unique: Names
+) -> None:
+    """A run enqueued with a then b (b reads a's output) runs a first even on code that
+    puts b first: the order and grouping of its steps are kept in its plan."""
+    name = unique("versioned")
+
+    def a(_ctx: Context) -> str:
+        return "a"
+
+    def b(ctx: Context) -> str:
+        return str(ctx.data["a"]) + "b"
+
+    run = Flow(name, storage).step("a", a).step("b", b).run({})
+    registry.unregister(name)
+    Flow(name, storage).step("b", b).step("a", a)
+    drain(storage)
+
+    assert run.wait(timeout=5) == {"a": "a", "b": "ab"}
+    assert [node.step_name for node in run.trace()] == ["a", "b"]
+
+
 def test_retries_are_the_plans_not_the_codes(storage: Storage, unique: Names) -> None:
     """A step enqueued with retries=2 that the new code gives retries=0 still gets its
     three attempts: how many a run's step may make is kept in its plan."""
