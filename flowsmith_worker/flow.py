@@ -439,6 +439,13 @@ class Flow:
 registry: Registry[Flow] = Registry()
 
 
+def plan_versions() -> dict[str, str]:
+    """The plan version of each flow this process defines: what a run enqueued by this
+    code would keep, to compare with a run's own (`flowsmith status`)."""
+    flows = (registry.lookup(name) for name in registry.names())
+    return {flow.name: flow.plan().version for flow in flows if flow is not None}
+
+
 def _start_instant(delay: float | None, run_at: datetime | None) -> float | None:
     """``run_at`` as seconds since the epoch (None without it), refused beside a delay."""
     if run_at is not None and delay is not None:

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from flowsmith_worker import Flow, StepFailed
 from flowsmith_worker.dashboard import create_app
+from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.storage.sql import schema
 from tests.dashboard_support import serving
 from tests.integration.conftest import Db
@@ -99,10 +100,11 @@ def test_a_deploy_that_drops_a_step_fails_its_runs_until_a_rollback_and_a_retry(
     db: Db, unique: Names, tmp_path: Path
 ) -> None:
     """A run enqueued with steps a, b, c; a worker process on code without b (new_code:
-    a, c) runs a and fails the run at b, naming b and the run's plan version in
-    `flowsmith status`. That worker stopped, one on the old code (old_code: a, b, c)
-    started, `flowsmith retry` resumes the run at b: it completes, a's output still
-    the new code's (a did not run again), b and c the old code's."""
+    a, c; its worker.started log line gives that code's plan version) runs a and fails
+    the run at b, naming b and the run's plan version in `flowsmith status`. That worker
+    stopped, one on the old code (old_code: a, b, c) started, `flowsmith retry` resumes
+    the run at b: it completes, a's output still the new code's (a did not run again),
+    b and c the old code's."""
     flow_name = unique("deployed")
     enqueued = Flow(flow_name, storage=db.storage)
     for step in ("a", "b", "c"):
@@ -121,6 +123,9 @@ def test_a_deploy_that_drops_a_step_fails_its_runs_until_a_rollback_and_a_retry(
     finally:
         new_worker.cleanup()
     assert failed.value.step == "b", new_worker.output()[-3000:]
+    new_code = Plan(stages=((PlannedStep("a", 1),), (PlannedStep("c", 1),)))
+    (started,) = [line for line in new_worker.log_lines() if line["event"] == "worker.started"]
+    assert started["flows"] == {flow_name: new_code.version}
     shown = cli(db.url, "status", run.tracking_id, "--wide")  # the whole error
     assert shown.exit_code == 1  # FAILED
     assert run_line(shown.stdout, "Plan") == f"version {enqueued.plan().version} (3 steps)"
