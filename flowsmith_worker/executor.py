@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import shlex
 import threading
 import time
 import traceback
@@ -62,7 +63,7 @@ from flowsmith_worker.event_loop import DeadlinePassed
 from flowsmith_worker.flow import FAIL, Flow, Parking, StepSpec, registry
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.outage import DatabaseOutage
-from flowsmith_worker.plan import WAIT_FOR_EVENT
+from flowsmith_worker.plan import WAIT_FOR_EVENT, Plan
 from flowsmith_worker.progress import attempts_left, context_data
 from flowsmith_worker.retry import DEFAULT_BACKOFF, retry_delay
 from flowsmith_worker.storage.base import (
@@ -166,12 +167,8 @@ class Executor:
             failure = _Failure(self._unknown_flow(node))
             return Executed(self._record_failure(node, None, failure, bound))
         if spec is None:
-            failure = _Failure(
-                f"step {node.step_name!r} is in the stored plan of this run of flow "
-                f"{node.flow_name!r} but no longer in the flow's code; restore the step "
-                "(or deploy the old code) and retry the flow",
-                retryable=False,
-            )
+            # Not retried here: every attempt on this code would fail the same way.
+            failure = _Failure(self._missing_step(node, flow), retryable=False)
             return Executed(self._record_failure(node, None, failure, bound))
         bound.debug("step.started")
         started = time.monotonic()
@@ -399,9 +396,25 @@ class Executor:
         self.outage.answered()
         return written
 
-    def _unknown_flow(self, node: ClaimedNode) -> str:
+    def _missing_step(self, node: ClaimedNode, flow: Flow) -> str:
+        """The code under the run changed: say which step, which plan and what to do."""
+        stored, deployed = self._stored_plan(node), flow.plan()
+        enqueued = f"plan version {stored.version}" if stored else "its stored plan"
+        return (
+            f"step {node.step_name!r} of flow {node.flow_name!r} is in the plan this run was "
+            f"enqueued with ({enqueued}) but not in this worker's code (plan version "
+            f"{deployed.version}, steps: {', '.join(deployed.names()) or 'none'}); "
+            f"deploy code that has step {node.step_name!r}, then "
+            f"`flowsmith retry {shlex.quote(node.tracking_id)}`"
+        )
+
+    def _stored_plan(self, node: ClaimedNode) -> Plan | None:
         record = self.storage.get_flow(tracking_id=node.tracking_id, with_payloads=False)
-        module = record.plan.module if record else ""
+        return None if record is None or "plan" in record.unreadable else record.plan
+
+    def _unknown_flow(self, node: ClaimedNode) -> str:
+        stored = self._stored_plan(node)
+        module = stored.module if stored else ""
         known = ", ".join(registry.names()) or "none"
         where = (
             f"`flowsmith worker {module}`"

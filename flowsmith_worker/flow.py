@@ -536,6 +536,13 @@ class Flow:
 registry: Registry[Flow] = Registry()
 
 
+def plan_versions() -> dict[str, str]:
+    """The plan version of each flow this process defines: what a run enqueued by this
+    code would keep, to compare with a run's own (`flowsmith status`)."""
+    flows = (registry.lookup(name) for name in registry.names())
+    return {flow.name: flow.plan().version for flow in flows if flow is not None}
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 

@@ -5,14 +5,26 @@ removes or reorders steps does not derail runs already in flight. A stage is
 one step, or the steps of one parallel group; stage ``i`` starts only when every
 step of stage ``i - 1`` is done.
 
-Owns the frozen Plan and its JSON form. A plan holds names and counts, never step
-functions, so any process can read any stored plan; it is written once with its run
-and must never be rewritten (a retry changes nodes, not the plan).
+Owns the frozen Plan, its JSON form and its version. A plan holds names and counts,
+never step functions, so any process can read any stored plan; it is written once with
+its run and must never be rewritten (a retry changes nodes, not the plan).
+
+What the plan keeps, the run keeps whatever is deployed later: its steps, their order
+and grouping, each step's max_attempts (retries + 1), max_rescues and whether it is a
+subflow. What is code stays code: a step's function, condition, timeout and backoff are
+the running worker's, read at each attempt.
+
+The version is computed from the stored plan, not stored beside it: every run has one
+(those enqueued before versions existed too), it cannot disagree with the plan it
+names, and enqueue writes nothing more. So the version's input must never change for
+a stored plan: a field added to PlannedStep later must stay out of the hashed form
+while it holds its default, or every run's version would change with the upgrade.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +34,9 @@ from typing import Any
 # it does not use up `retries`, but a step that kills its worker every time
 # must end somewhere.
 DEFAULT_MAX_RESCUES = 3
+# Hex digits of a plan's version: 48 bits, as short as a glance can compare (git
+# shows 7 to 12) while two plans of one flow colliding stays out of reach.
+VERSION_LENGTH = 12
 
 
 # What a step is, besides a function's call: a sleep or a wait for an event
@@ -71,13 +86,30 @@ class Plan:
             for index, planned in enumerate(stage)
         }
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "module": self.module,
-                "stages": [[_step_json(s) for s in stage] for stage in self.stages],
-            }
+    @functools.cached_property
+    def version(self) -> str:
+        """A short hash of the plan's stages: which steps, in which order and groups,
+        with their attempts, rescues and kinds (the module is not part of it).
+
+        The SHA-256 of their canonical JSON (sorted keys, no spaces, ASCII), so the
+        same plan has the same version in every process, on every Python and every
+        machine: unlike hash(), which differs between processes. Computed when asked
+        for, never on the hot path.
+        """
+        canonical = json.dumps(
+            self._stages_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
         )
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:VERSION_LENGTH]
+
+    def names(self) -> list[str]:
+        """The steps' names, in plan order."""
+        return [planned.name for stage in self.stages for planned in stage]
+
+    def _stages_json(self) -> list[list[dict[str, Any]]]:
+        return [[_step_json(s) for s in stage] for stage in self.stages]
+
+    def to_json(self) -> str:
+        return json.dumps({"module": self.module, "stages": self._stages_json()})
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

@@ -52,6 +52,12 @@ class FlowRun:
         of its attempts (``NodeRecord.attempts``: start, end, worker, outcome, error)."""
         return self.storage.list_nodes(flow_id=self.record(with_payloads=False).id)
 
+    def plan_version(self) -> str:
+        """The version of the plan this run was enqueued with, as `flowsmith status` shows
+        it: a short hash of its steps (see plan.py). The run keeps that plan whatever code
+        is deployed since; compare it with ``flow.plan().version`` of the code at hand."""
+        return self.record(with_payloads=False).plan.version
+
     def cancel(self) -> None:
         """Cancel the run, as `flowsmith cancel` does: its pending steps never start.
 

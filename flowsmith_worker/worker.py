@@ -34,6 +34,7 @@ import tenacity
 from flowsmith_worker.batcher import CompletionBatcher
 from flowsmith_worker.errors import DatabaseUnavailable
 from flowsmith_worker.executor import Executed, Executor, Outcome
+from flowsmith_worker.flow import plan_versions
 from flowsmith_worker.health import Health
 from flowsmith_worker.heartbeat import Heartbeat, LeaseTimes
 from flowsmith_worker.log import get_logger
@@ -364,6 +365,7 @@ class Worker:
             concurrency=self.settings.concurrency,
             queues=list(self.settings.queues),
             database=self.storage.url_for_display,
+            flows=plan_versions(),
         )
         try:
             self._loop()

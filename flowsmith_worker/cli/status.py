@@ -115,6 +115,7 @@ def _run_lines(snapshot: Snapshot, wide: bool) -> list[str]:
     lines = [
         ("Run", flow.tracking_id),
         ("Flow", f"{flow.flow_name} (queue {flow.queue})"),
+        ("Plan", _plan_cell(flow)),
         ("Status", status_cell(flow)),
         ("Created", format_both(flow.created_at, now)),
     ]
@@ -127,6 +128,19 @@ def _run_lines(snapshot: Snapshot, wide: bool) -> list[str]:
     if flow.error:
         lines.append(("Error", last_line(flow.error)))
     return [f"{label:<{LABEL_WIDTH}}{_value(value, wide)}" for label, value in lines]
+
+
+def _plan_cell(flow: FlowRecord) -> object:
+    """The version of the plan the run was enqueued with (it keeps it whatever is deployed)."""
+    if "plan" in flow.unreadable:
+        return status_text(UNREADABLE_CELL)
+    steps = flow.plan.names()
+    return f"version {flow.plan.version} ({len(steps)} step{'' if len(steps) == 1 else 's'})"
+
+
+def plan_version(flow: FlowRecord) -> str | None:
+    """The run's plan version for --json: null when its stored plan cannot be read."""
+    return None if "plan" in flow.unreadable else flow.plan.version
 
 
 def _value(value: object, wide: bool) -> str:
@@ -335,14 +349,16 @@ def status(
 ) -> None:
     """Show a flow run and every step: status, attempts, times, worker, last error.
 
-    Times are relative to the database clock ("3m05s ago"); a run enqueued
-    with a delay says when it starts, a step waiting to be retried when ("in
-    25s"). Steps of the plan the run has not reached yet are listed as "(not
-    reached)". A step that ran more than once (retried, rescued, released) has
-    each attempt listed below the steps: outcome, start, duration, worker, error
+    The Plan line shows the version of the plan the run was enqueued with (a hash of
+    its steps; plan_version in --json): the run keeps that plan whatever code is
+    deployed since. Times are relative to the database clock ("3m05s ago"); a run
+    enqueued with a delay says when it starts, a step waiting to be retried when
+    ("in 25s"). Steps of the plan the run has not reached yet are listed as "(not
+    reached)". A step that ran more than once (retried, rescued, released) has each
+    attempt listed below the steps: outcome, start, duration, worker, error
     (--traceback: in full). The tables fit 100 columns, worker ids cut to 8
-    characters: --wide shows every cell whole, with UTC times. A stored value that cannot
-    be read is shown as UNREADABLE, with why on stderr (null with --json).
+    characters: --wide shows every cell whole, with UTC times. A stored value that
+    cannot be read is shown as UNREADABLE, with why on stderr (null with --json).
     Inputs and outputs are read only with --json, whose times are ISO-8601.
 
     \b
@@ -374,6 +390,7 @@ def status(
         echo_json(
             {
                 "flow": snapshot.flow,
+                "plan_version": plan_version(snapshot.flow),
                 "steps": snapshot.nodes,
                 "not_reached": [name for _, name in _not_reached(snapshot.flow, snapshot.nodes)],
             }
