@@ -10,6 +10,7 @@ ctx.data, the run's record or its output.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import subprocess
 import sys
@@ -225,6 +226,26 @@ def test_run_many_gives_each_run_a_span_of_its_own(
     for attempt in attempts:
         tracking_id = (attempt.attributes or {})["flowsmith.tracking_id"]
         assert parent_of(attempt) == span_id(run_spans[tracking_id])
+
+
+def test_run_async_enqueues_in_the_trace_of_the_awaiting_request(
+    unique: Names, spans: _Collector
+) -> None:
+    """``await flow.run_async()`` enqueues in a thread; the run span is still a child of
+    the span current in the coroutine that awaited it (an async web handler's)."""
+    from flowsmith_worker.storage import InMemoryStorage
+
+    name = unique("async_enqueue")
+    flow = Flow(name, storage=InMemoryStorage()).step("one", lambda ctx: None)
+
+    async def handler() -> int:
+        with tracer.start_as_current_span("POST /async") as request:
+            await flow.run_async({})
+        return request.get_span_context().span_id
+
+    request_id = asyncio.run(handler())
+    [run_span] = named(spans, f"run {name}")
+    assert parent_of(run_span) == request_id
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
