@@ -15,14 +15,13 @@ import dataclasses
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from flowsmith_worker import Context, Flow, FlowStatus, Worker
@@ -35,42 +34,13 @@ CONSUMER, PRODUCER = trace.SpanKind.CONSUMER, trace.SpanKind.PRODUCER
 tracer = trace.get_tracer("tests.contract.test_tracing")
 
 
-class _Collector(InMemorySpanExporter):
-    """Keeps spans only while a test of this module collects them: the provider stays
-    set for the rest of the session, whose tests must not fill memory with spans."""
-
-    collecting = False
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return super().export(spans) if self.collecting else SpanExportResult.SUCCESS
-
-
-@pytest.fixture(scope="session")
-def _collector() -> _Collector:
-    collector = _Collector()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(collector))
-    trace.set_tracer_provider(provider)  # once per process: OpenTelemetry allows no other
-    return collector
-
-
-@pytest.fixture
-def spans(_collector: _Collector) -> Iterator[_Collector]:
-    """The spans ended during this test."""
-    _collector.clear()
-    _collector.collecting = True
-    yield _collector
-    _collector.collecting = False
-    _collector.clear()
-
-
 def drain(storage: Storage) -> Worker:
     worker = Worker(storage=storage, poll_interval=0.05, concurrency=4)
     worker.run_until_idle(timeout=30)
     return worker
 
 
-def named(spans: _Collector, name: str) -> list[ReadableSpan]:
+def named(spans: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     found = [s for s in spans.get_finished_spans() if s.name == name]
     return sorted(found, key=lambda s: (s.attributes or {}).get("flowsmith.attempt", 0))
 
@@ -90,7 +60,7 @@ def trace_id(span: ReadableSpan) -> int:
 
 
 def test_attempt_spans_are_children_of_the_run_span_in_the_enqueuing_trace(
-    storage: Storage, unique: Names, spans: _Collector
+    storage: Storage, unique: Names, spans: InMemorySpanExporter
 ) -> None:
     """The run span is a child of the request that enqueued the run; each attempt of its
     two steps (the second chained to the first) is a child of the run span, with the
@@ -140,7 +110,7 @@ def test_attempt_spans_are_children_of_the_run_span_in_the_enqueuing_trace(
 
 
 def test_a_failed_attempt_records_its_error_and_each_retry_has_a_span(
-    storage: Storage, unique: Names, spans: _Collector
+    storage: Storage, unique: Names, spans: InMemorySpanExporter
 ) -> None:
     """A step that raises on its first attempt and succeeds on its second: two spans
     under one run span, the first with status ERROR, the exception as an event and the
@@ -179,7 +149,7 @@ def test_a_failed_attempt_records_its_error_and_each_retry_has_a_span(
 
 
 def test_a_subflow_run_nests_inside_the_attempt_that_started_it(
-    storage: Storage, unique: Names, spans: _Collector
+    storage: Storage, unique: Names, spans: InMemorySpanExporter
 ) -> None:
     """The child run's span is a child of the parent's subflow attempt, and the child's
     attempts are children of it: parent and child runs are one trace."""
@@ -206,7 +176,7 @@ def test_a_subflow_run_nests_inside_the_attempt_that_started_it(
 
 
 def test_run_many_gives_each_run_a_span_of_its_own(
-    storage: Storage, unique: Names, spans: _Collector
+    storage: Storage, unique: Names, spans: InMemorySpanExporter
 ) -> None:
     """Each run of a run_many has its own run span under the request's span, and its
     attempt is a child of that span, not of another run's."""
@@ -229,7 +199,7 @@ def test_run_many_gives_each_run_a_span_of_its_own(
 
 
 def test_run_async_enqueues_in_the_trace_of_the_awaiting_request(
-    unique: Names, spans: _Collector
+    unique: Names, spans: InMemorySpanExporter
 ) -> None:
     """``await flow.run_async()`` enqueues in a thread; the run span is still a child of
     the span current in the coroutine that awaited it (an async web handler's)."""
@@ -250,7 +220,7 @@ def test_run_async_enqueues_in_the_trace_of_the_awaiting_request(
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_spans_a_step_makes_nest_inside_its_attempt(
-    kind: str, unique: Names, spans: _Collector, tmp_path: Path
+    kind: str, unique: Names, spans: InMemorySpanExporter, tmp_path: Path
 ) -> None:
     """The attempt's span is the current one while the step runs, in a sync step and in
     an ``async def`` one (awaited on the worker's event loop thread): what the step
@@ -278,7 +248,7 @@ def test_spans_a_step_makes_nest_inside_its_attempt(
 
 @pytest.mark.parametrize("stored", [None, "not a traceparent"])
 def test_a_run_stored_without_a_usable_traceparent_starts_a_trace_of_its_own(
-    stored: str | None, unique: Names, spans: _Collector
+    stored: str | None, unique: Names, spans: InMemorySpanExporter
 ) -> None:
     """A run enqueued by a process that does not trace (no traceparent), or one whose
     stored traceparent is garbage, still runs, and its attempt's span is a root."""
