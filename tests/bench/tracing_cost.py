@@ -1,6 +1,6 @@
 """What tracing (flowsmith_worker/tracing.py) costs per step attempt and per enqueued run.
 
-    .venv/bin/python -m tests.bench.tracing_cost [--attempts 20000] [--rounds 5]
+    .venv/bin/python -m tests.bench.tracing_cost [--attempts 2000] [--rounds 30] [--runs 300]
 
 Each mode runs in a fresh process, so that only the "off" one never imports
 OpenTelemetry:
@@ -13,7 +13,7 @@ OpenTelemetry:
 It times the executor's part of an attempt, Executor.run on a no-op step with
 its outcome write answered at once (no database: the database's share of a step
 is the same in every mode), and Flow.new_run, the enqueue's Python part, and
-prints microseconds per call, the median of ``--rounds``; and, in the "off"
+prints microseconds per call, the least of ``--rounds``; and, in the "off"
 mode, the attempt without Executor.run's tracing wrapper (what the wrapper costs
 a process that does not trace). Then, the whole step: the CPU per step of a
 worker draining ``--runs`` 10-step runs from a SQLite file (claims and writes
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,15 +58,18 @@ def _set_up(mode: str) -> None:
         pass
 
 
-def _per_call(call: Callable[[], Any], count: int, rounds: int) -> float:
-    """Microseconds per call: the median of ``rounds`` timings of ``count`` calls."""
-    timings = []
+def _per_call(*calls: Callable[[], Any], count: int, rounds: int) -> list[float]:
+    """Microseconds per call of each of ``calls``: the least of ``rounds`` timings of
+    ``count`` calls (as timeit advises: the other processes of a busy machine only ever
+    add time), the calls taking turns round by round so that they meet the same load."""
+    timings: list[list[float]] = [[] for _ in calls]
     for _ in range(rounds):
-        started = time.perf_counter()
-        for _ in range(count):
-            call()
-        timings.append((time.perf_counter() - started) / count * 1e6)
-    return statistics.median(timings)
+        for call, taken in zip(calls, timings, strict=True):
+            started = time.perf_counter()
+            for _ in range(count):
+                call()
+            taken.append((time.perf_counter() - started) / count * 1e6)
+    return [min(taken) for taken in timings]
 
 
 def measure(mode: str, attempts: int, rounds: int, runs: int, workdir: str) -> dict[str, float]:
@@ -88,12 +90,16 @@ def measure(mode: str, attempts: int, rounds: int, runs: int, workdir: str) -> d
     drained = _drain_cpu_per_step(runs, workdir)
     loaded = any(name.startswith("opentelemetry") for name in sys.modules)
     assert loaded == (mode != "off"), f"mode {mode}: OpenTelemetry loaded={loaded}"
+    # The attempt without Executor.run's tracing wrapper: what the wrapper costs a
+    # process that does not trace is the difference in mode "off".
+    attempt, unwrapped = _per_call(
+        lambda: executor.run(node), lambda: executor._run(node), count=attempts, rounds=rounds
+    )
+    [enqueue] = _per_call(lambda: flow.new_run({"n": 1}, None), count=attempts, rounds=rounds)
     return {
-        "attempt_us": _per_call(lambda: executor.run(node), attempts, rounds),
-        # The attempt without Executor.run's tracing wrapper: what the wrapper costs
-        # a process that does not trace is the difference in mode "off".
-        "unwrapped_us": _per_call(lambda: executor._run(node), attempts, rounds),
-        "enqueue_us": _per_call(lambda: flow.new_run({"n": 1}, None), attempts, rounds),
+        "attempt_us": attempt,
+        "unwrapped_us": unwrapped,
+        "enqueue_us": enqueue,
         "drain_cpu_us": drained,
     }
 
@@ -120,8 +126,8 @@ def _drain_cpu_per_step(runs: int, workdir: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--attempts", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--attempts", type=int, default=2000, help="calls per round")
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--runs", type=int, default=300, help="10-step runs drained per mode")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one child's mode
     args = parser.parse_args(argv)
