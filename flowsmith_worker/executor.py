@@ -158,7 +158,7 @@ class Executor:
             return self._run(node)
         with tracing.attempt_span(node, self.worker_id) as span:
             executed = self._run(node)
-            span.ended(str(executed.outcome))
+            span.record_outcome(str(executed.outcome))
         return executed
 
     def _run(self, node: ClaimedNode) -> Executed:

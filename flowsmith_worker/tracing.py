@@ -54,8 +54,8 @@ def enabled() -> bool:
 def run_enqueued(flow_name: str, tracking_id: str, queue: str) -> str | None:
     """Start and end the span of a run being enqueued; its ``traceparent`` to store.
 
-    None when the process does not trace, or its tracer records nothing (no
-    SDK set up): the run's attempts then start traces of their own.
+    None when the process does not trace, or has no trace to join (no SDK set up
+    and no trace context received): the run's attempts then start traces of their own.
     """
     if not enabled():
         return None
@@ -110,7 +110,7 @@ class AttemptSpan:
     def __init__(self, span: Span) -> None:
         self.span = span
 
-    def ended(self, outcome: str) -> None:
+    def record_outcome(self, outcome: str) -> None:
         """What became of the attempt: "completed", "retry_scheduled", "failed"..."""
         self.span.set_attribute("flowsmith.outcome", outcome)
 
