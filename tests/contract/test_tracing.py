@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -313,3 +314,48 @@ def test_a_process_that_does_not_trace_never_imports_opentelemetry(tmp_path: Pat
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_with_the_api_alone_a_run_joins_the_trace_it_was_enqueued_in(tmp_path: Path) -> None:
+    """A process with OpenTelemetry's API and no SDK (the extra installed, nothing set up)
+    records no span, yet a run enqueued inside a received trace context stores that
+    context, for workers that do trace; its steps run, and nothing of it shows in the
+    run's input or output."""
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    script = textwrap.dedent(
+        f"""
+        import sqlite3
+        from opentelemetry import context
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        from flowsmith_worker import Flow, Worker
+        from flowsmith_worker.storage import create_storage
+
+        url = "sqlite:///{tmp_path}/api.db"
+        storage = create_storage(url)
+        storage.migrate()
+        flow = Flow("api_only", storage=storage).step("one", lambda ctx: sorted(ctx.data))
+        received = TraceContextTextMapPropagator().extract({{"traceparent": "{traceparent}"}})
+        token = context.attach(received)
+        run = flow.run({{"a": 1}})
+        context.detach(token)
+        Worker(storage=storage, poll_interval=0.05).run_until_idle(timeout=30)
+        print(run.wait(timeout=5))
+        print(storage.get_flow(tracking_id=run.tracking_id).input)
+        [stored] = sqlite3.connect("{tmp_path}/api.db").execute(
+            "SELECT input FROM fs_flows"
+        ).fetchone()
+        print(stored)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    output, record_input, stored = done.stdout.strip().splitlines()
+    assert output == "{'a': 1, 'one': ['a']}"
+    assert record_input == "{'a': 1}"
+    assert json.loads(stored) == {"a": 1, TRACE_PARENT_KEY: traceparent}
