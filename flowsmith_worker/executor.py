@@ -45,7 +45,7 @@ from typing import Any, TypeVar, cast
 
 import tenacity
 
-from flowsmith_worker import event_loop, payload
+from flowsmith_worker import event_loop, payload, tracing
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
@@ -116,6 +116,13 @@ class Executed:
 class _Failure:
     error: str
     retryable: bool = True
+    exception: BaseException | None = None  # what the step raised, if it did
+
+    @property
+    def summary(self) -> str:
+        """The error's last line: the exception and its message."""
+        text = self.error.strip()
+        return text.splitlines()[-1] if text else ""
 
 
 class Executor:
@@ -154,6 +161,14 @@ class Executor:
 
     def run(self, node: ClaimedNode) -> Executed:
         """Run the node's step and write its outcome; say what came next."""
+        if not tracing.enabled():  # the one cost of tracing to a process that does not trace
+            return self._run(node)
+        with tracing.attempt_span(node, self.worker_id) as span:
+            executed = self._run(node)
+            span.record_outcome(str(executed.outcome))
+        return executed
+
+    def _run(self, node: ClaimedNode) -> Executed:
         bound = log.bind(
             flow=node.flow_name,
             tracking_id=node.tracking_id,
@@ -211,7 +226,7 @@ class Executor:
             # flowsmith.signals handles those), so here they come from the step's
             # own code, and re-raising them would only kill this pool thread and
             # leave the node to its lease.
-            failure = _Failure(_describe(exc), _retryable(exc))
+            failure = _Failure(_describe(exc), _retryable(exc), exc)
             return Executed(self._record_failure(node, spec, failure, bound))
         completed = Finished(node.lease, NodeStatus.COMPLETED, output, step_name=spec.name)
         return self._finish(node, bound, completed, started)
@@ -247,6 +262,7 @@ class Executor:
             chained.step_name,
             chained.max_attempts,
             data,
+            node.trace_parent,
         )
         return Executed(written, next_node, sent_at)
 
@@ -301,6 +317,7 @@ class Executor:
             retry_delay(spec.backoff if spec else DEFAULT_BACKOFF, node.attempt) if retry else None
         )
         outcome = Outcome.RETRY if retry else Outcome.FAILED
+        tracing.attempt_failed(failure.exception, failure.summary)
         written = self._write(
             node,
             bound,
@@ -308,7 +325,7 @@ class Executor:
             lambda: _failure_written(
                 self.storage.fail_node(lease=node.lease, error=failure.error, retry_delay=delay)
             ),
-            error=failure.error.strip().splitlines()[-1] if failure.error.strip() else "",
+            error=failure.summary,
             retry_in=None if delay is None else round(delay, 3),
         )
         return written

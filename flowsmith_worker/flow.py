@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from flowsmith_worker import event_loop, payload
+from flowsmith_worker import event_loop, payload, tracing
 from flowsmith_worker.async_calls import call_with_connection
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.cron import instant_of, validate_cron
-from flowsmith_worker.errors import InvalidFlowDefinition
+from flowsmith_worker.errors import InvalidFlowDefinition, PayloadRejected
 from flowsmith_worker.identifiers import (
     MAX_TRACKING_ID_LENGTH as MAX_TRACKING_ID_LENGTH,  # re-exported: callers import it here
 )
@@ -38,6 +38,7 @@ from flowsmith_worker.plan import (
     Plan,
     PlannedStep,
 )
+from flowsmith_worker.records import TRACE_PARENT_KEY
 from flowsmith_worker.registry import Registry
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
 from flowsmith_worker.run import FlowRun, find_run
@@ -493,6 +494,11 @@ class Flow:
         data = ctx.data if isinstance(ctx, Context) else dict(ctx or {})
         # Checked here, so a bad input is refused before anything is written.
         payload.encode(data, what=f"the {what} of flow {self.name!r}")
+        if TRACE_PARENT_KEY in data:
+            raise PayloadRejected(
+                f"the {what} of flow {self.name!r} has the key {TRACE_PARENT_KEY!r}, which "
+                "FlowSmith keeps for the run's trace context: rename that key"
+            )
         if delay is not None and delay < 0:
             raise ValueError(f"delay={delay}: cannot be negative")
         # None means "make one up"; an empty string is a bug upstream, not a request
@@ -509,6 +515,8 @@ class Flow:
             priority=self.priority,
             delay_seconds=float(delay or 0.0),
             run_at=run_at,
+            # Last, once the request is known to be valid: a refused one makes no span.
+            trace_parent=tracing.run_enqueued(self.name, tracking_id, self.queue),
         )
 
     # -- schedule -------------------------------------------------------------

@@ -52,6 +52,10 @@ class AttemptOutcome(StrEnum):
 
 DEFAULT_QUEUE = "default"
 RESCUE_ERROR = "lease expired: worker lost"
+# The run span's W3C traceparent (tracing.py) is kept in the stored input under this key
+# until the schema has a column for it: the storage takes it out of every input it
+# reads, so ctx.data, `flowsmith status` and a run's output never see it.
+TRACE_PARENT_KEY = "flowsmith.traceparent"
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ class NewFlow:
     # Not before this instant (seconds since the epoch), compared with the
     # database clock: a host clock that is off cannot move it.
     run_at: float | None = None
+    # The W3C traceparent of the run's span (tracing.py); None when the enqueuing
+    # process does not trace.
+    trace_parent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ class ClaimedNode:
     step_name: str
     max_attempts: int
     input: dict[str, Any]
+    # The traceparent stored with the run: its attempts' spans are children of it.
+    trace_parent: str | None = None
 
     @property
     def attempt(self) -> int:

@@ -110,6 +110,40 @@ def _no_default_storage() -> Iterator[None]:
     reset_default_storage()
 
 
+@pytest.fixture(scope="session")
+def _span_collector() -> Any:
+    """The process's OpenTelemetry tracer provider, set once (OpenTelemetry allows no
+    other), exporting to an in-memory exporter that keeps spans only while a test asks
+    for them (``spans``). Imported here, not at the top: a session that never asks runs
+    without OpenTelemetry, as an application that does not trace."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    class Collector(InMemorySpanExporter):
+        collecting = False
+
+        def export(self, spans: Any) -> SpanExportResult:
+            return super().export(spans) if self.collecting else SpanExportResult.SUCCESS
+
+    collector = Collector()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(collector))
+    trace.set_tracer_provider(provider)
+    return collector
+
+
+@pytest.fixture
+def spans(_span_collector: Any) -> Iterator[Any]:
+    """An InMemorySpanExporter holding the spans this process ended during the test."""
+    _span_collector.clear()
+    _span_collector.collecting = True
+    yield _span_collector
+    _span_collector.collecting = False
+    _span_collector.clear()
+
+
 class _CapturedEvents(logging.Handler):
     """Keeps the fields of each of the library's events, and its level as ``log_level``."""
 

@@ -43,6 +43,7 @@ from flowsmith_worker.storage.base import (
 )
 from flowsmith_worker.storage.sql import migrations, notify, schema
 from flowsmith_worker.storage.sql import prepared as sql_prepared
+from flowsmith_worker.storage.sql.context import stored_input
 from flowsmith_worker.storage.sql.dialects import (
     MISSING_SCHEMA,
     READ_ONLY_OPTION,
@@ -273,7 +274,7 @@ def flow_record(row: Row[Any]) -> FlowRecord:
         flow_name=row.flow_name,
         tracking_id=row.tracking_id,
         status=values.read("status", FlowStatus, FlowStatus.FAILED),
-        input=values.read("input", loads, {}),
+        input=values.read("input", stored_input, {}),
         output=values.read("output", loads, None),
         error=row.error,
         plan=values.read("plan", Plan.from_json, _NO_PLAN),

@@ -10,6 +10,10 @@ input snapshots of ``flowsmith status`` are rebuilt the same way.
 
 Schema version 4 dropped fs_nodes.input, where older versions kept that copy.
 
+fs_flows.input also keeps the run span's traceparent (tracing.py), under the
+reserved key TRACE_PARENT_KEY, until the schema has a column for it: every
+reader here takes it out (split_trace), so no ctx.data, record or output has it.
+
 Values are parsed here, never trusted: a value that does not parse (a row
 changed outside FlowSmith) raises CorruptRow naming the column and the run, so
 the engine fails that run instead of rolling back the same claim forever.
@@ -34,7 +38,8 @@ from sqlalchemy.engine import Connection
 from flowsmith_worker import progress
 from flowsmith_worker.errors import CorruptRow
 from flowsmith_worker.plan import Plan
-from flowsmith_worker.storage.base import NodeStatus
+from flowsmith_worker.records import TRACE_PARENT_KEY
+from flowsmith_worker.storage.base import NewFlow, NodeStatus
 from flowsmith_worker.storage.sql import schema
 
 F, N = schema.flows, schema.nodes
@@ -56,6 +61,28 @@ def parse_plan(text: str, tracking_id: str) -> Plan:
     except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSON, not a plan's shape
         problem = f"is not a plan ({type(exc).__name__}: {exc})"
     raise corrupt(f"fs_flows.plan of run {tracking_id!r}", tracking_id, problem)
+
+
+def input_to_store(flow: NewFlow) -> dict[str, Any]:
+    """The run's input as fs_flows.input keeps it: with its traceparent, if it has one."""
+    if flow.trace_parent is None:
+        return flow.input
+    return {**flow.input, TRACE_PARENT_KEY: flow.trace_parent}
+
+
+def split_trace(run_input: Mapping[str, Any]) -> tuple[Mapping[str, Any], str | None]:
+    """A stored input as the run was given it, and the traceparent kept in it (if any)."""
+    if TRACE_PARENT_KEY not in run_input:  # a run enqueued by a process that does not trace
+        return run_input, None
+    data = dict(run_input)
+    trace_parent = data.pop(TRACE_PARENT_KEY)
+    return data, trace_parent if isinstance(trace_parent, str) else None
+
+
+def stored_input(text: str) -> Any:
+    """fs_flows.input parsed, without the traceparent kept in it."""
+    value = json.loads(text)
+    return split_trace(value)[0] if isinstance(value, Mapping) else value
 
 
 @functools.lru_cache(maxsize=512)
@@ -116,11 +143,16 @@ class RunPayloads:
 
     def data_before(self, position: float) -> dict[str, Any]:
         """The ctx.data a node of stage ``position`` starts with."""
-        run_input = self.input.value()
-        if not isinstance(run_input, Mapping):
+        return self.data_and_trace(position)[0]
+
+    def data_and_trace(self, position: float) -> tuple[dict[str, Any], str | None]:
+        """data_before(position), and the run span's traceparent stored with the run."""
+        stored = self.input.value()
+        if not isinstance(stored, Mapping):
             raise corrupt(self.input.where, self.tracking_id, "is not a JSON object")
+        run_input, trace_parent = split_trace(stored)
         earlier = ((o.step_name, o.output.value()) for o in self.outputs if o.position < position)
-        return progress.context_data(run_input, earlier)
+        return progress.context_data(run_input, earlier), trace_parent
 
     def final_data(self) -> dict[str, Any]:
         """The ctx.data after every stage: the output of a COMPLETED run."""

@@ -30,6 +30,7 @@ from flowsmith_worker import payload
 from flowsmith_worker.plan import PlannedStep
 from flowsmith_worker.storage.base import FlowStatus, NewFlow, NodeStatus
 from flowsmith_worker.storage.sql.base import FLOW_STATE, F, N, SqlBase, dumps
+from flowsmith_worker.storage.sql.context import input_to_store
 from flowsmith_worker.storage.sql.dialects import NOTIFY_CHANNEL, DbError, is_stale_connection
 from flowsmith_worker.storage.sql.prepared import PreparedStatement
 
@@ -146,7 +147,7 @@ class SqlEnqueue(SqlBase):
     ) -> int | None:
         """Insert the run unless its tracking_id exists; its new id, or None."""
         now = self._now()
-        row = _run_row(flow, dumps(flow.input), flow.plan.to_json(), parent_node_id)
+        row = _run_row(flow, dumps(input_to_store(flow)), flow.plan.to_json(), parent_node_id)
         insert = self.dialect.insert_if_absent(F).values(
             {**row, "created_at": now, "updated_at": now}
         )
@@ -164,7 +165,7 @@ class SqlEnqueue(SqlBase):
         the caller's read) is left out: the caller applies the trigger rules to it.
         """
         plans = _PlanTexts()
-        inputs = {flow.tracking_id: dumps(flow.input) for flow in flows}
+        inputs = {flow.tracking_id: dumps(input_to_store(flow)) for flow in flows}
         if self.dialect.enqueues_in_one_statement:
             return self._insert_runs_alike(conn, flows, inputs, plans)
         rows = [_run_row(flow, inputs[flow.tracking_id], plans.of(flow), None) for flow in flows]
@@ -301,7 +302,7 @@ class SqlEnqueue(SqlBase):
             return self._enqueue_in_one_statement_once(flow)
 
     def _enqueue_in_one_statement_once(self, flow: NewFlow) -> int | None:
-        inputs = {flow.tracking_id: dumps(flow.input)}
+        inputs = {flow.tracking_id: dumps(input_to_store(flow))}
         with self.engine.connect() as pooled, self.dialect.autocommit(pooled) as conn:
             created = self._insert_new_runs_in_one_statement(conn, [flow], inputs, _PlanTexts())
         return created.get(flow.tracking_id)

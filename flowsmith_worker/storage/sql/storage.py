@@ -478,12 +478,20 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         for r in rows:
             lease = Lease(r.id, r.flow_id, worker_id, r.attempt)
             try:
-                data = payloads[r.flow_id].data_before(r.position)
+                data, trace_parent = payloads[r.flow_id].data_and_trace(r.position)
             except CorruptRow as exc:
                 self._fail_corrupt(lease, r.tracking_id, r.step_name, exc)
                 continue
             claimed.append(
-                ClaimedNode(lease, r.flow_name, r.tracking_id, r.step_name, r.max_attempts, data)
+                ClaimedNode(
+                    lease,
+                    r.flow_name,
+                    r.tracking_id,
+                    r.step_name,
+                    r.max_attempts,
+                    data,
+                    trace_parent,
+                )
             )
         return claimed
 
