@@ -40,8 +40,7 @@ from flowsmith_worker.cli.params import (
     Duration,
     url_option,
 )
-from flowsmith_worker.parking import FOREVER
-from flowsmith_worker.plan import WAIT_FOR_EVENT
+from flowsmith_worker.parking import FOREVER, parked_as
 from flowsmith_worker.readable import (
     UNREADABLE_CELL,
     format_both,
@@ -171,15 +170,6 @@ def _due(node: NodeRecord, now: float) -> float | None:
         return None
     # A wait for an event with no timeout is due at parking.FOREVER: it has no due time.
     return due if now < due < FOREVER else None
-
-
-def parked_as(flow: FlowRecord, node: NodeRecord) -> str | None:
-    """The STATUS of a parked node (see parking.py): SLEEPING, or AWAITING_EVENT for a
-    wait_for step; None for a node that is not parked. Its wake time shows as due."""
-    if node.status != NodeStatus.PENDING or node.wake_at is None:
-        return None
-    planned = flow.plan.step(node.step_name)
-    return "AWAITING_EVENT" if planned and planned.kind == WAIT_FOR_EVENT else "SLEEPING"
 
 
 STEP_HEADERS = ("#", "STEP", "STATUS", "ATTEMPTS", "START", "DURATION", "WORKER", "LAST_ERROR")
