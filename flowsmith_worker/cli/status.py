@@ -343,7 +343,9 @@ def status(
     its steps; plan_version in --json): the run keeps that plan whatever code is
     deployed since. Times are relative to the database clock ("3m05s ago"); a run
     enqueued with a delay says when it starts, a step waiting to be retried when
-    ("in 25s"). Steps of the plan the run has not reached yet are listed as "(not
+    ("in 25s"). A parked step shows as SLEEPING or AWAITING_EVENT (flow.sleep,
+    flow.wait_for), with when it wakes if nothing comes first (PENDING with its
+    wake_at in --json). Steps of the plan the run has not reached yet are listed as "(not
     reached)". A step that ran more than once (retried, rescued, released) has each
     attempt listed below the steps: outcome, start, duration, worker, error
     (--traceback: in full). The tables fit 100 columns, worker ids cut to 8
