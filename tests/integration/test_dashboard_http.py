@@ -26,7 +26,6 @@ from flowsmith_worker.dashboard import Credentials, create_app
 from flowsmith_worker.readable import format_time
 from flowsmith_worker.storage.base import FlowStatus, Storage
 from tests.conftest import eventually
-from tests.contract.test_sleep import POLL, drive, nodes_of, parked
 from tests.dashboard_support import (  # noqa: F401 - the *_fixture: fixtures
     DECLINED,
     XSS,
@@ -39,6 +38,7 @@ from tests.dashboard_support import (  # noqa: F401 - the *_fixture: fixtures
     zoo_fixture,
 )
 from tests.support.http import free_port
+from tests.support.parking import POLL, drive, nodes_of, parked
 
 CREDENTIALS = Credentials("ops", "correct horse")
 AUTH = ("ops", "correct horse")
