@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from flowsmith_worker.plan import Plan, PlannedStep
-from flowsmith_worker.records import FlowStatus, NodeStatus
+from flowsmith_worker.records import FlowStatus, NodeRecord, NodeStatus
 
 COMPENSATE_PREFIX = "compensate:"
 # A step still at work: its outcome decides whether it needs undoing.
@@ -161,7 +161,7 @@ def outcome(statuses: Sequence[NodeStatus]) -> Compensation | None:
     return Compensation.COMPENSATION_FAILED
 
 
-def outcome_of_run(run: str, nodes: Sequence[NodeState]) -> Compensation | None:
+def outcome_of_run(run: str, nodes: Sequence[NodeState | NodeRecord]) -> Compensation | None:
     """What `flowsmith status` shows of a run's compensations: None while it is not
     FAILED (a COMPENSATING run says so itself) or when it had nothing to undo."""
     if run != FlowStatus.FAILED:

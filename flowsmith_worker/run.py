@@ -13,6 +13,7 @@ import asyncio
 import time
 from typing import Any
 
+from flowsmith_worker.compensation import Compensation, outcome_of_run
 from flowsmith_worker.errors import FlowCancelled, FlowNotFound, StepFailed, UnreadableRow
 from flowsmith_worker.identifiers import MAX_TRACKING_ID_LENGTH, check_identifier
 from flowsmith_worker.storage import default_storage
@@ -51,6 +52,12 @@ class FlowRun:
         """Every step of the run: status, input, output, error, timings, worker, and each
         of its attempts (``NodeRecord.attempts``: start, end, worker, outcome, error)."""
         return self.storage.list_nodes(flow_id=self.record(with_payloads=False).id)
+
+    def compensation(self) -> Compensation | None:
+        """How the compensations of this FAILED run ended: COMPENSATED, COMPENSATION_FAILED,
+        or None (the run has not FAILED, or had nothing to undo). See compensation.py."""
+        record = self.record(with_payloads=False)
+        return outcome_of_run(record.status, self.storage.list_nodes(flow_id=record.id))
 
     def plan_version(self) -> str:
         """The version of the plan this run was enqueued with, as `flowsmith status` shows
