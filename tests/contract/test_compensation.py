@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from flowsmith_worker import Flow, FlowStatus, NodeStatus, Worker
-from flowsmith_worker.compensation import Compensation
+from flowsmith_worker import Compensation, Flow, FlowStatus, NodeStatus, Worker
 from flowsmith_worker.decorators import step, workflow
 from flowsmith_worker.errors import InvalidFlowDefinition, RunNotCancellable, RunNotRetryable
 from flowsmith_worker.records import NodeRecord

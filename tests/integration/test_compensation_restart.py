@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flowsmith_worker import Flow, FlowStatus, NodeStatus, create_storage
-from flowsmith_worker.compensation import Compensation
+from flowsmith_worker import Compensation, Flow, FlowStatus, NodeStatus, create_storage
 from flowsmith_worker.records import AttemptOutcome
 from tests.conftest import eventually
 from tests.worker_process import WorkerProcess
