@@ -260,7 +260,7 @@ def test_a_cancel_runs_no_compensation_and_a_compensating_run_cannot_be_cancelle
 
     eventually(retried_later)
     worker.shutdown()
-    with pytest.raises(RunNotCancellable, match="COMPENSATING.*half undone"):
+    with pytest.raises(RunNotCancellable, match=r"COMPENSATING.*half undone"):
         stuck.cancel()
     with pytest.raises(RunNotRetryable, match="COMPENSATING"):
         stuck.retry()
