@@ -326,3 +326,39 @@ def test_compensation_names_are_reserved(unique: Names) -> None:
         Flow(unique("f")).step("Compensate:x", lambda ctx: None)
     with pytest.raises(ValueError, match="without compensate="):
         Flow(unique("g")).step("x", lambda ctx: None, compensate_retries=2)
+
+
+def test_cancelling_a_parent_leaves_its_compensating_child_to_finish(
+    storage: Storage, unique: Names
+) -> None:
+    """A parent waits for its subflow, which failed and is COMPENSATING (its compensation
+    waits out a 60 s backoff): cancelling the parent cancels it, but not the child, whose
+    pending compensation stays queued."""
+
+    def refund_later(_ctx: Any) -> None:
+        raise ConnectionError("provider down")
+
+    child = (
+        Flow(unique("child"), storage=storage)
+        .step("pay", lambda ctx: 1, compensate=refund_later, compensate_retries=1, backoff=60)
+        .step("ship", declined)
+    )
+    parent = Flow(unique("parent"), storage=storage).subflow("checkout", child)
+    run = parent.run({}, tracking_id=unique("t"))
+    child_tid = f"{run.tracking_id}:checkout"
+    worker = Worker(storage=storage, concurrency=1, poll_interval=POLL)
+
+    def child_waits_to_retry() -> bool:
+        worker.run_once()
+        node = nodes_of(storage, child_tid).get("compensate:pay") if child_exists() else None
+        return node is not None and node.status == NodeStatus.PENDING and node.attempt == 1
+
+    def child_exists() -> bool:
+        return storage.get_flow(tracking_id=child_tid, with_payloads=False) is not None
+
+    eventually(child_waits_to_retry)
+    worker.shutdown()
+    run.cancel()
+    assert run.status() == FlowStatus.CANCELLED
+    assert status_of(storage, child_tid) == FlowStatus.COMPENSATING
+    assert nodes_of(storage, child_tid)["compensate:pay"].status == NodeStatus.PENDING

@@ -1200,9 +1200,12 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
             .values(status=FlowStatus.CANCELLED, updated_at=self._now(), finished_at=self._now())
         )
         if waiting:
-            for child_id in conn.execute(
-                sa.select(F.c.id).where(F.c.parent_node_id.in_(waiting))
-            ).scalars():
+            # A child undoing its steps is not stopped halfway (progress.cancellable):
+            # it ends FAILED and finds its parent's node CANCELLED, which it leaves be.
+            children = sa.select(F.c.id).where(
+                F.c.parent_node_id.in_(waiting), F.c.status != FlowStatus.COMPENSATING
+            )
+            for child_id in conn.execute(children).scalars():
                 self._cancel(conn, child_id)
 
     # -- leases ---------------------------------------------------------------
@@ -1414,14 +1417,16 @@ def _alone_in_stage(plan: Plan, step_name: str) -> int | None:
 
 
 def _max_rescues(flow_row: Row[Any], step_name: str) -> int:
-    """The step's max_rescues in the run's stored plan (the default if it is not there).
+    """The step's max_rescues in the run's stored plan (the default if it is not there);
+    a compensation has its step's.
 
     A plan that cannot be read gives the default too: the rescue must not fail
     on every pass; the run fails, naming its plan, when the step next finishes
     and the run would advance.
     """
     try:
-        planned = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).step(step_name)
+        plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        planned = plan.step(compensation.compensated_step(step_name))
     except CorruptRow:
         return DEFAULT_MAX_RESCUES
     return planned.max_rescues if planned is not None else DEFAULT_MAX_RESCUES
