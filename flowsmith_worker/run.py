@@ -70,7 +70,8 @@ class FlowRun:
 
         A step already running finishes, but the run goes no further; its
         subflows are cancelled too, and cancelling a cancelled run again does
-        nothing. RunNotCancellable if the run has COMPLETED or FAILED.
+        nothing. RunNotCancellable if the run has COMPLETED or FAILED, or is
+        COMPENSATING (undoing its steps, see compensation.py).
         """
         self.storage.cancel_flow(tracking_id=self.tracking_id)
 
@@ -79,7 +80,8 @@ class FlowRun:
 
         Completed steps keep their outputs; each failed step, and each parallel
         sibling its failure stopped, gets a fresh allowance of attempts.
-        RunNotRetryable if the run is not FAILED (or another retry came first).
+        RunNotRetryable if the run is not FAILED (or another retry came first), or if
+        its compensations ran (its steps were undone).
         """
         self.storage.resume_flow(tracking_id=self.tracking_id)
 
