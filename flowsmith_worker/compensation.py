@@ -99,9 +99,14 @@ def as_seen_by(run: str, node_name_: str) -> str:
     fail it), and failed for its steps (a sibling still running when the run
     failed ends as in a FAILED run: nothing is retried or started again).
     """
-    if run != FlowStatus.COMPENSATING:
-        return run
-    return FlowStatus.RUNNING if is_compensation(node_name_) else FlowStatus.FAILED
+    if run == FlowStatus.COMPENSATING and is_compensation(node_name_):
+        return FlowStatus.RUNNING
+    return as_seen_by_a_step(run)
+
+
+def as_seen_by_a_step(run: str) -> str:
+    """as_seen_by for a node known to be a step (a subflow's, a parallel sibling's)."""
+    return FlowStatus.FAILED if run == FlowStatus.COMPENSATING else run
 
 
 @dataclass(frozen=True)

@@ -863,8 +863,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
             if flow_row is None:
                 return None  # the run was pruned while this step ran
-            # A subflow step is never a compensation: a COMPENSATING run is over for it.
-            ended = progress.end_of_over_run(compensation.as_seen_by(flow_row.status, ""))
+            ended = progress.end_of_over_run(compensation.as_seen_by_a_step(flow_row.status))
             if ended is not None:  # the run is over: no child now
                 return self._carry_out(conn, self._fenced(lease), flow_row, ended, None)
             parked = conn.execute(
@@ -1036,7 +1035,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
             return
         if progress.is_over(flow_row.status):
             return
-        compensates = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).compensates
+        compensates = _compensates(flow_row)
         status = FlowStatus.COMPENSATING if compensates else FlowStatus.FAILED
         self._set_flow(conn, flow_row.id, status, error=error, finished=not compensates)
         stopped = sa.update(N).where(
@@ -1087,7 +1086,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         if node is None:
             return  # the node is no longer waiting for this child
         fate = progress.after_subflow_failed(
-            compensation.as_seen_by(parent_flow.status, ""),
+            compensation.as_seen_by_a_step(parent_flow.status),
             error=parent_error,
             attempt=node.attempt,
             max_attempts=node.max_attempts,
@@ -1354,9 +1353,10 @@ def _release_groups(run: str) -> list[tuple[progress.Fate, bool | None]]:
     COMPENSATING run, one for its compensations (True) and one for its steps (False)."""
     if run != FlowStatus.COMPENSATING:
         return [(progress.after_release(run), None)]
+    of_compensations = compensation.as_seen_by(run, compensation.COMPENSATE_PREFIX)
     return [
-        (progress.after_release(compensation.as_seen_by(run, name)), name != "")
-        for name in (compensation.COMPENSATE_PREFIX, "")
+        (progress.after_release(of_compensations), True),
+        (progress.after_release(compensation.as_seen_by_a_step(run)), False),
     ]
 
 
@@ -1414,6 +1414,15 @@ def _alone_in_stage(plan: Plan, step_name: str) -> int | None:
     if position is None or len(plan.stage(position)) != 1:
         return None
     return position
+
+
+def _compensates(flow_row: Row[Any]) -> bool:
+    """Whether the run's plan has compensations. A plan that cannot be read has none:
+    the run fails at once, as it must (a bad row stops only its run)."""
+    try:
+        return sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).compensates
+    except CorruptRow:
+        return False
 
 
 def _max_rescues(flow_row: Row[Any], step_name: str) -> int:
