@@ -54,6 +54,11 @@ cannot be retried or triggered again (``flowsmith retry`` refuses): its complete
 steps were undone, and resuming at the failed step would build on work that is
 gone; a new run (a new tracking_id) starts from the beginning.
 
+Not yet (next): the torture model (tests/torture/model.py) knows no compensation;
+the demo's order flow (examples/orders.py) has none; a worker of an older version
+cannot read the COMPENSATING status (deploy this one everywhere before flows use
+``compensate=``).
+
 Must never do I/O (as progress.py): every input is a plain value.
 """
 
