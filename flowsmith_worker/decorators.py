@@ -82,7 +82,7 @@ from flowsmith_worker import event_loop
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import InvalidFlowDefinition
-from flowsmith_worker.flow import FAIL, Condition, Flow, WakeTime, registry
+from flowsmith_worker.flow import FAIL, Condition, Flow, StepFunction, WakeTime, registry
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES
 from flowsmith_worker.retry import Backoff
 from flowsmith_worker.run import FlowRun
@@ -269,6 +269,8 @@ def step(
     backoff: Backoff | None = None,
     condition: Condition | None = None,
     max_rescues: int = DEFAULT_MAX_RESCUES,
+    compensate: StepFunction | None = None,
+    compensate_retries: int | None = None,
 ) -> Callable[[StepFn], StepFn]: ...
 
 
@@ -282,6 +284,8 @@ def step(
     backoff: Backoff | None = None,
     condition: Condition | None = None,
     max_rescues: int = DEFAULT_MAX_RESCUES,
+    compensate: StepFunction | None = None,
+    compensate_retries: int | None = None,
 ) -> StepFn | Callable[[StepFn], StepFn]:
     """Declare a step of the workflow being defined, bare or with options.
 
@@ -290,6 +294,8 @@ def step(
     (it leaves no output and the flow goes on), and raising fails it. The step
     and its condition may be ``async def``; past its timeout a coroutine is cancelled.
     ``max_rescues`` bounds the re-runs after its worker was lost (not retries).
+    ``compensate(ctx)`` undoes the step if the run fails for good after it
+    completed (``compensate_retries``: its own retries, the step's by default).
     """
 
     def decorate(target: StepFn) -> StepFn:
@@ -303,6 +309,8 @@ def step(
             backoff=backoff,
             condition=condition,
             max_rescues=max_rescues,
+            compensate=compensate,
+            compensate_retries=compensate_retries,
         )
         return target
 

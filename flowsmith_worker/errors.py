@@ -208,10 +208,20 @@ class RunNotRetryable(Refused):
             why = "a completed run never runs again; use a new tracking_id for a new run"
         elif status == "CANCELLED":
             why = "a cancelled run stays cancelled; use a new tracking_id for a new run"
+        elif status == "COMPENSATING":
+            why = "its compensations are undoing its completed steps; it then ends FAILED"
         else:
             why = "it has not failed (a retry or a trigger may have re-queued it already)"
         return cls(
             f"flow run {tracking_id!r} is {status}: only a FAILED run can be retried ({why})"
+        )
+
+    @classmethod
+    def compensated(cls, tracking_id: str) -> RunNotRetryable:
+        return cls(
+            f"flow run {tracking_id!r} FAILED and its compensations undid its completed "
+            "steps: resuming it would build on undone work, so it is not retried; "
+            "start a new run with a new tracking_id"
         )
 
     @classmethod
@@ -227,6 +237,12 @@ class RunNotCancellable(Refused):
 
     @classmethod
     def for_run(cls, tracking_id: str, status: str) -> RunNotCancellable:
+        if status == "COMPENSATING":
+            return cls(
+                f"flow run {tracking_id!r} is COMPENSATING: its compensations are undoing its "
+                "completed steps, and stopping them halfway would leave it half undone; it "
+                "ends FAILED when they end (`flowsmith status` shows them)"
+            )
         return cls(
             f"flow run {tracking_id!r} is {status}: only a pending or running run can be "
             "cancelled (a FAILED run starts nothing more unless it is retried)"

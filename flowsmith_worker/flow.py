@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from flowsmith_worker import event_loop, payload, tracing
+from flowsmith_worker import compensation, event_loop, payload, tracing
 from flowsmith_worker.async_calls import call_with_connection
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
@@ -113,6 +113,9 @@ class StepSpec:
     max_rescues: int = DEFAULT_MAX_RESCUES
     # A sleep or a wait for an event: parked, never called (see parking.py).
     parking: Parking | None = None
+    # What undoes this step if its run fails for good (see compensation.py): a
+    # step of its own, named compensate:<name>, run by Flow.get_step's lookup.
+    compensation: StepSpec | None = None
     # Whether fn, the condition, or either is ``async def`` (awaited on the
     # process's event loop, see event_loop.py): decided once here, so running a
     # sync step costs one attribute read more, not an inspection per attempt.
@@ -172,6 +175,8 @@ class Flow:
         backoff: Backoff | None = None,
         condition: Condition | None = None,
         max_rescues: int = DEFAULT_MAX_RESCUES,
+        compensate: StepFunction | None = None,
+        compensate_retries: int | None = None,
     ) -> Flow:
         """Add a step; ``retries=N`` allows N + 1 attempts in all.
 
@@ -180,9 +185,30 @@ class Flow:
 
         ``max_rescues`` bounds the re-runs after the step's worker was lost
         (killed, out of memory, past its lease): they do not use up ``retries``.
+
+        ``compensate(ctx)`` (plain or ``async def``) undoes the step: when the run
+        fails for good after this step completed, it runs, durably, in reverse
+        order with the other steps' compensations; ``ctx.data[name]`` is this
+        step's output. It has ``compensate_retries`` (default: ``retries``), the
+        step's timeout, backoff and max_rescues. See flowsmith_worker.compensation.
         """
         wait = as_wait_strategy(backoff)
-        spec = StepSpec(name, fn, retries, timeout, wait, condition, max_rescues=max_rescues)
+        undo = None
+        if compensate is not None:
+            undo_retries = retries if compensate_retries is None else compensate_retries
+            undo = StepSpec(
+                compensation.node_name(name),
+                compensate,
+                undo_retries,
+                timeout,
+                wait,
+                max_rescues=max_rescues,
+            )
+        elif compensate_retries is not None:
+            raise ValueError(f"step {name!r}: compensate_retries without compensate=")
+        spec = StepSpec(
+            name, fn, retries, timeout, wait, condition, max_rescues=max_rescues, compensation=undo
+        )
         return self._add(spec)
 
     def subflow(
@@ -299,6 +325,17 @@ class Flow:
 
     def _add(self, spec: StepSpec) -> Flow:
         check_identifier(f"a step name of flow {self.name!r}", spec.name, MAX_NAME_LENGTH)
+        if compensation.is_compensation(spec.name.lower()):
+            raise InvalidFlowDefinition(
+                f"flow {self.name!r}: step name {spec.name!r} starts with "
+                f"{compensation.COMPENSATE_PREFIX!r}, which names compensations: rename the step"
+            )
+        if len(compensation.node_name(spec.name)) > MAX_NAME_LENGTH and spec.compensation:
+            raise InvalidFlowDefinition(
+                f"flow {self.name!r}: step name {spec.name!r} is too long to have a "
+                f"compensation (at most {MAX_NAME_LENGTH - len(compensation.COMPENSATE_PREFIX)} "
+                "characters): shorten it"
+            )
         if self.get_step(spec.name) is not None or any(
             s.name == spec.name for s in self._group or []
         ):
@@ -318,15 +355,30 @@ class Flow:
             raise ValueError(f"step {spec.name!r}: timeout={spec.timeout} must be positive seconds")
         if not callable(spec.fn):
             raise TypeError(f"step {spec.name!r}: {spec.fn!r} is not callable")
+        if spec.compensation is not None:
+            self._check_compensation(spec, spec.compensation)
         if self._group is not None:
             self._group.append(spec)
         else:
             self.stages.append([spec])
         return self
 
+    @staticmethod
+    def _check_compensation(spec: StepSpec, undo: StepSpec) -> None:
+        if not callable(undo.fn):
+            raise TypeError(f"step {spec.name!r}: compensate={undo.fn!r} is not callable")
+        if undo.retries < 0:
+            raise ValueError(
+                f"step {spec.name!r}: compensate_retries={undo.retries} cannot be negative"
+            )
+
     # -- reading --------------------------------------------------------------
 
     def get_step(self, name: str) -> StepSpec | None:
+        """The step ``name``, or the compensation a ``compensate:<step>`` name stands for."""
+        if compensation.is_compensation(name):
+            undone = self.get_step(compensation.compensated_step(name))
+            return None if undone is None else undone.compensation
         for stage in self.stages:
             for spec in stage:
                 if spec.name == name:
@@ -343,6 +395,7 @@ class Flow:
                         s.subflow,
                         s.max_rescues,
                         s.parking.kind if s.parking else STEP,
+                        s.compensation.max_attempts if s.compensation else 0,
                     )
                     for s in stage
                 )

@@ -300,8 +300,11 @@ ENDED_BY_CANCEL = frozenset({NodeStatus.PENDING, NodeStatus.WAITING})
 
 
 def cancellable(run: str) -> bool:
-    """A COMPLETED or FAILED run cannot be cancelled; cancelling a CANCELLED one changes nothing."""
-    return run not in (FlowStatus.COMPLETED, FlowStatus.FAILED)
+    """A COMPLETED or FAILED run cannot be cancelled; cancelling a CANCELLED one changes nothing.
+
+    Nor can a COMPENSATING one: stopping its compensations halfway would leave it
+    half undone (see compensation.py)."""
+    return run not in (FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.COMPENSATING)
 
 
 # What resuming a FAILED run re-queues: its failed nodes and those its failure

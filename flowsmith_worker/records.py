@@ -19,6 +19,9 @@ from flowsmith_worker.plan import Plan
 class FlowStatus(StrEnum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"
+    # A step failed it for good: its completed steps' compensations run, then it
+    # ends FAILED (see compensation.py).
+    COMPENSATING = "COMPENSATING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"

@@ -63,6 +63,8 @@ _STATUS_STYLES = {
     "COMPLETED": Styled("", fg="green"),
     "FAILED": Styled("", fg="red", bold=True),
     "RUNNING": Styled("", fg="cyan"),
+    # Failed, and undoing its completed steps (compensation.py).
+    "COMPENSATING": Styled("", fg="red"),
     "WAITING": Styled("", fg="blue"),
     # A parked sleep or wait (parking.parked_as), and its attempts left behind.
     "SLEEPING": Styled("", fg="blue"),
