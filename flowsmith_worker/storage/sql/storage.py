@@ -97,7 +97,11 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
     # -- enqueue --------------------------------------------------------------
 
     def enqueue_flow(self, *, flow: NewFlow, connection: Any = None) -> EnqueueResult:
-        if connection is None and self.dialect.enqueues_in_one_statement:
+        if (
+            connection is None
+            and self.dialect.enqueues_in_one_statement
+            and not flow.concurrency_key
+        ):
             new_id = self._enqueue_in_one_statement(flow)
             if new_id is not None:
                 return EnqueueResult(new_id, flow.tracking_id, FlowStatus.PENDING, True, False)
@@ -303,6 +307,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
                     wake_at=None,
                 )
             )
+        self._retry_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
         return True
 
     def _start_stage(
@@ -651,6 +656,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         move = _planned_move(plan, item.step_name, item.status)
         if move is not None and move.finishes and flow_row.parent_node_id is not None:
             return None  # a subflow's last step: its parent wakes (the general path)
+        if move is not None and move.finishes and flow_row.concurrency_key is not None:
+            return None  # its place goes to the next run of its key (the general path)
         return move
 
     def _moves_from_known_plans(
@@ -961,6 +968,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
                     finished_at=self._now(),
                 )
             )
+            self._end_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
             if flow_row.parent_node_id is not None:
                 # The parent step's output is the child's final ctx.data.
                 child = sql_context.read_run(conn, F.c.id == flow_row.id)
@@ -1012,6 +1020,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         if progress.is_over(flow_row.status):
             return
         self._set_flow(conn, flow_row.id, FlowStatus.FAILED, error=error, finished=True)
+        self._end_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
         stopped = sa.update(N).where(
             N.c.flow_id == flow_row.id, N.c.status.in_(progress.STOPPED_BY_RUN_FAILURE)
         )
@@ -1139,11 +1148,13 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         )
         ended = sa.update(N).where(N.c.flow_id == flow_id, N.c.status.in_(progress.ENDED_BY_CANCEL))
         conn.execute(ended.values(**self._fate_values(progress.End(progress.Ending.CANCELLED))))
-        conn.execute(
+        cancelled = conn.execute(
             sa.update(F)
             .where(F.c.id == flow_id, F.c.status.notin_(FINISHED_FLOW_STATUSES))
             .values(status=FlowStatus.CANCELLED, updated_at=self._now(), finished_at=self._now())
-        )
+        ).rowcount
+        if cancelled:
+            self._end_place_of(conn, flow_id)
         if waiting:
             for child_id in conn.execute(
                 sa.select(F.c.id).where(F.c.parent_node_id.in_(waiting))
