@@ -347,9 +347,9 @@ def test_a_key_that_is_not_a_name_refuses_the_run(storage: Storage, unique: Name
     flow = Flow(
         name, storage=storage, concurrency_key=lambda ctx: ctx.data["k"], max_concurrent=1
     ).step("only", lambda ctx: None)
-    with pytest.raises(InvalidIdentifier, match="concurrency key .* must be a str, not int"):
+    with pytest.raises(InvalidIdentifier, match=r"concurrency key .* must be a str, not int"):
         flow.run({"k": 42}, tracking_id=unique("t"))
-    with pytest.raises(InvalidIdentifier, match="concurrency key .* is empty"):
+    with pytest.raises(InvalidIdentifier, match=r"concurrency key .* is empty"):
         flow.run({"k": ""}, tracking_id=unique("t"))
     first = unique("t")
     with pytest.raises(InvalidIdentifier):
