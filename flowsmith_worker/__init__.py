@@ -5,6 +5,7 @@ from __future__ import annotations
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
+    ConcurrencyKeyFailed,
     ConnectionNotUsable,
     CorruptRow,
     DatabaseNotFound,
@@ -55,6 +56,7 @@ from flowsmith_worker.worker import Worker
 __all__ = [
     "AttemptOutcome",
     "ChildRequest",
+    "ConcurrencyKeyFailed",
     "ConnectionNotUsable",
     "Context",
     "CorruptRow",

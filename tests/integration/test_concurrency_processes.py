@@ -152,7 +152,7 @@ def test_limits_hold_across_worker_processes_through_failure_cancel_and_sigkill(
     spans = _spans(read_events(journal))
     assert cancelled not in spans, "a run cancelled while it waited ran"
     assert _most_at_once([spans[t] for t in solo if t in spans]) == 1
-    assert _most_at_once([spans[t] for t in pair]) <= PAIR_LIMIT
+    assert _most_at_once([spans[t] for t in pair]) == PAIR_LIMIT  # used, never passed
     ran = [t for t in solo if t in spans]
     assert sorted(ran, key=lambda t: spans[t][0]) == ran
     storage.close()
