@@ -7,7 +7,8 @@ flow row first, then its nodes, so a parallel group's siblings advance the flow
 exactly once. Two paths take locks in another order — a cancel walking down to
 a subflow, or a subflow step locking the child run it adopts, while the child's
 completion walks up to its parent — and may deadlock; the database then aborts
-one and _transact runs it again.
+one and _transact runs it again. The same holds for a run's end handing its
+concurrency key's place to a waiting run that a cancel holds (sql/concurrency.py).
 
 Owns the state machine's writes: each operation, a batch of outcomes included, in
 one transaction (base.SqlBase._transact), locking runs before nodes. Must never write
