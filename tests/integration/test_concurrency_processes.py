@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from flowsmith_worker import Flow, FlowStatus, create_storage
+from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.storage.base import NodeStatus, Storage
-from tests.conftest import eventually
+from tests.conftest import database_url, eventually
 from tests.support.cli import cli, cli_json, row_of, run_line
 from tests.support.crash import read_events
 from tests.worker_process import WorkerProcess
@@ -178,6 +180,33 @@ def test_status_shows_a_waiting_run_and_the_key_it_waits_for(
     assert run_line(cli(sql_url, "status", first).output, "Key") == "'acme': in flight"
     assert cli_json(sql_url, "status", first)["waiting_for_key"] is None
     storage.close()
+
+
+def test_a_callers_repeatable_read_snapshot_cannot_hide_a_run_in_flight(
+    request: pytest.FixtureRequest, tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    """MariaDB, connection= at REPEATABLE READ (MySQL's default) whose snapshot was taken
+    before another connection enqueued a run of the key (limit 1): the run enqueued in
+    the caller's transaction waits BLOCKED. Counted from the snapshot, it would have
+    found none in flight and made two."""
+    url = database_url(request, "mysql", tmp_path)
+    storage = create_storage(url)
+    storage.migrate()
+    flow = _flow(storage, unique("rr"), 1)
+    app = sa.create_engine(parse_database_url(url), isolation_level="REPEATABLE READ")
+    with app.connect() as conn:
+        conn.execute(sa.text("SELECT count(*) FROM fs_flows")).scalar()  # the snapshot
+        first = flow.run({"key": "acme"}, tracking_id=unique("first")).tracking_id
+        second = flow.run({"key": "acme"}, tracking_id=unique("second"), connection=conn)
+        conn.commit()
+    app.dispose()
+    assert _node_statuses(storage, first) == [NodeStatus.PENDING]
+    assert _node_statuses(storage, second.tracking_id) == [NodeStatus.BLOCKED]
+    storage.close()
+
+
+def _node_statuses(storage: Storage, tracking_id: str) -> list[NodeStatus]:
+    return [n.status for n in storage.list_nodes(flow_id=_record(storage, tracking_id).id)]
 
 
 def _record(storage: Storage, tracking_id: str) -> Any:

@@ -6,7 +6,9 @@ read next is exact: the runs that change a key's places all wait for that lock.
 The reads that follow the lock are plain: each statement sees what was committed
 before it (READ COMMITTED on PostgreSQL and MySQL, see dialects/engine.py;
 SQLite has one writer), and a locking read over the key's runs would wait on
-the run a finishing step holds while that step waits for the key.
+the run a finishing step holds while that step waits for the key. In a caller's
+transaction (connection=) they are not: on MySQL its REPEATABLE READ snapshot may
+be older than the lock, so there they read the latest rows (Dialect.for_latest).
 
 Lock order: an enqueue locks its keys (in key order) before it inserts its runs;
 a run's end, a cancel and a retry hold the run's row, then lock its key, then
@@ -20,6 +22,7 @@ caller's transaction.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -116,21 +119,32 @@ class SqlConcurrency(SqlBase):
         ).scalar()
         return None if found is None else int(found)
 
+    def _latest(self, conn: Connection, query: sa.Select[Any]) -> sa.Select[Any]:
+        """``query`` as it reads the rows committed before the key's lock: as it is on
+        our own connections, which read committed; on a caller's, for_latest."""
+        return query if conn.engine is self.engine else self.dialect.for_latest(query)
+
     def _give_places(self, conn: Connection, key: Key, limit: int) -> None:
         """Start the runs waiting longest for the key, as many as it has places free."""
         flow_name, concurrency_key = key
         of_key = (F.c.flow_name == flow_name, F.c.concurrency_key == concurrency_key)
         in_flight = conn.execute(
-            sa.select(sa.func.count()).where(*of_key, F.c.key_turn == concurrency.IN_FLIGHT)
+            self._latest(
+                conn,
+                sa.select(sa.func.count()).where(*of_key, F.c.key_turn == concurrency.IN_FLIGHT),
+            )
         ).scalar_one()
         free = concurrency.places_free(limit, in_flight)
         if not free:
             return
         waiting = conn.execute(
-            sa.select(F.c.id, F.c.queue)
-            .where(*of_key, F.c.key_turn > concurrency.IN_FLIGHT)
-            .order_by(F.c.key_turn, F.c.id)
-            .limit(free)
+            self._latest(
+                conn,
+                sa.select(F.c.id, F.c.queue)
+                .where(*of_key, F.c.key_turn > concurrency.IN_FLIGHT)
+                .order_by(F.c.key_turn, F.c.id)
+                .limit(free),
+            )
         ).all()
         if not waiting:
             return
