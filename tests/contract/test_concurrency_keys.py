@@ -249,18 +249,20 @@ def test_the_decorator_api_takes_the_same_limit(storage: Storage, unique: Names)
     assert journal.starts == runs
 
 
-def test_twenty_threads_enqueueing_one_key_at_once_put_n_in_flight(
+def test_twenty_threads_enqueueing_one_key_at_once_fill_only_the_free_places(
     storage: Storage, unique: Names
 ) -> None:
-    """20 threads each enqueue a run of one key (limit 3) at the same moment: exactly 3
-    runs hold a place (their first step PENDING), 17 wait BLOCKED, whatever the
-    interleaving; the key's lock row orders the enqueues."""
+    """A run of a key (limit 3) is in flight; then 20 threads each enqueue a run of that
+    key at the same moment: exactly 2 of them get a place (their first step PENDING),
+    18 wait BLOCKED, whatever the interleaving; the key's row, which exists already,
+    is the lock that orders the enqueues."""
     flow = Flow(
         unique("threads"),
         storage=storage,
         concurrency_key=lambda ctx: "shared",
         max_concurrent=3,
     ).step("only", lambda ctx: None)
+    first = flow.run({}, tracking_id=unique("first")).tracking_id
     barrier = threading.Barrier(20)
     tids = [unique("t") for _ in range(20)]
     errors: list[BaseException] = []
@@ -278,9 +280,10 @@ def test_twenty_threads_enqueueing_one_key_at_once_put_n_in_flight(
     for thread in threads:
         thread.join(60)
     assert not errors
+    assert node_statuses(storage, first) == [NodeStatus.PENDING]
     statuses = [node_statuses(storage, tid) for tid in tids]
-    assert statuses.count([NodeStatus.PENDING]) == 3
-    assert statuses.count([NodeStatus.BLOCKED]) == 17
+    assert statuses.count([NodeStatus.PENDING]) == 2
+    assert statuses.count([NodeStatus.BLOCKED]) == 18
 
 
 def test_completions_racing_enqueues_never_pass_the_limit(storage: Storage, unique: Names) -> None:
