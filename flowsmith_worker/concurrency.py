@@ -32,7 +32,10 @@ they were enqueued for, so a delay or run_at is kept), and the queue's workers
 are notified. So two enqueues, or an end and an enqueue, racing cannot put
 more than N in flight, and an end (however it comes: a step's result, a
 failure for good, a rescue that gives up, a cancel) hands its place on in the
-transaction that records it.
+transaction that records it. A cancel, or a failure that stops a run with
+a parallel sibling still running, hands the place on at once: the step a worker
+already holds runs to its end beside the next run (see README, "A cancel stops
+what no worker holds").
 
 A FAILED run retried (``flowsmith retry``, or enqueued again with its
 tracking_id) takes a place again as a new arrival: in flight at once if one is

@@ -142,7 +142,8 @@ class SqlEnqueue(SqlConcurrency):
         if new_id is not None:
             self._insert_first_stages(conn, [(new_id, flow)])
             self.dialect.notify(conn, flow.queue)
-            self._take_places(conn, keys, [new_id] if keys else [])
+            if keys:
+                self._take_places(conn, keys, [new_id])
         return new_id
 
     def _insert_subflow_run(
