@@ -6,6 +6,7 @@ from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.compensation import Compensation
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
+    ConcurrencyKeyFailed,
     ConnectionNotUsable,
     CorruptRow,
     DatabaseNotFound,
@@ -57,6 +58,7 @@ __all__ = [
     "AttemptOutcome",
     "ChildRequest",
     "Compensation",
+    "ConcurrencyKeyFailed",
     "ConnectionNotUsable",
     "Context",
     "CorruptRow",

@@ -177,6 +177,10 @@ class InvalidIdentifier(FlowSmithError, ValueError):
     """A tracking_id, flow, step or queue name that cannot be stored: nothing was written."""
 
 
+class ConcurrencyKeyFailed(FlowSmithError, ValueError):
+    """A flow's concurrency_key function raised for a run's input: nothing was enqueued."""
+
+
 class UnreadableRow(FlowSmithError):
     """A stored run holds a value that cannot be read (an unknown status, text that is
     not JSON, e.g. written by hand or by a newer version): `flowsmith status` shows which."""

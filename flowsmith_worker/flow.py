@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from flowsmith_worker import compensation, event_loop, payload, tracing
+from flowsmith_worker import compensation, concurrency, event_loop, payload, tracing
 from flowsmith_worker.async_calls import call_with_connection
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.cron import instant_of, validate_cron
-from flowsmith_worker.errors import InvalidFlowDefinition, PayloadRejected
+from flowsmith_worker.errors import ConcurrencyKeyFailed, InvalidFlowDefinition, PayloadRejected
 from flowsmith_worker.identifiers import (
     MAX_TRACKING_ID_LENGTH as MAX_TRACKING_ID_LENGTH,  # re-exported: callers import it here
 )
@@ -49,6 +49,8 @@ from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
 StepFunction = Callable[[Context], Any]
 Condition = Callable[[Context], bool] | Callable[[Context], Awaitable[bool]]
 TrackingIdSource = str | Callable[[Context], str] | None
+# A run's concurrency key, from its input (see concurrency.py).
+KeyFunction = Callable[[Context], str]
 # When a sleep ends, from ctx: a timezone-aware datetime, or a timedelta or
 # seconds from when it begins.
 WakeTime = Callable[[Context], datetime | timedelta | float]
@@ -140,6 +142,11 @@ class Flow:
 
     ``flow.run(ctx)`` enqueues a run and returns at once; ``flowsmith worker``
     processes that import the module defining the flow run it.
+
+    ``concurrency_key=lambda ctx: ctx.data["customer_id"], max_concurrent=N``: at
+    most N runs of this flow per key in flight across all workers; the others wait,
+    holding no worker slot, and start in the order they were enqueued (see
+    concurrency.py). The key is computed once, when the run is enqueued.
     """
 
     def __init__(
@@ -149,9 +156,20 @@ class Flow:
         *,
         queue: str = DEFAULT_QUEUE,
         priority: int = 0,
+        concurrency_key: KeyFunction | None = None,
+        max_concurrent: int | None = None,
     ) -> None:
         check_identifier("flow name", name, MAX_NAME_LENGTH)
         check_identifier(f"the queue name of flow {name!r}", queue, MAX_QUEUE_LENGTH)
+        if concurrency_key is not None and not callable(concurrency_key):
+            raise TypeError(
+                f"flow {name!r}: concurrency_key={concurrency_key!r} must be a function of "
+                "ctx that returns the run's key, e.g. lambda ctx: ctx.data['customer_id']"
+            )
+        self.max_concurrent = concurrency.check_limit(
+            name, max_concurrent, concurrency_key is not None
+        )
+        self.concurrency_key = concurrency_key
         self.name = name
         self.storage = storage
         self.queue = queue
@@ -559,6 +577,7 @@ class Flow:
         if tracking_id is None:
             tracking_id = uuid.uuid4().hex
         check_identifier("tracking_id", tracking_id, MAX_TRACKING_ID_LENGTH)
+        key = self._key_of(data, tracking_id)
         return NewFlow(
             flow_name=self.name,
             tracking_id=tracking_id,
@@ -568,9 +587,26 @@ class Flow:
             priority=self.priority,
             delay_seconds=float(delay or 0.0),
             run_at=run_at,
+            concurrency_key=key,
+            max_concurrent=self.max_concurrent if key is not None else None,
             # Last, once the request is known to be valid: a refused one makes no span.
             trace_parent=tracing.run_enqueued(self.name, tracking_id, self.queue),
         )
+
+    def _key_of(self, data: dict[str, Any], tracking_id: str) -> str | None:
+        """The run's concurrency key, from its input; the run is refused if none comes."""
+        if self.concurrency_key is None:
+            return None
+        try:
+            key = self.concurrency_key(Context(data, tracking_id=tracking_id))
+        except Exception as exc:
+            raise ConcurrencyKeyFailed(
+                f"flow {self.name!r}: concurrency_key raised {type(exc).__name__}: {exc} "
+                f"for run {tracking_id!r}: nothing was enqueued; give an input the key "
+                "function can read, or fix the function"
+            ) from exc
+        what = f"the concurrency key of run {tracking_id!r} of flow {self.name!r}"
+        return check_identifier(what, key, concurrency.MAX_KEY_LENGTH)
 
     # -- schedule -------------------------------------------------------------
 

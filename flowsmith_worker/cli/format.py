@@ -70,6 +70,8 @@ _STATUS_STYLES = {
     "SLEEPING": Styled("", fg="blue"),
     "AWAITING_EVENT": Styled("", fg="blue"),
     "PARKED": Styled("", fg="blue"),
+    # A step of a run waiting for a place under its concurrency key.
+    "BLOCKED": Styled("", fg="blue"),
     "PENDING": Styled("", fg="yellow"),
     "CANCELLED": Styled("", fg="magenta"),
     "SKIPPED": Styled("", dim=True),

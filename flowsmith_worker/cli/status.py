@@ -42,6 +42,7 @@ from flowsmith_worker.cli.params import (
     Duration,
     url_option,
 )
+from flowsmith_worker.concurrency import IN_FLIGHT
 from flowsmith_worker.parking import FOREVER, parked_as
 from flowsmith_worker.readable import (
     UNREADABLE_CELL,
@@ -122,6 +123,9 @@ def _run_lines(snapshot: Snapshot, wide: bool) -> list[str]:
         ("Status", _run_status(snapshot)),
         ("Created", format_both(flow.created_at, now)),
     ]
+    key = _key_cell(flow, now)
+    if key is not None:
+        lines.append(("Key", key))
     starts = _delayed_start(snapshot)
     if starts is not None:
         lines.append(("Starts", format_both(starts, now)))
@@ -146,6 +150,21 @@ def compensation_of(snapshot: Snapshot) -> str | None:
         return None
     found = compensation.outcome_of_run(snapshot.flow.status, snapshot.nodes)
     return None if found is None else str(found)
+def waiting_for_key(flow: FlowRecord) -> str | None:
+    """The concurrency key under which the run waits for a place; None if it waits for none."""
+    turn = flow.key_turn
+    return flow.concurrency_key if turn is not None and turn > IN_FLIGHT else None
+
+
+def _key_cell(flow: FlowRecord, now: float) -> str | None:
+    """The run's concurrency key and its place under it (see concurrency.py)."""
+    if flow.concurrency_key is None:
+        return None
+    key = repr(flow.concurrency_key)
+    if waiting_for_key(flow) is not None:
+        since = format_both(flow.key_turn, now)
+        return f"{key}: WAITING for a place (since {since}); its BLOCKED steps start in turn"
+    return f"{key}: in flight" if flow.key_turn == IN_FLIGHT else key
 
 
 def _plan_cell(flow: FlowRecord) -> object:
@@ -372,6 +391,10 @@ def status(
     cannot be read is shown as UNREADABLE, with why on stderr (null with --json).
     Inputs and outputs are read only with --json, whose times are ISO-8601.
 
+    A run of a flow with a concurrency key has a Key line: the key, and whether the
+    run is in flight or WAITING for a place under it (its steps BLOCKED until a run
+    of the key ends; waiting_for_key in --json).
+
     \b
     Exit codes:
       0  the run is COMPLETED, RUNNING or PENDING (--watch: it COMPLETED)
@@ -404,6 +427,7 @@ def status(
                 "flow": snapshot.flow,
                 "plan_version": plan_version(snapshot.flow),
                 "compensation": compensation_of(snapshot),
+                "waiting_for_key": waiting_for_key(snapshot.flow),
                 "steps": snapshot.nodes,
                 "not_reached": [name for _, name in _not_reached(snapshot.flow, snapshot.nodes)],
             }

@@ -7,7 +7,8 @@ flow row first, then its nodes, so a parallel group's siblings advance the flow
 exactly once. Two paths take locks in another order — a cancel walking down to
 a subflow, or a subflow step locking the child run it adopts, while the child's
 completion walks up to its parent — and may deadlock; the database then aborts
-one and _transact runs it again.
+one and _transact runs it again. The same holds for a run's end handing its
+concurrency key's place to a waiting run that a cancel holds (sql/concurrency.py).
 
 Owns the state machine's writes: each operation, a batch of outcomes included, in
 one transaction (base.SqlBase._transact), locking runs before nodes. Must never write
@@ -97,7 +98,11 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
     # -- enqueue --------------------------------------------------------------
 
     def enqueue_flow(self, *, flow: NewFlow, connection: Any = None) -> EnqueueResult:
-        if connection is None and self.dialect.enqueues_in_one_statement:
+        if (
+            connection is None
+            and self.dialect.enqueues_in_one_statement
+            and not flow.concurrency_key
+        ):
             new_id = self._enqueue_in_one_statement(flow)
             if new_id is not None:
                 return EnqueueResult(new_id, flow.tracking_id, FlowStatus.PENDING, True, False)
@@ -318,6 +323,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
                     wake_at=None,
                 )
             )
+        self._retry_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
         return True
 
     def _start_stage(
@@ -668,6 +674,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         move = _planned_move(plan, item.step_name, item.status)
         if move is not None and move.finishes and flow_row.parent_node_id is not None:
             return None  # a subflow's last step: its parent wakes (the general path)
+        if move is not None and move.finishes and flow_row.concurrency_key is not None:
+            return None  # its place goes to the next run of its key (the general path)
         return move
 
     def _moves_from_known_plans(
@@ -982,6 +990,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
                     finished_at=self._now(),
                 )
             )
+            self._end_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
             if flow_row.parent_node_id is not None:
                 # The parent step's output is the child's final ctx.data.
                 child = sql_context.read_run(conn, F.c.id == flow_row.id)
@@ -1038,6 +1047,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         compensates = _compensates(flow_row)
         status = FlowStatus.COMPENSATING if compensates else FlowStatus.FAILED
         self._set_flow(conn, flow_row.id, status, error=error, finished=not compensates)
+        if not compensates:  # a compensating run keeps its place until it ends
+            self._end_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
         stopped = sa.update(N).where(
             N.c.flow_id == flow_row.id, N.c.status.in_(progress.STOPPED_BY_RUN_FAILURE)
         )
@@ -1069,6 +1080,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
             # The run's error is the step's that failed it, written when it began compensating.
             error = conn.execute(sa.select(F.c.error).where(F.c.id == flow_row.id)).scalar()
             self._set_flow(conn, flow_row.id, FlowStatus.FAILED, error=error, finished=True)
+            self._end_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
             if flow_row.parent_node_id is not None:
                 self._tell_parent_failed(conn, flow_row, error or "")
 
@@ -1193,11 +1205,13 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         )
         ended = sa.update(N).where(N.c.flow_id == flow_id, N.c.status.in_(progress.ENDED_BY_CANCEL))
         conn.execute(ended.values(**self._fate_values(progress.End(progress.Ending.CANCELLED))))
-        conn.execute(
+        cancelled = conn.execute(
             sa.update(F)
             .where(F.c.id == flow_id, F.c.status.notin_(FINISHED_FLOW_STATUSES))
             .values(status=FlowStatus.CANCELLED, updated_at=self._now(), finished_at=self._now())
-        )
+        ).rowcount
+        if cancelled:
+            self._end_place_of(conn, flow_id)
         if waiting:
             # A child undoing its steps is not stopped halfway (progress.cancellable):
             # it ends FAILED and finds its parent's node CANCELLED, which it leaves be.
