@@ -83,7 +83,15 @@ from flowsmith_worker import event_loop
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import InvalidFlowDefinition
-from flowsmith_worker.flow import FAIL, Condition, Flow, KeyFunction, StepFunction, WakeTime, registry
+from flowsmith_worker.flow import (
+    FAIL,
+    Condition,
+    Flow,
+    KeyFunction,
+    StepFunction,
+    WakeTime,
+    registry,
+)
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES
 from flowsmith_worker.retry import Backoff
 from flowsmith_worker.run import FlowRun

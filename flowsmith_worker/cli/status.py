@@ -150,6 +150,8 @@ def compensation_of(snapshot: Snapshot) -> str | None:
         return None
     found = compensation.outcome_of_run(snapshot.flow.status, snapshot.nodes)
     return None if found is None else str(found)
+
+
 def waiting_for_key(flow: FlowRecord) -> str | None:
     """The concurrency key under which the run waits for a place; None if it waits for none."""
     turn = flow.key_turn
