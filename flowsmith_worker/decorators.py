@@ -269,6 +269,7 @@ def step(
     backoff: Backoff | None = None,
     condition: Condition | None = None,
     max_rescues: int = DEFAULT_MAX_RESCUES,
+    rate_limit: str | None = None,
 ) -> Callable[[StepFn], StepFn]: ...
 
 
@@ -282,6 +283,7 @@ def step(
     backoff: Backoff | None = None,
     condition: Condition | None = None,
     max_rescues: int = DEFAULT_MAX_RESCUES,
+    rate_limit: str | None = None,
 ) -> StepFn | Callable[[StepFn], StepFn]:
     """Declare a step of the workflow being defined, bare or with options.
 
@@ -290,6 +292,8 @@ def step(
     (it leaves no output and the flow goes on), and raising fails it. The step
     and its condition may be ``async def``; past its timeout a coroutine is cancelled.
     ``max_rescues`` bounds the re-runs after its worker was lost (not retries).
+    ``rate_limit="100/m"`` allows at most that many starts per period across all
+    workers (see Flow.step).
     """
 
     def decorate(target: StepFn) -> StepFn:
@@ -303,6 +307,7 @@ def step(
             backoff=backoff,
             condition=condition,
             max_rescues=max_rescues,
+            rate_limit=rate_limit,
         )
         return target
 

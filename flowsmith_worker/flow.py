@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from flowsmith_worker import event_loop, payload, tracing
+from flowsmith_worker import event_loop, payload, rate_limits, tracing
 from flowsmith_worker.async_calls import call_with_connection
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
@@ -38,6 +38,7 @@ from flowsmith_worker.plan import (
     Plan,
     PlannedStep,
 )
+from flowsmith_worker.rate_limits import RateLimit
 from flowsmith_worker.records import TRACE_PARENT_KEY
 from flowsmith_worker.registry import Registry
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
@@ -113,6 +114,8 @@ class StepSpec:
     max_rescues: int = DEFAULT_MAX_RESCUES
     # A sleep or a wait for an event: parked, never called (see parking.py).
     parking: Parking | None = None
+    # At most so many starts per period across all workers (see rate_limits.py).
+    rate_limit: RateLimit | None = None
     # Whether fn, the condition, or either is ``async def`` (awaited on the
     # process's event loop, see event_loop.py): decided once here, so running a
     # sync step costs one attribute read more, not an inspection per attempt.
@@ -172,6 +175,7 @@ class Flow:
         backoff: Backoff | None = None,
         condition: Condition | None = None,
         max_rescues: int = DEFAULT_MAX_RESCUES,
+        rate_limit: str | None = None,
     ) -> Flow:
         """Add a step; ``retries=N`` allows N + 1 attempts in all.
 
@@ -180,9 +184,17 @@ class Flow:
 
         ``max_rescues`` bounds the re-runs after the step's worker was lost
         (killed, out of memory, past its lease): they do not use up ``retries``.
+
+        ``rate_limit="100/m"`` (units s, m, h) allows at most that many starts of
+        this step per period across all workers, each attempt a start; a start
+        over the limit waits PENDING for its turn, holding no slot (see
+        rate_limits.py for the burst it allows).
         """
         wait = as_wait_strategy(backoff)
-        spec = StepSpec(name, fn, retries, timeout, wait, condition, max_rescues=max_rescues)
+        limit = None if rate_limit is None else rate_limits.parse(rate_limit, step=name)
+        spec = StepSpec(
+            name, fn, retries, timeout, wait, condition, max_rescues=max_rescues, rate_limit=limit
+        )
         return self._add(spec)
 
     def subflow(

@@ -67,6 +67,8 @@ _STATUS_STYLES = {
     # A parked sleep or wait (cli/status.py parked_as), and its attempts left behind.
     "SLEEPING": Styled("", fg="blue"),
     "AWAITING_EVENT": Styled("", fg="blue"),
+    # A step waiting for its turn under its rate limit (rate_limits.py).
+    "RATE_LIMITED": Styled("", fg="blue"),
     "PARKED": Styled("", fg="blue"),
     "PENDING": Styled("", fg="yellow"),
     "CANCELLED": Styled("", fg="magenta"),

@@ -41,7 +41,7 @@ from flowsmith_worker.cli.params import (
     url_option,
 )
 from flowsmith_worker.parking import FOREVER
-from flowsmith_worker.plan import WAIT_FOR_EVENT
+from flowsmith_worker.plan import SLEEP, STEP, WAIT_FOR_EVENT
 from flowsmith_worker.readable import (
     UNREADABLE_CELL,
     format_both,
@@ -174,12 +174,15 @@ def _due(node: NodeRecord, now: float) -> float | None:
 
 
 def parked_as(flow: FlowRecord, node: NodeRecord) -> str | None:
-    """The STATUS of a parked node (see parking.py): SLEEPING, or AWAITING_EVENT for a
-    wait_for step; None for a node that is not parked. Its wake time shows as due."""
+    """The STATUS of a parked node (see parking.py): SLEEPING, AWAITING_EVENT for a
+    wait_for step, RATE_LIMITED for a plain step waiting for its turn under its rate
+    limit (see rate_limits.py); None for a node that is not parked. Its wake time
+    (or turn) shows as due."""
     if node.status != NodeStatus.PENDING or node.wake_at is None:
         return None
     planned = flow.plan.step(node.step_name)
-    return "AWAITING_EVENT" if planned and planned.kind == WAIT_FOR_EVENT else "SLEEPING"
+    kind = planned.kind if planned else SLEEP
+    return {WAIT_FOR_EVENT: "AWAITING_EVENT", STEP: "RATE_LIMITED"}.get(kind, "SLEEPING")
 
 
 STEP_HEADERS = ("#", "STEP", "STATUS", "ATTEMPTS", "START", "DURATION", "WORKER", "LAST_ERROR")

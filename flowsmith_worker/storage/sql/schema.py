@@ -23,7 +23,7 @@ from sqlalchemy.ext.compiler import compiles
 
 from flowsmith_worker.storage.sql.dialects import identifier_collation
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 metadata = sa.MetaData()
 
@@ -238,4 +238,19 @@ events = sa.Table(
     sa.Column("payload", LongText, nullable=False),
     sa.Column("idempotency_key", Identifier(255)),
     sa.Column("created_at", Seconds, nullable=False),
+)
+
+# Version 7 ------------------------------------------------------------------
+
+# A token bucket per rate-limited step, shared by every worker (see
+# rate_limits.py): its row is locked while a start takes a token, by the database
+# clock. ``tat`` is the bucket's theoretical arrival time (GCRA), ``line_end`` the
+# turn of the last start told to wait. Only the state: the rate is the code's.
+rate_limits = sa.Table(
+    "fs_rate_limits",
+    metadata,
+    sa.Column("flow_name", Identifier(200), primary_key=True),
+    sa.Column("step_name", Identifier(200), primary_key=True),
+    sa.Column("tat", Seconds, nullable=False),
+    sa.Column("line_end", Seconds, nullable=False),
 )
