@@ -57,6 +57,9 @@ from dataclasses import dataclass
 from flowsmith_worker.errors import InvalidFlowDefinition
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+# Instants are doubles of seconds since the epoch, about 2e-7 s apart today: a
+# bucket's sums of intervals round, and must not refuse the last token of a burst.
+_ROUNDING = 1e-6
 _FORM = re.compile(r"\s*([+-]?\d+)\s*/\s*([a-zA-Z]+)\s*")
 
 
@@ -127,10 +130,11 @@ class Wait:
 
 def decide(rate: RateLimit, bucket: Bucket, *, now: float, waited: bool) -> Take | Wait:
     """Whether a start at ``now`` may take a token. ``waited``: the node was refused
-    before and its turn has come; a node that did not wait queues behind those that do."""
+    before and given a turn, which has come; a node that did not wait queues behind
+    those that do."""
     tat = max(bucket.tat, now)
-    line_ahead = not waited and bucket.line_end > now
-    if tat - now <= rate.burst_tolerance and not line_ahead:
+    line_ahead = not waited and bucket.line_end > now + _ROUNDING
+    if tat - now <= rate.burst_tolerance + _ROUNDING and not line_ahead:
         return Take(Bucket(tat + rate.interval, bucket.line_end))
     token_due = tat - rate.burst_tolerance
     turn = max(token_due, bucket.line_end + rate.interval)

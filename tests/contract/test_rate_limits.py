@@ -118,7 +118,7 @@ def test_the_decorator_api_takes_a_rate_limit_and_limited_steps_share_no_bucket(
     drive(worker, lambda: status_of(storage, first) == FlowStatus.COMPLETED)
     decorated({}, tracking_id=second)
     drive(worker, lambda: nodes_of(storage, second).get("scarce") is not None)
-    drive(worker, lambda: _waiting(storage, [second]))
+    drive(worker, lambda: waiting(storage, [second]))
     node = nodes_of(storage, second)["scarce"]
     assert node.status == NodeStatus.PENDING
     assert ran == ["free", "scarce", "free"]
@@ -139,14 +139,14 @@ def test_a_cancelled_run_waiting_for_its_rate_limit_ends(storage: Storage, uniqu
     limited.run({}, tracking_id=first)
     limited.run({}, tracking_id=second)
     worker = Worker(storage=storage, poll_interval=POLL)
-    drive(worker, lambda: len(ran) == 1 and _waiting(storage, [first, second]))
-    waiting = first if _waiting(storage, [first]) else second
-    storage.cancel_flow(tracking_id=waiting)
-    assert nodes_of(storage, waiting)["scarce"].status == NodeStatus.CANCELLED
+    drive(worker, lambda: len(ran) == 1 and waiting(storage, [first, second]))
+    refused = first if waiting(storage, [first]) else second
+    storage.cancel_flow(tracking_id=refused)
+    assert nodes_of(storage, refused)["scarce"].status == NodeStatus.CANCELLED
     assert ran == ["x"]
 
 
-def _waiting(storage: Storage, tracking_ids: Sequence[str]) -> bool:
+def waiting(storage: Storage, tracking_ids: Sequence[str]) -> bool:
     """Whether a limited node of these runs waits for its turn (PENDING, wake_at set)."""
     return any(
         node.status == NodeStatus.PENDING and node.wake_at is not None
@@ -175,7 +175,7 @@ def _run_workers(storage: Storage, runs: list[str], *, loops: int, concurrency: 
 
     def all_done() -> bool:
         nonlocal seen_waiting
-        seen_waiting = seen_waiting or _waiting(storage, runs)
+        seen_waiting = seen_waiting or waiting(storage, runs)
         return all(status_of(storage, tid) == FlowStatus.COMPLETED for tid in runs)
 
     try:

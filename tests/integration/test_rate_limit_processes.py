@@ -39,7 +39,7 @@ from flowsmith_worker import Flow
 def call_api(ctx):
     path = os.environ["FS_JOURNAL"]
     with open(path) as journal:
-        first = ctx.tracking_id not in journal.read()
+        first = json.dumps(ctx.tracking_id) not in journal.read()
     with open(path, "a") as journal:
         journal.write(json.dumps({"t": time.time(), "run": ctx.tracking_id}) + "\\n")
     if ctx.data.get("flaky") and first:

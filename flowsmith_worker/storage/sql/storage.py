@@ -916,20 +916,22 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
             if flow_row is None:
                 return None  # the run was pruned while this step was claimed
-            node = conn.execute(
-                sa.select(N.c.wake_at, self._now().label("now")).where(*_held(lease))
-            ).first()
+            node = conn.execute(sa.select(N.c.wake_at).where(*_held(lease))).first()
             if node is None:
                 return None  # the lease was lost: no token is spent on it
             bucket = sql_rate_limits.lock_bucket(conn, self.dialect, flow_name, step_name)
-            waited = node.wake_at is not None and node.wake_at <= node.now
-            decision = rate_limits.decide(rate, bucket, now=node.now, waited=waited)
+            # Read once the bucket is ours: a clock read before the lock wait would
+            # be as late as that wait, and let starts in that much too early.
+            now, fate_now = conn.execute(sa.select(self.dialect.clock(), self._now())).one()
+            waited = node.wake_at is not None  # it was given a turn: it queues no more
+            decision = rate_limits.decide(rate, bucket, now=now, waited=waited)
             sql_rate_limits.save_bucket(conn, flow_name, step_name, decision.bucket)
             if isinstance(decision, rate_limits.Take):
-                if node.wake_at is not None:  # it waited: it waits no more
+                if waited:  # it waits no more
                     conn.execute(self._fenced(lease).values(wake_at=None))
                 return True
-            fate = parking.park(flow_row.status, now=node.now, until=decision.until)
+            # The write's run_after counts from the clock it is written with.
+            fate = parking.park(flow_row.status, now=fate_now, until=decision.until)
             # No attempt is left behind in fs_attempts: the step never started.
             waiting = self._fenced(lease).values(wake_at=decision.until)
             status = self._carry_out(conn, waiting, flow_row, fate, None)
