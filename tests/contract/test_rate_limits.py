@@ -10,45 +10,26 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from flowsmith_worker import Flow, FlowStatus, NodeStatus, Worker
+from flowsmith_worker import Flow, NodeStatus, Worker
 from flowsmith_worker.decorators import step, workflow
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
-from tests.contract.test_sleep import drive, nodes_of, status_of
+from tests.support.rate_limits import (
+    POLL,
+    SLACK,
+    completed,
+    over_the_limit,
+    steps_of,
+    turn_until,
+    waiting,
+)
 
 Names = Callable[[str], str]
-POLL = 0.02
-# How far a journal's start time (taken in the step, by the process clock) may lag
-# the token's instant (taken in the database, by its clock): a thread that took
-# its token may be scheduled late on a loaded two-core machine.
-SLACK = 0.25
-
-
-def over_the_limit(starts: Sequence[float], count: int, period: float) -> list[str]:
-    """Every stretch of the journal with more starts than the bucket allows.
-
-    A token bucket of ``count`` tokens refilled at ``count`` per ``period`` lets at
-    most ``count + count * w / period`` starts into any window of ``w`` seconds
-    (its burst: ``count`` at once). Checked for every window that begins and ends
-    at a start, widened by SLACK (a start recorded late makes its window look shorter).
-    """
-    ordered = sorted(starts)
-    found = []
-    for first in range(len(ordered)):
-        for last in range(first + 1, len(ordered)):
-            window = ordered[last] - ordered[first] + SLACK
-            allowed = count + count * window / period
-            if last - first + 1 > allowed:
-                found.append(
-                    f"{last - first + 1} starts in {ordered[last] - ordered[first]:.3f} s "
-                    f"(at most {allowed:.1f})"
-                )
-    return found
 
 
 def test_a_rate_limited_step_starts_no_faster_than_its_bucket_and_every_run_completes(
@@ -89,12 +70,12 @@ def test_each_attempt_of_a_retried_step_is_a_start(storage: Storage, unique: Nam
     tid = unique("r")
     flaky_flow.run({}, tracking_id=tid)
     worker = Worker(storage=storage, poll_interval=POLL)
-    drive(worker, lambda: status_of(storage, tid) == FlowStatus.COMPLETED)
+    turn_until(worker, lambda: completed(storage, [tid]))
     assert len(journal) == 3
     assert journal[2] - journal[0] >= 0.5 - SLACK, "the third attempt took no token"
 
 
-def test_the_decorator_api_takes_a_rate_limit_and_limited_steps_share_no_bucket(
+def test_the_decorator_api_takes_a_rate_limit_that_limits_its_own_step_only(
     storage: Storage, unique: Names
 ) -> None:
     """@step(rate_limit="1/h") limits its own step only: the first run's start takes the
@@ -115,11 +96,11 @@ def test_the_decorator_api_takes_a_rate_limit_and_limited_steps_share_no_bucket(
     first, second = unique("first"), unique("second")
     decorated({}, tracking_id=first)
     worker = Worker(storage=storage, poll_interval=POLL)
-    drive(worker, lambda: status_of(storage, first) == FlowStatus.COMPLETED)
+    turn_until(worker, lambda: completed(storage, [first]))
     decorated({}, tracking_id=second)
-    drive(worker, lambda: nodes_of(storage, second).get("scarce") is not None)
-    drive(worker, lambda: waiting(storage, [second]))
-    node = nodes_of(storage, second)["scarce"]
+    turn_until(worker, lambda: steps_of(storage, second).get("scarce") is not None)
+    turn_until(worker, lambda: waiting(storage, [second]))
+    node = steps_of(storage, second)["scarce"]
     assert node.status == NodeStatus.PENDING
     assert ran == ["free", "scarce", "free"]
     assert node.wake_at is not None
@@ -139,20 +120,11 @@ def test_a_cancelled_run_waiting_for_its_rate_limit_ends(storage: Storage, uniqu
     limited.run({}, tracking_id=first)
     limited.run({}, tracking_id=second)
     worker = Worker(storage=storage, poll_interval=POLL)
-    drive(worker, lambda: len(ran) == 1 and waiting(storage, [first, second]))
+    turn_until(worker, lambda: len(ran) == 1 and waiting(storage, [first, second]))
     refused = first if waiting(storage, [first]) else second
     storage.cancel_flow(tracking_id=refused)
-    assert nodes_of(storage, refused)["scarce"].status == NodeStatus.CANCELLED
+    assert steps_of(storage, refused)["scarce"].status == NodeStatus.CANCELLED
     assert ran == ["x"]
-
-
-def waiting(storage: Storage, tracking_ids: Sequence[str]) -> bool:
-    """Whether a limited node of these runs waits for its turn (PENDING, wake_at set)."""
-    return any(
-        node.status == NodeStatus.PENDING and node.wake_at is not None
-        for tid in tracking_ids
-        for node in nodes_of(storage, tid).values()
-    )
 
 
 def _run_workers(storage: Storage, runs: list[str], *, loops: int, concurrency: int) -> bool:
@@ -176,7 +148,7 @@ def _run_workers(storage: Storage, runs: list[str], *, loops: int, concurrency: 
     def all_done() -> bool:
         nonlocal seen_waiting
         seen_waiting = seen_waiting or waiting(storage, runs)
-        return all(status_of(storage, tid) == FlowStatus.COMPLETED for tid in runs)
+        return all(completed(storage, [tid]) for tid in runs)
 
     try:
         eventually(all_done, timeout=30, interval=0.05)
@@ -185,31 +157,3 @@ def _run_workers(storage: Storage, runs: list[str], *, loops: int, concurrency: 
         for thread in threads:
             thread.join(timeout=10)
     return seen_waiting
-
-
-@pytest.mark.parametrize(
-    ("written", "complaint"),
-    [
-        ("100 per minute", "is not COUNT/UNIT"),
-        ("100/d", "is not COUNT/UNIT"),
-        ("0/m", "at least 1"),
-        ("-5/m", "at least 1"),
-        (100, "must be a string"),
-    ],
-)
-def test_a_rate_limit_that_cannot_be_read_is_refused_naming_its_step(
-    unique: Names, written: Any, complaint: str
-) -> None:
-    """Flow.step and @step refuse a rate limit they cannot read, saying which step and
-    how to write one, before anything runs."""
-    from flowsmith_worker.errors import InvalidFlowDefinition
-
-    with pytest.raises(InvalidFlowDefinition, match=complaint) as refused:
-        Flow(unique("bad")).step("send_email", lambda ctx: None, rate_limit=written)
-    assert "'send_email'" in str(refused.value)
-    with pytest.raises(InvalidFlowDefinition, match=complaint):
-
-        @workflow(unique("bad_decorated"))
-        def bad() -> None:
-            @step(rate_limit=written)
-            def send_email(ctx: Any) -> None: ...

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flowsmith_worker import Flow, FlowStatus, Worker
-from tests.contract.test_rate_limits import waiting
-from tests.contract.test_sleep import POLL, drive, status_of
+from flowsmith_worker import Flow, Worker
 from tests.integration.conftest import Db
-from tests.integration.test_cli_ops import cli, cli_json
+from tests.support.cli import cli, cli_json
+from tests.support.rate_limits import POLL, completed, turn_until, waiting
 
 
 def test_status_shows_a_step_waiting_for_its_rate_limit_with_its_turn_as_due(
@@ -27,9 +26,9 @@ def test_status_shows_a_step_waiting_for_its_rate_limit_with_its_turn_as_due(
     first, second = unique("first"), unique("second")
     limited.run({}, tracking_id=first)
     worker = Worker(storage=sqlite_db.storage, poll_interval=POLL)
-    drive(worker, lambda: status_of(sqlite_db.storage, first) == FlowStatus.COMPLETED)
+    turn_until(worker, lambda: completed(sqlite_db.storage, [first]))
     limited.run({}, tracking_id=second)
-    drive(worker, lambda: waiting(sqlite_db.storage, [second]))
+    turn_until(worker, lambda: waiting(sqlite_db.storage, [second]))
 
     shown = cli(sqlite_db.url, "status", second)
     assert shown.exit_code == 0, shown.output

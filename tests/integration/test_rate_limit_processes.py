@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from flowsmith_worker import Flow, FlowStatus, create_storage
+from flowsmith_worker import Flow, create_storage
 from tests.conftest import eventually
-from tests.contract.test_rate_limits import over_the_limit
-from tests.contract.test_sleep import nodes_of, status_of
+from tests.support.rate_limits import completed, over_the_limit, steps_of
 from tests.worker_process import WorkerProcess
 
 PROCESSES = 3
@@ -99,8 +98,7 @@ def test_three_worker_processes_start_a_limited_step_no_faster_than_its_bucket(
     for worker in started:
         worker.wait_started()
 
-    done = lambda: all(status_of(storage, t) == FlowStatus.COMPLETED for t in runs)  # noqa: E731
-    eventually(done, timeout=90, interval=0.2)
+    eventually(lambda: completed(storage, runs), timeout=90, interval=0.2)
 
     starts = [json.loads(line) for line in journal.read_text().splitlines()]
     assert len(starts) == RUNS + FLAKY
@@ -108,7 +106,7 @@ def test_three_worker_processes_start_a_limited_step_no_faster_than_its_bucket(
     # 35 starts at 5/s, 5 of them at once: 6 s at least.
     times = sorted(s["t"] for s in starts)
     assert times[-1] - times[0] >= (RUNS + FLAKY - COUNT) / COUNT * PERIOD - 0.5
-    leases = sum(nodes_of(storage, t)["call_api"].attempt for t in runs)
+    leases = sum(steps_of(storage, t)["call_api"].attempt for t in runs)
     assert leases <= 2 * (RUNS + FLAKY) + PROCESSES * CONCURRENCY // 4, (
         f"{leases} claims of limited nodes for {RUNS + FLAKY} starts: they were polled"
     )

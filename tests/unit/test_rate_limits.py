@@ -1,9 +1,16 @@
-"""rate_limits.py's pure decisions: the bucket's burst and refill, and the waiting line."""
+"""rate_limits.py: reading a rate limit (and refusing one that cannot be read), and the
+bucket's pure decisions: its burst and refill, and the waiting line."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
+from flowsmith_worker import Flow
+from flowsmith_worker.decorators import step, workflow
+from flowsmith_worker.errors import InvalidFlowDefinition
 from flowsmith_worker.rate_limits import Bucket, RateLimit, Take, Wait, decide, parse
 
 NEW = Bucket(0.0, 0.0)
@@ -55,3 +62,29 @@ def test_refused_starts_get_turns_one_interval_apart_and_fresh_ones_queue_behind
     assert turns == pytest.approx([100.2, 100.4, 100.6])
     assert isinstance(decide(rate, bucket, now=100.2, waited=True), Take)
     assert isinstance(decide(rate, bucket, now=100.2, waited=False), Wait)
+
+
+@pytest.mark.parametrize(
+    ("written", "complaint"),
+    [
+        ("100 per minute", "is not COUNT/UNIT"),
+        ("100/d", "is not COUNT/UNIT"),
+        ("0/m", "at least 1"),
+        ("-5/m", "at least 1"),
+        (100, "must be a string"),
+    ],
+)
+def test_a_rate_limit_that_cannot_be_read_is_refused_naming_its_step(
+    unique: Callable[[str], str], written: Any, complaint: str
+) -> None:
+    """Flow.step and @step refuse a rate limit they cannot read, saying which step and
+    how to write one, before anything runs."""
+    with pytest.raises(InvalidFlowDefinition, match=complaint) as refused:
+        Flow(unique("bad")).step("send_email", lambda ctx: None, rate_limit=written)
+    assert "'send_email'" in str(refused.value)
+    with pytest.raises(InvalidFlowDefinition, match=complaint):
+
+        @workflow(unique("bad_decorated"))
+        def bad() -> None:
+            @step(rate_limit=written)
+            def send_email(ctx: Any) -> None: ...
