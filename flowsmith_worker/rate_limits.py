@@ -41,10 +41,20 @@ own turn, which then finds its token (a fresh start waits behind the line, so a
 waiting node is not overtaken). So a limited node is claimed about twice at
 most, whatever the backlog.
 
-Not yet (next): a limit per queue (``fs_queues`` column set by an operator, taken
-in the claim's capped path); a key shared by several steps or computed from
-ctx (Hatchet's dynamic keys); a refused start gives its attempt back as a parked
-sleep does (see parking.py), so ATTEMPTS reads 2/3 for a step refused once.
+Not yet (next):
+
+* A limit per queue. Chosen shape: ``flowsmith queue-limit emails --rate 100/m``
+  (and ``storage.set_queue_limit(queue=..., rate_limit=...)``), stored in
+  fs_queues beside the queue's cap, because that is where an operator already
+  sets a queue's limits: one value for every worker, changed without a deploy. A
+  worker flag (``--queue-rate-limit``) could differ between the workers of one
+  queue, and the bucket would then follow whichever started last. Its bucket
+  would be a row here with flow_name '' (no flow has an empty name), taken the
+  same way for every step of the queue.
+* A key shared by several steps, or computed from ctx (Hatchet's dynamic keys).
+* A refused start gives its attempt back as a parked sleep does (see
+  parking.py): attempt numbers stay the lease's fencing token, never reused, so
+  ATTEMPTS and ``ctx.attempt`` count the refusal (2/3 for a step refused once).
 
 Must never do I/O (as progress.py): every input is a plain value.
 """

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
-from flowsmith_worker import Flow, NodeStatus, Worker
+from flowsmith_worker import Flow, InMemoryStorage, NodeStatus, Worker
 from flowsmith_worker.decorators import step, workflow
+from flowsmith_worker.records import ClaimedNode
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
 from tests.support.rate_limits import (
@@ -157,3 +158,41 @@ def _run_workers(storage: Storage, runs: list[str], *, loops: int, concurrency: 
         for thread in threads:
             thread.join(timeout=10)
     return seen_waiting
+
+
+class ClaimsSeen(InMemoryStorage):
+    """An in-memory storage that remembers which steps its claims handed out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claimed: list[str] = []
+
+    def claim_nodes(
+        self, *, worker_id: str, limit: int, lease_seconds: float, queues: Sequence[str]
+    ) -> list[ClaimedNode]:
+        found = super().claim_nodes(
+            worker_id=worker_id, limit=limit, lease_seconds=lease_seconds, queues=queues
+        )
+        self.claimed += [node.step_name for node in found]
+        return found
+
+
+def test_a_limited_step_chained_after_the_one_before_takes_a_token_too(unique: Names) -> None:
+    """A limited step after a plain one is leased by that step's commit (chained, never
+    claimed): it still takes its token. The second run's limited step is refused and
+    waits, and no claim ever handed out the limited step."""
+    storage = ClaimsSeen()
+    ran: list[str] = []
+    chain = (
+        Flow(unique("chain"), storage=storage)
+        .step("free", lambda ctx: None)
+        .step("scarce", lambda ctx: ran.append(ctx.tracking_id), rate_limit="1/h")
+    )
+    first, second = unique("first"), unique("second")
+    chain.run({}, tracking_id=first)
+    chain.run({}, tracking_id=second)
+    worker = Worker(storage=storage, concurrency=1, poll_interval=POLL)
+    turn_until(worker, lambda: completed(storage, [first]) and waiting(storage, [second]))
+    assert ran == [first]
+    assert "scarce" not in storage.claimed, "the limited step was claimed, not chained"
+    storage.close()
