@@ -33,7 +33,7 @@ transaction per start.
 
 A start that finds no token is given back: its node returns to PENDING with
 ``run_after`` at its turn, and ``fs_nodes.wake_at`` says it waits for its rate
-limit (`flowsmith status` shows RATE_LIMITED, with its turn as due). No worker
+limit (`flowsmith status` and the dashboard show RATE_LIMITED, its turn as due). No worker
 polls for it meanwhile: no claim sees it before its turn. Turns are handed out
 one period / N apart (``line_end``): a hundred nodes refused at once do not all
 come back at the next token's instant to be refused 99 times over, but each at its

@@ -64,7 +64,7 @@ _STATUS_STYLES = {
     "FAILED": Styled("", fg="red", bold=True),
     "RUNNING": Styled("", fg="cyan"),
     "WAITING": Styled("", fg="blue"),
-    # A parked sleep or wait (cli/status.py parked_as), and its attempts left behind.
+    # A parked sleep or wait (parking.parked_as), and its attempts left behind.
     "SLEEPING": Styled("", fg="blue"),
     "AWAITING_EVENT": Styled("", fg="blue"),
     # A step waiting for its turn under its rate limit (rate_limits.py).

@@ -40,8 +40,7 @@ from flowsmith_worker.cli.params import (
     Duration,
     url_option,
 )
-from flowsmith_worker.parking import FOREVER
-from flowsmith_worker.plan import SLEEP, STEP, WAIT_FOR_EVENT
+from flowsmith_worker.parking import FOREVER, parked_as
 from flowsmith_worker.readable import (
     UNREADABLE_CELL,
     format_both,
@@ -171,18 +170,6 @@ def _due(node: NodeRecord, now: float) -> float | None:
         return None
     # A wait for an event with no timeout is due at parking.FOREVER: it has no due time.
     return due if now < due < FOREVER else None
-
-
-def parked_as(flow: FlowRecord, node: NodeRecord) -> str | None:
-    """The STATUS of a parked node (see parking.py): SLEEPING, AWAITING_EVENT for a
-    wait_for step, RATE_LIMITED for a plain step waiting for its turn under its rate
-    limit (see rate_limits.py); None for a node that is not parked. Its wake time
-    (or turn) shows as due."""
-    if node.status != NodeStatus.PENDING or node.wake_at is None:
-        return None
-    planned = flow.plan.step(node.step_name)
-    kind = planned.kind if planned else SLEEP
-    return {WAIT_FOR_EVENT: "AWAITING_EVENT", STEP: "RATE_LIMITED"}.get(kind, "SLEEPING")
 
 
 STEP_HEADERS = ("#", "STEP", "STATUS", "ATTEMPTS", "START", "DURATION", "WORKER", "LAST_ERROR")
@@ -356,7 +343,9 @@ def status(
     its steps; plan_version in --json): the run keeps that plan whatever code is
     deployed since. Times are relative to the database clock ("3m05s ago"); a run
     enqueued with a delay says when it starts, a step waiting to be retried when
-    ("in 25s"). Steps of the plan the run has not reached yet are listed as "(not
+    ("in 25s"). A parked step shows as SLEEPING or AWAITING_EVENT (flow.sleep,
+    flow.wait_for), with when it wakes if nothing comes first (PENDING with its
+    wake_at in --json). Steps of the plan the run has not reached yet are listed as "(not
     reached)". A step that ran more than once (retried, rescued, released) has each
     attempt listed below the steps: outcome, start, duration, worker, error
     (--traceback: in full). The tables fit 100 columns, worker ids cut to 8
