@@ -53,6 +53,8 @@ class PlannedStep:
     subflow: bool = False
     max_rescues: int = DEFAULT_MAX_RESCUES
     kind: str = STEP
+    # The attempts of the step's compensation (see compensation.py); 0: it has none.
+    compensation_attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,11 @@ class Plan:
         )
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:VERSION_LENGTH]
 
+    @functools.cached_property
+    def compensates(self) -> bool:
+        """Whether a step of the plan has a compensation (see compensation.py)."""
+        return any(planned.compensation_attempts for stage in self.stages for planned in stage)
+
     def names(self) -> list[str]:
         """The steps' names, in plan order."""
         return [planned.name for stage in self.stages for planned in stage]
@@ -123,6 +130,7 @@ class Plan:
                     # Plans stored before max_rescues existed get the default.
                     int(s.get("max_rescues", DEFAULT_MAX_RESCUES)),
                     str(s.get("kind", STEP)),
+                    int(s.get("compensation_attempts", 0)),
                 )
                 for s in stage
             )
@@ -132,8 +140,9 @@ class Plan:
 
 
 def _step_json(step: PlannedStep) -> dict[str, Any]:
-    """A step as stored; ``kind`` only when it is not a plain step, so the plans of
-    flows without sleeps or waits are stored exactly as before."""
+    """A step as stored; ``kind`` only when it is not a plain step, and
+    ``compensation_attempts`` only when it has a compensation, so the plans of
+    flows without them are stored (and versioned) exactly as before."""
     stored: dict[str, Any] = {
         "name": step.name,
         "max_attempts": step.max_attempts,
@@ -142,4 +151,6 @@ def _step_json(step: PlannedStep) -> dict[str, Any]:
     }
     if step.kind != STEP:
         stored["kind"] = step.kind
+    if step.compensation_attempts:
+        stored["compensation_attempts"] = step.compensation_attempts
     return stored

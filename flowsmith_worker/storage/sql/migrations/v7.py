@@ -1,7 +1,10 @@
-"""Version 7: fs_rate_limits, one token bucket per rate-limited step (frozen, see v1).
+"""Version 7: concurrency keys (fs_flows.concurrency_key, key_turn; fs_concurrency_keys)
+(frozen, see v1).
 
-A row is created by the first start of a step that has a rate_limit, and holds
-the bucket's state only (see rate_limits.py): the rate itself is the code's.
+A run of a flow with a concurrency key stores the key and its place under it;
+one row per flow and key holds the limit and is locked to count places (see
+concurrency.py). Adding nullable columns rewrites no row on PostgreSQL, MySQL 8 /
+MariaDB 10.3+ (instant ADD COLUMN) or SQLite.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ from flowsmith_worker.storage.sql.migrations.v3 import MARIADB_COLLATION, MYSQL_
 
 metadata = sa.MetaData()
 
-Seconds: sa.Double[float] = sa.Double()
+# The type fs_flows' other times were created with, on each database.
+SECONDS_TYPE = {"postgresql": "DOUBLE PRECISION", "mysql": "DOUBLE", "sqlite": "DOUBLE"}
+# Only runs with a key are indexed where an index can be partial.
+KEY_TURN_INDEX = "CREATE INDEX fs_flows_key_turn ON fs_flows (flow_name, concurrency_key, key_turn)"
+KEYED_ONLY = " WHERE concurrency_key IS NOT NULL"
 
 
 class Name(sa.String):
@@ -26,22 +33,33 @@ class Name(sa.String):
 @compiles(Name, "mysql")
 @compiles(Name, "mariadb")
 def _name_on_mysql(type_: Name, compiler: Any, **_kw: Any) -> str:
+    return f"VARCHAR({type_.length}) CHARACTER SET utf8mb4 COLLATE {_collation(compiler.dialect)}"
+
+
+def _collation(dialect: Any) -> str:
     # Version 3's collations, frozen here as there (not read from dialects.py).
-    collation = (
-        MARIADB_COLLATION if getattr(compiler.dialect, "is_mariadb", False) else MYSQL_COLLATION
-    )
-    return f"VARCHAR({type_.length}) CHARACTER SET utf8mb4 COLLATE {collation}"
+    return MARIADB_COLLATION if getattr(dialect, "is_mariadb", False) else MYSQL_COLLATION
 
 
-rate_limits = sa.Table(
-    "fs_rate_limits",
+concurrency_keys = sa.Table(
+    "fs_concurrency_keys",
     metadata,
     sa.Column("flow_name", Name(200), primary_key=True),
-    sa.Column("step_name", Name(200), primary_key=True),
-    sa.Column("tat", Seconds, nullable=False),
-    sa.Column("line_end", Seconds, nullable=False),
+    sa.Column("concurrency_key", Name(255), primary_key=True),
+    sa.Column("max_concurrent", sa.Integer, nullable=False),
 )
 
 
+def _key_type(conn: Connection) -> str:
+    if conn.dialect.name == "mysql":
+        return f"VARCHAR(255) CHARACTER SET utf8mb4 COLLATE {_collation(conn.dialect)}"
+    return "VARCHAR(255)"
+
+
 def apply(conn: Connection) -> None:
-    rate_limits.create(conn, checkfirst=True)
+    conn.exec_driver_sql(f"ALTER TABLE fs_flows ADD COLUMN concurrency_key {_key_type(conn)}")
+    seconds = SECONDS_TYPE[conn.dialect.name]
+    conn.exec_driver_sql(f"ALTER TABLE fs_flows ADD COLUMN key_turn {seconds}")
+    partial = conn.dialect.name in ("postgresql", "sqlite")
+    conn.exec_driver_sql(KEY_TURN_INDEX + (KEYED_ONLY if partial else ""))
+    concurrency_keys.create(conn, checkfirst=True)
