@@ -304,6 +304,7 @@ def step(
     max_rescues: int = DEFAULT_MAX_RESCUES,
     compensate: StepFunction | None = None,
     compensate_retries: int | None = None,
+    rate_limit: str | None = None,
 ) -> Callable[[StepFn], StepFn]: ...
 
 
@@ -319,6 +320,7 @@ def step(
     max_rescues: int = DEFAULT_MAX_RESCUES,
     compensate: StepFunction | None = None,
     compensate_retries: int | None = None,
+    rate_limit: str | None = None,
 ) -> StepFn | Callable[[StepFn], StepFn]:
     """Declare a step of the workflow being defined, bare or with options.
 
@@ -329,6 +331,8 @@ def step(
     ``max_rescues`` bounds the re-runs after its worker was lost (not retries).
     ``compensate(ctx)`` undoes the step if the run fails for good after it
     completed (``compensate_retries``: its own retries, the step's by default).
+    ``rate_limit="100/m"`` allows at most that many starts per period across all
+    workers (see Flow.step).
     """
 
     def decorate(target: StepFn) -> StepFn:
@@ -344,6 +348,7 @@ def step(
             max_rescues=max_rescues,
             compensate=compensate,
             compensate_retries=compensate_retries,
+            rate_limit=rate_limit,
         )
         return target
 

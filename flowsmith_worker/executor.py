@@ -65,6 +65,7 @@ from flowsmith_worker.log import get_logger
 from flowsmith_worker.outage import DatabaseOutage
 from flowsmith_worker.plan import WAIT_FOR_EVENT, Plan
 from flowsmith_worker.progress import attempts_left, context_data
+from flowsmith_worker.rate_limits import RateLimit
 from flowsmith_worker.retry import DEFAULT_BACKOFF, retry_delay
 from flowsmith_worker.storage.base import (
     ClaimedNode,
@@ -99,6 +100,10 @@ class Outcome(StrEnum):
     PARKED = "parked"  # a sleep or a wait that is not over: back to PENDING until it is
     # A sleep or a wait that is over, on its way to be completed: never an Executed's outcome.
     WOKEN = "woken"
+    # A rate-limited start that found no token: back to PENDING until its turn.
+    RATE_LIMITED = "rate_limited"
+    # A rate-limited start that took its token and goes on: never an Executed's outcome.
+    TOKEN_TAKEN = "token_taken"
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,10 @@ class Executor:
             # Not retried here: every attempt on this code would fail the same way.
             failure = _Failure(self._missing_step(node, flow), retryable=False)
             return Executed(self._record_failure(node, None, failure, bound))
+        if spec.rate_limit is not None:
+            refused = self._take_token(node, spec.rate_limit, bound)
+            if refused is not None:
+                return Executed(refused)
         bound.debug("step.started")
         started = time.monotonic()
         # The step gets a copy of its own: what it changes in place must not leak
@@ -308,6 +317,19 @@ class Executor:
             output = payload.encode(parking.on_timeout, what=f"on_timeout of {spec.name!r}")
         completed = Finished(node.lease, NodeStatus.COMPLETED, output, step_name=spec.name)
         return self._finish(node, bound, completed, started)
+
+    def _take_token(self, node: ClaimedNode, rate: RateLimit, bound: Any) -> Outcome | None:
+        """None when the step may start (its token is taken); else what became of the
+        node: RATE_LIMITED (it waits for its turn), STOPPED or LEASE_LOST."""
+
+        def write() -> bool | Outcome:
+            answer = self.storage.take_rate_token(
+                lease=node.lease, flow_name=node.flow_name, step_name=node.step_name, rate=rate
+            )
+            return _token_written(answer)
+
+        written = self._write(node, bound, Outcome.RATE_LIMITED, write, rate_limit=rate.text)
+        return None if written == Outcome.TOKEN_TAKEN else written
 
     def _record_failure(
         self, node: ClaimedNode, spec: StepSpec | None, failure: _Failure, bound: Any
@@ -602,6 +624,13 @@ def _parking_written(answer: Woken | Parked | None) -> bool | Outcome:
     if isinstance(answer, Woken):
         return Outcome.WOKEN
     return True if answer.status == NodeStatus.PENDING else Outcome.STOPPED
+
+
+def _token_written(answer: bool | Parked | None) -> bool | Outcome:
+    """What take_rate_token's answer means for _write: True, a token, lets the step start."""
+    if isinstance(answer, Parked):
+        return _parking_written(answer)
+    return Outcome.TOKEN_TAKEN if answer else False
 
 
 def _wait_timed_out(name: str, timeout: float | None) -> str:

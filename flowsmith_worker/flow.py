@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from flowsmith_worker import compensation, concurrency, event_loop, payload, tracing
+from flowsmith_worker import compensation, concurrency, event_loop, payload, rate_limits, tracing
 from flowsmith_worker.async_calls import call_with_connection
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
@@ -38,6 +38,7 @@ from flowsmith_worker.plan import (
     Plan,
     PlannedStep,
 )
+from flowsmith_worker.rate_limits import RateLimit
 from flowsmith_worker.records import TRACE_PARENT_KEY
 from flowsmith_worker.registry import Registry
 from flowsmith_worker.retry import Backoff, WaitStrategy, as_wait_strategy
@@ -118,6 +119,8 @@ class StepSpec:
     # What undoes this step if its run fails for good (see compensation.py): a
     # step of its own, named compensate:<name>, run by Flow.get_step's lookup.
     compensation: StepSpec | None = None
+    # At most so many starts per period across all workers (see rate_limits.py).
+    rate_limit: RateLimit | None = None
     # Whether fn, the condition, or either is ``async def`` (awaited on the
     # process's event loop, see event_loop.py): decided once here, so running a
     # sync step costs one attribute read more, not an inspection per attempt.
@@ -195,6 +198,7 @@ class Flow:
         max_rescues: int = DEFAULT_MAX_RESCUES,
         compensate: StepFunction | None = None,
         compensate_retries: int | None = None,
+        rate_limit: str | None = None,
     ) -> Flow:
         """Add a step; ``retries=N`` allows N + 1 attempts in all.
 
@@ -209,8 +213,14 @@ class Flow:
         order with the other steps' compensations; ``ctx.data[name]`` is this
         step's output. It has ``compensate_retries`` (default: ``retries``), the
         step's timeout, backoff and max_rescues. See flowsmith_worker.compensation.
+
+        ``rate_limit="100/m"`` (units s, m, h) allows at most that many starts of
+        this step per period across all workers, each attempt a start; a start
+        over the limit waits PENDING for its turn, holding no slot (see
+        rate_limits.py for the burst it allows).
         """
         wait = as_wait_strategy(backoff)
+        limit = None if rate_limit is None else rate_limits.parse(rate_limit, step=name)
         undo = None
         if compensate is not None:
             undo_retries = retries if compensate_retries is None else compensate_retries
@@ -225,7 +235,15 @@ class Flow:
         elif compensate_retries is not None:
             raise ValueError(f"step {name!r}: compensate_retries without compensate=")
         spec = StepSpec(
-            name, fn, retries, timeout, wait, condition, max_rescues=max_rescues, compensation=undo
+            name,
+            fn,
+            retries,
+            timeout,
+            wait,
+            condition,
+            max_rescues=max_rescues,
+            compensation=undo,
+            rate_limit=limit,
         )
         return self._add(spec)
 

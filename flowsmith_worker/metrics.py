@@ -61,6 +61,9 @@ _COUNTER_FOR_OUTCOME = {
     # woken is only on the way there, never an attempt's last outcome.
     "parked": None,
     "woken": None,
+    # A rate-limited start with no token: counted when it runs, at its turn.
+    "rate_limited": None,
+    "token_taken": None,
 }
 
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowsmith_worker import progress
-from flowsmith_worker.plan import WAIT_FOR_EVENT
+from flowsmith_worker.plan import SLEEP, STEP, WAIT_FOR_EVENT
 from flowsmith_worker.records import AttemptOutcome, FlowRecord, NodeRecord, NodeStatus
 
 # The wake time of a wait with no timeout: 9999-12-31T23:59:59Z. A real instant
@@ -57,6 +57,9 @@ FOREVER = 253402300799.0
 # What the operator tools show as the status of a parked node (a PENDING row).
 SLEEPING = "SLEEPING"
 AWAITING_EVENT = "AWAITING_EVENT"
+# A plain step whose start found no token of its rate limit waits PENDING for its
+# turn, parked the same way (see rate_limits.py).
+RATE_LIMITED = "RATE_LIMITED"
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,13 @@ def park(run: str, *, now: float, until: float) -> progress.Fate:
 
 def parked_as(flow: FlowRecord, node: NodeRecord) -> str | None:
     """The status `flowsmith status` and the dashboard show for a parked node: SLEEPING,
-    or AWAITING_EVENT for a wait_for step (its event has the step's name); None for a
-    node that is not parked."""
+    AWAITING_EVENT for a wait_for step (its event has the step's name), RATE_LIMITED
+    for a plain step waiting for its turn; None for a node that is not parked."""
     if node.status != NodeStatus.PENDING or node.wake_at is None:
         return None
     planned = flow.plan.step(node.step_name)
-    return AWAITING_EVENT if planned and planned.kind == WAIT_FOR_EVENT else SLEEPING
+    kind = planned.kind if planned else SLEEP
+    return {WAIT_FOR_EVENT: AWAITING_EVENT, STEP: RATE_LIMITED}.get(kind, SLEEPING)
 
 
 def wakes_at(node: NodeRecord) -> float | None:

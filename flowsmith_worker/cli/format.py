@@ -69,6 +69,8 @@ _STATUS_STYLES = {
     # A parked sleep or wait (parking.parked_as), and its attempts left behind.
     "SLEEPING": Styled("", fg="blue"),
     "AWAITING_EVENT": Styled("", fg="blue"),
+    # A step waiting for its turn under its rate limit (rate_limits.py).
+    "RATE_LIMITED": Styled("", fg="blue"),
     "PARKED": Styled("", fg="blue"),
     # A step of a run waiting for a place under its concurrency key.
     "BLOCKED": Styled("", fg="blue"),

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from flowsmith_worker.rate_limits import RateLimit
 from flowsmith_worker.records import (
     DEFAULT_QUEUE,
     FINISHED_FLOW_STATUSES,
@@ -186,6 +187,18 @@ class Storage(abc.ABC):
         then stays RUNNING under the lease for the attempt to complete. Parked:
         the node is PENDING until its wake time (CANCELLED if its run is over).
         None if the lease was lost. See parking.py.
+        """
+
+    @abc.abstractmethod
+    def take_rate_token(
+        self, *, lease: Lease, flow_name: str, step_name: str, rate: RateLimit
+    ) -> bool | Parked | None:
+        """Take a token of the step's rate limit for the claimed node, about to start.
+
+        True: taken, the step starts. Parked: none is left; the node waits PENDING
+        until its turn (CANCELLED if its run is over). None if the lease was lost
+        (no token is taken). By the database clock, under the bucket's row lock:
+        see rate_limits.py.
         """
 
     @abc.abstractmethod

@@ -94,7 +94,8 @@ def test_the_timeline_keeps_plan_order_with_siblings_side_by_side() -> None:
 
 def test_a_parked_node_shows_what_it_waits_for_and_until_when() -> None:
     """A parked sleep is SLEEPING and a parked wait AWAITING_EVENT, each with its wake
-    time (none for a wait without timeout); a PENDING node that is not parked (a retry
+    time (none for a wait without timeout), a plain step waiting for its rate limit's
+    turn RATE_LIMITED with its turn; a PENDING node that is not parked (a retry
     waiting for its backoff) keeps its own status."""
     plan = Plan(
         stages=(
@@ -102,6 +103,7 @@ def test_a_parked_node_shows_what_it_waits_for_and_until_when() -> None:
             (PlannedStep("approval", 1, kind=WAIT_FOR_EVENT),),
             (PlannedStep("forever", 1, kind=WAIT_FOR_EVENT),),
             (PlannedStep("retry_me", 2),),
+            (PlannedStep("limited", 1),),
         )
     )
     run = dataclasses.replace(RUN, plan=plan)
@@ -111,6 +113,7 @@ def test_a_parked_node_shows_what_it_waits_for_and_until_when() -> None:
         node("approval", 1, wake_at=900.0, **pending),
         node("forever", 2, wake_at=FOREVER, **pending),
         node("retry_me", 3, **pending),
+        node("limited", 4, wake_at=700.0, **pending),
     ]
     steps = [stage.steps[0] for stage in views.timeline(run, nodes, [], now=200.0)]
     assert [(s.parked, s.wakes_at) for s in steps] == [
@@ -118,6 +121,7 @@ def test_a_parked_node_shows_what_it_waits_for_and_until_when() -> None:
         ("AWAITING_EVENT", 900.0),
         ("AWAITING_EVENT", None),
         (None, None),
+        ("RATE_LIMITED", 700.0),
     ]
 
 

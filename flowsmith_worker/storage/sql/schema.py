@@ -23,7 +23,7 @@ from sqlalchemy.ext.compiler import compiles
 
 from flowsmith_worker.storage.sql.dialects import identifier_collation
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 metadata = sa.MetaData()
 
@@ -269,4 +269,19 @@ concurrency_keys = sa.Table(
     sa.Column("flow_name", Identifier(200), primary_key=True),
     sa.Column("concurrency_key", Identifier(255), primary_key=True),
     sa.Column("max_concurrent", sa.Integer, nullable=False),
+)
+
+# Version 8 ------------------------------------------------------------------
+
+# A token bucket per rate-limited step, shared by every worker (see
+# rate_limits.py): its row is locked while a start takes a token, by the database
+# clock. ``tat`` is the bucket's theoretical arrival time (GCRA), ``line_end`` the
+# turn of the last start told to wait. Only the state: the rate is the code's.
+rate_limits = sa.Table(
+    "fs_rate_limits",
+    metadata,
+    sa.Column("flow_name", Identifier(200), primary_key=True),
+    sa.Column("step_name", Identifier(200), primary_key=True),
+    sa.Column("tat", Seconds, nullable=False),
+    sa.Column("line_end", Seconds, nullable=False),
 )

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from flowsmith_worker import compensation, parking, payload, progress
+from flowsmith_worker import compensation, parking, payload, progress, rate_limits
 from flowsmith_worker.errors import (
     CorruptRow,
     DatabaseUnavailable,
@@ -65,6 +65,7 @@ from flowsmith_worker.storage.base import (
 from flowsmith_worker.storage.sql import attempts as sql_attempts
 from flowsmith_worker.storage.sql import claim as sql_claim
 from flowsmith_worker.storage.sql import context as sql_context
+from flowsmith_worker.storage.sql import rate_limits as sql_rate_limits
 from flowsmith_worker.storage.sql import schema
 from flowsmith_worker.storage.sql.base import (
     FLOW_STATE,
@@ -928,6 +929,38 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
             parked = self._fenced(lease).values(wake_at=decision.until)
             ended = _ended_attempt(lease, node.started_at)
             status = self._carry_out(conn, parked, flow_row, fate, ended)
+            return None if status is None else Parked(decision.until, status)
+
+        return self._transact(work)
+
+    def take_rate_token(
+        self, *, lease: Lease, flow_name: str, step_name: str, rate: rate_limits.RateLimit
+    ) -> bool | Parked | None:
+        def work(conn: Connection) -> bool | Parked | None:
+            # The run's lock first, as park_node: a cancel cannot slip between the
+            # decision and the node's write. Buckets are locked after it, always.
+            flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+            if flow_row is None:
+                return None  # the run was pruned while this step was claimed
+            node = conn.execute(sa.select(N.c.wake_at).where(*_held(lease))).first()
+            if node is None:
+                return None  # the lease was lost: no token is spent on it
+            bucket = sql_rate_limits.lock_bucket(conn, self.dialect, flow_name, step_name)
+            # Read once the bucket is ours: a clock read before the lock wait would
+            # be as late as that wait, and let starts in that much too early.
+            now, fate_now = conn.execute(sa.select(self.dialect.clock(), self._now())).one()
+            waited = node.wake_at is not None  # it was given a turn: it queues no more
+            decision = rate_limits.decide(rate, bucket, now=now, waited=waited)
+            sql_rate_limits.save_bucket(conn, flow_name, step_name, decision.bucket)
+            if isinstance(decision, rate_limits.Take):
+                if waited:  # it waits no more
+                    conn.execute(self._fenced(lease).values(wake_at=None))
+                return True
+            # The write's run_after counts from the clock it is written with.
+            fate = parking.park(flow_row.status, now=fate_now, until=decision.until)
+            # No attempt is left behind in fs_attempts: the step never started.
+            waiting = self._fenced(lease).values(wake_at=decision.until)
+            status = self._carry_out(conn, waiting, flow_row, fate, None)
             return None if status is None else Parked(decision.until, status)
 
         return self._transact(work)

@@ -116,6 +116,11 @@ class Dialect(ABC):
         """The database clock, in seconds since the epoch (UTC, whatever the time zones)."""
         return self._now
 
+    def clock(self) -> sa.ColumnElement[float]:
+        """The database clock when the statement starts, not when its transaction did
+        (PostgreSQL's now()): for a decision made after waiting for a lock."""
+        return self._now
+
     def greatest(self, *values: Any) -> sa.ColumnElement[float]:
         """The largest of the values."""
         return sa.func.greatest(*values, type_=sa.Double())

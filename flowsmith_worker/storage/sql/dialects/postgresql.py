@@ -53,6 +53,12 @@ class PostgresDialect(Dialect):
     _now: ClassVar[sa.ColumnElement[float]] = sa.cast(
         sa.func.extract("epoch", sa.func.now()), sa.Double
     )
+    _clock: ClassVar[sa.ColumnElement[float]] = sa.cast(
+        sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Double
+    )
+
+    def clock(self) -> sa.ColumnElement[float]:
+        return self._clock
 
     def insert_if_absent(self, table: sa.Table) -> Any:
         return postgresql.insert(table).on_conflict_do_nothing()

@@ -1,0 +1,198 @@
+"""Rate limits of steps (Flow.step(rate_limit=...), @step(rate_limit=...)), on every backend.
+
+The bucket is a row taken under its lock by the database clock (see
+flowsmith_worker/rate_limits.py): these tests drive real Worker loops in threads
+and read the stored rows. The race across several `flowsmith worker` processes
+is in tests/integration/test_rate_limit_processes.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from flowsmith_worker import Flow, InMemoryStorage, NodeStatus, Worker
+from flowsmith_worker.decorators import step, workflow
+from flowsmith_worker.records import ClaimedNode
+from flowsmith_worker.storage.base import Storage
+from tests.conftest import eventually
+from tests.support.rate_limits import (
+    POLL,
+    SLACK,
+    completed,
+    over_the_limit,
+    steps_of,
+    turn_until,
+    waiting,
+)
+
+Names = Callable[[str], str]
+
+
+def test_a_rate_limited_step_starts_no_faster_than_its_bucket_and_every_run_completes(
+    storage: Storage, unique: Names
+) -> None:
+    """12 runs of a step limited to 3/s, claimed by 2 worker loops of 8 slots each:
+    the journal of starts never has more in a window than the bucket allows (3 at
+    once, then one every 1/3 s), the refused starts waited PENDING as RATE_LIMITED
+    (no slot held), and every run completes."""
+    journal: list[float] = []
+    limited = Flow(unique("limited"), storage=storage).step(
+        "call_api", lambda ctx: journal.append(time.time()), rate_limit="3/s"
+    )
+    runs = [limited.run({}, tracking_id=unique("r")).tracking_id for _ in range(12)]
+    seen_waiting = _run_workers(storage, runs, loops=2, concurrency=8)
+
+    assert len(journal) == 12
+    assert not over_the_limit(journal, 3, 1.0)
+    assert seen_waiting, "no start was ever refused a token"
+    # 12 starts at 3/s with a burst of 3 take at least 3 s.
+    assert max(journal) - min(journal) >= 3 - SLACK
+
+
+def test_each_attempt_of_a_retried_step_is_a_start(storage: Storage, unique: Names) -> None:
+    """A step limited to 1/s that fails twice before it succeeds (no backoff): its
+    three attempts are three starts, each taking a token, so they span 2 s at least."""
+    journal: list[float] = []
+
+    def flaky(ctx: Any) -> str:
+        journal.append(time.time())
+        if len(journal) < 3:
+            raise RuntimeError("try again")
+        return "done"
+
+    flaky_flow = Flow(unique("flaky"), storage=storage).step(
+        "call_api", flaky, retries=2, backoff=0, rate_limit="1/s"
+    )
+    tid = unique("r")
+    flaky_flow.run({}, tracking_id=tid)
+    worker = Worker(storage=storage, poll_interval=POLL)
+    turn_until(worker, lambda: completed(storage, [tid]))
+    assert len(journal) == 3
+    assert journal[2] - journal[0] >= 2 - SLACK, "a retry started without its token"
+
+
+def test_the_decorator_api_takes_a_rate_limit_that_limits_its_own_step_only(
+    storage: Storage, unique: Names
+) -> None:
+    """@step(rate_limit="1/h") limits its own step only: the first run's start takes the
+    one token of the hour; a second run's start of that step waits (RATE_LIMITED, due
+    within the hour), while the unlimited step before it ran for both."""
+    ran: list[str] = []
+
+    @workflow(unique("decorated"), storage=storage)
+    def decorated() -> None:
+        @step
+        def free(ctx: Any) -> None:
+            ran.append("free")
+
+        @step(rate_limit="1/h")
+        def scarce(ctx: Any) -> None:
+            ran.append("scarce")
+
+    first, second = unique("first"), unique("second")
+    decorated({}, tracking_id=first)
+    worker = Worker(storage=storage, poll_interval=POLL)
+    turn_until(worker, lambda: completed(storage, [first]))
+    decorated({}, tracking_id=second)
+    turn_until(worker, lambda: steps_of(storage, second).get("scarce") is not None)
+    turn_until(worker, lambda: waiting(storage, [second]))
+    node = steps_of(storage, second)["scarce"]
+    assert node.status == NodeStatus.PENDING
+    assert ran == ["free", "scarce", "free"]
+    assert node.wake_at is not None
+    assert node.run_after == pytest.approx(node.wake_at, abs=1.0)  # due at its turn
+    now = time.time()
+    assert now < node.wake_at <= now + 3600 + SLACK
+
+
+def test_a_cancelled_run_waiting_for_its_rate_limit_ends(storage: Storage, unique: Names) -> None:
+    """A run whose limited step waits for its turn is cancelled: the node ends
+    CANCELLED and never starts."""
+    ran: list[str] = []
+    limited = Flow(unique("limited"), storage=storage).step(
+        "scarce", lambda ctx: ran.append("x"), rate_limit="1/h"
+    )
+    first, second = unique("first"), unique("second")
+    limited.run({}, tracking_id=first)
+    limited.run({}, tracking_id=second)
+    worker = Worker(storage=storage, poll_interval=POLL)
+    turn_until(worker, lambda: len(ran) == 1 and waiting(storage, [first, second]))
+    refused = first if waiting(storage, [first]) else second
+    storage.cancel_flow(tracking_id=refused)
+    assert steps_of(storage, refused)["scarce"].status == NodeStatus.CANCELLED
+    assert ran == ["x"]
+
+
+def _run_workers(storage: Storage, runs: list[str], *, loops: int, concurrency: int) -> bool:
+    """Run ``loops`` Worker loops in threads until every run completes; whether any
+    limited node was seen waiting for its turn meanwhile."""
+    stop = threading.Event()
+    workers = [
+        Worker(storage=storage, concurrency=concurrency, poll_interval=POLL) for _ in range(loops)
+    ]
+
+    def loop(worker: Worker) -> None:
+        while not stop.is_set():
+            worker.run_once()
+            time.sleep(POLL)
+
+    threads = [threading.Thread(target=loop, args=(w,), daemon=True) for w in workers]
+    for thread in threads:
+        thread.start()
+    seen_waiting = False
+
+    def all_done() -> bool:
+        nonlocal seen_waiting
+        seen_waiting = seen_waiting or waiting(storage, runs)
+        return all(completed(storage, [tid]) for tid in runs)
+
+    try:
+        eventually(all_done, timeout=30, interval=0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    return seen_waiting
+
+
+class ClaimsSeen(InMemoryStorage):
+    """An in-memory storage that remembers which steps its claims handed out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claimed: list[str] = []
+
+    def claim_nodes(
+        self, *, worker_id: str, limit: int, lease_seconds: float, queues: Sequence[str]
+    ) -> list[ClaimedNode]:
+        found = super().claim_nodes(
+            worker_id=worker_id, limit=limit, lease_seconds=lease_seconds, queues=queues
+        )
+        self.claimed += [node.step_name for node in found]
+        return found
+
+
+def test_a_limited_step_chained_after_the_one_before_takes_a_token_too(unique: Names) -> None:
+    """A limited step after a plain one is leased by that step's commit (chained, never
+    claimed): it still takes its token. The second run's limited step is refused and
+    waits, and no claim ever handed out the limited step."""
+    storage = ClaimsSeen()
+    ran: list[str] = []
+    chain = (
+        Flow(unique("chain"), storage=storage)
+        .step("free", lambda ctx: None)
+        .step("scarce", lambda ctx: ran.append(ctx.tracking_id), rate_limit="1/h")
+    )
+    first, second = unique("first"), unique("second")
+    chain.run({}, tracking_id=first)
+    chain.run({}, tracking_id=second)
+    worker = Worker(storage=storage, concurrency=1, poll_interval=POLL)
+    turn_until(worker, lambda: completed(storage, [first]) and waiting(storage, [second]))
+    assert ran == [first]
+    assert "scarce" not in storage.claimed, "the limited step was claimed, not chained"
+    storage.close()
