@@ -241,9 +241,15 @@ def cut_short(expected: NodeEnd, start: NodeEnd = NOT_STARTED) -> list[NodeEnd]:
     made = len(start.attempts)
     ends = [expected, replace(start, status=NodeStatus.CANCELLED)]
     if AttemptOutcome.PARKED in expected.attempts[made:]:
-        # A sleep or a wait stopped while parked (its run failed meanwhile).
+        # A sleep or a wait stopped while parked, or claimed to park as its run failed
+        # (a run that is over parks nothing: the attempt ends CANCELLED).
         parked = (*start.attempts, AttemptOutcome.PARKED)
-        return [*ends, NodeEnd(NodeStatus.CANCELLED, start.attempt + 1, parked)]
+        claimed = (*start.attempts, AttemptOutcome.CANCELLED)
+        return [
+            *ends,
+            NodeEnd(NodeStatus.CANCELLED, start.attempt + 1, parked),
+            NodeEnd(NodeStatus.CANCELLED, start.attempt + 1, claimed),
+        ]
     # After each failed attempt of this run but its last:
     for attempt in range(start.attempt + 1, expected.attempt):
         before = expected.attempts[: made + attempt - start.attempt]
