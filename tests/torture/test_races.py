@@ -617,3 +617,70 @@ def test_send_event_racing_the_parking_of_its_wait_and_a_cancel_leaves_one_consi
         end = assert_consistent(storage, tid)
         assert end == FlowStatus.CANCELLED, end  # the cancel always finds the run running
         check_no_event_lost(sent, cancel, end)
+
+
+TIMEOUT = 0.01  # of the waits below, in seconds
+
+
+def timed_out_wait(storage: Storage, tracking_id: str) -> ClaimedNode:
+    """The run's wait for APPROVAL parked with a timeout of TIMEOUT, then claimed again
+    once the timeout has run out (by the database clock), before it looks again."""
+    first = claim(storage, tracking_id)
+    parked = storage.park_node(lease=first.lease, event=APPROVAL, seconds=TIMEOUT, until=None)
+    assert parked is not None and not isinstance(parked, Woken), parked
+    return eventually(lambda: next(iter(claim_any(storage)), None), interval=TIMEOUT)
+
+
+def claim_any(storage: Storage) -> list[ClaimedNode]:
+    return storage.claim_nodes(worker_id="w", limit=10, lease_seconds=60, queues=["default"])
+
+
+def test_an_event_for_a_wait_that_timed_out_is_refused_not_lost(
+    storage: Storage, unique: Names
+) -> None:
+    """Regression (found writing the races below): a wait with on_timeout=<value> that
+    timed out completed with that value while its run went on; an event sent then was
+    accepted (delivered=True) and never used: lost silently. It is refused now, saying
+    the wait is over, and the run keeps the value its wait completed with."""
+    storage.enqueue_flow(flow=raw_flow(tid := unique("t"), (WAIT,), TWO_STEPS[1]))
+    wait = timed_out_wait(storage, tid)
+    woken = storage.park_node(lease=wait.lease, event=APPROVAL, seconds=TIMEOUT, until=None)
+    assert isinstance(woken, Woken) and not woken.by_event, woken  # its time has come
+    assert storage.complete_node(lease=wait.lease, output="the default")
+    try:
+        with pytest.raises(EventRefused, match="is over"):
+            send_event(tid, APPROVAL, "too late", storage=storage)
+    finally:
+        work_off(storage, tid)  # the run's next step: no leftover for the next test
+    assert nodes_of(storage, tid)[APPROVAL].output == "the default"
+
+
+def test_send_event_racing_the_timeout_of_its_wait_is_consumed_or_refused(
+    storage: Storage, unique: Names
+) -> None:
+    """A wait whose timeout has just run out is claimed and looks for its event
+    (park_node) while a sender sends it: the wait sees the event (its payload is the
+    output) or ends by its timeout, and then the event is refused; never accepted and
+    left unused."""
+    for round_no in range(ROUNDS):
+        storage.enqueue_flow(flow=raw_flow(tid := unique("t"), (WAIT,), TWO_STEPS[1]))
+        wait = timed_out_wait(storage, tid)
+        looked, sent = race(
+            round_no,
+            timed(
+                functools.partial(
+                    storage.park_node, lease=wait.lease, event=APPROVAL, seconds=TIMEOUT, until=None
+                )
+            ),
+            sender(storage, tid, {"round": round_no}),
+        )
+        assert isinstance(looked.result, Woken), looked
+        by_event = looked.result.by_event
+        output = json.loads(looked.result.event_payload or '"the default"')
+        assert storage.complete_node(lease=wait.lease, output=output)
+        work_off(storage, tid)
+        if by_event:
+            assert sent.ok() and sent.result.delivered and output == {"round": round_no}
+        else:
+            assert isinstance(sent.result, EventRefused), sent
+            assert output == "the default"
