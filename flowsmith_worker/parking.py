@@ -34,9 +34,9 @@ waits afresh.
 Shown: `flowsmith status` says SLEEPING or AWAITING_EVENT with the wake time
 as due; run.trace() has ``NodeRecord.wake_at`` and the PARKED attempts.
 
-Not yet (next): the torture model (tests/torture/model.py) knows no parked
-step; the dashboard shows a parked node as PENDING; each parking gives its
-attempt back, so ATTEMPTS reads 1/2 for a step parked once.
+Not yet (next): the dashboard shows a parked node as PENDING; each parking
+gives its attempt back, so ATTEMPTS reads 1/2 for a step parked once. (The
+torture suite's model, model checker and chaos run know parked steps.)
 
 Must never do I/O (as progress.py): every input is a plain value.
 """
