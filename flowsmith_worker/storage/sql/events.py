@@ -5,7 +5,8 @@ parking.py): the event is inserted into fs_events, keyed by (run, name), and a
 wait of that name parked now is made due at once. A wait not reached yet finds
 the event when it is. An idempotency key that already sent the event makes a
 second send a no-op, whatever the run has become since (a sender that lost the
-answer can send again).
+answer can send again). A wait that timed out and went on (or is being ended by
+its timeout) refuses an event: it would be accepted and never used.
 
 Must never complete a node itself: the woken wait is claimed and completed by
 a worker, through the fenced write of any step.
