@@ -175,11 +175,13 @@ def agree(attempt: AttemptRecord, call: Call, record: Record) -> list[str]:
 
     A call whose worker was lost (SIGKILLed, or its lease lapsed in a database
     outage) has no outcome of its own: the engine records it RESCUED, or
-    CANCELLED when its run was over by the time the rescue came."""
+    CANCELLED when its run was over by the time the rescue came. A subflow's
+    start that finds its run over (a sibling failed it) starts no child: CANCELLED."""
     lost = call.pid in record.sigkilled or lease_could_lapse(call, attempt, record)
     if attempt.outcome in LOST:
         released = attempt.outcome is AttemptOutcome.RELEASED and call.pid in record.sigtermed
-        if lost or released:
+        no_child = attempt.outcome is AttemptOutcome.CANCELLED and call.result == CHILD_STARTED
+        if lost or released or no_child:
             return []
         return [f"{attempt.outcome} though its worker {call.pid} was not lost"]
     if call.end is None:

@@ -17,10 +17,10 @@ import pytest
 from flowsmith_worker.records import AttemptRecord, NodeRecord
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from tests.torture import model
-from tests.torture.chaos import Database, Settings, play
-from tests.torture.chaos_check import check_round
+from tests.torture.chaos import Database, Record, Settings, play
+from tests.torture.chaos_check import Call, check_node, check_round
 from tests.torture.chaos_events import EVENTS_FILE, check_sleep, check_wait
-from tests.torture.chaos_flows import SLEEP, WAIT
+from tests.torture.chaos_flows import CHILD_STARTED, SLEEP, WAIT
 
 SEED = 20261201
 WAIT_NAME = "s1_1"
@@ -128,3 +128,17 @@ def test_a_calm_round_sends_every_kind_of_event(tmp_path: Path) -> None:
         (model.LATE, model.REFUSED_OVER),
     ]:
         assert answers[seen], (seen, answers)
+
+
+def test_a_subflow_start_finding_its_run_over_is_no_lost_worker() -> None:
+    """Regression (found by the chaos run with events, seed 485654983, PostgreSQL; not
+    about events): a subflow step's start ran (journaled "child started") while a
+    sibling failed the run, so start_subflow started no child and ended the attempt
+    CANCELLED with its worker alive. The check took it for a lost worker's attempt."""
+    start = AttemptRecord(1, 1, "s3_0", 1, "w", 0.0, 0.2, AttemptOutcome.CANCELLED, None)
+    trace = replace(node("s3_0", None, None), status=NodeStatus.CANCELLED, attempts=(start,))
+    calls = {("r", "s3_0", 1): [Call(100, 0.0, 0.1, CHILD_STARTED)]}
+    assert check_node(trace, calls, Record()) == []
+    # A plain step's call that completed is no such case: still reported.
+    plain = {("r", "s3_0", 1): [Call(100, 0.0, 0.1, "completed")]}
+    assert check_node(trace, plain, Record()) != []
