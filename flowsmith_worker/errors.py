@@ -299,6 +299,14 @@ class EventRefused(Refused):
         )
 
     @classmethod
+    def wait_over(cls, tracking_id: str, name: str) -> EventRefused:
+        return cls(
+            f"event {name!r} not sent: the wait_for step {name!r} of run {tracking_id!r} is "
+            "over (it timed out and went on without one); an event is taken only while "
+            "its wait waits, or before the run gets there"
+        )
+
+    @classmethod
     def already_sent(cls, tracking_id: str, name: str) -> EventRefused:
         return cls(
             f"event {name!r} not sent: run {tracking_id!r} already has one (a wait takes one "

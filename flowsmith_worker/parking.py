@@ -35,9 +35,9 @@ Shown: `flowsmith status` and the dashboard say SLEEPING or AWAITING_EVENT
 (``parked_as``) with the wake time (``wakes_at``); run.trace() has
 ``NodeRecord.wake_at`` and the PARKED attempts.
 
-Not yet (next): the torture model (tests/torture/model.py) knows no parked
-step; each parking gives its attempt back, so ATTEMPTS reads 1/2 for a step
-parked once.
+Not yet (next): each parking gives its attempt back, so ATTEMPTS reads 1/2 for
+a step parked once. (The torture suite's model, model checker and chaos run
+know parked steps.)
 
 Must never do I/O (as progress.py): every input is a plain value.
 """

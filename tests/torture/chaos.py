@@ -40,13 +40,16 @@ from flowsmith_worker.storage.base import FlowStatus, Storage
 from tests.servers import LocalServer, start_mariadb, start_postgres
 from tests.servers.admin import kill_mysql_sessions
 from tests.support.outage import crash_and_restart, durable_commits
+from tests.torture.chaos_events import EVENTS_FILE, EventSender, waits_of
 from tests.torture.chaos_flows import (
     JOURNAL_ENV,
+    PARKED_SHARE,
     PLAN_ENV,
     FlowPlan,
     StepPlan,
     StepScript,
     build_all,
+    parked_step,
     save_plans,
 )
 from tests.worker_process import WorkerProcess
@@ -136,6 +139,8 @@ def make_stages(
             child = rng.choice(subflows)
             condition = rng.choice([None, None, *keys])
             stage[0] = StepPlan(stage[0].name, 0, condition, False, child=child)
+        if subflows and stage[-1].child is None and rng.random() < PARKED_SHARE:
+            stage[-1] = parked_step(rng, stage[-1].name)
         stages.append(tuple(stage))
         keys += [step.name for step in stage]
     return tuple(stages)
@@ -362,6 +367,8 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
             run = flows[plan.name].run(data, tracking_id=f"{prefix}{number}")
             runs[run.tracking_id] = (plan.name, data)
         record = Record()
+        events = workdir / EVENTS_FILE
+        sender = EventSender(database.url, waits_of(runs, by_name), events, settings.seed).start()
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         env.update({PLAN_ENV: str(plan_path), JOURNAL_ENV: str(journal)})
         crew = Crew(workdir, database, env, settings.workers)
@@ -373,6 +380,7 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
                 time.sleep(rng.uniform(0.2, 1.5))
                 chaos_step(rng, database, crew, record)
             wait_all_over(storage, prefix)
+            sender.finish()
             crew.stop()
         finally:
             crew.cleanup()

@@ -40,6 +40,7 @@ from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus, Storage
 from tests.torture import model
 from tests.torture.chaos import Record, Round
+from tests.torture.chaos_events import EVENTS_FILE, check_events, parked_shape
 from tests.torture.chaos_flows import CHILD_STARTED, FlowPlan, StepPlan, StepScript
 from tests.torture.engine import Observed, scheduled_failure
 from tests.torture.model import FlowShape, NodeEnd, StepShape
@@ -89,6 +90,9 @@ def check_round(played: Round, url: str) -> list[str]:
             plan = played.plans[flow_name]
             judged = check_run(storage, played.plans, plan, tracking_id, calls, played.record)
             problems += [f"{tracking_id}: {p}" for p in judged.problems]
+        problems += check_events(
+            played.journal.parent / EVENTS_FILE, played.runs, played.plans, storage
+        )
     finally:
         storage.close()
     return problems
@@ -132,11 +136,13 @@ def check_run(
             child = check_run(storage, plans, plans[step.child], child_id, calls, record)
             children[step.name] = child
             problems += [f"its child {child_id}: {p}" for p in child.problems]
+    parked = {step.name for step in plan.steps() if step.parks}
     for node in nodes.values():
         if node.status in LEFT_OVER:
             problems.append(f"{node.step_name} left {node.status} in a run that is over")
         own = {k: v for k, v in calls.items() if k[:2] == (tracking_id, node.step_name)}
-        problems += [f"{node.step_name}: {p}" for p in check_node(node, own, record)]
+        if node.step_name not in parked:  # a sleep or a wait calls nothing to journal
+            problems += [f"{node.step_name}: {p}" for p in check_node(node, own, record)]
     ran = Ran(flow.input, status, nodes, final, flow.error)
     judged = check_model(plan, ran, calls, tracking_id, children)
     return Judged(problems + judged.problems, judged.expected, judged.counted)
@@ -169,11 +175,13 @@ def agree(attempt: AttemptRecord, call: Call, record: Record) -> list[str]:
 
     A call whose worker was lost (SIGKILLed, or its lease lapsed in a database
     outage) has no outcome of its own: the engine records it RESCUED, or
-    CANCELLED when its run was over by the time the rescue came."""
+    CANCELLED when its run was over by the time the rescue came. A subflow's
+    start that finds its run over (a sibling failed it) starts no child: CANCELLED."""
     lost = call.pid in record.sigkilled or lease_could_lapse(call, attempt, record)
     if attempt.outcome in LOST:
         released = attempt.outcome is AttemptOutcome.RELEASED and call.pid in record.sigtermed
-        if lost or released:
+        no_child = attempt.outcome is AttemptOutcome.CANCELLED and call.result == CHILD_STARTED
+        if lost or released or no_child:
             return []
         return [f"{attempt.outcome} though its worker {call.pid} was not lost"]
     if call.end is None:
@@ -301,7 +309,12 @@ def check_model(
     scripts = {name: StepScript.from_json(s) for name, s in data["script"].items()}
     shape = FlowShape(
         tuple(
-            tuple(effective_step(s, scripts, counted[s.name], children) for s in stage)
+            tuple(
+                parked_shape(s, ran.nodes.get(s.name))
+                if s.parks
+                else effective_step(s, scripts, counted[s.name], children)
+                for s in stage
+            )
             for stage in plan.stages
         ),
         data,

@@ -4,6 +4,9 @@ The driver builds them to enqueue runs; every `flowsmith worker` process loads
 this module (``flowsmith worker tests.torture.chaos_flows``) and builds the same
 flows from the same plan, a JSON file named by $FS_CHAOS_PLAN.
 
+A sleep or a wait for an event (StepPlan.kind) calls no function: the driver's
+EventSender (tests/torture/chaos_events.py) sends the waits' events.
+
 A run's failures are scripted in its own input (``ctx.data["script"]``: per
 step, which attempt numbers raise, hang past the step's timeout or are slow),
 so each run's end is predictable whatever the chaos does. Each call of a step
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -41,6 +45,10 @@ MAX_RESCUES = 1000
 CHILD_STARTED = "child started"
 STEP_TIMEOUT = 1.0  # of the async steps that may hang
 HANG_SECONDS = 3 * STEP_TIMEOUT
+# StepPlan.kind: a step calling its function, a durable sleep, a wait for an event.
+STEP, SLEEP, WAIT = "step", "sleep", "wait"
+SLEEP_SECONDS = (0.0, 0.3, 1.0)  # none (over at once), or long enough to be caught asleep
+PARKED_SHARE = 0.25  # of a parent flow's steps
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,20 @@ class StepPlan:
     condition: str | None  # a key of ctx.data that must be truthy
     is_async: bool  # async steps have a timeout, which a scripted hang trips
     child: str | None = None  # a subflow step: the name of its child flow's plan
+    kind: str = STEP  # SLEEP: of ``seconds``; WAIT: for the event of its name
+    seconds: float = 0.0
+
+    @property
+    def parks(self) -> bool:
+        return self.kind != STEP
+
+
+def parked_step(rng: random.Random, name: str) -> StepPlan:
+    """A sleep (of no time, or long enough for the chaos to catch it asleep) or a wait
+    for its event, with no timeout: the run ends only once EventSender sent it."""
+    if rng.random() < 0.5:
+        return StepPlan(name, 0, None, False, kind=SLEEP, seconds=rng.choice(SLEEP_SECONDS))
+    return StepPlan(name, 0, None, False, kind=WAIT)
 
 
 @dataclass(frozen=True)
@@ -209,6 +231,12 @@ def build(
 def add_step(
     flow: Flow, step: StepPlan, journal: Journal | None, flows: Mapping[str, Flow]
 ) -> None:
+    if step.kind == SLEEP:
+        flow.sleep(step.name, seconds=step.seconds)
+        return
+    if step.kind == WAIT:
+        flow.wait_for(step.name)
+        return
     if step.child is not None:
         start = subflow_start(step, flows[step.child], journal)
         condition = condition_function(step)

@@ -24,7 +24,13 @@ The rules, as the README and progress.py state them:
   their own course (a sibling still queued is stopped, one running finishes
   its attempt), and no later stage runs (see ``cut_short``);
 * a retry of a FAILED run runs its FAILED and stopped nodes again, attempt
-  numbers counting on, each with its allowance of attempts afresh.
+  numbers counting on, each with its allowance of attempts afresh;
+* a sleep or a wait for an event (``SleepShape``, ``WaitShape``) calls no
+  function: it parks (an attempt ended PARKED, given back) unless it is over at
+  once (a sleep of no time, an event sent before the run got there), then
+  completes with None (a sleep), the event's payload, or its ``on_timeout``
+  value; a wait that times out with ``on_timeout="fail"`` fails its run, and
+  its retry waits afresh (``parked_fate``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,39 @@ from typing import Any
 
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 
+# When the driver (engine.py) sends a wait's event: before the run reaches it (right
+# after enqueuing it), once the wait has parked, or never (the wait times out).
+BEFORE, ONCE_PARKED, NEVER = "before", "once parked", "never"
+# A wait's on_timeout that fails it (as flowsmith_worker.flow.FAIL).
+FAIL = "fail"
+# Why the driver sends an event: the first send, the same again (with the first one's
+# idempotency key, or with none), or one to the run once it is over.
+FIRST, AGAIN_SAME_KEY, AGAIN_NO_KEY, LATE = "first", "again, same key", "again, no key", "late"
+# What send_event answered: delivered (and woke a parked wait, or not), delivered
+# nothing (the same idempotency key), or refused (EventRefused) for either reason.
+DELIVERED, WOKE, NOT_DELIVERED = "delivered", "delivered and woke", "not delivered"
+REFUSED_SENT, REFUSED_OVER = "refused: already sent", "refused: run over"
+
+
+@dataclass(frozen=True)
+class SleepShape:
+    """A ``flow.sleep``: of ``seconds`` (0: its time has come already), given as
+    ``until=`` (a callable of ctx) rather than ``seconds=`` if ``by_until``."""
+
+    seconds: float
+    by_until: bool = False
+
+
+@dataclass(frozen=True)
+class WaitShape:
+    """A ``flow.wait_for``: when its event is sent, whether it is sent twice (``again``:
+    AGAIN_SAME_KEY, AGAIN_NO_KEY or None), its timeout and its on_timeout."""
+
+    event: str = ONCE_PARKED  # BEFORE, ONCE_PARKED or NEVER
+    again: str | None = None
+    timeout: float | None = None  # a NEVER wait has one, or it would wait for ever
+    on_timeout: Any = FAIL
+
 
 @dataclass(frozen=True)
 class StepShape:
@@ -44,6 +83,14 @@ class StepShape:
     condition: str | None = None  # runs only if ctx.data[condition] is truthy
     # Its function and condition are ``async def``: the same semantics, another path.
     is_async: bool = False
+    # A sleep or a wait for an event (then no retries, no failures, no condition).
+    sleep: SleepShape | None = None
+    wait: WaitShape | None = None
+
+    @property
+    def parks(self) -> bool:
+        """A sleep or a wait: a step that calls no function of the application."""
+        return self.sleep is not None or self.wait is not None
 
     @property
     def max_attempts(self) -> int:
@@ -89,6 +136,28 @@ def output_of(attempt: int, data: Mapping[str, Any]) -> dict[str, Any]:
     return {"attempt": attempt, "saw": sorted(data)}
 
 
+def payload_of(wait_name: str, why: str = FIRST) -> dict[str, Any]:
+    """The payload the driver sends to the wait ``wait_name`` (a send again carries
+    another payload, which must never become the step's output)."""
+    return {"event": wait_name, "sent": why}
+
+
+def answer_to(wait: WaitShape, why: str) -> str:
+    """What send_event answers the driver's send ``why`` to a wait shaped ``wait``.
+
+    A first send before the run reaches the wait is kept (it wakes nothing); once the
+    wait has parked, it wakes it. A send again is a no-op with the first one's key,
+    refused without it; a send to a run that is over is refused.
+    """
+    if why == LATE:
+        return REFUSED_OVER
+    if why == AGAIN_SAME_KEY:
+        return NOT_DELIVERED
+    if why == AGAIN_NO_KEY:
+        return REFUSED_SENT
+    return DELIVERED if wait.event == BEFORE else WOKE
+
+
 DONE = frozenset({NodeStatus.COMPLETED, NodeStatus.SKIPPED})
 NOT_STARTED = NodeEnd(NodeStatus.CANCELLED, 0, ())  # also a node stopped before its first attempt
 
@@ -102,6 +171,8 @@ def fate(step: StepShape, data: Mapping[str, Any], start: NodeEnd = NOT_STARTED)
     """
     if start.status in DONE:
         return start
+    if step.parks:
+        return parked_fate(step, start)
     first = start.attempt + 1
     if step.condition is not None and not data.get(step.condition):
         return NodeEnd(NodeStatus.SKIPPED, first, (*start.attempts, AttemptOutcome.SKIPPED))
@@ -113,6 +184,25 @@ def fate(step: StepShape, data: Mapping[str, Any], start: NodeEnd = NOT_STARTED)
             return NodeEnd(NodeStatus.COMPLETED, attempt, done, output_of(attempt, data))
     every = (*start.attempts, *(AttemptOutcome.FAILED,) * step.max_attempts)
     return NodeEnd(NodeStatus.FAILED, last, every)
+
+
+def parked_fate(step: StepShape, start: NodeEnd = NOT_STARTED) -> NodeEnd:
+    """How a sleep or a wait ends from ``start``: parked first (an attempt PARKED) unless
+    it is over when first claimed, then completed, or failed by its timeout."""
+    over_at_once = (step.sleep is not None and step.sleep.seconds == 0) or (
+        step.wait is not None and step.wait.event == BEFORE
+    )
+    parked = () if over_at_once else (AttemptOutcome.PARKED,)
+    status, output = NodeStatus.COMPLETED, None
+    if step.wait is not None and step.wait.event == NEVER:
+        if step.wait.on_timeout == FAIL:
+            status = NodeStatus.FAILED
+        output = None if status is NodeStatus.FAILED else step.wait.on_timeout
+    elif step.wait is not None:
+        output = payload_of(step.name)
+    last = AttemptOutcome.COMPLETED if status is NodeStatus.COMPLETED else AttemptOutcome.FAILED
+    attempts = (*start.attempts, *parked, last)
+    return NodeEnd(status, start.attempt + len(parked) + 1, attempts, output)
 
 
 def run(shape: FlowShape, start: Mapping[str, NodeEnd] | None = None) -> RunEnd:
@@ -129,7 +219,10 @@ def run(shape: FlowShape, start: Mapping[str, NodeEnd] | None = None) -> RunEnd:
         if any(end.status is NodeStatus.FAILED for end in ends.values()):
             return RunEnd(FlowStatus.FAILED, data, nodes, failed_stage=index, start=start)
         # Outputs join ctx.data only once the whole stage is done: siblings never see them.
-        data.update({name: end.output for name, end in ends.items() if end.output is not None})
+        # A sleep's None is an output too; a skipped step leaves none.
+        data.update(
+            {name: end.output for name, end in ends.items() if end.status is NodeStatus.COMPLETED}
+        )
     return RunEnd(FlowStatus.COMPLETED, data, nodes, start=start)
 
 
@@ -147,6 +240,16 @@ def cut_short(expected: NodeEnd, start: NodeEnd = NOT_STARTED) -> list[NodeEnd]:
         return [expected]
     made = len(start.attempts)
     ends = [expected, replace(start, status=NodeStatus.CANCELLED)]
+    if AttemptOutcome.PARKED in expected.attempts[made:]:
+        # A sleep or a wait stopped while parked, or claimed to park as its run failed
+        # (a run that is over parks nothing: the attempt ends CANCELLED).
+        parked = (*start.attempts, AttemptOutcome.PARKED)
+        claimed = (*start.attempts, AttemptOutcome.CANCELLED)
+        return [
+            *ends,
+            NodeEnd(NodeStatus.CANCELLED, start.attempt + 1, parked),
+            NodeEnd(NodeStatus.CANCELLED, start.attempt + 1, claimed),
+        ]
     # After each failed attempt of this run but its last:
     for attempt in range(start.attempt + 1, expected.attempt):
         before = expected.attempts[: made + attempt - start.attempt]

@@ -10,12 +10,15 @@ release:
 
     FLOWSMITH_RACE_ROUNDS=500 .venv/bin/python -m pytest tests/torture/test_races.py --timeout=0
 
-``send_event`` racing a run's completion belongs here once it exists (issue 14).
+Section 6 races ``send_event`` (issue 14) with a cancel, a retry and the parking of
+the wait: every event is either consumed by its run or refused (EventRefused),
+never accepted after the run was cancelled.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
 import subprocess
@@ -24,14 +27,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from flowsmith_worker import Flow, FlowRun, FlowStatus, NodeStatus
-from flowsmith_worker.errors import FlowAlreadyCompleted, RunNotCancellable, RunNotRetryable
-from flowsmith_worker.plan import Plan, PlannedStep
+from flowsmith_worker import Flow, FlowRun, FlowStatus, NodeStatus, send_event
+from flowsmith_worker.errors import (
+    EventRefused,
+    FlowAlreadyCompleted,
+    RunNotCancellable,
+    RunNotRetryable,
+)
+from flowsmith_worker.plan import WAIT_FOR_EVENT, Plan, PlannedStep
 from flowsmith_worker.storage import InMemoryStorage, create_storage
 from flowsmith_worker.storage.base import (
     AttemptOutcome,
@@ -42,6 +51,7 @@ from flowsmith_worker.storage.base import (
     NewFlow,
     NodeRecord,
     Storage,
+    Woken,
 )
 from flowsmith_worker.storage.sql import SqlStorage, migrations, schema
 from tests.conftest import database_url, eventually
@@ -452,3 +462,225 @@ def test_a_step_completing_as_its_lease_expires_is_counted_once(
     finally:
         if rival is not storage:
             rival.close()
+
+
+# -- 6. send_event racing a cancel, a retry and the parking of its wait --------------
+
+APPROVAL = "approval"
+WAIT = PlannedStep(APPROVAL, 1, kind=WAIT_FOR_EVENT)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """What a racer returned or raised, and when its call began and ended (monotonic)."""
+
+    result: Any
+    began: float
+    ended: float
+
+    def ok(self) -> bool:
+        return not isinstance(self.result, Exception)
+
+    def before(self, other: Timed) -> bool:
+        """Certainly ordered before ``other``: it returned before the other began."""
+        return self.ended < other.began
+
+
+def timed(call: Callable[[], Any]) -> Callable[[], Timed]:
+    def run() -> Timed:
+        began = time.monotonic()
+        try:
+            result = call()
+        except Exception as exc:
+            result = exc
+        return Timed(result, began, time.monotonic())
+
+    return run
+
+
+def sender(storage: Storage, tracking_id: str, payload: Any) -> Callable[[], Timed]:
+    return timed(functools.partial(send_event, tracking_id, APPROVAL, payload, storage=storage))
+
+
+def work_off(storage: Storage, tracking_id: str) -> Any:
+    """The worker's side: run what is runnable of the run, a wait as the executor does
+    (park_node: woken by its event, it completes with the payload; else it stays
+    parked). The wait's output (decoded), or None if it has none yet."""
+    while claimed := storage.claim_nodes(
+        worker_id="w", limit=10, lease_seconds=60, queues=["default"]
+    ):
+        for node in claimed:
+            assert node.tracking_id == tracking_id, node
+            if node.step_name != APPROVAL:
+                finish_chained(storage, node.lease, node.step_name)
+                continue
+            answer = storage.park_node(lease=node.lease, event=APPROVAL, seconds=None, until=None)
+            if isinstance(answer, Woken):
+                assert answer.by_event and answer.event_payload is not None, answer
+                payload = json.loads(answer.event_payload)
+                assert storage.complete_node(lease=node.lease, output=payload)
+    return nodes_of(storage, tracking_id)[APPROVAL].output
+
+
+def check_no_event_lost(sent: Timed, cancel: Timed, end: FlowStatus) -> None:
+    """An event accepted for a run that a cancel had ended already would be lost
+    silently: send_event must refuse it. (Two calls that overlapped in time may have
+    taken the run's lock in either order.)"""
+    if end == FlowStatus.CANCELLED and cancel.ok() and cancel.before(sent):
+        assert isinstance(sent.result, EventRefused), sent
+    if isinstance(sent.result, EventRefused):
+        assert "already has one" not in str(sent.result), sent
+
+
+def failed_run_parked_at_its_wait(storage: Storage, tracking_id: str) -> None:
+    """A run of a wait for APPROVAL beside a step `a`, then `b`: the wait parked, then
+    `a` failed for good: the run is FAILED, its parked wait CANCELLED."""
+    storage.enqueue_flow(flow=raw_flow(tracking_id, (WAIT, PlannedStep("a", 1)), TWO_STEPS[1]))
+    claimed = storage.claim_nodes(worker_id="w", limit=10, lease_seconds=60, queues=["default"])
+    wait, a = sorted(claimed, key=lambda n: n.step_name != APPROVAL)
+    parked = storage.park_node(lease=wait.lease, event=APPROVAL, seconds=None, until=None)
+    assert not isinstance(parked, Woken) and parked is not None, parked
+    assert storage.fail_node(lease=a.lease, error="boom", retry_delay=None)
+
+
+def test_send_event_racing_a_retry_and_a_cancel_leaves_one_consistent_end(
+    storage: Storage, unique: Names
+) -> None:
+    """A FAILED run whose wait for an event was parked when it failed: at the same
+    moment a sender sends the event, an operator retries the run (`flowsmith retry`)
+    and another cancels it. The event is refused while the run is FAILED (before the
+    retry) or CANCELLED, else kept for the wait; a cancel is refused before the retry.
+    Then the worker runs what is left, the event is sent once more if the first was
+    refused, and the run ends COMPLETED with the payload that was accepted as the
+    wait's output, or CANCELLED with nothing pending or running; never an event
+    accepted after the cancel."""
+    for round_no in range(ROUNDS):
+        failed_run_parked_at_its_wait(storage, tid := unique("t"))
+        sent, retry, cancel = race(
+            round_no,
+            sender(storage, tid, {"round": round_no}),
+            timed(functools.partial(storage.resume_flow, tracking_id=tid)),
+            timed(functools.partial(storage.cancel_flow, tracking_id=tid)),
+        )
+        assert retry.ok() and retry.result.resumed, retry
+        assert cancel.ok() or isinstance(cancel.result, RunNotCancellable), cancel
+        assert sent.ok() or isinstance(sent.result, EventRefused), sent
+        if sent.ok():  # the run was running: the retry came first, and the cancel after it
+            assert sent.result.delivered and not sent.result.woke, sent
+            assert not sent.before(retry), (sent, retry)
+        output = work_off(storage, tid)
+        end = assert_consistent(storage, tid)
+        check_no_event_lost(sent, cancel, end)
+        if cancel.ok():
+            assert end == FlowStatus.CANCELLED and output is None, (end, output)
+            continue
+        if not sent.ok():
+            again = send_event(tid, APPROVAL, {"again": round_no}, storage=storage)
+            assert again.delivered and again.woke, again
+            output = work_off(storage, tid)
+        assert output == ({"round": round_no} if sent.ok() else {"again": round_no}), output
+        assert assert_consistent(storage, tid) == FlowStatus.COMPLETED
+
+
+def test_send_event_racing_the_parking_of_its_wait_and_a_cancel_leaves_one_consistent_end(
+    storage: Storage, unique: Names
+) -> None:
+    """A run at its wait for an event, claimed by a worker about to park it: at the same
+    moment the worker parks it (park_node), a sender sends its event and an operator
+    cancels the run. The wait sees an event sent before it parked (Woken), or is woken
+    by one sent after it parked (never missed in between); an event sent after the
+    cancel is refused. Once the worker has run what is left, the run is CANCELLED (the
+    cancel always finds it running) with nothing pending or running."""
+    for round_no in range(ROUNDS):
+        storage.enqueue_flow(flow=raw_flow(tid := unique("t"), (WAIT,), TWO_STEPS[1]))
+        wait = claim(storage, tid)
+        parked, sent, cancel = race(
+            round_no,
+            timed(
+                functools.partial(
+                    storage.park_node, lease=wait.lease, event=APPROVAL, seconds=None, until=None
+                )
+            ),
+            sender(storage, tid, {"round": round_no}),
+            timed(functools.partial(storage.cancel_flow, tracking_id=tid)),
+        )
+        assert parked.ok() and parked.result is not None, parked
+        assert cancel.ok(), cancel  # nothing else could end the run
+        assert sent.ok() or isinstance(sent.result, EventRefused), sent
+        if isinstance(parked.result, Woken):  # the event was there when it looked
+            assert sent.ok() and not sent.result.woke and not parked.before(sent), (sent, parked)
+            payload = json.loads(parked.result.event_payload or "null")
+            assert storage.complete_node(lease=wait.lease, output=payload)
+        elif sent.ok():
+            assert sent.result.woke == (parked.result.status == NodeStatus.PENDING), sent
+        work_off(storage, tid)
+        end = assert_consistent(storage, tid)
+        assert end == FlowStatus.CANCELLED, end  # the cancel always finds the run running
+        check_no_event_lost(sent, cancel, end)
+
+
+TIMEOUT = 0.01  # of the waits below, in seconds
+
+
+def timed_out_wait(storage: Storage, tracking_id: str) -> ClaimedNode:
+    """The run's wait for APPROVAL parked with a timeout of TIMEOUT, then claimed again
+    once the timeout has run out (by the database clock), before it looks again."""
+    first = claim(storage, tracking_id)
+    parked = storage.park_node(lease=first.lease, event=APPROVAL, seconds=TIMEOUT, until=None)
+    assert parked is not None and not isinstance(parked, Woken), parked
+    return eventually(lambda: next(iter(claim_any(storage)), None), interval=TIMEOUT)
+
+
+def claim_any(storage: Storage) -> list[ClaimedNode]:
+    return storage.claim_nodes(worker_id="w", limit=10, lease_seconds=60, queues=["default"])
+
+
+def test_an_event_for_a_wait_that_timed_out_is_refused_not_lost(
+    storage: Storage, unique: Names
+) -> None:
+    """Regression (found writing the races below): a wait with on_timeout=<value> that
+    timed out completed with that value while its run went on; an event sent then was
+    accepted (delivered=True) and never used: lost silently. It is refused now, saying
+    the wait is over, and the run keeps the value its wait completed with."""
+    storage.enqueue_flow(flow=raw_flow(tid := unique("t"), (WAIT,), TWO_STEPS[1]))
+    wait = timed_out_wait(storage, tid)
+    woken = storage.park_node(lease=wait.lease, event=APPROVAL, seconds=TIMEOUT, until=None)
+    assert isinstance(woken, Woken) and not woken.by_event, woken  # its time has come
+    assert storage.complete_node(lease=wait.lease, output="the default")
+    try:
+        with pytest.raises(EventRefused, match="is over"):
+            send_event(tid, APPROVAL, "too late", storage=storage)
+    finally:
+        work_off(storage, tid)  # the run's next step: no leftover for the next test
+    assert nodes_of(storage, tid)[APPROVAL].output == "the default"
+
+
+def test_send_event_racing_the_timeout_of_its_wait_is_consumed_or_refused(
+    storage: Storage, unique: Names
+) -> None:
+    """A wait whose timeout has just run out is claimed and looks for its event
+    (park_node) while a sender sends it: the wait sees the event (its payload is the
+    output) or ends by its timeout, and then the event is refused; never accepted and
+    left unused."""
+    for round_no in range(ROUNDS):
+        storage.enqueue_flow(flow=raw_flow(tid := unique("t"), (WAIT,), TWO_STEPS[1]))
+        wait = timed_out_wait(storage, tid)
+        looked, sent = race(
+            round_no,
+            timed(
+                functools.partial(
+                    storage.park_node, lease=wait.lease, event=APPROVAL, seconds=TIMEOUT, until=None
+                )
+            ),
+            sender(storage, tid, {"round": round_no}),
+        )
+        assert isinstance(looked.result, Woken), looked
+        by_event = looked.result.by_event
+        output = json.loads(looked.result.event_payload or '"the default"')
+        assert storage.complete_node(lease=wait.lease, output=output)
+        work_off(storage, tid)
+        if by_event:
+            assert sent.ok() and sent.result.delivered and output == {"round": round_no}
+        else:
+            assert isinstance(sent.result, EventRefused), sent
+            assert output == "the default"

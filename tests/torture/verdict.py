@@ -18,7 +18,9 @@ CALLED = frozenset({AttemptOutcome.FAILED, AttemptOutcome.COMPLETED})
 def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
     """The engine's end of a run of ``shape`` is one the model allows."""
     assert observed.status == expected.status
-    assert observed.calls == calls_of(observed.nodes), "the trace and the journal disagree"
+    called = {name: end for name, end in observed.nodes.items() if name not in parked_steps(shape)}
+    assert observed.calls == calls_of(called), "the trace and the journal disagree"
+    check_sends(shape, observed)
     if expected.failed_stage is None:
         assert observed.nodes == expected.nodes
         assert observed.data == expected.data
@@ -38,16 +40,37 @@ def check_failed(shape: FlowShape, expected: RunEnd, observed: Observed, failed:
         start = expected.start.get(step.name, model.NOT_STARTED)
         allowed = model.cut_short(expected.nodes[step.name], start)
         assert observed.nodes[step.name] in allowed, step.name
-    failing = [step.name for step in shape.stages[failed] if is_failure(expected, step.name)]
+    failing = [step for step in shape.stages[failed] if is_failure(expected, step.name)]
     failed_as_scheduled = [
-        scheduled_failure(name, observed.nodes[name].attempt)
-        for name in failing
-        if observed.nodes[name] == expected.nodes[name]
+        failure_of(step, observed.nodes[step.name].attempt)
+        for step in failing
+        if observed.nodes[step.name] == expected.nodes[step.name]
     ]
     assert failed_as_scheduled, "no step failed the run as scheduled"
     assert any(message in (observed.error or "") for message in failed_as_scheduled), (
         f"the run's error is not that of a step that failed it: {observed.error!r}"
     )
+
+
+def failure_of(step: model.StepShape, attempt: int) -> str:
+    """What the run's error says when ``step`` failed it at ``attempt``: its scheduled
+    failure, or a wait's timeout."""
+    if step.wait is not None:
+        return f"wait_for {step.name!r} timed out"
+    return scheduled_failure(step.name, attempt)
+
+
+def parked_steps(shape: FlowShape) -> set[str]:
+    """The sleeps and waits of ``shape``: steps that call no function."""
+    return {step.name for stage in shape.stages for step in stage if step.parks}
+
+
+def check_sends(shape: FlowShape, observed: Observed) -> None:
+    """Each event the driver sent was answered as the model says for its wait and why
+    it was sent: kept, waking a parked wait, a no-op with the same key, refused."""
+    waits = {step.name: step.wait for stage in shape.stages for step in stage if step.wait}
+    for name, why, answer in observed.sends:
+        assert answer == model.answer_to(waits[name], why), (name, why, answer)
 
 
 def calls_of(nodes: dict[str, model.NodeEnd]) -> dict[str, list[int]]:

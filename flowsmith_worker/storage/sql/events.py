@@ -5,7 +5,8 @@ parking.py): the event is inserted into fs_events, keyed by (run, name), and a
 wait of that name parked now is made due at once. A wait not reached yet finds
 the event when it is. An idempotency key that already sent the event makes a
 second send a no-op, whatever the run has become since (a sender that lost the
-answer can send again).
+answer can send again). A wait that timed out and went on (or is being ended by
+its timeout) refuses an event: it would be accepted and never used.
 
 Must never complete a node itself: the woken wait is claimed and completed by
 a worker, through the fenced write of any step.
@@ -52,6 +53,7 @@ class SqlEvents(SqlBase):
             ):
                 return EventSent(tracking_id, name, delivered=False, woke=False)
             self._refuse(run, name, sent_before=earlier is not None)
+            self._refuse_if_timed_out(conn, run, name)
             conn.execute(
                 sa.insert(E).values(
                     flow_id=run.id,
@@ -93,6 +95,26 @@ class SqlEvents(SqlBase):
             raise EventRefused.not_awaited(run.tracking_id, run.flow_name, name, waits)
         if sent_before:
             raise EventRefused.already_sent(run.tracking_id, name)
+
+    def _refuse_if_timed_out(self, conn: Connection, run: Row[Any], name: str) -> None:
+        """Raise EventRefused if the wait ``name`` is over without an event: it completed
+        with its on_timeout value, or it is being ended by its timeout (claimed, its wake
+        time past: park_node decided under this lock). An event stored then would be
+        accepted and never used. (A wait that failed by its timeout failed its run.)"""
+        node = conn.execute(
+            self.dialect.for_latest(
+                sa.select(N.c.status, N.c.wake_at, self._now().label("now")).where(
+                    N.c.flow_id == run.id, N.c.step_name == name
+                )
+            )
+        ).first()
+        if node is None:
+            return  # the run has not got there yet: the wait finds the event when it does
+        timing_out = node.status == NodeStatus.RUNNING and (
+            node.wake_at is not None and node.wake_at <= node.now
+        )
+        if node.status == NodeStatus.COMPLETED or timing_out:
+            raise EventRefused.wait_over(run.tracking_id, name)
 
     def _wake(self, conn: Connection, flow_id: int, name: str) -> int:
         """Make the wait ``name`` due now if it is parked: 1 if it was, else 0."""
