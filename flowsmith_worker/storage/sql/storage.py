@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from flowsmith_worker import parking, payload, progress
+from flowsmith_worker import fanout, parking, payload, progress
 from flowsmith_worker.errors import (
     CorruptRow,
     DatabaseUnavailable,
@@ -78,6 +78,7 @@ from flowsmith_worker.storage.sql.context import RunPayloads
 from flowsmith_worker.storage.sql.dialects import BatchWrite
 from flowsmith_worker.storage.sql.enqueue import SqlEnqueue, stage_rows
 from flowsmith_worker.storage.sql.events import SqlEvents
+from flowsmith_worker.storage.sql.fanout import SqlFanOut, map_of_item, planned_of
 from flowsmith_worker.storage.sql.finish import LOCK_RUNS_PG, FinishBatch, Move
 from flowsmith_worker.storage.sql.operators import SqlOperators
 
@@ -91,7 +92,7 @@ _KNOWN_PLANS = 10_000
 log = get_logger(__name__)
 
 
-class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
+class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
     """The storage on SQLite, PostgreSQL and MySQL/MariaDB."""
 
     # -- enqueue --------------------------------------------------------------
@@ -292,7 +293,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
                 .values(
                     status=NodeStatus.PENDING,
                     max_attempts=progress.max_attempts_on_retry(
-                        node.attempt, plan.step(node.step_name)
+                        node.attempt, planned_of(plan, node.step_name)
                     ),
                     # A retry gives the step its max_rescues afresh, as its retries.
                     rescues=0,
@@ -303,6 +304,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
                     wake_at=None,
                 )
             )
+        self._hold_resumed_items(conn, flow_row.id, plan, failed)
         return True
 
     def _start_stage(
@@ -825,7 +827,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
                 return None  # the run was pruned while this step ran
             # The run is locked, so the node's allowance cannot change before the write.
             node = conn.execute(
-                sa.select(N.c.max_attempts, N.c.started_at).where(*_held(lease))
+                sa.select(N.c.max_attempts, N.c.started_at, N.c.step_name).where(*_held(lease))
             ).first()
             if node is None:
                 return None  # the lease was lost
@@ -836,10 +838,56 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
                 max_attempts=node.max_attempts,
                 retry_delay=retry_delay,
             )
+            allowed = self._failure_allowed(flow_row, node.step_name, fate)
+            if allowed:  # an item of a map with allow_failures: the map goes on
+                fate = progress.End(progress.Ending.FAILED, error)
             ended = _ended_attempt(lease, node.started_at)
-            return self._carry_out(conn, self._fenced(lease), flow_row, fate, ended)
+            status = self._carry_out(conn, self._fenced(lease), flow_row, fate, ended)
+            if allowed and status is not None:
+                self._advance(conn, flow_row, lease.node_id, None, (node.step_name, status))
+            return status
 
         return self._transact(work)
+
+    def _failure_allowed(self, flow_row: Row[Any], step_name: str, fate: progress.Fate) -> bool:
+        """Whether ``fate``, which fails the run, is that of an item of a map that allows
+        its items to fail (see fanout.py): then the item ends FAILED, the run goes on."""
+        if not isinstance(fate, progress.End) or fate.run_error is None:
+            return False
+        if fanout.parse_item_name(step_name) is None:  # no plan parsed for a plain step
+            return False
+        found = map_of_item(sql_context.parse_plan(flow_row.plan, flow_row.tracking_id), step_name)
+        return found is not None and found[0].allow_failures
+
+    def start_map(self, *, lease: Lease, items: Sequence[str]) -> NodeStatus | None:
+        def work(conn: Connection) -> NodeStatus | None:
+            flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+            if flow_row is None:
+                return None  # the run was pruned while this step ran
+            ended = progress.end_of_over_run(flow_row.status)
+            if ended is not None:  # the run is over: no item now
+                return self._carry_out(conn, self._fenced(lease), flow_row, ended, None)
+            node = conn.execute(sa.select(N.c.step_name, N.c.position).where(*_held(lease))).first()
+            if node is None:
+                return None  # the lease was lost
+            if not items:
+                empty = Finished(lease, NodeStatus.COMPLETED, "[]", step_name=node.step_name)
+                return (
+                    NodeStatus.COMPLETED if self._finish(conn, empty, flow_row, None).won else None
+                )
+            planned = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).step(
+                node.step_name
+            )
+            if planned is None:
+                raise CorruptRow(f"map step {node.step_name!r} is not in the plan of its run")
+            conn.execute(
+                self._fenced(lease).values(status=NodeStatus.WAITING, lease_expires_at=None)
+            )
+            self._insert_items(conn, flow_row, node.position, planned, items)
+            self.dialect.notify(conn, flow_row.queue)
+            return NodeStatus.WAITING
+
+        return self._advancing(lease, work)
 
     def start_subflow(self, *, lease: Lease, child: NewFlow) -> NodeStatus | None:
         def work(conn: Connection) -> NodeStatus | None:
@@ -937,6 +985,17 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         if progress.is_over(flow_row.status):
             return None  # the running step finished; a cancelled or failed flow goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        if finished is not None and (found := map_of_item(plan, finished[0])):
+            map_node_id = self._item_ended(conn, flow_row, *found)
+            if map_node_id is None:
+                return None  # other items have not ended yet
+            # The map moves its run on, never chained: the worker that ran the last
+            # item holds neither the map's output nor the other items'.
+            finished_node_id, chain, finished = (
+                map_node_id,
+                None,
+                (found[0].name, NodeStatus.COMPLETED),
+            )
         position = None if finished is None else _alone_in_stage(plan, finished[0])
         if finished is not None and position is not None:
             # The finished step is its stage: its own status is the stage's.
@@ -1338,7 +1397,7 @@ def _max_rescues(flow_row: Row[Any], step_name: str) -> int:
     and the run would advance.
     """
     try:
-        planned = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).step(step_name)
+        planned = planned_of(sql_context.parse_plan(flow_row.plan, flow_row.tracking_id), step_name)
     except CorruptRow:
         return DEFAULT_MAX_RESCUES
     return planned.max_rescues if planned is not None else DEFAULT_MAX_RESCUES
