@@ -75,3 +75,178 @@ def test_outputs_come_back_in_item_order(storage: Storage, unique: Names) -> Non
     nodes = nodes_of(storage, tid)
     assert nodes["double"].status == NodeStatus.COMPLETED
     assert nodes["double[11]"].output == 22
+
+
+class Journal:
+    """Start and end of each item, from the items themselves (threads or processes)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.runs: list[int] = []
+
+    def item(self, ctx: Context, item: int) -> int:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.runs.append(item)
+        threading.Event().wait(0.05)
+        with self.lock:
+            self.running -= 1
+        return item
+
+
+def test_max_parallel_holds_items_beyond_the_limit(storage: Storage, unique: Names) -> None:
+    """With max_parallel=2 and a worker of 8 slots, never more than 2 items run at once
+    (and 2 do: the items really run in parallel), and every item runs exactly once."""
+    journal = Journal()
+    flow = Flow(unique("limited"), storage=storage).map(
+        "each", journal.item, items=lambda ctx: list(range(10)), max_parallel=2
+    )
+    tid = unique("t")
+    flow.run({}, tracking_id=tid)
+    assert run_to_end(storage, tid, concurrency=8) == FlowStatus.COMPLETED
+    assert journal.most == 2
+    assert sorted(journal.runs) == list(range(10))
+
+
+def test_an_item_follows_its_own_retries(storage: Storage, unique: Names) -> None:
+    """retries=2 applies per item: an item failing twice then succeeding completes the
+    map, its node on its third attempt; the other items ran once."""
+    calls: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def flaky(ctx: Context, item: int) -> int:
+        with lock:
+            calls[item] = calls.get(item, 0) + 1
+            if item == 3 and calls[item] < 3:
+                raise RuntimeError(f"item {item} failed on attempt {calls[item]}")
+        return item
+
+    flow = Flow(unique("retried"), storage=storage).map(
+        "each", flaky, items=lambda ctx: [1, 2, 3, 4], retries=2, backoff=0
+    )
+    tid = unique("t")
+    run = flow.run({}, tracking_id=tid)
+    assert run_to_end(storage, tid) == FlowStatus.COMPLETED
+    assert run.wait(timeout=0)["each"] == [1, 2, 3, 4]
+    assert calls == {1: 1, 2: 1, 3: 3, 4: 1}
+    assert nodes_of(storage, tid)["each[2]"].attempt == 3
+
+
+def test_a_failed_item_fails_the_map_and_stops_the_others(storage: Storage, unique: Names) -> None:
+    """An item failed for good fails the map's run with its error, as a failed parallel
+    sibling does: the items not started yet never run (stopped), the map is not done,
+    and the step after it never runs."""
+    ran: list[int] = []
+    after: list[str] = []
+
+    def charge(ctx: Context, item: int) -> int:
+        ran.append(item)
+        if item == 0:
+            raise ValueError("card declined for item 0")
+        return item
+
+    flow = (
+        Flow(unique("failing"), storage=storage)
+        .map("charge", charge, items=lambda ctx: list(range(6)), max_parallel=1)
+        .step("after", lambda ctx: after.append("ran"))
+    )
+    tid = unique("t")
+    flow.run({}, tracking_id=tid)
+    assert run_to_end(storage, tid) == FlowStatus.FAILED
+    record = storage.get_flow(tracking_id=tid, with_payloads=False)
+    assert record is not None and "card declined for item 0" in (record.error or "")
+    nodes = nodes_of(storage, tid)
+    assert ran == [0] and after == []
+    assert nodes["charge[0]"].status == NodeStatus.FAILED
+    assert all(nodes[f"charge[{i}]"].status == NodeStatus.CANCELLED for i in range(1, 6))
+    assert nodes["charge"].status == NodeStatus.WAITING
+
+
+def test_allow_failures_records_each_items_error(storage: Storage, unique: Names) -> None:
+    """With allow_failures=True a failed item does not fail the run: the map completes,
+    its output a list in item order of {"output": value} or {"error": last line}."""
+
+    def odd_fails(ctx: Context, item: int) -> int:
+        if item % 2:
+            raise ValueError(f"item {item} is odd")
+        return item * 10
+
+    flow = Flow(unique("tolerant"), storage=storage).map(
+        "each", odd_fails, items=lambda ctx: [0, 1, 2, 3], allow_failures=True, max_parallel=2
+    )
+    tid = unique("t")
+    run = flow.run({}, tracking_id=tid)
+    assert run_to_end(storage, tid) == FlowStatus.COMPLETED
+    assert run.wait(timeout=0)["each"] == [
+        {"output": 0},
+        {"error": "ValueError: item 1 is odd"},
+        {"output": 20},
+        {"error": "ValueError: item 3 is odd"},
+    ]
+
+
+def test_an_empty_list_completes_the_map_with_an_empty_list(
+    storage: Storage, unique: Names
+) -> None:
+    """items(ctx) == []: the map completes at once with [], no item node is made, and the
+    run goes on to its next step."""
+    flow = (
+        Flow(unique("empty"), storage=storage)
+        .map("each", lambda ctx, item: item, items=lambda ctx: [])
+        .step("after", lambda ctx: len(ctx.data["each"]))
+    )
+    tid = unique("t")
+    run = flow.run({}, tracking_id=tid)
+    assert run_to_end(storage, tid) == FlowStatus.COMPLETED
+    assert run.wait(timeout=0)["each"] == []
+    assert sorted(nodes_of(storage, tid)) == ["after", "each"]
+
+
+@pytest.mark.parametrize("items", [{"a": 1}, "abc", None, 7])
+def test_items_that_are_not_a_list_fail_naming_the_step(
+    storage: Storage, unique: Names, items: Any
+) -> None:
+    """items(ctx) returning a dict, a string, None or a number fails the map step (not
+    retried: the same input gives the same answer) with an error naming the step."""
+    flow = Flow(unique("notalist"), storage=storage).map(
+        "charge_items", lambda ctx, item: item, items=lambda ctx: items, retries=3
+    )
+    tid = unique("t")
+    flow.run({}, tracking_id=tid)
+    assert run_to_end(storage, tid) == FlowStatus.FAILED
+    node = nodes_of(storage, tid)["charge_items"]
+    assert node.attempt == 1
+    assert "map step 'charge_items': items(ctx) returned a" in (node.error or "")
+    assert "not a list" in (node.error or "")
+
+
+def test_resuming_a_failed_run_reruns_only_the_failed_items(
+    storage: Storage, unique: Names
+) -> None:
+    """After an item failed the run, `retry` runs again the failed and the stopped items,
+    not those that completed; max_parallel still holds; the map then completes in order."""
+    journal = Journal()
+    broken = {"on": True}
+
+    def item(ctx: Context, value: int) -> int:
+        if value == 2 and broken["on"]:
+            raise RuntimeError("item 2 broke")
+        return journal.item(ctx, value)
+
+    flow = Flow(unique("resumed"), storage=storage).map(
+        "each", item, items=lambda ctx: list(range(6)), max_parallel=2
+    )
+    tid = unique("t")
+    run = flow.run({}, tracking_id=tid)
+    assert run_to_end(storage, tid, concurrency=8) == FlowStatus.FAILED
+    completed_before = sorted(journal.runs)
+    assert 2 not in completed_before
+    broken["on"] = False
+    storage.resume_flow(tracking_id=tid)
+    assert run_to_end(storage, tid, concurrency=8) == FlowStatus.COMPLETED
+    assert sorted(journal.runs) == list(range(6)), "an item ran twice or not at all"
+    assert journal.most <= 2
+    assert run.wait(timeout=0)["each"] == list(range(6))
