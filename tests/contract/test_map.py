@@ -250,3 +250,31 @@ def test_resuming_a_failed_run_reruns_only_the_failed_items(
     assert sorted(journal.runs) == list(range(6)), "an item ran twice or not at all"
     assert journal.most <= 2
     assert run.wait(timeout=0)["each"] == list(range(6))
+
+
+def test_map_step_declares_a_map_in_a_workflow(storage: Storage, unique: Names) -> None:
+    """@map_step in a @workflow body is Flow.map: an async def of (ctx, item) runs per
+    item, its output the list in item order; a function not of (ctx, item) is refused."""
+    from flowsmith_worker.decorators import map_step, step, workflow
+
+    @workflow(unique("decorated"), storage=storage)
+    def decorated() -> None:
+        @step
+        def load(ctx: Context) -> dict[str, Any]:
+            return {"items": ["a", "b", "c"]}
+
+        @map_step(items=lambda ctx: ctx.data["load"]["items"], max_parallel=2)
+        async def shout(ctx: Context, item: str) -> str:
+            return item.upper()
+
+    tid = unique("t")
+    run = decorated({}, tracking_id=tid)
+    assert run_to_end(storage, tid) == FlowStatus.COMPLETED
+    assert run.wait(timeout=0)["shout"] == ["A", "B", "C"]
+
+    with pytest.raises(TypeError, match=r"must take \(ctx, item\)"):
+
+        @workflow(unique("wrong"), storage=storage)
+        def wrong() -> None:
+            @map_step(items=lambda ctx: [1])
+            def one_argument(ctx: Context) -> None: ...
