@@ -189,15 +189,18 @@ class Executor:
             return Executed(self._record_failure(node, None, failure, bound))
         return self._run_spec(node, spec, bound)
 
-    def _run_spec(self, node: ClaimedNode, spec: StepSpec, bound: Any) -> Executed:
-        """Run the attempt of ``spec`` on the claimed node and write its outcome."""
+    def _run_spec(
+        self, node: ClaimedNode, spec: StepSpec, bound: Any, private: bool = True
+    ) -> Executed:
+        """Run the attempt of ``spec`` on the claimed node and write its outcome;
+        ``private``: on a copy of its ctx.data of its own (see _private_copy)."""
         bound.debug("step.started")
         started = time.monotonic()
         # The step gets a copy of its own: what it changes in place must not leak
         # into the ctx.data of a chained next step, which a claim would have read
         # afresh from the stored outputs.
         ctx = Context(
-            _private_copy(node.input),
+            _private_copy(node.input) if private else node.input,
             tracking_id=node.tracking_id,
             step=node.step_name,
             attempt=node.attempt,
@@ -271,7 +274,9 @@ class Executor:
             return Executed(Outcome.LEASE_LOST)
         assert map_spec.fan_out is not None
         item_spec = map_spec.fan_out.for_item(map_spec, node.step_name, json.loads(stored))
-        return self._run_spec(node, item_spec, bound)
+        # Its ctx.data was parsed for it alone and no step is chained after an item
+        # (see fanout.py): the private copy, costly for a map over a long list, is not needed.
+        return self._run_spec(node, item_spec, bound, private=False)
 
     def _finish(
         self, node: ClaimedNode, bound: Any, finished: Finished, started: float

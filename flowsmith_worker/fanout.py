@@ -25,8 +25,9 @@ Design (issue 14, point 3).
   (run_after = now), in the transaction that writes its end, under its run's
   lock. So at most N items of a map are ever released and unended: at most N run
   at once across all workers. A retried or rescued item keeps its place.
-* Completion: the end of an item counts the map's unended items (one COUNT, not a
-  read per item); the last one collects the items' outputs, in item order, into
+* Completion: the end of an item asks whether any item of the map has not ended
+  (one query, stopping at the first it finds; a COUNT would visit every item at
+  each item's end); the last one collects the items' outputs, in item order, into
   the map node's output (``collect``, joining the stored JSON texts, nothing
   parsed), completes it and moves the run on as any finished step does. An empty
   list completes the map at once with ``[]``.

@@ -48,6 +48,7 @@ class Inserts:
             self.sent.append(len(params) if many else 1)
 
 
+@pytest.mark.slow
 def test_ten_thousand_items_complete_and_enqueue_in_chunks(
     sql_storage: SqlStorage, unique: Names
 ) -> None:
