@@ -47,10 +47,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from flowsmith_worker.records import NodeStatus
+from flowsmith_worker.parking import FOREVER
+from flowsmith_worker.records import NodeRecord, NodeStatus
 
 # Rows per INSERT of item nodes: 500 rows of 12 values stay under every
 # database's bound-parameter limit (SQLite 32,766, PostgreSQL 65,535).
@@ -128,6 +131,53 @@ def last_line(error: str | None) -> str:
     """An item's error as the map's output keeps it: the exception and its message."""
     text = (error or "").strip()
     return text.splitlines()[-1] if text else ""
+
+
+# An item not yet released by max_parallel, as `flowsmith status` counts it.
+HELD = "HELD"
+
+
+@dataclass(frozen=True)
+class MapProgress:
+    """How far a map's items are: how many in each status (HELD: waiting for a place
+    under max_parallel), for `flowsmith status` and FlowRun.map_progress."""
+
+    name: str
+    counts: dict[str, int]
+
+    @property
+    def items(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """E.g. "10 items: 7 COMPLETED, 2 RUNNING, 1 HELD" (the most advanced first)."""
+        order = ["COMPLETED", "FAILED", "RUNNING", "PENDING", HELD, "CANCELLED"]
+        parts = [f"{self.counts[s]} {s}" for s in order if self.counts.get(s)]
+        parts += [f"{n} {s}" for s, n in sorted(self.counts.items()) if s not in order and n]
+        noun = "item" if self.items == 1 else "items"
+        return f"{self.items} {noun}: {', '.join(parts)}" if parts else f"0 {noun}"
+
+
+def progress_of(map_name: str, nodes: Iterable[NodeRecord]) -> MapProgress:
+    """The progress of the map ``map_name`` from its run's nodes (its items among them)."""
+    counts: Counter[str] = Counter()
+    for node in nodes:
+        found = parse_item_name(node.step_name)
+        if found is None or found[0] != map_name or node.group_index >= 0:
+            continue
+        held = node.status == NodeStatus.PENDING and node.run_after >= FOREVER
+        counts[HELD if held else str(node.status)] += 1
+    return MapProgress(map_name, dict(counts))
+
+
+def is_item(node: NodeRecord) -> bool:
+    """Whether the node is an item of a map (see group_index_of)."""
+    return node.group_index < 0
+
+
+def in_plan_order(nodes: Iterable[NodeRecord]) -> list[NodeRecord]:
+    """Nodes by stage, each map's items after the map's own node, in item order."""
+    return sorted(nodes, key=lambda n: (n.position, n.group_index < 0, abs(n.group_index)))
 
 
 def _short(value: Any) -> str:

@@ -278,3 +278,24 @@ def test_map_step_declares_a_map_in_a_workflow(storage: Storage, unique: Names) 
         def wrong() -> None:
             @map_step(items=lambda ctx: [1])
             def one_argument(ctx: Context) -> None: ...
+
+
+def test_map_progress_counts_items_and_trace_lists_them_in_order(
+    storage: Storage, unique: Names
+) -> None:
+    """Once a map has started 5 items with max_parallel=2 (none run yet), map_progress
+    counts 2 PENDING and 3 HELD, and trace() lists the map's node, then its items in
+    item order, each holding its item until it runs."""
+    flow = Flow(unique("progress"), storage=storage).map(
+        "each", lambda ctx, item: item, items=lambda ctx: ["a", "b", "c", "d", "e"], max_parallel=2
+    )
+    run = flow.run({}, tracking_id=unique("t"))
+    [claimed] = storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=[flow.queue])
+    assert claimed.step_name == "each"
+    assert storage.start_map(lease=claimed.lease, items=['"a"', '"b"', '"c"', '"d"', '"e"'])
+    progress = run.map_progress("each")
+    assert progress.counts == {"PENDING": 2, "HELD": 3}
+    assert progress.summary() == "5 items: 2 PENDING, 3 HELD"
+    trace = run.trace()
+    assert [n.step_name for n in trace] == ["each"] + [f"each[{i}]" for i in range(5)]
+    assert [n.output for n in trace[1:]] == ["a", "b", "c", "d", "e"]
