@@ -70,3 +70,13 @@ def test_flow_map_refuses_what_cannot_run() -> None:
         flow.map("each", lambda ctx, item: item, items=items)
     with pytest.raises(ValueError, match="map 'each': max_parallel=0"):
         flow.map("each", lambda ctx, item: item, items=lambda ctx: [], max_parallel=0)
+
+
+def test_a_maps_items_count_under_the_maps_name_in_metrics() -> None:
+    """Metrics label an item node by its map's name (one series per map, not per item);
+    a name that is no item of a defined map stays unregistered."""
+    from flowsmith_worker.metrics import UNREGISTERED, metric_labels
+
+    flow = Flow("fanout_metrics_unit").map("each", lambda ctx, item: item, items=lambda ctx: [])
+    assert metric_labels(flow.name, "each[9999]") == (flow.name, "each", flow.queue)
+    assert metric_labels(flow.name, "other[1]")[1] == UNREGISTERED
