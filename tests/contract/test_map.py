@@ -16,24 +16,12 @@ import pytest
 
 from flowsmith_worker import Flow, FlowStatus, NodeStatus, Worker
 from flowsmith_worker.context import Context
-from flowsmith_worker.records import NodeRecord
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
+from tests.support.runs import nodes_of, status_of
 
 Names = Callable[[str], str]
 POLL = 0.02
-
-
-def nodes_of(storage: Storage, tracking_id: str) -> dict[str, NodeRecord]:
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
-    assert record is not None
-    return {n.step_name: n for n in storage.list_nodes(flow_id=record.id)}
-
-
-def status_of(storage: Storage, tracking_id: str) -> FlowStatus:
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
-    assert record is not None
-    return record.status
 
 
 def run_to_end(storage: Storage, tracking_id: str, concurrency: int = 4) -> FlowStatus:

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from flowsmith_worker import Flow, FlowStatus
 from flowsmith_worker.context import Context
 from tests.integration.conftest import Db
-from tests.integration.test_cli_ops import cli, cli_json
-from tests.support.cli import drain
+from tests.support.cli import cli, cli_json, drain
 
 Names = Callable[[str], str]
 

@@ -21,7 +21,7 @@ import pytest
 from flowsmith_worker import Flow, FlowStatus, NodeStatus, create_storage
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
-from tests.contract.test_map import nodes_of, status_of
+from tests.support.runs import nodes_of, status_of
 from tests.worker_process import WorkerProcess
 
 FLOWS_MODULE = """
