@@ -55,10 +55,12 @@ def test_ten_thousand_items_complete_and_enqueue_in_chunks(
     """A run whose map has 10,000 items completes with every output in item order; its
     item nodes were inserted by ceil(10,000 / ITEMS_PER_INSERT) statements (20), each a
     single multi-row INSERT (no executemany), besides the one node of each plain stage."""
+    # The items are made from a count, not read from an earlier step's output: each
+    # item's ctx.data would hold the whole list, parsed for each of the 10,000 items.
     flow = (
         Flow(unique("wide"), storage=sql_storage)
-        .step("load", lambda ctx: {"items": list(range(ITEMS))})
-        .map("plus_one", _plus_one, items=lambda ctx: ctx.data["load"]["items"])
+        .step("load", lambda ctx: ITEMS)
+        .map("plus_one", _plus_one, items=lambda ctx: list(range(ctx.data["load"])))
         .step("total", lambda ctx: sum(ctx.data["plus_one"]))
     )
     inserts = Inserts()
