@@ -287,3 +287,29 @@ def test_map_progress_counts_items_and_trace_lists_them_in_order(
     trace = run.trace()
     assert [n.step_name for n in trace] == ["each"] + [f"each[{i}]" for i in range(5)]
     assert [n.output for n in trace[1:]] == ["a", "b", "c", "d", "e"]
+
+
+def test_an_item_that_keeps_losing_its_worker_is_an_allowed_failure(
+    storage: Storage, unique: Names
+) -> None:
+    """With allow_failures=True, an item failed because its worker was lost more than
+    max_rescues times is recorded as that item's error: the run does not fail, and the
+    map completes once its other item has run."""
+    flow = Flow(unique("lost"), storage=storage).map(
+        "each",
+        lambda ctx, item: item,
+        items=lambda ctx: ["a", "b"],
+        allow_failures=True,
+        max_rescues=0,
+    )
+    run = flow.run({}, tracking_id=unique("t"))
+    [map_node] = storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=[flow.queue])
+    assert storage.start_map(lease=map_node.lease, items=['"a"', '"b"'])
+    [lost] = storage.claim_nodes(worker_id="gone", limit=1, lease_seconds=0.01, queues=[flow.queue])
+    eventually(lambda: storage.rescue_expired(), timeout=10)
+    assert run.status() == FlowStatus.RUNNING
+    assert run_to_end(storage, run.tracking_id) == FlowStatus.COMPLETED
+    outputs = run.wait(timeout=0)["each"]
+    survivor = 1 - int(lost.step_name == "each[1]")
+    assert outputs[survivor] == {"output": "ab"[survivor]}
+    assert "worker lost 1 times" in outputs[1 - survivor]["error"]

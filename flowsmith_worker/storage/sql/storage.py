@@ -838,26 +838,43 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
                 max_attempts=node.max_attempts,
                 retry_delay=retry_delay,
             )
-            allowed = self._failure_allowed(flow_row, node.step_name, fate)
-            if allowed:  # an item of a map with allow_failures: the map goes on
-                fate = progress.End(progress.Ending.FAILED, error)
             ended = _ended_attempt(lease, node.started_at)
-            status = self._carry_out(conn, self._fenced(lease), flow_row, fate, ended)
-            if allowed and status is not None:
-                self._advance(conn, flow_row, lease.node_id, None, (node.step_name, status))
-            return status
+            return self._carry_out_item(
+                conn, self._fenced(lease), flow_row, fate, ended, node.step_name
+            )
 
         return self._transact(work)
 
-    def _failure_allowed(self, flow_row: Row[Any], step_name: str, fate: progress.Fate) -> bool:
-        """Whether ``fate``, which fails the run, is that of an item of a map that allows
-        its items to fail (see fanout.py): then the item ends FAILED, the run goes on."""
+    def _carry_out_item(
+        self,
+        conn: Connection,
+        update: sa.Update,
+        flow_row: Row[Any],
+        fate: progress.Fate,
+        ended: sql_attempts.EndedAttempt,
+        step_name: str,
+    ) -> NodeStatus | None:
+        """_carry_out, but for an item of a map with allow_failures a fate that would
+        fail the run ends the item FAILED alone, and the map goes on (see fanout.py)."""
+        allowed = self._allowed_failure(flow_row, step_name, fate)
+        status = self._carry_out(conn, update, flow_row, allowed or fate, ended)
+        if allowed is not None and status is not None:
+            self._advance(conn, flow_row, ended.node_id, None, (step_name, status))
+        return status
+
+    def _allowed_failure(
+        self, flow_row: Row[Any], step_name: str, fate: progress.Fate
+    ) -> progress.End | None:
+        """If ``fate`` fails the run and is that of an item of a map with allow_failures,
+        the item's own end instead: FAILED, the run going on (see fanout.py); else None."""
         if not isinstance(fate, progress.End) or fate.run_error is None:
-            return False
+            return None
         if fanout.parse_item_name(step_name) is None:  # no plan parsed for a plain step
-            return False
+            return None
         found = map_of_item(sql_context.parse_plan(flow_row.plan, flow_row.tracking_id), step_name)
-        return found is not None and found[0].allow_failures
+        if found is None or not found[0].allow_failures:
+            return None
+        return progress.End(progress.Ending.FAILED, fate.error)
 
     def start_map(self, *, lease: Lease, items: Sequence[str]) -> NodeStatus | None:
         def work(conn: Connection) -> NodeStatus | None:
@@ -1328,7 +1345,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         )
         fenced = self._fenced(lease).where(N.c.lease_expires_at < self._now())
         update = fenced.values(rescues=N.c.rescues + 1)
-        return self._carry_out(conn, update, flow_row, fate, _ended_attempt(lease, started_at))
+        ended = _ended_attempt(lease, started_at)
+        return self._carry_out_item(conn, update, flow_row, fate, ended, step_name)
 
 
 def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
