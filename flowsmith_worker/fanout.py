@@ -58,10 +58,17 @@ from flowsmith_worker.records import NodeRecord, NodeStatus
 # Rows per INSERT of item nodes: 500 rows of 12 values stay under every
 # database's bound-parameter limit (SQLite 32,766, PostgreSQL 65,535).
 ITEMS_PER_INSERT = 500
+# Ids per ``id IN (...)`` of a statement about many items (SQLite binds at most 32,766).
+IDS_PER_STATEMENT = 5000
 # Ended items: what the map waits for. FAILED only under allow_failures (else a
 # failed item fails the run, and the map waits no more).
 ENDED = frozenset({NodeStatus.COMPLETED, NodeStatus.FAILED})
 _ITEM_NAME = re.compile(r"^(?P<map>.+)\[(?P<index>\d+)\]$")
+
+
+def chunks(values: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    """``values`` in slices of at most ``size``: one statement each."""
+    return (values[start : start + size] for start in range(0, len(values), size))
 
 
 def item_name(map_name: str, index: int) -> str:

@@ -54,8 +54,8 @@ class SqlFanOut(SqlBase):
             )
             for index, item in enumerate(items)
         ]
-        for start in range(0, len(rows), fanout.ITEMS_PER_INSERT):
-            conn.execute(sa.insert(N).values(rows[start : start + fanout.ITEMS_PER_INSERT]))
+        for chunk in fanout.chunks(rows, fanout.ITEMS_PER_INSERT):
+            conn.execute(sa.insert(N).values(chunk))
 
     def map_item(self, *, lease: Lease) -> str | None:
         def work(conn: Connection) -> str | None:
@@ -146,12 +146,8 @@ class SqlFanOut(SqlBase):
             planned = plan.step(step_name)
             assert planned is not None
             held = fanout.held_on_resume(list(indexes), running, planned.max_parallel)
-            if held:
-                conn.execute(
-                    sa.update(N)
-                    .where(N.c.id.in_([indexes[i] for i in held]))
-                    .values(run_after=parking.FOREVER)
-                )
+            for ids in fanout.chunks([indexes[i] for i in sorted(held)], fanout.IDS_PER_STATEMENT):
+                conn.execute(sa.update(N).where(N.c.id.in_(ids)).values(run_after=parking.FOREVER))
 
 
 def map_of_item(plan: Plan, step_name: str) -> tuple[PlannedStep, int] | None:

@@ -268,7 +268,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
 
         The conditional UPDATE locks the flow row and lets one of several racing
         triggers win. Which nodes, and their new allowance: progress.RESUMED_ON_RETRY
-        and progress.max_attempts_on_retry.
+        and progress.max_attempts_on_retry (allowance_on_retry).
         """
         won = conn.execute(
             sa.update(F)
@@ -286,26 +286,35 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         ).all()
         # Their rows are about to describe new attempts: keep the ones they describe now.
         sql_attempts.keep_latest(conn, self.dialect, [node_record(row, {}) for row in failed])
+        # One UPDATE per allowance, not per node: a map's thousands of items share one.
+        by_allowance: dict[int, list[int]] = {}
         for node in failed:
-            conn.execute(
-                sa.update(N)
-                .where(N.c.id == node.id)
-                .values(
-                    status=NodeStatus.PENDING,
-                    max_attempts=progress.max_attempts_on_retry(
-                        node.attempt, planned_of(plan, node.step_name)
-                    ),
-                    # A retry gives the step its max_rescues afresh, as its retries.
-                    rescues=0,
-                    run_after=self._now(),
-                    lease_expires_at=None,
-                    finished_at=None,
-                    # A sleep or wait resumed starts its wait afresh (see parking.py).
-                    wake_at=None,
-                )
-            )
+            allowance = progress.allowance_on_retry(planned_of(plan, node.step_name))
+            by_allowance.setdefault(allowance, []).append(node.id)
+        for allowance, node_ids in sorted(by_allowance.items()):
+            for ids in fanout.chunks(node_ids, fanout.IDS_PER_STATEMENT):
+                self._requeue(conn, ids, allowance)
         self._hold_resumed_items(conn, flow_row.id, plan, failed)
         return True
+
+    def _requeue(self, conn: Connection, node_ids: Sequence[int], allowance: int) -> None:
+        """Make resumed nodes PENDING with ``allowance`` attempts on top of theirs."""
+        conn.execute(
+            sa.update(N)
+            .where(N.c.id.in_(node_ids))
+            .values(
+                status=NodeStatus.PENDING,
+                # progress.max_attempts_on_retry, for each row in the database
+                max_attempts=N.c.attempt + allowance,
+                # A retry gives the step its max_rescues afresh, as its retries.
+                rescues=0,
+                run_after=self._now(),
+                lease_expires_at=None,
+                finished_at=None,
+                # A sleep or wait resumed starts its wait afresh (see parking.py).
+                wake_at=None,
+            )
+        )
 
     def _start_stage(
         self,
