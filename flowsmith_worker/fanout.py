@@ -36,9 +36,28 @@ Design (issue 14, point 3).
   not started are stopped, those running end when they report. With
   ``allow_failures=True`` it ends FAILED but the map goes on, and the map's output
   is a list, in item order, of ``{"output": value}`` or ``{"error": message}``.
-  Resuming a FAILED run (``flowsmith retry``) runs again only its failed and
-  stopped items; the completed ones keep their outputs (``held_on_resume`` keeps
-  max_parallel).
+  An item lost more than ``max_rescues`` times is such a failure too. Resuming a
+  FAILED run (``flowsmith retry``) runs again only its failed and stopped items,
+  one UPDATE per chunk of IDS_PER_STATEMENT; the completed ones keep their outputs
+  (``held_on_resume`` keeps max_parallel). The map's node stays WAITING meanwhile.
+* Why not at the claim: a claim that skipped the items of a map at its limit would
+  count that map's RUNNING items in every claim; holding them costs one release
+  per ended item, only for maps with a limit.
+* Shown: `flowsmith status` gives a map one row counting its items by status
+  (``progress_of``; HELD for those waiting under max_parallel); FlowRun.trace()
+  and ``--json`` list the items after their map, in item order
+  (``in_plan_order``); FlowRun.map_progress(name). Metrics count items under the
+  map's name.
+
+Costs: on the item path only, one read of the item per attempt (map_item) and,
+at an item's end, the query for an unended item (plus, under max_parallel, the
+release: a read and an update). The claim, the batch write and chaining are
+unchanged; a map is a step alone in its stage and is never chained after.
+
+Not yet (next): the torture model (tests/torture/model.py) knows no map; the
+dashboard lists items one row each; trace() rebuilds each item's ctx.data (heavy
+for 10,000 items: use map_progress or ``with_payloads=False``); a map inside a
+parallel group is refused.
 
 Must never do I/O (as progress.py): every input is a plain value.
 """
