@@ -313,3 +313,26 @@ def test_an_item_that_keeps_losing_its_worker_is_an_allowed_failure(
     survivor = 1 - int(lost.step_name == "each[1]")
     assert outputs[survivor] == {"output": "ab"[survivor]}
     assert "worker lost 1 times" in outputs[1 - survivor]["error"]
+
+
+def test_cancelling_a_run_mid_map_ends_its_items_and_the_map(
+    storage: Storage, unique: Names
+) -> None:
+    """A cancel while a map's items wait ends them and the map's node CANCELLED: no item
+    is claimed afterwards, and an item running at the cancel does not move the run on."""
+    flow = Flow(unique("cancelled"), storage=storage).map(
+        "each", lambda ctx, item: item, items=lambda ctx: [1, 2, 3], max_parallel=2
+    )
+    run = flow.run({}, tracking_id=unique("t"))
+    [map_node] = storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=[flow.queue])
+    assert storage.start_map(lease=map_node.lease, items=["1", "2", "3"])
+    [running] = storage.claim_nodes(worker_id="w", limit=1, lease_seconds=30, queues=[flow.queue])
+    run.cancel()
+    assert storage.claim_nodes(worker_id="w", limit=5, lease_seconds=30, queues=[flow.queue]) == []
+    assert storage.complete_node(lease=running.lease, output=1)
+    nodes = nodes_of(storage, run.tracking_id)
+    assert run.status() == FlowStatus.CANCELLED
+    assert nodes["each"].status == NodeStatus.CANCELLED
+    assert {nodes[f"each[{i}]"].status for i in range(3)} - {NodeStatus.COMPLETED} == {
+        NodeStatus.CANCELLED
+    }
