@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from flowsmith_worker.child_request import ChildRequest
+from flowsmith_worker.compensation import Compensation
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
+    ConcurrencyKeyFailed,
     ConnectionNotUsable,
     CorruptRow,
     DatabaseNotFound,
@@ -55,6 +57,8 @@ from flowsmith_worker.worker import Worker
 __all__ = [
     "AttemptOutcome",
     "ChildRequest",
+    "Compensation",
+    "ConcurrencyKeyFailed",
     "ConnectionNotUsable",
     "Context",
     "CorruptRow",

@@ -75,6 +75,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, overload
 
@@ -82,7 +83,16 @@ from flowsmith_worker import event_loop
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import InvalidFlowDefinition
-from flowsmith_worker.flow import FAIL, Condition, Flow, ItemsSource, WakeTime, registry
+from flowsmith_worker.flow import (
+    FAIL,
+    Condition,
+    Flow,
+    ItemsSource,
+    KeyFunction,
+    StepFunction,
+    WakeTime,
+    registry,
+)
 from flowsmith_worker.plan import DEFAULT_MAX_RESCUES
 from flowsmith_worker.retry import Backoff
 from flowsmith_worker.run import FlowRun
@@ -143,6 +153,14 @@ class Workflow:
         return self.flow.get_run(tracking_id)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """A workflow's concurrency limit (Flow's concurrency_key and max_concurrent)."""
+
+    concurrency_key: KeyFunction | None = None
+    max_concurrent: int | None = None
+
+
 @overload
 def workflow(name: WorkflowBody, /) -> Workflow: ...
 
@@ -156,6 +174,8 @@ def workflow(
     queue: str = DEFAULT_QUEUE,
     priority: int = 0,
     schedule: str | None = None,
+    concurrency_key: KeyFunction | None = None,
+    max_concurrent: int | None = None,
 ) -> Callable[[WorkflowBody], Workflow]: ...
 
 
@@ -167,12 +187,16 @@ def workflow(
     queue: str = DEFAULT_QUEUE,
     priority: int = 0,
     schedule: str | None = None,
+    concurrency_key: KeyFunction | None = None,
+    max_concurrent: int | None = None,
 ) -> Workflow | Callable[[WorkflowBody], Workflow]:
     """Define a flow from a function whose body declares its steps.
 
     ``@workflow("name")``, ``@workflow(name, storage=..., queue=..., priority=...)``
     or bare ``@workflow`` (named after the function). The body runs once, now.
     ``schedule="*/5 * * * *"`` runs it at every cron tick (``Flow.schedule``).
+    ``concurrency_key=lambda ctx: ..., max_concurrent=N`` limits its runs in flight
+    per key (see ``Flow``).
     """
     if callable(name):
         return _build(name, name.__name__, None, DEFAULT_QUEUE, 0)
@@ -180,7 +204,8 @@ def workflow(
         raise TypeError(f"@workflow(name): the name must be a string, not {name!r}")
 
     def decorate(body: WorkflowBody) -> Workflow:
-        return _build(body, name or body.__name__, storage, queue, priority, schedule)
+        limits = Limits(concurrency_key, max_concurrent)
+        return _build(body, name or body.__name__, storage, queue, priority, schedule, limits)
 
     return decorate
 
@@ -192,6 +217,7 @@ def _build(
     queue: str,
     priority: int,
     schedule: str | None = None,
+    limits: Limits | None = None,
 ) -> Workflow:
     if not callable(body):
         raise TypeError(f"@workflow({name!r}) decorates a function, not {body!r}")
@@ -200,7 +226,15 @@ def _build(
             f"@workflow({name!r}) on an async function: its body runs once, now, to declare "
             "the steps; make it a plain def (its steps may be async def)"
         )
-    flow = Flow(name, storage, queue=queue, priority=priority)
+    limits = limits or Limits()
+    flow = Flow(
+        name,
+        storage,
+        queue=queue,
+        priority=priority,
+        concurrency_key=limits.concurrency_key,
+        max_concurrent=limits.max_concurrent,
+    )
     token = _building.set(flow)
     try:
         body()
@@ -271,6 +305,8 @@ def step(
     backoff: Backoff | None = None,
     condition: Condition | None = None,
     max_rescues: int = DEFAULT_MAX_RESCUES,
+    compensate: StepFunction | None = None,
+    compensate_retries: int | None = None,
 ) -> Callable[[StepFn], StepFn]: ...
 
 
@@ -284,6 +320,8 @@ def step(
     backoff: Backoff | None = None,
     condition: Condition | None = None,
     max_rescues: int = DEFAULT_MAX_RESCUES,
+    compensate: StepFunction | None = None,
+    compensate_retries: int | None = None,
 ) -> StepFn | Callable[[StepFn], StepFn]:
     """Declare a step of the workflow being defined, bare or with options.
 
@@ -292,6 +330,8 @@ def step(
     (it leaves no output and the flow goes on), and raising fails it. The step
     and its condition may be ``async def``; past its timeout a coroutine is cancelled.
     ``max_rescues`` bounds the re-runs after its worker was lost (not retries).
+    ``compensate(ctx)`` undoes the step if the run fails for good after it
+    completed (``compensate_retries``: its own retries, the step's by default).
     """
 
     def decorate(target: StepFn) -> StepFn:
@@ -305,6 +345,8 @@ def step(
             backoff=backoff,
             condition=condition,
             max_rescues=max_rescues,
+            compensate=compensate,
+            compensate_retries=compensate_retries,
         )
         return target
 

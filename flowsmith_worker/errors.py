@@ -177,6 +177,10 @@ class InvalidIdentifier(FlowSmithError, ValueError):
     """A tracking_id, flow, step or queue name that cannot be stored: nothing was written."""
 
 
+class ConcurrencyKeyFailed(FlowSmithError, ValueError):
+    """A flow's concurrency_key function raised for a run's input: nothing was enqueued."""
+
+
 class UnreadableRow(FlowSmithError):
     """A stored run holds a value that cannot be read (an unknown status, text that is
     not JSON, e.g. written by hand or by a newer version): `flowsmith status` shows which."""
@@ -208,10 +212,20 @@ class RunNotRetryable(Refused):
             why = "a completed run never runs again; use a new tracking_id for a new run"
         elif status == "CANCELLED":
             why = "a cancelled run stays cancelled; use a new tracking_id for a new run"
+        elif status == "COMPENSATING":
+            why = "its compensations are undoing its completed steps; it then ends FAILED"
         else:
             why = "it has not failed (a retry or a trigger may have re-queued it already)"
         return cls(
             f"flow run {tracking_id!r} is {status}: only a FAILED run can be retried ({why})"
+        )
+
+    @classmethod
+    def compensated(cls, tracking_id: str) -> RunNotRetryable:
+        return cls(
+            f"flow run {tracking_id!r} FAILED and its compensations undid its completed "
+            "steps: resuming it would build on undone work, so it is not retried; "
+            "start a new run with a new tracking_id"
         )
 
     @classmethod
@@ -227,6 +241,12 @@ class RunNotCancellable(Refused):
 
     @classmethod
     def for_run(cls, tracking_id: str, status: str) -> RunNotCancellable:
+        if status == "COMPENSATING":
+            return cls(
+                f"flow run {tracking_id!r} is COMPENSATING: its compensations are undoing its "
+                "completed steps, and stopping them halfway would leave it half undone; it "
+                "ends FAILED when they end (`flowsmith status` shows them)"
+            )
         return cls(
             f"flow run {tracking_id!r} is {status}: only a pending or running run can be "
             "cancelled (a FAILED run starts nothing more unless it is retried)"

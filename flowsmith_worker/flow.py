@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from flowsmith_worker import event_loop, payload, tracing
+from flowsmith_worker import compensation, concurrency, event_loop, payload, tracing
 from flowsmith_worker.async_calls import call_with_connection
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.cron import instant_of, validate_cron
-from flowsmith_worker.errors import InvalidFlowDefinition, PayloadRejected
+from flowsmith_worker.errors import ConcurrencyKeyFailed, InvalidFlowDefinition, PayloadRejected
 from flowsmith_worker.identifiers import (
     MAX_TRACKING_ID_LENGTH as MAX_TRACKING_ID_LENGTH,  # re-exported: callers import it here
 )
@@ -51,6 +51,8 @@ from flowsmith_worker.storage.base import DEFAULT_QUEUE, NewFlow, Storage
 StepFunction = Callable[[Context], Any]
 Condition = Callable[[Context], bool] | Callable[[Context], Awaitable[bool]]
 TrackingIdSource = str | Callable[[Context], str] | None
+# A run's concurrency key, from its input (see concurrency.py).
+KeyFunction = Callable[[Context], str]
 # When a sleep ends, from ctx: a timezone-aware datetime, or a timedelta or
 # seconds from when it begins.
 WakeTime = Callable[[Context], datetime | timedelta | float]
@@ -126,7 +128,9 @@ class FanOut:
             def call(ctx: Context) -> Any:
                 return each(ctx, item)
 
-        return dataclasses.replace(spec, name=item_step, fn=call, condition=None, fan_out=None)
+        return dataclasses.replace(
+            spec, name=item_step, fn=call, condition=None, fan_out=None, compensation=None
+        )
 
 
 def _never_called(_ctx: Context) -> None:
@@ -147,6 +151,9 @@ class StepSpec:
     max_rescues: int = DEFAULT_MAX_RESCUES
     # A sleep or a wait for an event: parked, never called (see parking.py).
     parking: Parking | None = None
+    # What undoes this step if its run fails for good (see compensation.py): a
+    # step of its own, named compensate:<name>, run by Flow.get_step's lookup.
+    compensation: StepSpec | None = None
     # A map: fn is its items function, fan_out what runs per item (see fanout.py).
     fan_out: FanOut | None = None
     # Whether fn, the condition, or either is ``async def`` (awaited on the
@@ -173,6 +180,11 @@ class Flow:
 
     ``flow.run(ctx)`` enqueues a run and returns at once; ``flowsmith worker``
     processes that import the module defining the flow run it.
+
+    ``concurrency_key=lambda ctx: ctx.data["customer_id"], max_concurrent=N``: at
+    most N runs of this flow per key in flight across all workers; the others wait,
+    holding no worker slot, and start in the order they were enqueued (see
+    concurrency.py). The key is computed once, when the run is enqueued.
     """
 
     def __init__(
@@ -182,9 +194,20 @@ class Flow:
         *,
         queue: str = DEFAULT_QUEUE,
         priority: int = 0,
+        concurrency_key: KeyFunction | None = None,
+        max_concurrent: int | None = None,
     ) -> None:
         check_identifier("flow name", name, MAX_NAME_LENGTH)
         check_identifier(f"the queue name of flow {name!r}", queue, MAX_QUEUE_LENGTH)
+        if concurrency_key is not None and not callable(concurrency_key):
+            raise TypeError(
+                f"flow {name!r}: concurrency_key={concurrency_key!r} must be a function of "
+                "ctx that returns the run's key, e.g. lambda ctx: ctx.data['customer_id']"
+            )
+        self.max_concurrent = concurrency.check_limit(
+            name, max_concurrent, concurrency_key is not None
+        )
+        self.concurrency_key = concurrency_key
         self.name = name
         self.storage = storage
         self.queue = queue
@@ -208,6 +231,8 @@ class Flow:
         backoff: Backoff | None = None,
         condition: Condition | None = None,
         max_rescues: int = DEFAULT_MAX_RESCUES,
+        compensate: StepFunction | None = None,
+        compensate_retries: int | None = None,
     ) -> Flow:
         """Add a step; ``retries=N`` allows N + 1 attempts in all.
 
@@ -216,9 +241,30 @@ class Flow:
 
         ``max_rescues`` bounds the re-runs after the step's worker was lost
         (killed, out of memory, past its lease): they do not use up ``retries``.
+
+        ``compensate(ctx)`` (plain or ``async def``) undoes the step: when the run
+        fails for good after this step completed, it runs, durably, in reverse
+        order with the other steps' compensations; ``ctx.data[name]`` is this
+        step's output. It has ``compensate_retries`` (default: ``retries``), the
+        step's timeout, backoff and max_rescues. See flowsmith_worker.compensation.
         """
         wait = as_wait_strategy(backoff)
-        spec = StepSpec(name, fn, retries, timeout, wait, condition, max_rescues=max_rescues)
+        undo = None
+        if compensate is not None:
+            undo_retries = retries if compensate_retries is None else compensate_retries
+            undo = StepSpec(
+                compensation.node_name(name),
+                compensate,
+                undo_retries,
+                timeout,
+                wait,
+                max_rescues=max_rescues,
+            )
+        elif compensate_retries is not None:
+            raise ValueError(f"step {name!r}: compensate_retries without compensate=")
+        spec = StepSpec(
+            name, fn, retries, timeout, wait, condition, max_rescues=max_rescues, compensation=undo
+        )
         return self._add(spec)
 
     def subflow(
@@ -385,6 +431,17 @@ class Flow:
 
     def _add(self, spec: StepSpec) -> Flow:
         check_identifier(f"a step name of flow {self.name!r}", spec.name, MAX_NAME_LENGTH)
+        if compensation.is_compensation(spec.name.lower()):
+            raise InvalidFlowDefinition(
+                f"flow {self.name!r}: step name {spec.name!r} starts with "
+                f"{compensation.COMPENSATE_PREFIX!r}, which names compensations: rename the step"
+            )
+        if len(compensation.node_name(spec.name)) > MAX_NAME_LENGTH and spec.compensation:
+            raise InvalidFlowDefinition(
+                f"flow {self.name!r}: step name {spec.name!r} is too long to have a "
+                f"compensation (at most {MAX_NAME_LENGTH - len(compensation.COMPENSATE_PREFIX)} "
+                "characters): shorten it"
+            )
         if self.get_step(spec.name) is not None or any(
             s.name == spec.name for s in self._group or []
         ):
@@ -404,15 +461,30 @@ class Flow:
             raise ValueError(f"step {spec.name!r}: timeout={spec.timeout} must be positive seconds")
         if not callable(spec.fn):
             raise TypeError(f"step {spec.name!r}: {spec.fn!r} is not callable")
+        if spec.compensation is not None:
+            self._check_compensation(spec, spec.compensation)
         if self._group is not None:
             self._group.append(spec)
         else:
             self.stages.append([spec])
         return self
 
+    @staticmethod
+    def _check_compensation(spec: StepSpec, undo: StepSpec) -> None:
+        if not callable(undo.fn):
+            raise TypeError(f"step {spec.name!r}: compensate={undo.fn!r} is not callable")
+        if undo.retries < 0:
+            raise ValueError(
+                f"step {spec.name!r}: compensate_retries={undo.retries} cannot be negative"
+            )
+
     # -- reading --------------------------------------------------------------
 
     def get_step(self, name: str) -> StepSpec | None:
+        """The step ``name``, or the compensation a ``compensate:<step>`` name stands for."""
+        if compensation.is_compensation(name):
+            undone = self.get_step(compensation.compensated_step(name))
+            return None if undone is None else undone.compensation
         for stage in self.stages:
             for spec in stage:
                 if spec.name == name:
@@ -429,6 +501,7 @@ class Flow:
                         s.subflow,
                         s.max_rescues,
                         _kind(s),
+                        s.compensation.max_attempts if s.compensation else 0,
                         s.fan_out.max_parallel if s.fan_out else None,
                         s.fan_out.allow_failures if s.fan_out else False,
                     )
@@ -594,6 +667,7 @@ class Flow:
         if tracking_id is None:
             tracking_id = uuid.uuid4().hex
         check_identifier("tracking_id", tracking_id, MAX_TRACKING_ID_LENGTH)
+        key = self._key_of(data, tracking_id)
         return NewFlow(
             flow_name=self.name,
             tracking_id=tracking_id,
@@ -603,9 +677,26 @@ class Flow:
             priority=self.priority,
             delay_seconds=float(delay or 0.0),
             run_at=run_at,
+            concurrency_key=key,
+            max_concurrent=self.max_concurrent if key is not None else None,
             # Last, once the request is known to be valid: a refused one makes no span.
             trace_parent=tracing.run_enqueued(self.name, tracking_id, self.queue),
         )
+
+    def _key_of(self, data: dict[str, Any], tracking_id: str) -> str | None:
+        """The run's concurrency key, from its input; the run is refused if none comes."""
+        if self.concurrency_key is None:
+            return None
+        try:
+            key = self.concurrency_key(Context(data, tracking_id=tracking_id))
+        except Exception as exc:
+            raise ConcurrencyKeyFailed(
+                f"flow {self.name!r}: concurrency_key raised {type(exc).__name__}: {exc} "
+                f"for run {tracking_id!r}: nothing was enqueued; give an input the key "
+                "function can read, or fix the function"
+            ) from exc
+        what = f"the concurrency key of run {tracking_id!r} of flow {self.name!r}"
+        return check_identifier(what, key, concurrency.MAX_KEY_LENGTH)
 
     # -- schedule -------------------------------------------------------------
 

@@ -31,12 +31,13 @@ sleep of N seconds wakes N seconds after it began however often it is claimed;
 a retry of the run (``flowsmith retry``) clears it, so a wait that timed out
 waits afresh.
 
-Shown: `flowsmith status` says SLEEPING or AWAITING_EVENT with the wake time
-as due; run.trace() has ``NodeRecord.wake_at`` and the PARKED attempts.
+Shown: `flowsmith status` and the dashboard say SLEEPING or AWAITING_EVENT
+(``parked_as``) with the wake time (``wakes_at``); run.trace() has
+``NodeRecord.wake_at`` and the PARKED attempts.
 
 Not yet (next): the torture model (tests/torture/model.py) knows no parked
-step; the dashboard shows a parked node as PENDING; each parking gives its
-attempt back, so ATTEMPTS reads 1/2 for a step parked once.
+step; each parking gives its attempt back, so ATTEMPTS reads 1/2 for a step
+parked once.
 
 Must never do I/O (as progress.py): every input is a plain value.
 """
@@ -46,11 +47,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowsmith_worker import progress
-from flowsmith_worker.records import AttemptOutcome
+from flowsmith_worker.plan import WAIT_FOR_EVENT
+from flowsmith_worker.records import AttemptOutcome, FlowRecord, NodeRecord, NodeStatus
 
 # The wake time of a wait with no timeout: 9999-12-31T23:59:59Z. A real instant
 # (not NULL), so the claim's due-time condition needs no special case.
 FOREVER = 253402300799.0
+
+# What the operator tools show as the status of a parked node (a PENDING row).
+SLEEPING = "SLEEPING"
+AWAITING_EVENT = "AWAITING_EVENT"
 
 
 @dataclass(frozen=True)
@@ -98,3 +104,21 @@ def park(run: str, *, now: float, until: float) -> progress.Fate:
     return progress.end_of_over_run(run) or progress.Retry(
         delay=until - now, gives_back_attempt=True, superseded_as=AttemptOutcome.PARKED
     )
+
+
+def parked_as(flow: FlowRecord, node: NodeRecord) -> str | None:
+    """The status `flowsmith status` and the dashboard show for a parked node: SLEEPING,
+    or AWAITING_EVENT for a wait_for step (its event has the step's name); None for a
+    node that is not parked."""
+    if node.status != NodeStatus.PENDING or node.wake_at is None:
+        return None
+    planned = flow.plan.step(node.step_name)
+    return AWAITING_EVENT if planned and planned.kind == WAIT_FOR_EVENT else SLEEPING
+
+
+def wakes_at(node: NodeRecord) -> float | None:
+    """When a parked node wakes if nothing comes first (a sleep's end, a wait's
+    timeout); None if it is not parked or waits with no timeout."""
+    if node.wake_at is None or node.wake_at >= FOREVER:
+        return None
+    return node.wake_at

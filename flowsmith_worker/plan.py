@@ -55,6 +55,8 @@ class PlannedStep:
     subflow: bool = False
     max_rescues: int = DEFAULT_MAX_RESCUES
     kind: str = STEP
+    # The attempts of the step's compensation (see compensation.py); 0: it has none.
+    compensation_attempts: int = 0
     # A map's items: at most this many RUNNING at once (None: no limit), and
     # whether an item failed for good fails the map (see fanout.py).
     max_parallel: int | None = None
@@ -107,6 +109,11 @@ class Plan:
         )
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:VERSION_LENGTH]
 
+    @functools.cached_property
+    def compensates(self) -> bool:
+        """Whether a step of the plan has a compensation (see compensation.py)."""
+        return any(planned.compensation_attempts for stage in self.stages for planned in stage)
+
     def names(self) -> list[str]:
         """The steps' names, in plan order."""
         return [planned.name for stage in self.stages for planned in stage]
@@ -129,6 +136,7 @@ class Plan:
                     # Plans stored before max_rescues existed get the default.
                     int(s.get("max_rescues", DEFAULT_MAX_RESCUES)),
                     str(s.get("kind", STEP)),
+                    int(s.get("compensation_attempts", 0)),
                     _optional_count(s.get("max_parallel")),
                     bool(s.get("allow_failures", False)),
                 )
@@ -140,8 +148,9 @@ class Plan:
 
 
 def _step_json(step: PlannedStep) -> dict[str, Any]:
-    """A step as stored; ``kind`` only when it is not a plain step, so the plans of
-    flows without sleeps or waits are stored exactly as before."""
+    """A step as stored; ``kind`` only when it is not a plain step, and
+    ``compensation_attempts`` only when it has a compensation, so the plans of
+    flows without them are stored (and versioned) exactly as before."""
     stored: dict[str, Any] = {
         "name": step.name,
         "max_attempts": step.max_attempts,
@@ -150,6 +159,8 @@ def _step_json(step: PlannedStep) -> dict[str, Any]:
     }
     if step.kind != STEP:
         stored["kind"] = step.kind
+    if step.compensation_attempts:
+        stored["compensation_attempts"] = step.compensation_attempts
     if step.kind == MAP:  # only a map's: every other plan is stored (and hashed) as before
         stored["max_parallel"] = step.max_parallel
         stored["allow_failures"] = step.allow_failures

@@ -288,7 +288,7 @@ def subflow_cancelled_error(tracking_id: str, flow_name: str) -> str:
 # The nodes a run's failure stops at once: those waiting to run (queued
 # siblings, scheduled retries), so that the claim need not read runs. A RUNNING
 # node ends when its attempt reports, a WAITING one when its child run does.
-STOPPED_BY_RUN_FAILURE = frozenset({NodeStatus.PENDING})
+STOPPED_BY_RUN_FAILURE = frozenset({NodeStatus.PENDING, NodeStatus.BLOCKED})
 
 
 # -- cancel and retry of a run -----------------------------------------------------
@@ -296,12 +296,15 @@ STOPPED_BY_RUN_FAILURE = frozenset({NodeStatus.PENDING})
 # The nodes a cancel ends at once: those waiting to run, and those waiting for
 # a subflow (whose child is cancelled with them). A RUNNING node ends when its
 # attempt reports (see after_failure; a completion does not move the run on).
-ENDED_BY_CANCEL = frozenset({NodeStatus.PENDING, NodeStatus.WAITING})
+ENDED_BY_CANCEL = frozenset({NodeStatus.PENDING, NodeStatus.WAITING, NodeStatus.BLOCKED})
 
 
 def cancellable(run: str) -> bool:
-    """A COMPLETED or FAILED run cannot be cancelled; cancelling a CANCELLED one changes nothing."""
-    return run not in (FlowStatus.COMPLETED, FlowStatus.FAILED)
+    """A COMPLETED or FAILED run cannot be cancelled; cancelling a CANCELLED one changes nothing.
+
+    Nor can a COMPENSATING one: stopping its compensations halfway would leave it
+    half undone (see compensation.py)."""
+    return run not in (FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.COMPENSATING)
 
 
 # What resuming a FAILED run re-queues: its failed nodes and those its failure

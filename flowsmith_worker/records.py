@@ -19,6 +19,9 @@ from flowsmith_worker.plan import Plan
 class FlowStatus(StrEnum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"
+    # A step failed it for good: its completed steps' compensations run, then it
+    # ends FAILED (see compensation.py).
+    COMPENSATING = "COMPENSATING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
@@ -31,6 +34,9 @@ class NodeStatus(StrEnum):
     FAILED = "FAILED"
     SKIPPED = "SKIPPED"
     WAITING = "WAITING"  # a subflow node waiting for its child flow
+    # A node of a run waiting for a place under its concurrency key (concurrency.py):
+    # never claimed; PENDING when the run gets its place.
+    BLOCKED = "BLOCKED"
     CANCELLED = "CANCELLED"
 
 
@@ -75,6 +81,10 @@ class NewFlow:
     # The W3C traceparent of the run's span (tracing.py); None when the enqueuing
     # process does not trace.
     trace_parent: str | None = None
+    # At most ``max_concurrent`` runs of this flow with this key in flight at once
+    # (concurrency.py); None: no limit.
+    concurrency_key: str | None = None
+    max_concurrent: int | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,10 @@ class FlowRecord:
     # JSON): column -> why. Such a field holds a placeholder (FAILED, {}, None, an
     # empty plan) that nobody should act on; FlowRun refuses the record.
     unreadable: Mapping[str, str] = field(default_factory=dict)
+    # The run's concurrency key (None: none), and its turn under it: see
+    # concurrency.py (None: holds no place, IN_FLIGHT, or waiting since then).
+    concurrency_key: str | None = None
+    key_turn: float | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from flowsmith_worker import fanout
+from flowsmith_worker.compensation import Compensation, outcome_of_run
 from flowsmith_worker.errors import FlowCancelled, FlowNotFound, StepFailed, UnreadableRow
 from flowsmith_worker.identifiers import MAX_TRACKING_ID_LENGTH, check_identifier
 from flowsmith_worker.storage import default_storage
@@ -62,6 +63,12 @@ class FlowRun:
         )
         return fanout.progress_of(name, nodes)
 
+    def compensation(self) -> Compensation | None:
+        """How the compensations of this FAILED run ended: COMPENSATED, COMPENSATION_FAILED,
+        or None (the run has not FAILED, or had nothing to undo). See compensation.py."""
+        record = self.record(with_payloads=False)
+        return outcome_of_run(record.status, self.storage.list_nodes(flow_id=record.id))
+
     def plan_version(self) -> str:
         """The version of the plan this run was enqueued with, as `flowsmith status` shows
         it: a short hash of its steps (see plan.py). The run keeps that plan whatever code
@@ -73,7 +80,8 @@ class FlowRun:
 
         A step already running finishes, but the run goes no further; its
         subflows are cancelled too, and cancelling a cancelled run again does
-        nothing. RunNotCancellable if the run has COMPLETED or FAILED.
+        nothing. RunNotCancellable if the run has COMPLETED or FAILED, or is
+        COMPENSATING (undoing its steps, see compensation.py).
         """
         self.storage.cancel_flow(tracking_id=self.tracking_id)
 
@@ -82,7 +90,8 @@ class FlowRun:
 
         Completed steps keep their outputs; each failed step, and each parallel
         sibling its failure stopped, gets a fresh allowance of attempts.
-        RunNotRetryable if the run is not FAILED (or another retry came first).
+        RunNotRetryable if the run is not FAILED (or another retry came first), or if
+        its compensations ran (its steps were undone).
         """
         self.storage.resume_flow(tracking_id=self.tracking_id)
 

@@ -20,6 +20,7 @@ from typing import Any
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import StepFailed
 from flowsmith_worker.flow import Flow, registry
+from flowsmith_worker.parking import AWAITING_EVENT, parked_as
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage.memory import InMemoryStorage
 from flowsmith_worker.worker import Worker
@@ -82,3 +83,24 @@ def _outcome(run: FlowRun) -> dict[str, Any]:
     except StepFailed as failure:
         failure.add_note(f"the error of step {failure.step!r}:\n{failure.error}")
         raise
+    except TimeoutError:
+        # The worker went idle with the run unfinished: only a wait with no
+        # timeout does that, and nothing here will ever send its event.
+        waits = _awaited_events(run)
+        if not waits:
+            raise
+        raise TimeoutError(
+            f"flow run {run.tracking_id!r} waits for event(s) {', '.join(map(repr, waits))} "
+            "with no timeout, and run_flow sends no events: give the wait a short timeout= "
+            "(with on_timeout= for the value it stands for), or run the flow with a Worker "
+            "and send_event"
+        ) from None
+
+
+def _awaited_events(run: FlowRun) -> list[str]:
+    """The names of the run's wait_for steps parked for their event."""
+    record = run.storage.get_flow(tracking_id=run.tracking_id, with_payloads=False)
+    if record is None:
+        return []
+    nodes = run.storage.list_nodes(flow_id=record.id, with_payloads=False)
+    return [n.step_name for n in nodes if parked_as(record, n) == AWAITING_EVENT]

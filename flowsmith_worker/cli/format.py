@@ -63,11 +63,15 @@ _STATUS_STYLES = {
     "COMPLETED": Styled("", fg="green"),
     "FAILED": Styled("", fg="red", bold=True),
     "RUNNING": Styled("", fg="cyan"),
+    # Failed, and undoing its completed steps (compensation.py).
+    "COMPENSATING": Styled("", fg="red"),
     "WAITING": Styled("", fg="blue"),
-    # A parked sleep or wait (cli/status.py parked_as), and its attempts left behind.
+    # A parked sleep or wait (parking.parked_as), and its attempts left behind.
     "SLEEPING": Styled("", fg="blue"),
     "AWAITING_EVENT": Styled("", fg="blue"),
     "PARKED": Styled("", fg="blue"),
+    # A step of a run waiting for a place under its concurrency key.
+    "BLOCKED": Styled("", fg="blue"),
     "PENDING": Styled("", fg="yellow"),
     "CANCELLED": Styled("", fg="magenta"),
     "SKIPPED": Styled("", dim=True),

@@ -7,6 +7,7 @@ again, draws again and pauses.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import click
 
-from flowsmith_worker import fanout
+from flowsmith_worker import compensation, fanout
 from flowsmith_worker.cli.format import (
     TABLE_WIDTH,
     Styled,
@@ -41,8 +42,9 @@ from flowsmith_worker.cli.params import (
     Duration,
     url_option,
 )
-from flowsmith_worker.parking import FOREVER
-from flowsmith_worker.plan import MAP, WAIT_FOR_EVENT
+from flowsmith_worker.concurrency import IN_FLIGHT
+from flowsmith_worker.parking import FOREVER, parked_as
+from flowsmith_worker.plan import MAP
 from flowsmith_worker.readable import (
     UNREADABLE_CELL,
     format_both,
@@ -67,6 +69,8 @@ DEFAULT_WATCH_INTERVAL = "2s"
 EXIT_FLOW_FAILED = 1  # the run FAILED or was CANCELLED: a script can test it
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
 LABEL_WIDTH = 10  # "Finished  " in the run's lines
+# The runs whose status exits 1: they will not complete.
+_NOT_GOING_THROUGH = (FlowStatus.FAILED, FlowStatus.COMPENSATING, FlowStatus.CANCELLED)
 
 # The wait between two reads of --watch. A test puts a function that moves the
 # run on in its place, instead of sleeping.
@@ -117,9 +121,12 @@ def _run_lines(snapshot: Snapshot, wide: bool) -> list[str]:
         ("Run", flow.tracking_id),
         ("Flow", f"{flow.flow_name} (queue {flow.queue})"),
         ("Plan", _plan_cell(flow)),
-        ("Status", status_cell(flow)),
+        ("Status", _run_status(snapshot)),
         ("Created", format_both(flow.created_at, now)),
     ]
+    key = _key_cell(flow, now)
+    if key is not None:
+        lines.append(("Key", key))
     starts = _delayed_start(snapshot)
     if starts is not None:
         lines.append(("Starts", format_both(starts, now)))
@@ -129,6 +136,38 @@ def _run_lines(snapshot: Snapshot, wide: bool) -> list[str]:
     if flow.error:
         lines.append(("Error", last_line(flow.error)))
     return [f"{label:<{LABEL_WIDTH}}{_value(value, wide)}" for label, value in lines]
+
+
+def _run_status(snapshot: Snapshot) -> object:
+    """The run's status, and how its compensations ended if it had any (compensation.py)."""
+    cell = status_cell(snapshot.flow)
+    outcome = compensation_of(snapshot)
+    return cell if outcome is None else dataclasses.replace(cell, text=f"{cell.text} ({outcome})")
+
+
+def compensation_of(snapshot: Snapshot) -> str | None:
+    """COMPENSATED or COMPENSATION_FAILED for a FAILED run that had steps to undo; else None."""
+    if "status" in snapshot.flow.unreadable:
+        return None
+    found = compensation.outcome_of_run(snapshot.flow.status, snapshot.nodes)
+    return None if found is None else str(found)
+
+
+def waiting_for_key(flow: FlowRecord) -> str | None:
+    """The concurrency key under which the run waits for a place; None if it waits for none."""
+    turn = flow.key_turn
+    return flow.concurrency_key if turn is not None and turn > IN_FLIGHT else None
+
+
+def _key_cell(flow: FlowRecord, now: float) -> str | None:
+    """The run's concurrency key and its place under it (see concurrency.py)."""
+    if flow.concurrency_key is None:
+        return None
+    key = repr(flow.concurrency_key)
+    if waiting_for_key(flow) is not None:
+        since = format_both(flow.key_turn, now)
+        return f"{key}: WAITING for a place (since {since}); its BLOCKED steps start in turn"
+    return f"{key}: in flight" if flow.key_turn == IN_FLIGHT else key
 
 
 def _plan_cell(flow: FlowRecord) -> object:
@@ -172,15 +211,6 @@ def _due(node: NodeRecord, now: float) -> float | None:
         return None
     # A wait for an event with no timeout is due at parking.FOREVER: it has no due time.
     return due if now < due < FOREVER else None
-
-
-def parked_as(flow: FlowRecord, node: NodeRecord) -> str | None:
-    """The STATUS of a parked node (see parking.py): SLEEPING, or AWAITING_EVENT for a
-    wait_for step; None for a node that is not parked. Its wake time shows as due."""
-    if node.status != NodeStatus.PENDING or node.wake_at is None:
-        return None
-    planned = flow.plan.step(node.step_name)
-    return "AWAITING_EVENT" if planned and planned.kind == WAIT_FOR_EVENT else "SLEEPING"
 
 
 STEP_HEADERS = ("#", "STEP", "STATUS", "ATTEMPTS", "START", "DURATION", "WORKER", "LAST_ERROR")
@@ -375,7 +405,9 @@ def status(
     its steps; plan_version in --json): the run keeps that plan whatever code is
     deployed since. Times are relative to the database clock ("3m05s ago"); a run
     enqueued with a delay says when it starts, a step waiting to be retried when
-    ("in 25s"). Steps of the plan the run has not reached yet are listed as "(not
+    ("in 25s"). A parked step shows as SLEEPING or AWAITING_EVENT (flow.sleep,
+    flow.wait_for), with when it wakes if nothing comes first (PENDING with its
+    wake_at in --json). Steps of the plan the run has not reached yet are listed as "(not
     reached)". A step that ran more than once (retried, rescued, released) has each
     attempt listed below the steps: outcome, start, duration, worker, error
     (--traceback: in full). The tables fit 100 columns, worker ids cut to 8
@@ -383,10 +415,15 @@ def status(
     cannot be read is shown as UNREADABLE, with why on stderr (null with --json).
     Inputs and outputs are read only with --json, whose times are ISO-8601.
 
+    A run of a flow with a concurrency key has a Key line: the key, and whether the
+    run is in flight or WAITING for a place under it (its steps BLOCKED until a run
+    of the key ends; waiting_for_key in --json).
+
     \b
     Exit codes:
       0  the run is COMPLETED, RUNNING or PENDING (--watch: it COMPLETED)
-      1  the run FAILED or was CANCELLED, or its stored status cannot be read
+      1  the run FAILED (or is COMPENSATING: undoing its steps, then FAILED) or was
+         CANCELLED, or its stored status cannot be read
          (or an error, e.g. the database is down)
       2  usage error
       3  no flow run has TRACKING_ID
@@ -413,6 +450,8 @@ def status(
             {
                 "flow": snapshot.flow,
                 "plan_version": plan_version(snapshot.flow),
+                "compensation": compensation_of(snapshot),
+                "waiting_for_key": waiting_for_key(snapshot.flow),
                 "steps": snapshot.nodes,
                 "not_reached": [name for _, name in _not_reached(snapshot.flow, snapshot.nodes)],
             }
@@ -420,7 +459,7 @@ def status(
     elif not watch:
         _show(snapshot, wide, show_traceback)
     flow = snapshot.flow
-    if "status" in flow.unreadable or flow.status in (FlowStatus.FAILED, FlowStatus.CANCELLED):
+    if "status" in flow.unreadable or flow.status in _NOT_GOING_THROUGH:
         raise click.exceptions.Exit(EXIT_FLOW_FAILED)
 
 

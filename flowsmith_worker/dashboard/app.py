@@ -13,6 +13,7 @@ in its thread pool; the actions read their form asynchronously first.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -132,6 +133,7 @@ def _templates() -> Jinja2Templates:
         message=error_message,
         json=views.shown_json,
         text=views.shown_text,
+        shell=shlex.quote,  # a command shown to copy into a shell
     )
     environment.globals.update(cancellable=progress.cancellable, FlowStatus=FlowStatus)
     return Jinja2Templates(env=environment)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flowsmith_worker import parking
 from flowsmith_worker.storage.base import (
     ActivitySlice,
     AttemptOutcome,
@@ -73,6 +74,10 @@ class StepView:
     bar: Bar | None
     attempts: list[Attempt]
     subflows: list[RunLink]
+    # A parked sleep or wait (parking.parked_as): SLEEPING or AWAITING_EVENT, shown
+    # instead of its PENDING row's status, with when it wakes (None: no timeout).
+    parked: str | None = None
+    wakes_at: float | None = None
 
     @property
     def retries(self) -> int:
@@ -101,17 +106,30 @@ def timeline(
     planned_stages = [[step.name for step in stage] for stage in flow.plan.stages]
     for position, planned in enumerate(planned_stages or _stages_of(nodes)):
         steps = [
-            StepView(
-                name=name,
-                node=by_name.get(name),
-                bar=_bar(by_name.get(name), start, end, now),
-                attempts=attempts_of(by_name[name]) if name in by_name else [],
-                subflows=[c for c in children if c.step_name == name],
-            )
-            for name in planned
+            _step_view(flow, name, by_name.get(name), children, start, end, now) for name in planned
         ]
         stages.append(Stage(position=position, steps=steps))
     return stages
+
+
+def _step_view(
+    flow: FlowRecord,
+    name: str,
+    node: NodeRecord | None,
+    children: Sequence[RunLink],
+    start: float,
+    end: float,
+    now: float,
+) -> StepView:
+    return StepView(
+        name=name,
+        node=node,
+        bar=_bar(node, start, end, now),
+        attempts=attempts_of(node) if node else [],
+        subflows=[c for c in children if c.step_name == name],
+        parked=parking.parked_as(flow, node) if node else None,
+        wakes_at=parking.wakes_at(node) if node else None,
+    )
 
 
 def _stages_of(nodes: Sequence[NodeRecord]) -> list[list[str]]:

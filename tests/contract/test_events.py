@@ -32,7 +32,7 @@ from flowsmith_worker.decorators import step, wait_for, workflow
 from flowsmith_worker.records import AttemptOutcome
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
-from tests.contract.test_sleep import POLL, drive, nodes_of, outcomes, parked, status_of
+from tests.support.parking import POLL, drive, nodes_of, outcomes, parked, status_of
 
 Names = Callable[[str], str]
 

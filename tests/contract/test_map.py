@@ -150,7 +150,7 @@ def test_a_failed_item_fails_the_map_and_stops_the_others(storage: Storage, uniq
     assert ran == [0] and after == []
     assert nodes["charge[0]"].status == NodeStatus.FAILED
     assert all(nodes[f"charge[{i}]"].status == NodeStatus.CANCELLED for i in range(1, 6))
-    assert nodes["charge"].status == NodeStatus.WAITING
+    assert nodes["charge"].status == NodeStatus.CANCELLED  # stopped, as its items
 
 
 def test_allow_failures_records_each_items_error(storage: Storage, unique: Names) -> None:
@@ -336,3 +336,27 @@ def test_cancelling_a_run_mid_map_ends_its_items_and_the_map(
     assert {nodes[f"each[{i}]"].status for i in range(3)} - {NodeStatus.COMPLETED} == {
         NodeStatus.CANCELLED
     }
+
+
+def test_a_failed_item_runs_the_compensations_of_the_steps_before_the_map(
+    storage: Storage, unique: Names
+) -> None:
+    """A run whose map fails (an item failed for good) is not left waiting for its map:
+    the compensation of the step before the map runs and the run ends FAILED,
+    COMPENSATED."""
+    undone: list[str] = []
+    flow = (
+        Flow(unique("saga"), storage=storage)
+        .step("reserve", lambda ctx: "held", compensate=lambda ctx: undone.append("released"))
+        .map("charge", _fails_on_two, items=lambda ctx: [1, 2, 3])
+    )
+    run = flow.run({}, tracking_id=unique("t"))
+    assert run_to_end(storage, run.tracking_id) == FlowStatus.FAILED
+    assert undone == ["released"]
+    assert run.compensation() == "COMPENSATED"
+
+
+def _fails_on_two(ctx: Context, item: int) -> int:
+    if item == 2:
+        raise ValueError("item 2 cannot be charged")
+    return item

@@ -17,43 +17,11 @@ import pytest
 
 from flowsmith_worker import Flow, FlowStatus, NodeStatus, Worker
 from flowsmith_worker.decorators import sleep, step, workflow
-from flowsmith_worker.records import AttemptOutcome, Lease, NodeRecord, Parked
+from flowsmith_worker.records import AttemptOutcome, Lease, Parked
 from flowsmith_worker.storage.base import Storage
-from tests.conftest import eventually
+from tests.support.parking import POLL, drive, nodes_of, outcomes, parked, status_of
 
 Names = Callable[[str], str]
-POLL = 0.02
-
-
-def nodes_of(storage: Storage, tracking_id: str) -> dict[str, NodeRecord]:
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
-    assert record is not None
-    return {n.step_name: n for n in storage.list_nodes(flow_id=record.id)}
-
-
-def status_of(storage: Storage, tracking_id: str) -> FlowStatus:
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
-    assert record is not None
-    return record.status
-
-
-def drive(worker: Worker, done: Callable[[], Any], timeout: float = 20.0) -> Any:
-    """Turn the worker's loop in this thread until ``done()`` is truthy."""
-
-    def turn() -> Any:
-        worker.run_once()
-        return done()
-
-    return eventually(turn, timeout=timeout, interval=POLL)
-
-
-def parked(storage: Storage, tracking_id: str, step_name: str) -> bool:
-    node = nodes_of(storage, tracking_id).get(step_name)
-    return node is not None and node.status == NodeStatus.PENDING and node.wake_at is not None
-
-
-def outcomes(node: NodeRecord) -> list[AttemptOutcome]:
-    return [a.outcome for a in node.attempts]
 
 
 def test_a_sleeping_run_holds_no_slot_and_wakes_after_its_time(

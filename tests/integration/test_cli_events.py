@@ -22,9 +22,9 @@ from flowsmith_worker import Flow, FlowStatus, Worker, send_event, send_event_as
 from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.records import Woken
 from flowsmith_worker.storage.base import Storage
-from tests.contract.test_sleep import POLL, drive, parked, status_of
 from tests.integration.conftest import Db
-from tests.integration.test_cli_ops import cli, cli_json
+from tests.support.cli import cli, cli_json
+from tests.support.parking import POLL, drive, parked, status_of
 
 Names = Callable[[str], str]
 

@@ -17,16 +17,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
-from sqlalchemy.pool import NullPool
 
 from flowsmith_worker import Context, Flow, Worker
 from flowsmith_worker.cli import main
-from flowsmith_worker.config import parse_database_url
 from flowsmith_worker.errors import UnreadableRow
 from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, Storage
 from flowsmith_worker.storage.sql import schema
+from tests.support.schema import execute
 
 Names = Callable[[str], str]
 F, N = schema.flows, schema.nodes
@@ -43,17 +42,6 @@ def db(sql_url: str) -> Iterator[tuple[str, Storage]]:
 
 def cli(url: str, *args: str) -> Result:
     return CliRunner().invoke(main, [*args, "--url", url])
-
-
-def execute(url: str, *statements: sa.Executable) -> None:
-    """Write to the database behind FlowSmith's back."""
-    engine = sa.create_engine(parse_database_url(url), poolclass=NullPool)
-    try:
-        with engine.begin() as conn:
-            for statement in statements:
-                conn.execute(statement)
-    finally:
-        engine.dispose()
 
 
 def ok(ctx: Context) -> dict[str, Any]:

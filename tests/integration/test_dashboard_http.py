@@ -21,8 +21,9 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from flowsmith_worker import Flow
+from flowsmith_worker import Flow, Worker
 from flowsmith_worker.dashboard import Credentials, create_app
+from flowsmith_worker.readable import format_time
 from flowsmith_worker.storage.base import FlowStatus, Storage
 from tests.conftest import eventually
 from tests.dashboard_support import (  # noqa: F401 - the *_fixture: fixtures
@@ -37,6 +38,7 @@ from tests.dashboard_support import (  # noqa: F401 - the *_fixture: fixtures
     zoo_fixture,
 )
 from tests.support.http import free_port
+from tests.support.parking import POLL, drive, nodes_of, parked
 
 CREDENTIALS = Credentials("ops", "correct horse")
 AUTH = ("ops", "correct horse")
@@ -132,6 +134,42 @@ def test_a_step_whose_worker_was_lost_is_marked_rescued(
     assert "rescued \N{MULTIPLICATION SIGN}1" in page
     assert "retried \N{MULTIPLICATION SIGN}" not in page
     assert "attempt 2 of" in page
+
+
+def test_a_parked_step_shows_what_it_sleeps_or_waits_for(
+    db: Storage, unique: Callable[[str], str]
+) -> None:
+    """Steps a real Worker parked show as `flowsmith status` shows them: a sleep as
+    SLEEPING with its wake time, a wait as AWAITING_EVENT with its event's name, its
+    timeout (or none) and the command that sends the event; not as PENDING."""
+    runs = {
+        "nap": Flow(unique("sleeps"), storage=db).sleep("nap", seconds=3600),
+        "approval": Flow(unique("waits"), storage=db).wait_for("approval", timeout=7200),
+        "signature": Flow(unique("waits_on"), storage=db).wait_for("signature"),
+    }
+    tracking_ids = {step: flow.run({}).tracking_id for step, flow in runs.items()}
+    drive(
+        Worker(storage=db, poll_interval=POLL),
+        lambda: all(parked(db, tid, step) for step, tid in tracking_ids.items()),
+    )
+    pages = {}
+    with serving(create_app(db)) as base:
+        for step, tid in tracking_ids.items():
+            pages[step] = httpx.get(f"{base}/run", params={"tracking_id": tid}).text
+
+    def wakes(step: str) -> str:
+        wake_at = nodes_of(db, tracking_ids[step])[step].wake_at
+        return f'<span class="wakes-at">{format_time(wake_at)}</span>'
+
+    assert '<span class="status SLEEPING">SLEEPING</span>' in pages["nap"]
+    assert f"sleeps until {wakes('nap')}" in pages["nap"]
+    approval = pages["approval"]
+    assert '<span class="status AWAITING_EVENT">AWAITING_EVENT</span>' in approval
+    assert f'<code class="event-name">approval</code>, times out {wakes("approval")}' in approval
+    assert f"flowsmith send-event {tracking_ids['approval']} approval --data JSON" in approval
+    assert '<code class="event-name">signature</code>, no timeout' in pages["signature"]
+    for page in pages.values():
+        assert '<span class="status PENDING">' not in page
 
 
 def test_data_from_the_database_is_shown_as_text(

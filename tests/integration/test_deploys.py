@@ -27,8 +27,8 @@ from flowsmith_worker.plan import Plan, PlannedStep
 from flowsmith_worker.storage.sql import schema
 from tests.dashboard_support import serving
 from tests.integration.conftest import Db
-from tests.integration.test_cli_ops import cli, ok, run_line
-from tests.integration.test_cli_untrusted_rows import execute
+from tests.support.cli import cli, ok, run_line
+from tests.support.schema import execute
 from tests.worker_process import WorkerProcess
 
 Names = Callable[[str], str]

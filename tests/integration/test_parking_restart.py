@@ -18,7 +18,7 @@ import pytest
 from flowsmith_worker import Flow, FlowStatus, create_storage, send_event
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
-from tests.contract.test_sleep import nodes_of, parked, status_of
+from tests.support.parking import nodes_of, parked, status_of
 from tests.worker_process import WorkerProcess
 
 RUNS = 4

@@ -16,6 +16,17 @@ def engine_for(url: str) -> sa.Engine:
     return sa.create_engine(parse_database_url(url), poolclass=NullPool)
 
 
+def execute(url: str, *statements: sa.Executable) -> None:
+    """Write to the database behind FlowSmith's back."""
+    engine = engine_for(url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.execute(statement)
+    finally:
+        engine.dispose()
+
+
 def table_names(url: str) -> set[str]:
     engine = engine_for(url)
     try:

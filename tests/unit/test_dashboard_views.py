@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from flowsmith_worker.dashboard import views
-from flowsmith_worker.plan import Plan, PlannedStep
+from flowsmith_worker.parking import FOREVER
+from flowsmith_worker.plan import SLEEP, WAIT_FOR_EVENT, Plan, PlannedStep
 from flowsmith_worker.storage.base import (
     RESCUE_ERROR,
     ActivitySlice,
@@ -89,6 +90,35 @@ def test_the_timeline_keeps_plan_order_with_siblings_side_by_side() -> None:
     assert left.bar == views.Bar(x=20.0, width=20.0)
     assert right.bar == views.Bar(x=20.0, width=80.0)  # running: up to now
     assert pay.node is None and pay.bar is None and pay.subflows == [child]
+
+
+def test_a_parked_node_shows_what_it_waits_for_and_until_when() -> None:
+    """A parked sleep is SLEEPING and a parked wait AWAITING_EVENT, each with its wake
+    time (none for a wait without timeout); a PENDING node that is not parked (a retry
+    waiting for its backoff) keeps its own status."""
+    plan = Plan(
+        stages=(
+            (PlannedStep("nap", 1, kind=SLEEP),),
+            (PlannedStep("approval", 1, kind=WAIT_FOR_EVENT),),
+            (PlannedStep("forever", 1, kind=WAIT_FOR_EVENT),),
+            (PlannedStep("retry_me", 2),),
+        )
+    )
+    run = dataclasses.replace(RUN, plan=plan)
+    pending = {"status": NodeStatus.PENDING, "finished_at": None}
+    nodes = [
+        node("nap", 0, wake_at=500.0, **pending),
+        node("approval", 1, wake_at=900.0, **pending),
+        node("forever", 2, wake_at=FOREVER, **pending),
+        node("retry_me", 3, **pending),
+    ]
+    steps = [stage.steps[0] for stage in views.timeline(run, nodes, [], now=200.0)]
+    assert [(s.parked, s.wakes_at) for s in steps] == [
+        ("SLEEPING", 500.0),
+        ("AWAITING_EVENT", 900.0),
+        ("AWAITING_EVENT", None),
+        (None, None),
+    ]
 
 
 def attempt(number: int, outcome: AttemptOutcome, error: str | None = None) -> AttemptRecord:

@@ -95,3 +95,15 @@ def test_something_else_than_a_flow_is_refused() -> None:
     """A function given by mistake (the undecorated step, say) is named in the error."""
     with pytest.raises(TypeError, match="run_flow takes a Flow or a @workflow, not function"):
         run_flow(lambda ctx: None)
+
+
+def test_a_wait_with_no_timeout_is_named_rather_than_timing_out_after_0_s(
+    unique: Callable[[str], str],
+) -> None:
+    """run_flow sends no events: a flow parked on a wait_for with no timeout ends run_flow
+    with an error naming the event and saying what to do, not "still RUNNING after 0 s"."""
+    flow = Flow(unique("approval"))
+    flow.step("open", lambda ctx: "opened")
+    flow.wait_for("manager_ok")
+    with pytest.raises(TimeoutError, match=r"event\(s\) 'manager_ok' with no timeout.*send_event"):
+        run_flow(flow, {}, timeout=5)

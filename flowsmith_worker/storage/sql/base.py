@@ -285,6 +285,8 @@ def flow_record(row: Row[Any]) -> FlowRecord:
         updated_at=row.updated_at,
         finished_at=row.finished_at,
         unreadable=values.unreadable,
+        concurrency_key=row.concurrency_key,
+        key_turn=row.key_turn,
     )
 
 

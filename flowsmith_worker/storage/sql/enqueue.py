@@ -29,7 +29,8 @@ from sqlalchemy.engine import Connection, Row
 from flowsmith_worker import payload
 from flowsmith_worker.plan import PlannedStep
 from flowsmith_worker.storage.base import FlowStatus, NewFlow, NodeStatus
-from flowsmith_worker.storage.sql.base import FLOW_STATE, F, N, SqlBase, dumps
+from flowsmith_worker.storage.sql.base import FLOW_STATE, F, N, dumps
+from flowsmith_worker.storage.sql.concurrency import Key, SqlConcurrency
 from flowsmith_worker.storage.sql.context import input_to_store
 from flowsmith_worker.storage.sql.dialects import NOTIFY_CHANNEL, DbError, is_stale_connection
 from flowsmith_worker.storage.sql.prepared import PreparedStatement
@@ -112,7 +113,7 @@ def chunks(items: Sequence[T], size_of: Callable[[T], int] | None = None) -> Ite
         yield chunk
 
 
-class SqlEnqueue(SqlBase):
+class SqlEnqueue(SqlConcurrency):
     """Inserting new runs; what to do with existing ones is SqlStorage's."""
 
     def _read_runs(self, conn: Connection, tracking_ids: Sequence[str]) -> dict[str, Row[Any]]:
@@ -136,10 +137,13 @@ class SqlEnqueue(SqlBase):
         path (on PostgreSQL one statement, in the caller's transaction too)."""
         if parent_node_id is None:
             return self._insert_new_runs(conn, [flow]).get(flow.tracking_id)
+        keys = self._lock_keys_for(conn, [flow])
         new_id = self._insert_subflow_run(conn, flow, parent_node_id)
         if new_id is not None:
             self._insert_first_stages(conn, [(new_id, flow)])
             self.dialect.notify(conn, flow.queue)
+            if keys:
+                self._take_places(conn, keys, [new_id])
         return new_id
 
     def _insert_subflow_run(
@@ -166,8 +170,26 @@ class SqlEnqueue(SqlBase):
         """
         plans = _PlanTexts()
         inputs = {flow.tracking_id: dumps(input_to_store(flow)) for flow in flows}
-        if self.dialect.enqueues_in_one_statement:
-            return self._insert_runs_alike(conn, flows, inputs, plans)
+        # Runs with a concurrency key lock their keys first (see sql/concurrency.py)
+        # and take the statement-by-statement path, which stores their keys.
+        keys = self._lock_keys_for(conn, flows)
+        alike = [flow for flow in flows if _in_one_statement(self, flow)]
+        created = self._insert_runs_alike(conn, alike, inputs, plans) if alike else {}
+        rest = [flow for flow in flows if not _in_one_statement(self, flow)]
+        if rest:
+            created.update(self._insert_runs_in_parts(conn, rest, inputs, plans))
+        keyed = [flow.tracking_id for flow in flows if flow.concurrency_key is not None]
+        self._take_places(conn, keys, [created[tid] for tid in keyed if tid in created])
+        return created
+
+    def _insert_runs_in_parts(
+        self,
+        conn: Connection,
+        flows: Sequence[NewFlow],
+        inputs: dict[str, str],
+        plans: _PlanTexts,
+    ) -> dict[str, int]:
+        """_insert_new_runs statement by statement: the runs, then their first stages."""
         rows = [_run_row(flow, inputs[flow.tracking_id], plans.of(flow), None) for flow in flows]
         created: dict[str, int] = {}
         for chunk in chunks(rows, lambda row: len(row["input"]) + len(row["plan"])):
@@ -177,6 +199,13 @@ class SqlEnqueue(SqlBase):
         for queue in sorted({flow.queue for flow in new}):
             self.dialect.notify(conn, queue)
         return created
+
+    def _take_places(self, conn: Connection, keys: Sequence[Key], new_ids: Sequence[int]) -> None:
+        """New runs with a key wait for a place, and get one now where one is free
+        (their keys are locked: _lock_keys_for)."""
+        for chunk in chunks(new_ids):
+            self._wait_for_places(conn, chunk)
+        self._give_free_places(conn, keys)
 
     def _insert_runs_alike(
         self,
@@ -339,6 +368,11 @@ def _runs_alike(flows: Sequence[NewFlow]) -> list[list[NewFlow]]:
     return list(groups.values())
 
 
+def _in_one_statement(storage: SqlEnqueue, flow: NewFlow) -> bool:
+    """Whether the run is inserted by ENQUEUE_NEW_RUNS_PG, which stores no concurrency key."""
+    return storage.dialect.enqueues_in_one_statement and flow.concurrency_key is None
+
+
 def _run_row(
     flow: NewFlow, input_json: str, plan_json: str, parent_node_id: int | None
 ) -> dict[str, Any]:
@@ -351,6 +385,7 @@ def _run_row(
         plan=plan_json,
         queue=flow.queue,
         priority=flow.priority,
+        concurrency_key=flow.concurrency_key,
     )
     if parent_node_id is not None:
         row["parent_node_id"] = parent_node_id

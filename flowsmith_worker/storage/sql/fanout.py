@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection, Row
 from flowsmith_worker import fanout, parking
 from flowsmith_worker.plan import MAP, Plan, PlannedStep
 from flowsmith_worker.storage.base import Lease, NodeStatus
+from flowsmith_worker.storage.sql import context as sql_context
 from flowsmith_worker.storage.sql.base import N, SqlBase
 
 
@@ -125,6 +126,48 @@ class SqlFanOut(SqlBase):
         conn.execute(sa.update(N).where(N.c.id == held).values(run_after=self._now()))
         self.dialect.notify(conn, flow_row.queue)
 
+    def _stop_waiting_maps(self, conn: Connection, flow_row: Row[Any], stopped: Any) -> None:
+        """A failing run stops its maps waiting for items as it stops its PENDING nodes
+        (``stopped``: the column values of that fate): nothing of the run is left in
+        flight, so its compensations can begin, and a retry finds them (see below)."""
+        names = _map_names(flow_row)
+        if names:
+            conn.execute(
+                sa.update(N)
+                .where(
+                    N.c.flow_id == flow_row.id,
+                    N.c.status == NodeStatus.WAITING,
+                    N.c.step_name.in_(names),
+                )
+                .values(**stopped)
+            )
+
+    def _maps_waiting_again(
+        self, conn: Connection, flow_id: int, plan: Plan, resumed: Sequence[Row[Any]]
+    ) -> set[int]:
+        """The resumed map nodes whose items were started: WAITING for them again (their
+        failed and stopped items are resumed with them), not run again; their ids."""
+        maps = [
+            row
+            for row in resumed
+            if row.group_index >= 0 and (p := plan.step(row.step_name)) and p.kind == MAP
+        ]
+        started = {
+            row.id
+            for row in maps
+            if conn.execute(
+                sa.select(N.c.id).where(*_items_of(flow_id, row.position)).limit(1)
+            ).first()
+            is not None
+        }
+        if started:
+            conn.execute(
+                sa.update(N)
+                .where(N.c.id.in_(sorted(started)))
+                .values(status=NodeStatus.WAITING, finished_at=None, lease_expires_at=None)
+            )
+        return started
+
     def _hold_resumed_items(
         self, conn: Connection, flow_id: int, plan: Plan, resumed: Sequence[Row[Any]]
     ) -> None:
@@ -171,6 +214,11 @@ def planned_of(plan: Plan, step_name: str) -> PlannedStep | None:
 def _items_of(flow_id: int, position: int) -> tuple[sa.ColumnElement[bool], ...]:
     """The item nodes of the map at ``position`` (a map is alone in its stage)."""
     return (N.c.flow_id == flow_id, N.c.position == position, N.c.group_index < 0)
+
+
+def _map_names(flow_row: Row[Any]) -> list[str]:
+    plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+    return [planned.name for stage in plan.stages for planned in stage if planned.kind == MAP]
 
 
 def _maps_with_limits(plan: Plan) -> list[tuple[str, int]]:

@@ -24,9 +24,10 @@ storage already knows every run's plan from an earlier batch it need not lock
 and read them first (SqlStorage._moves_from_known_plans): one round trip per
 batch. The moves were then decided from the plans alone, assuming each run
 RUNNING; ``ready`` keeps an item only if its run is so (and has no parent to
-wake when it completes) or is over (the outcome recorded, nothing started, as
-when the row was read first). Any other item is ``deferred``: not written, and
-handed back for the general path, in the same transaction.
+wake, nor a concurrency key's place to hand on, when it completes) or is over
+(the outcome recorded, nothing started, as when the row was read first). Any
+other item is ``deferred``: not written, and handed back for the general path,
+in the same transaction.
 Everything else (parallel groups, a subflow's last step, replays, a run of which
 a batch holds several nodes) takes the general path, statement by statement.
 MySQL/MariaDB, with neither, send the parts one statement each, the batch as
@@ -66,7 +67,7 @@ WITH item AS (
     ) AS t(node_id, owner, attempt, status, output, flow_id,
            next_step, next_position, next_max_attempts, finishes)
 ), runs AS MATERIALIZED (
-    SELECT id, status, parent_node_id FROM fs_flows
+    SELECT id, status, parent_node_id, concurrency_key FROM fs_flows
     WHERE id IN (SELECT flow_id FROM item)
     ORDER BY id
     FOR UPDATE
@@ -74,7 +75,8 @@ WITH item AS (
     SELECT item.*, r.status IN ({_OVER}) AS over
     FROM item JOIN runs r ON r.id = item.flow_id
     WHERE r.status IN ({_OVER})
-       OR (r.status = 'RUNNING' AND (NOT item.finishes OR r.parent_node_id IS NULL))
+       OR (r.status = 'RUNNING'
+           AND (NOT item.finishes OR (r.parent_node_id IS NULL AND r.concurrency_key IS NULL)))
 ), done AS (
     UPDATE fs_nodes n
     SET status = item.status, output = item.output,

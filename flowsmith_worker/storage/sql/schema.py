@@ -23,7 +23,7 @@ from sqlalchemy.ext.compiler import compiles
 
 from flowsmith_worker.storage.sql.dialects import identifier_collation
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 metadata = sa.MetaData()
 
@@ -81,6 +81,10 @@ flows = sa.Table(
     sa.Column("created_at", Seconds, nullable=False),
     sa.Column("updated_at", Seconds, nullable=False),
     sa.Column("finished_at", Seconds),
+    # The run's concurrency key and its place under it (see concurrency.py);
+    # NULL for a run of a flow without one. Added by migration 7.
+    sa.Column("concurrency_key", Identifier(255)),
+    sa.Column("key_turn", Seconds),
     sa.UniqueConstraint("tracking_id", name="fs_flows_tracking_id_key"),
     sa.Index("fs_flows_parent_node_id", "parent_node_id"),
     # flowsmith flows --status ... and prune --older-than.
@@ -238,4 +242,31 @@ events = sa.Table(
     sa.Column("payload", LongText, nullable=False),
     sa.Column("idempotency_key", Identifier(255)),
     sa.Column("created_at", Seconds, nullable=False),
+)
+
+# Version 7 ------------------------------------------------------------------
+
+# A key's places: the runs in flight (key_turn = IN_FLIGHT) counted, the ones
+# waiting (key_turn > 0) taken in turn. PostgreSQL and SQLite keep only runs with
+# a key in it, so a run without one writes no entry; on MySQL such a run's entry
+# (NULL, NULL) never changes either.
+_keyed = flows.c.concurrency_key.is_not(None)
+sa.Index(
+    "fs_flows_key_turn",
+    flows.c.flow_name,
+    flows.c.concurrency_key,
+    flows.c.key_turn,
+    postgresql_where=_keyed,
+    sqlite_where=_keyed,
+)
+
+# One row per flow and concurrency key: its limit, and the lock that orders every
+# change to the key's places (see concurrency.py). Kept when the key's runs are
+# pruned (a few bytes per key).
+concurrency_keys = sa.Table(
+    "fs_concurrency_keys",
+    metadata,
+    sa.Column("flow_name", Identifier(200), primary_key=True),
+    sa.Column("concurrency_key", Identifier(255), primary_key=True),
+    sa.Column("max_concurrent", sa.Integer, nullable=False),
 )

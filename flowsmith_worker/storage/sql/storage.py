@@ -7,7 +7,8 @@ flow row first, then its nodes, so a parallel group's siblings advance the flow
 exactly once. Two paths take locks in another order — a cancel walking down to
 a subflow, or a subflow step locking the child run it adopts, while the child's
 completion walks up to its parent — and may deadlock; the database then aborts
-one and _transact runs it again.
+one and _transact runs it again. The same holds for a run's end handing its
+concurrency key's place to a waiting run that a cancel holds (sql/concurrency.py).
 
 Owns the state machine's writes: each operation, a batch of outcomes included, in
 one transaction (base.SqlBase._transact), locking runs before nodes. Must never write
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from flowsmith_worker import fanout, parking, payload, progress
+from flowsmith_worker import compensation, fanout, parking, payload, progress
 from flowsmith_worker.errors import (
     CorruptRow,
     DatabaseUnavailable,
@@ -98,7 +99,11 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
     # -- enqueue --------------------------------------------------------------
 
     def enqueue_flow(self, *, flow: NewFlow, connection: Any = None) -> EnqueueResult:
-        if connection is None and self.dialect.enqueues_in_one_statement:
+        if (
+            connection is None
+            and self.dialect.enqueues_in_one_statement
+            and not flow.concurrency_key
+        ):
             new_id = self._enqueue_in_one_statement(flow)
             if new_id is not None:
                 return EnqueueResult(new_id, flow.tracking_id, FlowStatus.PENDING, True, False)
@@ -174,6 +179,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         one refuses, any other answers with its status. The caller sends the NOTIFY."""
         status = FlowStatus(row.status)
         if status == FlowStatus.FAILED:
+            self._refuse_undone(conn, row)
             if self._resume(conn, row):
                 return EnqueueResult(row.id, flow.tracking_id, FlowStatus.RUNNING, False, True)
             # Another trigger resumed it after our read: answer with what it is now.
@@ -236,12 +242,26 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             _refuse_unreadable_status(row)
             if row.status != FlowStatus.FAILED:
                 raise RunNotRetryable.for_run(tracking_id, row.status)
+            self._refuse_undone(conn, row)
             if not self._resume(conn, row):
                 self._refuse_lost_resume(conn, row)
             self.dialect.notify(conn, row.queue)
             return EnqueueResult(row.id, tracking_id, FlowStatus.RUNNING, False, True)
 
         return self._transact(work)
+
+    def _refuse_undone(self, conn: Connection, flow_row: Row[Any]) -> None:
+        """A FAILED run whose compensations ran is not resumed: its steps were undone
+        (see compensation.py). Only a plan with compensations costs a read."""
+        if not sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).compensates:
+            return
+        compensated = conn.execute(
+            sa.select(N.c.id)
+            .where(N.c.flow_id == flow_row.id, *_nodes_of_kind(compensations=True))
+            .limit(1)
+        ).first()
+        if compensated is not None:
+            raise RunNotRetryable.compensated(flow_row.tracking_id)
 
     def _refuse_lost_resume(self, conn: Connection, flow_row: Row[Any]) -> None:
         """The run was FAILED when read, but another retry changed it first: say what it is now."""
@@ -286,15 +306,17 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         ).all()
         # Their rows are about to describe new attempts: keep the ones they describe now.
         sql_attempts.keep_latest(conn, self.dialect, [node_record(row, {}) for row in failed])
+        waiting_again = self._maps_waiting_again(conn, flow_row.id, plan, failed)
         # One UPDATE per allowance, not per node: a map's thousands of items share one.
         by_allowance: dict[int, list[int]] = {}
-        for node in failed:
+        for node in (n for n in failed if n.id not in waiting_again):
             allowance = progress.allowance_on_retry(planned_of(plan, node.step_name))
             by_allowance.setdefault(allowance, []).append(node.id)
         for allowance, node_ids in sorted(by_allowance.items()):
             for ids in fanout.chunks(node_ids, fanout.IDS_PER_STATEMENT):
                 self._requeue(conn, ids, allowance)
         self._hold_resumed_items(conn, flow_row.id, plan, failed)
+        self._retry_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
         return True
 
     def _requeue(self, conn: Connection, node_ids: Sequence[int], allowance: int) -> None:
@@ -655,6 +677,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         """
         if flow_row is None or nodes_of_run > 1 or item.replay or item.step_name is None:
             return None
+        if flow_row.status == FlowStatus.COMPENSATING:
+            return None  # its next compensation is decided by _advance
         if progress.is_over(flow_row.status):
             return Move()  # the outcome is recorded; the run goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
@@ -662,6 +686,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         move = _planned_move(plan, item.step_name, item.status)
         if move is not None and move.finishes and flow_row.parent_node_id is not None:
             return None  # a subflow's last step: its parent wakes (the general path)
+        if move is not None and move.finishes and flow_row.concurrency_key is not None:
+            return None  # its place goes to the next run of its key (the general path)
         return move
 
     def _moves_from_known_plans(
@@ -841,7 +867,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             if node is None:
                 return None  # the lease was lost
             fate = progress.after_failure(
-                flow_row.status,
+                compensation.as_seen_by(flow_row.status, node.step_name),
                 error=error,
                 attempt=lease.attempt,
                 max_attempts=node.max_attempts,
@@ -920,7 +946,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
             if flow_row is None:
                 return None  # the run was pruned while this step ran
-            ended = progress.end_of_over_run(flow_row.status)
+            ended = progress.end_of_over_run(compensation.as_seen_by_a_step(flow_row.status))
             if ended is not None:  # the run is over: no child now
                 return self._carry_out(conn, self._fenced(lease), flow_row, ended, None)
             parked = conn.execute(
@@ -957,9 +983,9 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             if flow_row is None:
                 return None  # the run was pruned while this step ran
             node = conn.execute(
-                sa.select(N.c.wake_at, N.c.started_at, self._now().label("now")).where(
-                    *_held(lease)
-                )
+                sa.select(
+                    N.c.wake_at, N.c.started_at, N.c.step_name, self._now().label("now")
+                ).where(*_held(lease))
             ).first()
             if node is None:
                 return None  # the lease was lost
@@ -972,7 +998,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             )
             if isinstance(decision, parking.Wake):
                 return Woken(decision.by_event, stored)
-            fate = parking.park(flow_row.status, now=node.now, until=decision.until)
+            run = compensation.as_seen_by(flow_row.status, node.step_name)
+            fate = parking.park(run, now=node.now, until=decision.until)
             parked = self._fenced(lease).values(wake_at=decision.until)
             ended = _ended_attempt(lease, node.started_at)
             status = self._carry_out(conn, parked, flow_row, fate, ended)
@@ -1008,6 +1035,9 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         hold the other siblings' outputs, and a group after a step should fan
         out to every idle worker.
         """
+        if flow_row.status == FlowStatus.COMPENSATING:
+            self._compensate(conn, flow_row)  # a compensation, or a late sibling, ended
+            return None
         if progress.is_over(flow_row.status):
             return None  # the running step finished; a cancelled or failed flow goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
@@ -1046,6 +1076,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
                     finished_at=self._now(),
                 )
             )
+            self._end_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
             if flow_row.parent_node_id is not None:
                 # The parent step's output is the child's final ctx.data.
                 child = sql_context.read_run(conn, F.c.id == flow_row.id)
@@ -1094,16 +1125,52 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         the PENDING nodes here (queued siblings, scheduled retries) is what keeps
         a FAILED run from starting new attempts, without the claim reading runs.
         """
+        if flow_row.status == FlowStatus.COMPENSATING:
+            self._compensate(conn, flow_row)  # a compensation failed for good: on to the next
+            return
         if progress.is_over(flow_row.status):
             return
-        self._set_flow(conn, flow_row.id, FlowStatus.FAILED, error=error, finished=True)
+        compensates = _compensates(flow_row)
+        status = FlowStatus.COMPENSATING if compensates else FlowStatus.FAILED
+        self._set_flow(conn, flow_row.id, status, error=error, finished=not compensates)
+        if not compensates:  # a compensating run keeps its place until it ends
+            self._end_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
         stopped = sa.update(N).where(
             N.c.flow_id == flow_row.id, N.c.status.in_(progress.STOPPED_BY_RUN_FAILURE)
         )
-        conn.execute(stopped.values(**self._fate_values(progress.End(progress.Ending.STOPPED))))
-        if flow_row.parent_node_id is not None:
-            failure = progress.subflow_failed_error(flow_row.tracking_id, flow_row.flow_name, error)
-            self._fail_parent(conn, flow_row.parent_node_id, failure)
+        stopped_values = self._fate_values(progress.End(progress.Ending.STOPPED))
+        conn.execute(stopped.values(**stopped_values))
+        self._stop_waiting_maps(conn, flow_row, stopped_values)
+        if compensates:
+            self._compensate(conn, flow_row)
+        elif flow_row.parent_node_id is not None:
+            self._tell_parent_failed(conn, flow_row, error)
+
+    def _tell_parent_failed(self, conn: Connection, flow_row: Row[Any], error: str) -> None:
+        failure = progress.subflow_failed_error(flow_row.tracking_id, flow_row.flow_name, error)
+        self._fail_parent(conn, flow_row.parent_node_id, failure)
+
+    def _compensate(self, conn: Connection, flow_row: Row[Any]) -> None:
+        """Carry out compensation.next_move for a COMPENSATING run (locked): start its
+        next compensation, wait, or end it FAILED and tell its parent step."""
+        plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        nodes = conn.execute(
+            sa.select(N.c.step_name, N.c.status).where(N.c.flow_id == flow_row.id)
+        ).all()
+        move = compensation.next_move(
+            plan, [compensation.NodeState(n.step_name, NodeStatus(n.status)) for n in nodes]
+        )
+        if isinstance(move, compensation.Start):
+            undo = PlannedStep(move.name, move.max_attempts)
+            self._start_stage(conn, flow_row, move.position, [undo])
+            self.dialect.notify(conn, flow_row.queue)
+        elif isinstance(move, compensation.Finish):
+            # The run's error is the step's that failed it, written when it began compensating.
+            error = conn.execute(sa.select(F.c.error).where(F.c.id == flow_row.id)).scalar()
+            self._set_flow(conn, flow_row.id, FlowStatus.FAILED, error=error, finished=True)
+            self._end_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
+            if flow_row.parent_node_id is not None:
+                self._tell_parent_failed(conn, flow_row, error or "")
 
     def _fail_parent(self, conn: Connection, parent_node_id: int, parent_error: str) -> None:
         """The child of a WAITING subflow node failed or was cancelled: retry it, or fail it."""
@@ -1119,7 +1186,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         if node is None:
             return  # the node is no longer waiting for this child
         fate = progress.after_subflow_failed(
-            parent_flow.status,
+            compensation.as_seen_by_a_step(parent_flow.status),
             error=parent_error,
             attempt=node.attempt,
             max_attempts=node.max_attempts,
@@ -1149,6 +1216,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             sql_attempts.record(conn, self.dialect, ended, fate)
         if isinstance(fate, progress.End) and fate.run_error is not None:
             self._fail_flow(conn, flow_row, fate.run_error)
+        elif isinstance(fate, progress.End) and flow_row.status == FlowStatus.COMPENSATING:
+            self._compensate(conn, flow_row)  # a step in flight when the run failed ended
         return fate.status
 
     def _fate_values(self, fate: progress.Fate) -> dict[str, Any]:
@@ -1224,15 +1293,20 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         )
         ended = sa.update(N).where(N.c.flow_id == flow_id, N.c.status.in_(progress.ENDED_BY_CANCEL))
         conn.execute(ended.values(**self._fate_values(progress.End(progress.Ending.CANCELLED))))
-        conn.execute(
+        cancelled = conn.execute(
             sa.update(F)
             .where(F.c.id == flow_id, F.c.status.notin_(FINISHED_FLOW_STATUSES))
             .values(status=FlowStatus.CANCELLED, updated_at=self._now(), finished_at=self._now())
-        )
+        ).rowcount
+        if cancelled:
+            self._end_place_of(conn, flow_id)
         if waiting:
-            for child_id in conn.execute(
-                sa.select(F.c.id).where(F.c.parent_node_id.in_(waiting))
-            ).scalars():
+            # A child undoing its steps is not stopped halfway (progress.cancellable):
+            # it ends FAILED and finds its parent's node CANCELLED, which it leaves be.
+            children = sa.select(F.c.id).where(
+                F.c.parent_node_id.in_(waiting), F.c.status != FlowStatus.COMPENSATING
+            )
+            for child_id in conn.execute(children).scalars():
                 self._cancel(conn, child_id)
 
     # -- leases ---------------------------------------------------------------
@@ -1260,18 +1334,27 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             # commits between reading their statuses and the updates below.
             flow_ids = sa.select(N.c.flow_id).where(N.c.id.in_(node_ids))
             runs = sa.select(F.c.id, F.c.status).where(F.c.id.in_(flow_ids)).order_by(F.c.id)
-            fates: dict[progress.Fate, list[int]] = {}
+            # By fate, and which nodes of those runs it is for (see _release_groups).
+            fates: dict[tuple[progress.Fate, bool | None], list[int]] = {}
+            compensating = []
             for run in conn.execute(self.dialect.for_update(runs)).all():
-                fates.setdefault(progress.after_release(run.status), []).append(run.id)
+                for fate_of_nodes in _release_groups(run.status):
+                    fates.setdefault(fate_of_nodes, []).append(run.id)
+                if run.status == FlowStatus.COMPENSATING:
+                    compensating.append(run.id)
             mine = _held_any(leases)
             released = 0
-            for fate, of_runs in fates.items():
-                fence = (*mine, N.c.flow_id.in_(of_runs))
+            for (fate, compensations), of_runs in fates.items():
+                fence = (*mine, N.c.flow_id.in_(of_runs), *_nodes_of_kind(compensations))
                 values = self._fate_values(fate)
                 if isinstance(fate, progress.Retry):
                     sql_attempts.record_matching(conn, self.dialect, fence, fate)
                     values.update(lease_owner=None)  # handed back: no one holds it now
                 released += conn.execute(sa.update(N).where(*fence).values(**values)).rowcount
+            for flow_id in compensating:  # a step in flight when the run failed may have ended
+                flow_row = self._lock_flow(conn, F.c.id == flow_id)
+                if flow_row is not None:
+                    self._compensate(conn, flow_row)
             return released
 
         return self._transact(work)
@@ -1347,7 +1430,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         if flow_row is None:
             return None  # the run was pruned while this step ran
         fate = progress.after_lost_lease(
-            flow_row.status,
+            compensation.as_seen_by(flow_row.status, step_name),
             step_name=step_name,
             rescues=rescues,
             max_rescues=_max_rescues(flow_row, step_name),
@@ -1366,6 +1449,26 @@ def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
         N.c.lease_owner == lease.worker_id,
         N.c.attempt == lease.attempt,
     )
+
+
+def _release_groups(run: str) -> list[tuple[progress.Fate, bool | None]]:
+    """The fates of a run's released nodes: one for all of them (None), or, in a
+    COMPENSATING run, one for its compensations (True) and one for its steps (False)."""
+    if run != FlowStatus.COMPENSATING:
+        return [(progress.after_release(run), None)]
+    of_compensations = compensation.as_seen_by(run, compensation.COMPENSATE_PREFIX)
+    return [
+        (progress.after_release(of_compensations), True),
+        (progress.after_release(compensation.as_seen_by_a_step(run)), False),
+    ]
+
+
+def _nodes_of_kind(compensations: bool | None) -> tuple[sa.ColumnElement[bool], ...]:
+    """The fence of _release_groups' kind of node: compensations, steps, or any."""
+    if compensations is None:
+        return ()
+    is_compensation = N.c.step_name.startswith(compensation.COMPENSATE_PREFIX, autoescape=True)
+    return (is_compensation if compensations else sa.not_(is_compensation),)
 
 
 def _held_any(leases: Sequence[Lease]) -> tuple[sa.ColumnElement[bool], ...]:
@@ -1416,15 +1519,26 @@ def _alone_in_stage(plan: Plan, step_name: str) -> int | None:
     return position
 
 
+def _compensates(flow_row: Row[Any]) -> bool:
+    """Whether the run's plan has compensations. A plan that cannot be read has none:
+    the run fails at once, as it must (a bad row stops only its run)."""
+    try:
+        return sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).compensates
+    except CorruptRow:
+        return False
+
+
 def _max_rescues(flow_row: Row[Any], step_name: str) -> int:
-    """The step's max_rescues in the run's stored plan (the default if it is not there).
+    """The step's max_rescues in the run's stored plan (the default if it is not there);
+    a compensation has its step's.
 
     A plan that cannot be read gives the default too: the rescue must not fail
     on every pass; the run fails, naming its plan, when the step next finishes
     and the run would advance.
     """
     try:
-        planned = planned_of(sql_context.parse_plan(flow_row.plan, flow_row.tracking_id), step_name)
+        plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        planned = planned_of(plan, compensation.compensated_step(step_name))
     except CorruptRow:
         return DEFAULT_MAX_RESCUES
     return planned.max_rescues if planned is not None else DEFAULT_MAX_RESCUES

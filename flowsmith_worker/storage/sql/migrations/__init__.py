@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from flowsmith_worker.storage.sql import schema
 from flowsmith_worker.storage.sql.dialects import Dialect
-from flowsmith_worker.storage.sql.migrations import v0, v1, v2, v3, v4, v5, v6
+from flowsmith_worker.storage.sql.migrations import v0, v1, v2, v3, v4, v5, v6, v7
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "drop fs_nodes.input; vacuum the queue tables often", v4.apply),
     Migration(5, "create fs_attempts, every attempt a step left behind", v5.apply),
     Migration(6, "park sleeps and waits (fs_nodes.wake_at); create fs_events", v6.apply),
+    Migration(7, "store concurrency keys and their places; create fs_concurrency_keys", v7.apply),
 )
 assert MIGRATIONS[-1].version == schema.SCHEMA_VERSION
 
