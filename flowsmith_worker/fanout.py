@@ -39,7 +39,10 @@ Design (issue 14, point 3).
   An item lost more than ``max_rescues`` times is such a failure too. Resuming a
   FAILED run (``flowsmith retry``) runs again only its failed and stopped items,
   one UPDATE per chunk of IDS_PER_STATEMENT; the completed ones keep their outputs
-  (``held_on_resume`` keeps max_parallel). The map's node stays WAITING meanwhile.
+  (``held_on_resume`` keeps max_parallel). The failure stops the map's WAITING node
+  too (CANCELLED, as its items not started), so nothing of the run is in flight and
+  its compensations can begin; a retry puts it back to WAITING for its items, never
+  runs ``items(ctx)`` again once they were started.
 * Why not at the claim: a claim that skipped the items of a map at its limit would
   count that map's RUNNING items in every claim; holding them costs one release
   per ended item, only for maps with a limit.
