@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from flowsmith_worker import fanout, parking
+from flowsmith_worker.errors import CorruptRow
 from flowsmith_worker.plan import MAP, Plan, PlannedStep
 from flowsmith_worker.storage.base import Lease, NodeStatus
 from flowsmith_worker.storage.sql import context as sql_context
@@ -217,7 +218,12 @@ def _items_of(flow_id: int, position: int) -> tuple[sa.ColumnElement[bool], ...]
 
 
 def _map_names(flow_row: Row[Any]) -> list[str]:
-    plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+    """The run's map steps. A plan that cannot be read has none: the run that fails
+    because of it must still fail (a bad row stops only its run)."""
+    try:
+        plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+    except CorruptRow:
+        return []
     return [planned.name for stage in plan.stages for planned in stage if planned.kind == MAP]
 
 

@@ -906,7 +906,11 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             return None
         if fanout.parse_item_name(step_name) is None:  # no plan parsed for a plain step
             return None
-        found = map_of_item(sql_context.parse_plan(flow_row.plan, flow_row.tracking_id), step_name)
+        try:
+            plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        except CorruptRow:
+            return None  # the run fails, as it must (a bad row stops only its run)
+        found = map_of_item(plan, step_name)
         if found is None or not found[0].allow_failures:
             return None
         return progress.End(progress.Ending.FAILED, fate.error)
