@@ -173,6 +173,46 @@ def test_a_run_failed_for_good_or_cancelled_hands_its_place_on(
     assert journal.starts == [last]
 
 
+def test_a_compensating_run_keeps_its_place_until_its_compensations_end(
+    storage: Storage, unique: Names
+) -> None:
+    """Limit 1: a run that fails for good and compensates is still in flight while its
+    compensation runs; the next run of the key starts only after the run ends FAILED."""
+    ends: dict[str, float] = {}
+    starts: dict[str, float] = {}
+
+    def reserve(ctx: Context) -> str:
+        assert ctx.tracking_id is not None
+        starts[ctx.tracking_id] = time.monotonic()
+        return "reserved"
+
+    def release(ctx: Context) -> None:
+        time.sleep(STEP_SECONDS * 4)  # a slow undo: the next run would overlap it
+        ends["release"] = time.monotonic()
+
+    def charge(ctx: Context) -> None:
+        if ctx.data["fail"]:
+            raise RuntimeError("card declined")
+
+    flow = (
+        Flow(
+            unique("undo"),
+            storage=storage,
+            concurrency_key=lambda ctx: ctx.data["customer"],
+            max_concurrent=1,
+        )
+        .step("reserve", reserve, compensate=release)
+        .step("charge", charge)
+    )
+    failing = flow.run({"customer": "c", "fail": True}, tracking_id=unique("f")).tracking_id
+    nxt = flow.run({"customer": "c", "fail": False}, tracking_id=unique("n")).tracking_id
+
+    worker = Worker(storage=storage, concurrency=3, poll_interval=POLL)
+    drive(worker, lambda: record_of(storage, nxt).status == FlowStatus.COMPLETED)
+    assert record_of(storage, failing).status == FlowStatus.FAILED
+    assert starts[nxt] >= ends["release"]
+
+
 def test_cancelling_the_run_in_flight_starts_the_next(storage: Storage, unique: Names) -> None:
     """Limit 1: cancelling the run that holds the place (before any worker ran it)
     starts the one waiting, in the cancel's own transaction."""
