@@ -87,6 +87,7 @@ from flowsmith_worker.flow import (
     FAIL,
     Condition,
     Flow,
+    ItemsSource,
     KeyFunction,
     StepFunction,
     WakeTime,
@@ -101,6 +102,7 @@ __all__ = ["Workflow", "parallel", "sleep", "step", "subflow", "wait_for", "work
 
 StepFn = TypeVar("StepFn", bound=Callable[[Context], Any])
 BlockFn = TypeVar("BlockFn", bound=Callable[[], Any])
+ItemFn = TypeVar("ItemFn", bound=Callable[[Context, Any], Any])
 WorkflowBody = Callable[[], Any]
 
 # The Flow whose @workflow body is running in this thread (or task), if any.
@@ -265,7 +267,8 @@ def _current(decorator: str, target: Callable[..., Any]) -> Flow:
 
 
 def _check_callable(decorator: str, target: object, *args: object) -> None:
-    """A function callable as the engine will call it: (ctx) for steps, () for blocks.
+    """A function callable as the engine will call it: (ctx) for steps, (ctx, item) for
+    a map's, () for blocks.
 
     Steps may be ``async def`` (see event_loop.py); blocks (``@parallel``) may not,
     since they run once, now, while the workflow is defined.
@@ -285,7 +288,7 @@ def _check_callable(decorator: str, target: object, *args: object) -> None:
     try:
         signature.bind(*args)
     except TypeError:
-        takes = "one argument, ctx" if args else "no arguments"
+        takes = {0: "no arguments", 1: "one argument, ctx"}.get(len(args), "(ctx, item)")
         raise TypeError(f"{decorator} on {where}{signature}: it must take {takes}") from None
 
 
@@ -386,6 +389,46 @@ def sleep(
 
     if fn is not None:
         return decorate(fn)
+    return decorate
+
+
+def map_step(
+    *,
+    items: ItemsSource,
+    name: str | None = None,
+    max_parallel: int | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    backoff: Backoff | None = None,
+    allow_failures: bool = False,
+    condition: Condition | None = None,
+    max_rescues: int = DEFAULT_MAX_RESCUES,
+) -> Callable[[ItemFn], ItemFn]:
+    """Declare a fan-out: the function of ``(ctx, item)`` runs once per item of
+    ``items(ctx)``, a node per item across the workers (``Flow.map``'s rules).
+
+    Named map_step, not map (the builtin) nor @step(map=...): the function takes
+    an item besides ctx, so it is another kind of step, and says so where it is
+    declared. Its output is the list of the items' outputs, in item order.
+    """
+
+    def decorate(target: ItemFn) -> ItemFn:
+        flow = _current("@map_step", target)
+        _check_callable("@map_step", target, None, None)
+        flow.map(
+            name or target.__name__,
+            target,
+            items=items,
+            max_parallel=max_parallel,
+            retries=retries,
+            timeout=timeout,
+            backoff=backoff,
+            allow_failures=allow_failures,
+            condition=condition,
+            max_rescues=max_rescues,
+        )
+        return target
+
     return decorate
 
 

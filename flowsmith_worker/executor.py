@@ -45,7 +45,7 @@ from typing import Any, TypeVar, cast
 
 import tenacity
 
-from flowsmith_worker import event_loop, payload, tracing
+from flowsmith_worker import event_loop, fanout, payload, tracing
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
@@ -183,6 +183,8 @@ class Executor:
         )
         flow = self.lookup(node.flow_name)
         spec = flow.get_step(node.step_name) if flow else None
+        if flow is not None and spec is None and (map_spec := _map_of_item(flow, node)):
+            return self._run_item(node, map_spec, bound)
         if flow is None:
             failure = _Failure(self._unknown_flow(node))
             return Executed(self._record_failure(node, None, failure, bound))
@@ -190,6 +192,13 @@ class Executor:
             # Not retried here: every attempt on this code would fail the same way.
             failure = _Failure(self._missing_step(node, flow), retryable=False)
             return Executed(self._record_failure(node, None, failure, bound))
+        return self._run_spec(node, spec, bound)
+
+    def _run_spec(
+        self, node: ClaimedNode, spec: StepSpec, bound: Any, private: bool = True
+    ) -> Executed:
+        """Run the attempt of ``spec`` on the claimed node and write its outcome;
+        ``private``: on a copy of its ctx.data of its own (see _private_copy)."""
         if spec.rate_limit is not None:
             refused = self._take_token(node, spec.rate_limit, bound)
             if refused is not None:
@@ -200,7 +209,7 @@ class Executor:
         # into the ctx.data of a chained next step, which a claim would have read
         # afresh from the stored outputs.
         ctx = Context(
-            _private_copy(node.input),
+            _private_copy(node.input) if private else node.input,
             tracking_id=node.tracking_id,
             step=node.step_name,
             attempt=node.attempt,
@@ -212,6 +221,8 @@ class Executor:
             if not proceed:
                 skipped = Finished(node.lease, NodeStatus.SKIPPED, None, step_name=spec.name)
                 return self._finish(node, bound, skipped, started)
+            if spec.fan_out is not None:
+                return Executed(self._start_map(node, spec, result, bound))
             if spec.subflow:
                 child = _child_request(spec, ctx, result)
                 bound.info(
@@ -239,6 +250,42 @@ class Executor:
             return Executed(self._record_failure(node, spec, failure, bound))
         completed = Finished(node.lease, NodeStatus.COMPLETED, output, step_name=spec.name)
         return self._finish(node, bound, completed, started)
+
+    def _start_map(self, node: ClaimedNode, spec: StepSpec, items: Any, bound: Any) -> Outcome:
+        """Hand a map's items to the storage, which makes a node of each (see fanout.py)."""
+        if not isinstance(items, list | tuple):
+            _refuse_awaitable(spec, "items function", items)
+            failure = _Failure(str(fanout.not_a_list(spec.name, items)), retryable=False)
+            return self._record_failure(node, spec, failure, bound)
+        texts = [
+            payload.encode(item, what=f"item {index} of map {spec.name!r}")
+            for index, item in enumerate(items)
+        ]
+        bound.info("map.starting", items=len(texts))
+        return self._write(
+            node,
+            bound,
+            Outcome.WAITING,
+            lambda: _map_written(self.storage.start_map(lease=node.lease, items=texts)),
+        )
+
+    def _run_item(self, node: ClaimedNode, map_spec: StepSpec, bound: Any) -> Executed:
+        """Run one item node of a map: ``each(ctx, item)``, the item read from its node."""
+        try:
+            stored = self._with_db_retry(
+                node.lease, lambda: self.storage.map_item(lease=node.lease)
+            )
+        except DatabaseUnavailable as exc:
+            bound.error("step.outcome_unwritten", intended="run item", error=str(exc))
+            return Executed(Outcome.LEASE_LOST)
+        if stored is None:
+            bound.warning("step.lease_lost", intended="run item")
+            return Executed(Outcome.LEASE_LOST)
+        assert map_spec.fan_out is not None
+        item_spec = map_spec.fan_out.for_item(map_spec, node.step_name, json.loads(stored))
+        # Its ctx.data was parsed for it alone and no step is chained after an item
+        # (see fanout.py): the private copy, costly for a map over a long list, is not needed.
+        return self._run_spec(node, item_spec, bound, private=False)
 
     def _finish(
         self, node: ClaimedNode, bound: Any, finished: Finished, started: float
@@ -604,6 +651,25 @@ def _subflow_written(status: NodeStatus | None) -> bool | Outcome:
     if status is None:
         return False
     return Outcome.STOPPED if status == NodeStatus.CANCELLED else True
+
+
+def _map_written(status: NodeStatus | None) -> bool | Outcome:
+    """What start_map's answer means for _write: an empty list completed the map at
+    once; a map whose run is over started no item."""
+    if status is None:
+        return False
+    if status == NodeStatus.COMPLETED:
+        return Outcome.COMPLETED
+    return True if status == NodeStatus.WAITING else Outcome.STOPPED
+
+
+def _map_of_item(flow: Flow, node: ClaimedNode) -> StepSpec | None:
+    """The map step whose item node ``node`` is; None if it is no item of a map."""
+    found = fanout.parse_item_name(node.step_name)
+    if found is None:
+        return None
+    spec = flow.get_step(found[0])
+    return spec if spec is not None and spec.fan_out is not None else None
 
 
 def _failure_written(status: NodeStatus | None) -> bool | Outcome:

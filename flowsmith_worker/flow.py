@@ -10,6 +10,7 @@ workers run the steps, and progress.py decides what comes next.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import json
@@ -32,6 +33,7 @@ from flowsmith_worker.identifiers import check_identifier
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.plan import (
     DEFAULT_MAX_RESCUES,
+    MAP,
     SLEEP,
     STEP,
     WAIT_FOR_EVENT,
@@ -98,6 +100,40 @@ class Parking:
         )
 
 
+# A map's function: of ctx and one item, plain or ``async def``.
+ItemFunction = Callable[[Context, Any], Any]
+# A map's items, from ctx: a list (or tuple).
+ItemsSource = Callable[[Context], Any]
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """What a map step runs for each item (see fanout.py); the step's own fn is ``items``."""
+
+    each: ItemFunction
+    max_parallel: int | None = None
+    allow_failures: bool = False
+
+    def for_item(self, spec: StepSpec, item_step: str, item: Any) -> StepSpec:
+        """The step that runs ``each(ctx, item)`` as the item node ``item_step``: the
+        map's retries, backoff and timeout, no condition (the map's was evaluated)."""
+        each = self.each
+        call: StepFunction
+        if event_loop.is_async(each):
+
+            async def call(ctx: Context) -> Any:
+                return await each(ctx, item)
+
+        else:
+
+            def call(ctx: Context) -> Any:
+                return each(ctx, item)
+
+        return dataclasses.replace(
+            spec, name=item_step, fn=call, condition=None, fan_out=None, compensation=None
+        )
+
+
 def _never_called(_ctx: Context) -> None:
     """The function of a sleep or wait step: the executor parks it instead of calling."""
 
@@ -121,6 +157,8 @@ class StepSpec:
     compensation: StepSpec | None = None
     # At most so many starts per period across all workers (see rate_limits.py).
     rate_limit: RateLimit | None = None
+    # A map: fn is its items function, fan_out what runs per item (see fanout.py).
+    fan_out: FanOut | None = None
     # Whether fn, the condition, or either is ``async def`` (awaited on the
     # process's event loop, see event_loop.py): decided once here, so running a
     # sync step costs one attribute read more, not an inspection per attempt.
@@ -346,6 +384,56 @@ class Flow:
         parking = Parking(WAIT_FOR_EVENT, seconds=timeout, on_timeout=on_timeout)
         return self._add(StepSpec(name, _never_called, parking=parking))
 
+    def map(
+        self,
+        name: str,
+        fn: ItemFunction,
+        *,
+        items: ItemsSource,
+        max_parallel: int | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        backoff: Backoff | None = None,
+        allow_failures: bool = False,
+        condition: Condition | None = None,
+        max_rescues: int = DEFAULT_MAX_RESCUES,
+    ) -> Flow:
+        """Add a step that runs ``fn(ctx, item)`` for each item of ``items(ctx)``, a node
+        per item, across every worker; its output (``ctx.data[name]``) is the list of
+        the items' outputs, in item order.
+
+        ``max_parallel=N`` runs at most N items at once across all workers. Each item
+        has its own ``retries`` (and ``timeout``, ``backoff``); an item failed for
+        good fails the step and the run, unless ``allow_failures=True``: the output
+        is then a list of ``{"output": value}`` or ``{"error": message}`` per item.
+        ``items`` is a plain function of ctx (called once, when the step starts);
+        ``fn`` may be ``async def``. See flowsmith_worker/fanout.py.
+        """
+        if self._group is not None:
+            raise InvalidFlowDefinition(
+                f"flow {self.name!r}: map {name!r} cannot be inside a parallel group "
+                "(its items already run in parallel); put it before or after the group"
+            )
+        if not callable(items) or event_loop.is_async(items):
+            raise TypeError(
+                f"map {name!r}: items={items!r} must be a plain function of ctx returning "
+                "a list, e.g. items=lambda ctx: ctx.data['load']['items']"
+            )
+        if not callable(fn):
+            raise TypeError(f"map {name!r}: {fn!r} is not callable: give a function of (ctx, item)")
+        if max_parallel is not None and (
+            isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1
+        ):
+            raise ValueError(
+                f"map {name!r}: max_parallel={max_parallel!r} must be a count >= 1 (None: no limit)"
+            )
+        fan_out = FanOut(fn, max_parallel, bool(allow_failures))
+        wait = as_wait_strategy(backoff)
+        spec = StepSpec(
+            name, items, retries, timeout, wait, condition, max_rescues=max_rescues, fan_out=fan_out
+        )
+        return self._add(spec)
+
     @contextlib.contextmanager
     def parallel(self) -> Iterator[Flow]:
         """Steps added inside run at the same time; the next step waits for all of them."""
@@ -430,8 +518,10 @@ class Flow:
                         s.max_attempts,
                         s.subflow,
                         s.max_rescues,
-                        s.parking.kind if s.parking else STEP,
+                        _kind(s),
                         s.compensation.max_attempts if s.compensation else 0,
+                        s.fan_out.max_parallel if s.fan_out else None,
+                        s.fan_out.allow_failures if s.fan_out else False,
                     )
                     for s in stage
                 )
@@ -656,6 +746,12 @@ def plan_versions() -> dict[str, str]:
     code would keep, to compare with a run's own (`flowsmith status`)."""
     flows = (registry.lookup(name) for name in registry.names())
     return {flow.name: flow.plan().version for flow in flows if flow is not None}
+
+
+def _kind(spec: StepSpec) -> str:
+    if spec.parking is not None:
+        return spec.parking.kind
+    return MAP if spec.fan_out is not None else STEP
 
 
 def _is_number(value: object) -> bool:

@@ -29,6 +29,7 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
+from flowsmith_worker import fanout
 from flowsmith_worker.errors import FlowSmithError
 from flowsmith_worker.flow import registry
 from flowsmith_worker.health import Health, Verdict
@@ -75,7 +76,11 @@ def metric_labels(flow: str, step: str) -> tuple[str, str, str]:
     defined = registry.lookup(flow)
     if defined is None:
         return UNREGISTERED, UNREGISTERED, UNREGISTERED
-    return flow, step if defined.get_step(step) is not None else UNREGISTERED, defined.queue
+    if defined.get_step(step) is None:
+        # A map's items count under the map's name: one series per map, not one per item.
+        item = fanout.parse_item_name(step)
+        step = item[0] if item and defined.get_step(item[0]) is not None else UNREGISTERED
+    return flow, step, defined.queue
 
 
 def queues_to_report(

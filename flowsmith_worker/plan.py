@@ -44,6 +44,8 @@ VERSION_LENGTH = 12
 STEP = "step"
 SLEEP = "sleep"
 WAIT_FOR_EVENT = "wait_for"
+# A fan-out over a list (``flow.map``): one node per item (see fanout.py).
+MAP = "map"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class PlannedStep:
     kind: str = STEP
     # The attempts of the step's compensation (see compensation.py); 0: it has none.
     compensation_attempts: int = 0
+    # A map's items: at most this many RUNNING at once (None: no limit), and
+    # whether an item failed for good fails the map (see fanout.py).
+    max_parallel: int | None = None
+    allow_failures: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,8 @@ class Plan:
                     int(s.get("max_rescues", DEFAULT_MAX_RESCUES)),
                     str(s.get("kind", STEP)),
                     int(s.get("compensation_attempts", 0)),
+                    _optional_count(s.get("max_parallel")),
+                    bool(s.get("allow_failures", False)),
                 )
                 for s in stage
             )
@@ -153,4 +161,11 @@ def _step_json(step: PlannedStep) -> dict[str, Any]:
         stored["kind"] = step.kind
     if step.compensation_attempts:
         stored["compensation_attempts"] = step.compensation_attempts
+    if step.kind == MAP:  # only a map's: every other plan is stored (and hashed) as before
+        stored["max_parallel"] = step.max_parallel
+        stored["allow_failures"] = step.allow_failures
     return stored
+
+
+def _optional_count(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -317,7 +317,12 @@ def max_attempts_on_retry(attempt: int, planned: PlannedStep | None) -> int:
     """A resumed node's new max_attempts: its step's allowance again, on top of the
     attempts already made (``attempt`` keeps counting up: it is the fencing
     token). A step no longer in the run's plan gets one attempt."""
-    return attempt + (planned.max_attempts if planned is not None else 1)
+    return attempt + allowance_on_retry(planned)
+
+
+def allowance_on_retry(planned: PlannedStep | None) -> int:
+    """How many attempts a resumed node gets on top of those it made (see above)."""
+    return planned.max_attempts if planned is not None else 1
 
 
 # -- the history of a node's attempts ---------------------------------------------

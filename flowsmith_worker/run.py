@@ -13,6 +13,7 @@ import asyncio
 import time
 from typing import Any
 
+from flowsmith_worker import fanout
 from flowsmith_worker.compensation import Compensation, outcome_of_run
 from flowsmith_worker.errors import FlowCancelled, FlowNotFound, StepFailed, UnreadableRow
 from flowsmith_worker.identifiers import MAX_TRACKING_ID_LENGTH, check_identifier
@@ -52,6 +53,15 @@ class FlowRun:
         """Every step of the run: status, input, output, error, timings, worker, and each
         of its attempts (``NodeRecord.attempts``: start, end, worker, outcome, error)."""
         return self.storage.list_nodes(flow_id=self.record(with_payloads=False).id)
+
+    def map_progress(self, name: str) -> fanout.MapProgress:
+        """How far the map step ``name`` is: its items by status (``.counts``, HELD for
+        those waiting under max_parallel) and ``.summary()``, e.g. "10 items: 7
+        COMPLETED, 3 RUNNING". Its items are in trace() too, after the map's node."""
+        nodes = self.storage.list_nodes(
+            flow_id=self.record(with_payloads=False).id, with_payloads=False
+        )
+        return fanout.progress_of(name, nodes)
 
     def compensation(self) -> Compensation | None:
         """How the compensations of this FAILED run ended: COMPENSATED, COMPENSATION_FAILED,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import click
 
-from flowsmith_worker import compensation
+from flowsmith_worker import compensation, fanout
 from flowsmith_worker.cli.format import (
     TABLE_WIDTH,
     Styled,
@@ -44,6 +44,7 @@ from flowsmith_worker.cli.params import (
 )
 from flowsmith_worker.concurrency import IN_FLIGHT
 from flowsmith_worker.parking import FOREVER, parked_as
+from flowsmith_worker.plan import MAP
 from flowsmith_worker.readable import (
     UNREADABLE_CELL,
     format_both,
@@ -229,7 +230,12 @@ WIDE_STEP_HEADERS = (
 def _steps_table(snapshot: Snapshot, wide: bool) -> str:
     # One row per step; a step's attempts, once they are stored, can follow it
     # as rows of their own.
-    rows = [_step_row(snapshot.flow, node, snapshot.now, wide) for node in snapshot.nodes]
+    rows = [
+        row
+        for node in snapshot.nodes
+        if not fanout.is_item(node)
+        for row in _step_rows(snapshot, node, wide)
+    ]
     for position, name in _not_reached(snapshot.flow, snapshot.nodes):
         blank = ["-"] * (len(WIDE_STEP_HEADERS if wide else STEP_HEADERS) - 3)
         rows.append([position + 1, name, Styled("(not reached)", dim=True), *blank])
@@ -239,6 +245,22 @@ def _steps_table(snapshot: Snapshot, wide: bool) -> str:
         width=None if wide else TABLE_WIDTH,
         shrink=("STEP", "LAST_ERROR"),
     )
+
+
+def _step_rows(snapshot: Snapshot, node: NodeRecord, wide: bool) -> list[list[object]]:
+    """A step's row; a map's is followed by one row for all its items, counted by
+    status (a map of 10,000 items is not 10,000 rows: `--json` has each item)."""
+    row = _step_row(snapshot.flow, node, snapshot.now, wide)
+    planned = (
+        snapshot.flow.plan.step(node.step_name) if "plan" not in snapshot.flow.unreadable else None
+    )
+    if planned is None or planned.kind != MAP or node.status == NodeStatus.PENDING:
+        return [row]
+    progress = fanout.progress_of(node.step_name, snapshot.nodes)
+    blank = ["-"] * (len(row) - 4)
+    failed = [n for n in snapshot.nodes if fanout.is_item(n) and n.status == NodeStatus.FAILED]
+    error = f"{failed[0].step_name}: {last_line(failed[0].error)}" if failed else ""
+    return [row, ["", f"{node.step_name}[…]", progress.summary(), *blank, error]]
 
 
 def _step_row(flow: FlowRecord, node: NodeRecord, now: float, wide: bool) -> list[object]:

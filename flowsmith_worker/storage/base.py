@@ -202,6 +202,19 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
+    def start_map(self, *, lease: Lease, items: Sequence[str]) -> NodeStatus | None:
+        """Start the claimed map step's items (each JSON text), a node each (see fanout.py).
+
+        The map node becomes WAITING until its last item ends; with no item it
+        is COMPLETED at once (output ``[]``) and its run moves on. CANCELLED if
+        its run is over (no item is started); None if the lease was lost.
+        """
+
+    @abc.abstractmethod
+    def map_item(self, *, lease: Lease) -> str | None:
+        """The item (JSON text) of the claimed item node; None if the lease was lost."""
+
+    @abc.abstractmethod
     def send_event(
         self,
         *,

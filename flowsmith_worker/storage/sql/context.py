@@ -169,7 +169,8 @@ def _outputs(
     """The COMPLETED outputs of the nodes ``which`` selects, by run, in plan order."""
     rows = conn.execute(
         sa.select(N.c.flow_id, N.c.step_name, N.c.position, N.c.output)
-        .where(which, N.c.status == NodeStatus.COMPLETED)
+        # group_index < 0: a map's item, whose output is in the map's (see fanout.py).
+        .where(which, N.c.status == NodeStatus.COMPLETED, N.c.group_index >= 0)
         .order_by(N.c.flow_id, N.c.position, N.c.group_index)
     ).all()
     found: dict[int, list[StoredOutput]] = {flow_id: [] for flow_id in tracking_ids}

@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from flowsmith_worker import progress
+from flowsmith_worker import fanout, progress
 from flowsmith_worker.errors import CorruptRow
 from flowsmith_worker.parking import FOREVER
 from flowsmith_worker.storage.base import (
@@ -97,10 +97,10 @@ class SqlOperators(SqlBase):
             else:
                 records = [node_record(row, {}) for row in rows]
             recorded = sql_attempts.recorded_attempts(conn, A.c.flow_id == flow_id)
-            return [
+            return fanout.in_plan_order(
                 dataclasses.replace(n, attempts=progress.attempts_of(n, recorded.get(n.id, [])))
                 for n in records
-            ]
+            )
 
         return self._read(work)
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from flowsmith_worker import compensation, parking, payload, progress, rate_limits
+from flowsmith_worker import compensation, fanout, parking, payload, progress, rate_limits
 from flowsmith_worker.errors import (
     CorruptRow,
     DatabaseUnavailable,
@@ -80,6 +80,7 @@ from flowsmith_worker.storage.sql.context import RunPayloads
 from flowsmith_worker.storage.sql.dialects import BatchWrite
 from flowsmith_worker.storage.sql.enqueue import SqlEnqueue, stage_rows
 from flowsmith_worker.storage.sql.events import SqlEvents
+from flowsmith_worker.storage.sql.fanout import SqlFanOut, map_of_item, planned_of
 from flowsmith_worker.storage.sql.finish import LOCK_RUNS_PG, FinishBatch, Move
 from flowsmith_worker.storage.sql.operators import SqlOperators
 
@@ -93,7 +94,7 @@ _KNOWN_PLANS = 10_000
 log = get_logger(__name__)
 
 
-class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
+class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
     """The storage on SQLite, PostgreSQL and MySQL/MariaDB."""
 
     # -- enqueue --------------------------------------------------------------
@@ -288,7 +289,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
 
         The conditional UPDATE locks the flow row and lets one of several racing
         triggers win. Which nodes, and their new allowance: progress.RESUMED_ON_RETRY
-        and progress.max_attempts_on_retry.
+        and progress.max_attempts_on_retry (allowance_on_retry).
         """
         won = conn.execute(
             sa.update(F)
@@ -306,26 +307,37 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         ).all()
         # Their rows are about to describe new attempts: keep the ones they describe now.
         sql_attempts.keep_latest(conn, self.dialect, [node_record(row, {}) for row in failed])
-        for node in failed:
-            conn.execute(
-                sa.update(N)
-                .where(N.c.id == node.id)
-                .values(
-                    status=NodeStatus.PENDING,
-                    max_attempts=progress.max_attempts_on_retry(
-                        node.attempt, plan.step(node.step_name)
-                    ),
-                    # A retry gives the step its max_rescues afresh, as its retries.
-                    rescues=0,
-                    run_after=self._now(),
-                    lease_expires_at=None,
-                    finished_at=None,
-                    # A sleep or wait resumed starts its wait afresh (see parking.py).
-                    wake_at=None,
-                )
-            )
+        waiting_again = self._maps_waiting_again(conn, flow_row.id, plan, failed)
+        # One UPDATE per allowance, not per node: a map's thousands of items share one.
+        by_allowance: dict[int, list[int]] = {}
+        for node in (n for n in failed if n.id not in waiting_again):
+            allowance = progress.allowance_on_retry(planned_of(plan, node.step_name))
+            by_allowance.setdefault(allowance, []).append(node.id)
+        for allowance, node_ids in sorted(by_allowance.items()):
+            for ids in fanout.chunks(node_ids, fanout.IDS_PER_STATEMENT):
+                self._requeue(conn, ids, allowance)
+        self._hold_resumed_items(conn, flow_row.id, plan, failed)
         self._retry_place(conn, flow_row.id, flow_row.flow_name, flow_row.concurrency_key)
         return True
+
+    def _requeue(self, conn: Connection, node_ids: Sequence[int], allowance: int) -> None:
+        """Make resumed nodes PENDING with ``allowance`` attempts on top of theirs."""
+        conn.execute(
+            sa.update(N)
+            .where(N.c.id.in_(node_ids))
+            .values(
+                status=NodeStatus.PENDING,
+                # progress.max_attempts_on_retry, for each row in the database
+                max_attempts=N.c.attempt + allowance,
+                # A retry gives the step its max_rescues afresh, as its retries.
+                rescues=0,
+                run_after=self._now(),
+                lease_expires_at=None,
+                finished_at=None,
+                # A sleep or wait resumed starts its wait afresh (see parking.py).
+                wake_at=None,
+            )
+        )
 
     def _start_stage(
         self,
@@ -863,9 +875,76 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
                 retry_delay=retry_delay,
             )
             ended = _ended_attempt(lease, node.started_at)
-            return self._carry_out(conn, self._fenced(lease), flow_row, fate, ended)
+            return self._carry_out_item(
+                conn, self._fenced(lease), flow_row, fate, ended, node.step_name
+            )
 
         return self._transact(work)
+
+    def _carry_out_item(
+        self,
+        conn: Connection,
+        update: sa.Update,
+        flow_row: Row[Any],
+        fate: progress.Fate,
+        ended: sql_attempts.EndedAttempt,
+        step_name: str,
+    ) -> NodeStatus | None:
+        """_carry_out, but for an item of a map with allow_failures a fate that would
+        fail the run ends the item FAILED alone, and the map goes on (see fanout.py)."""
+        allowed = self._allowed_failure(flow_row, step_name, fate)
+        status = self._carry_out(conn, update, flow_row, allowed or fate, ended)
+        if allowed is not None and status is not None:
+            self._advance(conn, flow_row, ended.node_id, None, (step_name, status))
+        return status
+
+    def _allowed_failure(
+        self, flow_row: Row[Any], step_name: str, fate: progress.Fate
+    ) -> progress.End | None:
+        """If ``fate`` fails the run and is that of an item of a map with allow_failures,
+        the item's own end instead: FAILED, the run going on (see fanout.py); else None."""
+        if not isinstance(fate, progress.End) or fate.run_error is None:
+            return None
+        if fanout.parse_item_name(step_name) is None:  # no plan parsed for a plain step
+            return None
+        try:
+            plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        except CorruptRow:
+            return None  # the run fails, as it must (a bad row stops only its run)
+        found = map_of_item(plan, step_name)
+        if found is None or not found[0].allow_failures:
+            return None
+        return progress.End(progress.Ending.FAILED, fate.error)
+
+    def start_map(self, *, lease: Lease, items: Sequence[str]) -> NodeStatus | None:
+        def work(conn: Connection) -> NodeStatus | None:
+            flow_row = self._lock_flow(conn, F.c.id == lease.flow_id)
+            if flow_row is None:
+                return None  # the run was pruned while this step ran
+            ended = progress.end_of_over_run(flow_row.status)
+            if ended is not None:  # the run is over: no item now
+                return self._carry_out(conn, self._fenced(lease), flow_row, ended, None)
+            node = conn.execute(sa.select(N.c.step_name, N.c.position).where(*_held(lease))).first()
+            if node is None:
+                return None  # the lease was lost
+            if not items:
+                empty = Finished(lease, NodeStatus.COMPLETED, "[]", step_name=node.step_name)
+                return (
+                    NodeStatus.COMPLETED if self._finish(conn, empty, flow_row, None).won else None
+                )
+            planned = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).step(
+                node.step_name
+            )
+            if planned is None:
+                raise CorruptRow(f"map step {node.step_name!r} is not in the plan of its run")
+            conn.execute(
+                self._fenced(lease).values(status=NodeStatus.WAITING, lease_expires_at=None)
+            )
+            self._insert_items(conn, flow_row, node.position, planned, items)
+            self.dialect.notify(conn, flow_row.queue)
+            return NodeStatus.WAITING
+
+        return self._advancing(lease, work)
 
     def start_subflow(self, *, lease: Lease, child: NewFlow) -> NodeStatus | None:
         def work(conn: Connection) -> NodeStatus | None:
@@ -999,6 +1078,17 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         if progress.is_over(flow_row.status):
             return None  # the running step finished; a cancelled or failed flow goes no further
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        if finished is not None and (found := map_of_item(plan, finished[0])):
+            map_node_id = self._item_ended(conn, flow_row, *found)
+            if map_node_id is None:
+                return None  # other items have not ended yet
+            # The map moves its run on, never chained: the worker that ran the last
+            # item holds neither the map's output nor the other items'.
+            finished_node_id, chain, finished = (
+                map_node_id,
+                None,
+                (found[0].name, NodeStatus.COMPLETED),
+            )
         position = None if finished is None else _alone_in_stage(plan, finished[0])
         if finished is not None and position is not None:
             # The finished step is its stage: its own status is the stage's.
@@ -1085,7 +1175,9 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         stopped = sa.update(N).where(
             N.c.flow_id == flow_row.id, N.c.status.in_(progress.STOPPED_BY_RUN_FAILURE)
         )
-        conn.execute(stopped.values(**self._fate_values(progress.End(progress.Ending.STOPPED))))
+        stopped_values = self._fate_values(progress.End(progress.Ending.STOPPED))
+        conn.execute(stopped.values(**stopped_values))
+        self._stop_waiting_maps(conn, flow_row, stopped_values)
         if compensates:
             self._compensate(conn, flow_row)
         elif flow_row.parent_node_id is not None:
@@ -1382,7 +1474,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlOperators, Storage):
         )
         fenced = self._fenced(lease).where(N.c.lease_expires_at < self._now())
         update = fenced.values(rescues=N.c.rescues + 1)
-        return self._carry_out(conn, update, flow_row, fate, _ended_attempt(lease, started_at))
+        ended = _ended_attempt(lease, started_at)
+        return self._carry_out_item(conn, update, flow_row, fate, ended, step_name)
 
 
 def _held(lease: Lease) -> tuple[sa.ColumnElement[bool], ...]:
@@ -1482,7 +1575,7 @@ def _max_rescues(flow_row: Row[Any], step_name: str) -> int:
     """
     try:
         plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
-        planned = plan.step(compensation.compensated_step(step_name))
+        planned = planned_of(plan, compensation.compensated_step(step_name))
     except CorruptRow:
         return DEFAULT_MAX_RESCUES
     return planned.max_rescues if planned is not None else DEFAULT_MAX_RESCUES
