@@ -245,3 +245,34 @@ def test_a_round_waits_for_the_child_runs_of_its_runs(tmp_path: Path) -> None:
     finally:
         registry.unregister(flow.name)
         storage.close()
+
+
+SIBLING = "s0_1"
+FAILS_THE_RUN = StepScript(fail=frozenset({1}))
+
+
+def named(trace: NodeRecord, step: str) -> NodeRecord:
+    """``trace`` as the node of ``step`` (its attempts too)."""
+    attempts = tuple(replace(a, step_name=step) for a in trace.attempts)
+    return replace(trace, step_name=step, attempts=attempts)
+
+
+def test_an_attempt_cancelled_after_its_worker_was_lost_is_no_problem() -> None:
+    """Found by the chaos run (commit 9b4cf55, "CANCELLED after loss"): in a parallel
+    stage a worker is SIGKILLed mid-call (a start line, no end) while its sibling fails
+    the run; the rescue of its lease finds the run over and records the lost attempt
+    CANCELLED, not RESCUED. The verdict must take that attempt as lost (no call of its
+    own to agree with, no retry counted), not as a call whose end is missing. The old
+    verdict (CANCELLED left out of LOST) reported both the node and the model."""
+    plan = FlowPlan("pair", ((StepPlan(STEP, 0, None, False), StepPlan(SIBLING, 0, None, False)),))
+    data = {"script": {STEP: FAILS_THE_RUN.to_json(), SIBLING: StepScript().to_json()}}
+    failed = replace(node(NodeStatus.FAILED, F), attempt=1)
+    lost = named(node(NodeStatus.CANCELLED, AttemptOutcome.CANCELLED), SIBLING)
+    lost_call = {(RUN, SIBLING, 1): [Call(OTHER_PID, 0.1, None, None)]}
+    calls = {**journal((1, PID, 0.0, 0.5, "ScheduledFailure")), **lost_call}
+    assert check_node(lost, lost_call, Record(sigkilled={OTHER_PID: 1.0})) == []
+    error = f"ScheduledFailure: {STEP}: attempt 1 is scheduled to fail"
+    ran = Ran(data, FlowStatus.FAILED, {STEP: failed, SIBLING: lost}, None, error)
+    assert check_model(plan, ran, calls, RUN, {}).problems == []
+    # A CANCELLED attempt whose worker lived on is still one the engine lost wrongly.
+    assert check_node(lost, lost_call, Record()) != []
