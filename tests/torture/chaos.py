@@ -7,7 +7,10 @@ moments SIGKILLs workers (often mid-step) and starts new ones, SIGTERMs them (a
 graceful drain), crashes and restarts the database server (PostgreSQL's
 immediate shutdown, MariaDB SIGKILLed; SQLite: the worker holding the write
 lock SIGKILLed) and kills database connections from the server's side
-(pg_terminate_backend, MariaDB's KILL). Afterwards tests/torture/chaos_check.py
+(pg_terminate_backend, MariaDB's KILL). The workers also kill themselves at
+aimed moments: in a claim before and right after its commit, right before and
+right after a batch commit, and have the server kill their connection as a claim or
+a batch commits (tests/support/kill_points.py). Afterwards tests/torture/chaos_check.py
 compares the engine's trace with the steps' own journal and the reference model.
 
     python -m tests.torture.chaos --backend postgresql --duration 600 [--seed N]
@@ -21,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +43,7 @@ from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowStatus, Storage
 from tests.servers import LocalServer, start_mariadb, start_postgres
 from tests.servers.admin import kill_mysql_sessions
+from tests.support import kill_points
 from tests.support.outage import crash_and_restart, durable_commits
 from tests.torture.chaos_flows import (
     JOURNAL_ENV,
@@ -66,6 +71,17 @@ LOCK_HOLDER = "kill write-lock holder"  # SQLite's nearest to a crash of its dat
 NOBODY = "nobody caught holding it"
 NOT_OVER = (FlowStatus.PENDING, FlowStatus.RUNNING)
 EVERY = 1_000_000  # a list_flows limit no round reaches
+# The kill points a chaos worker aims at itself (tests/support/kill_points.py), and
+# their odds each time a worker reaches one: a few kills of each kind a round.
+KILL_ODDS = {
+    kill_points.CLAIMED: 0.01,
+    kill_points.LEASED: 0.01,
+    kill_points.BEFORE_COMMIT: 0.01,
+    kill_points.AFTER_COMMIT: 0.01,
+    kill_points.DROPPED_AT_CLAIM: 0.02,
+    kill_points.DROPPED_AT_BATCH: 0.02,
+}
+EXITED = "exited on its own"  # a worker nobody (not even itself) killed
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,7 @@ class Settings:
     runs: int
     workers: int = 3
     flows: int = 6
+    aimed: bool = True  # the workers kill themselves at the claim and the batch commit
 
 
 @dataclass
@@ -236,19 +253,37 @@ def local_database(backend: str, workdir: Path) -> Iterator[Database]:
 
 
 class Crew:
-    """The live worker processes; kills and replaces them."""
+    """The live worker processes; kills and replaces them.
+
+    Workers started while ``aimed`` kill themselves at the claim and the batch
+    commit now and then (tests/support/kill_points.py), and say so in the kill
+    log first: ``reap`` reads it and notes the dead with the moment they died.
+    """
 
     def __init__(self, workdir: Path, database: Database, env: dict[str, str], size: int):
         self.workdir, self.database, self.env, self.size = workdir, database, env, size
         self.live: list[WorkerProcess] = []
         self.gone: list[WorkerProcess] = []
+        self.kill_log = workdir / "kills.jsonl"
+        self.kill_log.touch()
+        self._read_up_to = 0
+        self.aim({})
+
+    def aim(self, odds: dict[str, float]) -> None:
+        """The workers started from now on kill themselves at these points with these odds."""
+        self.aimed_env = {
+            **self.env,
+            kill_points.POINTS_ENV: kill_points.render(odds),
+            kill_points.LOG_ENV: str(self.kill_log),
+        }
 
     def fill(self) -> None:
         while len(self.live) < self.size:
             worker = WorkerProcess(
                 self.workdir,
                 self.database.url,
-                self.env,
+                self.aimed_env,
+                "tests.support.kill_points",  # a second module: inert without its variable
                 "--lease",
                 str(LEASE_SECONDS),
                 "--poll-interval",
@@ -262,14 +297,40 @@ class Crew:
     def sigkill(self, worker: WorkerProcess, record: Record) -> None:
         worker.signal(signal.SIGKILL)
         worker.proc.wait(30)
-        record.sigkilled[worker.pid] = time.time()  # dead by now: its steps end here
+        self.read_kill_log(record)  # it may have killed itself first: that moment counts
+        record.sigkilled.setdefault(worker.pid, time.time())  # dead by now: its steps end
         self._retire(worker)
 
     def sigterm(self, worker: WorkerProcess, record: Record) -> None:
         record.sigtermed.add(worker.pid)
         worker.signal(signal.SIGTERM)
         worker.wait(60)
+        self.read_kill_log(record)  # it may have reached a kill point while draining
         self._retire(worker)
+
+    def reap(self, record: Record) -> None:
+        """Retire the workers that died by themselves; note who died when, from the kill log."""
+        dead = [worker for worker in self.live if worker.proc.poll() is not None]
+        self.read_kill_log(record)
+        for worker in dead:
+            if worker.pid not in record.sigkilled:
+                record.sigkilled[worker.pid] = time.time()
+                said = f"pid {worker.pid}, exit code {worker.proc.returncode}"
+                record.harms.append(Harm(EXITED, said, time.time(), time.time()))
+            self._retire(worker)
+
+    def read_kill_log(self, record: Record) -> None:
+        """The kill log's new lines as harms; the self-SIGKILLed as dead at their line's time."""
+        with self.kill_log.open() as log:
+            log.seek(self._read_up_to)
+            lines = log.readlines()
+            self._read_up_to = log.tell()
+        for line in lines:
+            entry = json.loads(line)
+            pid, point, when = entry["pid"], entry["point"], entry["t"]
+            record.harms.append(Harm(point, f"pid {pid}", when, when))
+            if point in kill_points.SIGKILLS:
+                record.sigkilled.setdefault(pid, when)
 
     def kill_lock_holder(self, database: Database, record: Record, patience: float = 5.0) -> str:
         """SIGKILL the worker caught holding SQLite's write lock (within ``patience`` s)."""
@@ -287,12 +348,14 @@ class Crew:
         self.live.remove(worker)
         self.gone.append(worker)
 
-    def stop(self) -> None:
+    def stop(self, record: Record) -> None:
         """SIGTERM every worker and wait for it (a graceful end, journaled as such)."""
         for worker in list(self.live):
             worker.signal(signal.SIGTERM)
         for worker in list(self.live):
             worker.wait(60)
+        self.read_kill_log(record)  # an aimed worker may have died at a point as it drained
+        for worker in list(self.live):
             self._retire(worker)
 
     def cleanup(self) -> None:
@@ -300,8 +363,15 @@ class Crew:
             worker.cleanup()
 
 
+def worker_env(plan_path: Path, journal: Path) -> dict[str, str]:
+    """A chaos worker's environment: the flows' plan, the journal its steps write."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    return {**env, PLAN_ENV: str(plan_path), JOURNAL_ENV: str(journal)}
+
+
 def chaos_step(rng: random.Random, database: Database, crew: Crew, record: Record) -> None:
     """One random harm (the crew is refilled after it)."""
+    crew.reap(record)
     actions = [SIGKILL, SIGKILL, SIGTERM]
     actions += [RESTART, KILL_CONNECTIONS] if database.server else [LOCK_HOLDER]
     action = rng.choice(actions)
@@ -362,9 +432,8 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
             run = flows[plan.name].run(data, tracking_id=f"{prefix}{number}")
             runs[run.tracking_id] = (plan.name, data)
         record = Record()
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-        env.update({PLAN_ENV: str(plan_path), JOURNAL_ENV: str(journal)})
-        crew = Crew(workdir, database, env, settings.workers)
+        crew = Crew(workdir, database, worker_env(plan_path, journal), settings.workers)
+        crew.aim(KILL_ODDS if settings.aimed else {})
         started = time.monotonic()
         try:
             crew.fill()
@@ -372,8 +441,14 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
             while time.monotonic() < deadline and open_runs(storage, prefix) != 0:
                 time.sleep(rng.uniform(0.2, 1.5))
                 chaos_step(rng, database, crew, record)
-            wait_all_over(storage, prefix)
-            crew.stop()
+            crew.aim({})  # the workers started from now on finish the round undisturbed
+
+            def replace_the_dead() -> None:
+                crew.reap(record)
+                crew.fill()
+
+            wait_all_over(storage, prefix, between=replace_the_dead)
+            crew.stop(record)
         finally:
             crew.cleanup()
         return Round(by_name, runs, record, journal, time.monotonic() - started)
@@ -397,12 +472,16 @@ def open_runs(storage: Storage, prefix: str) -> int | None:
         return None
 
 
-def wait_all_over(storage: Storage, prefix: str, stall: float = 120.0) -> None:
+def wait_all_over(
+    storage: Storage, prefix: str, stall: float = 120.0, between: Callable[[], None] | None = None
+) -> None:
     """Wait until every run of the round is over: a child run of a parent that failed
     meanwhile goes on to its end (its WAITING node waits for it). Fail if none ends
-    for ``stall`` seconds: a run stuck for good."""
+    for ``stall`` seconds: a run stuck for good. ``between`` is called between looks."""
     last, since = None, time.monotonic()
     while (left := open_runs(storage, prefix)) != 0:
+        if between is not None:
+            between()
         if left != last:
             last, since = left, time.monotonic()
         elif time.monotonic() - since > stall:
@@ -411,9 +490,10 @@ def wait_all_over(storage: Storage, prefix: str, stall: float = 120.0) -> None:
 
 
 def summary(record: Record, runs: int, seconds: float) -> str:
+    actions = (SIGKILL, SIGTERM, RESTART, KILL_CONNECTIONS, LOCK_HOLDER)
     counts = ", ".join(
         f"{record.count(action)} {action}"
-        for action in (SIGKILL, SIGTERM, RESTART, KILL_CONNECTIONS, LOCK_HOLDER)
+        for action in (*actions, *kill_points.EVERY_POINT, EXITED)
         if record.count(action)
     )
     missed = sum(1 for harm in record.harms if harm.target == NOBODY)

@@ -24,10 +24,30 @@ from flowsmith_worker.records import AttemptRecord, NodeRecord
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from tests.servers import DatabaseServer, LocalServer, require_restart
+from tests.support import kill_points
 from tests.support.outage import durable_commits
-from tests.torture.chaos import RESTART, Database, Harm, Record, Settings, open_runs, play, summary
-from tests.torture.chaos_check import Call, Key, Ran, check_model, check_node, check_round
-from tests.torture.chaos_flows import FlowPlan, StepPlan, StepScript
+from tests.torture.chaos import (
+    RESTART,
+    Crew,
+    Database,
+    Harm,
+    Record,
+    Settings,
+    open_runs,
+    play,
+    summary,
+    worker_env,
+)
+from tests.torture.chaos_check import (
+    Call,
+    Key,
+    Ran,
+    check_model,
+    check_node,
+    check_round,
+    read_journal,
+)
+from tests.torture.chaos_flows import FlowPlan, StepPlan, StepScript, build_all, save_plans
 from tests.torture.model import output_of
 
 SEED = 20261201
@@ -218,7 +238,7 @@ def test_the_round_check_reports_a_call_the_engine_never_made(tmp_path: Path) ->
     engine never made, in a parent run or in a subflow's child run, is reported."""
     path = tmp_path / "calm.db"
     database = Database(f"sqlite:///{path}", "sqlite", path=path)
-    played = play(Settings(SEED, "sqlite", 0.0, 20), database, tmp_path)
+    played = play(Settings(SEED, "sqlite", 0.0, 20, aimed=False), database, tmp_path)
     assert check_round(played, database.url) == []
     lines = played.journal.read_text().splitlines()
     child = next(line for line in lines if ":s" in json.loads(line)["run"])
@@ -276,3 +296,48 @@ def test_an_attempt_cancelled_after_its_worker_was_lost_is_no_problem() -> None:
     assert check_model(plan, ran, calls, RUN, {}).problems == []
     # A CANCELLED attempt whose worker lived on is still one the engine lost wrongly.
     assert check_node(lost, lost_call, Record()) != []
+
+
+# What a node is when its worker died at each kill point: (status, attempt, calls).
+DEAD_AT = {
+    kill_points.CLAIMED: (NodeStatus.PENDING, 0, 0),  # the claim rolled back
+    kill_points.LEASED: (NodeStatus.RUNNING, 1, 0),  # leased, never run
+    kill_points.BEFORE_COMMIT: (NodeStatus.RUNNING, 1, 1),  # ran; its outcome rolled back
+    kill_points.AFTER_COMMIT: (NodeStatus.COMPLETED, 1, 1),  # ran; its outcome written
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", kill_points.SIGKILLS)
+def test_a_worker_aimed_at_a_kill_point_dies_there(
+    point: str, database: Database, tmp_path: Path
+) -> None:
+    """A chaos worker aimed at ``point`` (odds 1) SIGKILLs itself exactly there: in
+    the claim before its commit (nothing leased), right after it (leased, not run),
+    right before the batch commit (run, outcome lost) or right after it (written);
+    the chaos notes it dead at the moment its kill log gives."""
+    plan = FlowPlan(f"aimed_{tmp_path.name[-20:]}", ((StepPlan(STEP, 0, None, False),),))
+    storage = create_storage(database.url)
+    storage.migrate()
+    flow = build_all([plan], None, storage)[plan.name]
+    plan_path, journal_path = tmp_path / "plan.json", tmp_path / "journal.jsonl"
+    save_plans([plan], plan_path)
+    crew = Crew(tmp_path, database, worker_env(plan_path, journal_path), 1)
+    record = Record()
+    try:
+        flow.run({"script": {STEP: StepScript().to_json()}}, tracking_id=f"{plan.name}_r0")
+        crew.aim({point: 1.0})
+        crew.fill()
+        crew.live[0].proc.wait(60)
+        crew.reap(record)
+        run = storage.get_flow(tracking_id=f"{plan.name}_r0", with_payloads=False)
+        assert run is not None
+        (node,) = storage.list_nodes(flow_id=run.id)
+        calls = read_journal(journal_path)[0].get((run.tracking_id, STEP, 1), [])
+        assert (node.status, node.attempt, len(calls)) == DEAD_AT[point]
+        assert [harm.action for harm in record.harms] == [point]
+        assert record.sigkilled.keys() == {crew.gone[0].pid}
+    finally:
+        crew.cleanup()
+        registry.unregister(plan.name)
+        storage.close()
