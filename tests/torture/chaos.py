@@ -370,8 +370,9 @@ def worker_env(plan_path: Path, journal: Path) -> dict[str, str]:
 
 
 def chaos_step(rng: random.Random, database: Database, crew: Crew, record: Record) -> None:
-    """One random harm (the crew is refilled after it)."""
+    """One random harm (the crew is refilled before and after it)."""
     crew.reap(record)
+    crew.fill()  # every worker may have died by itself since the last harm
     actions = [SIGKILL, SIGKILL, SIGTERM]
     actions += [RESTART, KILL_CONNECTIONS] if database.server else [LOCK_HOLDER]
     action = rng.choice(actions)
