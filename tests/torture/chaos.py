@@ -28,6 +28,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,10 +38,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from flowsmith_worker import Flow
 from flowsmith_worker.flow import registry
-from flowsmith_worker.records import FlowFilter
+from flowsmith_worker.records import FlowFilter, NodeRecord
 from flowsmith_worker.storage import create_storage
-from flowsmith_worker.storage.base import FlowStatus, Storage
+from flowsmith_worker.storage.base import FlowStatus, NodeStatus, Storage
 from tests.servers import LocalServer, start_mariadb, start_postgres
 from tests.servers.admin import kill_mysql_sessions
 from tests.support import kill_points
@@ -68,8 +70,11 @@ CHILD_FLOWS = 2
 SIGKILL, SIGTERM = "sigkill", "sigterm"  # a worker
 RESTART, KILL_CONNECTIONS = "restart database", "kill connections"  # the server
 LOCK_HOLDER = "kill write-lock holder"  # SQLite's nearest to a crash of its database
+RETRY = "retry a FAILED run"  # with `flowsmith retry` or flow.run of its tracking_id
 NOBODY = "nobody caught holding it"
 NOT_OVER = (FlowStatus.PENDING, FlowStatus.RUNNING)
+# A FAILED run with a node in these is not settled: a retry would race that node.
+UNSETTLED = frozenset({NodeStatus.PENDING, NodeStatus.RUNNING, NodeStatus.WAITING})
 EVERY = 1_000_000  # a list_flows limit no round reaches
 # The kill points a chaos worker aims at itself (tests/support/kill_points.py), and
 # their odds each time a worker reaches one: a few kills of each kind a round.
@@ -105,6 +110,17 @@ class Harm:
     end: float = 0.0
 
 
+@dataclass(frozen=True)
+class Retried:
+    """A FAILED run as it was when the chaos retried it: where its next course starts.
+
+    Whether the retry took (the database may have been away) is for the checks
+    to see: a retry that took ran the run's FAILED and stopped nodes again."""
+
+    nodes: dict[str, NodeRecord]
+    error: str | None
+
+
 @dataclass
 class Record:
     """What the chaos did, for the checks: every harm, and each worker's fate."""
@@ -112,6 +128,7 @@ class Record:
     harms: list[Harm] = field(default_factory=list)
     sigkilled: dict[int, float] = field(default_factory=dict)  # pid -> when it was dead
     sigtermed: set[int] = field(default_factory=set)
+    retried: dict[str, list[Retried]] = field(default_factory=dict)  # by tracking_id
 
     def count(self, action: str) -> int:
         return sum(1 for harm in self.harms if harm.action == action)
@@ -369,15 +386,75 @@ def worker_env(plan_path: Path, journal: Path) -> dict[str, str]:
     return {**env, PLAN_ENV: str(plan_path), JOURNAL_ENV: str(journal)}
 
 
-def chaos_step(rng: random.Random, database: Database, crew: Crew, record: Record) -> None:
+@dataclass
+class Retrier:
+    """Retries FAILED runs of the round, as an operator or a caller would."""
+
+    storage: Storage
+    url: str
+    flows: dict[str, Flow]
+    runs: dict[str, tuple[str, dict[str, object]]]  # those it may retry
+    prefix: str
+
+    def retry_one(self, rng: random.Random, record: Record) -> str:
+        """Retry a FAILED run whose nodes are all settled, one way or the other at random."""
+        try:
+            failed = self.storage.list_flows(
+                where=FlowFilter(FlowStatus.FAILED, tracking_id_prefix=self.prefix, limit=EVERY)
+            )
+            settled = sorted(
+                run.tracking_id
+                for run in failed
+                if run.tracking_id in self.runs
+                and all(n.status not in UNSETTLED for n in self.storage.list_nodes(flow_id=run.id))
+            )
+        except Exception:  # the database restarting, a connection killed
+            return "the database did not answer"
+        if not settled:
+            return "no FAILED run"
+        tracking_id, by_cli = rng.choice(settled), rng.random() < 0.5
+        try:
+            return self.retry(tracking_id, record, by_cli)
+        except Exception:  # went away before the retry was sent: nothing noted
+            return "the database did not answer"
+
+    def retry(self, tracking_id: str, record: Record, by_cli: bool) -> str:
+        """Note how the FAILED run is, then retry it with `flowsmith retry` or flow.run."""
+        run = self.storage.get_flow(tracking_id=tracking_id, with_payloads=False)
+        if run is None or run.status != FlowStatus.FAILED:
+            return f"{tracking_id} is not FAILED"
+        nodes = {n.step_name: n for n in self.storage.list_nodes(flow_id=run.id)}
+        record.retried.setdefault(tracking_id, []).append(Retried(nodes, run.error))
+        if by_cli:
+            done = subprocess.run(
+                [sys.executable, "-m", "flowsmith_worker", "retry", tracking_id, "--url", self.url],
+                check=False,
+                capture_output=True,
+                text=True,
+            )
+            said = (done.stdout + done.stderr).strip().splitlines()[-1:]
+            return f"{tracking_id} by `flowsmith retry`: exit code {done.returncode} {said}"
+        flow_name, data = self.runs[tracking_id]
+        try:
+            self.flows[flow_name].run(data, tracking_id=tracking_id)
+        except Exception as error:  # the database away: the checks see whether it took
+            return f"{tracking_id} by flow.run, which raised {type(error).__name__}"
+        return f"{tracking_id} by flow.run"
+
+
+def chaos_step(
+    rng: random.Random, database: Database, crew: Crew, record: Record, retrier: Retrier
+) -> None:
     """One random harm (the crew is refilled before and after it)."""
     crew.reap(record)
     crew.fill()  # every worker may have died by itself since the last harm
-    actions = [SIGKILL, SIGKILL, SIGTERM]
+    actions = [SIGKILL, SIGKILL, SIGTERM, RETRY]
     actions += [RESTART, KILL_CONNECTIONS] if database.server else [LOCK_HOLDER]
     action = rng.choice(actions)
     harm = Harm(action, "", time.time())
-    if action == SIGKILL:
+    if action == RETRY:
+        harm.target = retrier.retry_one(rng, record)
+    elif action == SIGKILL:
         victim = rng.choice(crew.live)
         harm.target = f"pid {victim.pid}"
         crew.sigkill(victim, record)
@@ -433,6 +510,10 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
             run = flows[plan.name].run(data, tracking_id=f"{prefix}{number}")
             runs[run.tracking_id] = (plan.name, data)
         record = Record()
+        # Only runs without a subflow step are retried (see chaos_check.check_model).
+        simple = {name for name, plan in by_name.items() if not any(s.child for s in plan.steps())}
+        retryable = {tid: run for tid, run in runs.items() if run[0] in simple}
+        retrier = Retrier(storage, database.url, flows, retryable, prefix)
         crew = Crew(workdir, database, worker_env(plan_path, journal), settings.workers)
         crew.aim(KILL_ODDS if settings.aimed else {})
         started = time.monotonic()
@@ -441,7 +522,7 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
             deadline = started + settings.duration
             while time.monotonic() < deadline and open_runs(storage, prefix) != 0:
                 time.sleep(rng.uniform(0.2, 1.5))
-                chaos_step(rng, database, crew, record)
+                chaos_step(rng, database, crew, record, retrier)
             crew.aim({})  # the workers started from now on finish the round undisturbed
 
             def replace_the_dead() -> None:
@@ -491,7 +572,7 @@ def wait_all_over(
 
 
 def summary(record: Record, runs: int, seconds: float) -> str:
-    actions = (SIGKILL, SIGTERM, RESTART, KILL_CONNECTIONS, LOCK_HOLDER)
+    actions = (SIGKILL, SIGTERM, RESTART, KILL_CONNECTIONS, LOCK_HOLDER, RETRY)
     counts = ", ".join(
         f"{record.count(action)} {action}"
         for action in (*actions, *kill_points.EVERY_POINT, EXITED)

@@ -12,6 +12,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -22,16 +23,20 @@ from flowsmith_worker import Flow
 from flowsmith_worker.flow import registry
 from flowsmith_worker.records import AttemptRecord, NodeRecord
 from flowsmith_worker.storage import create_storage
-from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
+from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus, Storage
 from tests.servers import DatabaseServer, LocalServer, require_restart
 from tests.support import kill_points
 from tests.support.outage import durable_commits
 from tests.torture.chaos import (
     RESTART,
+    UNSETTLED,
     Crew,
     Database,
     Harm,
     Record,
+    Retried,
+    Retrier,
+    Round,
     Settings,
     open_runs,
     play,
@@ -46,8 +51,10 @@ from tests.torture.chaos_check import (
     check_node,
     check_round,
     read_journal,
+    took,
 )
 from tests.torture.chaos_flows import FlowPlan, StepPlan, StepScript, build_all, save_plans
+from tests.torture.engine import scheduled_failure
 from tests.torture.model import output_of
 
 SEED = 20261201
@@ -341,3 +348,78 @@ def test_a_worker_aimed_at_a_kill_point_dies_there(
         crew.cleanup()
         registry.unregister(plan.name)
         storage.close()
+
+
+def test_the_model_check_follows_a_run_through_its_retries() -> None:
+    """A step (one retry allowed) scripted to fail attempts 1-3: FAILED at 2, retried by
+    the chaos, completed at 4 is what the model allows from where the retry found it;
+    the same end with no retry noted is not, nor completing at 4 when 4 was to fail."""
+    snapshot = Retried({STEP: node(NodeStatus.FAILED, F, F)}, scheduled_failure(STEP, 2))
+    assert retried_run(frozenset({1, 2, 3}), [snapshot]) == []
+    assert retried_run(frozenset({1, 2, 3}), [])
+    assert retried_run(frozenset({1, 2, 3, 4}), [snapshot])
+
+
+def retried_run(fails: frozenset[int], retried: list[Retried]) -> list[str]:
+    """check_model's problems for ONE_STEP run with ``fails``, which ended COMPLETED at
+    attempt 4 after attempts 1-3 failed, the chaos having retried it as ``retried``."""
+    data = {"script": {STEP: StepScript(fail=fails).to_json()}}
+    trace = replace(node(NodeStatus.COMPLETED, F, F, F, C), output=output_of(4, data))
+    calls = journal(*((n, PID, n, n + 0.5, "x") for n in range(1, 5)))
+    ran = Ran(data, FlowStatus.COMPLETED, {STEP: trace}, {**data, STEP: trace.output}, None)
+    return check_model(ONE_STEP, ran, calls, RUN, {}, retried).problems
+
+
+def test_a_retry_that_did_not_take_is_no_course_of_the_run() -> None:
+    """A retry sent while the database was away may not have taken: the checks count
+    only those after which a node the retry was to run again has run again."""
+    failed = node(NodeStatus.FAILED, F)
+    snapshot = Retried({STEP: failed}, None)
+    assert not took(snapshot, {STEP: failed})
+    assert took(snapshot, {STEP: node(NodeStatus.COMPLETED, F, C)})
+
+
+@pytest.mark.slow
+def test_the_chaos_retries_failed_runs_and_judges_them(database: Database, tmp_path: Path) -> None:
+    """A run scripted to fail its attempts 1 and 2 (no retry allowed) FAILS, is retried
+    with `flowsmith retry`, FAILS again, is retried with flow.run of its tracking_id and
+    COMPLETES: the round checks clean given the retries, not without them."""
+    plan = FlowPlan(f"retried_{tmp_path.name[-20:]}", ((StepPlan(STEP, 0, None, False),),))
+    storage = create_storage(database.url)
+    storage.migrate()
+    flows = build_all([plan], None, storage)
+    plan_path, journal_path = tmp_path / "plan.json", tmp_path / "journal.jsonl"
+    save_plans([plan], plan_path)
+    journal_path.touch()
+    tracking_id = f"{plan.name}_r0"
+    runs = {tracking_id: (plan.name, {"script": {STEP: StepScript(frozenset({1, 2})).to_json()}})}
+    retrier = Retrier(storage, database.url, flows, runs, tracking_id)
+    crew, record = Crew(tmp_path, database, worker_env(plan_path, journal_path), 1), Record()
+    try:
+        flows[plan.name].run(runs[tracking_id][1], tracking_id=tracking_id)
+        crew.fill()
+        for by_cli in (True, False):
+            wait_for(storage, tracking_id, FlowStatus.FAILED)
+            assert "exit code 1" not in retrier.retry(tracking_id, record, by_cli)
+        wait_for(storage, tracking_id, FlowStatus.COMPLETED)
+        crew.stop(record)
+    finally:
+        crew.cleanup()
+        registry.unregister(plan.name)
+        storage.close()
+    played = Round({plan.name: plan}, runs, record, journal_path)
+    assert len(record.retried[tracking_id]) == 2
+    assert check_round(played, database.url) == []
+    assert check_round(replace(played, record=Record()), database.url) != []
+
+
+def wait_for(storage: Storage, tracking_id: str, status: FlowStatus, timeout: float = 60.0) -> None:
+    """Until the run is ``status`` with every node settled."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
+        nodes = storage.list_nodes(flow_id=run.id) if run is not None else []
+        if run is not None and run.status == status and not UNSETTLED & {n.status for n in nodes}:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{tracking_id} not {status} after {timeout} s")
