@@ -86,7 +86,10 @@ KILL_ODDS = {
     kill_points.DROPPED_AT_CLAIM: 0.02,
     kill_points.DROPPED_AT_BATCH: 0.02,
 }
-EXITED = "exited on its own"  # a worker nobody (not even itself) killed
+# A worker that nobody (not even itself) killed: at its start (the database was away,
+# which a worker refuses to start without), or after it started, which it must not.
+EXITED = "exited at its start"
+DIED = "died on its own after it started"
 
 
 @dataclass(frozen=True)
@@ -332,8 +335,9 @@ class Crew:
         for worker in dead:
             if worker.pid not in record.sigkilled:
                 record.sigkilled[worker.pid] = time.time()
+                how = DIED if '"worker.started"' in worker.output() else EXITED
                 said = f"pid {worker.pid}, exit code {worker.proc.returncode}"
-                record.harms.append(Harm(EXITED, said, time.time(), time.time()))
+                record.harms.append(Harm(how, said, time.time(), time.time()))
             self._retire(worker)
 
     def read_kill_log(self, record: Record) -> None:
@@ -575,7 +579,7 @@ def summary(record: Record, runs: int, seconds: float) -> str:
     actions = (SIGKILL, SIGTERM, RESTART, KILL_CONNECTIONS, LOCK_HOLDER, RETRY)
     counts = ", ".join(
         f"{record.count(action)} {action}"
-        for action in (*actions, *kill_points.EVERY_POINT, EXITED)
+        for action in (*actions, *kill_points.EVERY_POINT, EXITED, DIED)
         if record.count(action)
     )
     missed = sum(1 for harm in record.harms if harm.target == NOBODY)
@@ -606,7 +610,7 @@ def play_rounds(seed: int, args: argparse.Namespace, tmp: Path, database: Databa
         print(f"round {number} (seed {round_seed}): {said}", flush=True)
         for problem in problems:
             print(f"  PROBLEM: {problem}", flush=True)
-        for tracking_id in sorted({problem.split(":")[0] for problem in problems}):
+        for tracking_id in sorted({p.split(":")[0] for p in problems} & set(played.runs)):
             print(explain(played, database.url, tracking_id), flush=True)
         total.harms += played.record.harms
         runs, failures, number = runs + len(played.runs), failures + len(problems), number + 1
