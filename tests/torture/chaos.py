@@ -7,10 +7,12 @@ moments SIGKILLs workers (often mid-step) and starts new ones, SIGTERMs them (a
 graceful drain), crashes and restarts the database server (PostgreSQL's
 immediate shutdown, MariaDB SIGKILLed; SQLite: the worker holding the write
 lock SIGKILLed) and kills database connections from the server's side
-(pg_terminate_backend, MariaDB's KILL). The workers also kill themselves at
-aimed moments: in a claim before and right after its commit, right before and
-right after a batch commit, and have the server kill their connection as a claim or
-a batch commits (tests/support/kill_points.py). Afterwards tests/torture/chaos_check.py
+(pg_terminate_backend, MariaDB's KILL). The workers also kill themselves at aimed
+moments (in a claim before and right after its commit, right before and right after
+a batch commit) and have the server kill their connection as a claim or a batch
+commits (tests/support/kill_points.py). And the chaos retries FAILED runs (those
+without a subflow step) with `flowsmith retry` or flow.run of their tracking_id,
+noting how each was first (``Retried``). Afterwards tests/torture/chaos_check.py
 compares the engine's trace with the steps' own journal and the reference model.
 
     python -m tests.torture.chaos --backend postgresql --duration 600 [--seed N]

@@ -142,17 +142,20 @@ def check_run(
         own = {k: v for k, v in calls.items() if k[:2] == (tracking_id, node.step_name)}
         problems += [f"{node.step_name}: {p}" for p in check_node(node, own, record)]
     ran = Ran(flow.input, status, nodes, final, flow.error)
-    retried = [r for r in record.retried.get(tracking_id, []) if took(r, nodes)]
+    tried = record.retried.get(tracking_id, [])
+    # How each retry left the nodes: as the next one found them, or as they ended.
+    next_seen = [later.nodes for later in tried[1:]] + [nodes] if tried else []
+    retried = [r for r, after in zip(tried, next_seen, strict=True) if took(r, after)]
     judged = check_model(plan, ran, calls, tracking_id, children, retried)
     return Judged(problems + judged.problems, judged.expected, judged.counted)
 
 
-def took(retried: Retried, nodes: dict[str, NodeRecord]) -> bool:
-    """Whether a retry of the chaos took: a node it was to run again has run again
-    (a node that did not finish its course at once might take no new attempt only if
-    its run was cancelled, which the chaos never does)."""
+def took(retried: Retried, after: dict[str, NodeRecord]) -> bool:
+    """Whether a retry of the chaos took, from the nodes as seen ``after`` it (at the
+    next retry, or at the end): a node it was to run again has run again (it could
+    take no new attempt only if its run were cancelled, which the chaos never does)."""
     again = [n for n in retried.nodes.values() if n.status not in model.DONE]
-    return any(nodes[n.step_name].attempt > n.attempt for n in again)
+    return any(after[n.step_name].attempt > n.attempt for n in again)
 
 
 def check_node(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -> list[str]:

@@ -383,7 +383,8 @@ def test_a_retry_that_did_not_take_is_no_course_of_the_run() -> None:
 def test_the_chaos_retries_failed_runs_and_judges_them(database: Database, tmp_path: Path) -> None:
     """A run scripted to fail its attempts 1 and 2 (no retry allowed) FAILS, is retried
     with `flowsmith retry`, FAILS again, is retried with flow.run of its tracking_id and
-    COMPLETES: the round checks clean given the retries, not without them."""
+    COMPLETES: the round checks clean given the retries, not without them; a retry
+    noted that did not take (the database away) is told apart from the one after it."""
     plan = FlowPlan(f"retried_{tmp_path.name[-20:]}", ((StepPlan(STEP, 0, None, False),),))
     storage = create_storage(database.url)
     storage.migrate()
@@ -411,6 +412,9 @@ def test_the_chaos_retries_failed_runs_and_judges_them(database: Database, tmp_p
     assert len(record.retried[tracking_id]) == 2
     assert check_round(played, database.url) == []
     assert check_round(replace(played, record=Record()), database.url) != []
+    first = record.retried[tracking_id][0]
+    record.retried[tracking_id].insert(0, first)  # as if a first retry had not taken
+    assert check_round(played, database.url) == []
 
 
 def wait_for(storage: Storage, tracking_id: str, status: FlowStatus, timeout: float = 60.0) -> None:
