@@ -587,6 +587,9 @@ def summary(record: Record, runs: int, seconds: float) -> str:
     missed = sum(1 for harm in record.harms if harm.target == NOBODY)
     if missed:
         counts += f" ({missed} times nobody held the write lock within 5 s)"
+    sent = sum(len(tries) for tries in record.retried.values())
+    if sent:
+        counts += f" ({sent} retries sent to FAILED runs, the others found none settled)"
     return f"{runs} runs in {seconds:.0f} s; chaos: {counts}"
 
 
