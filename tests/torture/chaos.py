@@ -618,6 +618,7 @@ def play_rounds(seed: int, args: argparse.Namespace, tmp: Path, database: Databa
         for tracking_id in sorted({p.split(":")[0] for p in problems} & set(played.runs)):
             print(explain(played, database.url, tracking_id), flush=True)
         total.harms += played.record.harms
+        total.retried.update(played.record.retried)  # tracking_ids differ by round
         runs, failures, number = runs + len(played.runs), failures + len(problems), number + 1
     print(f"in all, {number} rounds: {summary(total, runs, time.monotonic() - started)}")
     return failures
