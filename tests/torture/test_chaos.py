@@ -1,8 +1,10 @@
 """The chaos run's short fixed-seed pass (issue 11, point 5), one per backend.
 
-Real `flowsmith worker` processes, real servers, real SIGKILLs, SIGTERMs,
-database crashes and killed connections; then every check of
-tests/torture/chaos_check.py. The long run is ``make torture``.
+Real `flowsmith worker` processes, real servers, real SIGKILLs (some aimed by the
+workers at their own claims and batch commits), SIGTERMs, database crashes, killed
+connections and retries of FAILED runs; then every check of
+tests/torture/chaos_check.py, and the checks' and the chaos's own tests. The long
+run is ``make torture``.
 """
 
 from __future__ import annotations
@@ -83,10 +85,10 @@ def database(
 
 @pytest.mark.slow
 def test_a_short_chaos_run_keeps_every_promise(database: Database, tmp_path: Path) -> None:
-    """60 runs under 20 s of SIGKILLs, SIGTERMs, database crashes and killed connections
-    (fixed seed): every run ends as the model says for its script, the journal and the
-    trace agree, no completed step ran again, no two attempts of a node overlapped,
-    nothing is left running."""
+    """60 runs under 20 s of SIGKILLs (aimed ones too), SIGTERMs, database crashes,
+    killed connections and retries (fixed seed): every run ends as the model says for
+    its script, the journal and the trace agree, no completed step ran again, no two
+    attempts of a node overlapped, nothing is left running, no worker died unkilled."""
     played = play(Settings(SEED, database.kind, SECONDS, RUNS), database, tmp_path)
     print(summary(played.record, len(played.runs), played.seconds))
     assert played.record.harms, "the chaos did nothing"
