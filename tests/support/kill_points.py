@@ -8,7 +8,8 @@ separated by commas, e.g. ``claimed=0.01,before commit=0.02``. At each point
 reached, with its odds, the process SIGKILLs itself (or, for the ``dropped``
 points, the server kills its connection). Before doing so it appends one JSON
 line (pid, point, time) to ``$FS_KILL_POINTS_LOG`` in a single ``write``, so the
-chaos run knows who died, where and when.
+chaos run knows who died, where and when. Loaded, it also makes SIGUSR1 write every
+thread's stack to stderr (faulthandler), armed or not.
 
 Nothing of it is in the package: it wraps two SqlStorage methods and one
 function of the claim, only to know which transaction a thread is in, and
@@ -18,6 +19,7 @@ listens to SQLAlchemy's ``commit`` event, which fires before the DBAPI commit.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import json
 import os
@@ -164,6 +166,9 @@ def install(points: KillPoints) -> None:
 
 
 def _install_from_environment() -> None:
+    # SIGUSR1 writes every thread's stack to stderr: what a worker that does not stop
+    # is doing (the chaos asks before it SIGKILLs one).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     text = os.environ.get(POINTS_ENV)
     if text:
         install(KillPoints(parse(text), os.environ[LOG_ENV]))

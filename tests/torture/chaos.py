@@ -92,6 +92,7 @@ KILL_ODDS = {
 # which a worker refuses to start without), or after it started, which it must not.
 EXITED = "exited at its start"
 DIED = "died on its own after it started"
+STUCK = "did not stop within a minute of SIGTERM"
 
 
 @dataclass(frozen=True)
@@ -326,9 +327,26 @@ class Crew:
     def sigterm(self, worker: WorkerProcess, record: Record) -> None:
         record.sigtermed.add(worker.pid)
         worker.signal(signal.SIGTERM)
-        worker.wait(60)
+        self.wait_drained(worker, record)
         self.read_kill_log(record)  # it may have reached a kill point while draining
         self._retire(worker)
+
+    def wait_drained(self, worker: WorkerProcess, record: Record, patience: float = 60.0) -> None:
+        """Wait for a SIGTERMed worker; one still running after ``patience`` s is a problem
+        of the round: its threads' stacks (SIGUSR1, see kill_points) and log are kept in
+        the harm, then it is SIGKILLed."""
+        try:
+            worker.proc.wait(patience)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        worker.signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        tail = "\n".join(worker.output().splitlines()[-80:])
+        record.harms.append(Harm(STUCK, f"pid {worker.pid}:\n{tail}", time.time(), time.time()))
+        worker.signal(signal.SIGKILL)
+        worker.proc.wait(30)
+        record.sigkilled.setdefault(worker.pid, time.time())
 
     def reap(self, record: Record) -> None:
         """Retire the workers that died by themselves; note who died when, from the kill log."""
@@ -376,7 +394,7 @@ class Crew:
         for worker in list(self.live):
             worker.signal(signal.SIGTERM)
         for worker in list(self.live):
-            worker.wait(60)
+            self.wait_drained(worker, record)
         self.read_kill_log(record)  # an aimed worker may have died at a point as it drained
         for worker in list(self.live):
             self._retire(worker)
@@ -581,7 +599,7 @@ def summary(record: Record, runs: int, seconds: float) -> str:
     actions = (SIGKILL, SIGTERM, RESTART, KILL_CONNECTIONS, LOCK_HOLDER, RETRY)
     counts = ", ".join(
         f"{record.count(action)} {action}"
-        for action in (*actions, *kill_points.EVERY_POINT, EXITED, DIED)
+        for action in (*actions, *kill_points.EVERY_POINT, EXITED, DIED, STUCK)
         if record.count(action)
     )
     missed = sum(1 for harm in record.harms if harm.target == NOBODY)

@@ -24,7 +24,8 @@ functions themselves, outside the engine's tables. For every run:
   (test_database_outage.py) and fences (its outcome is never written);
 * nothing is left RUNNING, WAITING or PENDING once every worker is stopped;
 * no worker died but those killed (a worker may refuse to start while the
-  database is away, never end once it started);
+  database is away, never end once it started), and each SIGTERMed one stopped
+  within a minute;
 * a run the chaos retried is judged course by course (see ``check_model``).
 """
 
@@ -42,7 +43,7 @@ from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus, Storage
 from tests.torture import model
-from tests.torture.chaos import DIED, Record, Retried, Round
+from tests.torture.chaos import DIED, STUCK, Record, Retried, Round
 from tests.torture.chaos_flows import CHILD_STARTED, FlowPlan, StepPlan, StepScript
 from tests.torture.engine import Observed, scheduled_failure
 from tests.torture.model import FlowShape, NodeEnd, StepShape
@@ -86,7 +87,8 @@ def read_journal(path: Path) -> tuple[dict[Key, list[Call]], list[str]]:
 def check_round(played: Round, url: str) -> list[str]:
     """Every problem found in ``played``; none if the engine kept every promise."""
     calls, problems = read_journal(played.journal)
-    problems += [f"worker {h.target}: {h.action}" for h in played.record.harms if h.action == DIED]
+    workers = [h for h in played.record.harms if h.action in (DIED, STUCK)]
+    problems += [f"worker {h.action}: {h.target}" for h in workers]
     storage = create_storage(url)
     try:
         for tracking_id, (flow_name, _data) in played.runs.items():
