@@ -578,14 +578,38 @@ def open_runs(storage: Storage, prefix: str) -> int | None:
         return None
 
 
+def unsettled(storage: Storage, prefix: str) -> int | None:
+    """How many runs of the round are over with a node not yet (seed 43383837, SQLite: a
+    worker died running a node as its sibling failed the run; its rescue came after the
+    round ended); None while the database does not answer."""
+    try:
+        over = [
+            run
+            for status in (FlowStatus.COMPLETED, FlowStatus.FAILED)
+            for run in storage.list_flows(
+                where=FlowFilter(status, tracking_id_prefix=prefix, limit=EVERY)
+            )
+        ]
+        return sum(
+            1
+            for run in over
+            if UNSETTLED
+            & {n.status for n in storage.list_nodes(flow_id=run.id, with_payloads=False)}
+        )
+    except Exception:  # the database restarting, a connection killed: ask again later
+        return None
+
+
 def wait_all_over(
     storage: Storage, prefix: str, stall: float = 120.0, between: Callable[[], None] | None = None
 ) -> None:
-    """Wait until every run of the round is over: a child run of a parent that failed
-    meanwhile goes on to its end (its WAITING node waits for it). Fail if none ends
-    for ``stall`` seconds: a run stuck for good. ``between`` is called between looks."""
+    """Wait until every run of the round is over and settled: a child run of a parent
+    that failed meanwhile goes on to its end (its WAITING node waits for it), and a run
+    that failed while a lost worker held a node has it rescued once its lease lapses.
+    Fail if none ends for ``stall`` seconds: a run stuck for good. ``between`` is
+    called between looks."""
     last, since = None, time.monotonic()
-    while (left := open_runs(storage, prefix)) != 0:
+    while (left := open_runs(storage, prefix)) != 0 or (left := unsettled(storage, prefix)) != 0:
         if between is not None:
             between()
         if left != last:

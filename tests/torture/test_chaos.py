@@ -44,6 +44,7 @@ from tests.torture.chaos import (
     open_runs,
     play,
     summary,
+    wait_all_over,
     worker_env,
 )
 from tests.torture.chaos_check import (
@@ -454,3 +455,41 @@ def test_a_worker_that_does_not_stop_is_a_problem_with_its_stacks(tmp_path: Path
     assert stuck.action == STUCK and "Thread 0x" in stuck.target, stuck.target
     played = Round({}, {}, record, journal_path)
     assert [p for p in check_round(played, database.url) if STUCK in p]
+
+
+@pytest.mark.slow
+def test_a_round_waits_for_the_rescue_of_a_lost_node_in_a_failed_run(tmp_path: Path) -> None:
+    """Found by the chaos run (seed 43383837, SQLite): a worker died running one step
+    of a parallel stage as its sibling failed the run; the run was over, so the round
+    ended and stopped the workers before the lost node's lease lapsed, and the node was
+    left RUNNING. The round now waits until a worker has rescued it (CANCELLED)."""
+    path = tmp_path / "lost.db"
+    database = Database(f"sqlite:///{path}", "sqlite", path=path)
+    pair = (StepPlan(STEP, 0, None, False), StepPlan(SIBLING, 0, None, False))
+    plan = FlowPlan(f"lost_{tmp_path.name[-20:]}", (pair,))
+    storage = create_storage(database.url)
+    storage.migrate()
+    flow = build_all([plan], None, storage)[plan.name]
+    plan_path, journal_path = tmp_path / "plan.json", tmp_path / "journal.jsonl"
+    save_plans([plan], plan_path)
+    crew, record = Crew(tmp_path, database, worker_env(plan_path, journal_path), 1), Record()
+    try:
+        run = flow.run({"script": {}}, tracking_id="lost_r0")
+        claimed = storage.claim_nodes(
+            worker_id="lost", limit=2, lease_seconds=1.0, queues=["default"]
+        )
+        failing = next(node for node in claimed if node.step_name == STEP)
+        storage.fail_node(lease=failing.lease, error="failed", retry_delay=None)
+        assert run.status() == FlowStatus.FAILED
+        crew.fill()
+        wait_all_over(storage, "lost_r")
+        statuses = {
+            node.step_name: node.status
+            for node in storage.list_nodes(flow_id=claimed[0].lease.flow_id)
+        }
+        assert statuses == {STEP: NodeStatus.FAILED, SIBLING: NodeStatus.CANCELLED}
+        crew.stop(record)
+    finally:
+        crew.cleanup()
+        registry.unregister(plan.name)
+        storage.close()
