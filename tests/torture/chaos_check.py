@@ -22,7 +22,11 @@ functions themselves, outside the engine's tables. For every run:
   allowed is a rescued attempt whose worker lived through a database outage:
   its lease lapsed while it ran, which the engine documents
   (test_database_outage.py) and fences (its outcome is never written);
-* nothing is left RUNNING, WAITING or PENDING once every worker is stopped.
+* nothing is left RUNNING, WAITING or PENDING once every worker is stopped;
+* no worker died but those killed (a worker may refuse to start while the
+  database is away, never end once it started), and each SIGTERMed one stopped
+  within a minute;
+* a run the chaos retried is judged course by course (see ``check_model``).
 """
 
 from __future__ import annotations
@@ -39,12 +43,12 @@ from flowsmith_worker.run import FlowRun
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus, Storage
 from tests.torture import model
-from tests.torture.chaos import Record, Round
+from tests.torture.chaos import DIED, STUCK, Record, Retried, Round
 from tests.torture.chaos_events import EVENTS_FILE, check_events, parked_shape
 from tests.torture.chaos_flows import CHILD_STARTED, FlowPlan, StepPlan, StepScript
 from tests.torture.engine import Observed, scheduled_failure
 from tests.torture.model import FlowShape, NodeEnd, StepShape
-from tests.torture.verdict import CALLED, check
+from tests.torture.verdict import CALLED, calls_of, check
 
 # Attempts whose call's outcome the engine never got: its worker was lost (RESCUED;
 # CANCELLED if its run was over by the rescue) or handed it back (RELEASED).
@@ -84,6 +88,8 @@ def read_journal(path: Path) -> tuple[dict[Key, list[Call]], list[str]]:
 def check_round(played: Round, url: str) -> list[str]:
     """Every problem found in ``played``; none if the engine kept every promise."""
     calls, problems = read_journal(played.journal)
+    workers = [h for h in played.record.harms if h.action in (DIED, STUCK)]
+    problems += [f"worker {h.action}: {h.target}" for h in workers]
     storage = create_storage(url)
     try:
         for tracking_id, (flow_name, _data) in played.runs.items():
@@ -144,8 +150,20 @@ def check_run(
         if node.step_name not in parked:  # a sleep or a wait calls nothing to journal
             problems += [f"{node.step_name}: {p}" for p in check_node(node, own, record)]
     ran = Ran(flow.input, status, nodes, final, flow.error)
-    judged = check_model(plan, ran, calls, tracking_id, children)
+    tried = record.retried.get(tracking_id, [])
+    # How each retry left the nodes: as the next one found them, or as they ended.
+    next_seen = [later.nodes for later in tried[1:]] + [nodes] if tried else []
+    retried = [r for r, after in zip(tried, next_seen, strict=True) if took(r, after)]
+    judged = check_model(plan, ran, calls, tracking_id, children, retried)
     return Judged(problems + judged.problems, judged.expected, judged.counted)
+
+
+def took(retried: Retried, after: dict[str, NodeRecord]) -> bool:
+    """Whether a retry of the chaos took, from the nodes as seen ``after`` it (at the
+    next retry, or at the end): a node it was to run again has run again (it could
+    take no new attempt only if its run were cancelled, which the chaos never does)."""
+    again = [n for n in retried.nodes.values() if n.status not in model.DONE]
+    return any(after[n.step_name].attempt > n.attempt for n in again)
 
 
 def check_node(node: NodeRecord, calls: dict[Key, list[Call]], record: Record) -> list[str]:
@@ -271,7 +289,9 @@ def effective_step(
         return StepShape(step.name, 0, frozenset({1} if to_fail else ()), step.condition)
     allowance = step.retries + 1
     script = scripts[step.name]
-    fails = frozenset(n for n in range(1, allowance + 1) if counted.number(n) in script.fails_on)
+    # A retry of the run gives the step its allowance afresh, after the attempts made.
+    most = len(counted.actual) + allowance
+    fails = frozenset(n for n in range(1, most + 1) if counted.number(n) in script.fails_on)
     return StepShape(step.name, step.retries, fails, step.condition)
 
 
@@ -298,11 +318,19 @@ def check_model(
     calls: dict[Key, list[Call]],
     tracking_id: str,
     children: dict[str, Judged],
+    retried: list[Retried] | None = None,
 ) -> Judged:
     """The run's end is one the model allows for its script, given the attempts lost.
 
     A subflow step is, to the model, a step that fails if its child run is to fail,
     and whose output is the child's final ctx.data (the model's, for ``children``).
+
+    A run the chaos retried (``retried``: how it was at each retry that took) ran
+    several courses: each must have ended FAILED as the model says from where the
+    one before left its nodes (the first from nothing), and the last as the model
+    says from the last retry's nodes (model.run's ``start``: a FAILED or stopped
+    node runs again with a fresh allowance, attempt numbers counting on; a step's
+    script names the attempts that fail however many retries came before).
     """
     data = ran.input
     counted = {step.name: Counted.of(ran.nodes.get(step.name)) for step in plan.steps()}
@@ -319,6 +347,14 @@ def check_model(
         ),
         data,
     )
+    start: dict[str, NodeEnd] = {}
+    for number, before in enumerate(retried or [], 1):
+        course = course_before(before, counted, children)
+        try:
+            check(shape, model.run(shape, start), course)
+        except AssertionError as failure:
+            return Judged([f"before retry {number}, not as the model says ({failure})"])
+        start = course.nodes
     ends = {name: node_end(node, counted[name], children) for name, node in ran.nodes.items()}
     final = renumbered_data(ran.final, counted, children)
     observed = Observed(
@@ -328,7 +364,7 @@ def check_model(
         renumbered_error(ran.error, ends, counted, set(children)),
         journal_calls(calls, tracking_id, counted),
     )
-    expected = with_children_data(model.run(shape), children)
+    expected = with_children_data(model.run(shape, start), children)
     try:
         check(shape, expected, observed)
     except AssertionError as failure:
@@ -337,6 +373,17 @@ def check_model(
         done += f" journal: {observed.calls}"
         return Judged([f"not as the model says ({failure}); {said}; {done}"], expected, counted)
     return Judged([], expected, counted)
+
+
+def course_before(
+    retried: Retried, counted: dict[str, Counted], children: dict[str, Judged]
+) -> Observed:
+    """The FAILED run as a retry found it, as the model words it. Its attempts are the
+    first of the final trace's, so they are renumbered alike; the journal's share of
+    them is checked with the whole journal, at the run's end."""
+    ends = {name: node_end(n, counted[name], children) for name, n in retried.nodes.items()}
+    error = renumbered_error(retried.error, ends, counted, set(children))
+    return Observed(FlowStatus.FAILED, ends, None, error, calls_of(ends))
 
 
 def with_children_data(expected: model.RunEnd, children: dict[str, Judged]) -> model.RunEnd:
@@ -423,6 +470,9 @@ def explain(played: Round, url: str, tracking_id: str) -> str:
         for line in played.journal.read_text().splitlines()
         if f'"run": "{tracking_id}"' in line
     ]
+    for before in played.record.retried.get(tracking_id, []):
+        made = {name: (str(n.status), n.attempt) for name, n in before.nodes.items()}
+        lines.append(f"  retried by the chaos when its nodes were {made}")
     sigkilled, sigtermed = played.record.sigkilled, played.record.sigtermed
     lines.append(f"  sigkilled {sigkilled} sigtermed {sigtermed}")
     lines += [f"  harm {harm}" for harm in played.record.harms]
