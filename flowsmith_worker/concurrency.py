@@ -42,9 +42,10 @@ tracking_id) takes a place again as a new arrival: in flight at once if one is
 free, else waiting behind the runs already waiting (its key_turn is the time
 of the retry).
 
-What it costs. A run without a key: nothing (no statement more; its key_turn
-stays NULL, and the index on the keys' places is partial on PostgreSQL and
-SQLite, and never changes for it on MySQL). A run with a key: its enqueue is
+What it costs. A run without a key: no statement more (its key_turn stays
+NULL; the index on the keys' places is partial on PostgreSQL and SQLite, so it
+has no entry there; MySQL has no partial indexes, so its insert adds one entry
+to that index, which no later write of the run changes). A run with a key: its enqueue is
 not PostgreSQL's one-statement insert but one transaction of about a dozen
 short statements (the key row's insert-if-absent and its lock, the run and its
 first stage, the run made to wait, then the key's count of runs in flight, the
