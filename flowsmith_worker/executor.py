@@ -45,7 +45,7 @@ from typing import Any, TypeVar, cast
 
 import tenacity
 
-from flowsmith_worker import event_loop, fanout, payload, tracing
+from flowsmith_worker import compensation, event_loop, fanout, payload, tracing
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
@@ -122,6 +122,7 @@ class _Failure:
     error: str
     retryable: bool = True
     exception: BaseException | None = None  # what the step raised, if it did
+    compensates: bool = True  # a run it fails runs its compensations (End.compensates)
 
     @property
     def summary(self) -> str:
@@ -190,7 +191,10 @@ class Executor:
             return Executed(self._record_failure(node, None, failure, bound))
         if spec is None:
             # Not retried here: every attempt on this code would fail the same way.
-            failure = _Failure(self._missing_step(node, flow), retryable=False)
+            # Nor compensated: a deploy that renamed or dropped a step is no failure
+            # of the run's work, and a compensated run can never be retried, whereas
+            # issue 14.7 has it resumed by a retry once the old code is deployed again.
+            failure = _Failure(self._missing_step(node, flow), retryable=False, compensates=False)
             return Executed(self._record_failure(node, None, failure, bound))
         return self._run_spec(node, spec, bound)
 
@@ -392,7 +396,12 @@ class Executor:
             bound,
             outcome,
             lambda: _failure_written(
-                self.storage.fail_node(lease=node.lease, error=failure.error, retry_delay=delay)
+                self.storage.fail_node(
+                    lease=node.lease,
+                    error=failure.error,
+                    retry_delay=delay,
+                    compensate=failure.compensates,
+                )
             ),
             error=failure.summary,
             retry_in=None if delay is None else round(delay, 3),
@@ -486,6 +495,17 @@ class Executor:
         """The code under the run changed: say which step, which plan and what to do."""
         stored, deployed = self._stored_plan(node), flow.plan()
         enqueued = f"plan version {stored.version}" if stored else "its stored plan"
+        if compensation.is_compensation(node.step_name):
+            # The run is COMPENSATING: this compensation fails for good, the others
+            # run (compensation.py), and a compensated run is not retried.
+            undone = compensation.compensated_step(node.step_name)
+            return (
+                f"compensate= of step {undone!r} is no longer in the code: flow "
+                f"{node.flow_name!r} has it in the plan this run was enqueued with "
+                f"({enqueued}), not in this worker's code (plan version {deployed.version}); "
+                f"the step was not undone (undo it by hand), the run's other compensations "
+                f"go on, and the run ends FAILED with COMPENSATION_FAILED"
+            )
         return (
             f"step {node.step_name!r} of flow {node.flow_name!r} is in the plan this run was "
             f"enqueued with ({enqueued}) but not in this worker's code (plan version "

@@ -851,7 +851,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             raise
 
     def fail_node(
-        self, *, lease: Lease, error: str, retry_delay: float | None
+        self, *, lease: Lease, error: str, retry_delay: float | None, compensate: bool = True
     ) -> NodeStatus | None:
         # A step's error may quote anything (a NUL, a lone surrogate): an error
         # that cannot be stored would leave the node to its lease and be lost.
@@ -873,6 +873,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
                 attempt=lease.attempt,
                 max_attempts=node.max_attempts,
                 retry_delay=retry_delay,
+                compensates=compensate,
             )
             ended = _ended_attempt(lease, node.started_at)
             return self._carry_out_item(
@@ -1155,8 +1156,13 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         if done:
             self._advance(conn, parent_flow, parent_node_id)
 
-    def _fail_flow(self, conn: Connection, flow_row: Row[Any], error: str) -> None:
+    def _fail_flow(
+        self, conn: Connection, flow_row: Row[Any], error: str, compensate: bool = True
+    ) -> None:
         """Fail the run, stop its nodes waiting to run, and tell its parent step.
+
+        ``compensate`` False (progress.End.compensates): the run ends FAILED at once,
+        its compensations not run even if its plan has some, so a retry can resume it.
 
         A run that is already over keeps its status and its first error. Stopping
         the PENDING nodes here (queued siblings, scheduled retries) is what keeps
@@ -1167,7 +1173,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             return
         if progress.is_over(flow_row.status):
             return
-        compensates = _compensates(flow_row)
+        compensates = compensate and _compensates(flow_row)
         status = FlowStatus.COMPENSATING if compensates else FlowStatus.FAILED
         self._set_flow(conn, flow_row.id, status, error=error, finished=not compensates)
         if not compensates:  # a compensating run keeps its place until it ends
@@ -1252,7 +1258,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         if isinstance(fate, progress.Retry) and ended is not None:
             sql_attempts.record(conn, self.dialect, ended, fate)
         if isinstance(fate, progress.End) and fate.run_error is not None:
-            self._fail_flow(conn, flow_row, fate.run_error)
+            self._fail_flow(conn, flow_row, fate.run_error, compensate=fate.compensates)
         elif isinstance(fate, progress.End) and flow_row.status == FlowStatus.COMPENSATING:
             self._compensate(conn, flow_row)  # a step in flight when the run failed ended
         return fate.status
