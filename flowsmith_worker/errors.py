@@ -229,6 +229,15 @@ class RunNotRetryable(Refused):
         )
 
     @classmethod
+    def child_compensated(cls, tracking_id: str, step: str, child: str) -> RunNotRetryable:
+        return cls(
+            f"flow run {tracking_id!r} is not retried: its subflow step {step!r} would resume "
+            f"child run {child!r}, which FAILED and whose compensations undid its completed "
+            "steps, so the child is not retried and the step would only fail again; "
+            "start a new run with a new tracking_id"
+        )
+
+    @classmethod
     def being_retried(cls, tracking_id: str) -> RunNotRetryable:
         return cls(
             f"flow run {tracking_id!r} is already being retried: another retry or trigger "

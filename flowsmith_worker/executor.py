@@ -55,6 +55,7 @@ from flowsmith_worker.errors import (
     NotAwaited,
     PayloadNotJSON,
     PayloadRejected,
+    RunNotRetryable,
     StepOutputNotJSON,
     StepTimeout,
     SubflowCycle,
@@ -729,10 +730,13 @@ def _wait_timed_out(name: str, timeout: float | None) -> str:
 
 
 def _retryable(exc: BaseException) -> bool:
-    # A cancelled child stays cancelled, a subflow cycle stays a cycle, a value
-    # over the payload limits is refused again, and a sync function returns its
-    # coroutine again: running the step again cannot help.
-    return not isinstance(exc, FlowCancelled | SubflowCycle | PayloadRejected | NotAwaited)
+    # A cancelled child stays cancelled, a compensated child refuses to be resumed
+    # (RunNotRetryable), a subflow cycle stays a cycle, a value over the payload
+    # limits is refused again, and a sync function returns its coroutine again:
+    # running the step again cannot help.
+    return not isinstance(
+        exc, FlowCancelled | RunNotRetryable | SubflowCycle | PayloadRejected | NotAwaited
+    )
 
 
 def _child_request(spec: StepSpec, ctx: Context, result: Any) -> NewFlow:

@@ -195,6 +195,35 @@ def test_a_failed_subflow_compensates_itself_before_its_parent(
     assert child_run.compensation() == Compensation.COMPENSATED
 
 
+def test_a_subflow_step_whose_child_was_compensated_is_not_retried_for_nothing(
+    storage: Storage, unique: Names
+) -> None:
+    """A parent (no compensations of its own) whose subflow step has retries=3: the child
+    fails and is compensated; the step's next attempt finds the child refusing to resume
+    (RunNotRetryable) and fails for good at once, not once per retry left. A retry of the
+    parent is refused up front, naming the subflow step and the compensated child."""
+    undone: list[str] = []
+    child = (
+        Flow(unique("child"), storage=storage)
+        .step("reserve", lambda ctx: "r", compensate=lambda ctx: undone.append("reserve"))
+        .step("pay", declined)
+    )
+    parent = Flow(unique("parent"), storage=storage).subflow("checkout", child, retries=3)
+    run = parent.run({}, tracking_id=unique("t"))
+    run_to_idle(storage)
+
+    child_id = f"{run.tracking_id}:checkout"
+    assert undone == ["reserve"]
+    assert child.get_run(child_id).compensation() == Compensation.COMPENSATED
+    assert run.status() == FlowStatus.FAILED
+    step = nodes_of(storage, run.tracking_id)["checkout"]
+    assert step.status == NodeStatus.FAILED and step.attempt == 2
+    assert "RunNotRetryable" in (step.error or "")
+    with pytest.raises(RunNotRetryable, match=rf"subflow step 'checkout'.*{child_id!r}"):
+        run.retry()
+    assert run.status() == FlowStatus.FAILED
+
+
 def test_a_completed_run_and_a_run_without_compensations_compensate_nothing(
     storage: Storage, unique: Names
 ) -> None:

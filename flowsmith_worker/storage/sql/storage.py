@@ -253,16 +253,45 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
 
     def _refuse_undone(self, conn: Connection, flow_row: Row[Any]) -> None:
         """A FAILED run whose compensations ran is not resumed: its steps were undone
-        (see compensation.py). Only a plan with compensations costs a read."""
-        if not sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).compensates:
-            return
-        compensated = conn.execute(
-            sa.select(N.c.id)
-            .where(N.c.flow_id == flow_row.id, *_nodes_of_kind(compensations=True))
+        (see compensation.py). Nor one with a subflow whose child run was compensated:
+        its subflow step would resume that child, which refuses, so the retry would only
+        fail again. Only a plan with compensations or subflows costs a read."""
+        plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        if plan.compensates:
+            compensated = conn.execute(
+                sa.select(N.c.id)
+                .where(N.c.flow_id == flow_row.id, *_nodes_of_kind(compensations=True))
+                .limit(1)
+            ).first()
+            if compensated is not None:
+                raise RunNotRetryable.compensated(flow_row.tracking_id)
+        if any(planned.subflow for stage in plan.stages for planned in stage):
+            child = self._compensated_child(conn, flow_row.id)
+            if child is not None:
+                step_name, child_id = child
+                raise RunNotRetryable.child_compensated(flow_row.tracking_id, step_name, child_id)
+
+    @staticmethod
+    def _compensated_child(conn: Connection, flow_id: int) -> tuple[str, str] | None:
+        """(subflow step, child tracking_id) of a FAILED child run of the run ``flow_id``
+        whose compensations ran; None if there is none."""
+        undo = N.alias("undo")
+        step = N.alias("subflow_step")
+        row = conn.execute(
+            sa.select(F.c.tracking_id, step.c.step_name)
+            .join(step, F.c.parent_node_id == step.c.id)
+            .where(
+                step.c.flow_id == flow_id,
+                F.c.status == FlowStatus.FAILED,
+                sa.exists().where(
+                    undo.c.flow_id == F.c.id,
+                    undo.c.step_name.startswith(compensation.COMPENSATE_PREFIX, autoescape=True),
+                ),
+            )
+            .order_by(F.c.id)
             .limit(1)
         ).first()
-        if compensated is not None:
-            raise RunNotRetryable.compensated(flow_row.tracking_id)
+        return None if row is None else (row.step_name, row.tracking_id)
 
     def _refuse_lost_resume(self, conn: Connection, flow_row: Row[Any]) -> None:
         """The run was FAILED when read, but another retry changed it first: say what it is now."""
