@@ -14,12 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from flowsmith_worker import Compensation, Flow, FlowStatus, NodeStatus, Worker
 from flowsmith_worker.decorators import step, workflow
 from flowsmith_worker.errors import InvalidFlowDefinition, RunNotCancellable, RunNotRetryable
 from flowsmith_worker.records import NodeRecord
 from flowsmith_worker.storage.base import Storage
+from flowsmith_worker.storage.sql import schema
+from flowsmith_worker.storage.sql.storage import SqlStorage
 from tests.conftest import eventually
 
 Names = Callable[[str], str]
@@ -320,6 +323,33 @@ def test_a_compensated_run_is_not_retried(storage: Storage, unique: Names) -> No
         flow.run({}, tracking_id=run.tracking_id)
     run_to_idle(storage)
     assert calls == ["b"] and run.status() == FlowStatus.FAILED
+
+
+def test_run_many_refuses_a_compensated_run_before_writing_any_run(
+    storage: Storage, unique: Names
+) -> None:
+    """run_many(connection=...) with a new tracking_id and that of a compensated run
+    raises RunNotRetryable before it writes anything: the caller's own transaction holds
+    no new run (the batch is all or nothing, checked before the first write)."""
+    assert isinstance(storage, SqlStorage)
+    flow = (
+        Flow(unique("pay"), storage=storage)
+        .step("a", lambda ctx: 1, compensate=lambda ctx: None)
+        .step("b", declined)
+    )
+    undone = flow.run({}, tracking_id=unique("t"))
+    run_to_idle(storage)
+    assert undone.compensation() == Compensation.COMPENSATED
+
+    fresh = unique("t")
+    flows = schema.flows
+    with storage.engine.connect() as conn, conn.begin() as transaction:
+        with pytest.raises(RunNotRetryable, match="undid its completed steps"):
+            flow.run_many([{}, {}], tracking_ids=[fresh, undone.tracking_id], connection=conn)
+        written = conn.execute(sa.select(flows.c.id).where(flows.c.tracking_id == fresh)).first()
+        transaction.rollback()
+    assert written is None
+    assert undone.status() == FlowStatus.FAILED
 
 
 def test_decorated_steps_take_async_compensations(storage: Storage, unique: Names) -> None:

@@ -146,8 +146,9 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
 
         Runs are written in tracking_id order, so two batches that share ids
         take their locks in the same order and do not deadlock each other. A
-        tracking_id that belongs to another flow, or to a COMPLETED run, is
-        refused before anything is written.
+        tracking_id that belongs to another flow, to a COMPLETED run, or to a
+        FAILED run that was compensated (_refuse_undone), is refused before
+        anything is written.
         """
         ordered = sorted(flows, key=lambda flow: flow.tracking_id)
         existing = self._read_runs(conn, [flow.tracking_id for flow in ordered])
@@ -155,6 +156,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             if flow.tracking_id in existing:
                 _refuse_other_flow(flow, existing[flow.tracking_id])
                 _refuse_completed(flow, existing[flow.tracking_id])
+                if existing[flow.tracking_id].status == FlowStatus.FAILED:
+                    self._refuse_undone(conn, existing[flow.tracking_id])
         absent = [flow for flow in ordered if flow.tracking_id not in existing]
         created = self._insert_new_runs(conn, absent)
         raced = [flow.tracking_id for flow in absent if flow.tracking_id not in created]
