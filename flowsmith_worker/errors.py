@@ -289,12 +289,18 @@ class EventRefused(Refused):
     """The event was not sent: its run does not wait for it, or is over."""
 
     @classmethod
-    def run_finished(cls, tracking_id: str, name: str, status: str) -> EventRefused:
-        hint = (
-            "`flowsmith retry` it first, then send the event"
-            if status == "FAILED"
-            else "a finished run waits for nothing more"
-        )
+    def run_finished(
+        cls, tracking_id: str, name: str, status: str, compensated: bool = False
+    ) -> EventRefused:
+        if compensated:
+            hint = (
+                "its compensations undid its completed steps, so it is never retried and "
+                "waits for nothing more; start a new run with a new tracking_id"
+            )
+        elif status == "FAILED":
+            hint = "`flowsmith retry` it first, then send the event"
+        else:
+            hint = "a finished run waits for nothing more"
         return cls(f"event {name!r} not sent: flow run {tracking_id!r} is {status} ({hint})")
 
     @classmethod

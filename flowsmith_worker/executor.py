@@ -363,7 +363,11 @@ class Executor:
         if woken.by_event or parking.kind != WAIT_FOR_EVENT:
             output = woken.event_payload or "null"  # a sleep's output is None
         elif parking.on_timeout == FAIL:
-            failure = _Failure(_wait_timed_out(spec.name, parking.seconds), retryable=False)
+            stored = self._stored_plan(node)
+            compensates = stored is not None and stored.compensates
+            failure = _Failure(
+                _wait_timed_out(spec.name, parking.seconds, compensates), retryable=False
+            )
             return Executed(self._record_failure(node, spec, failure, bound))
         else:
             output = payload.encode(parking.on_timeout, what=f"on_timeout of {spec.name!r}")
@@ -720,12 +724,26 @@ def _token_written(answer: bool | Parked | None) -> bool | Outcome:
     return Outcome.TOKEN_TAKEN if answer else False
 
 
-def _wait_timed_out(name: str, timeout: float | None) -> str:
-    """The error of a wait_for step whose event did not come in time (on_timeout="fail")."""
+def _wait_timed_out(name: str, timeout: float | None, compensates: bool = False) -> str:
+    """The error of a wait_for step whose event did not come in time (on_timeout="fail").
+
+    ``compensates``: the run's plan has compensations. Then the failure runs those of
+    its completed steps, and a run they undid refuses `flowsmith retry`; say so rather
+    than promise a retry that may be refused."""
+    resume = (
+        f"`flowsmith retry` the run (it waits afresh) and send the event "
+        f"(`flowsmith send-event TRACKING_ID {name} --data JSON`)"
+    )
+    if compensates:
+        return (
+            f"wait_for {name!r} timed out: no event {name!r} was sent to this run within "
+            f"{timeout} s; the run's compensations now undo its completed steps, and a run "
+            f"they undid cannot be retried (start a new run with a new tracking_id); if none "
+            f"ran (`flowsmith status` shows no compensate: step), {resume}"
+        )
     return (
         f"wait_for {name!r} timed out: no event {name!r} was sent to this run within "
-        f"{timeout} s; to go on, `flowsmith retry` the run (it waits afresh) and send the "
-        f"event (`flowsmith send-event TRACKING_ID {name} --data JSON`)"
+        f"{timeout} s; to go on, {resume}"
     )
 
 
