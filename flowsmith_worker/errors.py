@@ -249,6 +249,29 @@ class RunNotCancellable(Refused):
     """Only a pending or running run can be cancelled."""
 
     @classmethod
+    def compensating(
+        cls, tracking_id: str, waits_for: list[tuple[str, str | None]]
+    ) -> RunNotCancellable:
+        """A COMPENSATING run none of whose compensations started yet: it waits for the
+        steps ``waits_for`` (name, child tracking_id of a subflow step or None), in
+        flight when the run failed; say what it waits for and how to end the wait."""
+        if not waits_for:
+            return cls.for_run(tracking_id, "COMPENSATING")
+        waits = "; ".join(
+            f"subflow step {step!r}, whose child run {child!r} has not ended: cancel child "
+            f"{child!r} first (`flowsmith cancel {child}`)"
+            if child is not None
+            else f"step {step!r}, still in flight: its attempt ends it"
+            for step, child in waits_for
+        )
+        return cls(
+            f"flow run {tracking_id!r} is COMPENSATING and cannot be cancelled (stopping "
+            f"would leave it half undone); no compensation has started yet: it waits for "
+            f"{waits}. A step in flight when the run failed is waited for, as it may "
+            f"complete and need undoing; then the compensations run and the run ends FAILED"
+        )
+
+    @classmethod
     def for_run(cls, tracking_id: str, status: str) -> RunNotCancellable:
         if status == "COMPENSATING":
             return cls(

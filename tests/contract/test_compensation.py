@@ -299,6 +299,42 @@ def test_a_cancel_runs_no_compensation_and_a_compensating_run_cannot_be_cancelle
     assert stuck.status() == FlowStatus.COMPENSATING
 
 
+def test_a_compensating_run_waiting_on_a_subflow_names_the_child_to_cancel(
+    storage: Storage, unique: Names
+) -> None:
+    """In a parallel group, subflow "sub" waits on a child that waits for an event for
+    ever, and "bad" fails the run: it is COMPENSATING, no compensation started, waiting
+    for "sub". A cancel is refused naming that step and its child (cancel child
+    '<tid>:sub' first), not claiming compensations are undoing steps; cancelling the
+    child ends the wait, and the compensation of "first" runs."""
+    undone: list[str] = []
+    child = Flow(unique("child"), storage=storage).wait_for("never")
+    flow = Flow(unique("fan"), storage=storage).step(
+        "first", lambda ctx: 0, compensate=lambda ctx: undone.append("first")
+    )
+    with flow.parallel():
+        flow.subflow("sub", child)
+        flow.step("bad", declined)
+    tid = unique("t")
+    run = flow.run({}, tracking_id=tid)
+    run_to_idle(storage, concurrency=2)
+    assert run.status() == FlowStatus.COMPENSATING and undone == []
+
+    child_id = f"{tid}:sub"
+    with pytest.raises(RunNotCancellable) as refused:
+        run.cancel()
+    message = str(refused.value)
+    assert f"cancel child {child_id!r} first" in message and "'sub'" in message
+    assert "are undoing" not in message
+    assert run.status() == FlowStatus.COMPENSATING
+
+    storage.cancel_flow(tracking_id=child_id)
+    run_to_idle(storage)
+    assert undone == ["first"]
+    assert run.status() == FlowStatus.FAILED
+    assert run.compensation() == Compensation.COMPENSATED
+
+
 def test_a_compensated_run_is_not_retried(storage: Storage, unique: Names) -> None:
     """Once its compensations ran, a FAILED run refuses `retry` and a trigger with its
     tracking_id (its steps were undone); the step that failed it does not run again."""

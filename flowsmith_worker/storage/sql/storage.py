@@ -1347,6 +1347,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             if row is None:
                 raise FlowNotFound.for_tracking_id(tracking_id)
             _refuse_unreadable_status(row)
+            if row.status == FlowStatus.COMPENSATING:
+                raise RunNotCancellable.compensating(tracking_id, self._awaited(conn, row.id))
             if not progress.cancellable(row.status):
                 raise RunNotCancellable.for_run(tracking_id, row.status)
             self._cancel(conn, row.id)
@@ -1358,6 +1360,25 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             return flow_record(conn.execute(sa.select(F).where(F.c.id == row.id)).one())
 
         return self._transact(work)
+
+    @staticmethod
+    def _awaited(conn: Connection, flow_id: int) -> list[tuple[str, str | None]]:
+        """What a COMPENSATING run waits for before its next compensation: its steps
+        still in flight, each with the tracking_id of the child a subflow step waits
+        for (None for others). Empty if a compensation is in flight already."""
+        child = F.alias("child")
+        rows = conn.execute(
+            sa.select(N.c.step_name, child.c.tracking_id)
+            .outerjoin(child, child.c.parent_node_id == N.c.id)
+            .where(
+                N.c.flow_id == flow_id,
+                N.c.status.in_([NodeStatus.PENDING, NodeStatus.RUNNING, NodeStatus.WAITING]),
+            )
+            .order_by(N.c.id)
+        ).all()
+        if any(compensation.is_compensation(r.step_name) for r in rows):
+            return []
+        return [(r.step_name, r.tracking_id) for r in rows]
 
     def _cancel(self, conn: Connection, flow_id: int) -> None:
         """Cancel a run, its pending nodes and, through its waiting nodes, its subflows."""
