@@ -308,19 +308,25 @@ def test_a_compensating_run_waiting_on_a_subflow_names_the_child_to_cancel(
     '<tid>:sub' first), not claiming compensations are undoing steps; cancelling the
     child ends the wait, and the compensation of "first" runs."""
     undone: list[str] = []
+    tid = unique("t")
+    child_id = f"{tid}:sub"
+
+    def bad_once_the_child_waits(_ctx: Any) -> None:
+        # Fails the run only once "sub" is WAITING for its child.
+        eventually(lambda: nodes_of(storage, tid)["sub"].status == NodeStatus.WAITING)
+        raise RuntimeError("card declined")
+
     child = Flow(unique("child"), storage=storage).wait_for("never")
     flow = Flow(unique("fan"), storage=storage).step(
         "first", lambda ctx: 0, compensate=lambda ctx: undone.append("first")
     )
     with flow.parallel():
         flow.subflow("sub", child)
-        flow.step("bad", declined)
-    tid = unique("t")
+        flow.step("bad", bad_once_the_child_waits)
     run = flow.run({}, tracking_id=tid)
     run_to_idle(storage, concurrency=2)
     assert run.status() == FlowStatus.COMPENSATING and undone == []
 
-    child_id = f"{tid}:sub"
     with pytest.raises(RunNotCancellable) as refused:
         run.cancel()
     message = str(refused.value)
