@@ -229,6 +229,15 @@ class RunNotRetryable(Refused):
         )
 
     @classmethod
+    def child_compensated(cls, tracking_id: str, step: str, child: str) -> RunNotRetryable:
+        return cls(
+            f"flow run {tracking_id!r} is not retried: its subflow step {step!r} would resume "
+            f"child run {child!r}, which FAILED and whose compensations undid its completed "
+            "steps, so the child is not retried and the step would only fail again; "
+            "start a new run with a new tracking_id"
+        )
+
+    @classmethod
     def being_retried(cls, tracking_id: str) -> RunNotRetryable:
         return cls(
             f"flow run {tracking_id!r} is already being retried: another retry or trigger "
@@ -238,6 +247,29 @@ class RunNotRetryable(Refused):
 
 class RunNotCancellable(Refused):
     """Only a pending or running run can be cancelled."""
+
+    @classmethod
+    def compensating(
+        cls, tracking_id: str, waits_for: list[tuple[str, str | None]]
+    ) -> RunNotCancellable:
+        """A COMPENSATING run none of whose compensations started yet: it waits for the
+        steps ``waits_for`` (name, child tracking_id of a subflow step or None), in
+        flight when the run failed; say what it waits for and how to end the wait."""
+        if not waits_for:
+            return cls.for_run(tracking_id, "COMPENSATING")
+        waits = "; ".join(
+            f"subflow step {step!r}, whose child run {child!r} has not ended: cancel child "
+            f"{child!r} first (`flowsmith cancel {child}`)"
+            if child is not None
+            else f"step {step!r}, still in flight: its attempt ends it"
+            for step, child in waits_for
+        )
+        return cls(
+            f"flow run {tracking_id!r} is COMPENSATING and cannot be cancelled (stopping "
+            f"would leave it half undone); no compensation has started yet: it waits for "
+            f"{waits}. A step in flight when the run failed is waited for, as it may "
+            f"complete and need undoing; then the compensations run and the run ends FAILED"
+        )
 
     @classmethod
     def for_run(cls, tracking_id: str, status: str) -> RunNotCancellable:
@@ -280,12 +312,18 @@ class EventRefused(Refused):
     """The event was not sent: its run does not wait for it, or is over."""
 
     @classmethod
-    def run_finished(cls, tracking_id: str, name: str, status: str) -> EventRefused:
-        hint = (
-            "`flowsmith retry` it first, then send the event"
-            if status == "FAILED"
-            else "a finished run waits for nothing more"
-        )
+    def run_finished(
+        cls, tracking_id: str, name: str, status: str, compensated: bool = False
+    ) -> EventRefused:
+        if compensated:
+            hint = (
+                "its compensations undid its completed steps, so it is never retried and "
+                "waits for nothing more; start a new run with a new tracking_id"
+            )
+        elif status == "FAILED":
+            hint = "`flowsmith retry` it first, then send the event"
+        else:
+            hint = "a finished run waits for nothing more"
         return cls(f"event {name!r} not sent: flow run {tracking_id!r} is {status} ({hint})")
 
     @classmethod

@@ -45,7 +45,7 @@ from typing import Any, TypeVar, cast
 
 import tenacity
 
-from flowsmith_worker import event_loop, fanout, payload, tracing
+from flowsmith_worker import compensation, event_loop, fanout, payload, tracing
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
 from flowsmith_worker.errors import (
@@ -55,6 +55,7 @@ from flowsmith_worker.errors import (
     NotAwaited,
     PayloadNotJSON,
     PayloadRejected,
+    RunNotRetryable,
     StepOutputNotJSON,
     StepTimeout,
     SubflowCycle,
@@ -122,6 +123,7 @@ class _Failure:
     error: str
     retryable: bool = True
     exception: BaseException | None = None  # what the step raised, if it did
+    compensates: bool = True  # a run it fails runs its compensations (End.compensates)
 
     @property
     def summary(self) -> str:
@@ -190,7 +192,10 @@ class Executor:
             return Executed(self._record_failure(node, None, failure, bound))
         if spec is None:
             # Not retried here: every attempt on this code would fail the same way.
-            failure = _Failure(self._missing_step(node, flow), retryable=False)
+            # Nor compensated: a deploy that renamed or dropped a step is no failure
+            # of the run's work, and a compensated run can never be retried, whereas
+            # issue 14.7 has it resumed by a retry once the old code is deployed again.
+            failure = _Failure(self._missing_step(node, flow), retryable=False, compensates=False)
             return Executed(self._record_failure(node, None, failure, bound))
         return self._run_spec(node, spec, bound)
 
@@ -358,7 +363,11 @@ class Executor:
         if woken.by_event or parking.kind != WAIT_FOR_EVENT:
             output = woken.event_payload or "null"  # a sleep's output is None
         elif parking.on_timeout == FAIL:
-            failure = _Failure(_wait_timed_out(spec.name, parking.seconds), retryable=False)
+            stored = self._stored_plan(node)
+            compensates = stored is not None and stored.compensates
+            failure = _Failure(
+                _wait_timed_out(spec.name, parking.seconds, compensates), retryable=False
+            )
             return Executed(self._record_failure(node, spec, failure, bound))
         else:
             output = payload.encode(parking.on_timeout, what=f"on_timeout of {spec.name!r}")
@@ -392,7 +401,12 @@ class Executor:
             bound,
             outcome,
             lambda: _failure_written(
-                self.storage.fail_node(lease=node.lease, error=failure.error, retry_delay=delay)
+                self.storage.fail_node(
+                    lease=node.lease,
+                    error=failure.error,
+                    retry_delay=delay,
+                    compensate=failure.compensates,
+                )
             ),
             error=failure.summary,
             retry_in=None if delay is None else round(delay, 3),
@@ -486,6 +500,17 @@ class Executor:
         """The code under the run changed: say which step, which plan and what to do."""
         stored, deployed = self._stored_plan(node), flow.plan()
         enqueued = f"plan version {stored.version}" if stored else "its stored plan"
+        if compensation.is_compensation(node.step_name):
+            # The run is COMPENSATING: this compensation fails for good, the others
+            # run (compensation.py), and a compensated run is not retried.
+            undone = compensation.compensated_step(node.step_name)
+            return (
+                f"compensate= of step {undone!r} is no longer in the code: flow "
+                f"{node.flow_name!r} has it in the plan this run was enqueued with "
+                f"({enqueued}), not in this worker's code (plan version {deployed.version}); "
+                f"the step was not undone (undo it by hand), the run's other compensations "
+                f"go on, and the run ends FAILED with COMPENSATION_FAILED"
+            )
         return (
             f"step {node.step_name!r} of flow {node.flow_name!r} is in the plan this run was "
             f"enqueued with ({enqueued}) but not in this worker's code (plan version "
@@ -699,20 +724,37 @@ def _token_written(answer: bool | Parked | None) -> bool | Outcome:
     return Outcome.TOKEN_TAKEN if answer else False
 
 
-def _wait_timed_out(name: str, timeout: float | None) -> str:
-    """The error of a wait_for step whose event did not come in time (on_timeout="fail")."""
+def _wait_timed_out(name: str, timeout: float | None, compensates: bool = False) -> str:
+    """The error of a wait_for step whose event did not come in time (on_timeout="fail").
+
+    ``compensates``: the run's plan has compensations. Then the failure runs those of
+    its completed steps, and a run they undid refuses `flowsmith retry`; say so rather
+    than promise a retry that may be refused."""
+    resume = (
+        f"`flowsmith retry` the run (it waits afresh) and send the event "
+        f"(`flowsmith send-event TRACKING_ID {name} --data JSON`)"
+    )
+    if compensates:
+        return (
+            f"wait_for {name!r} timed out: no event {name!r} was sent to this run within "
+            f"{timeout} s; the run's compensations now undo its completed steps, and a run "
+            f"they undid cannot be retried (start a new run with a new tracking_id); if none "
+            f"ran (`flowsmith status` shows no compensate: step), {resume}"
+        )
     return (
         f"wait_for {name!r} timed out: no event {name!r} was sent to this run within "
-        f"{timeout} s; to go on, `flowsmith retry` the run (it waits afresh) and send the "
-        f"event (`flowsmith send-event TRACKING_ID {name} --data JSON`)"
+        f"{timeout} s; to go on, {resume}"
     )
 
 
 def _retryable(exc: BaseException) -> bool:
-    # A cancelled child stays cancelled, a subflow cycle stays a cycle, a value
-    # over the payload limits is refused again, and a sync function returns its
-    # coroutine again: running the step again cannot help.
-    return not isinstance(exc, FlowCancelled | SubflowCycle | PayloadRejected | NotAwaited)
+    # A cancelled child stays cancelled, a compensated child refuses to be resumed
+    # (RunNotRetryable), a subflow cycle stays a cycle, a value over the payload
+    # limits is refused again, and a sync function returns its coroutine again:
+    # running the step again cannot help.
+    return not isinstance(
+        exc, FlowCancelled | RunNotRetryable | SubflowCycle | PayloadRejected | NotAwaited
+    )
 
 
 def _child_request(spec: StepSpec, ctx: Context, result: Any) -> NewFlow:

@@ -604,8 +604,9 @@ class Flow:
         of ``run``: a pending or running run answers with its handle and nothing
         new, a FAILED one is resumed. The batch is all or nothing: every input
         and tracking_id is checked before anything is written, and a tracking_id
-        given twice (ValueError), one of another flow (TrackingIdTaken) or one
-        whose run has COMPLETED (FlowAlreadyCompleted) enqueues none of them.
+        given twice (ValueError), one of another flow (TrackingIdTaken), one
+        whose run has COMPLETED (FlowAlreadyCompleted) or one whose FAILED run
+        was compensated (RunNotRetryable) enqueues none of them.
         With ``connection`` the runs commit or roll back with the application's
         own writes (roll back after an error, as after any failed statement).
         ``delay`` or ``run_at`` applies to every run.

@@ -166,6 +166,11 @@ class End:
     ending: Ending
     error: str | None = None  # the attempt's error; None keeps the node's error
     fails_run: bool = False  # the run, not over yet, fails with ``error``
+    # With fails_run: whether the run's compensations (if its plan has any) undo its
+    # completed steps. False for a step missing from the worker's code: that is no
+    # failure of the run's work but a deploy, and a compensated run could never be
+    # retried once the old code is back (issue 14.7).
+    compensates: bool = True
 
     def __post_init__(self) -> None:
         if self.fails_run and (self.ending is not Ending.FAILED or self.error is None):
@@ -206,9 +211,16 @@ def end_of_over_run(run: str, error: str | None = None) -> End | None:
 
 
 def after_failure(
-    run: str, *, error: str, attempt: int, max_attempts: int, retry_delay: float | None
+    run: str,
+    *,
+    error: str,
+    attempt: int,
+    max_attempts: int,
+    retry_delay: float | None,
+    compensates: bool = True,
 ) -> Fate:
-    """What becomes of a node whose attempt failed; ``retry_delay`` None: no retry wanted.
+    """What becomes of a node whose attempt failed; ``retry_delay`` None: no retry wanted;
+    ``compensates`` False: a run this failure fails runs no compensation (End.compensates).
 
     A cancelled run goes no further: the node ends CANCELLED and the run stays
     CANCELLED. A run that another step failed records this failure too, but
@@ -221,7 +233,7 @@ def after_failure(
         return End(Ending.FAILED, error)
     if retry_delay is not None and attempts_left(attempt, max_attempts):
         return Retry(error, retry_delay)
-    return End(Ending.FAILED, error, fails_run=True)
+    return End(Ending.FAILED, error, fails_run=True, compensates=compensates)
 
 
 def after_subflow_failed(parent_run: str, *, error: str, attempt: int, max_attempts: int) -> Fate:

@@ -151,9 +151,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def fail_node(
-        self, *, lease: Lease, error: str, retry_delay: float | None
+        self, *, lease: Lease, error: str, retry_delay: float | None, compensate: bool = True
     ) -> NodeStatus | None:
         """Re-queue after ``retry_delay`` seconds, or fail node and flow when it is None.
+
+        ``compensate`` False: a run this fails ends FAILED without running its
+        compensations, so it stays retryable (a step missing from the worker's code).
 
         Returns the node's status after the write: PENDING (a retry is scheduled),
         FAILED, or CANCELLED when its run was already cancelled; a run another

@@ -14,12 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from flowsmith_worker import Compensation, Flow, FlowStatus, NodeStatus, Worker
 from flowsmith_worker.decorators import step, workflow
 from flowsmith_worker.errors import InvalidFlowDefinition, RunNotCancellable, RunNotRetryable
 from flowsmith_worker.records import NodeRecord
 from flowsmith_worker.storage.base import Storage
+from flowsmith_worker.storage.sql import schema
+from flowsmith_worker.storage.sql.storage import SqlStorage
 from tests.conftest import eventually
 
 Names = Callable[[str], str]
@@ -195,6 +198,35 @@ def test_a_failed_subflow_compensates_itself_before_its_parent(
     assert child_run.compensation() == Compensation.COMPENSATED
 
 
+def test_a_subflow_step_whose_child_was_compensated_is_not_retried_for_nothing(
+    storage: Storage, unique: Names
+) -> None:
+    """A parent (no compensations of its own) whose subflow step has retries=3: the child
+    fails and is compensated; the step's next attempt finds the child refusing to resume
+    (RunNotRetryable) and fails for good at once, not once per retry left. A retry of the
+    parent is refused up front, naming the subflow step and the compensated child."""
+    undone: list[str] = []
+    child = (
+        Flow(unique("child"), storage=storage)
+        .step("reserve", lambda ctx: "r", compensate=lambda ctx: undone.append("reserve"))
+        .step("pay", declined)
+    )
+    parent = Flow(unique("parent"), storage=storage).subflow("checkout", child, retries=3)
+    run = parent.run({}, tracking_id=unique("t"))
+    run_to_idle(storage)
+
+    child_id = f"{run.tracking_id}:checkout"
+    assert undone == ["reserve"]
+    assert child.get_run(child_id).compensation() == Compensation.COMPENSATED
+    assert run.status() == FlowStatus.FAILED
+    step = nodes_of(storage, run.tracking_id)["checkout"]
+    assert step.status == NodeStatus.FAILED and step.attempt == 2
+    assert "RunNotRetryable" in (step.error or "")
+    with pytest.raises(RunNotRetryable, match=rf"subflow step 'checkout'.*{child_id!r}"):
+        run.retry()
+    assert run.status() == FlowStatus.FAILED
+
+
 def test_a_completed_run_and_a_run_without_compensations_compensate_nothing(
     storage: Storage, unique: Names
 ) -> None:
@@ -267,6 +299,48 @@ def test_a_cancel_runs_no_compensation_and_a_compensating_run_cannot_be_cancelle
     assert stuck.status() == FlowStatus.COMPENSATING
 
 
+def test_a_compensating_run_waiting_on_a_subflow_names_the_child_to_cancel(
+    storage: Storage, unique: Names
+) -> None:
+    """In a parallel group, subflow "sub" waits on a child that waits for an event for
+    ever, and "bad" fails the run: it is COMPENSATING, no compensation started, waiting
+    for "sub". A cancel is refused naming that step and its child (cancel child
+    '<tid>:sub' first), not claiming compensations are undoing steps; cancelling the
+    child ends the wait, and the compensation of "first" runs."""
+    undone: list[str] = []
+    tid = unique("t")
+    child_id = f"{tid}:sub"
+
+    def bad_once_the_child_waits(_ctx: Any) -> None:
+        # Fails the run only once "sub" is WAITING for its child.
+        eventually(lambda: nodes_of(storage, tid)["sub"].status == NodeStatus.WAITING)
+        raise RuntimeError("card declined")
+
+    child = Flow(unique("child"), storage=storage).wait_for("never")
+    flow = Flow(unique("fan"), storage=storage).step(
+        "first", lambda ctx: 0, compensate=lambda ctx: undone.append("first")
+    )
+    with flow.parallel():
+        flow.subflow("sub", child)
+        flow.step("bad", bad_once_the_child_waits)
+    run = flow.run({}, tracking_id=tid)
+    run_to_idle(storage, concurrency=2)
+    assert run.status() == FlowStatus.COMPENSATING and undone == []
+
+    with pytest.raises(RunNotCancellable) as refused:
+        run.cancel()
+    message = str(refused.value)
+    assert f"cancel child {child_id!r} first" in message and "'sub'" in message
+    assert "are undoing" not in message
+    assert run.status() == FlowStatus.COMPENSATING
+
+    storage.cancel_flow(tracking_id=child_id)
+    run_to_idle(storage)
+    assert undone == ["first"]
+    assert run.status() == FlowStatus.FAILED
+    assert run.compensation() == Compensation.COMPENSATED
+
+
 def test_a_compensated_run_is_not_retried(storage: Storage, unique: Names) -> None:
     """Once its compensations ran, a FAILED run refuses `retry` and a trigger with its
     tracking_id (its steps were undone); the step that failed it does not run again."""
@@ -291,6 +365,33 @@ def test_a_compensated_run_is_not_retried(storage: Storage, unique: Names) -> No
         flow.run({}, tracking_id=run.tracking_id)
     run_to_idle(storage)
     assert calls == ["b"] and run.status() == FlowStatus.FAILED
+
+
+def test_run_many_refuses_a_compensated_run_before_writing_any_run(
+    storage: Storage, unique: Names
+) -> None:
+    """run_many(connection=...) with a new tracking_id and that of a compensated run
+    raises RunNotRetryable before it writes anything: the caller's own transaction holds
+    no new run (the batch is all or nothing, checked before the first write)."""
+    assert isinstance(storage, SqlStorage)
+    flow = (
+        Flow(unique("pay"), storage=storage)
+        .step("a", lambda ctx: 1, compensate=lambda ctx: None)
+        .step("b", declined)
+    )
+    undone = flow.run({}, tracking_id=unique("t"))
+    run_to_idle(storage)
+    assert undone.compensation() == Compensation.COMPENSATED
+
+    fresh = unique("t")
+    flows = schema.flows
+    with storage.engine.connect() as conn, conn.begin() as transaction:
+        with pytest.raises(RunNotRetryable, match="undid its completed steps"):
+            flow.run_many([{}, {}], tracking_ids=[fresh, undone.tracking_id], connection=conn)
+        written = conn.execute(sa.select(flows.c.id).where(flows.c.tracking_id == fresh)).first()
+        transaction.rollback()
+    assert written is None
+    assert undone.status() == FlowStatus.FAILED
 
 
 def test_decorated_steps_take_async_compensations(storage: Storage, unique: Names) -> None:

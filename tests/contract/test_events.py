@@ -24,6 +24,7 @@ from flowsmith_worker import (
     InvalidIdentifier,
     NodeStatus,
     PayloadNotJSON,
+    RunNotRetryable,
     Worker,
     send_event,
     send_event_async,
@@ -155,6 +156,36 @@ def test_a_wait_that_times_out_fails_its_run_then_waits_afresh_on_retry(
     send_event(tid, "approval", "late but fine", storage=storage)
     drive(worker, lambda: status_of(storage, tid) == FlowStatus.COMPLETED)
     assert run.wait(5)["decide"] == "late but fine"
+
+
+def test_a_timed_out_wait_of_a_run_with_compensations_promises_no_refused_retry(
+    storage: Storage, unique: Names
+) -> None:
+    """A wait times out in a run whose completed step has compensate=: the run is
+    compensated, and neither its error nor the refusal of a late event tells to
+    `flowsmith retry` it (a compensated run refuses a retry); both say why and that a
+    new run is needed."""
+    undone: list[str] = []
+    flow = (
+        Flow(unique("f"), storage=storage)
+        .step("submit", lambda ctx: "submitted", compensate=lambda ctx: undone.append("s"))
+        .wait_for("approval", timeout=0.3)
+    )
+    tid = unique("t")
+    run = flow.run({}, tracking_id=tid)
+    worker = Worker(storage=storage, poll_interval=POLL)
+    drive(worker, lambda: status_of(storage, tid) == FlowStatus.FAILED)
+    assert undone == ["s"]
+    with pytest.raises(RunNotRetryable):
+        run.retry()
+    with pytest.raises(EventRefused, match="never retried") as refused:
+        send_event(tid, "approval", "too late", storage=storage)
+    assert "retry` it first" not in str(refused.value)
+    record = storage.get_flow(tracking_id=tid, with_payloads=False)
+    assert record is not None and record.error is not None
+    assert "wait_for 'approval' timed out" in record.error
+    assert "cannot be retried" in record.error
+    assert "to go on, `flowsmith retry`" not in record.error
 
 
 def test_a_wait_with_a_default_outputs_it_on_timeout(storage: Storage, unique: Names) -> None:

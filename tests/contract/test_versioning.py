@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from flowsmith_worker import Context, Flow, StepFailed, Worker
+from flowsmith_worker import Compensation, Context, Flow, FlowStatus, StepFailed, Worker
 from flowsmith_worker.flow import registry
 from flowsmith_worker.storage.base import Storage
 
@@ -175,3 +175,71 @@ def test_a_timeout_is_the_codes_not_the_plans(storage: Storage, unique: Names) -
 
     with pytest.raises(StepFailed, match=r"longer than its timeout of 0\.05 s"):
         run.wait(timeout=5)
+
+
+def _flow_with_refund(name: str, storage: Storage, undone: list[str], *steps: str) -> Flow:
+    """Flow ``name`` as a deploy defines it: pay (compensate= refund), then ``steps``."""
+    registry.unregister(name)
+    flow = Flow(name, storage).step(
+        "pay", lambda ctx: "paid", compensate=lambda ctx: undone.append("pay")
+    )
+    for step in steps:
+        flow.step(step, _counted(Counter(), step))
+    return flow
+
+
+def test_a_step_missing_from_the_code_compensates_nothing_and_a_retry_resumes_it(
+    storage: Storage, unique: Names
+) -> None:
+    """A run of pay (compensate=refund) then approve meets code that lost approve: the
+    run ends FAILED naming approve, without a compensation (pay is not refunded, no
+    compensate: node, no outcome), since a deploy is no failure of the run's work; once
+    the old code is back, retry() resumes it at approve and it completes (issue 14.7)."""
+    undone: list[str] = []
+    name = unique("versioned")
+    run = _flow_with_refund(name, storage, undone, "approve").run({})
+    _flow_with_refund(name, storage, undone)
+    drain(storage)
+
+    with pytest.raises(StepFailed) as failed:
+        run.wait(timeout=5)
+    assert failed.value.step == "approve"
+    assert f"step 'approve' of flow {name!r}" in failed.value.error
+    assert run.status() == FlowStatus.FAILED and run.compensation() is None
+    assert undone == [] and [n.step_name for n in run.trace()] == ["pay", "approve"]
+
+    _flow_with_refund(name, storage, undone, "approve")
+    run.retry()
+    drain(storage)
+    assert run.wait(timeout=5) == {"pay": "paid", "approve": "approve"}
+    assert undone == []
+
+
+def test_a_compensation_missing_from_the_code_says_so(storage: Storage, unique: Names) -> None:
+    """A run of pay (compensate=refund) then a failing step meets code where pay lost its
+    compensate=: the compensate:pay node fails saying compensate= of step 'pay' is no
+    longer in the code (not a `flowsmith retry` the refusal of a compensated run would
+    contradict), and the run ends FAILED with COMPENSATION_FAILED."""
+    undone: list[str] = []
+    name = unique("versioned")
+
+    def declined(_ctx: Context) -> None:
+        raise RuntimeError("card declined")
+
+    registry.unregister(name)
+    run = (
+        Flow(name, storage)
+        .step("pay", lambda ctx: "paid", compensate=lambda ctx: undone.append("pay"))
+        .step("charge", declined)
+        .run({})
+    )
+    registry.unregister(name)
+    Flow(name, storage).step("pay", lambda ctx: "paid").step("charge", declined)
+    drain(storage)
+
+    assert run.status() == FlowStatus.FAILED
+    assert run.compensation() == Compensation.COMPENSATION_FAILED
+    error = {n.step_name: n for n in run.trace()}["compensate:pay"].error or ""
+    assert "compensate= of step 'pay' is no longer in the code" in error
+    assert "flowsmith retry" not in error
+    assert undone == []

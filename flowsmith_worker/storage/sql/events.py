@@ -19,9 +19,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
+from flowsmith_worker import compensation
 from flowsmith_worker.errors import EventRefused, FlowNotFound
 from flowsmith_worker.plan import WAIT_FOR_EVENT
-from flowsmith_worker.storage.base import FINISHED_FLOW_STATUSES, EventSent, NodeStatus
+from flowsmith_worker.storage.base import (
+    FINISHED_FLOW_STATUSES,
+    EventSent,
+    FlowStatus,
+    NodeStatus,
+)
 from flowsmith_worker.storage.sql import context as sql_context
 from flowsmith_worker.storage.sql import schema
 from flowsmith_worker.storage.sql.base import F, N, SqlBase
@@ -52,7 +58,7 @@ class SqlEvents(SqlBase):
                 and earlier == (idempotency_key,)
             ):
                 return EventSent(tracking_id, name, delivered=False, woke=False)
-            self._refuse(run, name, sent_before=earlier is not None)
+            self._refuse(conn, run, name, sent_before=earlier is not None)
             self._refuse_if_timed_out(conn, run, name)
             conn.execute(
                 sa.insert(E).values(
@@ -84,11 +90,25 @@ class SqlEvents(SqlBase):
         return None if row is None else (row.idempotency_key,)
 
     @staticmethod
-    def _refuse(run: Row[Any], name: str, *, sent_before: bool) -> None:
+    def _refuse(conn: Connection, run: Row[Any], name: str, *, sent_before: bool) -> None:
         """Raise EventRefused unless the run is not over and has a wait_for step ``name``
         that no event was sent to yet."""
         if run.status in FINISHED_FLOW_STATUSES:
-            raise EventRefused.run_finished(run.tracking_id, name, run.status)
+            # A compensated FAILED run is never retried: do not tell to retry it first.
+            # (No plan read: a plan that cannot be parsed must not hide the refusal.)
+            compensated = (
+                run.status == FlowStatus.FAILED
+                and conn.execute(
+                    sa.select(N.c.id)
+                    .where(
+                        N.c.flow_id == run.id,
+                        N.c.step_name.startswith(compensation.COMPENSATE_PREFIX, autoescape=True),
+                    )
+                    .limit(1)
+                ).first()
+                is not None
+            )
+            raise EventRefused.run_finished(run.tracking_id, name, run.status, compensated)
         plan = sql_context.parse_plan(run.plan, run.tracking_id)
         waits = [s.name for stage in plan.stages for s in stage if s.kind == WAIT_FOR_EVENT]
         if name not in waits:

@@ -146,8 +146,9 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
 
         Runs are written in tracking_id order, so two batches that share ids
         take their locks in the same order and do not deadlock each other. A
-        tracking_id that belongs to another flow, or to a COMPLETED run, is
-        refused before anything is written.
+        tracking_id that belongs to another flow, to a COMPLETED run, or to a
+        FAILED run that was compensated (_refuse_undone), is refused before
+        anything is written.
         """
         ordered = sorted(flows, key=lambda flow: flow.tracking_id)
         existing = self._read_runs(conn, [flow.tracking_id for flow in ordered])
@@ -155,6 +156,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             if flow.tracking_id in existing:
                 _refuse_other_flow(flow, existing[flow.tracking_id])
                 _refuse_completed(flow, existing[flow.tracking_id])
+                if existing[flow.tracking_id].status == FlowStatus.FAILED:
+                    self._refuse_undone(conn, existing[flow.tracking_id])
         absent = [flow for flow in ordered if flow.tracking_id not in existing]
         created = self._insert_new_runs(conn, absent)
         raced = [flow.tracking_id for flow in absent if flow.tracking_id not in created]
@@ -253,16 +256,45 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
 
     def _refuse_undone(self, conn: Connection, flow_row: Row[Any]) -> None:
         """A FAILED run whose compensations ran is not resumed: its steps were undone
-        (see compensation.py). Only a plan with compensations costs a read."""
-        if not sql_context.parse_plan(flow_row.plan, flow_row.tracking_id).compensates:
-            return
-        compensated = conn.execute(
-            sa.select(N.c.id)
-            .where(N.c.flow_id == flow_row.id, *_nodes_of_kind(compensations=True))
+        (see compensation.py). Nor one with a subflow whose child run was compensated:
+        its subflow step would resume that child, which refuses, so the retry would only
+        fail again. Only a plan with compensations or subflows costs a read."""
+        plan = sql_context.parse_plan(flow_row.plan, flow_row.tracking_id)
+        if plan.compensates:
+            compensated = conn.execute(
+                sa.select(N.c.id)
+                .where(N.c.flow_id == flow_row.id, *_nodes_of_kind(compensations=True))
+                .limit(1)
+            ).first()
+            if compensated is not None:
+                raise RunNotRetryable.compensated(flow_row.tracking_id)
+        if any(planned.subflow for stage in plan.stages for planned in stage):
+            child = self._compensated_child(conn, flow_row.id)
+            if child is not None:
+                step_name, child_id = child
+                raise RunNotRetryable.child_compensated(flow_row.tracking_id, step_name, child_id)
+
+    @staticmethod
+    def _compensated_child(conn: Connection, flow_id: int) -> tuple[str, str] | None:
+        """(subflow step, child tracking_id) of a FAILED child run of the run ``flow_id``
+        whose compensations ran; None if there is none."""
+        undo = N.alias("undo")
+        step = N.alias("subflow_step")
+        row = conn.execute(
+            sa.select(F.c.tracking_id, step.c.step_name)
+            .join(step, F.c.parent_node_id == step.c.id)
+            .where(
+                step.c.flow_id == flow_id,
+                F.c.status == FlowStatus.FAILED,
+                sa.exists().where(
+                    undo.c.flow_id == F.c.id,
+                    undo.c.step_name.startswith(compensation.COMPENSATE_PREFIX, autoescape=True),
+                ),
+            )
+            .order_by(F.c.id)
             .limit(1)
         ).first()
-        if compensated is not None:
-            raise RunNotRetryable.compensated(flow_row.tracking_id)
+        return None if row is None else (row.step_name, row.tracking_id)
 
     def _refuse_lost_resume(self, conn: Connection, flow_row: Row[Any]) -> None:
         """The run was FAILED when read, but another retry changed it first: say what it is now."""
@@ -851,7 +883,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             raise
 
     def fail_node(
-        self, *, lease: Lease, error: str, retry_delay: float | None
+        self, *, lease: Lease, error: str, retry_delay: float | None, compensate: bool = True
     ) -> NodeStatus | None:
         # A step's error may quote anything (a NUL, a lone surrogate): an error
         # that cannot be stored would leave the node to its lease and be lost.
@@ -873,6 +905,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
                 attempt=lease.attempt,
                 max_attempts=node.max_attempts,
                 retry_delay=retry_delay,
+                compensates=compensate,
             )
             ended = _ended_attempt(lease, node.started_at)
             return self._carry_out_item(
@@ -1155,8 +1188,13 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         if done:
             self._advance(conn, parent_flow, parent_node_id)
 
-    def _fail_flow(self, conn: Connection, flow_row: Row[Any], error: str) -> None:
+    def _fail_flow(
+        self, conn: Connection, flow_row: Row[Any], error: str, compensate: bool = True
+    ) -> None:
         """Fail the run, stop its nodes waiting to run, and tell its parent step.
+
+        ``compensate`` False (progress.End.compensates): the run ends FAILED at once,
+        its compensations not run even if its plan has some, so a retry can resume it.
 
         A run that is already over keeps its status and its first error. Stopping
         the PENDING nodes here (queued siblings, scheduled retries) is what keeps
@@ -1167,7 +1205,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             return
         if progress.is_over(flow_row.status):
             return
-        compensates = _compensates(flow_row)
+        compensates = compensate and _compensates(flow_row)
         status = FlowStatus.COMPENSATING if compensates else FlowStatus.FAILED
         self._set_flow(conn, flow_row.id, status, error=error, finished=not compensates)
         if not compensates:  # a compensating run keeps its place until it ends
@@ -1252,7 +1290,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
         if isinstance(fate, progress.Retry) and ended is not None:
             sql_attempts.record(conn, self.dialect, ended, fate)
         if isinstance(fate, progress.End) and fate.run_error is not None:
-            self._fail_flow(conn, flow_row, fate.run_error)
+            self._fail_flow(conn, flow_row, fate.run_error, compensate=fate.compensates)
         elif isinstance(fate, progress.End) and flow_row.status == FlowStatus.COMPENSATING:
             self._compensate(conn, flow_row)  # a step in flight when the run failed ended
         return fate.status
@@ -1309,6 +1347,8 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             if row is None:
                 raise FlowNotFound.for_tracking_id(tracking_id)
             _refuse_unreadable_status(row)
+            if row.status == FlowStatus.COMPENSATING:
+                raise RunNotCancellable.compensating(tracking_id, self._awaited(conn, row.id))
             if not progress.cancellable(row.status):
                 raise RunNotCancellable.for_run(tracking_id, row.status)
             self._cancel(conn, row.id)
@@ -1320,6 +1360,25 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             return flow_record(conn.execute(sa.select(F).where(F.c.id == row.id)).one())
 
         return self._transact(work)
+
+    @staticmethod
+    def _awaited(conn: Connection, flow_id: int) -> list[tuple[str, str | None]]:
+        """What a COMPENSATING run waits for before its next compensation: its steps
+        still in flight, each with the tracking_id of the child a subflow step waits
+        for (None for others). Empty if a compensation is in flight already."""
+        child = F.alias("child")
+        rows = conn.execute(
+            sa.select(N.c.step_name, child.c.tracking_id)
+            .outerjoin(child, child.c.parent_node_id == N.c.id)
+            .where(
+                N.c.flow_id == flow_id,
+                N.c.status.in_([NodeStatus.PENDING, NodeStatus.RUNNING, NodeStatus.WAITING]),
+            )
+            .order_by(N.c.id)
+        ).all()
+        if any(compensation.is_compensation(r.step_name) for r in rows):
+            return []
+        return [(r.step_name, r.tracking_id) for r in rows]
 
     def _cancel(self, conn: Connection, flow_id: int) -> None:
         """Cancel a run, its pending nodes and, through its waiting nodes, its subflows."""
