@@ -315,7 +315,13 @@ class EventRefused(Refused):
     def run_finished(
         cls, tracking_id: str, name: str, status: str, compensated: bool = False
     ) -> EventRefused:
-        if compensated:
+        if status == "COMPENSATING":
+            hint = (
+                "it failed for good and its compensations are undoing its completed steps: "
+                "it waits for nothing more and is never retried; start a new run with a new "
+                "tracking_id"
+            )
+        elif compensated:
             hint = (
                 "its compensations undid its completed steps, so it is never retried and "
                 "waits for nothing more; start a new run with a new tracking_id"

@@ -18,7 +18,13 @@ import sqlalchemy as sa
 
 from flowsmith_worker import Compensation, Flow, FlowStatus, NodeStatus, Worker
 from flowsmith_worker.decorators import step, workflow
-from flowsmith_worker.errors import InvalidFlowDefinition, RunNotCancellable, RunNotRetryable
+from flowsmith_worker.errors import (
+    EventRefused,
+    InvalidFlowDefinition,
+    RunNotCancellable,
+    RunNotRetryable,
+)
+from flowsmith_worker.events import send_event
 from flowsmith_worker.records import NodeRecord
 from flowsmith_worker.storage.base import Storage
 from flowsmith_worker.storage.sql import schema
@@ -463,3 +469,32 @@ def test_cancelling_a_parent_leaves_its_compensating_child_to_finish(
     assert run.status() == FlowStatus.CANCELLED
     assert status_of(storage, child_tid) == FlowStatus.COMPENSATING
     assert nodes_of(storage, child_tid)["compensate:pay"].status == NodeStatus.PENDING
+
+
+def test_an_event_for_a_compensating_run_is_refused_not_lost(
+    storage: Storage, unique: Names
+) -> None:
+    """A run waiting for an event whose parallel sibling fails it for good is
+    COMPENSATING: an event sent then is refused (EventRefused saying the run is undoing
+    its steps), not stored for a wait that will never run again."""
+    tid = unique("t")
+    release = threading.Event()
+
+    def slow_undo(_ctx: Any) -> None:
+        assert release.wait(timeout=30), "the test never let the compensation end"
+
+    flow = Flow(unique("approve"), storage=storage).step("a", lambda ctx: 1, compensate=slow_undo)
+    with flow.parallel():
+        flow.wait_for("approval")
+        flow.step("boom", declined)
+    flow.run({}, tracking_id=tid)
+    worker = threading.Thread(target=run_to_idle, args=(storage, 2))
+    worker.start()
+    try:
+        eventually(lambda: status_of(storage, tid) == FlowStatus.COMPENSATING)
+        with pytest.raises(EventRefused, match=r"COMPENSATING.*undoing"):
+            send_event(tid, "approval", {"ok": True}, storage=storage)
+    finally:
+        release.set()
+        worker.join(timeout=60)
+    assert status_of(storage, tid) == FlowStatus.FAILED

@@ -91,8 +91,8 @@ class SqlEvents(SqlBase):
 
     @staticmethod
     def _refuse(conn: Connection, run: Row[Any], name: str, *, sent_before: bool) -> None:
-        """Raise EventRefused unless the run is not over and has a wait_for step ``name``
-        that no event was sent to yet."""
+        """Raise EventRefused unless the run is not over (nor undoing its steps) and has a
+        wait_for step ``name`` that no event was sent to yet."""
         if run.status in FINISHED_FLOW_STATUSES:
             # A compensated FAILED run is never retried: do not tell to retry it first.
             # (No plan read: a plan that cannot be parsed must not hide the refusal.)
@@ -109,6 +109,9 @@ class SqlEvents(SqlBase):
                 is not None
             )
             raise EventRefused.run_finished(run.tracking_id, name, run.status, compensated)
+        if run.status == FlowStatus.COMPENSATING:
+            # Failed for good and undoing its steps: no wait of it will run again.
+            raise EventRefused.run_finished(run.tracking_id, name, run.status, compensated=True)
         plan = sql_context.parse_plan(run.plan, run.tracking_id)
         waits = [s.name for stage in plan.stages for s in stage if s.kind == WAIT_FOR_EVENT]
         if name not in waits:
