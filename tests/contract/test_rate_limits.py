@@ -296,3 +296,26 @@ def test_a_limited_sibling_with_no_token_left_does_not_hold_a_compensating_run(
     flow.run({"fail": True}, tracking_id=failing)
     _token_once_compensating(storage, monkeypatch, failing)
     _compensated_without_the_limited_step(storage, flow, failing, ran, undone)
+
+
+def test_a_skipped_limited_step_spends_no_token(storage: Storage, unique: Names) -> None:
+    """A step limited to 1/h with a condition: its condition is evaluated before its
+    token is taken, so a run that skips it leaves the hour's token to the next run,
+    whose step starts at once instead of waiting an hour for its turn."""
+    notified: list[str] = []
+    flow = Flow(unique("notify"), storage=storage).step(
+        "notify",
+        lambda ctx: notified.append(ctx.tracking_id),
+        rate_limit="1/h",
+        condition=lambda ctx: ctx.data["vip"],
+    )
+    skipped, vip = unique("skipped"), unique("vip")
+    flow.run({"vip": False}, tracking_id=skipped)
+    worker = Worker(storage=storage, poll_interval=POLL)
+    turn_until(worker, lambda: completed(storage, [skipped]))
+    assert steps_of(storage, skipped)["notify"].status == NodeStatus.SKIPPED
+
+    flow.run({"vip": True}, tracking_id=vip)
+    turn_until(worker, lambda: completed(storage, [vip]) or waiting(storage, [vip]))
+    assert completed(storage, [vip]), "the skipped step spent the hour's token"
+    assert notified == [vip]
