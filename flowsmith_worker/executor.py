@@ -63,7 +63,7 @@ from flowsmith_worker.event_loop import DeadlinePassed
 from flowsmith_worker.flow import FAIL, Flow, Parking, StepSpec, registry
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.outage import DatabaseOutage
-from flowsmith_worker.plan import WAIT_FOR_EVENT, Plan
+from flowsmith_worker.plan import MAP, WAIT_FOR_EVENT, Plan
 from flowsmith_worker.progress import attempts_left, context_data
 from flowsmith_worker.rate_limits import RateLimit
 from flowsmith_worker.retry import DEFAULT_BACKOFF, retry_delay
@@ -496,11 +496,20 @@ class Executor:
         """The code under the run changed: say which step, which plan and what to do."""
         stored, deployed = self._stored_plan(node), flow.plan()
         enqueued = f"plan version {stored.version}" if stored else "its stored plan"
+        # An item of a map removed from the code: the map is what the code lacks.
+        item_of = fanout.parse_item_name(node.step_name)
+        planned = None if item_of is None or stored is None else stored.step(item_of[0])
+        if item_of is not None and planned is not None and planned.kind == MAP:
+            step = f"map {item_of[0]!r}"
+            missing = f"step {node.step_name!r} (item {item_of[1]} of {step})"
+        else:
+            step = f"step {node.step_name!r}"
+            missing = step
         return (
-            f"step {node.step_name!r} of flow {node.flow_name!r} is in the plan this run was "
+            f"{missing} of flow {node.flow_name!r} is in the plan this run was "
             f"enqueued with ({enqueued}) but not in this worker's code (plan version "
             f"{deployed.version}, steps: {', '.join(deployed.names()) or 'none'}); "
-            f"deploy code that has step {node.step_name!r}, then "
+            f"deploy code that has {step}, then "
             f"`flowsmith retry {shlex.quote(node.tracking_id)}`"
         )
 
