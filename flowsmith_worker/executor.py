@@ -64,7 +64,7 @@ from flowsmith_worker.event_loop import DeadlinePassed
 from flowsmith_worker.flow import FAIL, Flow, Parking, StepSpec, registry
 from flowsmith_worker.log import get_logger
 from flowsmith_worker.outage import DatabaseOutage
-from flowsmith_worker.plan import WAIT_FOR_EVENT, Plan
+from flowsmith_worker.plan import MAP, WAIT_FOR_EVENT, Plan
 from flowsmith_worker.progress import attempts_left, context_data
 from flowsmith_worker.rate_limits import RateLimit
 from flowsmith_worker.retry import DEFAULT_BACKOFF, retry_delay
@@ -204,8 +204,9 @@ class Executor:
     ) -> Executed:
         """Run the attempt of ``spec`` on the claimed node and write its outcome;
         ``private``: on a copy of its ctx.data of its own (see _private_copy)."""
-        if spec.rate_limit is not None:
-            refused = self._take_token(node, spec.rate_limit, bound)
+        rate = spec.rate_limit
+        if rate is not None and spec.parking is not None:
+            refused = self._take_token(node, rate, bound)
             if refused is not None:
                 return Executed(refused)
         bound.debug("step.started")
@@ -221,8 +222,17 @@ class Executor:
         )
         if spec.parking is not None:
             return self._park_or_wake(node, spec, spec.parking, ctx, bound, started)
+
+        # A rate-limited step takes its token once its condition held, just before
+        # its call: a skipped step spends none.
+        def take_token() -> Outcome | None:
+            assert rate is not None
+            return self._take_token(node, rate, bound)
+
         try:
-            proceed, result = _attempt(spec, ctx, bound)
+            proceed, result = _attempt(spec, ctx, bound, None if rate is None else take_token)
+            if isinstance(result, _Refused):
+                return Executed(result.outcome)
             if not proceed:
                 skipped = Finished(node.lease, NodeStatus.SKIPPED, None, step_name=spec.name)
                 return self._finish(node, bound, skipped, started)
@@ -511,11 +521,20 @@ class Executor:
                 f"the step was not undone (undo it by hand), the run's other compensations "
                 f"go on, and the run ends FAILED with COMPENSATION_FAILED"
             )
+        # An item of a map removed from the code: the map is what the code lacks.
+        item_of = fanout.parse_item_name(node.step_name)
+        planned = None if item_of is None or stored is None else stored.step(item_of[0])
+        if item_of is not None and planned is not None and planned.kind == MAP:
+            step = f"map {item_of[0]!r}"
+            missing = f"step {node.step_name!r} (item {item_of[1]} of {step})"
+        else:
+            step = f"step {node.step_name!r}"
+            missing = step
         return (
-            f"step {node.step_name!r} of flow {node.flow_name!r} is in the plan this run was "
+            f"{missing} of flow {node.flow_name!r} is in the plan this run was "
             f"enqueued with ({enqueued}) but not in this worker's code (plan version "
             f"{deployed.version}, steps: {', '.join(deployed.names()) or 'none'}); "
-            f"deploy code that has step {node.step_name!r}, then "
+            f"deploy code that has {step}, then "
             f"`flowsmith retry {shlex.quote(node.tracking_id)}`"
         )
 
@@ -548,16 +567,36 @@ class _StopWhen(tenacity.stop.stop_base):
         return self.done()
 
 
-def _attempt(spec: StepSpec, ctx: Context, bound: Any) -> tuple[bool, Any]:
+@dataclass(frozen=True)
+class _Refused:
+    """_attempt's result when its gate refused the step's start (no token of its
+    rate limit): what became of the node (RATE_LIMITED, STOPPED, LEASE_LOST)."""
+
+    outcome: Outcome
+
+
+def _attempt(
+    spec: StepSpec, ctx: Context, bound: Any, gate: Callable[[], Outcome | None] | None = None
+) -> tuple[bool, Any]:
     """Evaluate the condition, then call the step: (False, None) when the condition is false.
 
-    Both run under one timeout (see the module docstring): past it a timer logs
-    ``step.timed_out``; a sync call goes on, a coroutine is cancelled; when the
-    call has ended, its result (or error) is dropped and StepTimeout raised instead.
+    ``gate``, if any, is asked between the two (the step's rate limit: see _run_spec):
+    None lets the step be called; else (False, _Refused) and the step is not called.
+    The condition and the call run under one timeout (see the module docstring):
+    past it a timer logs ``step.timed_out``; a sync call goes on, a coroutine is
+    cancelled; when the call has ended, its result (or error) is dropped and
+    StepTimeout raised instead.
     """
-    call = _condition_and_await if spec.awaits else _condition_and_call
+
+    def condition_then_call(deadline: float | None) -> tuple[bool, Any]:
+        if not _condition_holds(spec, ctx, deadline):
+            return False, None
+        if gate is not None and (refused := gate()) is not None:
+            return False, _Refused(refused)
+        return True, _call(spec, ctx, deadline)
+
     if spec.timeout is None:
-        return call(spec, ctx, None)
+        return condition_then_call(None)
     started = time.monotonic()
     timer = threading.Timer(
         spec.timeout,
@@ -575,43 +614,40 @@ def _attempt(spec: StepSpec, ctx: Context, bound: Any) -> tuple[bool, Any]:
     timer.daemon = True
     timer.start()
     try:
-        outcome = call(spec, ctx, started + spec.timeout)
+        outcome = condition_then_call(started + spec.timeout)
     except BaseException as exc:
         if time.monotonic() - started <= spec.timeout and not isinstance(exc, DeadlinePassed):
             raise
         raise _timed_out(spec, started) from exc
     finally:
         timer.cancel()
+    if isinstance(outcome[1], _Refused):
+        return outcome  # the node was written (parked, stopped): no attempt to time out
     if time.monotonic() - started > spec.timeout:
         raise _timed_out(spec, started)
     return outcome
 
 
-def _condition_and_call(spec: StepSpec, ctx: Context, _deadline: float | None) -> tuple[bool, Any]:
+def _condition_holds(spec: StepSpec, ctx: Context, deadline: float | None) -> bool:
+    """Whether the step is to run: no condition, or it says so; an ``async def``
+    condition is awaited on the event loop (cancelled at ``deadline``)."""
     condition = spec.condition
-    if condition is not None:
-        verdict = condition(ctx)
-        if verdict is not True and not _verdict(spec, verdict):
-            return False, None
-    return True, spec.fn(ctx)
+    if condition is None:
+        return True
+    verdict = (
+        event_loop.run(lambda: cast(Awaitable[bool], condition(ctx)), deadline)
+        if spec.condition_is_async
+        else condition(ctx)
+    )
+    return verdict is True or _verdict(spec, verdict)
 
 
-def _condition_and_await(spec: StepSpec, ctx: Context, deadline: float | None) -> tuple[bool, Any]:
-    """_condition_and_call where the condition, the step or both are ``async def``: each
-    of those is awaited on the event loop (cancelled at ``deadline``), the others are
-    called in this thread, as always."""
-    condition = spec.condition
-    if condition is not None:
-        verdict = (
-            event_loop.run(lambda: cast(Awaitable[bool], condition(ctx)), deadline)
-            if spec.condition_is_async
-            else condition(ctx)
-        )
-        if not _verdict(spec, verdict):
-            return False, None
+def _call(spec: StepSpec, ctx: Context, deadline: float | None) -> Any:
+    """Call the step; an ``async def`` step is awaited on the event loop (cancelled
+    at ``deadline``), a sync one is called in this thread, as always."""
     if spec.fn_is_async:
-        return True, event_loop.run(lambda: spec.fn(ctx), deadline)
-    return True, spec.fn(ctx)
+        return event_loop.run(lambda: spec.fn(ctx), deadline)
+    return spec.fn(ctx)
 
 
 def _verdict(spec: StepSpec, verdict: Any) -> bool:

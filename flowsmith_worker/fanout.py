@@ -98,6 +98,12 @@ def item_name(map_name: str, index: int) -> str:
     return f"{map_name}[{index}]"
 
 
+# How many characters a map's name must leave free, within a step name's limit, for
+# its items' "[N]" suffix: indexes up to 10 digits (ten billion items, far past any
+# list a run's payload limits let through).
+ITEM_SUFFIX_ROOM = len(item_name("", 10**10 - 1))
+
+
 def parse_item_name(step_name: str) -> tuple[str, int] | None:
     """(map name, item index) of an item node's step name; None for any other name."""
     found = _ITEM_NAME.match(step_name)

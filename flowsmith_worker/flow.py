@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from flowsmith_worker import compensation, concurrency, event_loop, payload, rate_limits, tracing
+from flowsmith_worker import (
+    compensation,
+    concurrency,
+    event_loop,
+    fanout,
+    payload,
+    rate_limits,
+    tracing,
+)
 from flowsmith_worker.async_calls import call_with_connection
 from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.context import Context
@@ -466,6 +474,7 @@ class Flow:
             raise InvalidFlowDefinition(
                 f"flow {self.name!r} already has a step named {spec.name!r}"
             )
+        self._check_item_names(spec)
         if spec.retries < 0:
             raise ValueError(f"step {spec.name!r}: retries={spec.retries} cannot be negative")
         if isinstance(spec.max_rescues, bool) or not isinstance(spec.max_rescues, int):
@@ -497,6 +506,35 @@ class Flow:
             )
 
     # -- reading --------------------------------------------------------------
+
+    def _check_item_names(self, spec: StepSpec) -> None:
+        """Refuse a step whose name is that of an item of a map of the flow (``m[0]``
+        and the map ``m``, in either order: their nodes would collide), and a map
+        whose name leaves no room for its items' ``[N]`` suffix (see fanout.py)."""
+        steps = [s for stage in self.stages for s in stage] + list(self._group or [])
+        item_of = fanout.parse_item_name(spec.name)
+        if item_of is not None and any(
+            s.fan_out is not None and s.name == item_of[0] for s in steps
+        ):
+            raise InvalidFlowDefinition(
+                f"flow {self.name!r}: step name {spec.name!r} is the name of an item of "
+                f"its map {item_of[0]!r}: rename the step"
+            )
+        if spec.fan_out is None:
+            return
+        for other in steps:
+            found = fanout.parse_item_name(other.name)
+            if found is not None and found[0] == spec.name:
+                raise InvalidFlowDefinition(
+                    f"flow {self.name!r}: map {spec.name!r} would name its items like its "
+                    f"step {other.name!r}: rename the map or the step"
+                )
+        room = MAX_NAME_LENGTH - fanout.ITEM_SUFFIX_ROOM
+        if len(spec.name) > room:
+            raise InvalidFlowDefinition(
+                f"flow {self.name!r}: map name {spec.name!r} is too long: its items are "
+                f"named {spec.name}[N] (at most {room} characters): shorten it"
+            )
 
     def get_step(self, name: str) -> StepSpec | None:
         """The step ``name``, or the compensation a ``compensate:<step>`` name stands for."""

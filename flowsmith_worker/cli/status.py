@@ -258,7 +258,11 @@ def _step_rows(snapshot: Snapshot, node: NodeRecord, wide: bool) -> list[list[ob
         return [row]
     progress = fanout.progress_of(node.step_name, snapshot.nodes)
     blank = ["-"] * (len(row) - 4)
-    failed = [n for n in snapshot.nodes if fanout.is_item(n) and n.status == NodeStatus.FAILED]
+    failed = [  # this map's items only: another map's are at another position
+        n
+        for n in snapshot.nodes
+        if fanout.is_item(n) and n.position == node.position and n.status == NodeStatus.FAILED
+    ]
     error = f"{failed[0].step_name}: {last_line(failed[0].error)}" if failed else ""
     return [row, ["", f"{node.step_name}[…]", progress.summary(), *blank, error]]
 

@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from flowsmith_worker import progress
+from flowsmith_worker import compensation, progress
 from flowsmith_worker.config import redact, resolve_database_url
 from flowsmith_worker.dashboard import forms, views
 from flowsmith_worker.dashboard.security import (
@@ -51,7 +51,7 @@ from flowsmith_worker.readable import (
 )
 from flowsmith_worker.storage import create_storage
 from flowsmith_worker.storage.base import FlowRecord, FlowStatus, Storage
-from flowsmith_worker.storage.sql.dashboard import error_message
+from flowsmith_worker.storage.sql.dashboard import OPEN_RUNS, error_message
 
 HERE = Path(__file__).parent
 DEFAULT_REFRESH_SECONDS = 5.0
@@ -268,7 +268,10 @@ class Dashboard:
             # A running step's bar ends now: by this host's clock, only drawn.
             "stages": views.timeline(flow, nodes, links.children, now=_host_time()),
             "parent": links.parent,
-            "live": flow.status in (FlowStatus.PENDING, FlowStatus.RUNNING),
+            "live": flow.status in OPEN_RUNS,
+            # A run whose compensations ran is not retried (storage refuses it): no button.
+            "retryable": flow.status == FlowStatus.FAILED
+            and not any(compensation.is_compensation(n.step_name) for n in nodes),
         }
 
     def workers(self, request: Request) -> Response:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flowsmith_worker import parking
+from flowsmith_worker import compensation, parking
 from flowsmith_worker.storage.base import (
     ActivitySlice,
     AttemptOutcome,
@@ -98,7 +98,9 @@ class Stage:
 def timeline(
     flow: FlowRecord, nodes: Sequence[NodeRecord], children: Sequence[RunLink], now: float
 ) -> list[Stage]:
-    """The run's stages in plan order, each step with its bar on the run's time axis."""
+    """The run's stages in plan order, each step with its bar on the run's time axis;
+    then its compensations (``compensate:<step>`` nodes, not in the plan), one stage
+    each, in the order they were started (see compensation.py)."""
     by_name = {node.step_name: node for node in nodes}
     start = flow.created_at
     end = max([now if flow.finished_at is None else flow.finished_at, start + 0.001])
@@ -109,6 +111,11 @@ def timeline(
             _step_view(flow, name, by_name.get(name), children, start, end, now) for name in planned
         ]
         stages.append(Stage(position=position, steps=steps))
+    if planned_stages:  # else _stages_of has listed every node, compensations too
+        undone = [n for n in nodes if compensation.is_compensation(n.step_name)]
+        for node in sorted(undone, key=lambda n: n.position):
+            view = _step_view(flow, node.step_name, node, children, start, end, now)
+            stages.append(Stage(position=node.position, steps=[view]))
     return stages
 
 

@@ -199,7 +199,8 @@ class Storage(abc.ABC):
         """Take a token of the step's rate limit for the claimed node, about to start.
 
         True: taken, the step starts. Parked: none is left; the node waits PENDING
-        until its turn (CANCELLED if its run is over). None if the lease was lost
+        until its turn. Parked too, the node ended (CANCELLED, or stopped) and no
+        token taken, if its run is over or COMPENSATING. None if the lease was lost
         (no token is taken). By the database clock, under the bucket's row lock:
         see rate_limits.py.
         """

@@ -23,7 +23,7 @@ from flowsmith_worker.concurrency import IN_FLIGHT
 from flowsmith_worker.context import Context
 from flowsmith_worker.decorators import step, workflow
 from flowsmith_worker.errors import ConcurrencyKeyFailed, FlowNotFound, InvalidIdentifier
-from flowsmith_worker.storage.base import Storage
+from flowsmith_worker.storage.base import DEFAULT_QUEUE, Storage
 from tests.conftest import eventually
 
 Names = Callable[[str], str]
@@ -171,6 +171,39 @@ def test_a_run_failed_for_good_or_cancelled_hands_its_place_on(
     drive(worker, lambda: record_of(storage, last).status == FlowStatus.COMPLETED)
     assert record_of(storage, failing).status == FlowStatus.FAILED
     assert journal.starts == [last]
+
+
+def test_a_run_failed_by_its_rescue_limit_hands_its_place_on(
+    storage: Storage, unique: Names
+) -> None:
+    """Two runs of one key, limit 1, a step with max_rescues=0: the first run's worker
+    is lost (its lease expires, as in test_run_rules.py), so the rescue fails the step
+    and the run at once; the second run, BLOCKED in line until then, gets the place
+    and completes."""
+    journal = Journal()
+    flow = Flow(
+        unique("lost"),
+        storage=storage,
+        concurrency_key=lambda ctx: ctx.data["customer"],
+        max_concurrent=1,
+    ).step("first", journal.step, max_rescues=0)
+    lost = flow.run({"customer": "c"}, tracking_id=unique("lost")).tracking_id
+    waiting = flow.run({"customer": "c"}, tracking_id=unique("w")).tracking_id
+    assert node_statuses(storage, waiting) == [NodeStatus.BLOCKED]
+
+    [taken] = storage.claim_nodes(
+        worker_id="dead-worker", limit=10, lease_seconds=0.2, queues=[DEFAULT_QUEUE]
+    )
+    assert taken.tracking_id == lost
+    time.sleep(0.3)
+    [rescued] = storage.rescue_expired()
+    assert rescued.failed
+    assert record_of(storage, lost).status == FlowStatus.FAILED
+    assert node_statuses(storage, waiting) == [NodeStatus.PENDING]
+
+    worker = Worker(storage=storage, concurrency=2, poll_interval=POLL)
+    drive(worker, lambda: record_of(storage, waiting).status == FlowStatus.COMPLETED)
+    assert journal.starts == [waiting]
 
 
 def test_a_compensating_run_keeps_its_place_until_its_compensations_end(

@@ -152,6 +152,24 @@ def test_the_overview_counts_runs_steps_and_slices_of_the_last_hour(
     assert seen.oldest_runnable_age is not None and 0 <= seen.oldest_runnable_age < 600
 
 
+def test_a_compensating_run_is_counted_as_open(storage: Storage, unique: Names) -> None:
+    """A COMPENSATING run is still at work (its compensations run): the overview counts
+    it among the open runs, whenever it last changed, as it does a RUNNING one."""
+    flow = Flow(unique("undoing"), storage=storage).step("a", ok)
+    tid = unique("t")
+    flow.run({}, tracking_id=tid)
+    drain(storage)
+    assert isinstance(storage, SqlStorage)
+    now = overview(storage).now
+    with storage.engine.begin() as conn:  # as a run whose compensations are under way
+        conn.execute(
+            sa.update(schema.flows)
+            .where(schema.flows.c.tracking_id == tid)
+            .values(status=FlowStatus.COMPENSATING, updated_at=now - 7200, finished_at=None)
+        )
+    assert overview(storage).runs_by_status == {"COMPENSATING": 1}
+
+
 def test_subflow_links_go_both_ways(storage: Storage, unique: Names) -> None:
     """A parent run names the runs its steps started; a child names the parent's run and step."""
     child = Flow(unique("child"), storage=storage).step("charge", ok)

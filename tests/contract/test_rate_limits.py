@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from flowsmith_worker import Flow, InMemoryStorage, NodeStatus, Worker
+from flowsmith_worker import Compensation, Flow, FlowStatus, InMemoryStorage, NodeStatus, Worker
 from flowsmith_worker.decorators import step, workflow
 from flowsmith_worker.records import ClaimedNode
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
+from tests.support.cli import flow_of
 from tests.support.rate_limits import (
     POLL,
     SLACK,
@@ -196,3 +197,125 @@ def test_a_limited_step_chained_after_the_one_before_takes_a_token_too(unique: N
     assert ran == [first]
     assert "scarce" not in storage.claimed, "the limited step was claimed, not chained"
     storage.close()
+
+
+def _group_with_a_limited_sibling(
+    storage: Storage, unique: Names, ran: list[str], undone: list[str]
+) -> Flow:
+    """A flow: "book" (compensated), then a parallel group [boom, limited (1/h)];
+    boom fails when ctx.data["fail"], limited records the run it ran in."""
+
+    def boom(ctx: Any) -> None:
+        if ctx.data["fail"]:
+            raise RuntimeError("boom")
+
+    flow = Flow(unique("undo"), storage=storage).step(
+        "book", lambda ctx: None, compensate=lambda ctx: undone.append(ctx.tracking_id)
+    )
+    with flow.parallel():
+        flow.step("boom", boom)
+        flow.step("limited", lambda ctx: ran.append(ctx.tracking_id), rate_limit="1/h")
+    return flow
+
+
+def _token_once_compensating(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch, tracking_id: str
+) -> None:
+    """Make the run ``tracking_id``'s limited step ask for its token only once the run
+    is COMPENSATING: its sibling failed the run while it was claimed, before its start."""
+    take = storage.take_rate_token
+    failing = flow_of(storage, tracking_id).id
+
+    def late_take(**kwargs: Any) -> Any:
+        if kwargs["lease"].flow_id == failing:
+            eventually(
+                lambda: flow_of(storage, tracking_id).status == FlowStatus.COMPENSATING,
+                timeout=20,
+            )
+        return take(**kwargs)
+
+    monkeypatch.setattr(storage, "take_rate_token", late_take)
+
+
+def _compensated_without_the_limited_step(
+    storage: Storage, flow: Flow, tid: str, ran: list[str], undone: list[str]
+) -> None:
+    """Run ``tid`` (boom fails it) with two slots: it ends FAILED and COMPENSATED, its
+    limited step stopped, never run and never left waiting for its turn."""
+    worker = Worker(storage=storage, concurrency=2, poll_interval=POLL)
+    try:
+        turn_until(worker, lambda: flow_of(storage, tid).status == FlowStatus.FAILED)
+    finally:
+        worker.shutdown()
+    assert tid not in ran, "the limited step ran inside a failed run"
+    assert undone == [tid]
+    assert flow.get_run(tid).compensation() == Compensation.COMPENSATED
+    limited = steps_of(storage, tid)["limited"]
+    assert limited.status not in (NodeStatus.PENDING, NodeStatus.RUNNING, NodeStatus.COMPLETED)
+    assert not waiting(storage, [tid])
+
+
+def test_a_limited_sibling_of_a_compensating_run_is_stopped_and_spends_no_token(
+    storage: Storage, unique: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parallel group [boom, limited 1/h]: boom fails the run while limited is
+    claimed, which asks for its token only then (its bucket still has the hour's
+    token). It is stopped, not started: the compensation runs, the run ends FAILED
+    and COMPENSATED, and the token is left for a later run, whose limited step
+    starts at once."""
+    ran: list[str] = []
+    undone: list[str] = []
+    flow = _group_with_a_limited_sibling(storage, unique, ran, undone)
+    failing, later = unique("failing"), unique("later")
+    flow.run({"fail": True}, tracking_id=failing)
+    _token_once_compensating(storage, monkeypatch, failing)
+    _compensated_without_the_limited_step(storage, flow, failing, ran, undone)
+
+    flow.run({"fail": False}, tracking_id=later)
+    worker = Worker(storage=storage, poll_interval=POLL)
+    turn_until(worker, lambda: completed(storage, [later]) or waiting(storage, [later]))
+    assert completed(storage, [later]), "the failed run spent the hour's token"
+    assert ran == [later]
+
+
+def test_a_limited_sibling_with_no_token_left_does_not_hold_a_compensating_run(
+    storage: Storage, unique: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but an earlier run spent the hour's token: the limited sibling of the
+    failed run is not parked PENDING for an hour (holding its run, its compensation
+    not started) but stopped, and the run compensates at once."""
+    ran: list[str] = []
+    undone: list[str] = []
+    flow = _group_with_a_limited_sibling(storage, unique, ran, undone)
+    earlier, failing = unique("earlier"), unique("failing")
+    flow.run({"fail": False}, tracking_id=earlier)
+    worker = Worker(storage=storage, poll_interval=POLL)
+    turn_until(worker, lambda: completed(storage, [earlier]))
+    assert ran == [earlier]
+
+    flow.run({"fail": True}, tracking_id=failing)
+    _token_once_compensating(storage, monkeypatch, failing)
+    _compensated_without_the_limited_step(storage, flow, failing, ran, undone)
+
+
+def test_a_skipped_limited_step_spends_no_token(storage: Storage, unique: Names) -> None:
+    """A step limited to 1/h with a condition: its condition is evaluated before its
+    token is taken, so a run that skips it leaves the hour's token to the next run,
+    whose step starts at once instead of waiting an hour for its turn."""
+    notified: list[str] = []
+    flow = Flow(unique("notify"), storage=storage).step(
+        "notify",
+        lambda ctx: notified.append(ctx.tracking_id),
+        rate_limit="1/h",
+        condition=lambda ctx: ctx.data["vip"],
+    )
+    skipped, vip = unique("skipped"), unique("vip")
+    flow.run({"vip": False}, tracking_id=skipped)
+    worker = Worker(storage=storage, poll_interval=POLL)
+    turn_until(worker, lambda: completed(storage, [skipped]))
+    assert steps_of(storage, skipped)["notify"].status == NodeStatus.SKIPPED
+
+    flow.run({"vip": True}, tracking_id=vip)
+    turn_until(worker, lambda: completed(storage, [vip]) or waiting(storage, [vip]))
+    assert completed(storage, [vip]), "the skipped step spent the hour's token"
+    assert notified == [vip]

@@ -17,7 +17,7 @@ import pytest
 
 from flowsmith_worker import Compensation, Context, Flow, FlowStatus, StepFailed, Worker
 from flowsmith_worker.flow import registry
-from flowsmith_worker.storage.base import Storage
+from flowsmith_worker.storage.base import DEFAULT_QUEUE, Storage
 
 Names = Callable[[str], str]
 POLL = 0.02
@@ -243,3 +243,30 @@ def test_a_compensation_missing_from_the_code_says_so(storage: Storage, unique: 
     assert "compensate= of step 'pay' is no longer in the code" in error
     assert "flowsmith retry" not in error
     assert undone == []
+
+
+def test_the_items_of_a_map_missing_from_the_code_fail_naming_the_map(
+    storage: Storage, unique: Names
+) -> None:
+    """A run whose map "m" started its items, then meets code without the map: its item
+    fails with an error naming the map, not only its item node "m[1]": deploy code that
+    has map 'm'."""
+    calls: Counter[str] = Counter()
+    name = unique("mapped")
+    registry.unregister(name)
+    old = Flow(name, storage).map("m", lambda ctx, item: item, items=lambda ctx: [0, 1])
+    run = old.run({})
+    [claimed] = storage.claim_nodes(
+        worker_id="old-code", limit=1, lease_seconds=30, queues=[DEFAULT_QUEUE]
+    )
+    assert claimed.step_name == "m"
+    storage.start_map(lease=claimed.lease, items=["0", "1"])  # as the old code did
+    deploy(name, storage, calls, ["after"])
+    drain(storage)
+
+    with pytest.raises(StepFailed) as failed:
+        run.wait(timeout=5)
+    error = failed.value.error
+    assert "(item 0 of map 'm')" in error or "(item 1 of map 'm')" in error
+    assert "deploy code that has map 'm', then" in error
+    assert "deploy code that has step" not in error

@@ -36,3 +36,29 @@ def test_status_counts_a_maps_items_in_one_row(sqlite_db: Db, unique: Names) -> 
     assert not [line for line in lines if "charge[3]" in line]
     steps = cli_json(sqlite_db.url, "status", tid, exit_code=1)["steps"]  # 1: FAILED
     assert [s["step_name"] for s in steps] == ["charge"] + [f"charge[{i}]" for i in range(5)]
+
+
+def test_a_maps_items_row_shows_only_its_own_items_error(sqlite_db: Db, unique: Names) -> None:
+    """Two maps with allow_failures: the first has a failed item, the second none. The
+    second map's items row shows no error (not the first map's item's), the first
+    map's row shows its own."""
+
+    def charge(ctx: Context, item: int) -> int:
+        if item == 1:
+            raise ValueError("card declined for item 1")
+        return item
+
+    flow = (
+        Flow(unique("two_maps"), storage=sqlite_db.storage)
+        .map("first", charge, items=lambda ctx: [0, 1], allow_failures=True)
+        .map("second", lambda ctx, item: item, items=lambda ctx: [0, 2], allow_failures=True)
+    )
+    tid = unique("t")
+    flow.run({}, tracking_id=tid)
+    drain(sqlite_db.storage)
+    assert flow.get_run(tid).status() == FlowStatus.COMPLETED
+    lines = cli(sqlite_db.url, "status", tid, "--wide").stdout.splitlines()
+    [first_row] = [line for line in lines if "first[…]" in line]
+    [second_row] = [line for line in lines if "second[…]" in line]
+    assert "first[1]: ValueError: card declined for item 1" in first_row
+    assert "ValueError" not in second_row and "first[1]" not in second_row

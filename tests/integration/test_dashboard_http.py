@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from tests.dashboard_support import (  # noqa: F401 - the *_fixture: fixtures
     Zoo,
     db_fixture,
     db_url_fixture,
+    declined,
     ok,
     serving,
     status_of,
@@ -170,6 +172,39 @@ def test_a_parked_step_shows_what_it_sleeps_or_waits_for(
     assert '<code class="event-name">signature</code>, no timeout' in pages["signature"]
     for page in pages.values():
         assert '<span class="status PENDING">' not in page
+
+
+def test_a_compensating_run_is_live_and_shows_its_compensations_without_a_retry(
+    client: httpx.Client, db: Storage, zoo: Zoo, unique: Callable[[str], str]
+) -> None:
+    """A run whose step failed compensates "book" (held until released): the overview
+    counts it, its page has the COMPENSATING badge, refreshes (live) and shows the
+    node compensate:book; once compensated (FAILED), the page shows that node still
+    but no "Retry failed steps" (a compensated run is not retried), unlike a plain
+    FAILED run's page. The stylesheet colours COMPENSATING and BLOCKED badges."""
+    undo = threading.Event()
+    flow = Flow(unique("booking"), storage=db).step(
+        "book", ok, compensate=lambda ctx: undo.wait(30)
+    )
+    flow.step("charge", declined)
+    tid = flow.run({}, tracking_id="booking-1").tracking_id
+    try:
+        eventually(lambda: status_of(db, tid) == FlowStatus.COMPENSATING)
+        overview = client.get("/fragments/overview").text
+        assert re.search(r'card COMPENSATING.*?<span class="count">1</span>', overview, re.S)
+        compensating = client.get("/fragments/run", params={"tracking_id": tid}).text
+        assert '<span class="status COMPENSATING">COMPENSATING</span>' in compensating
+        assert "data-live-done" not in compensating
+        assert '<strong class="step-name">compensate:book</strong>' in compensating
+    finally:
+        undo.set()
+    eventually(lambda: status_of(db, tid) == FlowStatus.FAILED)
+    compensated = client.get("/run", params={"tracking_id": tid}).text
+    assert '<strong class="step-name">compensate:book</strong>' in compensated
+    assert "Retry failed steps" not in compensated and "Cancel run" not in compensated
+    assert "Retry failed steps" in client.get("/run", params={"tracking_id": zoo.failed}).text
+    css = client.get(re.findall(r'href="([^"]+dashboard\.css)"', compensated)[0]).text
+    assert ".status.COMPENSATING {" in css and ".status.BLOCKED {" in css
 
 
 def test_data_from_the_database_is_shown_as_text(

@@ -199,3 +199,29 @@ def test_an_error_message_is_its_last_line() -> None:
         "KeyError: 'x'"
     )
     assert error_message(None) == "(no error recorded)"
+
+
+def test_a_runs_compensations_follow_its_steps_in_the_order_they_ran() -> None:
+    """A failed run's ``compensate:<step>`` nodes are not in its plan: the timeline shows
+    them after the planned stages, one stage each, in the order they were started
+    (their positions), each with its node and bar."""
+    failed = dataclasses.replace(RUN, status=FlowStatus.COMPENSATING)
+    nodes = [
+        node("fetch", 0),
+        node("left", 1),
+        node("right", 1, status=NodeStatus.FAILED),
+        node("compensate:left", 5, status=NodeStatus.RUNNING, finished_at=None),
+        node("compensate:fetch", 6, status=NodeStatus.PENDING, started_at=None),
+    ]
+    stages = views.timeline(failed, nodes, [], now=200.0)
+    assert [[step.name for step in stage.steps] for stage in stages] == [
+        ["fetch"],
+        ["left", "right"],
+        ["pay"],
+        ["compensate:left"],
+        ["compensate:fetch"],
+    ]
+    undo_left, undo_fetch = stages[3].steps[0], stages[4].steps[0]
+    assert undo_left.node is nodes[3] and undo_left.bar is not None
+    assert undo_fetch.node is nodes[4] and undo_fetch.bar is None
+    assert [stage.position for stage in stages[3:]] == [5, 6]

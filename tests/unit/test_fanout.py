@@ -80,3 +80,43 @@ def test_a_maps_items_count_under_the_maps_name_in_metrics() -> None:
     flow = Flow("fanout_metrics_unit").map("each", lambda ctx, item: item, items=lambda ctx: [])
     assert metric_labels(flow.name, "each[9999]") == (flow.name, "each", flow.queue)
     assert metric_labels(flow.name, "other[1]")[1] == UNREGISTERED
+
+
+def test_a_step_named_as_a_maps_item_is_refused_in_either_order() -> None:
+    """A step named "m[0]" and a map "m" would both have a node "m[0]" (a UNIQUE
+    constraint error at run time): whichever is added second is refused when the flow
+    is defined, naming it; a step "m[0]" beside a plain step "m" is no item and stays."""
+
+    def each(ctx: object, item: object) -> object:
+        return item
+
+    step_first = Flow("fanout_item_names_unit_a").step("m[0]", lambda ctx: 1)
+    with pytest.raises(
+        InvalidFlowDefinition, match=r"map 'm' would name its items like .*'m\[0\]'"
+    ):
+        step_first.map("m", each, items=lambda ctx: [1])
+    map_first = Flow("fanout_item_names_unit_b").map("m", each, items=lambda ctx: [1])
+    with pytest.raises(InvalidFlowDefinition, match=r"step name 'm\[3\]' is the name of an item"):
+        map_first.step("m[3]", lambda ctx: 1)
+    in_a_group = pytest.raises(InvalidFlowDefinition, match=r"step name 'm\[3\]' is the name")
+    with in_a_group, map_first.parallel():
+        map_first.step("x", lambda ctx: 1)
+        map_first.step("m[3]", lambda ctx: 1)
+    Flow("fanout_item_names_unit_c").step("m", lambda ctx: 1).step("m[0]", lambda ctx: 2)
+
+
+def test_a_map_name_leaves_room_for_its_items_suffix() -> None:
+    """A map's items are named "<map>[N]" within the 200-character name limit: a map
+    name without room for a 10-digit index is refused when the flow is defined, naming
+    the map; one just short enough, and a plain step of 200 characters, are accepted."""
+
+    def each(ctx: object, item: object) -> object:
+        return item
+
+    room = 200 - fanout.ITEM_SUFFIX_ROOM
+    flow = Flow("fanout_map_name_room_unit")
+    with pytest.raises(InvalidFlowDefinition, match=f"map name '{'m' * (room + 1)}' is too long"):
+        flow.map("m" * (room + 1), each, items=lambda ctx: [])
+    flow.map("m" * room, each, items=lambda ctx: [])
+    flow.step("s" * 200, lambda ctx: 1)
+    assert len(fanout.item_name("m" * room, 10**10 - 1)) == 200

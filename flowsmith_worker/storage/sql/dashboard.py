@@ -29,7 +29,8 @@ F, N = schema.flows, schema.nodes
 
 # The statuses of finished runs the overview charts.
 CHARTED = (FlowStatus.COMPLETED, FlowStatus.FAILED)
-OPEN_RUNS = (FlowStatus.PENDING, FlowStatus.RUNNING)
+# A COMPENSATING run is open too: its compensations run (see compensation.py).
+OPEN_RUNS = (FlowStatus.PENDING, FlowStatus.RUNNING, FlowStatus.COMPENSATING)
 OPEN_STEPS = (NodeStatus.PENDING, NodeStatus.RUNNING)
 # How many runs a failure group names.
 FAILURE_SAMPLES = 5

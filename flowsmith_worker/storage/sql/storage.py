@@ -1057,6 +1057,13 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
             node = conn.execute(sa.select(N.c.wake_at).where(*_held(lease))).first()
             if node is None:
                 return None  # the lease was lost: no token is spent on it
+            # A step of a COMPENSATING run is one of a failed run (as in park_node):
+            # a run that is over starts nothing, so it spends no token either.
+            run = compensation.as_seen_by(flow_row.status, step_name)
+            over = progress.end_of_over_run(run)
+            if over is not None:
+                status = self._carry_out(conn, self._fenced(lease), flow_row, over, None)
+                return None if status is None else Parked(node.wake_at or 0.0, status)
             bucket = sql_rate_limits.lock_bucket(conn, self.dialect, flow_name, step_name)
             # Read once the bucket is ours: a clock read before the lock wait would
             # be as late as that wait, and let starts in that much too early.
@@ -1069,7 +1076,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
                     conn.execute(self._fenced(lease).values(wake_at=None))
                 return True
             # The write's run_after counts from the clock it is written with.
-            fate = parking.park(flow_row.status, now=fate_now, until=decision.until)
+            fate = parking.park(run, now=fate_now, until=decision.until)
             # No attempt is left behind in fs_attempts: the step never started.
             waiting = self._fenced(lease).values(wake_at=decision.until)
             status = self._carry_out(conn, waiting, flow_row, fate, None)
