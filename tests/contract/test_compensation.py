@@ -25,11 +25,11 @@ from flowsmith_worker.errors import (
     RunNotRetryable,
 )
 from flowsmith_worker.events import send_event
-from flowsmith_worker.records import NodeRecord
 from flowsmith_worker.storage.base import Storage
 from flowsmith_worker.storage.sql import schema
 from flowsmith_worker.storage.sql.storage import SqlStorage
 from tests.conftest import eventually
+from tests.support.runs import nodes_of, status_of
 
 Names = Callable[[str], str]
 POLL = 0.02
@@ -37,18 +37,6 @@ POLL = 0.02
 
 def declined(_ctx: Any) -> None:
     raise RuntimeError("card declined")
-
-
-def nodes_of(storage: Storage, tracking_id: str) -> dict[str, NodeRecord]:
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
-    assert record is not None
-    return {n.step_name: n for n in storage.list_nodes(flow_id=record.id)}
-
-
-def status_of(storage: Storage, tracking_id: str) -> FlowStatus:
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
-    assert record is not None
-    return record.status
 
 
 def run_to_idle(storage: Storage, concurrency: int = 1) -> None:

@@ -33,7 +33,8 @@ from flowsmith_worker.decorators import step, wait_for, workflow
 from flowsmith_worker.records import AttemptOutcome
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
-from tests.support.parking import POLL, drive, nodes_of, outcomes, parked, status_of
+from tests.support.parking import POLL, drive, outcomes, parked
+from tests.support.runs import nodes_of, status_of
 
 Names = Callable[[str], str]
 

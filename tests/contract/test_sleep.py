@@ -19,7 +19,8 @@ from flowsmith_worker import Flow, FlowStatus, NodeStatus, Worker
 from flowsmith_worker.decorators import sleep, step, workflow
 from flowsmith_worker.records import AttemptOutcome, Lease, Parked
 from flowsmith_worker.storage.base import Storage
-from tests.support.parking import POLL, drive, nodes_of, outcomes, parked, status_of
+from tests.support.parking import POLL, drive, outcomes, parked
+from tests.support.runs import nodes_of, status_of
 
 Names = Callable[[str], str]
 

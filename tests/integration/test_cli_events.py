@@ -24,7 +24,8 @@ from flowsmith_worker.records import Woken
 from flowsmith_worker.storage.base import Storage
 from tests.integration.conftest import Db
 from tests.support.cli import cli, cli_json
-from tests.support.parking import POLL, drive, parked, status_of
+from tests.support.parking import POLL, drive, parked
+from tests.support.runs import status_of
 
 Names = Callable[[str], str]
 

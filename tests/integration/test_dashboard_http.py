@@ -40,7 +40,8 @@ from tests.dashboard_support import (  # noqa: F401 - the *_fixture: fixtures
     zoo_fixture,
 )
 from tests.support.http import free_port
-from tests.support.parking import POLL, drive, nodes_of, parked
+from tests.support.parking import POLL, drive, parked
+from tests.support.runs import nodes_of
 
 CREDENTIALS = Credentials("ops", "correct horse")
 AUTH = ("ops", "correct horse")

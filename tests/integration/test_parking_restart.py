@@ -18,7 +18,8 @@ import pytest
 from flowsmith_worker import Flow, FlowStatus, create_storage, send_event
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
-from tests.support.parking import nodes_of, parked, status_of
+from tests.support.parking import parked
+from tests.support.runs import nodes_of, status_of
 from tests.worker_process import WorkerProcess
 
 RUNS = 4

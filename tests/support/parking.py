@@ -5,24 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flowsmith_worker import FlowStatus, NodeStatus, Worker
+from flowsmith_worker import NodeStatus, Worker
 from flowsmith_worker.records import AttemptOutcome, NodeRecord
 from flowsmith_worker.storage.base import Storage
 from tests.conftest import eventually
+from tests.support.runs import nodes_of
 
 POLL = 0.02
-
-
-def nodes_of(storage: Storage, tracking_id: str) -> dict[str, NodeRecord]:
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
-    assert record is not None
-    return {n.step_name: n for n in storage.list_nodes(flow_id=record.id)}
-
-
-def status_of(storage: Storage, tracking_id: str) -> FlowStatus:
-    record = storage.get_flow(tracking_id=tracking_id, with_payloads=False)
-    assert record is not None
-    return record.status
 
 
 def drive(worker: Worker, done: Callable[[], Any], timeout: float = 20.0) -> Any:
