@@ -32,6 +32,7 @@ from tests.torture.model import (
     NEVER,
     ONCE_PARKED,
     FlowShape,
+    MapShape,
     NodeEnd,
     RunEnd,
     SleepShape,
@@ -52,6 +53,9 @@ WAIT_TIMEOUT = 0.05
 # Time enough never to run out in an example (a wait whose event comes has one or none).
 LONG_TIMEOUT = 60.0
 PARKED_ONE_IN = 5  # about one step in five is a sleep or a wait
+MAP_ONE_IN = 5  # about one stage in five is a map (of 0 to MAX_ITEMS items)
+MAX_ITEMS = 6
+MAX_PARALLEL = 3
 # SQLite's examples are slower (its file is synced): a quarter as many.
 FEWER = settings(max_examples=max(10, settings().max_examples // 4))
 
@@ -97,12 +101,38 @@ def any_step_shapes(draw: st.DrawFn, name: str, keys: list[str]) -> StepShape:
     return draw(step_shapes(name, keys))
 
 
+def failure_schedules(retries: int) -> st.SearchStrategy[frozenset[int]]:
+    """Which attempts of a step (or item) of ``retries`` raise: none, some of its first
+    run's, and maybe some of its runs retried."""
+    allowance = retries + 1
+    first_run = st.frozensets(st.integers(1, allowance))
+    retried = st.frozensets(st.integers(allowance + 1, allowance * (1 + MAX_RETRIES_OF_RUN)))
+    no_failure = st.just(frozenset[int]())
+    return st.builds(frozenset.union, no_failure | first_run, no_failure | retried)
+
+
+@st.composite
+def map_shapes(draw: st.DrawFn, name: str) -> StepShape:
+    """A map of 0 to MAX_ITEMS items, each with its failure schedule; its retries, maybe
+    allow_failures, maybe max_parallel 1 to MAX_PARALLEL."""
+    retries = draw(st.integers(0, MAX_RETRIES))
+    count = draw(st.integers(0, MAX_ITEMS))
+    fails_on = tuple(draw(failure_schedules(retries)) for _ in range(count))
+    allow_failures = draw(st.booleans())
+    max_parallel = draw(st.none() | st.integers(1, MAX_PARALLEL))
+    return StepShape(name, map=MapShape(count, fails_on, retries, allow_failures, max_parallel))
+
+
 @st.composite
 def flow_shapes(draw: st.DrawFn) -> FlowShape:
     flags = {flag: draw(st.booleans()) for flag in FLAGS}
     keys = list(flags)
     stages: list[model.Stage] = []
     for position in range(draw(st.integers(1, MAX_STAGES))):
+        if draw(st.integers(1, MAP_ONE_IN)) == 1:
+            stages.append((draw(map_shapes(f"s{position}_map")),))
+            keys.append(f"s{position}_map")
+            continue
         width = draw(st.integers(1, MAX_WIDTH))
         stage = tuple(draw(any_step_shapes(f"s{position}_{i}", keys)) for i in range(width))
         stages.append(stage)
@@ -134,6 +164,8 @@ def check_against_the_model(
 ) -> None:
     for step in (step for stage in shape.stages for step in stage if step.parks):
         event(f"a sleep of {step.sleep.seconds} s" if step.sleep else describe(step.wait))
+    for step in (step for stage in shape.stages for step in stage if step.map):
+        event(f"a map of {step.map.items} items, allow_failures: {step.map.allow_failures}")
     start: dict[str, NodeEnd] = {}
     for number, observed in enumerate(run_on(storage, shape, concurrency, retries_of_run)):
         expected = model.run(shape, start)
