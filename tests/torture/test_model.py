@@ -164,8 +164,8 @@ def check_against_the_model(
 ) -> None:
     for step in (step for stage in shape.stages for step in stage if step.parks):
         event(f"a sleep of {step.sleep.seconds} s" if step.sleep else describe(step.wait))
-    for step in (step for stage in shape.stages for step in stage if step.map):
-        event(f"a map of {step.map.items} items, allow_failures: {step.map.allow_failures}")
+    for mapped in (step.map for stage in shape.stages for step in stage if step.map):
+        event(f"a map of {mapped.items} items, allow_failures: {mapped.allow_failures}")
     start: dict[str, NodeEnd] = {}
     for number, observed in enumerate(run_on(storage, shape, concurrency, retries_of_run)):
         expected = model.run(shape, start)
