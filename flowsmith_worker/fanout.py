@@ -57,10 +57,9 @@ at an item's end, the query for an unended item (plus, under max_parallel, the
 release: a read and an update). The claim, the batch write and chaining are
 unchanged; a map is a step alone in its stage and is never chained after.
 
-Not yet (next): the torture model (tests/torture/model.py) knows no map; the
-dashboard lists items one row each; trace() rebuilds each item's ctx.data (heavy
-for 10,000 items: use map_progress or ``with_payloads=False``); a map inside a
-parallel group is refused.
+Not yet (next): the dashboard lists items one row each; trace() rebuilds each
+item's ctx.data (heavy for 10,000 items: use map_progress or
+``with_payloads=False``); a map inside a parallel group is refused.
 
 Must never do I/O (as progress.py): every input is a plain value.
 """

@@ -1,7 +1,7 @@
 """The model checker: generated flows against a pure reference model (issue 11, point 3).
 
 Hypothesis generates flow shapes (sequential stages, parallel groups,
-conditions, retries, durable sleeps, waits for events) with failure schedules
+conditions, retries, durable sleeps, waits for events, maps) with failure schedules
 (which attempt of which step raises) and event schedules (each wait's event
 sent before the run reaches it, once it parked, never, and maybe twice, with one
 idempotency key or without); each runs to its end on the real worker, and its
