@@ -203,6 +203,14 @@ def is_item(node: NodeRecord) -> bool:
     return node.group_index < 0
 
 
+def items_of_maps_done(nodes: Iterable[NodeRecord]) -> set[int]:
+    """The ids of the items of each map COMPLETED among ``nodes`` (a run's): a retry
+    leaves them alone, a FAILED one (under allow_failures) too."""
+    listed = list(nodes)
+    done = {n.position for n in listed if not is_item(n) and n.status == NodeStatus.COMPLETED}
+    return {n.id for n in listed if is_item(n) and n.position in done}
+
+
 def in_plan_order(nodes: Iterable[NodeRecord]) -> list[NodeRecord]:
     """Nodes by stage, each map's items after the map's own node, in item order."""
     return sorted(nodes, key=lambda n: (n.position, n.group_index < 0, abs(n.group_index)))
