@@ -57,10 +57,9 @@ at an item's end, the query for an unended item (plus, under max_parallel, the
 release: a read and an update). The claim, the batch write and chaining are
 unchanged; a map is a step alone in its stage and is never chained after.
 
-Not yet (next): the torture model (tests/torture/model.py) knows no map; the
-dashboard lists items one row each; trace() rebuilds each item's ctx.data (heavy
-for 10,000 items: use map_progress or ``with_payloads=False``); a map inside a
-parallel group is refused.
+Not yet (next): the dashboard lists items one row each; trace() rebuilds each
+item's ctx.data (heavy for 10,000 items: use map_progress or
+``with_payloads=False``); a map inside a parallel group is refused.
 
 Must never do I/O (as progress.py): every input is a plain value.
 """
@@ -208,6 +207,14 @@ def progress_of(map_name: str, nodes: Iterable[NodeRecord]) -> MapProgress:
 def is_item(node: NodeRecord) -> bool:
     """Whether the node is an item of a map (see group_index_of)."""
     return node.group_index < 0
+
+
+def items_of_maps_done(nodes: Iterable[NodeRecord]) -> set[int]:
+    """The ids of the items of each map COMPLETED among ``nodes`` (a run's): a retry
+    leaves them alone, a FAILED one (under allow_failures) too."""
+    listed = list(nodes)
+    done = {n.position for n in listed if not is_item(n) and n.status == NodeStatus.COMPLETED}
+    return {n.id for n in listed if is_item(n) and n.position in done}
 
 
 def in_plan_order(nodes: Iterable[NodeRecord]) -> list[NodeRecord]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from flowsmith_worker import fanout
 from flowsmith_worker.cli.format import (
     TABLE_WIDTH,
     Styled,
@@ -260,10 +261,12 @@ def retry(tracking_id: str, url: str | None, as_json: bool) -> None:
     """
     with open_storage(url) as storage:
         flow = stored_run(storage, tracking_id, with_payloads=False)
+        nodes = storage.list_nodes(flow_id=flow.id, with_payloads=False)
+        done = fanout.items_of_maps_done(nodes)
         requeued = [
             n.step_name
-            for n in storage.list_nodes(flow_id=flow.id, with_payloads=False)
-            if n.status in RESUMED_ON_RETRY and "status" not in n.unreadable
+            for n in nodes
+            if n.status in RESUMED_ON_RETRY and "status" not in n.unreadable and n.id not in done
         ]
         result = storage.resume_flow(tracking_id=tracking_id)
     if as_json:

@@ -240,6 +240,43 @@ def test_resuming_a_failed_run_reruns_only_the_failed_items(
     assert run.wait(timeout=0)["each"] == list(range(6))
 
 
+def test_resuming_a_run_leaves_the_failed_items_of_a_completed_map_alone(
+    storage: Storage, unique: Names
+) -> None:
+    """Regression (the torture model checker, issue 11 meets 14.3): a map that completed
+    under allow_failures is done for good. When a later step fails the run, `retry`
+    runs again that step only: the map's FAILED item is not called again, keeps its
+    node as it ended, and the map's output (its error) is what the run ends with."""
+    calls: list[int] = []
+    broken = {"on": True}
+
+    def item(ctx: Context, value: int) -> int:
+        calls.append(value)
+        if value == 1:
+            raise ValueError("item 1 fails")
+        return value
+
+    def after(ctx: Context) -> None:
+        if broken["on"]:
+            raise RuntimeError("after broke")
+
+    flow = (
+        Flow(unique("done_map"), storage=storage)
+        .map("each", item, items=lambda ctx: [0, 1], allow_failures=True)
+        .step("after", after)
+    )
+    tid = unique("t")
+    run = flow.run({}, tracking_id=tid)
+    assert run_to_end(storage, tid) == FlowStatus.FAILED
+    broken["on"] = False
+    storage.resume_flow(tracking_id=tid)
+    assert run_to_end(storage, tid) == FlowStatus.COMPLETED
+    assert sorted(calls) == [0, 1], "an item of a completed map ran again"
+    nodes = nodes_of(storage, tid)
+    assert (nodes["each[1]"].status, nodes["each[1]"].attempt) == (NodeStatus.FAILED, 1)
+    assert run.wait(timeout=0)["each"] == [{"output": 0}, {"error": "ValueError: item 1 fails"}]
+
+
 def test_map_step_declares_a_map_in_a_workflow(storage: Storage, unique: Names) -> None:
     """@map_step in a @workflow body is Flow.map: an async def of (ctx, item) runs per
     item, its output the list in item order; a function not of (ctx, item) is refused."""

@@ -255,6 +255,28 @@ def test_retry_resumes_only_the_failed_step_and_refuses_a_completed_run(
     assert "Traceback" not in refused.output
 
 
+def test_retry_does_not_list_the_failed_items_of_a_completed_map(
+    sqlite_db: Db, unique: Names
+) -> None:
+    """Regression (with the resume fix found by the torture model checker): a map that
+    completed under allow_failures is done for good, so when a later step failed the
+    run, retry lists that step only, not the map's FAILED item it does not run again."""
+
+    def item(ctx: Context, value: int) -> int:
+        if value == 1:
+            raise ValueError("item 1 fails")
+        return value
+
+    flow = Flow(unique("mapped"), storage=sqlite_db.storage)
+    flow.map("each", item, items=lambda ctx: [0, 1], allow_failures=True).step("after", doomed)
+    tracking_id = unique("mapped")
+    flow.run(tracking_id=tracking_id)
+    drain(sqlite_db.storage)
+    assert flow_of(sqlite_db.storage, tracking_id).status == FlowStatus.FAILED
+    data = cli_json(sqlite_db.url, "retry", tracking_id)
+    assert data["requeued_steps"] == ["after"]
+
+
 def test_retry_prints_what_it_queued(sqlite_db: Db, unique: Names) -> None:
     """retry without --json names the step(s) it queued again."""
     flow = Flow(unique("once"), storage=sqlite_db.storage).step("charge", doomed)

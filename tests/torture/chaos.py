@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -52,8 +52,10 @@ from tests.support.outage import crash_and_restart, durable_commits
 from tests.torture.chaos_events import EVENTS_FILE, EventSender, waits_of
 from tests.torture.chaos_flows import (
     JOURNAL_ENV,
+    MAP,
     PARKED_SHARE,
     PLAN_ENV,
+    STEP,
     FlowPlan,
     StepPlan,
     StepScript,
@@ -71,6 +73,9 @@ FLAGS = ("flag_a", "flag_b")
 LEASE_SECONDS = 4.0
 CONCURRENCY = 3
 CHILD_FLOWS = 2
+# About one stage of a parent flow in eight is a map of 0 to MAX_ITEMS items.
+MAP_SHARE = 0.12
+MAX_ITEMS = 4
 # The chaos's actions.
 SIGKILL, SIGTERM = "sigkill", "sigterm"  # a worker
 RESTART, KILL_CONNECTIONS = "restart database", "kill connections"  # the server
@@ -181,9 +186,27 @@ def make_stages(
             stage[0] = StepPlan(stage[0].name, 0, condition, False, child=child)
         if subflows and stage[-1].child is None and rng.random() < PARKED_SHARE:
             stage[-1] = parked_step(rng, stage[-1].name)
+        if subflows and rng.random() < MAP_SHARE:  # a map is alone in its stage
+            stage = [map_step(rng, f"{prefix}{position}_map")]
         stages.append(tuple(stage))
         keys += [step.name for step in stage]
     return tuple(stages)
+
+
+def map_step(rng: random.Random, name: str) -> StepPlan:
+    """A map of a few items (0 to MAX_ITEMS), 1 to 3 at once, maybe allowing failures."""
+    items, at_once = rng.randint(0, MAX_ITEMS), rng.randint(1, 3)
+    allow = rng.random() < 0.5
+    return StepPlan(
+        name,
+        rng.randint(0, 2),
+        None,
+        False,
+        kind=MAP,
+        items=items,
+        max_parallel=at_once,
+        allow_failures=allow,
+    )
 
 
 def make_step(rng: random.Random, name: str, keys: list[str]) -> StepPlan:
@@ -195,7 +218,14 @@ def make_input(rng: random.Random, plan: FlowPlan, plans: dict[str, FlowPlan]) -
     children's steps included (a child's input is its parent's ctx.data)."""
     steps = plan.steps()
     steps += [s for step in plan.steps() if step.child for s in plans[step.child].steps()]
-    script = {step.name: make_script(rng, step).to_json() for step in steps if not step.child}
+    script = {
+        step.name: make_script(rng, step).to_json()
+        for step in steps
+        if not step.child and step.kind != MAP
+    }
+    for step in (step for step in steps if step.kind == MAP):  # each item its own script
+        for name in step.node_names()[1:]:
+            script[name] = make_script(rng, replace(step, name=name, kind=STEP)).to_json()
     return {**{flag: rng.random() < 0.6 for flag in FLAGS}, "script": script}
 
 
@@ -546,7 +576,7 @@ def play(settings: Settings, database: Database, workdir: Path) -> Round:
         simple = {
             name
             for name, plan in by_name.items()
-            if not any(s.child or s.parks for s in plan.steps())
+            if not any(s.child or s.parks or s.kind == MAP for s in plan.steps())
         }
         retryable = {tid: run for tid, run in runs.items() if run[0] in simple}
         retrier = Retrier(storage, database.url, flows, retryable, prefix)

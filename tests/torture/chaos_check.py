@@ -26,13 +26,16 @@ functions themselves, outside the engine's tables. For every run:
 * no worker died but those killed (a worker may refuse to start while the
   database is away, never end once it started), and each SIGTERMed one stopped
   within a minute;
-* a run the chaos retried is judged course by course (see ``check_model``).
+* a run the chaos retried is judged course by course (see ``check_model``);
+* a map's items are nodes of their own (``m[3]``), journaled and counted as steps;
+  the map's output is renumbered item by item (``maps_renumbered``).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,7 +48,7 @@ from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from tests.torture import model
 from tests.torture.chaos import DIED, STUCK, Record, Retried, Round
 from tests.torture.chaos_events import EVENTS_FILE, check_events, parked_shape
-from tests.torture.chaos_flows import CHILD_STARTED, FlowPlan, StepPlan, StepScript
+from tests.torture.chaos_flows import CHILD_STARTED, MAP, STEP, FlowPlan, StepPlan, StepScript
 from tests.torture.engine import Observed, scheduled_failure
 from tests.torture.model import FlowShape, NodeEnd, StepShape
 from tests.torture.verdict import CALLED, calls_of, check
@@ -142,12 +145,13 @@ def check_run(
             child = check_run(storage, plans, plans[step.child], child_id, calls, record)
             children[step.name] = child
             problems += [f"its child {child_id}: {p}" for p in child.problems]
-    parked = {step.name for step in plan.steps() if step.parks}
+    # A sleep, a wait or a map's own node calls nothing to journal (a map's items do).
+    parked = {step.name for step in plan.steps() if step.parks or step.kind == MAP}
     for node in nodes.values():
         if node.status in LEFT_OVER:
             problems.append(f"{node.step_name} left {node.status} in a run that is over")
         own = {k: v for k, v in calls.items() if k[:2] == (tracking_id, node.step_name)}
-        if node.step_name not in parked:  # a sleep or a wait calls nothing to journal
+        if node.step_name not in parked:
             problems += [f"{node.step_name}: {p}" for p in check_node(node, own, record)]
     ran = Ran(flow.input, status, nodes, final, flow.error)
     tried = record.retried.get(tracking_id, [])
@@ -295,6 +299,74 @@ def effective_step(
     return StepShape(step.name, step.retries, fails, step.condition)
 
 
+def map_shape(
+    step: StepPlan, scripts: dict[str, StepScript], counted: dict[str, Counted]
+) -> StepShape:
+    """The model's map: each item fails on its counted attempts scripted to (as a step)."""
+    items = [
+        effective_step(replace(step, name=name, kind=STEP), scripts, counted[name], {})
+        for name in step.node_names()[1:]
+    ]
+    shape = model.MapShape(
+        step.items,
+        tuple(item.fails_on for item in items),
+        step.retries,
+        step.allow_failures,
+        step.max_parallel,
+    )
+    return StepShape(step.name, map=shape)
+
+
+_ATTEMPT = re.compile(r"attempt (\d+) is scheduled to fail")
+
+
+def maps_renumbered(
+    plan: FlowPlan,
+    nodes: dict[str, NodeRecord],
+    ends: dict[str, NodeEnd],
+    final: dict[str, Any] | None,
+    counted: dict[str, Counted],
+) -> tuple[dict[str, NodeEnd], dict[str, Any] | None]:
+    """``ends`` and ``final`` with each map's own node as the model words it: its
+    attempts but those lost (a stopped map's is CANCELLED), and its output (the
+    items' outputs, or {"output"}/{"error"}) renumbered item by item."""
+    ends, final = dict(ends), None if final is None else dict(final)
+    for step in (step for step in plan.steps() if step.kind == MAP):
+        node = nodes.get(step.name)
+        if node is None:
+            continue
+        kept = tuple(
+            a.outcome for a in node.attempts if a.outcome not in LOST - {AttemptOutcome.CANCELLED}
+        )
+        output = map_output(node.output, step, counted)
+        ends[step.name] = NodeEnd(node.status, len(kept), kept, output)
+        if final is not None and step.name in final:
+            final[step.name] = map_output(final[step.name], step, counted)
+    return ends, final
+
+
+def map_output(output: Any, step: StepPlan, counted: dict[str, Counted]) -> Any:
+    if not isinstance(output, list):
+        return output
+    renumbered: list[Any] = []
+    for name, each in zip(step.node_names()[1:], output, strict=False):
+        mine = counted[name]
+        if step.allow_failures and isinstance(each, dict) and "error" in each:
+            renumbered.append({"error": renumbered_text(each["error"], mine)})
+        elif step.allow_failures and isinstance(each, dict) and "output" in each:
+            renumbered.append({"output": renumbered_output(each["output"], mine)})
+        else:
+            renumbered.append(renumbered_output(each, mine))
+    return renumbered
+
+
+def renumbered_text(error: str, counted: Counted) -> str:
+    """An item's error as the model words it: its counted attempt number."""
+    return _ATTEMPT.sub(
+        lambda found: f"attempt {counted.renumbered(int(found[1]))} is scheduled to fail", error
+    )
+
+
 def renumbered_output(output: Any, counted: Counted) -> Any:
     if isinstance(output, dict) and "attempt" in output:
         return {**output, "attempt": counted.renumbered(output["attempt"])}
@@ -333,13 +405,17 @@ def check_model(
     script names the attempts that fail however many retries came before).
     """
     data = ran.input
-    counted = {step.name: Counted.of(ran.nodes.get(step.name)) for step in plan.steps()}
+    counted = {
+        name: Counted.of(ran.nodes.get(name)) for step in plan.steps() for name in step.node_names()
+    }
     scripts = {name: StepScript.from_json(s) for name, s in data["script"].items()}
     shape = FlowShape(
         tuple(
             tuple(
                 parked_shape(s, ran.nodes.get(s.name))
                 if s.parks
+                else map_shape(s, scripts, counted)
+                if s.kind == MAP
                 else effective_step(s, scripts, counted[s.name], children)
                 for s in stage
             )
@@ -356,7 +432,8 @@ def check_model(
             return Judged([f"before retry {number}, not as the model says ({failure})"])
         start = course.nodes
     ends = {name: node_end(node, counted[name], children) for name, node in ran.nodes.items()}
-    final = renumbered_data(ran.final, counted, children)
+    ends, final = maps_renumbered(plan, ran.nodes, ends, ran.final, counted)
+    final = renumbered_data(final, counted, children)
     observed = Observed(
         ran.status,
         ends,

@@ -6,6 +6,8 @@ flows from the same plan, a JSON file named by $FS_CHAOS_PLAN.
 
 A sleep or a wait for an event (StepPlan.kind) calls no function: the driver's
 EventSender (tests/torture/chaos_events.py) sends the waits' events.
+A map (StepPlan.kind MAP) runs the items' function, scripted and journaled under
+each item node's name (``m[3]``); its own node calls nothing.
 
 A run's failures are scripted in its own input (``ctx.data["script"]``: per
 step, which attempt numbers raise, hang past the step's timeout or are slow),
@@ -35,7 +37,7 @@ from flowsmith_worker.child_request import ChildRequest
 from flowsmith_worker.flow import Condition, StepFunction
 from flowsmith_worker.storage.base import Storage
 from tests.torture.engine import ScheduledFailure, scheduled_failure
-from tests.torture.model import output_of
+from tests.torture.model import item_name, item_output_of, output_of
 
 PLAN_ENV = "FS_CHAOS_PLAN"
 JOURNAL_ENV = "FS_CHAOS_JOURNAL"
@@ -45,8 +47,9 @@ MAX_RESCUES = 1000
 CHILD_STARTED = "child started"
 STEP_TIMEOUT = 1.0  # of the async steps that may hang
 HANG_SECONDS = 3 * STEP_TIMEOUT
-# StepPlan.kind: a step calling its function, a durable sleep, a wait for an event.
-STEP, SLEEP, WAIT = "step", "sleep", "wait"
+# StepPlan.kind: a step calling its function, a durable sleep, a wait for an event, a
+# map (its items call the function, each scripted under its node's name ``m[i]``).
+STEP, SLEEP, WAIT, MAP = "step", "sleep", "wait", "map"
 SLEEP_SECONDS = (0.0, 0.3, 1.0)  # none (over at once), or long enough to be caught asleep
 PARKED_SHARE = 0.25  # of a parent flow's steps
 
@@ -60,10 +63,17 @@ class StepPlan:
     child: str | None = None  # a subflow step: the name of its child flow's plan
     kind: str = STEP  # SLEEP: of ``seconds``; WAIT: for the event of its name
     seconds: float = 0.0
+    items: int = 0  # MAP: over the items 0 .. items - 1
+    max_parallel: int | None = None
+    allow_failures: bool = False
 
     @property
     def parks(self) -> bool:
-        return self.kind != STEP
+        return self.kind in (SLEEP, WAIT)
+
+    def node_names(self) -> list[str]:
+        """Its node's name, and a map's its items' (as the engine names them)."""
+        return [self.name, *(item_name(self.name, i) for i in range(self.items))]
 
 
 def parked_step(rng: random.Random, name: str) -> StepPlan:
@@ -167,6 +177,20 @@ def step_function(step: StepPlan, journal: Journal | None) -> StepFunction:
     return async_body if step.is_async else sync_body
 
 
+def item_function(step: StepPlan, journal: Journal | None) -> Callable[[Context, int], Any]:
+    """A map's items' function: as a step's, scripted and journaled under the item's name."""
+
+    def each(ctx: Context, item: int) -> dict[str, Any]:
+        name = item_name(step.name, item)
+        script = script_of(ctx, name)
+        with journaled(ctx, journal):
+            time.sleep(script.pause)
+            outcome_of(ctx, script, name)
+            return item_output_of(item, ctx.attempt, ctx.data)
+
+    return each
+
+
 def subflow_start(
     step: StepPlan, child: Flow, journal: Journal | None
 ) -> Callable[[Context], ChildRequest]:
@@ -236,6 +260,19 @@ def add_step(
         return
     if step.kind == WAIT:
         flow.wait_for(step.name)
+        return
+    if step.kind == MAP:
+        count = step.items
+        flow.map(
+            step.name,
+            item_function(step, journal),
+            items=lambda ctx: list(range(count)),
+            retries=step.retries,
+            backoff=0.0,
+            allow_failures=step.allow_failures,
+            max_parallel=step.max_parallel,
+            max_rescues=MAX_RESCUES,
+        )
         return
     if step.child is not None:
         start = subflow_start(step, flows[step.child], journal)

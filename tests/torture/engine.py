@@ -29,9 +29,8 @@ class ScheduledFailure(RuntimeError):
     """What a step raises on an attempt its failure schedule names."""
 
 
-def scheduled_failure(step_name: str, attempt: int) -> str:
-    """The message of the ScheduledFailure of that attempt."""
-    return f"{step_name}: attempt {attempt} is scheduled to fail"
+# The message of the ScheduledFailure of an attempt (the model says it too).
+scheduled_failure = model.scheduled_failure
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,34 @@ def condition_function(step: StepShape) -> Condition | None:
     return async_holds if step.is_async else holds
 
 
+def item_function(step: StepShape, journal: Journal) -> Any:
+    """The function of a map's items: as a step's, under the item node's name."""
+    shape = step.map
+    assert shape is not None
+
+    def each(ctx: Context, item: int) -> dict[str, Any]:
+        name = model.item_name(step.name, item)
+        journal.record(name, ctx.attempt)
+        if ctx.attempt in shape.fails_of(item):
+            raise ScheduledFailure(scheduled_failure(name, ctx.attempt))
+        return model.item_output_of(item, ctx.attempt, ctx.data)
+
+    return each
+
+
 def add_step(flow: Flow, step: StepShape, journal: Journal) -> None:
+    if step.map is not None:
+        count = step.map.items
+        flow.map(
+            step.name,
+            item_function(step, journal),
+            items=lambda ctx: list(range(count)),
+            retries=step.map.retries,
+            backoff=NO_BACKOFF,
+            allow_failures=step.map.allow_failures,
+            max_parallel=step.map.max_parallel,
+        )
+        return
     if step.sleep is not None:
         add_sleep(flow, step.name, step.sleep)
         return

@@ -30,7 +30,14 @@ The rules, as the README and progress.py state them:
   once (a sleep of no time, an event sent before the run got there), then
   completes with None (a sleep), the event's payload, or its ``on_timeout``
   value; a wait that times out with ``on_timeout="fail"`` fails its run, and
-  its retry waits afresh (``parked_fate``).
+  its retry waits afresh (``parked_fate``);
+* a map (``MapShape``, issue 14.3, alone in its stage) runs a node per item,
+  ``name[i]``, each a step of its own with the map's retries and its own failure
+  schedule, seeing the ctx.data of the stages before; the map's node completes
+  with the items' outputs in item order (under ``allow_failures``, a list of
+  ``{"output"}`` or ``{"error"}``); an item failed for good otherwise fails the run
+  and stops the map's node (CANCELLED), and a retry runs its failed and stopped
+  items again (``map_ends``).
 """
 
 from __future__ import annotations
@@ -76,6 +83,22 @@ class WaitShape:
 
 
 @dataclass(frozen=True)
+class MapShape:
+    """A ``flow.map`` over the items ``0 .. items - 1``: ``fails_on[i]`` the attempt
+    numbers of item i that raise, ``retries`` each item's, ``max_parallel`` at most
+    that many items at once (None: no limit)."""
+
+    items: int
+    fails_on: tuple[frozenset[int], ...] = ()
+    retries: int = 0
+    allow_failures: bool = False
+    max_parallel: int | None = None
+
+    def fails_of(self, index: int) -> frozenset[int]:
+        return self.fails_on[index] if index < len(self.fails_on) else frozenset()
+
+
+@dataclass(frozen=True)
 class StepShape:
     name: str
     retries: int = 0
@@ -86,6 +109,8 @@ class StepShape:
     # A sleep or a wait for an event (then no retries, no failures, no condition).
     sleep: SleepShape | None = None
     wait: WaitShape | None = None
+    # A map (then alone in its stage, no retries, failures or condition of its own).
+    map: MapShape | None = None
 
     @property
     def parks(self) -> bool:
@@ -134,6 +159,41 @@ class RunEnd:
 def output_of(attempt: int, data: Mapping[str, Any]) -> dict[str, Any]:
     """What every step of the model returns: what it saw."""
     return {"attempt": attempt, "saw": sorted(data)}
+
+
+# How the worker names the failure an item raises in a map's {"error"} (its class, by
+# module, as for any exception not built in: engine.ScheduledFailure).
+FAILURE_CLASS = "tests.torture.engine.ScheduledFailure"
+
+
+def scheduled_failure(step_name: str, attempt: int) -> str:
+    """The message of the failure a step (or item) raises on an attempt its schedule names."""
+    return f"{step_name}: attempt {attempt} is scheduled to fail"
+
+
+def item_name(map_name: str, index: int) -> str:
+    """The node name of item ``index`` of the map ``map_name`` (as fanout.item_name)."""
+    return f"{map_name}[{index}]"
+
+
+def item_output_of(index: int, attempt: int, data: Mapping[str, Any]) -> dict[str, Any]:
+    """What an item of a map returns: what it saw, and which item it was."""
+    return {**output_of(attempt, data), "item": index}
+
+
+def item_steps(step: StepShape) -> list[StepShape]:
+    """The items of a map as steps: each its node's name, the map's retries, its schedule."""
+    shape = step.map
+    assert shape is not None
+    return [
+        StepShape(item_name(step.name, i), shape.retries, shape.fails_of(i))
+        for i in range(shape.items)
+    ]
+
+
+def node_names(step: StepShape) -> list[str]:
+    """The nodes a step makes: itself, and a map its items."""
+    return [step.name, *(item.name for item in item_steps(step))] if step.map else [step.name]
 
 
 def payload_of(wait_name: str, why: str = FIRST) -> dict[str, Any]:
@@ -205,6 +265,56 @@ def parked_fate(step: StepShape, start: NodeEnd = NOT_STARTED) -> NodeEnd:
     return NodeEnd(status, start.attempt + len(parked) + 1, attempts, output)
 
 
+def item_fate(step: StepShape, index: int, data: Mapping[str, Any], start: NodeEnd) -> NodeEnd:
+    """How item ``index`` of the map ``step`` ends: a step's fate, its output what the
+    item returned once it completes; until then its node holds the item itself."""
+    item = item_steps(step)[index]
+    end = fate(item, data, start)
+    if end.status is NodeStatus.COMPLETED:
+        return replace(end, output=item_output_of(index, end.attempt, data))
+    return replace(end, output=index)
+
+
+MAP_STOPPED = NodeEnd(NodeStatus.CANCELLED, 1, (AttemptOutcome.CANCELLED,))
+
+
+def map_ends(
+    step: StepShape, data: Mapping[str, Any], start: Mapping[str, NodeEnd]
+) -> dict[str, NodeEnd]:
+    """The ends of a map's node and of its items' nodes, run on ``data`` from ``start``.
+
+    The map's node is claimed once (its attempt 1 starts the items, never again on a
+    retry of the run); it completes with the items' outputs in item order, or is
+    stopped (CANCELLED) when an item fails the run. A retry of the run completes it
+    keeping the attempt it had (CANCELLED)."""
+    shape = step.map
+    assert shape is not None
+    before = start.get(step.name)
+    if before is not None and before.status is NodeStatus.COMPLETED:
+        # A map done is done for good, its items too (a FAILED one under allow_failures).
+        names = node_names(step)
+        return {name: start[name] for name in names}
+    items = {
+        item_name(step.name, i): item_fate(
+            step, i, data, start.get(item_name(step.name, i), NOT_STARTED)
+        )
+        for i in range(shape.items)
+    }
+    failed = [end for end in items.values() if end.status is NodeStatus.FAILED]
+    if failed and not shape.allow_failures:
+        return {step.name: MAP_STOPPED, **items}
+    output: list[Any] = []
+    for name, end in items.items():
+        if not shape.allow_failures:
+            output.append(end.output)
+        elif end.status is NodeStatus.COMPLETED:
+            output.append({"output": end.output})
+        else:
+            output.append({"error": f"{FAILURE_CLASS}: {scheduled_failure(name, end.attempt)}"})
+    attempts = before.attempts if before is not None else (AttemptOutcome.COMPLETED,)
+    return {step.name: NodeEnd(NodeStatus.COMPLETED, 1, attempts, output), **items}
+
+
 def run(shape: FlowShape, start: Mapping[str, NodeEnd] | None = None) -> RunEnd:
     """The end of a run of ``shape``: stage after stage until one fails or none is left.
 
@@ -214,6 +324,13 @@ def run(shape: FlowShape, start: Mapping[str, NodeEnd] | None = None) -> RunEnd:
     data = dict(shape.input)
     nodes: dict[str, NodeEnd] = {}
     for index, stage in enumerate(shape.stages):
+        if stage[0].map is not None:  # a map is alone in its stage
+            ends = map_ends(stage[0], data, start)
+            nodes.update(ends)
+            if ends[stage[0].name].status is not NodeStatus.COMPLETED:
+                return RunEnd(FlowStatus.FAILED, data, nodes, failed_stage=index, start=start)
+            data[stage[0].name] = ends[stage[0].name].output
+            continue
         ends = {step.name: fate(step, data, start.get(step.name, NOT_STARTED)) for step in stage}
         nodes.update(ends)
         if any(end.status is NodeStatus.FAILED for end in ends.values()):
@@ -224,6 +341,15 @@ def run(shape: FlowShape, start: Mapping[str, NodeEnd] | None = None) -> RunEnd:
             {name: end.output for name, end in ends.items() if end.status is NodeStatus.COMPLETED}
         )
     return RunEnd(FlowStatus.COMPLETED, data, nodes, start=start)
+
+
+def cut_short_item(index: int, expected: NodeEnd, start: NodeEnd = NOT_STARTED) -> list[NodeEnd]:
+    """As ``cut_short``, for item ``index`` of a map: a node that did not complete holds
+    its item as its output."""
+    return [
+        end if end.status is NodeStatus.COMPLETED else replace(end, output=index)
+        for end in cut_short(expected, start)
+    ]
 
 
 def cut_short(expected: NodeEnd, start: NodeEnd = NOT_STARTED) -> list[NodeEnd]:

@@ -57,9 +57,16 @@ from tests.torture.chaos_check import (
     read_journal,
     took,
 )
-from tests.torture.chaos_flows import FlowPlan, StepPlan, StepScript, build_all, save_plans
+from tests.torture.chaos_flows import (
+    MAP,
+    FlowPlan,
+    StepPlan,
+    StepScript,
+    build_all,
+    save_plans,
+)
 from tests.torture.engine import scheduled_failure
-from tests.torture.model import output_of
+from tests.torture.model import item_output_of, output_of
 
 SEED = 20261201
 RUNS = 60
@@ -362,6 +369,51 @@ def test_the_model_check_follows_a_run_through_its_retries() -> None:
     assert retried_run(frozenset({1, 2, 3}), [snapshot]) == []
     assert retried_run(frozenset({1, 2, 3}), [])
     assert retried_run(frozenset({1, 2, 3, 4}), [snapshot])
+
+
+MAPPED = FlowPlan("mapped", ((StepPlan("m", 1, None, False, kind=MAP, items=2, max_parallel=1),),))
+
+
+def test_the_model_check_judges_a_maps_items_by_their_counted_attempts() -> None:
+    """A map of two items (one retry each): item 0 rescued at 1 (its worker SIGKILLed),
+    completed at 2; item 1 scripted to fail its attempt 1, completed at 2. The map's
+    output renumbered item by item is what the model allows; item 1 completing at 1
+    (it was to fail), or the map's list out of item order, is not."""
+    fails = {"m[0]": frozenset[int](), "m[1]": frozenset({1})}
+    assert mapped_run(fails, (R, C), (F, C)) == []
+    assert mapped_run(fails, (R, C), (C,))
+    assert mapped_run(fails, (R, C), (F, C), reverse=True)
+
+
+def mapped_run(
+    fails: dict[str, frozenset[int]],
+    first: tuple[AttemptOutcome, ...],
+    second: tuple[AttemptOutcome, ...],
+    reverse: bool = False,
+) -> list[str]:
+    """check_model's problems for MAPPED, its items ending with ``first``/``second``."""
+    data = {"script": {name: StepScript(fail=f).to_json() for name, f in fails.items()}}
+    items = [
+        replace(
+            node(NodeStatus.COMPLETED, *outcomes),
+            step_name=f"m[{i}]",
+            output=item_output_of(i, len(outcomes), data),
+        )
+        for i, outcomes in enumerate((first, second))
+    ]
+    outputs = [item.output for item in items]
+    listed = list(reversed(outputs)) if reverse else outputs
+    mapped = replace(node(NodeStatus.COMPLETED, C), step_name="m", output=listed)
+    nodes = {"m": mapped, **{item.step_name: item for item in items}}
+    calls: dict[Key, list[Call]] = {}
+    for item in items:
+        for attempt in item.attempts:
+            end = None if attempt.outcome is R else attempt.attempt + 0.5
+            result = {F: "ScheduledFailure", C: "completed"}.get(attempt.outcome)
+            call = Call(PID, attempt.attempt, end, result)
+            calls.setdefault((RUN, item.step_name, attempt.attempt), []).append(call)
+    ran = Ran(data, FlowStatus.COMPLETED, nodes, {**data, "m": listed}, None)
+    return check_model(MAPPED, ran, calls, RUN, {}).problems
 
 
 def retried_run(fails: frozenset[int], retried: list[Retried]) -> list[str]:

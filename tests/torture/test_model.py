@@ -1,7 +1,7 @@
 """The model checker: generated flows against a pure reference model (issue 11, point 3).
 
 Hypothesis generates flow shapes (sequential stages, parallel groups,
-conditions, retries, durable sleeps, waits for events) with failure schedules
+conditions, retries, durable sleeps, waits for events, maps) with failure schedules
 (which attempt of which step raises) and event schedules (each wait's event
 sent before the run reaches it, once it parked, never, and maybe twice, with one
 idempotency key or without); each runs to its end on the real worker, and its
@@ -32,6 +32,7 @@ from tests.torture.model import (
     NEVER,
     ONCE_PARKED,
     FlowShape,
+    MapShape,
     NodeEnd,
     RunEnd,
     SleepShape,
@@ -52,6 +53,9 @@ WAIT_TIMEOUT = 0.05
 # Time enough never to run out in an example (a wait whose event comes has one or none).
 LONG_TIMEOUT = 60.0
 PARKED_ONE_IN = 5  # about one step in five is a sleep or a wait
+MAP_ONE_IN = 5  # about one stage in five is a map (of 0 to MAX_ITEMS items)
+MAX_ITEMS = 6
+MAX_PARALLEL = 3
 # SQLite's examples are slower (its file is synced): a quarter as many.
 FEWER = settings(max_examples=max(10, settings().max_examples // 4))
 
@@ -97,12 +101,38 @@ def any_step_shapes(draw: st.DrawFn, name: str, keys: list[str]) -> StepShape:
     return draw(step_shapes(name, keys))
 
 
+def failure_schedules(retries: int) -> st.SearchStrategy[frozenset[int]]:
+    """Which attempts of a step (or item) of ``retries`` raise: none, some of its first
+    run's, and maybe some of its runs retried."""
+    allowance = retries + 1
+    first_run = st.frozensets(st.integers(1, allowance))
+    retried = st.frozensets(st.integers(allowance + 1, allowance * (1 + MAX_RETRIES_OF_RUN)))
+    no_failure = st.just(frozenset[int]())
+    return st.builds(frozenset.union, no_failure | first_run, no_failure | retried)
+
+
+@st.composite
+def map_shapes(draw: st.DrawFn, name: str) -> StepShape:
+    """A map of 0 to MAX_ITEMS items, each with its failure schedule; its retries, maybe
+    allow_failures, maybe max_parallel 1 to MAX_PARALLEL."""
+    retries = draw(st.integers(0, MAX_RETRIES))
+    count = draw(st.integers(0, MAX_ITEMS))
+    fails_on = tuple(draw(failure_schedules(retries)) for _ in range(count))
+    allow_failures = draw(st.booleans())
+    max_parallel = draw(st.none() | st.integers(1, MAX_PARALLEL))
+    return StepShape(name, map=MapShape(count, fails_on, retries, allow_failures, max_parallel))
+
+
 @st.composite
 def flow_shapes(draw: st.DrawFn) -> FlowShape:
     flags = {flag: draw(st.booleans()) for flag in FLAGS}
     keys = list(flags)
     stages: list[model.Stage] = []
     for position in range(draw(st.integers(1, MAX_STAGES))):
+        if draw(st.integers(1, MAP_ONE_IN)) == 1:
+            stages.append((draw(map_shapes(f"s{position}_map")),))
+            keys.append(f"s{position}_map")
+            continue
         width = draw(st.integers(1, MAX_WIDTH))
         stage = tuple(draw(any_step_shapes(f"s{position}_{i}", keys)) for i in range(width))
         stages.append(stage)
@@ -134,6 +164,8 @@ def check_against_the_model(
 ) -> None:
     for step in (step for stage in shape.stages for step in stage if step.parks):
         event(f"a sleep of {step.sleep.seconds} s" if step.sleep else describe(step.wait))
+    for mapped in (step.map for stage in shape.stages for step in stage if step.map):
+        event(f"a map of {mapped.items} items, allow_failures: {mapped.allow_failures}")
     start: dict[str, NodeEnd] = {}
     for number, observed in enumerate(run_on(storage, shape, concurrency, retries_of_run)):
         expected = model.run(shape, start)
@@ -472,3 +504,134 @@ def test_a_wait_claimed_as_a_sibling_fails_the_run_ends_cancelled(memory_storage
     for _ in range(20):
         [observed] = run_on(memory_storage, SIBLING_FAILS, concurrency=2)
         check(SIBLING_FAILS, expected, observed)
+
+
+# -- maps, worked out by hand -------------------------------------------------------
+
+# Stage 0: "a". Stage 1: a map of 3 items, 2 at once, each with one retry: item 1 fails
+# its first attempt. Stage 2: "z", which sees the map's list.
+MAPPING = FlowShape(
+    (
+        (StepShape("a"),),
+        (StepShape("m", map=MapShape(3, (frozenset(), frozenset({1})), 1, False, 2)),),
+        (StepShape("z"),),
+    ),
+    {},
+)
+# A map of 2 items under allow_failures (item 1 fails for good), then a step failing its
+# first run (found by the model checker: a retry ran the completed map's item again).
+TOLERANT_THEN_FAILING = FlowShape(
+    (
+        (StepShape("m", map=MapShape(2, (frozenset(), frozenset({1})), 0, True)),),
+        (StepShape("z", 0, frozenset({1})),),
+    ),
+    {},
+)
+
+
+def test_the_model_of_a_map_worked_out_by_hand() -> None:
+    """A map's items each follow the map's retries and their own schedule, seeing the
+    data of the stages before; the map completes with their outputs in item order, and
+    the next stage sees that list (never an item's node)."""
+    item = [{"attempt": 1, "saw": ["a"], "item": 0}, {"attempt": 2, "saw": ["a"], "item": 1}]
+    item.append({"attempt": 1, "saw": ["a"], "item": 2})
+    a = {"attempt": 1, "saw": []}
+    z = {"attempt": 1, "saw": ["a", "m"]}
+    assert model.run(MAPPING) == RunEnd(
+        FlowStatus.COMPLETED,
+        {"a": a, "m": item, "z": z},
+        {
+            "a": NodeEnd(NodeStatus.COMPLETED, 1, (C,), a),
+            "m": NodeEnd(NodeStatus.COMPLETED, 1, (C,), item),
+            "m[0]": NodeEnd(NodeStatus.COMPLETED, 1, (C,), item[0]),
+            "m[1]": NodeEnd(NodeStatus.COMPLETED, 2, (F, C), item[1]),
+            "m[2]": NodeEnd(NodeStatus.COMPLETED, 1, (C,), item[2]),
+            "z": NodeEnd(NodeStatus.COMPLETED, 1, (C,), z),
+        },
+    )
+
+
+def test_the_model_of_a_failing_map_worked_out_by_hand() -> None:
+    """An item failed for good fails the run and stops the map's node; under
+    allow_failures the map completes with {"output"}/{"error"}; a retry of the run
+    leaves a completed map (and its failed items) alone."""
+    failing = replace(MAPPING.stages[1][0], map=MapShape(2, (frozenset({1}),)))
+    failed = model.run(FlowShape(((failing,),), {}))
+    assert (failed.status, failed.failed_stage) == (FlowStatus.FAILED, 0)
+    assert failed.nodes["m"] == model.MAP_STOPPED
+    assert failed.nodes["m[0]"] == NodeEnd(NodeStatus.FAILED, 1, (F,), 0)
+    # Its sibling item may also be held (max_parallel) or stopped before it started.
+    assert NodeEnd(NodeStatus.CANCELLED, 0, (), 1) in model.cut_short_item(1, failed.nodes["m[1]"])
+    first = model.run(TOLERANT_THEN_FAILING)
+    error = f"{model.FAILURE_CLASS}: {model.scheduled_failure('m[1]', 1)}"
+    assert first.nodes["m"].output == [
+        {"output": {"attempt": 1, "saw": [], "item": 0}},
+        {"error": error},
+    ]
+    assert first.nodes["m[1]"] == NodeEnd(NodeStatus.FAILED, 1, (F,), 1)
+    assert first.status is FlowStatus.FAILED
+    again = model.run(TOLERANT_THEN_FAILING, first.nodes)
+    assert again.status is FlowStatus.COMPLETED
+    assert (again.nodes["m"], again.nodes["m[1]"]) == (first.nodes["m"], first.nodes["m[1]"])
+
+
+def observed_mapping() -> Observed:
+    """What an engine that runs MAPPING as the model says would report (a map's own
+    node calls no function: its items do)."""
+    seen = as_observed(model.run(MAPPING))
+    return replace(seen, calls={k: v for k, v in seen.calls.items() if k != "m"})
+
+
+def an_item_output_out_of_order(seen: Observed) -> Observed:
+    m = seen.nodes["m"]
+    nodes = {**seen.nodes, "m": replace(m, output=list(reversed(m.output)))}
+    return replace(seen, nodes=nodes, data={**(seen.data or {}), "m": nodes["m"].output})
+
+
+def an_item_run_once_too_often(seen: Observed) -> Observed:
+    return replace(seen, calls={**seen.calls, "m[0]": [1, 1]})
+
+
+def an_item_output_in_data(seen: Observed) -> Observed:
+    return replace(seen, data={**(seen.data or {}), "m[0]": seen.nodes["m[0]"].output})
+
+
+def an_item_without_its_retry(seen: Observed) -> Observed:
+    item = NodeEnd(NodeStatus.COMPLETED, 1, (C,), {"attempt": 1, "saw": ["a"], "item": 1})
+    return replace(seen, nodes={**seen.nodes, "m[1]": item}, calls={**seen.calls, "m[1]": [1]})
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        an_item_output_out_of_order,
+        an_item_run_once_too_often,
+        an_item_output_in_data,
+        an_item_without_its_retry,
+    ],
+)
+def test_the_checker_refuses_maps_the_model_does_not_allow(
+    mutation: Callable[[Observed], Observed],
+) -> None:
+    """The checks of maps are not vacuous: the model's own end of MAPPING passes, each
+    way an engine could get a map wrong is refused."""
+    expected = model.run(MAPPING)
+    check(MAPPING, expected, observed_mapping())
+    with pytest.raises(AssertionError):
+        check(MAPPING, expected, mutation(observed_mapping()))
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_the_engine_runs_the_hand_made_maps_as_the_model_says(
+    backend: str, memory_storage: Storage, sqlite_storage: Storage
+) -> None:
+    """MAPPING, and TOLERANT_THEN_FAILING retried once (regression: the retry ran the
+    completed map's failed item again), on the real worker as worked out."""
+    storage = memory_storage if backend == "memory" else sqlite_storage
+    [observed] = run_on(storage, MAPPING)
+    check(MAPPING, model.run(MAPPING), observed)
+    start: dict[str, NodeEnd] = {}
+    for observed in run_on(storage, TOLERANT_THEN_FAILING, retries_of_run=1):
+        check(TOLERANT_THEN_FAILING, model.run(TOLERANT_THEN_FAILING, start), observed)
+        start = observed.nodes
+    assert observed.status is FlowStatus.COMPLETED

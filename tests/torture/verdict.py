@@ -18,7 +18,8 @@ CALLED = frozenset({AttemptOutcome.FAILED, AttemptOutcome.COMPLETED})
 def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
     """The engine's end of a run of ``shape`` is one the model allows."""
     assert observed.status == expected.status
-    called = {name: end for name, end in observed.nodes.items() if name not in parked_steps(shape)}
+    uncalled = parked_steps(shape) | map_steps(shape)
+    called = {name: end for name, end in observed.nodes.items() if name not in uncalled}
     assert observed.calls == calls_of(called), "the trace and the journal disagree"
     check_sends(shape, observed)
     if expected.failed_stage is None:
@@ -32,15 +33,28 @@ def check(shape: FlowShape, expected: RunEnd, observed: Observed) -> None:
 def check_failed(shape: FlowShape, expected: RunEnd, observed: Observed, failed: int) -> None:
     """A FAILED run: the stages before ``failed`` as the model says, no stage after it
     started, each node of it somewhere in its course, and one that failed the run."""
-    ran = {step.name for stage in shape.stages[: failed + 1] for step in stage}
+    ran = {
+        name for stage in shape.stages[: failed + 1] for s in stage for name in model.node_names(s)
+    }
     assert set(observed.nodes) == ran, "a stage after the failed one was started"
-    for step in (step for stage in shape.stages[:failed] for step in stage):
-        assert observed.nodes[step.name] == expected.nodes[step.name], step.name
-    for step in shape.stages[failed]:
-        start = expected.start.get(step.name, model.NOT_STARTED)
-        allowed = model.cut_short(expected.nodes[step.name], start)
-        assert observed.nodes[step.name] in allowed, step.name
-    failing = [step for step in shape.stages[failed] if is_failure(expected, step.name)]
+    for name in (
+        name for stage in shape.stages[:failed] for s in stage for name in model.node_names(s)
+    ):
+        assert observed.nodes[name] == expected.nodes[name], name
+    steps = list(shape.stages[failed])
+    if steps[0].map is not None:  # a map is alone in its stage: its node stopped
+        assert observed.nodes[steps[0].name] == model.MAP_STOPPED, steps[0].name
+        steps = model.item_steps(steps[0])
+        for index, item in enumerate(steps):
+            start = expected.start.get(item.name, model.NOT_STARTED)
+            allowed = model.cut_short_item(index, expected.nodes[item.name], start)
+            assert observed.nodes[item.name] in allowed, item.name
+    else:
+        for step in steps:
+            start = expected.start.get(step.name, model.NOT_STARTED)
+            allowed = model.cut_short(expected.nodes[step.name], start)
+            assert observed.nodes[step.name] in allowed, step.name
+    failing = [step for step in steps if is_failure(expected, step.name)]
     failed_as_scheduled = [
         failure_of(step, observed.nodes[step.name].attempt)
         for step in failing
@@ -63,6 +77,11 @@ def failure_of(step: model.StepShape, attempt: int) -> str:
 def parked_steps(shape: FlowShape) -> set[str]:
     """The sleeps and waits of ``shape``: steps that call no function."""
     return {step.name for stage in shape.stages for step in stage if step.parks}
+
+
+def map_steps(shape: FlowShape) -> set[str]:
+    """The maps of ``shape``: their own nodes call no function (their items do)."""
+    return {step.name for stage in shape.stages for step in stage if step.map}
 
 
 def check_sends(shape: FlowShape, observed: Observed) -> None:

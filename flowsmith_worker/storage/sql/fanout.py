@@ -143,6 +143,26 @@ class SqlFanOut(SqlBase):
                 .values(**stopped)
             )
 
+    def _without_items_of_maps_done(
+        self, conn: Connection, flow_id: int, resumed: Sequence[Row[Any]]
+    ) -> list[Row[Any]]:
+        """``resumed`` but the items of a map COMPLETED: done for good, its FAILED items
+        (under allow_failures) with it, whose errors are in its output."""
+        positions = sorted({row.position for row in resumed if row.group_index < 0})
+        if not positions:
+            return list(resumed)
+        done = set(
+            conn.execute(
+                sa.select(N.c.position).where(
+                    N.c.flow_id == flow_id,
+                    N.c.position.in_(positions),
+                    N.c.group_index >= 0,
+                    N.c.status == NodeStatus.COMPLETED,
+                )
+            ).scalars()
+        )
+        return [row for row in resumed if row.group_index >= 0 or row.position not in done]
+
     def _maps_waiting_again(
         self, conn: Connection, flow_id: int, plan: Plan, resumed: Sequence[Row[Any]]
     ) -> set[int]:

@@ -337,6 +337,7 @@ class SqlStorage(SqlEnqueue, SqlEvents, SqlFanOut, SqlOperators, Storage):
                 N.c.status.in_(progress.RESUMED_ON_RETRY),
             )
         ).all()
+        failed = self._without_items_of_maps_done(conn, flow_row.id, failed)
         # Their rows are about to describe new attempts: keep the ones they describe now.
         sql_attempts.keep_latest(conn, self.dialect, [node_record(row, {}) for row in failed])
         waiting_again = self._maps_waiting_again(conn, flow_row.id, plan, failed)
