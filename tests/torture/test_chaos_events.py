@@ -7,7 +7,9 @@ The chaos itself (kills, restarts) with events in it is test_chaos.py's short ru
 from __future__ import annotations
 
 import collections
+import itertools
 import json
+import random
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 from flowsmith_worker.records import AttemptRecord, NodeRecord
 from flowsmith_worker.storage.base import AttemptOutcome, FlowStatus, NodeStatus
 from tests.torture import model
-from tests.torture.chaos import Database, Record, Settings, play
+from tests.torture.chaos import Database, Record, Settings, make_plans, play
 from tests.torture.chaos_check import Call, check_node, check_round
 from tests.torture.chaos_events import EVENTS_FILE, check_sleep, check_wait
 from tests.torture.chaos_flows import CHILD_STARTED, SLEEP, WAIT
@@ -108,6 +110,16 @@ def test_the_sleep_check_refuses_a_wake_before_its_time() -> None:
     assert check_sleep(node("nap", None, 3.0, (P, 1.0), (C, 2.5)))
 
 
+def seed_with_sleeps_and_waits(start: int) -> int:
+    """The first seed from ``start`` whose flows have both a sleep and a wait: which kinds
+    a seed draws changes whenever the flows' generator learns a new kind (maps did)."""
+    for seed in itertools.count(start):
+        plans = make_plans(random.Random(seed), Settings(seed, "sqlite", 0.0, 60).flows, "probe")
+        if {SLEEP, WAIT} <= {step.kind for plan in plans for step in plan.steps()}:
+            return seed
+    raise AssertionError("unreachable: itertools.count never ends")
+
+
 @pytest.mark.slow
 def test_a_calm_round_sends_every_kind_of_event(tmp_path: Path) -> None:
     """A round without chaos on SQLite (fixed seed) has sleeps and waits; its events are
@@ -115,7 +127,7 @@ def test_a_calm_round_sends_every_kind_of_event(tmp_path: Path) -> None:
     key, and late to finished runs, each answered as it must be; every check passes."""
     path = tmp_path / "calm.db"
     database = Database(f"sqlite:///{path}", "sqlite", path=path)
-    played = play(Settings(SEED, "sqlite", 0.0, 60), database, tmp_path)
+    played = play(Settings(seed_with_sleeps_and_waits(SEED), "sqlite", 0.0, 60), database, tmp_path)
     assert check_round(played, database.url) == []
     kinds = {step.kind for plan in played.plans.values() for step in plan.steps()}
     assert {SLEEP, WAIT} <= kinds
